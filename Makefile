@@ -1,0 +1,162 @@
+# jemd build.  `make` builds build/jem and build/jemd (release); `make run`
+# serves the default model; `make test` builds and runs every test.
+# MODE=asan builds everything with ASan+UBSan under build/asan/.
+
+PKGS     := libmicrohttpd jansson libuv openblas zlib
+MODE     ?= release
+PYTHON   ?= /usr/bin/python3
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+
+ifeq ($(MODE),release)
+  B := build
+else
+  B := build/$(MODE)
+endif
+
+CC       ?= cc
+WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+            -Wmissing-prototypes -Wvla -Wformat=2
+CFLAGS   := -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) \
+            -Icore -MMD -MP -pthread $(shell pkg-config --cflags $(PKGS))
+LDLIBS   := $(shell pkg-config --libs $(PKGS)) -lm -lpthread
+LDFLAGS  :=
+
+ifeq ($(MODE),release)
+  # Never -ffast-math: the energy and softmax code relies on IEEE semantics.
+  CFLAGS += -O2 -g -march=x86-64-v2 -mtune=native
+else ifeq ($(MODE),asan)
+  CFLAGS  += -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+             -fno-sanitize-recover=all
+  LDFLAGS += -fsanitize=address,undefined
+else ifeq ($(MODE),fuzz)
+  CC      := clang
+  CFLAGS  += -O1 -g -fno-omit-frame-pointer -Wno-unused-command-line-argument \
+             -fsanitize=fuzzer-no-link,address,undefined
+  LDFLAGS += -fsanitize=fuzzer,address,undefined
+endif
+
+CORE_SRC := $(wildcard core/*.c)
+CLI_SRC  := $(wildcard cli/*.c)
+SRV_SRC  := $(filter-out server/main.c,$(wildcard server/*.c))
+TEST_SRC := $(wildcard tests/test_*.c)
+BENCH_SRC:= $(wildcard bench/*.c)
+FUZZ_SRC := $(wildcard fuzz/fuzz_*.c)
+
+CORE_OBJ := $(CORE_SRC:%.c=$(B)/obj/%.o)
+CLI_OBJ  := $(CLI_SRC:%.c=$(B)/obj/%.o)
+SRV_OBJ  := $(SRV_SRC:%.c=$(B)/obj/%.o)
+TESTS    := $(TEST_SRC:tests/%.c=$(B)/tests/%)
+BENCHES  := $(BENCH_SRC:bench/%.c=$(B)/bench/%)
+FUZZERS  := $(FUZZ_SRC:fuzz/%.c=$(B)/fuzz/%)
+
+all: $(B)/jem $(B)/jemd
+
+$(B)/obj/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(B)/libjem.a: $(CORE_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $^
+
+$(B)/libjemsrv.a: $(SRV_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $^
+
+$(B)/jem: $(CLI_OBJ) $(B)/libjem.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(B)/jemd: $(B)/obj/server/main.o $(B)/libjemsrv.a $(B)/libjem.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# Unit tests: one cmocka binary per tests/test_*.c, linked with the core and
+# the server library.  The no-allocation test wraps malloc and friends.
+$(B)/tests/test_noalloc: TEST_LDFLAGS := -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=free,--wrap=aligned_alloc,--wrap=posix_memalign
+$(B)/tests/%: $(B)/obj/tests/%.o $(B)/libjemsrv.a $(B)/libjem.a
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) $(TEST_LDFLAGS) $^ $(LDLIBS) $(shell pkg-config --libs cmocka) -o $@
+
+$(B)/bench/%: $(B)/obj/bench/%.o $(B)/libjem.a
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(B)/fuzz/%: $(B)/obj/fuzz/%.o $(B)/libjemsrv.a $(B)/libjem.a
+	@mkdir -p $(@D)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+# ---------------------------------------------------------------------------
+# Dependencies: Debian packages, installed when missing (needs root).
+DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
+              libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
+              dataset-fashion-mnist python3 python3-yaml prometheus \
+              systemd clang libclang-rt-14-dev
+DEPS_BENCH := python3-torch python3-numpy wrk
+
+define apt_ensure
+	@missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+deps:
+	$(call apt_ensure,$(DEPS_BUILD))
+
+deps-bench: deps
+	$(call apt_ensure,$(DEPS_BENCH))
+
+# ---------------------------------------------------------------------------
+run: deps all
+	./build/jemd $(ARGS)
+
+unit: $(TESTS)
+	@set -e; for t in $(TESTS); do echo "== $$t"; $$t; done
+
+integration: all
+	@set -e; for t in tests/integration/test_*.py; do \
+	  [ -e "$$t" ] || continue; echo "== $$t"; \
+	  $(PYTHON) $$t --build $(B); done
+
+check: unit integration
+
+test: deps
+	$(MAKE) all
+	$(MAKE) check
+
+asan: deps
+	$(MAKE) MODE=asan all
+	$(MAKE) MODE=asan check
+
+# Each bench/bench_*.py runs its C benchmark binaries and the PyTorch
+# reference in the same run and prints both with their ratio.
+bench: deps-bench all $(BENCHES)
+	@set -e; for p in bench/bench_*.py; do $(PYTHON) $$p --build $(B); done
+
+bench-server: deps-bench all $(BENCHES)
+	$(PYTHON) bench/server_bench.py --build $(B)
+
+fuzz: deps
+	$(MAKE) MODE=fuzz fuzzers
+	$(PYTHON) fuzz/run.py --dir build/fuzz/fuzz --seconds $${FUZZ_SECONDS:-60}
+
+fuzzers: $(FUZZERS)
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/jemd/models
+	install -m 0755 build/jem build/jemd $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 models/fmnist-jem.safetensors $(DESTDIR)$(PREFIX)/share/jemd/models/
+	install -d $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/default
+	sed 's|@PREFIX@|$(PREFIX)|g' deploy/systemd/jemd.service > $(DESTDIR)/etc/systemd/system/jemd.service
+	install -m 0644 deploy/systemd/jemd.env.example $(DESTDIR)/etc/default/jemd
+
+clean:
+	rm -rf build
+
+-include $(shell find build -name '*.d' 2>/dev/null)
+
+.PHONY: all deps deps-bench run unit integration check test asan bench \
+        bench-server fuzz fuzzers install clean

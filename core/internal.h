@@ -1,0 +1,22 @@
+/* internal.h - declarations shared between core/ files, not public API. */
+#ifndef JEM_INTERNAL_H
+#define JEM_INTERNAL_H
+
+#include "jem.h"
+
+#include <stdarg.h>
+
+/* Layer plan (core/model.c): built from m->arch and m->params once the
+ * parameter table exists.  Holds offsets into m->weights, never pointers to
+ * the weights themselves, so a loader may fill the weights afterwards. */
+int jem__net_build(jem_model *m, char *err, size_t errlen);
+void jem__net_free(jem_net *net);
+
+/* snprintf into an error buffer (err may be NULL); returns code. */
+int jem__errf(char *err, size_t errlen, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* 64-byte-aligned allocation of n floats, zeroed; free with free(). */
+float *jem__falloc(size_t n);
+
+#endif

@@ -1,0 +1,354 @@
+/* jem.h - public API of the JEM inference core (libjem.a).
+ *
+ * A Joint Energy-based Model (Grathwohl et al., ICLR 2020) is a classifier whose
+ * logits f(x) also define an energy: E(x) = -logsumexp_y f(x)[y].  This library
+ * evaluates the official JEM Wide-ResNet (wgrathwohl/JEM wideresnet.py + CCF
+ * head, norm=None) on the CPU: logits, energies, input and parameter gradients,
+ * SGLD sampling, safetensors model files, image preprocessing and OOD scores.
+ *
+ * Usage, the short tour:
+ *
+ *     jem_blas_setup(argc, argv);                 // first line of main()
+ *     jem_model *m; char err[256];
+ *     if (jem_model_load(&m, "models/fmnist-jem.safetensors", err, sizeof err))
+ *         die(err);
+ *     jem_ws *ws = jem_ws_create(m, 64, 0);       // all scratch planned here
+ *     jem_scores s = {logits, probs, energy, grad_norm, max_softmax};
+ *     jem_score_batch(ws, m, x, n, 1, &s);        // no allocation inside
+ *     jem_ws_free(ws); jem_model_free(m);
+ *
+ * Conventions:
+ * - Tensors are float32, NCHW, contiguous.  `n` is the batch size.
+ * - A model is read-only once loaded and may be shared by threads; a workspace
+ *   (jem_ws) belongs to one thread at a time.
+ * - Fallible functions return 0 or a negative JEM_E* code and, where they take
+ *   (err, errlen), write a sentence naming the problem.  Hot kernels return void
+ *   and check their preconditions with JEM_ASSERT (always on).
+ * - Backward functions ACCUMULATE into their gradient outputs.
+ * - The core never calls exit().
+ */
+#ifndef JEM_H
+#define JEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define JEM_VERSION "0.1.0"
+
+/* ------------------------------------------------------------------------ */
+/* Errors                                                                   */
+
+#define JEM_ERRNO_MAP(XX)                          \
+  XX(OK, 0, "success")                             \
+  XX(EINVAL, -1, "invalid argument")               \
+  XX(ENOMEM, -2, "out of memory")                  \
+  XX(EIO, -3, "input/output error")                \
+  XX(EFORMAT, -4, "malformed file or data")        \
+  XX(ESHAPE, -5, "shape mismatch")                 \
+  XX(EBUSY, -6, "resource busy")                   \
+  XX(ETOOBIG, -7, "input exceeds a limit")         \
+  XX(EUNSUPPORTED, -8, "unsupported input")        \
+  XX(EINTERNAL, -9, "internal error")
+
+enum {
+#define XX(name, val, msg) JEM_##name = (val),
+  JEM_ERRNO_MAP(XX)
+#undef XX
+};
+
+const char *jem_strerror(int code);
+const char *jem_err_name(int code); /* "EINVAL", ... */
+
+void jem__assert_fail(const char *expr, const char *file, int line);
+#define JEM_ASSERT(x) \
+  do { if (!(x)) jem__assert_fail(#x, __FILE__, __LINE__); } while (0)
+
+/* ------------------------------------------------------------------------ */
+/* BLAS (core/blas.c)                                                       */
+
+/* Call first in main().  When OPENBLAS_CORETYPE is unset and the CPU has
+ * AVX-512 F/BW/VL/DQ (-> "SkylakeX") or AVX2+FMA (-> "Haswell") while
+ * OpenBLAS would pick a slower generic core, sets the variable and re-execs
+ * /proc/self/exe with the same argv (OpenBLAS reads it only at load time).
+ * Never selects a core the CPU lacks.  Returns 0 (or does not return). */
+int jem_blas_setup(int argc, char **argv);
+const char *jem_blas_core(void);       /* openblas_get_corename() */
+void jem_blas_set_threads(int n);      /* process-wide */
+int jem_blas_threads(void);
+
+/* ------------------------------------------------------------------------ */
+/* Architecture and parameters (core/model.c)                               */
+
+typedef struct jem_arch {
+  int depth;        /* 6n+4 */
+  int widen;        /* k >= 1 */
+  int in_channels;  /* 1 or 3 */
+  int image_size;   /* 32 (must make the last map 8x8) */
+  int num_classes;  /* >= 1 */
+  float leak;       /* LeakyReLU slope, 0.2 in JEM */
+} jem_arch;
+
+/* Checks every field; writes why not into err. */
+int jem_arch_validate(const jem_arch *a, char *err, size_t errlen);
+
+#define JEM_PARAM_NAME_MAX 64
+typedef struct jem_param {
+  char name[JEM_PARAM_NAME_MAX]; /* official CCF state_dict name */
+  int ndim;                      /* 1, 2 or 4 */
+  int shape[4];
+  size_t numel;
+  size_t offset;                 /* in floats, into jem_model.weights */
+} jem_param;
+
+/* Canonical parameter table for an architecture, in this order:
+ *   f.conv1.{weight,bias}
+ *   for L in 1..3, i in 0..n-1:
+ *     f.layerL.i.conv1.{weight,bias}, f.layerL.i.conv2.{weight,bias},
+ *     f.layerL.i.shortcut.0.{weight,bias}   (when stride!=1 or in!=out)
+ *   class_output.{weight,bias}
+ * Conv weights are [out,in,kh,kw]; class_output.weight is [K, 64*widen].
+ * Returns the count; fills up to `cap` entries of `out` (out may be NULL). */
+int jem_arch_params(const jem_arch *a, jem_param *out, int cap);
+
+/* Preprocessing: how an image file becomes the model input (core/image.c).
+ * JSON form in the metadata (all keys optional):
+ *   {"channels": 1, "resize": [28, 28], "pad": 2, "pad_value": 0.0,
+ *    "background": 0.0, "range": [-1, 1], "invert": false}
+ * Steps: decode -> composite alpha over `background` -> grey (BT.601 luma) or
+ * RGB -> area-resize to resize_w x resize_h -> values in [0,1] -> optional
+ * invert -> pad by `pad` with pad_value -> map [0,1] to [range_lo, range_hi].
+ * Default: resize to image_size, pad 0, range [-1,1]. */
+typedef struct jem_preprocess {
+  int channels;
+  int resize_w, resize_h;
+  int pad;
+  float pad_value, background;
+  float range_lo, range_hi;
+  int invert;
+} jem_preprocess;
+
+/* OOD statistics (core/ood.c, parsed by core/meta.c).  JSON form under
+ * metadata key "ood":
+ *   {"scores": {"energy":      {"quantiles": [q_0, ..., q_m], "side": "high"},
+ *               "grad_norm":   {"quantiles": [...], "side": "two-sided"},
+ *               "max_softmax": {"quantiles": [...], "side": "unused"}},
+ *    "tpr": 0.95, "rule": "human-readable description of the verdict rule"}
+ * quantiles: ascending, at evenly spaced probabilities 0, 1/m, ..., 1 of the
+ * in-distribution validation values (2 <= m+1 <= JEM_OOD_MAX_QUANTILES).
+ * side: "high" (high values are OOD), "low", "two-sided", "unused".
+ *
+ * OOD statistics.  Scores: energy (= -logsumexp f), grad_norm
+ * (||d logsumexp f / dx||_2), max_softmax (untempered).  For each score the
+ * metadata stores quantiles of its in-distribution validation values; the
+ * percentile of a value is the empirical CDF (interpolated), in [0,1]. */
+enum { JEM_SCORE_ENERGY = 0, JEM_SCORE_GRAD_NORM, JEM_SCORE_MAX_SOFTMAX,
+       JEM_NUM_SCORES };
+extern const char *const jem_score_names[JEM_NUM_SCORES];
+
+#define JEM_OOD_MAX_QUANTILES 1001
+typedef struct jem_ood_stats {
+  int present;                     /* 0: the model has no statistics */
+  int nq[JEM_NUM_SCORES];          /* number of quantiles, 0 = none */
+  float q[JEM_NUM_SCORES][JEM_OOD_MAX_QUANTILES]; /* ascending, evenly spaced
+                                                      probabilities 0..1 */
+  /* Verdict rule: OOD when any used score falls outside its acceptance
+   * region at the per-score level t' = 1-(1-tpr)/n_used. side: +1 = high
+   * values are OOD, -1 = low values are OOD, 2 = two-sided, 0 = unused. */
+  int side[JEM_NUM_SCORES];
+  float default_tpr;               /* 0.95 */
+  char rule[256];                  /* human-readable description */
+} jem_ood_stats;
+
+typedef struct jem_ood_result {
+  float value[JEM_NUM_SCORES];
+  float percentile[JEM_NUM_SCORES]; /* NaN when no statistics (or score skipped) */
+  int is_ood;                       /* -1: unknown (no statistics), 0, 1 */
+  float tpr;
+} jem_ood_result;
+
+/* value[] holds the raw scores; a NaN value (e.g. grad skipped) is left out of
+ * the verdict. */
+void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
+                  float tpr, jem_ood_result *out);
+float jem_ood_percentile(const float *q, int nq, float value);
+
+/* ------------------------------------------------------------------------ */
+/* Model (core/model.c, core/safetensors.c, core/meta.c)                    */
+
+typedef struct jem_net jem_net; /* layer plan derived from the arch (private) */
+typedef struct json_t json_t;   /* jansson */
+
+typedef struct jem_model {
+  jem_arch arch;
+  int n_params;
+  jem_param *params;       /* canonical table, n_params entries */
+  float *weights;          /* one 64-byte-aligned block of n_weights floats */
+  size_t n_weights;
+
+  /* metadata, with defaults filled in */
+  char name[128];
+  char **classes;          /* num_classes strings */
+  float temperature;       /* > 0 */
+  jem_preprocess pre;
+  jem_ood_stats ood;
+  json_t *meta;            /* the whole "jem" metadata object (owned) */
+
+  float *replay;           /* optional replay buffer [replay_n, C, S, S] */
+  int replay_n;
+
+  jem_net *net;            /* private plan */
+} jem_model;
+
+/* A model with the architecture's parameters zeroed and default metadata. */
+int jem_model_create(jem_model **out, const jem_arch *a, char *err, size_t errlen);
+/* PyTorch default init (kaiming_uniform(a=sqrt(5)) for weights,
+ * U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for biases), from `seed`. */
+void jem_model_init_random(jem_model *m, uint64_t seed);
+void jem_model_free(jem_model *m);              /* NULL ok */
+const jem_param *jem_model_param(const jem_model *m, const char *name);
+/* Re-derive name/classes/temperature/pre/ood from m->meta after editing it. */
+int jem_model_apply_meta(jem_model *m, char *err, size_t errlen);
+
+/* safetensors I/O.  The loader validates everything and never crashes. */
+#define JEM_MAX_HEADER_BYTES (16u << 20)
+int jem_model_load(jem_model **out, const char *path, char *err, size_t errlen);
+int jem_model_load_mem(jem_model **out, const void *buf, size_t len,
+                       const char *default_name, char *err, size_t errlen);
+/* Writes weights, replay buffer (if any) and m->meta as __metadata__["jem"].
+ * Writes to path.tmp then renames, so readers never see a partial file. */
+int jem_model_save(const jem_model *m, const char *path, char *err, size_t errlen);
+
+/* ------------------------------------------------------------------------ */
+/* Workspaces and compute (core/model.c, core/conv.c)                       */
+
+typedef struct jem_ws jem_ws;
+
+enum { JEM_WS_TRAIN = 1 };  /* also plan parameter-gradient scratch */
+
+/* Plans and allocates all scratch for batches up to max_batch. */
+jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags);
+void jem_ws_free(jem_ws *ws);                   /* NULL ok */
+int jem_ws_max_batch(const jem_ws *ws);
+size_t jem_ws_bytes(const jem_ws *ws);
+
+/* Forward pass: logits [n,K].  Keeps the activations in ws for a following
+ * jem_backward.  n <= max_batch. */
+void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
+                 float *logits);
+
+/* Backward of the last jem_forward on this ws, given dL/dlogits [n,K].
+ * Accumulates into dweights (n_weights floats, same layout as m->weights)
+ * and/or dx ([n,C,S,S]); either may be NULL. dweights needs JEM_WS_TRAIN. */
+void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
+                  float *dweights, float *dx);
+
+/* dx[i] = d f~(x_i) / d x_i with f~ = logsumexp f (y == NULL) or f[y_i].
+ * Overwrites dx ([n,C,S,S]); writes logits when non-NULL.  n <= max_batch. */
+void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
+                    const int *y, float *logits, float *dx);
+
+/* Per-image quantities.  Any output pointer may be NULL.  With want_grad=0
+ * only a forward pass runs and grad_norm (if given) is filled with NaN.
+ * probs = softmax(logits / T); energy = -logsumexp(logits);
+ * max_softmax = max softmax(logits) (untempered). n may exceed max_batch
+ * (processed in chunks). */
+typedef struct jem_scores {
+  float *logits;      /* [n,K] */
+  float *probs;       /* [n,K] tempered */
+  float *energy;      /* [n] */
+  float *grad_norm;   /* [n] */
+  float *max_softmax; /* [n] */
+  int *label;         /* [n] argmax */
+  float *confidence;  /* [n] max tempered prob */
+} jem_scores;
+void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
+                     int want_grad, const jem_scores *out);
+
+/* Penultimate features of the last jem_forward on this ws: [n, 64*widen]
+ * (after the final LeakyReLU and the 8x8 average pool). */
+const float *jem_ws_features(const jem_ws *ws);
+
+/* Numerically stable helpers on one row of K logits. */
+float jem_logsumexp(const float *z, int k);
+void jem_softmax(float *p, const float *z, int k, float temperature);
+
+/* ------------------------------------------------------------------------ */
+/* Random numbers and SGLD (core/rng.c, core/sgld.c)                        */
+
+/* Explicit-state generator; one stream per (seed, stream) pair, so chain k
+ * of a job with seed S always draws the same numbers. */
+typedef struct jem_rng { uint64_t state, inc; int has_spare; float spare; } jem_rng;
+void jem_rng_seed(jem_rng *r, uint64_t seed, uint64_t stream);
+uint32_t jem_rng_u32(jem_rng *r);
+float jem_rng_uniform(jem_rng *r);      /* [0,1) */
+float jem_rng_normal(jem_rng *r);       /* N(0,1) */
+
+typedef struct jem_sgld_params {
+  float step_size;  /* alpha, default 1.0 */
+  float noise;      /* sigma, default 0.01 */
+  int clamp;        /* clamp x to [-1,1] after each step */
+} jem_sgld_params;
+void jem_sgld_defaults(jem_sgld_params *p);
+
+/* Chain initialisation, chain i drawing from rngs[i]. */
+void jem_sgld_init_noise(float *x, int n, size_t chw, jem_rng *rngs);
+/* From m->replay: each chain takes a random buffer image, or fresh U(-1,1)
+ * noise with probability reinit (or when the model has no buffer). */
+void jem_sgld_init_buffer(const jem_model *m, float *x, int n, float reinit,
+                          jem_rng *rngs);
+
+/* `steps` SGLD steps on x [n,C,S,S] in place:
+ *   x <- x + step_size * d f~(x)/dx + noise * N(0,1)   [then clamp]
+ * with f~ = logsumexp f (y == NULL) or f[y_i].  n may exceed max_batch.
+ * Deterministic for given inputs and rng states. */
+void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
+                  const int *y, int steps, const jem_sgld_params *p,
+                  jem_rng *rngs);
+
+/* ------------------------------------------------------------------------ */
+/* Images, NumPy and PNG output (core/image.c, core/npy.c)                  */
+
+typedef struct jem_image_limits {
+  size_t max_bytes;   /* encoded size cap */
+  int max_side;       /* per-axis cap, e.g. 8192 */
+  size_t max_pixels;  /* area cap, default 4194304 */
+} jem_image_limits;
+void jem_image_limits_default(jem_image_limits *l);
+
+/* Decodes a PNG or JPEG held in memory and preprocesses it into out
+ * ([C,S,S] of the model).  Checks magic bytes, then the header's width,
+ * height and area against the limits before decoding anything.
+ * Returns JEM_EUNSUPPORTED (not PNG/JPEG), JEM_ETOOBIG, JEM_EFORMAT. */
+int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p,
+                       int image_size, const jem_image_limits *lim,
+                       float *out, char *err, size_t errlen);
+
+/* Encodes model-space images (values in [lo,hi] mapped to 0..255, clipped)
+ * as one PNG: a grid of `cols` columns (n images, [n,C,S,S]) with a 2-pixel
+ * border.  For a single image use n=1, cols=1 (no border).  Returns a
+ * malloc'd buffer (free()) and its size, or NULL. */
+unsigned char *jem_png_grid(const float *x, int n, int c, int s, int cols,
+                            float lo, float hi, size_t *out_len);
+
+/* NumPy .npy (float32, little-endian, C order).  Read returns malloc'd data;
+ * shape has ndim entries (ndim <= 4). */
+int jem_npy_read_mem(const void *buf, size_t len, float **data, int *ndim,
+                     int shape[4], char *err, size_t errlen);
+int jem_npy_read(const char *path, float **data, int *ndim, int shape[4],
+                 char *err, size_t errlen);
+/* Returns a malloc'd .npy image of the tensor. */
+unsigned char *jem_npy_encode(const float *data, int ndim, const int *shape,
+                              size_t *out_len);
+
+/* Reads a whole file, refusing more than max_bytes.  malloc'd. */
+int jem_read_file(const char *path, size_t max_bytes, unsigned char **buf,
+                  size_t *len, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* JEM_H */
