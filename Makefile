@@ -67,6 +67,9 @@ $(B)/libjemsrv.a: $(SRV_OBJ)
 $(B)/jem: $(CLI_OBJ) $(B)/libjem.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+# The daemon's fallback model directory, $(PREFIX)/share/jemd/models/.
+$(B)/obj/server/config.o: CFLAGS += -DJEMD_DATADIR='"$(PREFIX)/share/jemd"'
+
 $(B)/jemd: $(B)/obj/server/main.o $(B)/libjemsrv.a $(B)/libjem.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
@@ -145,13 +148,33 @@ fuzz: deps
 
 fuzzers: $(FUZZERS)
 
+# Install: binaries to $(PREFIX)/bin, the default model to $(PREFIX)/share/jemd/models,
+# the systemd unit (paths filled in) to $(UNITDIR), the environment file example to
+# the doc directory and, unless one is already there, to $(SYSCONFDIR)/default/jemd.
+# Then: systemctl daemon-reload && systemctl enable --now jemd
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+DOCDIR     ?= $(PREFIX)/share/doc/jemd
+
 install: all
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/jemd/models
-	install -m 0755 build/jem build/jemd $(DESTDIR)$(PREFIX)/bin/
+	@test -f models/fmnist-jem.safetensors || { echo "install: models/fmnist-jem.safetensors is missing" >&2; exit 1; }
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/jemd/models \
+	  $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(SYSCONFDIR)/default
+	install -m 0755 $(B)/jem $(B)/jemd $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 models/fmnist-jem.safetensors $(DESTDIR)$(PREFIX)/share/jemd/models/
-	install -d $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/default
-	sed 's|@PREFIX@|$(PREFIX)|g' deploy/systemd/jemd.service > $(DESTDIR)/etc/systemd/system/jemd.service
-	install -m 0644 deploy/systemd/jemd.env.example $(DESTDIR)/etc/default/jemd
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+	  deploy/systemd/jemd.service > $(DESTDIR)$(UNITDIR)/jemd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/jemd.service
+	install -m 0644 deploy/systemd/jemd.env.example $(DESTDIR)$(DOCDIR)/
+	test -e $(DESTDIR)$(SYSCONFDIR)/default/jemd || \
+	  install -m 0644 deploy/systemd/jemd.env.example $(DESTDIR)$(SYSCONFDIR)/default/jemd
+	install -m 0644 deploy/README.md $(DESTDIR)$(DOCDIR)/DEPLOY.md
+	for f in README.md LICENSE NOTICE; do \
+	  if [ -f $$f ]; then install -m 0644 $$f $(DESTDIR)$(DOCDIR)/; fi; done
+
+# Container image (podman; slow: debootstrap + apt).  Not part of `make test`.
+container:
+	deploy/container/build.sh $(CONTAINER_ARGS)
 
 clean:
 	rm -rf build
@@ -159,4 +182,4 @@ clean:
 -include $(shell find build -name '*.d' 2>/dev/null)
 
 .PHONY: all deps deps-bench run unit integration check test asan bench \
-        bench-server fuzz fuzzers install clean
+        bench-server fuzz fuzzers install container clean

@@ -1,11 +1,466 @@
-/* cmd_calibrate.c - PLACEHOLDER until its owner lands the real command. */
+/* cmd_calibrate.c - `jem calibrate`: fits the temperature and the OOD
+ * statistics (validation quantiles + verdict rule) into a model's metadata. */
 #include "cli.h"
+#include "jem.h"
+#include "metrics.h"
+#include "train.h"
 
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_TUNE JEM_OOD_NSETS
+
+typedef struct cal_opts {
+  const char *model, *out, *data_dir, *ood_dir;
+  const char *tune[MAX_TUNE];
+  int n_tune;
+  int limit, nq, batch, threads;
+  float tpr;
+} cal_opts;
+
+static void usage(FILE *f) {
+  fprintf(f,
+    "usage: jem calibrate MODEL [options]\n"
+    "\n"
+    "Fits the temperature (minimum NLL on the 5k Fashion-MNIST validation split) and\n"
+    "the OOD statistics: for each score (energy, grad_norm, max_softmax) the\n"
+    "quantiles of its validation values, and a verdict rule.  The rule is chosen\n"
+    "on the validation split against the tuning OOD sets only (default: uniform,\n"
+    "gaussian, constant, vflip, interp; never the MNIST set the report uses):\n"
+    "  1. per score, the side (high, low, two-sided) with the best mean AUROC;\n"
+    "  2. the subset of scores whose combined verdict (OOD when any used score\n"
+    "     leaves its band at level 1-(1-tpr)/n_used) flags the most tuning\n"
+    "     images on average at the target TPR; ties go to fewer scores.\n"
+    "Writes \"temperature\", \"ood\" and provenance.calibration into the metadata.\n"
+    "\n"
+    "options:\n"
+    "  --out PATH         write here instead of overwriting MODEL\n"
+    "  --data-dir DIR     Fashion-MNIST IDX files (default $JEM_FMNIST_DIR or\n"
+    "                     " JEM_FMNIST_DIR_DEFAULT ")\n"
+    "  --ood-dir DIR      tuning sets from scripts/make_ood_sets.py (default data/ood)\n"
+    "  --tune-sets LIST   comma-separated tuning sets (default\n"
+    "                     uniform,gaussian,constant,vflip,interp)\n"
+    "  --tpr P            target true-positive rate of the rule (default 0.95)\n"
+    "  --quantiles N      stored quantiles per score, 2..%d (default %d)\n"
+    "  --limit N          only the first N validation and tuning images\n"
+    "  --batch B          batch size (default 100)\n"
+    "  --threads N        OpenBLAS threads\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
+}
+
+static int parse_int(const char *opt, const char *v, int lo, int hi, int *out) {
+  char *end;
+  errno = 0;
+  long x = strtol(v, &end, 10);
+  if (errno || end == v || *end || x < lo || x > hi) {
+    fprintf(stderr, "jem calibrate: %s wants an integer in [%d, %d], got '%s'\n", opt, lo, hi, v);
+    return 2;
+  }
+  *out = (int)x;
+  return 0;
+}
+
+static int parse_sets(const char *v, cal_opts *o) {
+  o->n_tune = 0;
+  char buf[256];
+  if (strlen(v) >= sizeof buf) {
+    fprintf(stderr, "jem calibrate: --tune-sets is too long\n");
+    return 2;
+  }
+  strcpy(buf, v);
+  for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+    int k = -1;
+    for (int i = 0; i < JEM_OOD_NSETS; i++)
+      if (!strcmp(tok, jem_ood_set_names[i])) k = i;
+    if (k < 0) {
+      fprintf(stderr, "jem calibrate: unknown tuning set '%s' (known: mnist, uniform, "
+              "gaussian, vflip, interp, constant)\n", tok);
+      return 2;
+    }
+    for (int i = 0; i < o->n_tune; i++)
+      if (o->tune[i] == jem_ood_set_names[k]) k = -1;
+    if (k >= 0) o->tune[o->n_tune++] = jem_ood_set_names[k];
+  }
+  if (!o->n_tune) {
+    fprintf(stderr, "jem calibrate: --tune-sets is empty\n");
+    return 2;
+  }
+  return 0;
+}
+
+static int parse_opts(int argc, char **argv, cal_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->ood_dir = "data/ood";
+  o->nq = JEM_OOD_MAX_QUANTILES;
+  o->batch = 100;
+  o->tpr = 0.95f;
+  static const char *const def[] = {"uniform", "gaussian", "constant", "vflip", "interp"};
+  for (int i = 0; i < 5; i++)
+    for (int k = 0; k < JEM_OOD_NSETS; k++)
+      if (!strcmp(def[i], jem_ood_set_names[k])) o->tune[o->n_tune++] = jem_ood_set_names[k];
+  int rc = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      usage(stdout);
+      return -1;
+    }
+    if (a[0] != '-' || !a[1]) {
+      if (o->model) {
+        fprintf(stderr, "jem calibrate: one MODEL only ('%s' and '%s')\n", o->model, a);
+        return 2;
+      }
+      o->model = a;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      fprintf(stderr, "jem calibrate: %s needs a value\n", a);
+      return 2;
+    }
+    const char *v = argv[++i];
+    if (!strcmp(a, "--out")) o->out = v;
+    else if (!strcmp(a, "--data-dir")) o->data_dir = v;
+    else if (!strcmp(a, "--ood-dir")) o->ood_dir = v;
+    else if (!strcmp(a, "--tune-sets")) rc = parse_sets(v, o);
+    else if (!strcmp(a, "--limit")) rc = parse_int(a, v, 10, 1 << 30, &o->limit);
+    else if (!strcmp(a, "--quantiles")) rc = parse_int(a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
+    else if (!strcmp(a, "--batch")) rc = parse_int(a, v, 1, 4096, &o->batch);
+    else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 256, &o->threads);
+    else if (!strcmp(a, "--tpr")) {
+      char *end;
+      errno = 0;
+      double x = strtod(v, &end);
+      if (errno || end == v || *end || !(x > 0.5 && x < 1.0)) {
+        fprintf(stderr, "jem calibrate: --tpr wants a number in (0.5, 1), got '%s'\n", v);
+        rc = 2;
+      }
+      o->tpr = (float)x;
+    } else {
+      fprintf(stderr, "jem calibrate: unknown option '%s' (see jem calibrate --help)\n", a);
+      return 2;
+    }
+    if (rc) return rc;
+  }
+  if (!o->model) {
+    fprintf(stderr, "jem calibrate: missing MODEL\n");
+    usage(stderr);
+    return 2;
+  }
+  if (!o->out) o->out = o->model;
+  return 0;
+}
+
+static const char *side_name(int side) {
+  return side == 1 ? "high" : side == -1 ? "low" : side == 2 ? "two-sided" : "unused";
+}
+
+/* Scores of one set, as [n][JEM_NUM_SCORES] rows for jem_ood_eval. */
+typedef struct score_rows {
+  const char *name;
+  int n;
+  float (*v)[JEM_NUM_SCORES];
+} score_rows;
+
+static int rows_from(const jem_set_scores *s, const char *name, score_rows *out) {
+  out->name = name;
+  out->n = s->n;
+  out->v = malloc(sizeof *out->v * (size_t)(s->n > 0 ? s->n : 1));
+  if (!out->v) return -1;
+  for (int i = 0; i < s->n; i++)
+    for (int k = 0; k < JEM_NUM_SCORES; k++) out->v[i][k] = s->score[k][i];
+  return 0;
+}
+
+/* Mean AUROC of jem_ood_rule_stat (validation positive) over the sets. */
+static double rule_auroc(const jem_ood_stats *st, const score_rows *id, const score_rows *sets,
+                         int nsets, double *per_set) {
+  double *pos = malloc(sizeof(double) * (size_t)id->n), tot = 0.0;
+  if (!pos) return NAN;
+  for (int i = 0; i < id->n; i++) pos[i] = jem_ood_rule_stat(st, id->v[i]);
+  for (int k = 0; k < nsets; k++) {
+    double *neg = malloc(sizeof(double) * (size_t)sets[k].n);
+    double a = NAN;
+    if (neg) {
+      for (int i = 0; i < sets[k].n; i++) neg[i] = jem_ood_rule_stat(st, sets[k].v[i]);
+      a = jem_auroc(pos, id->n, neg, sets[k].n);
+    }
+    free(neg);
+    if (per_set) per_set[k] = a;
+    tot += a;
+  }
+  free(pos);
+  return tot / nsets;
+}
+
+/* Fraction of rows flagged OOD by the rule at tpr. */
+static double flagged(const jem_ood_stats *st, const score_rows *r, float tpr) {
+  int f = 0;
+  for (int i = 0; i < r->n; i++) {
+    jem_ood_result res;
+    jem_ood_eval(st, r->v[i], tpr, &res);
+    f += res.is_ood == 1;
+  }
+  return r->n ? (double)f / r->n : NAN;
+}
 
 int cmd_calibrate(int argc, char **argv) {
-  (void)argc;
-  (void)argv;
-  fprintf(stderr, "jem calibrate: not built yet\n");
-  return 1;
+  cal_opts o;
+  int rc = parse_opts(argc, argv, &o);
+  if (rc) return rc < 0 ? 0 : rc;
+  if (o.threads) jem_blas_set_threads(o.threads);
+  char err[512];
+  int status = 1;
+  jem_model *m = NULL;
+  jem_ws *ws = NULL;
+  jem_dataset valid = {0};
+  jem_set_scores sv = {0};
+  score_rows id = {0}, sets[MAX_TUNE];
+  int nsets = 0;
+  jem_ood_stats *st = calloc(1, sizeof *st), *best = calloc(1, sizeof *best);
+  memset(sets, 0, sizeof sets);
+
+  if (!st || !best) {
+    fprintf(stderr, "jem calibrate: out of memory\n");
+    goto done;
+  }
+  if (jem_model_load(&m, o.model, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: %s\n", err);
+    goto done;
+  }
+  const int K = m->arch.num_classes, S = m->arch.image_size;
+  if (!(ws = jem_ws_create(m, o.batch, 0))) {
+    fprintf(stderr, "jem calibrate: cannot allocate a workspace for batch %d\n", o.batch);
+    goto done;
+  }
+  if (jem_fmnist_load(o.data_dir, JEM_SPLIT_VALID, &valid, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: %s\n", err);
+    goto done;
+  }
+  if (valid.c != m->arch.in_channels || valid.s != S || valid.num_classes > K) {
+    fprintf(stderr, "jem calibrate: the validation data does not fit the model\n");
+    goto done;
+  }
+  const int nv = o.limit && o.limit < valid.n ? o.limit : valid.n;
+
+  /* ---- temperature ---- */
+  if (jem_eval_score_set(ws, m, valid.x, nv, 1, 0, 0.0f, 0, &sv, err, sizeof err) ||
+      rows_from(&sv, "valid", &id)) {
+    fprintf(stderr, "jem calibrate: %s\n", err);
+    goto done;
+  }
+  const double T = jem_fit_temperature(sv.logits, valid.y, nv, K);
+  const double nll1 = jem_nll(sv.logits, valid.y, nv, K, 1.0);
+  const double nllT = jem_nll(sv.logits, valid.y, nv, K, T);
+  jem_calib c1, cT;
+  if (jem_ece(sv.logits, valid.y, nv, K, 1.0, 20, &c1, err, sizeof err) ||
+      jem_ece(sv.logits, valid.y, nv, K, T, 20, &cT, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: %s\n", err);
+    goto done;
+  }
+  fprintf(stderr, "jem calibrate: %d validation images; T = %.4f (NLL %.4f -> %.4f, "
+          "ECE %.2f%% -> %.2f%%)\n", nv, T, nll1, nllT, 100 * c1.ece, 100 * cT.ece);
+
+  /* ---- quantiles ---- */
+  st->present = 1;
+  st->default_tpr = o.tpr;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    if (jem_quantiles(sv.score[k], nv, o.nq, st->q[k], err, sizeof err)) {
+      fprintf(stderr, "jem calibrate: %s: %s\n", jem_score_names[k], err);
+      goto done;
+    }
+    st->nq[k] = o.nq;
+  }
+
+  /* ---- tuning sets ---- */
+  for (int t = 0; t < o.n_tune; t++) {
+    jem_dataset od = {0};
+    jem_set_scores so = {0};
+    if (jem_ood_set_load(o.ood_dir, o.tune[t], S, o.limit, &od, err, sizeof err)) {
+      fprintf(stderr, "jem calibrate: tuning set %s: %s\n", o.tune[t], err);
+      goto done;
+    }
+    int bad = od.c != m->arch.in_channels ||
+              jem_eval_score_set(ws, m, od.x, od.n, 1, 0, 0.0f, 0, &so, err, sizeof err) ||
+              rows_from(&so, o.tune[t], &sets[nsets]);
+    jem_set_scores_free(&so);
+    jem_dataset_free(&od);
+    if (bad) {
+      fprintf(stderr, "jem calibrate: tuning set %s: %s\n", o.tune[t],
+              err[0] ? err : "does not fit the model");
+      goto done;
+    }
+    nsets++;
+  }
+
+  /* ---- 1. side per score ---- */
+  static const int sides[3] = {1, -1, 2};
+  int side[JEM_NUM_SCORES];
+  double side_auc[JEM_NUM_SCORES][3];
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    side[k] = 1;
+    double bestv = -1;
+    for (int j = 0; j < 3; j++) {
+      for (int q = 0; q < JEM_NUM_SCORES; q++) st->side[q] = 0;
+      st->side[k] = sides[j];
+      side_auc[k][j] = rule_auroc(st, &id, sets, nsets, NULL);
+      if (side_auc[k][j] > bestv + 1e-9) {
+        bestv = side_auc[k][j];
+        side[k] = sides[j];
+      }
+    }
+    fprintf(stderr, "  %-11s mean AUROC high %.4f  low %.4f  two-sided %.4f -> %s\n",
+            jem_score_names[k], side_auc[k][0], side_auc[k][1], side_auc[k][2],
+            side_name(side[k]));
+  }
+
+  /* ---- 2. subset of scores ---- */
+  double best_obj = -1, best_min = NAN, best_tpr = NAN;
+  int best_mask = 0;
+  json_t *cands = json_array();
+  for (int mask = 1; mask < (1 << JEM_NUM_SCORES); mask++) {
+    int used = 0;
+    for (int k = 0; k < JEM_NUM_SCORES; k++) {
+      st->side[k] = (mask >> k & 1) ? side[k] : 0;
+      used += mask >> k & 1;
+    }
+    double tot = 0, mn = 1;
+    for (int t = 0; t < nsets; t++) {
+      double f = flagged(st, &sets[t], o.tpr);
+      tot += f;
+      if (f < mn) mn = f;
+    }
+    double obj = tot / nsets, acc_id = 1.0 - flagged(st, &id, o.tpr);
+    int best_used = 0;
+    for (int k = 0; k < JEM_NUM_SCORES; k++) best_used += best_mask >> k & 1;
+    /* a clear gain wins; within 0.1 point the rule with fewer scores wins */
+    if (best_mask == 0 || obj > best_obj + 1e-3 ||
+        (fabs(obj - best_obj) <= 1e-3 && used < best_used)) {
+      best_obj = obj;
+      best_min = mn;
+      best_tpr = acc_id;
+      best_mask = mask;
+    }
+    json_t *c = json_object();
+    json_t *names = json_array();
+    for (int k = 0; k < JEM_NUM_SCORES; k++)
+      if (mask >> k & 1) json_array_append_new(names, json_string(jem_score_names[k]));
+    json_object_set_new(c, "scores", names);
+    json_object_set_new(c, "mean_detected", json_real(obj));
+    json_object_set_new(c, "min_detected", json_real(mn));
+    json_object_set_new(c, "valid_accepted", json_real(acc_id));
+    json_array_append_new(cands, c);
+  }
+  *best = *st;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) best->side[k] = (best_mask >> k & 1) ? side[k] : 0;
+
+  /* ---- rule text ---- */
+  char used_txt[128] = "", tune_txt[96] = "";
+  int n_used = 0;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    if (!best->side[k]) continue;
+    size_t l = strlen(used_txt);
+    snprintf(used_txt + l, sizeof used_txt - l, "%s%s %s", n_used ? ", " : "",
+             jem_score_names[k], side_name(best->side[k]));
+    n_used++;
+  }
+  int has_mnist = 0;
+  for (int t = 0; t < nsets; t++) {
+    size_t l = strlen(tune_txt);
+    snprintf(tune_txt + l, sizeof tune_txt - l, "%s%s", t ? "," : "", sets[t].name);
+    has_mnist |= !strcmp(sets[t].name, "mnist");
+  }
+  if (has_mnist)
+    fprintf(stderr, "jem calibrate: warning: the rule is tuned on the MNIST set; MNIST "
+            "figures from jem eval will overstate it\n");
+  snprintf(best->rule, sizeof best->rule,
+           "OOD if any of [%s] leaves its validation band at level 1-(1-tpr)/%d; sides and "
+           "scores chosen on validation vs %s%s", used_txt, n_used, tune_txt,
+           has_mnist ? "" : " (not MNIST)");
+  fprintf(stderr, "jem calibrate: rule: %s\n  tuning sets flagged at tpr %.2f: mean %.2f%%, "
+          "min %.2f%%; validation accepted %.2f%%\n", best->rule, (double)o.tpr,
+          100 * best_obj, 100 * best_min, 100 * best_tpr);
+
+  /* ---- metadata ---- */
+  {
+    json_t *ood = json_object(), *scores = json_object();
+    for (int k = 0; k < JEM_NUM_SCORES; k++) {
+      json_t *e = json_object(), *q = json_array();
+      for (int i = 0; i < best->nq[k]; i++) json_array_append_new(q, json_real(best->q[k][i]));
+      json_object_set_new(e, "quantiles", q);
+      json_object_set_new(e, "side", json_string(side_name(best->side[k])));
+      json_object_set_new(scores, jem_score_names[k], e);
+    }
+    json_object_set_new(ood, "scores", scores);
+    json_object_set_new(ood, "tpr", json_real(o.tpr));
+    json_object_set_new(ood, "rule", json_string(best->rule));
+    json_object_set_new(m->meta, "ood", ood);
+    json_object_set_new(m->meta, "temperature", json_real((float)T));
+
+    json_t *prov = json_object_get(m->meta, "provenance");
+    if (!json_is_object(prov)) {
+      prov = json_object();
+      json_object_set_new(m->meta, "provenance", prov);
+    }
+    json_t *cal = json_object();
+    char when[32];
+    time_t now = time(NULL);
+    struct tm tmv;
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&now, &tmv));
+    json_object_set_new(cal, "date", json_string(when));
+    json_object_set_new(cal, "n_valid", json_integer(nv));
+    json_object_set_new(cal, "valid_split", json_string("fixed 5k split of the training set, seed 1234"));
+    json_object_set_new(cal, "temperature", json_real(T));
+    json_object_set_new(cal, "valid_nll", json_real(nll1));
+    json_object_set_new(cal, "valid_nll_tempered", json_real(nllT));
+    json_object_set_new(cal, "valid_ece", json_real(c1.ece));
+    json_object_set_new(cal, "valid_ece_tempered", json_real(cT.ece));
+    json_t *ts = json_array();
+    for (int t = 0; t < nsets; t++) {
+      json_t *e = json_object();
+      json_object_set_new(e, "set", json_string(sets[t].name));
+      json_object_set_new(e, "n", json_integer(sets[t].n));
+      json_array_append_new(ts, e);
+    }
+    json_object_set_new(cal, "tuning_sets", ts);
+    json_t *sa = json_object();
+    for (int k = 0; k < JEM_NUM_SCORES; k++) {
+      json_t *e = json_object();
+      json_object_set_new(e, "high", json_real(side_auc[k][0]));
+      json_object_set_new(e, "low", json_real(side_auc[k][1]));
+      json_object_set_new(e, "two-sided", json_real(side_auc[k][2]));
+      json_object_set_new(sa, jem_score_names[k], e);
+    }
+    json_object_set_new(cal, "side_mean_auroc", sa);
+    json_object_set_new(cal, "subsets", cands);
+    cands = NULL;
+    json_object_set_new(cal, "chosen_mean_detected", json_real(best_obj));
+    json_object_set_new(cal, "chosen_valid_accepted", json_real(best_tpr));
+    json_object_set_new(prov, "calibration", cal);
+  }
+  json_decref(cands);
+  if (jem_model_apply_meta(m, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: the new metadata does not apply: %s\n", err);
+    goto done;
+  }
+  if (jem_model_save(m, o.out, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: %s\n", err);
+    goto done;
+  }
+  fprintf(stderr, "jem calibrate: wrote %s\n", o.out);
+  status = 0;
+
+done:
+  for (int t = 0; t < nsets; t++) free(sets[t].v);
+  free(id.v);
+  free(st);
+  free(best);
+  jem_set_scores_free(&sv);
+  jem_dataset_free(&valid);
+  jem_ws_free(ws);
+  jem_model_free(m);
+  return status;
 }

@@ -12,11 +12,22 @@
 int jem__net_build(jem_model *m, char *err, size_t errlen);
 void jem__net_free(jem_net *net);
 
+/* Parses m->meta exactly as jem_model_apply_meta would, without changing
+ * the model (core/meta.c); used before saving. */
+int jem__meta_check(const jem_model *m, char *err, size_t errlen);
+
 /* snprintf into an error buffer (err may be NULL); returns code. */
 int jem__errf(char *err, size_t errlen, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 /* 64-byte-aligned allocation of n floats, zeroed; free with free(). */
 float *jem__falloc(size_t n);
+
+/* Scratch of max_batch*C*S*S floats owned by ws (e.g. the input-gradient
+ * buffer of jem_score_batch), free for the caller between core calls on that
+ * ws.  SGLD computes its gradients there so that sampling allocates nothing.
+ * core/sgld.c references it weakly and falls back to one allocation per
+ * jem_sgld_run call while it is not defined. */
+float *jem__ws_input_scratch(jem_ws *ws);
 
 #endif

@@ -212,6 +212,12 @@ void jem_model_free(jem_model *m);              /* NULL ok */
 const jem_param *jem_model_param(const jem_model *m, const char *name);
 /* Re-derive name/classes/temperature/pre/ood from m->meta after editing it. */
 int jem_model_apply_meta(jem_model *m, char *err, size_t errlen);
+/* The metadata's "arch" object <-> jem_arch (core/meta.c).  from_json wants
+ * every key (family "wrn", depth, widen, in_channels, image_size, num_classes
+ * as JSON integers, norm "none", leak a number), rejects unknown keys and
+ * runs jem_arch_validate.  to_json returns a new reference (NULL on OOM). */
+int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen);
+json_t *jem_arch_to_json(const jem_arch *a);
 
 /* safetensors I/O.  The loader validates everything and never crashes. */
 #define JEM_MAX_HEADER_BYTES (16u << 20)
@@ -308,6 +314,21 @@ void jem_sgld_init_buffer(const jem_model *m, float *x, int n, float reinit,
 void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
                   const int *y, int steps, const jem_sgld_params *p,
                   jem_rng *rngs);
+
+/* Sampling jobs (core/sample.c): the one chain set-up used by `jem sample`
+ * and the daemon, so the same seed gives the same samples in both.  Seeds
+ * rngs[i] = jem_rng_seed(seed, i) and fills x [n,C,S,S]: uniform noise in
+ * [-1,1], replay-buffer images (each chain restarting from noise with
+ * probability JEM_SAMPLE_REINIT, as in JEM), or, for GIVEN, leaves the
+ * caller's images in x.  Then run jem_sgld_run(ws, m, x, n, y, steps, p,
+ * rngs), in one call or several consecutive ones (e.g. to report progress):
+ * the chains only depend on x and rngs. */
+enum { JEM_SAMPLE_INIT_NOISE = 0, JEM_SAMPLE_INIT_BUFFER = 1, JEM_SAMPLE_INIT_GIVEN = 2 };
+#define JEM_SAMPLE_REINIT 0.05f
+void jem_sample_init(const jem_model *m, float *x, int n, int init, uint64_t seed,
+                     jem_rng *rngs);
+/* JEM_SAMPLE_INIT_BUFFER when the model has a replay buffer, else NOISE. */
+int jem_sample_default_init(const jem_model *m);
 
 /* ------------------------------------------------------------------------ */
 /* Images, NumPy and PNG output (core/image.c, core/npy.c)                  */

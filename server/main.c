@@ -1,10 +1,181 @@
-/* main.c - PLACEHOLDER until the daemon lands. */
-#include "jem.h"
+/* main.c - jemd entry point: settings, model, scheduler, HTTP, and the
+ * signal loop (SIGHUP reloads the model, SIGTERM/SIGINT drain and exit). */
+#include "srv.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Signal handlers only set a flag and poke a pipe: OpenBLAS starts its
+ * threads before main(), so no mask can keep signals on one thread. */
+static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t got_term, got_hup;
+
+static void on_signal(int sig) {
+  int saved = errno;
+  if (sig == SIGHUP)
+    got_hup = 1;
+  else
+    got_term++;
+  char c = (char)sig;
+  if (write(sig_pipe[1], &c, 1) < 0) { /* the flag is enough */
+  }
+  errno = saved;
+}
+
+/* Waits up to ms for a signal; drains the pipe. */
+static void wait_signal(int ms) {
+  struct pollfd pf = {.fd = sig_pipe[0], .events = POLLIN, .revents = 0};
+  if (poll(&pf, 1, ms) > 0) {
+    char buf[64];
+    while (read(sig_pipe[0], buf, sizeof buf) > 0) {
+    }
+  }
+}
+
+static void reload(void) {
+  char err[512];
+  srv_sd_notify("RELOADING=1");
+  srv_log(SRV_LOG_INFO, "msg=\"SIGHUP: reloading the model\" path=\"%s\"", srv_cfg.model);
+  uint64_t t0 = srv_now_ns();
+  if (srv_model_load(srv_cfg.model, err, sizeof err)) {
+    char q[600];
+    srv_log_quote(q, sizeof q, err);
+    srv_log(SRV_LOG_ERROR, "msg=\"model reload failed; still serving the previous model\" "
+            "error=%s", q);
+    srv_metrics_reload(0);
+  } else {
+    srv_model *sm = srv_model_get();
+    srv_log(SRV_LOG_INFO, "msg=\"model reloaded\" name=\"%s\" generation=%llu seconds=%.3f",
+            sm ? sm->m->name : "?", sm ? (unsigned long long)sm->gen : 0ull,
+            (double)(srv_now_ns() - t0) * 1e-9);
+    srv_model_put(sm);
+    srv_metrics_reload(1);
+  }
+  srv_sd_notify("READY=1");
+}
+
+static void drain_and_stop(void) {
+  srv_http_set_draining();
+  srv_sd_notify("STOPPING=1");
+  int term0 = got_term;
+  uint64_t t0 = srv_now_ns();
+  uint64_t deadline = t0 + (uint64_t)srv_cfg.drain_seconds * 1000000000ull;
+  srv_log(SRV_LOG_INFO, "msg=\"draining\" drain_seconds=%d drain_delay=%d inflight=%d",
+          srv_cfg.drain_seconds, srv_cfg.drain_delay, atomic_load(srv_metrics_inflight()));
+  /* keep accepting (readiness 503) while load balancers catch up */
+  uint64_t delay_end = t0 + (uint64_t)srv_cfg.drain_delay * 1000000000ull;
+  if (delay_end > deadline) delay_end = deadline;
+  while (srv_now_ns() < delay_end && got_term == term0) {
+    wait_signal(100);
+    srv_http_tick();
+  }
+  srv_http_quiesce();
+  while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < deadline &&
+         got_term == term0) {
+    wait_signal(20);
+    srv_http_tick();
+  }
+  int left = atomic_load(srv_metrics_inflight());
+  if (left > 0)
+    srv_log(SRV_LOG_WARN, "msg=\"drain time is up; cancelling queued work\" inflight=%d", left);
+  srv_sched_stop();
+  /* let the answers of cancelled requests go out */
+  uint64_t grace = srv_now_ns() + 500000000ull;
+  while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < grace) wait_signal(10);
+  srv_http_stop();
+  srv_model_shutdown();
+  srv_log(SRV_LOG_INFO, "msg=\"stopped\" seconds=%.3f", (double)(srv_now_ns() - t0) * 1e-9);
+}
 
 int main(int argc, char **argv) {
   jem_blas_setup(argc, argv);
-  fprintf(stderr, "jemd: not built yet\n");
-  return 1;
+  int status = 0;
+  if (srv_config_parse(argc, argv, &status)) return status;
+  json_object_seed(0); /* before any thread parses JSON */
+
+  if (pipe(sig_pipe) != 0) {
+    perror("jemd: pipe");
+    return 1;
+  }
+  for (int i = 0; i < 2; i++) {
+    fcntl(sig_pipe[i], F_SETFL, O_NONBLOCK);
+    fcntl(sig_pipe[i], F_SETFD, FD_CLOEXEC);
+  }
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  signal(SIGPIPE, SIG_IGN);
+
+  jem_blas_set_threads(srv_cfg.blas_threads);
+  srv_metrics_init();
+  char err[512];
+  if (srv_cfg.api_key_file[0] && srv_auth_load(srv_cfg.api_key_file, err, sizeof err)) {
+    fprintf(stderr, "jemd: --api-key-file: %s\n", err);
+    return 1;
+  }
+  srv_config_resolve_model();
+  uint64_t t0 = srv_now_ns();
+  if (srv_model_load(srv_cfg.model, err, sizeof err)) {
+    fprintf(stderr, "jemd: cannot load the model: %s\n", err);
+    return 1;
+  }
+  srv_model *sm = srv_model_get();
+  srv_log(SRV_LOG_INFO,
+          "msg=\"model loaded\" name=\"%s\" path=\"%s\" arch=wrn-%d-%d classes=%d "
+          "ood_stats=%s seconds=%.3f",
+          sm->m->name, srv_cfg.model, sm->m->arch.depth, sm->m->arch.widen,
+          sm->m->arch.num_classes, sm->m->ood.present ? "yes" : "no",
+          (double)(srv_now_ns() - t0) * 1e-9);
+  srv_model_put(sm);
+  if (srv_sched_start()) {
+    fprintf(stderr, "jemd: cannot start the worker pool\n");
+    return 1;
+  }
+  int port = 0;
+  if (srv_http_start(&port)) {
+    srv_sched_stop();
+    srv_model_shutdown();
+    return 1;
+  }
+  srv_log(SRV_LOG_INFO,
+          "msg=\"serving\" host=%s port=%d workers=%d blas_threads=%d blas_core=%s "
+          "http_threads=%d max_batch=%d max_delay_us=%d queue_size=%d auth=%s",
+          srv_cfg.host, port, srv_cfg.workers, jem_blas_threads(),
+          jem_blas_core() ? jem_blas_core() : "unknown", srv_cfg.http_threads,
+          srv_cfg.max_batch, srv_cfg.max_delay_us, srv_cfg.queue_size,
+          srv_auth_enabled() ? (srv_cfg.protect_scoring ? "jobs+scoring" : "jobs") : "off");
+  /* a fixed, parseable line for scripts and tests (--port 0) */
+  const char *shown = srv_cfg.host;
+  int v6 = strchr(shown, ':') != NULL;
+  fprintf(stderr, "jemd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", shown, v6 ? "]" : "",
+          port);
+  fflush(stderr);
+  char ready[64];
+  snprintf(ready, sizeof ready, "READY=1\nMAINPID=%ld", (long)getpid());
+  srv_sd_notify(ready);
+
+  while (!got_term) {
+    wait_signal(250);
+    srv_http_tick();
+    if (got_hup) {
+      got_hup = 0;
+      reload();
+    }
+  }
+  srv_log(SRV_LOG_INFO, "msg=\"signal received, shutting down\"");
+  drain_and_stop();
+  close(sig_pipe[0]);
+  close(sig_pipe[1]);
+  return 0;
 }

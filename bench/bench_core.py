@@ -1,0 +1,361 @@
+#!/usr/bin/python3
+"""bench_core.py - the core's images/s against PyTorch's for the same model.
+
+Runs build/bench/bench_core (forward and energy-gradient images/s at batch 1
+and 64, best of 1 and 2 BLAS threads), then the same figures in PyTorch for
+the same architecture and the same weights (PyTorch at its best of 1 and 2
+threads per figure, torch.no_grad() for forward-only), and prints a table with
+the ratios and the targets (1.5x at batch 64, 2x at batch 1).  It also times
+one JEM training iteration (batch 64, K=20 SGLD steps, replay buffer 10000,
+reinit 0.05, Adam) in the core's trainer and the same iteration written as in
+the official train_wrn_ebm.py in PyTorch (target: 1.4x faster).
+
+The model: --model, else models/fmnist-jem.safetensors, else a random
+WRN-10-1 (1x32x32, 10 classes, PyTorch default init, seed 0) written to a
+temporary file with tests/ref/make_golden.py's writer.  Without torch only the
+core's figures are printed.
+
+A running `jem train` would make the figures meaningless: by default it is
+paused (SIGSTOP) for the run and resumed (SIGCONT) afterwards, whatever
+happens; --no-pause refuses instead, --force measures anyway.
+
+usage: /usr/bin/python3 bench/bench_core.py --build build [--seconds 2]
+"""
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_MODEL = os.path.join("models", "fmnist-jem.safetensors")
+FIGURES = [("forward", 1), ("forward", 64), ("energy_grad", 1), ("energy_grad", 64)]
+TARGET = {1: 2.0, 64: 1.5}
+TRAIN_TARGET = 1.4
+THREADS = (1, 2)
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+
+def golden_module():
+    path = os.path.join(ROOT, "tests", "ref", "make_golden.py")
+    spec = importlib.util.spec_from_file_location("make_golden", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------
+# other heavy work on the machine
+
+def ancestors():
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def training_pids():
+    try:
+        out = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "jem train"],
+                             capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    mine = ancestors()
+    return [int(p) for p in out.split() if int(p) not in mine]
+
+
+def describe(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------
+# measurements
+
+def run_core(args, model):
+    exe = os.path.join(args.build, "bench", "bench_core")
+    if not os.access(exe, os.X_OK):
+        sys.exit(f"bench_core.py: {exe} not found; build it with `make {exe}`")
+    cmd = [exe, "--seconds", str(args.seconds), "--train-iters", str(args.train_iters)]
+    if model:
+        cmd.append(model)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench_core.py: {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr}")
+    info, best, runs = {}, {}, []
+    for line in p.stdout.splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "info":
+            info = rec
+        elif rec["kind"] == "best":
+            best[(rec["figure"], rec["batch"])] = (rec.get("img_s", rec.get("s_per_iter")),
+                                                   rec["threads"])
+        elif rec["kind"] == "measure":
+            runs.append(rec)
+    return info, best, runs
+
+
+def timed(fn, seconds):
+    t0 = time.perf_counter()
+    i = 0
+    while i < 3 or time.perf_counter() - t0 < 0.3:  # warm-up
+        fn()
+        i += 1
+    it, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        it += 1
+        t = time.perf_counter() - t0
+        if t >= seconds:
+            return it, t
+
+
+def run_torch(args, model_path):
+    g = golden_module()
+    with open(model_path, "rb") as f:
+        import struct
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    meta = json.loads(header["__metadata__"]["jem"])
+    a = meta["arch"]
+    temperature = float(meta.get("temperature", 1.0))
+    model = g.CCF(a["depth"], a["widen"], a["num_classes"], a["in_channels"], a.get("leak", 0.2))
+    g.read_model(model_path, model)
+    model.eval()
+    s = a["image_size"]
+    gen = torch.Generator().manual_seed(7)
+    xs = {b: torch.rand(b, a["in_channels"], s, s, generator=gen) * 2 - 1 for b in (1, 64)}
+
+    def forward(x):
+        with torch.no_grad():
+            logits = model.classify(x)
+            energy = -logits.logsumexp(1)
+            probs = torch.softmax(logits / temperature, 1)
+        return energy, probs
+
+    def energy_grad(x):
+        x = x.clone().requires_grad_(True)
+        logits = model.classify(x)
+        lse = logits.logsumexp(1)
+        (gx,) = torch.autograd.grad(lse.sum(), x)
+        with torch.no_grad():
+            probs = torch.softmax(logits / temperature, 1)
+            norm = gx.flatten(1).norm(dim=1)
+        return -lse.detach(), probs, norm
+
+    fns = {"forward": forward, "energy_grad": energy_grad}
+    best, runs = {}, []
+    for fig, b in FIGURES:
+        for t in THREADS:
+            torch.set_num_threads(t)
+            it, secs = timed(lambda: fns[fig](xs[b]), args.seconds)
+            ips = it * b / secs
+            runs.append({"figure": fig, "batch": b, "threads": t, "img_s": ips})
+            if ips > best.get((fig, b), (0, 0))[0]:
+                best[(fig, b)] = (ips, t)
+    if args.train_iters > 0:
+        for t in THREADS:
+            torch.set_num_threads(t)
+            step = jem_train_iteration(g, model_path, a, args.train_iters)
+            step()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(args.train_iters):
+                step()
+            per = (time.perf_counter() - t0) / args.train_iters
+            runs.append({"figure": "train_iter", "batch": 64, "threads": t, "s_per_iter": per})
+            if ("train_iter", 64) not in best or per < best[("train_iter", 64)][0]:
+                best[("train_iter", 64)] = (per, t)
+    return best, runs
+
+
+def jem_train_iteration(g, model_path, a, n):
+    """One iteration of the official JEM objective (train_wrn_ebm.py with its
+    defaults: p(x) + p(y|x), batch 64, sgld_lr 1, sgld_std 0.01, 20 steps,
+    buffer 10000, reinit 0.05, Adam), on random data of the model's shape."""
+    import torch.nn.functional as F
+    model = g.CCF(a["depth"], a["widen"], a["num_classes"], a["in_channels"], a.get("leak", 0.2))
+    g.read_model(model_path, model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
+    B, K, buf_n, c, s = 64, 20, 10000, a["in_channels"], a["image_size"]
+    gen = torch.Generator().manual_seed(8)
+    data_x = torch.rand(1024, c, s, s, generator=gen) * 2 - 1
+    data_y = torch.randint(0, a["num_classes"], (1024,), generator=gen)
+    buffer = torch.rand(buf_n, c, s, s) * 2 - 1
+
+    def sample_q():
+        idx = torch.randint(0, buf_n, (B,))
+        x0 = buffer[idx]
+        fresh = torch.rand(B, c, s, s) * 2 - 1
+        keep = (torch.rand(B) >= 0.05).float()[:, None, None, None]
+        x_k = (keep * x0 + (1 - keep) * fresh).clone().requires_grad_(True)
+        model.eval()
+        for _ in range(K):
+            f_prime = torch.autograd.grad(model(x_k).sum(), [x_k], retain_graph=True)[0]
+            x_k.data += 1.0 * f_prime + 0.01 * torch.randn_like(x_k)
+        model.train()
+        xq = x_k.detach()
+        buffer[idx] = xq
+        return xq
+
+    def step():
+        i1 = torch.randint(0, 1024, (B,))
+        i2 = torch.randint(0, 1024, (B,))
+        x_lab = data_x[i1] + 0.03 * torch.randn(B, c, s, s)
+        y_lab = data_y[i1]
+        x_p_d = data_x[i2] + 0.03 * torch.randn(B, c, s, s)
+        x_q = sample_q()
+        l_px = -(model(x_p_d).mean() - model(x_q).mean())
+        l_pyx = F.cross_entropy(model.classify(x_lab), y_lab)
+        loss = l_px + l_pyx
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+# --------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description="core vs PyTorch images/s")
+    ap.add_argument("--build", default="build", help="build directory (default build)")
+    ap.add_argument("--model", help="safetensors model (default: the shipped model, "
+                    "else a random WRN-10-1)")
+    ap.add_argument("--seconds", type=float, default=2.0,
+                    help="seconds per measurement (default 2)")
+    ap.add_argument("--force", action="store_true",
+                    help="measure even while `jem train` runs (figures unreliable)")
+    ap.add_argument("--no-pause", action="store_true",
+                    help="refuse instead of pausing a running `jem train`")
+    ap.add_argument("--no-torch", action="store_true", help="only the core's figures")
+    ap.add_argument("--train-iters", type=int, default=3,
+                    help="training iterations timed per thread setting (0: skip)")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    if not args.build.startswith("/"):
+        args.build = os.path.join(ROOT, args.build)
+
+    paused = []
+    pids = training_pids()
+    if pids and not args.force:
+        names = "; ".join(f"{p}: {describe(p)}" for p in pids)
+        if args.no_pause:
+            print(f"bench_core.py: not benchmarking while a training run uses the cores "
+                  f"({names}); stop it, or pass --force (figures unreliable)")
+            return 1
+        print(f"bench_core.py: pausing the training run for the benchmark ({names})")
+    elif pids:
+        print("bench_core.py: warning: `jem train` is running; --force given, "
+              "figures will be unreliable")
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_hup = signal.signal(signal.SIGHUP, on_term)
+    tmpdir = None
+    try:
+        if pids and not args.force:
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGSTOP)
+                    paused.append(p)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)  # let its BLAS threads drain
+        load1 = os.getloadavg()[0]
+        if load1 > 1.0:
+            print(f"bench_core.py: note: load average {load1:.2f} before starting; "
+                  "other work on the machine lowers the figures")
+
+        use_torch = torch is not None and not args.no_torch
+        model = args.model
+        if not model and os.path.exists(DEFAULT_MODEL):
+            model = DEFAULT_MODEL
+        if not model and use_torch:
+            tmpdir = tempfile.mkdtemp(prefix="jem-bench-")
+            model = os.path.join(tmpdir, "wrn10-1-random.safetensors")
+            g = golden_module()
+            torch.manual_seed(0)
+            net = g.CCF(10, 1, 10, 1)
+            g.write_model(model, net, g.arch_dict(10, 1, 1, 10), "wrn10-1-random")
+        info, cbest, _ = run_core(args, model)
+        a = info.get("arch", {})
+        what = (f"WRN-{a.get('depth')}-{a.get('widen')}, {a.get('in_channels')}x"
+                f"{a.get('image_size')}x{a.get('image_size')}, {a.get('num_classes')} classes, "
+                f"{info.get('params')} parameters")
+        print(f"model: {model or 'random (core init)'} ({what})")
+        print(f"BLAS core: {info.get('blas_core')}; {args.seconds:g} s per measurement; "
+              f"best of {', '.join(map(str, THREADS))} threads per figure")
+        tbest = None
+        if use_torch:
+            tbest, _ = run_torch(args, model)
+            print(f"PyTorch {torch.__version__}, same weights")
+        elif torch is None:
+            print("PyTorch not installed: core figures only (Debian: python3-torch)")
+        print()
+        hdr = f"{'figure':<22} {'jem img/s':>16} {'torch img/s':>16} {'ratio':>7} {'target':>7}  met"
+        print(hdr)
+        print("-" * len(hdr))
+        all_met = True
+        for fig, b in FIGURES:
+            ci, ct = cbest[(fig, b)]
+            label = f"{fig} batch {b}"
+            if tbest:
+                ti, tt = tbest[(fig, b)]
+                ratio = ci / ti
+                met = ratio >= TARGET[b]
+                all_met &= met
+                print(f"{label:<22} {ci:>9.1f} ({ct} th) {ti:>9.1f} ({tt} th) {ratio:>6.2f}x "
+                      f"{TARGET[b]:>6.1f}x  {'yes' if met else 'NO'}")
+            else:
+                print(f"{label:<22} {ci:>9.1f} ({ct} th) {'-':>16} {'-':>7} {TARGET[b]:>6.1f}x")
+        if ("train_iter", 64) in cbest:
+            cs, ct = cbest[("train_iter", 64)]
+            label = "train iter (K=20, b64)"
+            if tbest and ("train_iter", 64) in tbest:
+                ts, tt = tbest[("train_iter", 64)]
+                ratio = ts / cs
+                met = ratio >= TRAIN_TARGET
+                all_met &= met
+                print(f"{label:<22} {cs:>7.3f} s ({ct} th) {ts:>7.3f} s ({tt} th) {ratio:>6.2f}x "
+                      f"{TRAIN_TARGET:>6.1f}x  {'yes' if met else 'NO'}")
+            else:
+                print(f"{label:<22} {cs:>7.3f} s ({ct} th) {'-':>16} {'-':>7} {TRAIN_TARGET:>6.1f}x")
+        if tbest:
+            print("\nall targets met" if all_met else "\nsome targets NOT met")
+        return 0
+    finally:
+        for p in paused:
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if paused:
+            print(f"bench_core.py: resumed {', '.join(map(str, paused))}")
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
+        if tmpdir:
+            for f in os.listdir(tmpdir):
+                os.unlink(os.path.join(tmpdir, f))
+            os.rmdir(tmpdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

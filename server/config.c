@@ -1,0 +1,258 @@
+/* config.c - jemd's settings: one table gives each flag, its JEMD_*
+ * environment variable, default, range and help line (redis-style). */
+#include "srv.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+srv_config srv_cfg;
+
+enum { OPT_STR, OPT_INT, OPT_LL, OPT_BOOL, OPT_LEVEL };
+
+typedef struct opt {
+  const char *flag;     /* without "--" */
+  const char *env;
+  int type;
+  size_t off;           /* into srv_config */
+  size_t size;          /* for strings */
+  const char *def;
+  long long min, max;
+  const char *metavar;
+  const char *help;
+} opt;
+
+#define F(field) offsetof(srv_config, field), sizeof(((srv_config *)0)->field)
+
+static const opt opts[] = {
+  {"host", "JEMD_HOST", OPT_STR, F(host), "127.0.0.1", 0, 0, "ADDR",
+   "address to listen on (0.0.0.0 or :: for every interface)"},
+  {"port", "JEMD_PORT", OPT_INT, F(port), "8080", 0, 65535, "N",
+   "TCP port; 0 picks a free one and logs it"},
+  {"model", "JEMD_MODEL", OPT_STR, F(model), "", 0, 0, "PATH",
+   "model file (default: models/fmnist-jem.safetensors, then "
+   JEMD_DATADIR "/models/)"},
+  {"workers", "JEMD_WORKERS", OPT_INT, F(workers), "0", 0, 256, "N",
+   "compute workers; 0 = number of CPUs"},
+  {"blas-threads", "JEMD_BLAS_THREADS", OPT_INT, F(blas_threads), "0", 0, 256, "N",
+   "OpenBLAS threads (process-wide); 0 = max(1, CPUs / workers)"},
+  {"http-threads", "JEMD_HTTP_THREADS", OPT_INT, F(http_threads), "2", 1, 64, "N",
+   "HTTP threads (libmicrohttpd epoll thread pool)"},
+  {"max-batch", "JEMD_MAX_BATCH", OPT_INT, F(max_batch), "64", 1, 1024, "N",
+   "most images in one dynamic batch"},
+  {"max-delay-us", "JEMD_MAX_DELAY_US", OPT_INT, F(max_delay_us), "0", 0, 10000000, "US",
+   "how long a partial batch may wait for more images (1 ms timer resolution)"},
+  {"queue-size", "JEMD_QUEUE_SIZE", OPT_INT, F(queue_size), "1024", 1, 1000000, "N",
+   "images waiting for a worker before new requests get 503"},
+  {"max-body-bytes", "JEMD_MAX_BODY_BYTES", OPT_LL, F(max_body_bytes), "8388608", 1,
+   1ll << 32, "BYTES", "largest request body (413 above it)"},
+  {"max-image-pixels", "JEMD_MAX_IMAGE_PIXELS", OPT_LL, F(max_image_pixels), "4194304",
+   1, 1ll << 28, "N", "largest decoded image area, checked before decoding"},
+  {"max-image-side", "JEMD_MAX_IMAGE_SIDE", OPT_INT, F(max_image_side), "8192", 1,
+   1 << 16, "N", "largest image width or height"},
+  {"max-images", "JEMD_MAX_IMAGES", OPT_INT, F(max_images), "256", 1, 100000, "N",
+   "most images in one request"},
+  {"max-connections", "JEMD_MAX_CONNECTIONS", OPT_INT, F(max_connections), "1024", 1,
+   1000000, "N", "open connections in total"},
+  {"max-connections-per-ip", "JEMD_MAX_CONNECTIONS_PER_IP", OPT_INT,
+   F(max_connections_per_ip), "1024", 0, 1000000, "N",
+   "open connections per client address (0 = no limit)"},
+  {"timeout", "JEMD_TIMEOUT", OPT_INT, F(timeout), "30", 1, 86400, "S",
+   "close a connection idle for this long"},
+  {"request-deadline", "JEMD_REQUEST_DEADLINE", OPT_INT, F(request_deadline), "60", 1,
+   86400, "S", "longest time a client may take to send one request"},
+  {"drain-seconds", "JEMD_DRAIN_SECONDS", OPT_INT, F(drain_seconds), "30", 0, 86400, "S",
+   "on SIGTERM, wait this long for in-flight work"},
+  {"drain-delay", "JEMD_DRAIN_DELAY", OPT_INT, F(drain_delay), "0", 0, 3600, "S",
+   "on SIGTERM, keep accepting (readiness 503) this long before closing"},
+  {"api-key-file", "JEMD_API_KEY_FILE", OPT_STR, F(api_key_file), "", 0, 0, "PATH",
+   "file of bearer tokens (one per line) for job routes"},
+  {"protect-scoring", "JEMD_PROTECT_SCORING", OPT_BOOL, F(protect_scoring), "false", 0, 1,
+   NULL, "require the API key on scoring routes too"},
+  {"log-level", "JEMD_LOG_LEVEL", OPT_LEVEL, F(log_level_name), "info", 0, 0, "LEVEL",
+   "error, warn, info or debug"},
+};
+#define N_OPTS ((int)(sizeof opts / sizeof opts[0]))
+
+void srv_config_usage(FILE *f) {
+  fprintf(f,
+          "usage: jemd [OPTIONS]\n"
+          "Serves a JEM model over HTTP: /v1/classify, the Open Inference Protocol v2,\n"
+          "/healthz, /readyz and /metrics.  Every option can also be set with its\n"
+          "environment variable; a flag wins over the environment.\n\n");
+  for (int i = 0; i < N_OPTS; i++) {
+    const opt *o = &opts[i];
+    char left[64];
+    if (o->metavar)
+      snprintf(left, sizeof left, "--%s %s", o->flag, o->metavar);
+    else
+      snprintf(left, sizeof left, "--%s", o->flag);
+    fprintf(f, "  %-30s %s\n  %-30s [%s; default: %s]\n", left, o->help, "", o->env,
+            o->def[0] ? o->def : "none");
+  }
+  fprintf(f, "  %-30s %s\n  %-30s %s\n", "--version", "print the version and exit",
+          "--help", "print this help and exit");
+  fprintf(f,
+          "\nSignals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the model file\n"
+          "(the old model keeps serving if the new one fails to load).\n");
+}
+
+static int parse_bool(const char *v, int *out) {
+  if (!strcasecmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes") ||
+      !strcasecmp(v, "on")) {
+    *out = 1;
+    return 0;
+  }
+  if (!strcasecmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") ||
+      !strcasecmp(v, "off")) {
+    *out = 0;
+    return 0;
+  }
+  return -1;
+}
+
+/* Stores value v for o; writes why not into err. */
+static int set_opt(const opt *o, const char *v, char *err, size_t errlen) {
+  char *base = (char *)&srv_cfg;
+  switch (o->type) {
+  case OPT_STR:
+  case OPT_LEVEL: {
+    if (strlen(v) >= o->size) {
+      snprintf(err, errlen, "value too long (at most %zu bytes)", o->size - 1);
+      return -1;
+    }
+    if (o->type == OPT_LEVEL) {
+      static const char *const names[] = {"error", "warn", "info", "debug"};
+      int lv = -1;
+      for (int i = 0; i < 4; i++)
+        if (!strcasecmp(v, names[i])) lv = i;
+      if (lv < 0) {
+        snprintf(err, errlen, "'%s' is not one of error, warn, info, debug", v);
+        return -1;
+      }
+      srv_cfg.log_level = lv;
+    }
+    memcpy(base + o->off, v, strlen(v) + 1);
+    return 0;
+  }
+  case OPT_INT:
+  case OPT_LL: {
+    errno = 0;
+    char *end;
+    long long x = strtoll(v, &end, 10);
+    if (errno || end == v || *end) {
+      snprintf(err, errlen, "'%s' is not an integer", v);
+      return -1;
+    }
+    if (x < o->min || x > o->max) {
+      snprintf(err, errlen, "%lld is outside [%lld, %lld]", x, o->min, o->max);
+      return -1;
+    }
+    if (o->type == OPT_INT)
+      *(int *)(base + o->off) = (int)x;
+    else
+      *(long long *)(base + o->off) = x;
+    return 0;
+  }
+  case OPT_BOOL: {
+    int b;
+    if (parse_bool(v, &b)) {
+      snprintf(err, errlen, "'%s' is not a boolean (true/false)", v);
+      return -1;
+    }
+    *(int *)(base + o->off) = b;
+    return 0;
+  }
+  }
+  return -1;
+}
+
+static const opt *find_opt(const char *name, size_t len) {
+  for (int i = 0; i < N_OPTS; i++)
+    if (strlen(opts[i].flag) == len && !strncmp(opts[i].flag, name, len)) return &opts[i];
+  return NULL;
+}
+
+int srv_config_parse(int argc, char **argv, int *status) {
+  char err[256];
+  memset(&srv_cfg, 0, sizeof srv_cfg);
+  for (int i = 0; i < N_OPTS; i++)
+    if (set_opt(&opts[i], opts[i].def, err, sizeof err)) {
+      fprintf(stderr, "jemd: internal: bad default for --%s: %s\n", opts[i].flag, err);
+      *status = 1;
+      return 1;
+    }
+  for (int i = 0; i < N_OPTS; i++) {
+    const char *v = getenv(opts[i].env);
+    if (v && set_opt(&opts[i], v, err, sizeof err)) {
+      fprintf(stderr, "jemd: %s: %s\n", opts[i].env, err);
+      *status = 2;
+      return 1;
+    }
+  }
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      srv_config_usage(stdout);
+      *status = 0;
+      return 1;
+    }
+    if (!strcmp(a, "--version")) {
+      printf("jemd %s\n", JEM_VERSION);
+      *status = 0;
+      return 1;
+    }
+    if (strncmp(a, "--", 2) != 0) {
+      fprintf(stderr, "jemd: unexpected argument '%s' (try --help)\n", a);
+      *status = 2;
+      return 1;
+    }
+    const char *name = a + 2;
+    const char *eq = strchr(name, '=');
+    size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
+    const opt *o = find_opt(name, nlen);
+    if (!o) {
+      fprintf(stderr, "jemd: unknown option '%.*s' (try --help)\n", (int)nlen + 2, a);
+      *status = 2;
+      return 1;
+    }
+    const char *v;
+    if (eq)
+      v = eq + 1;
+    else if (o->type == OPT_BOOL)
+      v = "true";
+    else if (i + 1 < argc)
+      v = argv[++i];
+    else {
+      fprintf(stderr, "jemd: --%s needs a value (try --help)\n", o->flag);
+      *status = 2;
+      return 1;
+    }
+    if (set_opt(o, v, err, sizeof err)) {
+      fprintf(stderr, "jemd: --%s: %s\n", o->flag, err);
+      *status = 2;
+      return 1;
+    }
+  }
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cpus < 1) cpus = 1;
+  if (srv_cfg.workers == 0) srv_cfg.workers = (int)(cpus > 64 ? 64 : cpus);
+  if (srv_cfg.blas_threads == 0) {
+    long b = cpus / srv_cfg.workers;
+    srv_cfg.blas_threads = b < 1 ? 1 : (int)b;
+  }
+  return 0;
+}
+
+static int readable(const char *p) { return access(p, R_OK) == 0; }
+
+void srv_config_resolve_model(void) {
+  if (srv_cfg.model[0]) return;
+  const char *a = "models/fmnist-jem.safetensors";
+  const char *b = JEMD_DATADIR "/models/fmnist-jem.safetensors";
+  snprintf(srv_cfg.model, sizeof srv_cfg.model, "%s", readable(a) || !readable(b) ? a : b);
+}

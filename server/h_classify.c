@@ -1,0 +1,340 @@
+/* h_classify.c - POST /v1/classify: decode and validate on the HTTP thread,
+ * queue for a batch, and build the JSON answer after the worker is done. */
+#include "srv.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+typedef struct score_ctx {
+  srv_task *t;
+  int single;           /* one raw image body: answer one object */
+  int top_k;            /* 0 = not asked */
+  float tpr;
+  srv_v2_req v2;        /* /v2 infer: ids and wanted outputs */
+  int is_v2;
+} score_ctx;
+
+static void ctx_free(void *p) {
+  score_ctx *c = p;
+  if (!c) return;
+  srv_task_free(c->t);
+  srv_v2_req_free(&c->v2);
+  free(c);
+}
+
+/* The shortest decimal that reads back as the same float, so 0.95f is sent
+ * as 0.95 and not 0.949999988079071; dumped with JSON_REAL_PRECISION(9). */
+json_t *srv_jreal(double v) {
+  if (!isfinite(v)) return json_null();
+  float f = (float)v;
+  if ((double)f != v) return json_real(v); /* a genuine double */
+  char buf[32];
+  for (int prec = 6; prec <= 9; prec++) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+    if (strtof(buf, NULL) == f) break;
+  }
+  return json_real(strtod(buf, NULL));
+}
+
+static void task_complete(srv_task *t) { srv_req_resume((srv_req *)t->owner); }
+
+/* Shared tail of the scoring handlers: reserve room, suspend, queue. */
+enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx, void (*ctx_free_fn)(void *),
+                                 enum MHD_Result (*on_resume)(srv_req *)) {
+  r->data = ctx;
+  r->data_free = ctx_free_fn;
+  if (srv_sched_reserve(t->n)) {
+    srv_metrics_reject(SRV_REJ_QUEUE_FULL);
+    const char *h[] = {"Retry-After", "1", NULL};
+    return srv_respond_error_h(r, 503, "queue_full", h,
+                               "the scoring queue is full (%d images); retry shortly",
+                               srv_cfg.queue_size);
+  }
+  const union MHD_ConnectionInfo *ci =
+      MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+  t->conn_fd = ci ? ci->connect_fd : -1;
+  t->owner = r;
+  t->complete = task_complete;
+  r->on_resume = on_resume;
+  srv_req_suspend(r);
+  if (srv_sched_score(t)) {
+    atomic_store(&t->state, SRV_TASK_SHUTDOWN);
+    srv_req_resume(r);
+  }
+  return MHD_YES;
+}
+
+/* Common answers for tasks that did not finish; 1 when it answered. */
+int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res) {
+  int st = atomic_load(&t->state);
+  if (st == SRV_TASK_DONE) return 0;
+  if (st == SRV_TASK_CANCELED) {
+    *res = MHD_NO; /* the client is gone: close */
+    return 1;
+  }
+  const char *h[] = {"Retry-After", "1", NULL};
+  if (st == SRV_TASK_SHUTDOWN) {
+    srv_metrics_reject(SRV_REJ_DRAINING);
+    *res = srv_respond_error_h(r, 503, "shutting_down", h, "the server is shutting down");
+  } else {
+    *res = srv_respond_error_h(r, 503, "compute_failed", h,
+                               "the worker could not run the batch (out of memory?)");
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+
+static json_t *farr(const float *v, int n) {
+  json_t *a = json_array();
+  for (int i = 0; a && i < n; i++) json_array_append_new(a, srv_jreal(v[i]));
+  return a;
+}
+
+static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top_k, float tpr) {
+  int k = m->arch.num_classes;
+  const float *probs = t->probs + (size_t)i * (size_t)k;
+  int label = t->label[i];
+  json_t *o = json_object();
+  json_object_set_new(o, "label", json_integer(label));
+  json_object_set_new(o, "class", json_string(m->classes[label]));
+  json_object_set_new(o, "confidence", srv_jreal(t->confidence[i]));
+  json_object_set_new(o, "probs", farr(probs, k));
+  if (top_k > 0) {
+    int idx[1024];
+    int kk = k < 1024 ? k : 1024;
+    for (int c = 0; c < kk; c++) idx[c] = c;
+    for (int a = 1; a < kk; a++) { /* insertion sort: K is small */
+      int x = idx[a], b = a - 1;
+      while (b >= 0 && probs[idx[b]] < probs[x]) {
+        idx[b + 1] = idx[b];
+        b--;
+      }
+      idx[b + 1] = x;
+    }
+    json_t *tk = json_array();
+    for (int c = 0; c < top_k && c < kk; c++)
+      json_array_append_new(tk, json_pack("{s:i,s:s,s:o}", "label", idx[c], "class",
+                                          m->classes[idx[c]], "prob",
+                                          srv_jreal(probs[idx[c]])));
+    json_object_set_new(o, "top_k", tk);
+  }
+  json_object_set_new(o, "logits", farr(t->logits + (size_t)i * (size_t)k, k));
+  json_object_set_new(o, "energy", srv_jreal(t->energy[i]));
+  float g = t->want_grad ? t->grad_norm[i] : NAN;
+  json_object_set_new(o, "grad_norm", srv_jreal(g));
+  json_object_set_new(o, "max_softmax", srv_jreal(t->max_softmax[i]));
+
+  float vals[JEM_NUM_SCORES];
+  vals[JEM_SCORE_ENERGY] = t->energy[i];
+  vals[JEM_SCORE_GRAD_NORM] = g;
+  vals[JEM_SCORE_MAX_SOFTMAX] = t->max_softmax[i];
+  jem_ood_result res;
+  jem_ood_eval(&m->ood, vals, tpr, &res);
+  json_t *scores = json_object();
+  for (int s = 0; s < JEM_NUM_SCORES; s++)
+    json_object_set_new(scores, jem_score_names[s],
+                        json_pack("{s:o,s:o}", "value", srv_jreal(vals[s]), "percentile",
+                                  srv_jreal(res.percentile[s])));
+  json_t *ood = json_object();
+  json_object_set_new(ood, "is_ood", res.is_ood < 0 ? json_null() : json_boolean(res.is_ood));
+  json_object_set_new(ood, "tpr", srv_jreal(res.tpr));
+  json_object_set_new(ood, "rule", m->ood.present ? json_string(m->ood.rule) : json_null());
+  json_object_set_new(ood, "scores", scores);
+  json_object_set_new(o, "ood", ood);
+  srv_metrics_scores(t->energy[i], res.percentile);
+  return o;
+}
+
+static enum MHD_Result classify_respond(srv_req *r) {
+  score_ctx *c = r->data;
+  srv_task *t = c->t;
+  enum MHD_Result res;
+  if (srv_score_unfinished(r, t, &res)) return res;
+  const jem_model *m = t->model->m;
+  if (c->single) return srv_respond_json(r, 200, result_json(m, t, 0, c->top_k, c->tpr));
+  json_t *arr = json_array();
+  for (int i = 0; i < t->n; i++)
+    json_array_append_new(arr, result_json(m, t, i, c->top_k, c->tpr));
+  return srv_respond_json(r, 200, json_pack("{s:o}", "results", arr));
+}
+
+/* Media type of a Content-Type value, lowercased, without parameters. */
+static void media_type(const char *ct, char *out, size_t cap) {
+  size_t o = 0;
+  while (*ct == ' ') ct++;
+  for (; *ct && *ct != ';' && *ct != ' ' && o + 1 < cap; ct++)
+    out[o++] = (char)tolower((unsigned char)*ct);
+  out[o] = '\0';
+}
+
+static int parse_int(const char *s, long *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  if (errno || end == s || *end) return -1;
+  *out = v;
+  return 0;
+}
+
+enum MHD_Result srv_h_classify(srv_req *r) {
+  static const char *const allowed[] = {"top_k", "grad", "tpr", NULL};
+  if (srv_req_check_query(r, allowed)) return MHD_YES;
+  srv_model *sm = srv_model_get();
+  if (!sm) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  }
+  const jem_model *m = sm->m;
+  char err[512];
+  long top_k = 0;
+  int want_grad = 1;
+  float tpr = m->ood.present ? m->ood.default_tpr : 0.95f;
+  const char *v;
+  enum MHD_Result res;
+  score_ctx *c = NULL;
+  srv_blob *imgs = NULL;
+  int n = 0, owned_blobs = 1;
+  if ((v = srv_req_query(r, "top_k"))) {
+    if (parse_int(v, &top_k) || top_k < 1 || top_k > m->arch.num_classes) {
+      res = srv_respond_error(r, 400, "invalid_parameter",
+                              "top_k must be an integer from 1 to %d", m->arch.num_classes);
+      goto reject;
+    }
+  }
+  if ((v = srv_req_query(r, "grad"))) {
+    if (!strcmp(v, "true") || !strcmp(v, "1")) {
+      want_grad = 1;
+    } else if (!strcmp(v, "false") || !strcmp(v, "0")) {
+      want_grad = 0;
+    } else {
+      res = srv_respond_error(r, 400, "invalid_parameter", "grad must be true or false");
+      goto reject;
+    }
+  }
+  if ((v = srv_req_query(r, "tpr"))) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || *end || !(x > 0.0 && x < 1.0)) {
+      res = srv_respond_error(r, 400, "invalid_parameter",
+                              "tpr must be a number strictly between 0 and 1");
+      goto reject;
+    }
+    tpr = (float)x;
+  }
+  const char *ct = srv_req_header(r, "Content-Type");
+  if (!ct) {
+    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+    res = srv_respond_error(r, 415, "unsupported_media_type",
+                            "missing Content-Type; send image/png, image/jpeg, "
+                            "multipart/form-data or application/json");
+    goto out;
+  }
+  char mt[64];
+  media_type(ct, mt, sizeof mt);
+  if (r->body_len == 0) {
+    res = srv_respond_error(r, 400, "empty_body", "the request body is empty");
+    goto reject;
+  }
+  int single = 0;
+  if (!strcmp(mt, "image/png") || !strcmp(mt, "image/jpeg") || !strcmp(mt, "image/jpg")) {
+    imgs = calloc(1, sizeof *imgs);
+    if (!imgs) goto oom;
+    imgs[0].p = (const unsigned char *)r->body;
+    imgs[0].len = r->body_len;
+    n = 1;
+    single = 1;
+  } else if (!strcmp(mt, "multipart/form-data")) {
+    char boundary[80];
+    int st = srv_multipart_boundary(ct, boundary, sizeof boundary, err, sizeof err);
+    if (!st)
+      st = srv_multipart_parse(r->body, r->body_len, boundary, srv_cfg.max_images, &imgs, &n,
+                               err, sizeof err);
+    if (st) {
+      res = srv_respond_error(r, st, st == 413 ? "too_many_images" : "invalid_multipart", "%s",
+                              err);
+      goto reject;
+    }
+  } else if (!strcmp(mt, "application/json")) {
+    int st = srv_classify_parse_json(r->body, r->body_len, srv_cfg.max_images, &imgs, &n, err,
+                                     sizeof err);
+    if (st) {
+      res = srv_respond_error(r, st,
+                              st == 413   ? "too_many_images"
+                              : st == 422 ? "invalid_request"
+                                          : "invalid_json",
+                              "%s", err);
+      goto reject;
+    }
+  } else {
+    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+    res = srv_respond_error(r, 415, "unsupported_media_type",
+                            "Content-Type '%.64s' is not accepted; send image/png, image/jpeg, "
+                            "multipart/form-data or application/json",
+                            mt);
+    goto out;
+  }
+  (void)owned_blobs;
+  c = calloc(1, sizeof *c);
+  if (!c) goto oom;
+  c->t = calloc(1, sizeof *c->t);
+  if (!c->t || srv_task_alloc(c->t, m, n)) goto oom;
+  c->t->model = sm; /* the task owns the reference now */
+  sm = NULL;
+  c->t->want_grad = want_grad;
+  c->single = single;
+  c->top_k = (int)top_k;
+  c->tpr = tpr;
+  jem_image_limits lim;
+  jem_image_limits_default(&lim);
+  lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
+  lim.max_side = srv_cfg.max_image_side;
+  lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
+  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  for (int i = 0; i < n; i++) {
+    int rc = jem_image_to_input(imgs[i].p, imgs[i].len, &m->pre, m->arch.image_size, &lim,
+                                c->t->x + (size_t)i * chw, err, sizeof err);
+    if (rc == 0) continue;
+    char where[32] = "";
+    if (!single) snprintf(where, sizeof where, "image %d: ", i);
+    if (rc == JEM_EUNSUPPORTED) {
+      srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+      res = srv_respond_error(r, 415, "unsupported_image", "%s%s", where, err);
+    } else if (rc == JEM_ETOOBIG) {
+      srv_metrics_reject(SRV_REJ_TOO_LARGE);
+      res = srv_respond_error(r, 413, "image_too_large", "%s%s", where, err);
+    } else if (rc == JEM_ENOMEM) {
+      const char *h[] = {"Retry-After", "1", NULL};
+      res = srv_respond_error_h(r, 503, "out_of_memory", h, "%s%s", where, err);
+    } else {
+      srv_metrics_reject(SRV_REJ_BAD_REQUEST);
+      res = srv_respond_error(r, 400, "invalid_image", "%s%s", where, err);
+    }
+    ctx_free(c);
+    c = NULL;
+    goto out;
+  }
+  srv_blobs_free(imgs, n);
+  return srv_score_submit(r, c->t, c, ctx_free, classify_respond);
+
+oom:
+  ctx_free(c);
+  c = NULL;
+  {
+    const char *h[] = {"Retry-After", "1", NULL};
+    res = srv_respond_error_h(r, 503, "out_of_memory", h, "out of memory");
+  }
+  goto out;
+reject:
+  srv_metrics_reject(SRV_REJ_BAD_REQUEST);
+out:
+  srv_blobs_free(imgs, n);
+  srv_model_put(sm);
+  return res;
+}

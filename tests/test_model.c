@@ -1,0 +1,477 @@
+/* test_model.c - whole-model checks: parameter table, forward against a
+ * double-precision direct reference, finite-difference input and parameter
+ * gradients, score consistency, batch independence and chunking. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "ref_kernels.h"
+
+#ifndef FD_H
+#define FD_H 1e-5 /* the net is piecewise linear: a larger step crosses LeakyReLU kinks */
+#endif
+static const jem_arch ARCH_10_1 = {10, 1, 1, 32, 10, 0.2f};
+static const jem_arch ARCH_10_2 = {10, 2, 3, 32, 5, 0.2f};
+
+static jem_model *make_model(const jem_arch *a, uint64_t seed) {
+  jem_model *m = NULL;
+  char err[256] = "";
+  int rc = jem_model_create(&m, a, err, sizeof err);
+  if (rc) fail_msg("jem_model_create: %s", err);
+  jem_model_init_random(m, seed);
+  return m;
+}
+
+static double *weights_double(const jem_model *m) {
+  double *w = malloc(sizeof(double) * m->n_weights);
+  for (size_t i = 0; i < m->n_weights; i++) w[i] = m->weights[i];
+  return w;
+}
+
+static size_t input_size(const jem_model *m) {
+  return (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+}
+
+/* Relative error with a floor scaled to the whole gradient. */
+static int close_enough(double num, double ana, double scale, double rtol) {
+  double d = fabs(num - ana);
+  return d <= rtol * fmax(fabs(num), fabs(ana)) + 1e-4 * scale;
+}
+
+/* ------------------------------------------------------------------------ */
+
+static void test_arch_params(void **state) {
+  (void)state;
+  jem_param p[64];
+  int n = jem_arch_params(&ARCH_10_1, p, 64);
+  assert_int_equal(n, 20);
+  assert_string_equal(p[0].name, "f.conv1.weight");
+  assert_int_equal(p[0].shape[0], 16);
+  assert_int_equal(p[0].shape[1], 1);
+  assert_string_equal(p[2].name, "f.layer1.0.conv1.weight");
+  assert_string_equal(p[5].name, "f.layer1.0.conv2.bias");
+  /* layer1.0 has in = out = 16, stride 1: no shortcut */
+  assert_string_equal(p[6].name, "f.layer2.0.conv1.weight");
+  assert_int_equal(p[6].shape[0], 32);
+  assert_int_equal(p[6].shape[1], 16);
+  assert_string_equal(p[10].name, "f.layer2.0.shortcut.0.weight");
+  assert_int_equal(p[10].shape[2], 1);
+  assert_string_equal(p[18].name, "class_output.weight");
+  assert_int_equal(p[18].ndim, 2);
+  assert_int_equal(p[18].shape[0], 10);
+  assert_int_equal(p[18].shape[1], 64);
+  size_t total = 0;
+  for (int i = 0; i < n; i++) {
+    assert_int_equal(p[i].offset, total);
+    total += p[i].numel;
+  }
+  assert_int_equal(total, 77418); /* WRN-10-1, 1 channel, 10 classes */
+  /* widen 2: layer1.0 goes 16 -> 32, so it has a shortcut */
+  jem_param q[64];
+  n = jem_arch_params(&ARCH_10_2, q, 64);
+  assert_int_equal(n, 22);
+  assert_string_equal(q[6].name, "f.layer1.0.shortcut.0.weight");
+  assert_int_equal(q[0].shape[1], 3);
+  /* WRN-28-10: the JEM paper's net */
+  jem_arch big = {28, 10, 3, 32, 10, 0.2f};
+  int nb = jem_arch_params(&big, NULL, 0);
+  jem_param *bp = calloc((size_t)nb, sizeof *bp);
+  assert_int_equal(jem_arch_params(&big, bp, nb), nb);
+  size_t trunk = 0;
+  for (int i = 0; i < nb - 2; i++) trunk += bp[i].numel;
+  assert_int_equal(trunk, 36464928); /* counted from the official code */
+  free(bp);
+  /* cap smaller than the count still reports the count */
+  assert_int_equal(jem_arch_params(&ARCH_10_1, p, 3), 20);
+}
+
+static void test_arch_validate(void **state) {
+  (void)state;
+  char err[256];
+  assert_int_equal(jem_arch_validate(&ARCH_10_1, err, sizeof err), 0);
+  jem_arch a = ARCH_10_1;
+  a.depth = 12;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "depth"));
+  a = ARCH_10_1; a.depth = 4;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  a = ARCH_10_1; a.widen = 0;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "widen"));
+  a = ARCH_10_1; a.in_channels = 2;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "in_channels"));
+  a = ARCH_10_1; a.image_size = 28;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "image_size"));
+  a = ARCH_10_1; a.num_classes = 0;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "num_classes"));
+  a = ARCH_10_1; a.leak = NAN;
+  assert_int_equal(jem_arch_validate(&a, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "leak"));
+  assert_int_equal(jem_arch_validate(NULL, err, sizeof err), JEM_EINVAL);
+  assert_int_equal(jem_arch_params(&a, NULL, 0), 0);
+}
+
+static void test_init_random(void **state) {
+  (void)state;
+  jem_model *m1 = make_model(&ARCH_10_1, 7), *m2 = make_model(&ARCH_10_1, 7);
+  jem_model *m3 = make_model(&ARCH_10_1, 8);
+  assert_memory_equal(m1->weights, m2->weights, m1->n_weights * sizeof(float));
+  assert_memory_not_equal(m1->weights, m3->weights, m1->n_weights * sizeof(float));
+  /* bounds: 1/sqrt(fan_in); biases share their weight's fan-in */
+  for (int i = 0; i < m1->n_params; i++) {
+    const jem_param *p = &m1->params[i];
+    const char *dot = strrchr(p->name, '.');
+    size_t fan = strcmp(dot, ".bias") == 0 ? m1->params[i - 1].numel / (size_t)p->shape[0]
+                                           : p->numel / (size_t)p->shape[0];
+    double b = 1.0 / sqrt((double)fan), mx = 0, s2 = 0;
+    for (size_t j = 0; j < p->numel; j++) {
+      double v = m1->weights[p->offset + j];
+      mx = fmax(mx, fabs(v));
+      s2 += v * v;
+    }
+    assert_true(mx <= b + 1e-7);
+    if (p->numel >= 500) {
+      /* variance of U(-b, b) is b^2/3 */
+      double var = s2 / (double)p->numel;
+      assert_true(fabs(var / (b * b / 3) - 1) < 0.15);
+    }
+  }
+  jem_model_free(m1); jem_model_free(m2); jem_model_free(m3);
+}
+
+/* Forward in float against the double direct reference. */
+static void check_forward(const jem_arch *a, uint64_t seed) {
+  jem_model *m = make_model(a, seed);
+  const int n = 3, K = a->num_classes;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n), *lg = malloc(sizeof(float) * K * n);
+  unsigned st = (unsigned)seed;
+  ref_fill(x, css * n, &st, -1, 1);
+  jem_ws *ws = jem_ws_create(m, n, 0);
+  assert_non_null(ws);
+  jem_forward(ws, m, x, n, lg);
+  double *w = weights_double(m), *xd = malloc(sizeof(double) * css), ref[64];
+  for (int i = 0; i < n; i++) {
+    for (size_t j = 0; j < css; j++) xd[j] = x[i * css + j];
+    ref_model_logits(m, w, xd, ref);
+    double mx = 1;
+    for (int j = 0; j < K; j++) mx = fmax(mx, fabs(ref[j]));
+    for (int j = 0; j < K; j++) assert_true(fabs(lg[i * K + j] - ref[j]) / mx <= 1e-5);
+  }
+  free(x); free(lg); free(w); free(xd);
+  jem_ws_free(ws);
+  jem_model_free(m);
+}
+
+static void test_forward_ref(void **state) {
+  (void)state;
+  check_forward(&ARCH_10_1, 11);
+  check_forward(&ARCH_10_2, 12);
+}
+
+/* d f~/dx by central differences on the double reference vs jem_input_grad;
+ * f~ = logsumexp (cls < 0) or the logit of class cls. */
+static void check_input_grad(const jem_arch *a, uint64_t seed, int cls, int ncoord) {
+  jem_model *m = make_model(a, seed);
+  const int K = a->num_classes;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css), *dx = malloc(sizeof(float) * css);
+  float lg[64];
+  unsigned st = (unsigned)seed * 31u + 5u;
+  ref_fill(x, css, &st, -1, 1);
+  jem_ws *ws = jem_ws_create(m, 1, 0);
+  int y = cls;
+  jem_input_grad(ws, m, x, 1, cls < 0 ? NULL : &y, lg, dx);
+  double *w = weights_double(m), *xd = malloc(sizeof(double) * css), z[64];
+  for (size_t j = 0; j < css; j++) xd[j] = x[j];
+  double gmax = 0;
+  for (size_t j = 0; j < css; j++) gmax = fmax(gmax, fabs(dx[j]));
+  assert_true(gmax > 0);
+  const double h = FD_H;
+  int bad = 0;
+  for (int t = 0; t < ncoord; t++) {
+    size_t j = ref_rand(&st) % css;
+    double f[2];
+    for (int sgn = 0; sgn < 2; sgn++) {
+      xd[j] = x[j] + (sgn ? -h : h);
+      ref_model_logits(m, w, xd, z);
+      f[sgn] = cls < 0 ? ref_logsumexp(z, K) : z[cls];
+    }
+    xd[j] = x[j];
+    double num = (f[0] - f[1]) / (2 * h);
+    if (!close_enough(num, dx[j], gmax, 1e-2)) {
+      print_message("input %zu: numeric %.8g analytic %.8g\n", j, num, (double)dx[j]);
+      bad++;
+    }
+  }
+  assert_int_equal(bad, 0);
+  free(x); free(dx); free(w); free(xd);
+  jem_ws_free(ws);
+  jem_model_free(m);
+}
+
+static void test_input_grad_lse_10_1(void **state) {
+  (void)state;
+  check_input_grad(&ARCH_10_1, 21, -1, 50);
+}
+static void test_input_grad_class_10_1(void **state) {
+  (void)state;
+  check_input_grad(&ARCH_10_1, 22, 3, 20);
+}
+static void test_input_grad_10_2(void **state) {
+  (void)state;
+  check_input_grad(&ARCH_10_2, 23, -1, 10);
+  check_input_grad(&ARCH_10_2, 24, 4, 10);
+}
+
+/* Parameter gradient of logsumexp f(x) by central differences on the double
+ * reference; then, on a batch of 2, the gradient is the sum of the two
+ * single-image gradients and a second backward doubles it (accumulation). */
+static void check_param_grad(const jem_arch *a, uint64_t seed, int ncoord) {
+  jem_model *m = make_model(a, seed);
+  const int K = a->num_classes;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * 2), lg[128], dl[128];
+  unsigned st = (unsigned)seed * 17u + 3u;
+  ref_fill(x, css * 2, &st, -1, 1);
+  jem_ws *ws = jem_ws_create(m, 2, JEM_WS_TRAIN);
+  float *dwi[2];
+  for (int i = 0; i < 2; i++) {
+    jem_forward(ws, m, x + i * css, 1, lg);
+    jem_softmax(dl, lg, K, 1.0f);
+    dwi[i] = jem__falloc(m->n_weights);
+    jem_backward(ws, m, dl, dwi[i], NULL);
+  }
+  float *dw = dwi[0];
+  double *w = weights_double(m), *xd = malloc(sizeof(double) * css), z[64];
+  for (size_t j = 0; j < css; j++) xd[j] = x[j];
+  const double h = FD_H;
+  int bad = 0;
+  for (int t = 0; t < ncoord; t++) {
+    /* pick a tensor first so that biases and the head are covered */
+    const jem_param *p = &m->params[ref_rand(&st) % (unsigned)m->n_params];
+    size_t j = p->offset + ref_rand(&st) % p->numel;
+    double gmax = 0;
+    for (size_t q = 0; q < p->numel; q++) gmax = fmax(gmax, fabs(dw[p->offset + q]));
+    double f[2];
+    for (int sgn = 0; sgn < 2; sgn++) {
+      w[j] = m->weights[j] + (sgn ? -h : h);
+      ref_model_logits(m, w, xd, z);
+      f[sgn] = ref_logsumexp(z, K);
+    }
+    w[j] = m->weights[j];
+    double num = (f[0] - f[1]) / (2 * h);
+    if (!close_enough(num, dw[j], gmax, 1e-2)) {
+      print_message("%s[%zu]: numeric %.8g analytic %.8g\n", p->name,
+                    j - p->offset, num, (double)dw[j]);
+      bad++;
+    }
+  }
+  assert_int_equal(bad, 0);
+  /* batch of 2 = sum of singles; twice = double */
+  jem_forward(ws, m, x, 2, lg);
+  for (int i = 0; i < 2; i++) jem_softmax(dl + i * K, lg + i * K, K, 1.0f);
+  float *dwb = jem__falloc(m->n_weights);
+  jem_backward(ws, m, dl, dwb, NULL);
+  double scale = 0;
+  for (size_t i = 0; i < m->n_weights; i++) scale = fmax(scale, fabs(dwb[i]));
+  for (size_t i = 0; i < m->n_weights; i++)
+    assert_true(fabs(dwb[i] - (dwi[0][i] + dwi[1][i])) <=
+                1e-4 * fabs(dwb[i]) + 1e-6 * scale);
+  float *dw2 = jem__falloc(m->n_weights);
+  memcpy(dw2, dwb, sizeof(float) * m->n_weights);
+  jem_backward(ws, m, dl, dw2, NULL);
+  for (size_t i = 0; i < m->n_weights; i++)
+    assert_true(fabs(dw2[i] - 2 * dwb[i]) <= 1e-5 * fabs(dwb[i]) + 1e-9);
+  free(dwi[0]); free(dwi[1]); free(dwb); free(dw2); free(x); free(w); free(xd);
+  jem_ws_free(ws);
+  jem_model_free(m);
+}
+
+static void test_param_grad_10_1(void **state) {
+  (void)state;
+  check_param_grad(&ARCH_10_1, 31, 40);
+}
+static void test_param_grad_10_2(void **state) {
+  (void)state;
+  check_param_grad(&ARCH_10_2, 32, 10);
+}
+
+/* Backward with both outputs gives the same dx as jem_input_grad. */
+static void test_backward_dx_and_dw(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_2, 41);
+  const int n = 3, K = 5;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n), lg[15], dl[15];
+  float *dx1 = malloc(sizeof(float) * css * n), *dx2 = calloc(css * n, sizeof(float));
+  unsigned st = 9;
+  ref_fill(x, css * n, &st, -1, 1);
+  jem_ws *ws = jem_ws_create(m, n, JEM_WS_TRAIN);
+  jem_input_grad(ws, m, x, n, NULL, lg, dx1);
+  jem_forward(ws, m, x, n, lg);
+  for (int i = 0; i < n; i++) jem_softmax(dl + i * K, lg + i * K, K, 1.0f);
+  float *dw = jem__falloc(m->n_weights);
+  jem_backward(ws, m, dl, dw, dx2);
+  for (size_t i = 0; i < css * n; i++) assert_float_equal(dx1[i], dx2[i], 1e-6);
+  /* without JEM_WS_TRAIN a ws still computes dx */
+  free(dw); free(x); free(dx1); free(dx2);
+  jem_ws_free(ws);
+  jem_model_free(m);
+}
+
+/* Scores: energy, tempered probabilities, grad_norm, labels. */
+static void test_score_batch(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_2, 51);
+  m->temperature = 2.0f;
+  const int n = 5, K = 5;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 77;
+  ref_fill(x, css * n, &st, -1, 1);
+  float logits[25], probs[25], energy[5], gn[5], ms[5], conf[5];
+  int label[5];
+  jem_scores s = {logits, probs, energy, gn, ms, label, conf};
+  jem_ws *ws = jem_ws_create(m, 2, 0); /* forces chunks of 2, 2, 1 */
+  jem_score_batch(ws, m, x, n, 1, &s);
+  float *dx = malloc(sizeof(float) * css);
+  jem_ws *ws1 = jem_ws_create(m, 1, 0);
+  for (int i = 0; i < n; i++) {
+    float lg[5], p[5];
+    jem_input_grad(ws1, m, x + i * css, 1, NULL, lg, dx);
+    double nrm = 0;
+    for (size_t j = 0; j < css; j++) nrm += (double)dx[j] * dx[j];
+    nrm = sqrt(nrm);
+    assert_true(fabs(gn[i] - nrm) <= 1e-5 * nrm);
+    for (int j = 0; j < K; j++)
+      assert_true(fabs(logits[i * K + j] - lg[j]) <= 1e-5 * fmax(1, fabs(lg[j])));
+    double z[5], sum = 0;
+    for (int j = 0; j < K; j++) z[j] = lg[j];
+    assert_true(fabs(energy[i] + ref_logsumexp(z, K)) <= 1e-5);
+    int best = 0;
+    for (int j = 0; j < K; j++) {
+      sum += probs[i * K + j];
+      if (lg[j] > lg[best]) best = j;
+    }
+    assert_true(fabs(sum - 1) < 1e-5);
+    assert_int_equal(label[i], best);
+    /* tempered: p = softmax(z / 2) */
+    double zt[5];
+    for (int j = 0; j < K; j++) zt[j] = z[j] / 2;
+    double lt = ref_logsumexp(zt, K);
+    for (int j = 0; j < K; j++) {
+      p[j] = (float)exp(zt[j] - lt);
+      assert_true(fabs(probs[i * K + j] - p[j]) < 1e-6);
+    }
+    assert_true(fabs(conf[i] - p[best]) < 1e-6);
+    assert_true(fabs(ms[i] - exp(z[best] - ref_logsumexp(z, K))) < 1e-6);
+  }
+  /* without the gradient: same forward scores, NaN grad_norm */
+  float logits2[25], gn2[5];
+  jem_scores s2 = {logits2, NULL, NULL, gn2, NULL, NULL, NULL};
+  jem_score_batch(ws, m, x, n, 0, &s2);
+  for (int i = 0; i < n; i++) assert_true(isnan(gn2[i]));
+  for (int i = 0; i < n * K; i++) assert_float_equal(logits[i], logits2[i], 1e-6);
+  free(x); free(dx);
+  jem_ws_free(ws); jem_ws_free(ws1);
+  jem_model_free(m);
+}
+
+/* An image's results do not depend on the batch it runs in. */
+static void test_batch_independence(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_1, 61);
+  const int n = 70, K = 10;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 123;
+  ref_fill(x, css * n, &st, -1, 1);
+  float *lg = malloc(sizeof(float) * n * K), *gn = malloc(sizeof(float) * n);
+  float *en = malloc(sizeof(float) * n);
+  jem_scores s = {.logits = lg, .energy = en, .grad_norm = gn};
+  jem_ws *ws = jem_ws_create(m, 64, 0); /* 70 = 64 + 6 */
+  jem_score_batch(ws, m, x, n, 1, &s);
+  jem_ws *ws1 = jem_ws_create(m, 1, 0);
+  const int pick[] = {0, 1, 37, 63, 64, 69};
+  for (size_t t = 0; t < sizeof pick / sizeof *pick; t++) {
+    int i = pick[t];
+    float l1[10], e1, g1;
+    jem_scores s1 = {.logits = l1, .energy = &e1, .grad_norm = &g1};
+    jem_score_batch(ws1, m, x + i * css, 1, 1, &s1);
+    for (int j = 0; j < K; j++)
+      assert_true(fabs(l1[j] - lg[i * K + j]) <= 1e-5 * fmax(1, fabs(l1[j])));
+    assert_true(fabs(e1 - en[i]) <= 1e-5 * fmax(1, fabs(e1)));
+    assert_true(fabs(g1 - gn[i]) <= 1e-5 * g1);
+  }
+  free(x); free(lg); free(gn); free(en);
+  jem_ws_free(ws); jem_ws_free(ws1);
+  jem_model_free(m);
+}
+
+static void test_features_and_helpers(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_1, 71);
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css), lg[10];
+  unsigned st = 5;
+  ref_fill(x, css, &st, -1, 1);
+  jem_ws *ws = jem_ws_create(m, 4, 0);
+  assert_int_equal(jem_ws_max_batch(ws), 4);
+  assert_true(jem_ws_bytes(ws) > 4 * css * sizeof(float));
+  jem_forward(ws, m, x, 1, lg);
+  const float *f = jem_ws_features(ws);
+  const jem_param *w = jem_model_param(m, "class_output.weight");
+  const jem_param *b = jem_model_param(m, "class_output.bias");
+  for (int j = 0; j < 10; j++) {
+    double s = m->weights[b->offset + j];
+    for (int c = 0; c < 64; c++) {
+      assert_true(f[c] >= -0.2 * 10); /* LeakyReLU output averaged */
+      s += (double)m->weights[w->offset + j * 64 + c] * f[c];
+    }
+    assert_true(fabs(s - lg[j]) < 1e-5);
+  }
+  float z[3] = {1000.0f, 1000.0f, -INFINITY};
+  assert_true(fabs(jem_logsumexp(z, 3) - (1000.0f + logf(2.0f))) < 1e-3);
+  float p[3];
+  jem_softmax(p, z, 3, 1.0f);
+  assert_float_equal(p[0], 0.5f, 1e-6);
+  assert_float_equal(p[2], 0.0f, 0);
+  float zn[2] = {NAN, 1.0f};
+  assert_true(isnan(jem_logsumexp(zn, 2)));
+  assert_null(jem_ws_create(m, 0, 0));
+  jem_ws_free(NULL);
+  free(x);
+  jem_ws_free(ws);
+  jem_model_free(m);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_arch_params),
+      cmocka_unit_test(test_arch_validate),
+      cmocka_unit_test(test_init_random),
+      cmocka_unit_test(test_forward_ref),
+      cmocka_unit_test(test_input_grad_lse_10_1),
+      cmocka_unit_test(test_input_grad_class_10_1),
+      cmocka_unit_test(test_input_grad_10_2),
+      cmocka_unit_test(test_param_grad_10_1),
+      cmocka_unit_test(test_param_grad_10_2),
+      cmocka_unit_test(test_backward_dx_and_dw),
+      cmocka_unit_test(test_score_batch),
+      cmocka_unit_test(test_batch_independence),
+      cmocka_unit_test(test_features_and_helpers),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

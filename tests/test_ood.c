@@ -1,0 +1,254 @@
+/* test_ood.c - in-distribution percentiles, the OOD verdict rule for each side,
+ * NaN handling, models without statistics, and the "ood" metadata parser. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <jansson.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "jem.h"
+
+#define NEAR(a, b) assert_true(fabs((double)(a) - (double)(b)) < 1e-6)
+
+static void test_score_names(void **state) {
+  (void)state;
+  assert_string_equal(jem_score_names[JEM_SCORE_ENERGY], "energy");
+  assert_string_equal(jem_score_names[JEM_SCORE_GRAD_NORM], "grad_norm");
+  assert_string_equal(jem_score_names[JEM_SCORE_MAX_SOFTMAX], "max_softmax");
+}
+
+static void test_percentile_basic(void **state) {
+  (void)state;
+  const float q[5] = {0, 1, 2, 3, 4}; /* probabilities 0, .25, .5, .75, 1 */
+  NEAR(jem_ood_percentile(q, 5, -1.0f), 0.0);
+  NEAR(jem_ood_percentile(q, 5, 0.0f), 0.0);
+  NEAR(jem_ood_percentile(q, 5, 0.5f), 0.125);
+  NEAR(jem_ood_percentile(q, 5, 2.0f), 0.5);
+  NEAR(jem_ood_percentile(q, 5, 3.5f), 0.875);
+  NEAR(jem_ood_percentile(q, 5, 4.0f), 1.0);
+  NEAR(jem_ood_percentile(q, 5, 9.0f), 1.0);
+  NEAR(jem_ood_percentile(q, 5, INFINITY), 1.0);
+  NEAR(jem_ood_percentile(q, 5, -INFINITY), 0.0);
+  assert_true(isnan(jem_ood_percentile(q, 5, NAN)));
+  assert_true(isnan(jem_ood_percentile(q, 1, 0.0f)));
+  assert_true(isnan(jem_ood_percentile(NULL, 5, 0.0f)));
+  /* uneven spacing: interpolation is within the bracketing pair */
+  const float u[3] = {-10, 0, 100};
+  NEAR(jem_ood_percentile(u, 3, -5.0f), 0.25);
+  NEAR(jem_ood_percentile(u, 3, 50.0f), 0.75);
+  /* extreme values do not overflow the interpolation */
+  const float w[2] = {-3e38f, 3e38f};
+  NEAR(jem_ood_percentile(w, 2, 0.0f), 0.5);
+}
+
+static void test_percentile_ties_monotone(void **state) {
+  (void)state;
+  const float q[5] = {0, 1, 1, 1, 2};
+  NEAR(jem_ood_percentile(q, 5, 1.0f), 0.5); /* mid-rank of the tied run */
+  NEAR(jem_ood_percentile(q, 5, 0.5f), 0.125);
+  NEAR(jem_ood_percentile(q, 5, 1.5f), 0.875);
+  const float flat[3] = {1, 1, 1};
+  NEAR(jem_ood_percentile(flat, 3, 1.0f), 0.5);
+  NEAR(jem_ood_percentile(flat, 3, 0.999f), 0.0);
+  NEAR(jem_ood_percentile(flat, 3, 1.001f), 1.0);
+  const float top[4] = {0.2f, 0.9f, 1, 1}; /* saturated max_softmax */
+  NEAR(jem_ood_percentile(top, 4, 1.0f), 5.0 / 6.0);
+
+  /* sweep: non-decreasing and within [0,1] */
+  const float r[7] = {-2, -1, -1, 0, 0.5f, 0.5f, 3};
+  float prev = -1.0f;
+  for (int i = 0; i <= 2000; i++) {
+    float v = -3.0f + 7.0f * (float)i / 2000.0f;
+    float p = jem_ood_percentile(r, 7, v);
+    assert_true(p >= 0.0f && p <= 1.0f);
+    if (p < prev) fail_msg("not monotone at %g: %g < %g", (double)v, (double)p, (double)prev);
+    prev = p;
+  }
+}
+
+/* Quantiles 0, 0.01, ..., 1 make a value its own percentile. */
+static void identity_stats(jem_ood_stats *s, int se, int sg, int sm) {
+  memset(s, 0, sizeof *s);
+  s->present = 1;
+  s->default_tpr = 0.95f;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    s->nq[k] = 101;
+    for (int i = 0; i <= 100; i++) s->q[k][i] = (float)i / 100.0f;
+  }
+  s->side[JEM_SCORE_ENERGY] = se;
+  s->side[JEM_SCORE_GRAD_NORM] = sg;
+  s->side[JEM_SCORE_MAX_SOFTMAX] = sm;
+}
+
+static int verdict(const jem_ood_stats *s, float e, float g, float m, float tpr) {
+  float v[JEM_NUM_SCORES] = {e, g, m};
+  jem_ood_result r;
+  jem_ood_eval(s, v, tpr, &r);
+  return r.is_ood;
+}
+
+static void test_verdict_sides(void **state) {
+  (void)state;
+  jem_ood_stats *s = malloc(sizeof *s);
+  /* one high-side score: t' = tpr */
+  identity_stats(s, 1, 0, 0);
+  assert_int_equal(verdict(s, 0.96f, 0.99f, 0.001f, 0.95f), 1);
+  assert_int_equal(verdict(s, 0.94f, 0.99f, 0.001f, 0.95f), 0); /* unused scores ignored */
+  assert_int_equal(verdict(s, 0.01f, 0.5f, 0.5f, 0.95f), 0);    /* low values fine */
+  assert_int_equal(verdict(s, 0.94f, 0.5f, 0.5f, 0.90f), 1);    /* tpr per call */
+  /* low side */
+  identity_stats(s, -1, 0, 0);
+  assert_int_equal(verdict(s, 0.04f, 0, 0, 0.95f), 1);
+  assert_int_equal(verdict(s, 0.06f, 0, 0, 0.95f), 0);
+  assert_int_equal(verdict(s, 0.99f, 0, 0, 0.95f), 0);
+  /* two-sided: tails of 0.025 each */
+  identity_stats(s, 2, 0, 0);
+  assert_int_equal(verdict(s, 0.02f, 0, 0, 0.95f), 1);
+  assert_int_equal(verdict(s, 0.03f, 0, 0, 0.95f), 0);
+  assert_int_equal(verdict(s, 0.97f, 0, 0, 0.95f), 0);
+  assert_int_equal(verdict(s, 0.98f, 0, 0, 0.95f), 1);
+  /* three scores used: t' = 1 - 0.05/3 = 0.98333 */
+  identity_stats(s, 1, 2, -1);
+  assert_int_equal(verdict(s, 0.98f, 0.5f, 0.5f, 0.95f), 0);
+  assert_int_equal(verdict(s, 0.99f, 0.5f, 0.5f, 0.95f), 1);
+  assert_int_equal(verdict(s, 0.5f, 0.005f, 0.5f, 0.95f), 1);  /* below 0.00833 */
+  assert_int_equal(verdict(s, 0.5f, 0.01f, 0.5f, 0.95f), 0);
+  assert_int_equal(verdict(s, 0.5f, 0.995f, 0.5f, 0.95f), 1); /* above 0.99167 */
+  assert_int_equal(verdict(s, 0.5f, 0.99f, 0.5f, 0.95f), 0);
+  assert_int_equal(verdict(s, 0.5f, 0.5f, 0.01f, 0.95f), 1);  /* below 0.01667 */
+  assert_int_equal(verdict(s, 0.5f, 0.5f, 0.02f, 0.95f), 0);
+  free(s);
+}
+
+static void test_verdict_nan_and_tpr(void **state) {
+  (void)state;
+  jem_ood_stats *s = malloc(sizeof *s);
+  identity_stats(s, 1, 2, -1);
+  float v[JEM_NUM_SCORES] = {0.98f, NAN, 0.5f};
+  jem_ood_result r;
+  /* grad skipped: two scores used, t' = 0.975, so 0.98 is now OOD */
+  jem_ood_eval(s, v, 0.95f, &r);
+  assert_int_equal(r.is_ood, 1);
+  assert_true(isnan(r.percentile[JEM_SCORE_GRAD_NORM]));
+  assert_true(isnan(r.value[JEM_SCORE_GRAD_NORM]));
+  NEAR(r.percentile[JEM_SCORE_ENERGY], 0.98);
+  NEAR(r.tpr, 0.95);
+  /* every used score missing: unknown */
+  float allnan[JEM_NUM_SCORES] = {NAN, NAN, NAN};
+  jem_ood_eval(s, allnan, 0.95f, &r);
+  assert_int_equal(r.is_ood, -1);
+  /* an unused score still gets its percentile */
+  identity_stats(s, 1, 0, 0);
+  float w[JEM_NUM_SCORES] = {0.2f, 0.7f, 0.3f};
+  jem_ood_eval(s, w, 0.95f, &r);
+  NEAR(r.percentile[JEM_SCORE_GRAD_NORM], 0.7);
+  assert_int_equal(r.is_ood, 0);
+  /* invalid tpr falls back to the model's default */
+  s->default_tpr = 0.8f;
+  float hi[JEM_NUM_SCORES] = {0.85f, 0, 0};
+  jem_ood_eval(s, hi, 0.0f, &r);
+  NEAR(r.tpr, 0.8);
+  assert_int_equal(r.is_ood, 1);
+  jem_ood_eval(s, hi, NAN, &r);
+  NEAR(r.tpr, 0.8);
+  jem_ood_eval(s, hi, 1.5f, &r);
+  NEAR(r.tpr, 0.8);
+  jem_ood_eval(s, hi, 0.9f, &r);
+  assert_int_equal(r.is_ood, 0);
+  /* no quantiles for a used score: left out */
+  identity_stats(s, 1, 1, 0);
+  s->nq[JEM_SCORE_GRAD_NORM] = 0;
+  float g[JEM_NUM_SCORES] = {0.5f, 1e9f, 0.5f};
+  jem_ood_eval(s, g, 0.95f, &r);
+  assert_int_equal(r.is_ood, 0);
+  assert_true(isnan(r.percentile[JEM_SCORE_GRAD_NORM]));
+  free(s);
+}
+
+static void test_no_stats(void **state) {
+  (void)state;
+  jem_ood_stats *s = calloc(1, sizeof *s);
+  float v[JEM_NUM_SCORES] = {-3.0f, 0.5f, 0.9f};
+  jem_ood_result r;
+  jem_ood_eval(s, v, 0.95f, &r);
+  assert_int_equal(r.is_ood, -1);
+  for (int i = 0; i < JEM_NUM_SCORES; i++) {
+    assert_true(isnan(r.percentile[i]));
+    assert_true(r.value[i] == v[i]);
+  }
+  NEAR(r.tpr, 0.95);
+  jem_ood_eval(NULL, v, 0.5f, &r);
+  assert_int_equal(r.is_ood, -1);
+  NEAR(r.tpr, 0.5);
+  jem_ood_eval(NULL, v, -1.0f, &r);
+  NEAR(r.tpr, 0.95);
+  free(s);
+}
+
+/* The metadata parser fills jem_ood_stats, which then drives verdicts. */
+static void test_meta_ood(void **state) {
+  (void)state;
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_model *m = NULL;
+  char err[256];
+  assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
+  assert_int_equal(m->ood.present, 0);
+  json_t *ood = json_loads(
+      "{\"scores\": {\"energy\": {\"quantiles\": [-6, -5, -4, -3, -2], \"side\": \"high\"},"
+      " \"grad_norm\": {\"quantiles\": [0.5, 1, 2], \"side\": \"two-sided\"}},"
+      " \"tpr\": 0.9}",
+      0, NULL);
+  assert_non_null(ood);
+  json_object_set_new(m->meta, "ood", ood);
+  assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_int_equal(m->ood.present, 1);
+  assert_int_equal(m->ood.nq[JEM_SCORE_ENERGY], 5);
+  assert_int_equal(m->ood.nq[JEM_SCORE_GRAD_NORM], 3);
+  assert_int_equal(m->ood.nq[JEM_SCORE_MAX_SOFTMAX], 0);
+  assert_int_equal(m->ood.side[JEM_SCORE_GRAD_NORM], 2);
+  assert_true(m->ood.default_tpr == 0.9f);
+  assert_non_null(strstr(m->ood.rule, "energy high"));
+  assert_non_null(strstr(m->ood.rule, "grad_norm two-sided"));
+
+  float v[JEM_NUM_SCORES] = {-4.0f, 1.0f, 0.9f};
+  jem_ood_result r;
+  jem_ood_eval(&m->ood, v, 0.0f, &r); /* 0 -> the model's tpr */
+  NEAR(r.tpr, 0.9);
+  NEAR(r.percentile[JEM_SCORE_ENERGY], 0.5);
+  NEAR(r.percentile[JEM_SCORE_GRAD_NORM], 0.5);
+  assert_true(isnan(r.percentile[JEM_SCORE_MAX_SOFTMAX]));
+  assert_int_equal(r.is_ood, 0);
+  v[0] = -2.1f; /* percentile 0.975 > t' = 0.95 */
+  jem_ood_eval(&m->ood, v, 0.0f, &r);
+  assert_int_equal(r.is_ood, 1);
+
+  /* a bad edit leaves the previous statistics in place */
+  json_object_set_new(json_object_get(json_object_get(json_object_get(m->meta, "ood"), "scores"),
+                                      "energy"),
+                      "side", json_string("sideways"));
+  assert_int_not_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(err, "ood.scores.energy.side"));
+  assert_int_equal(m->ood.present, 1);
+  json_object_del(m->meta, "ood");
+  assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_int_equal(m->ood.present, 0);
+  jem_model_free(m);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_score_names),
+      cmocka_unit_test(test_percentile_basic),
+      cmocka_unit_test(test_percentile_ties_monotone),
+      cmocka_unit_test(test_verdict_sides),
+      cmocka_unit_test(test_verdict_nan_and_tpr),
+      cmocka_unit_test(test_no_stats),
+      cmocka_unit_test(test_meta_ood),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
