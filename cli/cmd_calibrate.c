@@ -19,7 +19,7 @@ typedef struct cal_opts {
   const char *model, *out, *data_dir, *ood_dir;
   const char *tune[MAX_TUNE];
   int n_tune;
-  int limit, nq, batch, threads;
+  int limit, tune_limit, nq, batch, threads;
   float tpr;
 } cal_opts;
 
@@ -48,6 +48,7 @@ static void usage(FILE *f) {
     "  --tpr P            target true-positive rate of the rule (default 0.95)\n"
     "  --quantiles N      stored quantiles per score, 2..%d (default %d)\n"
     "  --limit N          only the first N validation and tuning images\n"
+    "  --tune-limit N     only the first N images of each tuning set\n"
     "  --batch B          batch size (default 100)\n"
     "  --threads N        OpenBLAS threads\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
 }
@@ -127,6 +128,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     else if (!strcmp(a, "--ood-dir")) o->ood_dir = v;
     else if (!strcmp(a, "--tune-sets")) rc = parse_sets(v, o);
     else if (!strcmp(a, "--limit")) rc = parse_int(a, v, 10, 1 << 30, &o->limit);
+    else if (!strcmp(a, "--tune-limit")) rc = parse_int(a, v, 10, 1 << 30, &o->tune_limit);
     else if (!strcmp(a, "--quantiles")) rc = parse_int(a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
     else if (!strcmp(a, "--batch")) rc = parse_int(a, v, 1, 4096, &o->batch);
     else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 256, &o->threads);
@@ -279,7 +281,9 @@ int cmd_calibrate(int argc, char **argv) {
   for (int t = 0; t < o.n_tune; t++) {
     jem_dataset od = {0};
     jem_set_scores so = {0};
-    if (jem_ood_set_load(o.ood_dir, o.tune[t], S, o.limit, &od, err, sizeof err)) {
+    int tl = o.tune_limit ? o.tune_limit : o.limit;
+    if (o.tune_limit && o.limit && o.limit < tl) tl = o.limit;
+    if (jem_ood_set_load(o.ood_dir, o.tune[t], S, tl, &od, err, sizeof err)) {
       fprintf(stderr, "jem calibrate: tuning set %s: %s\n", o.tune[t], err);
       goto done;
     }

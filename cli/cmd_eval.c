@@ -23,7 +23,7 @@ typedef struct eval_opts {
   const char *data_dir;
   const char *ood_dir;
   const char *out_dir;
-  int limit;
+  int limit, ood_limit;
   unsigned long long seed;
   int batch;
   float data_noise;
@@ -59,6 +59,8 @@ static void usage(FILE *f) {
     "                        missing sets are skipped and listed in the report\n"
     "  --out-dir DIR         output directory (default eval-out)\n"
     "  --limit N             only the first N test, validation and OOD images\n"
+    "  --ood-limit N         only the first N images of each OOD set (default: all,\n"
+    "                        or --limit)\n"
     "  --seed S              seed for noise, SGLD chains and PGD starts (default 0)\n"
     "  --batch B             batch size (default 100)\n"
     "  --data-noise SIGMA    add N(0,SIGMA^2) to every input as JEM's eval code\n"
@@ -171,6 +173,7 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     else if (!strcmp(a, "--ood-dir")) o->ood_dir = v;
     else if (!strcmp(a, "--out-dir")) o->out_dir = v;
     else if (!strcmp(a, "--limit")) rc = parse_int(a, v, 2, 1 << 30, &o->limit);
+    else if (!strcmp(a, "--ood-limit")) rc = parse_int(a, v, 2, 1 << 30, &o->ood_limit);
     else if (!strcmp(a, "--seed")) {
       char *end;
       errno = 0;
@@ -518,7 +521,9 @@ int cmd_eval(int argc, char **argv) {
   }
   for (int k = 0; k < JEM_OOD_NSETS; k++) {
     jem_dataset od = {0};
-    int lrc = jem_ood_set_load(o.ood_dir, jem_ood_set_names[k], S, o.limit, &od, err, sizeof err);
+    int olim = o.ood_limit ? o.ood_limit : o.limit;
+    if (o.ood_limit && o.limit && o.limit < olim) olim = o.limit;
+    int lrc = jem_ood_set_load(o.ood_dir, jem_ood_set_names[k], S, olim, &od, err, sizeof err);
     if (lrc == JEM_EIO && strstr(err, "missing")) {
       fprintf(stderr, "  skipping OOD set %s: %s\n", jem_ood_set_names[k], err);
       size_t l = strlen(missing);
@@ -742,6 +747,7 @@ int cmd_eval(int argc, char **argv) {
     json_object_set_new(js, "n_test", json_integer(nt));
     json_object_set_new(js, "n_valid", json_integer(nv));
     json_object_set_new(js, "limit", json_integer(o.limit));
+    json_object_set_new(js, "ood_limit", json_integer(o.ood_limit));
     json_object_set_new(js, "seed", json_integer((json_int_t)o.seed));
     json_object_set_new(js, "data_noise", num(o.data_noise));
     json_object_set_new(js, "batch", json_integer(o.batch));

@@ -1,6 +1,9 @@
 /* blas.c - OpenBLAS core selection (re-exec with OPENBLAS_CORETYPE when the
  * library picked a slower kernel set than the CPU supports) and threads. */
+#include "conv.h"
 #include "internal.h"
+
+#include <stdatomic.h>
 
 #include <cblas.h>
 #include <cpuid.h>
@@ -81,9 +84,30 @@ const char *jem_blas_core(void) {
   return name ? name : "unknown";
 }
 
-void jem_blas_set_threads(int n) {
-  if (n < 1) n = 1;
-  openblas_set_num_threads(n);
+/* Threads the core computes with; 0 = never set (use every CPU).  The core
+ * parallelises over the images of a batch (see jem_ws_create), so OpenBLAS
+ * itself runs single-threaded once a count is chosen. */
+static atomic_int g_threads;
+
+static int cpu_count(void) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n < 1 ? 1 : n > 64 ? 64 : (int)n;
 }
 
-int jem_blas_threads(void) { return openblas_get_num_threads(); }
+void jem_blas_set_threads(int n) {
+  if (n < 1) n = 1;
+  if (n > 256) n = 256;
+  atomic_store(&g_threads, n);
+  openblas_set_num_threads(1);
+}
+
+int jem_blas_threads(void) { return jem__threads(); }
+
+int jem__threads(void) {
+  int n = atomic_load(&g_threads);
+  return n > 0 ? n : cpu_count();
+}
+
+void jem__blas_single_thread(void) {
+  if (openblas_get_num_threads() != 1) openblas_set_num_threads(1);
+}

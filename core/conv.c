@@ -5,6 +5,9 @@
 
 #include <cblas.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* The copy loops below are the hot part of im2col convolution: let GCC
  * vectorise them even in -O2 builds. */
@@ -17,6 +20,211 @@
 static inline float lrelu(float v, float leak) {
   float t = v * leak;
   return v > t ? v : t;
+}
+
+/* d[i] = lrelu(s[i]) for i < n. */
+static inline void lrelu_copy(float *d, const float *src, int n, float leak) {
+  int i = 0;
+#if defined(__SSE2__)
+  const __m128 lv = _mm_set1_ps(leak);
+  for (; i + 4 <= n; i += 4) {
+    __m128 v = _mm_loadu_ps(src + i);
+    _mm_storeu_ps(d + i, _mm_max_ps(v, _mm_mul_ps(v, lv)));
+  }
+#endif
+  for (; i < n; i++) d[i] = lrelu(src[i], leak);
+}
+
+/* d[i] += s[i] for i < n. */
+static inline void add_to(float *d, const float *src, size_t n) {
+  size_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 4 <= n; i += 4)
+    _mm_storeu_ps(d + i, _mm_add_ps(_mm_loadu_ps(d + i), _mm_loadu_ps(src + i)));
+#endif
+  for (; i < n; i++) d[i] += src[i];
+}
+
+/* ------------------------------------------------------------------------ */
+/* Direct 3x3 convolution (stride 1, padding 1) with AVX2+FMA.
+ *
+ * im2col copies every input nine times and OpenBLAS then packs the copy once
+ * more; at the small channel counts of a WRN-10 those passes cost as much as
+ * the arithmetic.  This kernel reads a zero-padded copy of one image (made
+ * once, with the activation applied) and keeps a tile of 2 output channels x
+ * 32 pixels in 8 registers.  Every output pixel is summed in the same order
+ * (ci, ky, kx) whatever the batch, so results do not depend on batching. */
+
+#define FAST_MAX_WEIGHTS (96 * 1024) /* floats: keep the weights in L2 */
+
+static int g_fast = 1;
+
+void jem__conv_set_fast(int on) { g_fast = on ? 1 : 0; }
+
+static int cpu_has_avx2_fma(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static int cached = -1;
+  if (cached < 0) {
+    __builtin_cpu_init();
+    cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  return cached;
+#else
+  return 0;
+#endif
+}
+
+int jem__conv_fast(const jem__conv *c) {
+  if (!g_fast || c->k != 3 || c->stride != 1 || c->pad != 1) return 0;
+  if (c->win != 8 && c->win != 16 && c->win != 32) return 0;
+  if (c->hin % (32 / c->win) != 0 || c->hout != c->hin || c->wout != c->win) return 0;
+  if ((size_t)c->cin * c->cout * 9 > FAST_MAX_WEIGHTS) return 0;
+  return cpu_has_avx2_fma();
+}
+
+void jem__conv_flip(float *wf, const float *w, const jem__conv *c) {
+  for (int co = 0; co < c->cout; co++)
+    for (int ci = 0; ci < c->cin; ci++)
+      for (int k = 0; k < 9; k++)
+        wf[((size_t)ci * c->cout + co) * 9 + k] = w[((size_t)co * c->cin + ci) * 9 + (8 - k)];
+}
+
+/* Floats of the padded copy of one image with `ch` channels. */
+static size_t pad_size(const jem__conv *c, int ch) {
+  return (size_t)ch * (c->hin + 2) * (c->win + 2);
+}
+
+enum { PAD_PLAIN, PAD_LRELU };
+
+/* pad[ch, H+2, W+2] = zero border around f(src[ch][img]) where src is CNHW
+ * with n images and f is the identity or LeakyReLU. */
+static void pad_image(float *pad, const float *src, int ch, int n, int img,
+                      int h, int w, int mode, float leak) {
+  const int wp = w + 2;
+  const size_t plane = (size_t)(h + 2) * wp, hw = (size_t)h * w;
+  for (int ci = 0; ci < ch; ci++) {
+    float *p = pad + ci * plane;
+    const float *s = src + ((size_t)ci * n + img) * hw;
+    memset(p, 0, sizeof(float) * wp);
+    memset(p + (size_t)(h + 1) * wp, 0, sizeof(float) * wp);
+    for (int y = 0; y < h; y++) {
+      float *row = p + (size_t)(y + 1) * wp;
+      row[0] = 0.0f;
+      row[w + 1] = 0.0f;
+      if (mode == PAD_LRELU)
+        lrelu_copy(row + 1, s + (size_t)y * w, w, leak);
+      else
+        memcpy(row + 1, s + (size_t)y * w, sizeof(float) * w);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* One image: out[co][HW] (channel stride ocs) = (acc ? out : 0) + b + conv.
+ * W is a compile-time constant in each instance; a tile is 32 pixels: one
+ * row of 32, two rows of 16 or four rows of 8. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+conv3x3_tile_loop(float *out, size_t ocs, const float *pad, const float *w,
+                  const float *b, int cin, int cout, int H, const int W,
+                  int accumulate) {
+  const int Wp = W + 2, V = W / 8, R = 32 / W;
+  const size_t plane = (size_t)(H + 2) * Wp;
+  int poff[4], ooff[4];
+  for (int s = 0; s < 4; s++) {
+    poff[s] = (s / V) * Wp + 8 * (s % V);
+    ooff[s] = (s / V) * W + 8 * (s % V);
+  }
+  for (int y0 = 0; y0 < H; y0 += R) {
+    const float *pt = pad + (size_t)y0 * Wp;
+    const size_t obase = (size_t)y0 * W;
+    int co = 0;
+    for (; co + 2 <= cout; co += 2) {
+      float *o0 = out + (size_t)co * ocs + obase, *o1 = o0 + ocs;
+      __m256 a0[4], a1[4];
+      const __m256 b0 = _mm256_set1_ps(b ? b[co] : 0.0f);
+      const __m256 b1 = _mm256_set1_ps(b ? b[co + 1] : 0.0f);
+      for (int s = 0; s < 4; s++) {
+        a0[s] = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o0 + ooff[s]), b0) : b0;
+        a1[s] = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o1 + ooff[s]), b1) : b1;
+      }
+      const float *w0 = w + (size_t)co * cin * 9, *w1 = w0 + (size_t)cin * 9;
+      for (int ci = 0; ci < cin; ci++) {
+        const float *pc = pt + ci * plane;
+        for (int ky = 0; ky < 3; ky++) {
+          for (int kx = 0; kx < 3; kx++) {
+            const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + ky * 3 + kx);
+            const __m256 k1 = _mm256_broadcast_ss(w1 + ci * 9 + ky * 3 + kx);
+            const float *pk = pc + ky * Wp + kx;
+            for (int s = 0; s < 4; s++) {
+              const __m256 x = _mm256_loadu_ps(pk + poff[s]);
+              a0[s] = _mm256_fmadd_ps(k0, x, a0[s]);
+              a1[s] = _mm256_fmadd_ps(k1, x, a1[s]);
+            }
+          }
+        }
+      }
+      for (int s = 0; s < 4; s++) {
+        _mm256_storeu_ps(o0 + ooff[s], a0[s]);
+        _mm256_storeu_ps(o1 + ooff[s], a1[s]);
+      }
+    }
+    if (co < cout) { /* odd channel count: one channel */
+      float *o0 = out + (size_t)co * ocs + obase;
+      __m256 a0[4];
+      const __m256 b0 = _mm256_set1_ps(b ? b[co] : 0.0f);
+      for (int s = 0; s < 4; s++)
+        a0[s] = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o0 + ooff[s]), b0) : b0;
+      const float *w0 = w + (size_t)co * cin * 9;
+      for (int ci = 0; ci < cin; ci++) {
+        const float *pc = pt + ci * plane;
+        for (int ky = 0; ky < 3; ky++)
+          for (int kx = 0; kx < 3; kx++) {
+            const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + ky * 3 + kx);
+            const float *pk = pc + ky * Wp + kx;
+            for (int s = 0; s < 4; s++)
+              a0[s] = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + poff[s]), a0[s]);
+          }
+      }
+      for (int s = 0; s < 4; s++) _mm256_storeu_ps(o0 + ooff[s], a0[s]);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void
+conv3x3_image(float *out, size_t ocs, const float *pad, const float *w,
+              const float *b, int cin, int cout, int H, int W, int accumulate) {
+  switch (W) {
+  case 32: conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, 32, accumulate); break;
+  case 16: conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, 16, accumulate); break;
+  case 8: conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, 8, accumulate); break;
+  default: JEM_ASSERT(!"unsupported width for the direct kernel");
+  }
+}
+#else
+static void conv3x3_image(float *out, size_t ocs, const float *pad,
+                          const float *w, const float *b, int cin, int cout,
+                          int H, int W, int accumulate) {
+  (void)out; (void)ocs; (void)pad; (void)w; (void)b; (void)cin; (void)cout;
+  (void)H; (void)W; (void)accumulate;
+  JEM_ASSERT(!"direct kernel not built for this CPU");
+}
+#endif
+
+/* out[cout, n, H, W] (+)= b + conv(f(in)) image by image through the direct
+ * kernel; pad holds one padded image. */
+static void conv3x3_direct(float *out, const float *in, const float *w,
+                           const float *b, int cin, int cout, const jem__conv *c,
+                           int n, int mode, float leak, int accumulate,
+                           float *pad) {
+  const int H = c->hin, W = c->win;
+  const size_t hw = (size_t)H * W, ocs = (size_t)n * hw;
+  for (int i = 0; i < n; i++) {
+    pad_image(pad, in, cin, n, i, H, W, mode, leak);
+    conv3x3_image(out + (size_t)i * hw, ocs, pad, w, b, cin, cout, H, W,
+                  accumulate);
+  }
 }
 
 int jem__conv_direct(const jem__conv *c, int act) {
@@ -34,8 +242,13 @@ static int chunk_images(const jem__conv *c, int n, size_t cap) {
 
 size_t jem__conv_col_need(const jem__conv *c, int n, size_t cap) {
   if (n < 1) n = 1;
-  return (size_t)chunk_images(c, n, cap) * (size_t)jem__conv_rows(c) *
-         (size_t)jem__conv_hwo(c);
+  size_t need = (size_t)chunk_images(c, n, cap) * (size_t)jem__conv_rows(c) *
+                (size_t)jem__conv_hwo(c);
+  if (jem__conv_fast(c)) {
+    size_t p = pad_size(c, c->cin > c->cout ? c->cin : c->cout);
+    if (p > need) need = p;
+  }
+  return need;
 }
 
 /* Output columns [lo, hi) whose input column ox*s - p + kx lies inside. */
@@ -82,9 +295,9 @@ void jem__im2col(float *col, const float *in, const jem__conv *c, int n,
             const int cnt = hix - lo;
             if (s == 1) {
               if (act) {
-                for (int i = 0; i < cnt; i++) dd[i] = lrelu(sr[i], leak);
-              } else {
-                for (int i = 0; i < cnt; i++) dd[i] = sr[i];
+                lrelu_copy(dd, sr, cnt, leak);
+              } else if (cnt > 0) {
+                memcpy(dd, sr, sizeof(float) * (size_t)cnt);
               }
             } else {
               if (act) {
@@ -122,7 +335,7 @@ void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
             float *d = dst + (size_t)iy * wi + (lo * s - p + kx);
             const int cnt = hix - lo;
             if (s == 1) {
-              for (int i = 0; i < cnt; i++) d[i] += sr[i];
+              if (cnt > 0) add_to(d, sr, (size_t)cnt);
             } else {
               for (int i = 0; i < cnt; i++) d[i * s] += sr[i];
             }
@@ -139,6 +352,12 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)n * hwo;
   JEM_ASSERT(n >= 1);
+  if (jem__conv_fast(c)) {
+    JEM_ASSERT(pad_size(c, c->cin) <= col_cap);
+    conv3x3_direct(out, in, w, b, c->cin, c->cout, c, n,
+                   act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, col);
+    return;
+  }
   for (int co = 0; co < c->cout; co++) {
     float *o = out + (size_t)co * ldo, bv = b ? b[co] : 0.0f;
     if (accumulate) {
@@ -164,9 +383,9 @@ void jem__conv_forward(float *out, const float *in, const float *w,
 }
 
 void jem__conv_backward(const float *dout, const float *in, const float *w,
-                        const jem__conv *c, int n, int act, float leak,
-                        float *dw, float *db, float *din, float *col,
-                        size_t col_cap) {
+                        const float *wf, const jem__conv *c, int n, int act,
+                        float leak, float *dw, float *db, float *din,
+                        float *col, size_t col_cap) {
   const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)n * hwo;
   JEM_ASSERT(n >= 1);
@@ -179,6 +398,15 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
     }
   }
   if (!dw && !din) return;
+  if (wf && din && jem__conv_fast(c)) {
+    /* the input gradient of a 3x3 stride-1 convolution is the convolution
+     * of dout with the flipped, transposed weights */
+    JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
+    conv3x3_direct(din, dout, wf, NULL, c->cout, c->cin, c, n, PAD_PLAIN, leak,
+                   1, col);
+    din = NULL;
+    if (!dw) return;
+  }
   if (jem__conv_direct(c, act)) {
     if (dw)
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->cout, c->cin,
@@ -209,8 +437,17 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
 }
 
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak) {
-  for (size_t i = 0; i < len; i++)
-    if (!(a[i] > 0.0f)) g[i] *= leak;
+  /* branch-free select: the signs of activations are close to random */
+  size_t i = 0;
+#if defined(__SSE2__)
+  const __m128 one = _mm_set1_ps(1.0f), lv = _mm_set1_ps(leak), zero = _mm_setzero_ps();
+  for (; i + 4 <= len; i += 4) {
+    __m128 mask = _mm_cmpgt_ps(_mm_loadu_ps(a + i), zero);
+    __m128 f = _mm_or_ps(_mm_and_ps(mask, one), _mm_andnot_ps(mask, lv));
+    _mm_storeu_ps(g + i, _mm_mul_ps(_mm_loadu_ps(g + i), f));
+  }
+#endif
+  for (; i < len; i++) g[i] *= a[i] > 0.0f ? 1.0f : leak;
 }
 
 void jem__pool_forward(float *feat, const float *a, int c, int n, int hw,

@@ -17,6 +17,7 @@ typedef struct jem__conv {
   int cin, cout, k, stride, pad;
   int hin, win, hout, wout;
   size_t w_off, b_off; /* in floats, into the model's weights */
+  size_t wf_off;        /* into the flipped-weight scratch (3x3 stride 1) */
 } jem__conv;
 
 /* Rows of the im2col matrix (Cin*k*k) and output pixels per image. */
@@ -26,6 +27,16 @@ static inline int jem__conv_hwo(const jem__conv *c) { return c->hout * c->wout; 
 /* Whether the layer reads its input in place (1x1, stride 1, no padding,
  * no fused activation) instead of through an im2col buffer. */
 int jem__conv_direct(const jem__conv *c, int act);
+
+/* Whether the layer runs on the direct 3x3 kernel (AVX2+FMA CPUs; 3x3,
+ * stride 1, padding 1, maps 8, 16 or 32 wide, L2-sized weights).  Its input
+ * gradient is then the same kernel on flipped weights (see jem__conv_flip). */
+int jem__conv_fast(const jem__conv *c);
+/* Tests: 0 forces the im2col path everywhere, 1 restores the default. */
+void jem__conv_set_fast(int on);
+/* wf[ci, co, ky, kx] = w[co, ci, 2-ky, 2-kx] (cin*cout*9 floats): the
+ * weights of the transposed convolution. */
+void jem__conv_flip(float *wf, const float *w, const jem__conv *c);
 
 /* Floats of im2col scratch that jem__conv_forward/backward use for a batch
  * of n when allowed at most `cap` floats (at least one image's worth). */
@@ -49,11 +60,13 @@ void jem__conv_forward(float *out, const float *in, const float *w,
 /* Backward of jem__conv_forward given dout [Cout, n, Ho, Wo]:
  * dw [Cout, rows] += dout x col^T, db += row sums, din [Cin, n, Hi, Wi] +=
  * gradient with respect to act(in) (the caller applies the activation's
- * derivative).  dw/db/din may be NULL.  in is needed only when dw != NULL. */
+ * derivative).  dw/db/din may be NULL.  in is needed only when dw != NULL.
+ * wf: the flipped weights (jem__conv_flip) when jem__conv_fast(c), letting
+ * din use the direct kernel; NULL uses im2col. */
 void jem__conv_backward(const float *dout, const float *in, const float *w,
-                        const jem__conv *c, int n, int act, float leak,
-                        float *dw, float *db, float *din, float *col,
-                        size_t col_cap);
+                        const float *wf, const jem__conv *c, int n, int act,
+                        float leak, float *dw, float *db, float *din,
+                        float *col, size_t col_cap);
 
 /* g[i] *= (a[i] > 0 ? 1 : leak) for i < len (PyTorch's LeakyReLU backward). */
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak);
@@ -72,6 +85,12 @@ void jem__linear_forward(float *y, const float *x, const float *w,
  * Any of dw/db/dx may be NULL. */
 void jem__linear_backward(const float *dy, const float *x, const float *w,
                           int n, int f, int k, float *dw, float *db, float *dx);
+
+/* Threads (core/blas.c): how many threads a workspace uses, that is the
+ * jem_blas_set_threads value, or the number of CPUs when never set; and
+ * switching OpenBLAS to one thread (the workspaces parallelise themselves). */
+int jem__threads(void);
+void jem__blas_single_thread(void);
 
 /* NCHW <-> CNHW. */
 void jem__to_cnhw(float *dst, const float *src, int n, int c, int hw);

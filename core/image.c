@@ -88,7 +88,7 @@ static void *img_realloc(void *p, size_t n) {
 /* ------------------------------------------------------------------------ */
 /* Limits                                                                    */
 
-#define IMG_MAX_JPEG_SCANS 256 /* progressive JPEGs use ~10; more is a CPU bomb */
+#define IMG_MAX_JPEG_SCANS 100 /* progressive JPEGs use ~10 (mozjpeg a few more); more is a CPU bomb */
 
 void jem_image_limits_default(jem_image_limits *l) {
   l->max_bytes = (size_t)8 << 20;

@@ -343,7 +343,10 @@ void jem_image_limits_default(jem_image_limits *l);
 /* Decodes a PNG or JPEG held in memory and preprocesses it into out
  * ([C,S,S] of the model).  Checks magic bytes, then the header's width,
  * height and area against the limits before decoding anything.
- * Returns JEM_EUNSUPPORTED (not PNG/JPEG), JEM_ETOOBIG, JEM_EFORMAT. */
+ * Returns JEM_EUNSUPPORTED (not PNG/JPEG), JEM_ETOOBIG, JEM_EFORMAT, or
+ * JEM_EINVAL when p does not fit image_size (resize + 2*pad must equal it;
+ * resize 0 means image_size - 2*pad).  lim NULL = defaults.  Thread-safe:
+ * stb_image's allocations are charged to a per-thread budget. */
 int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p,
                        int image_size, const jem_image_limits *lim,
                        float *out, char *err, size_t errlen);

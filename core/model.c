@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,6 +119,7 @@ struct jem_net {
   jem__block *blocks;
   size_t lin_w, lin_b;
   int last_hw;             /* pixels of the last map (64) */
+  size_t wf_total;         /* flipped-weight floats of the 3x3 stride-1 convs */
   size_t max_act;          /* largest activation per image, floats */
 };
 
@@ -226,6 +228,29 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
     }
   }
   net->last_hw = s * s;
+  /* room for the flipped weights of every 3x3 stride-1 convolution, whose
+   * input gradient may run on the direct kernel */
+  {
+    size_t wf = 0;
+    jem__conv *all[3];
+    for (int i = -1; i < net->nblocks; i++) {
+      int cnt = 0;
+      if (i < 0) {
+        all[cnt++] = &net->stem;
+      } else {
+        all[cnt++] = &net->blocks[i].c1;
+        all[cnt++] = &net->blocks[i].c2;
+      }
+      for (int j = 0; j < cnt; j++) {
+        jem__conv *c = all[j];
+        if (c->k == 3 && c->stride == 1) {
+          c->wf_off = wf;
+          wf += (size_t)c->cin * c->cout * 9;
+        }
+      }
+    }
+    net->wf_total = wf;
+  }
   if (s != 8) {
     rc = jem__errf(err, errlen, JEM_EINVAL, "last feature map is %dx%d, not 8x8", s, s);
     goto fail;
@@ -284,11 +309,33 @@ void jem_model_init_random(jem_model *m, uint64_t seed) {
 /* ------------------------------------------------------------------------ */
 /* Workspaces                                                               */
 
-/* Cap of the im2col buffer in floats: larger batches are convolved in chunks
- * of images so that the buffer stays cache-friendly. */
+/* Cap of an im2col buffer in floats: larger batches are convolved in chunks
+ * of images so that the buffer stays about the size of an L2 cache. */
 #ifndef JEM_COL_CAP
-#define JEM_COL_CAP ((size_t)1 << 22)
+#define JEM_COL_CAP ((size_t)1 << 18)
 #endif
+
+/* A batch is split into `nsub` contiguous slices of images, each with its own
+ * activations and scratch, run by the workspace's threads (the caller's thread
+ * takes slice 0).  Without normalisation layers images never interact, so a
+ * slice is a complete small batch.  The split depends only on n and nsub
+ * (fixed at creation), never on how many threads are active. */
+typedef struct jem_sub {
+  int cap;               /* images this slice can hold */
+  int n0, n;             /* its images in the last forward */
+  float *x;              /* [C, n, S, S] */
+  float **a;             /* nblocks+1 block inputs / outputs, CNHW */
+  float **u;             /* nblocks conv1 outputs (pre-activation), CNHW */
+  float *g[3];           /* gradient buffers, max_act * cap each */
+  float *col;
+  size_t col_cap;
+  float *dfeat;          /* [cap, F] */
+  float *dw;             /* private parameter gradient (slices >= 1, TRAIN) */
+} jem_sub;
+
+enum { JOB_FORWARD = 1, JOB_BACKWARD, JOB_STOP };
+
+typedef struct jem_helper { jem_ws *ws; int tid; pthread_t th; } jem_helper;
 
 struct jem_ws {
   int max_batch, flags;
@@ -296,18 +343,31 @@ struct jem_ws {
   const jem_model *m;    /* model of the last forward */
   /* plan signature, checked against the model at every call */
   int in_c, size, k, nfeat, nblocks;
-  size_t max_act;
+  size_t max_act, n_weights;
   size_t bytes;
   float *mem;            /* the one scratch block */
-  float *x;              /* [C, N, S, S] */
-  float **a;             /* nblocks+1 block inputs / outputs, CNHW */
-  float **u;             /* nblocks conv1 outputs (pre-activation), CNHW */
-  float *g[3];           /* gradient buffers, max_act * N each */
-  float *col;
-  size_t col_cap;
-  float *feat, *dfeat;   /* [N, F] */
+  float *feat;           /* [N, F] */
   float *logits, *dlogits, *probs; /* [N, K] */
   float *dx;             /* [N, C, S, S] for jem_score_batch */
+  float *wflip;          /* flipped weights, refreshed by every backward */
+  int nsub;
+  jem_sub *sub;
+
+  /* helper threads (nsub-1), started at creation, parked between jobs */
+  int nhelpers;
+  jem_helper *helpers;
+  int sync_ok;           /* mutex and condition variables initialised */
+  pthread_mutex_t mu;
+  pthread_cond_t go, done;
+  unsigned gen;          /* bumped for every job */
+  int pending;           /* helpers still busy with the current job */
+  int active;            /* threads taking part in the current job */
+  int job;
+  /* job arguments */
+  const float *jx;
+  float *jlogits;
+  const float *jdlogits;
+  float *jdw, *jdx;
 };
 
 static size_t col_need(const jem_net *net, int nb) {
@@ -325,15 +385,112 @@ static size_t col_need(const jem_net *net, int nb) {
 /* Rounds a float count up to a multiple of 16 (64 bytes). */
 static size_t al16(size_t n) { return (n + 15) & ~(size_t)15; }
 
+/* Floats that one slice of `cap` images needs; with base != NULL, also points
+ * the slice's buffers into base. */
+static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, int with_dw,
+                       size_t n_weights, float *base) {
+  const size_t N = (size_t)cap;
+  const size_t css = (size_t)net->in_c * net->size * net->size;
+  size_t off = 0;
+#define TAKE(dst, count)                 \
+  do {                                   \
+    size_t c_ = al16(count);             \
+    if (base) (dst) = base + off;        \
+    off += c_;                           \
+  } while (0)
+  TAKE(s->x, css * N);
+  TAKE(s->a[0], (size_t)net->stem.cout * jem__conv_hwo(&net->stem) * N);
+  for (int b = 0; b < net->nblocks; b++) {
+    const jem__block *B = &net->blocks[b];
+    TAKE(s->a[b + 1], (size_t)B->c2.cout * jem__conv_hwo(&B->c2) * N);
+    TAKE(s->u[b], (size_t)B->c1.cout * jem__conv_hwo(&B->c1) * N);
+  }
+  for (int i = 0; i < 3; i++) TAKE(s->g[i], net->max_act * N);
+  const size_t cc = col_need(net, cap);
+  TAKE(s->col, cc);
+  TAKE(s->dfeat, (size_t)net->feat * N);
+  if (with_dw) TAKE(s->dw, n_weights);
+#undef TAKE
+  if (base) {
+    s->cap = cap;
+    s->col_cap = cc;
+  }
+  return off;
+}
+
+static void run_sub(jem_ws *ws, int si);
+
+static void *helper_loop(void *arg) {
+  jem_helper *h = arg;
+  jem_ws *ws = h->ws;
+  unsigned seen = 0;
+  for (;;) {
+    pthread_mutex_lock(&ws->mu);
+    while (ws->gen == seen) pthread_cond_wait(&ws->go, &ws->mu);
+    seen = ws->gen;
+    const int job = ws->job, active = ws->active;
+    pthread_mutex_unlock(&ws->mu);
+    if (job == JOB_STOP) return NULL;
+    if (h->tid < active)
+      for (int si = h->tid; si < ws->nsub; si += active) run_sub(ws, si);
+    pthread_mutex_lock(&ws->mu);
+    if (--ws->pending == 0) pthread_cond_signal(&ws->done);
+    pthread_mutex_unlock(&ws->mu);
+  }
+}
+
+/* Runs `job` on every slice with up to `threads` threads; slice si goes to
+ * thread si % active, the caller being thread 0. */
+static void run_job(jem_ws *ws, int job, int threads) {
+  int active = threads < 1 ? 1 : threads;
+  if (active > ws->nhelpers + 1) active = ws->nhelpers + 1;
+  if (active > ws->nsub) active = ws->nsub;
+  ws->job = job;
+  if (active == 1) {
+    for (int si = 0; si < ws->nsub; si++) run_sub(ws, si);
+    return;
+  }
+  pthread_mutex_lock(&ws->mu);
+  ws->active = active;
+  ws->pending = ws->nhelpers;
+  ws->gen++;
+  pthread_cond_broadcast(&ws->go);
+  pthread_mutex_unlock(&ws->mu);
+  for (int si = 0; si < ws->nsub; si += active) run_sub(ws, si);
+  pthread_mutex_lock(&ws->mu);
+  while (ws->pending > 0) pthread_cond_wait(&ws->done, &ws->mu);
+  pthread_mutex_unlock(&ws->mu);
+}
+
+static void stop_helpers(jem_ws *ws) {
+  if (ws->nhelpers > 0) {
+    pthread_mutex_lock(&ws->mu);
+    ws->job = JOB_STOP;
+    ws->gen++;
+    pthread_cond_broadcast(&ws->go);
+    pthread_mutex_unlock(&ws->mu);
+    for (int i = 0; i < ws->nhelpers; i++) pthread_join(ws->helpers[i].th, NULL);
+  }
+  ws->nhelpers = 0;
+}
+
 jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   if (!m || !m->net || max_batch < 1) return NULL;
   const jem_net *net = m->net;
   const size_t N = (size_t)max_batch;
   const int nb = net->nblocks;
-  jem_ws *ws = calloc(1, sizeof *ws + sizeof(float *) * (size_t)(2 * nb + 1));
+  int nsub = jem__threads();
+  if (nsub > max_batch) nsub = max_batch;
+  if (nsub < 1) nsub = 1;
+  /* one allocation for the struct, slices, pointer tables and helpers */
+  size_t head = sizeof(jem_ws) + sizeof(jem_sub) * (size_t)nsub +
+                sizeof(float *) * (size_t)(2 * nb + 1) * (size_t)nsub +
+                sizeof(jem_helper) * (size_t)nsub;
+  jem_ws *ws = calloc(1, head);
   if (!ws) return NULL;
-  ws->a = (float **)(ws + 1);
-  ws->u = ws->a + nb + 1;
+  ws->sub = (jem_sub *)(ws + 1);
+  float **ptrs = (float **)(ws->sub + nsub);
+  ws->helpers = (jem_helper *)(ptrs + (size_t)(2 * nb + 1) * nsub);
   ws->max_batch = max_batch;
   ws->flags = flags;
   ws->in_c = net->in_c;
@@ -342,57 +499,77 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   ws->nfeat = net->feat;
   ws->nblocks = nb;
   ws->max_act = net->max_act;
-  ws->col_cap = col_need(net, max_batch);
+  ws->n_weights = m->n_weights;
+  ws->nsub = nsub;
 
-  /* plan: sizes of every buffer, then carve one block */
   const size_t css = (size_t)net->in_c * net->size * net->size;
+  const int cap = (max_batch + nsub - 1) / nsub;
   size_t total = 0;
-  size_t *sza = malloc(sizeof(size_t) * (size_t)(nb + 1));
-  if (!sza) { free(ws); return NULL; }
-  sza[0] = al16((size_t)net->stem.cout * jem__conv_hwo(&net->stem) * N);
-  total += al16(css * N);                       /* x */
-  total += sza[0];
-  for (int b = 0; b < nb; b++) {
-    const jem__block *B = &net->blocks[b];
-    sza[b + 1] = al16((size_t)B->c2.cout * jem__conv_hwo(&B->c2) * N);
-    total += sza[b + 1];
-    total += al16((size_t)B->c1.cout * jem__conv_hwo(&B->c1) * N); /* u */
+  for (int si = 0; si < nsub; si++) {
+    jem_sub *s = &ws->sub[si];
+    s->a = ptrs + (size_t)(2 * nb + 1) * si;
+    s->u = s->a + nb + 1;
+    total += plan_sub(net, s, cap, si > 0 && (flags & JEM_WS_TRAIN),
+                      m->n_weights, NULL);
   }
-  total += 3 * al16(net->max_act * N);         /* g */
-  total += al16(ws->col_cap);
-  total += 2 * al16((size_t)net->feat * N);
+  total += al16((size_t)net->feat * N);
   total += 3 * al16((size_t)net->k * N);
-  total += al16(css * N);                       /* dx */
+  total += al16(css * N);
+  total += al16(net->wf_total);
   ws->mem = jem__falloc(total);
   if (!ws->mem) {
-    free(sza);
     free(ws);
     return NULL;
   }
-  ws->bytes = total * sizeof(float) + sizeof *ws + sizeof(float *) * (size_t)(2 * nb + 1);
+  ws->bytes = total * sizeof(float) + head;
   float *p = ws->mem;
-  ws->x = p; p += al16(css * N);
-  ws->a[0] = p; p += sza[0];
-  for (int b = 0; b < nb; b++) {
-    const jem__block *B = &net->blocks[b];
-    ws->a[b + 1] = p; p += sza[b + 1];
-    ws->u[b] = p; p += al16((size_t)B->c1.cout * jem__conv_hwo(&B->c1) * N);
+  for (int si = 0; si < nsub; si++) {
+    jem_sub *s = &ws->sub[si];
+    p += plan_sub(net, s, cap, si > 0 && (flags & JEM_WS_TRAIN), m->n_weights, p);
   }
-  for (int i = 0; i < 3; i++) { ws->g[i] = p; p += al16(net->max_act * N); }
-  ws->col = p; p += al16(ws->col_cap);
   ws->feat = p; p += al16((size_t)net->feat * N);
-  ws->dfeat = p; p += al16((size_t)net->feat * N);
   ws->logits = p; p += al16((size_t)net->k * N);
   ws->dlogits = p; p += al16((size_t)net->k * N);
   ws->probs = p; p += al16((size_t)net->k * N);
   ws->dx = p; p += al16(css * N);
+  ws->wflip = p; p += al16(net->wf_total);
   JEM_ASSERT((size_t)(p - ws->mem) == total);
-  free(sza);
+
+  if (nsub > 1) {
+    /* the slices are the parallelism: OpenBLAS runs single-threaded inside */
+    jem__blas_single_thread();
+    if (pthread_mutex_init(&ws->mu, NULL) == 0) {
+      if (pthread_cond_init(&ws->go, NULL) == 0) {
+        if (pthread_cond_init(&ws->done, NULL) == 0) {
+          ws->sync_ok = 1;
+        } else {
+          pthread_cond_destroy(&ws->go);
+          pthread_mutex_destroy(&ws->mu);
+        }
+      } else {
+        pthread_mutex_destroy(&ws->mu);
+      }
+    }
+    for (int i = 0; ws->sync_ok && i < nsub - 1; i++) {
+      jem_helper *h = &ws->helpers[ws->nhelpers];
+      h->ws = ws;
+      h->tid = i + 1;
+      /* a helper that fails to start only costs parallelism */
+      if (pthread_create(&h->th, NULL, helper_loop, h) != 0) break;
+      ws->nhelpers++;
+    }
+  }
   return ws;
 }
 
 void jem_ws_free(jem_ws *ws) {
   if (!ws) return;
+  stop_helpers(ws);
+  if (ws->sync_ok) {
+    pthread_cond_destroy(&ws->done);
+    pthread_cond_destroy(&ws->go);
+    pthread_mutex_destroy(&ws->mu);
+  }
   free(ws->mem);
   free(ws);
 }
@@ -407,44 +584,143 @@ static void check_ws(const jem_ws *ws, const jem_model *m) {
   const jem_net *net = m->net;
   JEM_ASSERT(ws->in_c == net->in_c && ws->size == net->size &&
              ws->k == net->k && ws->nfeat == net->feat &&
-             ws->nblocks == net->nblocks && ws->max_act == net->max_act);
+             ws->nblocks == net->nblocks && ws->max_act == net->max_act &&
+             ws->n_weights == m->n_weights);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Forward and backward                                                     */
 
-void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
-                 float *logits) {
-  check_ws(ws, m);
-  JEM_ASSERT(x && logits && n >= 1 && n <= ws->max_batch);
+static void sub_forward(jem_ws *ws, jem_sub *s) {
+  const int n = s->n;
+  if (n == 0) return;
+  const jem_model *m = ws->m;
   const jem_net *net = m->net;
   const float *W = m->weights;
   const float leak = net->leak;
   const int hw = net->size * net->size;
-  ws->n = n;
-  ws->m = m;
-  jem__to_cnhw(ws->x, x, n, net->in_c, hw);
-  jem__conv_forward(ws->a[0], ws->x, W + net->stem.w_off, W + net->stem.b_off,
-                    &net->stem, n, 0, leak, 0, ws->col, ws->col_cap);
+  const size_t css = (size_t)net->in_c * hw;
+  jem__to_cnhw(s->x, ws->jx + (size_t)s->n0 * css, n, net->in_c, hw);
+  jem__conv_forward(s->a[0], s->x, W + net->stem.w_off, W + net->stem.b_off,
+                    &net->stem, n, 0, leak, 0, s->col, s->col_cap);
   for (int b = 0; b < net->nblocks; b++) {
     const jem__block *B = &net->blocks[b];
-    jem__conv_forward(ws->u[b], ws->a[b], W + B->c1.w_off, W + B->c1.b_off,
-                      &B->c1, n, 1, leak, 0, ws->col, ws->col_cap);
+    jem__conv_forward(s->u[b], s->a[b], W + B->c1.w_off, W + B->c1.b_off,
+                      &B->c1, n, 1, leak, 0, s->col, s->col_cap);
     if (B->has_sc) {
-      jem__conv_forward(ws->a[b + 1], ws->a[b], W + B->sc.w_off,
-                        W + B->sc.b_off, &B->sc, n, 0, leak, 0, ws->col,
-                        ws->col_cap);
+      jem__conv_forward(s->a[b + 1], s->a[b], W + B->sc.w_off,
+                        W + B->sc.b_off, &B->sc, n, 0, leak, 0, s->col,
+                        s->col_cap);
     } else {
-      memcpy(ws->a[b + 1], ws->a[b],
+      memcpy(s->a[b + 1], s->a[b],
              sizeof(float) * (size_t)B->c1.cin * B->c1.hin * B->c1.win * n);
     }
-    jem__conv_forward(ws->a[b + 1], ws->u[b], W + B->c2.w_off, W + B->c2.b_off,
-                      &B->c2, n, 1, leak, 1, ws->col, ws->col_cap);
+    jem__conv_forward(s->a[b + 1], s->u[b], W + B->c2.w_off, W + B->c2.b_off,
+                      &B->c2, n, 1, leak, 1, s->col, s->col_cap);
   }
-  jem__pool_forward(ws->feat, ws->a[net->nblocks], net->feat, n, net->last_hw,
-                    leak);
-  jem__linear_forward(logits, ws->feat, W + net->lin_w, W + net->lin_b, n,
-                      net->feat, net->k);
+  float *feat = ws->feat + (size_t)s->n0 * net->feat;
+  jem__pool_forward(feat, s->a[net->nblocks], net->feat, n, net->last_hw, leak);
+  jem__linear_forward(ws->jlogits + (size_t)s->n0 * net->k, feat,
+                      W + net->lin_w, W + net->lin_b, n, net->feat, net->k);
+}
+
+static void sub_backward(jem_ws *ws, jem_sub *s, int si) {
+  const int n = s->n;
+  if (n == 0) return;
+  const jem_model *m = ws->m;
+  const jem_net *net = m->net;
+  const float *W = m->weights;
+  const float leak = net->leak;
+  const int nb = net->nblocks;
+  const int hw = net->size * net->size;
+  const size_t css = (size_t)net->in_c * hw;
+  /* slice 0 accumulates straight into the caller's buffer, the others into
+   * private ones that the caller's thread adds afterwards */
+  float *dW = NULL;
+  if (ws->jdw) {
+    dW = si == 0 ? ws->jdw : s->dw;
+    if (si > 0) memset(dW, 0, sizeof(float) * m->n_weights);
+  }
+#define DW(off) (dW ? dW + (off) : NULL)
+#define WF(c) ((c)->k == 3 && (c)->stride == 1 ? ws->wflip + (c)->wf_off : NULL)
+  const float *dlogits = ws->jdlogits + (size_t)s->n0 * net->k;
+  const float *feat = ws->feat + (size_t)s->n0 * net->feat;
+  memset(s->dfeat, 0, sizeof(float) * (size_t)net->feat * n);
+  jem__linear_backward(dlogits, feat, W + net->lin_w, n, net->feat, net->k,
+                       DW(net->lin_w), DW(net->lin_b), s->dfeat);
+  float *gcur = s->g[0];
+  memset(gcur, 0, sizeof(float) * (size_t)net->feat * net->last_hw * n);
+  jem__pool_backward(gcur, s->dfeat, s->a[nb], net->feat, n, net->last_hw, leak);
+  for (int b = nb - 1; b >= 0; b--) {
+    const jem__block *B = &net->blocks[b];
+    float *gv = NULL, *ga = NULL;
+    for (int i = 0; i < 3; i++) {
+      if (s->g[i] == gcur) continue;
+      if (!gv) gv = s->g[i]; else ga = s->g[i];
+    }
+    /* conv2: gradient with respect to lrelu(u), then u */
+    const size_t ulen = (size_t)B->c2.cin * B->c2.hin * B->c2.win * n;
+    memset(gv, 0, sizeof(float) * ulen);
+    jem__conv_backward(gcur, s->u[b], W + B->c2.w_off, WF(&B->c2), &B->c2, n, 1, leak,
+                       DW(B->c2.w_off), DW(B->c2.b_off), gv, s->col, s->col_cap);
+    jem__lrelu_backward(gv, s->u[b], ulen, leak);
+    /* conv1: gradient with respect to lrelu(a), then a */
+    const size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
+    memset(ga, 0, sizeof(float) * alen);
+    jem__conv_backward(gv, s->a[b], W + B->c1.w_off, WF(&B->c1), &B->c1, n, 1, leak,
+                       DW(B->c1.w_off), DW(B->c1.b_off), ga, s->col, s->col_cap);
+    jem__lrelu_backward(ga, s->a[b], alen, leak);
+    /* shortcut on the raw block input */
+    if (B->has_sc) {
+      jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0, leak,
+                         DW(B->sc.w_off), DW(B->sc.b_off), ga, s->col,
+                         s->col_cap);
+    } else {
+      for (size_t i = 0; i < alen; i++) ga[i] += gcur[i];
+    }
+    gcur = ga;
+  }
+  /* stem */
+  float *gx = NULL;
+  if (ws->jdx) {
+    gx = gcur == s->g[0] ? s->g[1] : s->g[0];
+    memset(gx, 0, sizeof(float) * css * n);
+  }
+  jem__conv_backward(gcur, s->x, W + net->stem.w_off, WF(&net->stem), &net->stem, n, 0, leak,
+                     DW(net->stem.w_off), DW(net->stem.b_off), gx, s->col,
+                     s->col_cap);
+  if (gx) jem__from_cnhw_acc(ws->jdx + (size_t)s->n0 * css, gx, n, net->in_c, hw);
+#undef WF
+#undef DW
+}
+
+static void run_sub(jem_ws *ws, int si) {
+  if (ws->job == JOB_FORWARD)
+    sub_forward(ws, &ws->sub[si]);
+  else if (ws->job == JOB_BACKWARD)
+    sub_backward(ws, &ws->sub[si], si);
+}
+
+void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
+                 float *logits) {
+  check_ws(ws, m);
+  JEM_ASSERT(x && logits && n >= 1 && n <= ws->max_batch);
+  ws->n = n;
+  ws->m = m;
+  /* balanced contiguous slices: the first n % nsub get one image more */
+  const int base = n / ws->nsub, rem = n % ws->nsub;
+  for (int si = 0, n0 = 0; si < ws->nsub; si++) {
+    jem_sub *s = &ws->sub[si];
+    s->n0 = n0;
+    s->n = base + (si < rem);
+    JEM_ASSERT(s->n <= s->cap);
+    n0 += s->n;
+  }
+  ws->jx = x;
+  ws->jlogits = logits;
+  run_job(ws, JOB_FORWARD, jem__threads());
+  ws->jx = NULL;
+  ws->jlogits = NULL;
 }
 
 void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
@@ -454,64 +730,28 @@ void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
   JEM_ASSERT(ws->n >= 1 && ws->m == m); /* needs a forward on this ws first */
   JEM_ASSERT(!dweights || (ws->flags & JEM_WS_TRAIN));
   if (!dweights && !dx) return;
+  ws->jdlogits = dlogits;
+  ws->jdw = dweights;
+  ws->jdx = dx;
+  /* weights of the transposed convolutions, from the current weights */
   const jem_net *net = m->net;
-  const float *W = m->weights;
-  const float leak = net->leak;
-  const int n = ws->n, nb = net->nblocks;
-  float *dW = dweights;
-#define DW(off) (dW ? dW + (off) : NULL)
-
-  memset(ws->dfeat, 0, sizeof(float) * (size_t)net->feat * n);
-  jem__linear_backward(dlogits, ws->feat, W + net->lin_w, n, net->feat, net->k,
-                       DW(net->lin_w), DW(net->lin_b), ws->dfeat);
-  float *gcur = ws->g[0];
-  size_t len = (size_t)net->feat * net->last_hw * n;
-  memset(gcur, 0, sizeof(float) * len);
-  jem__pool_backward(gcur, ws->dfeat, ws->a[nb], net->feat, n, net->last_hw,
-                     leak);
-  for (int b = nb - 1; b >= 0; b--) {
-    const jem__block *B = &net->blocks[b];
-    float *gv = NULL, *ga = NULL;
-    for (int i = 0; i < 3; i++) {
-      if (ws->g[i] == gcur) continue;
-      if (!gv) gv = ws->g[i]; else ga = ws->g[i];
-    }
-    /* conv2: gradient with respect to lrelu(u), then u */
-    size_t ulen = (size_t)B->c2.cin * B->c2.hin * B->c2.win * n;
-    memset(gv, 0, sizeof(float) * ulen);
-    jem__conv_backward(gcur, ws->u[b], W + B->c2.w_off, &B->c2, n, 1, leak,
-                       DW(B->c2.w_off), DW(B->c2.b_off), gv, ws->col,
-                       ws->col_cap);
-    jem__lrelu_backward(gv, ws->u[b], ulen, leak);
-    /* conv1: gradient with respect to lrelu(a), then a */
-    size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
-    memset(ga, 0, sizeof(float) * alen);
-    jem__conv_backward(gv, ws->a[b], W + B->c1.w_off, &B->c1, n, 1, leak,
-                       DW(B->c1.w_off), DW(B->c1.b_off), ga, ws->col,
-                       ws->col_cap);
-    jem__lrelu_backward(ga, ws->a[b], alen, leak);
-    /* shortcut on the raw block input */
-    if (B->has_sc) {
-      jem__conv_backward(gcur, ws->a[b], W + B->sc.w_off, &B->sc, n, 0, leak,
-                         DW(B->sc.w_off), DW(B->sc.b_off), ga, ws->col,
-                         ws->col_cap);
-    } else {
-      for (size_t i = 0; i < alen; i++) ga[i] += gcur[i];
-    }
-    gcur = ga;
+  for (int i = -1; i < net->nblocks; i++) {
+    const jem__conv *cs[2] = {i < 0 ? &net->stem : &net->blocks[i].c1,
+                              i < 0 ? NULL : &net->blocks[i].c2};
+    for (int j = 0; j < 2; j++)
+      if (cs[j] && cs[j]->k == 3 && cs[j]->stride == 1 && jem__conv_fast(cs[j]))
+        jem__conv_flip(ws->wflip + cs[j]->wf_off, m->weights + cs[j]->w_off, cs[j]);
   }
-  /* stem */
-  const int hw = net->size * net->size;
-  float *gx = NULL;
-  if (dx) {
-    gx = gcur == ws->g[0] ? ws->g[1] : ws->g[0];
-    memset(gx, 0, sizeof(float) * (size_t)net->in_c * hw * n);
-  }
-  jem__conv_backward(gcur, ws->x, W + net->stem.w_off, &net->stem, n, 0, leak,
-                     DW(net->stem.w_off), DW(net->stem.b_off), gx, ws->col,
-                     ws->col_cap);
-  if (dx) jem__from_cnhw_acc(dx, gx, n, net->in_c, hw);
-#undef DW
+  run_job(ws, JOB_BACKWARD, jem__threads());
+  if (dweights)
+    for (int si = 1; si < ws->nsub; si++) {
+      const jem_sub *s = &ws->sub[si];
+      if (s->n == 0) continue;
+      for (size_t i = 0; i < m->n_weights; i++) dweights[i] += s->dw[i];
+    }
+  ws->jdlogits = NULL;
+  ws->jdw = NULL;
+  ws->jdx = NULL;
 }
 
 /* ------------------------------------------------------------------------ */

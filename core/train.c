@@ -999,9 +999,14 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
         fprintf(out, "finished %d iterations in %s (%d rollbacks); validation accuracy %.4f; "
                 "model written to %s\n", t->iter, ws, t->rollbacks, (double)t->last_val, fp);
       }
-    } else if (out) {
-      fprintf(out, "stopped at iteration %d; checkpoint in %s (resume with --resume)\n", t->iter,
-              cfg->run_dir);
+    } else {
+      /* A usable snapshot (small buffer, full metadata) of where it stands. */
+      char lp[1024];
+      path_in(t, lp, sizeof lp, "latest.safetensors");
+      if ((rc = save_model(t, lp, cfg->baseline ? 0 : cfg->replay_keep, err, errlen))) goto fail;
+      if (out)
+        fprintf(out, "stopped at iteration %d; checkpoint in %s (resume with --resume), "
+                "snapshot %s\n", t->iter, cfg->run_dir, lp);
     }
     if (st) {
       st->iteration = t->iter;

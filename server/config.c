@@ -44,8 +44,9 @@ static const opt opts[] = {
    "HTTP threads (libmicrohttpd epoll thread pool)"},
   {"max-batch", "JEMD_MAX_BATCH", OPT_INT, F(max_batch), "64", 1, 1024, "N",
    "most images in one dynamic batch"},
-  {"max-delay-us", "JEMD_MAX_DELAY_US", OPT_INT, F(max_delay_us), "0", 0, 10000000, "US",
-   "how long a partial batch may wait for more images (1 ms timer resolution)"},
+  {"max-delay-us", "JEMD_MAX_DELAY_US", OPT_INT, F(max_delay_us), "2000", 0, 10000000, "US",
+   "while a batch runs, how long the next partial batch may wait to fill up "
+   "(an idle pool starts at once; 1 ms timer resolution)"},
   {"queue-size", "JEMD_QUEUE_SIZE", OPT_INT, F(queue_size), "1024", 1, 1000000, "N",
    "images waiting for a worker before new requests get 503"},
   {"max-body-bytes", "JEMD_MAX_BODY_BYTES", OPT_LL, F(max_body_bytes), "8388608", 1,

@@ -137,6 +137,9 @@ enum MHD_Result srv_respond_json(srv_req *r, int status, json_t *body) {
 }
 
 static enum MHD_Result verror(srv_req *r, int status, const char *code,
+                              const char *const *headers, const char *fmt, va_list ap)
+    __attribute__((format(printf, 5, 0)));
+static enum MHD_Result verror(srv_req *r, int status, const char *code,
                               const char *const *headers, const char *fmt, va_list ap) {
   char msg[512];
   vsnprintf(msg, sizeof msg, fmt, ap);
@@ -413,10 +416,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   free(r);
 }
 
+/* MHD's logger signature carries no format attribute; fmt is MHD's own. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
 static void mhd_logger(void *cls, const char *fmt, va_list ap) {
   (void)cls;
   char msg[512];
   vsnprintf(msg, sizeof msg, fmt, ap);
+#pragma GCC diagnostic pop
   size_t n = strlen(msg);
   while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = '\0';
   char q[600];

@@ -12,8 +12,12 @@
  * bounded by --queue-size, so a full queue answers 503 instead of growing),
  * suspend the connection and queue the task (srv_sched_score).  When a slot
  * is free the loop thread forms a batch Triton-style: it starts at once when
- * --max-batch images are waiting or the oldest has waited --max-delay-us,
- * otherwise it arms a timer for the rest of the delay.  A batch takes images
+ * --max-batch images are waiting, when no other batch is running (an idle
+ * pool adds no latency), or when the oldest image has waited
+ * --max-delay-us; otherwise it arms a timer for the rest of the delay.  So
+ * under load, while one batch computes, the next one fills up instead of
+ * leaving with the first image that arrived (eager dispatch would keep
+ * batches at 1-2 images and lose the GEMM efficiency).  A batch takes images
  * in FIFO order from tasks with the same model and the same want_grad, up to
  * --max-batch images; a large task may be split across batches.  The worker
  * gathers the inputs into one contiguous tensor, calls jem_score_batch once
@@ -423,8 +427,11 @@ static void pump(done_list *dl) {
   for (;;) {
     if (S.n_free == 0) break;
     uint64_t now = srv_now_ns();
+    /* an idle pool starts at once (no added latency at low load); while a
+     * batch runs, a partial batch waits up to the delay to fill */
     int score_ready = S.sq_head && !S.stopping &&
-                      (S.sq_images >= srv_cfg.max_batch || now - S.sq_head->t_enq >= delay);
+                      (S.sq_images >= srv_cfg.max_batch || S.running_score == 0 ||
+                       now - S.sq_head->t_enq >= delay);
     int job_ready = S.jq_head && !S.stopping && S.running_jobs < job_cap;
     if (score_ready && job_ready) {
       if (S.score_streak >= 4) {
@@ -444,7 +451,7 @@ static void pump(done_list *dl) {
       break;
     }
   }
-  if (S.sq_head && S.n_free > 0 && !S.stopping) {
+  if (S.sq_head && S.n_free > 0 && !S.stopping && S.running_score > 0) {
     uint64_t now = srv_now_ns(), waited = now - S.sq_head->t_enq;
     uint64_t left = waited < delay ? delay - waited : 0;
     uv_timer_start(&S.delay_timer, on_delay, (left + 999999ull) / 1000000ull, 0);

@@ -45,6 +45,7 @@ command -v curl >/dev/null || need_pkgs="$need_pkgs curl"
 if [ -n "$need_pkgs" ]; then
   log "installing:$need_pkgs"
   apt-get update -qq
+  # shellcheck disable=SC2086  # a list of package names, split on purpose
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need_pkgs
 fi
 
@@ -145,7 +146,9 @@ log "build took $(( $(date +%s) - t0 )) s; image size $(podman image inspect --f
 # The image's configuration: what a runtime would start.
 hc=$(podman image inspect --format '{{json .Config.Healthcheck}}' "$TAG")
 user=$(podman image inspect --format '{{.Config.User}}' "$TAG")
-[ "$hc" != "null" ] && [ -n "$hc" ] || die "built image has no HEALTHCHECK (was --format docker used?)"
+if [ -z "$hc" ] || [ "$hc" = "null" ]; then
+  die "built image has no HEALTHCHECK (was --format docker used?)"
+fi
 [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || die "image USER '$user' is not a numeric non-root user"
 log "USER $user; HEALTHCHECK $hc"
 [ "$RUN_TEST" = 1 ] || exit 0
@@ -225,8 +228,12 @@ run_in() {  # run a command the way the image would: its env, user and workdir
     chroot --userspec="$USERSPEC" "$rootfs" /bin/sh -c 'cd "$0" && exec "$@"' "$WD" "$@"
 }
 t0=$(date +%s.%N)
-run_in "${ARGV[@]}" >"$work/jemd.log" 2>&1 &
+# `exec` so that $! is jemd itself, not a subshell that would take the signal.
+( exec env -i "${ENVS[@]}" JEMD_PORT="$port" \
+    chroot --userspec="$USERSPEC" "$rootfs" /bin/sh -c 'cd "$0" && exec "$@"' "$WD" "${ARGV[@]}" ) \
+  >"$work/jemd.log" 2>&1 &
 pid=$!
+trap 'kill -KILL "$pid" 2>/dev/null || true' EXIT
 ready=""
 for _ in $(seq 1 600); do
   if curl -fsS -o /dev/null "http://127.0.0.1:$port/readyz" 2>/dev/null; then ready=1; break; fi
@@ -238,6 +245,7 @@ if [ -z "$ready" ]; then
   kill "$pid" 2>/dev/null || true; exit 1
 fi
 echo "ready after $(/usr/bin/python3 -c "print(round($(date +%s.%N) - $t0, 2))") s"
+echo "jemd runs as uid $(awk '/^Uid/{print $2}' /proc/$pid/status), pid $pid"
 echo "GET /readyz: $(curl -sS -w ' (HTTP %{http_code})' "http://127.0.0.1:$port/readyz")"
 curl -fsS -H 'Content-Type: image/png' --data-binary @"$work/sample.png" \
   "http://127.0.0.1:$port/v1/classify" >"$work/classify.json" \
@@ -250,6 +258,7 @@ echo "files the daemon left in /tmp: $(find "$rootfs/tmp" -mindepth 1 | wc -l)"
 t1=$(date +%s.%N)
 kill -TERM "$pid"
 rc=0; wait "$pid" || rc=$?
+trap - EXIT
 echo "SIGTERM -> exit $rc after $(/usr/bin/python3 -c "print(round($(date +%s.%N) - $t1, 2))") s"
 echo "--- daemon log (tail)"; tail -n 15 "$work/jemd.log"
 [ "$rc" = 0 ] || { echo "daemon exited with $rc on SIGTERM" >&2; exit 1; }

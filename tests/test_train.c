@@ -1,0 +1,353 @@
+/* test_train.c - the trainer on a tiny synthetic set: cross-entropy learns,
+ * JEM losses stay finite, checkpoint/resume is bit-identical, the divergence
+ * guard rolls back (and gives up after its limit), bad resumes are refused. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "train.h"
+
+/* 10 classes; class k is a bright 6x6 square at a class-specific place on a
+ * dark background, plus a little per-image noise. */
+static void make_data(jem_dataset *d, int n, uint64_t seed) {
+  memset(d, 0, sizeof *d);
+  d->n = n;
+  d->c = 1;
+  d->s = 32;
+  d->src_s = 32;
+  d->num_classes = 10;
+  d->x = calloc((size_t)n * 1024, sizeof(float));
+  d->y = calloc((size_t)n, sizeof(int));
+  assert_non_null(d->x);
+  assert_non_null(d->y);
+  jem_rng r;
+  jem_rng_seed(&r, seed, 0);
+  for (int i = 0; i < n; i++) {
+    int k = i % 10;
+    d->y[i] = k;
+    float *x = d->x + (size_t)i * 1024;
+    int r0 = 4 + (k / 5) * 14, c0 = 3 + (k % 5) * 5;
+    for (int p = 0; p < 1024; p++) x[p] = -0.9f + 0.1f * jem_rng_uniform(&r);
+    for (int a = 0; a < 6; a++)
+      for (int b = 0; b < 6; b++) x[(r0 + a) * 32 + c0 + b] = 0.8f;
+  }
+}
+
+static jem_model *make_model(void) {
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_model *m = NULL;
+  char err[256];
+  assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
+  jem_model_init_random(m, 7);
+  return m;
+}
+
+
+static char *tmpdir(void) {
+  char *d = strdup("/tmp/jem_test_train_XXXXXX");
+  assert_non_null(mkdtemp(d));
+  return d;
+}
+
+/* Run directories are flat: remove their files, then the directory. */
+static void rmdir_all(char *d) {
+  DIR *dir = opendir(d);
+  if (dir) {
+    struct dirent *e;
+    char p[1024];
+    while ((e = readdir(dir))) {
+      if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+      snprintf(p, sizeof p, "%s/%s", d, e->d_name);
+      remove(p);
+    }
+    closedir(dir);
+  }
+  remove(d);
+  free(d);
+}
+
+static void small_config(jem_train_config *c, const char *dir) {
+  jem_train_defaults(c);
+  c->run_dir = dir;
+  c->batch = 8;
+  c->sgld_steps = 3;
+  c->buffer_size = 64;
+  c->replay_keep = 16;
+  c->warmup = 2;
+  c->lr = 1e-3f;
+  c->energy_l2 = 0.1f;
+  c->ckpt_every = 2;
+  c->log_every = 1;
+  c->eval_every = 0;
+  c->progress = NULL;
+}
+
+static void test_ce_learns(void **state) {
+  (void)state;
+  jem_blas_set_threads(1);
+  jem_dataset d;
+  make_data(&d, 40, 1);
+  jem_model *m = make_model();
+  jem_ws *ws = jem_ws_create(m, 40, 0);
+  float nll0;
+  jem_eval_accuracy(ws, m, &d, &nll0);
+  char *dir = tmpdir();
+  jem_train_config c;
+  small_config(&c, dir);
+  c.baseline = 1;
+  c.iterations = 40;
+  c.lr = 4e-3f;
+  c.schedule = JEM_LR_CONST;
+  c.sigma = 0;
+  c.crop_pad = 0;
+  c.flip = 0;
+  c.ckpt_every = 100;
+  c.eval_every = 20;
+  jem_train_status st;
+  char err[256];
+  int rc = jem_train_run(m, &d, &d, &c, &st, err, sizeof err);
+  if (rc) fprintf(stderr, "%s\n", err);
+  assert_int_equal(rc, 0);
+  assert_true(st.finished);
+  float nll1;
+  float acc = jem_eval_accuracy(ws, m, &d, &nll1);
+  fprintf(stderr, "CE overfit: nll %.3f -> %.3f, accuracy %.2f\n", (double)nll0,
+          (double)nll1, (double)acc);
+  assert_true(nll1 < 0.5f * nll0);
+  assert_true(acc >= 0.7f);
+  assert_float_equal(st.val_acc, acc, 1e-6);
+  /* the final file loads and carries provenance */
+  jem_model *back = NULL;
+  assert_int_equal(jem_model_load(&back, st.final_path, err, sizeof err), 0);
+  assert_memory_equal(back->weights, m->weights, m->n_weights * sizeof(float));
+  jem_model_free(back);
+  jem_ws_free(ws);
+  jem_model_free(m);
+  jem_dataset_free(&d);
+  rmdir_all(dir);
+}
+
+static void test_jem_finite_and_files(void **state) {
+  (void)state;
+  jem_blas_set_threads(1);
+  jem_dataset d;
+  make_data(&d, 40, 2);
+  jem_model *m = make_model();
+  char *dir = tmpdir();
+  jem_train_config c;
+  small_config(&c, dir);
+  c.iterations = 4;
+  jem_train_status st;
+  char err[256];
+  assert_int_equal(jem_train_run(m, &d, &d, &c, &st, err, sizeof err), 0);
+  assert_int_equal(st.iteration, 4);
+  for (size_t i = 0; i < m->n_weights; i++) assert_true(isfinite(m->weights[i]));
+  char p[512];
+  snprintf(p, sizeof p, "%s/log.csv", dir);
+  FILE *f = fopen(p, "r");
+  assert_non_null(f);
+  char line[512];
+  int rows = 0;
+  assert_non_null(fgets(line, sizeof line, f));
+  assert_non_null(strstr(line, "e_sample"));
+  while (fgets(line, sizeof line, f)) {
+    if (strstr(line, ",val")) continue;
+    double loss = NAN;
+    int it;
+    assert_int_equal(sscanf(line, "%d,%*[^,],%*[^,],%lf", &it, &loss), 2);
+    assert_true(isfinite(loss));
+    rows++;
+  }
+  fclose(f);
+  assert_int_equal(rows, 4);
+  /* the final model holds replay_keep buffer images */
+  jem_model *back = NULL;
+  assert_int_equal(jem_model_load(&back, st.final_path, err, sizeof err), 0);
+  assert_int_equal(back->replay_n, 16);
+  jem_model_free(back);
+  jem_model_free(m);
+  jem_dataset_free(&d);
+  rmdir_all(dir);
+}
+
+/* 2N iterations straight == N, stop, resume, N more: bit for bit. */
+static void test_resume_bit_identical(void **state) {
+  (void)state;
+  jem_blas_set_threads(1);
+  jem_dataset d;
+  make_data(&d, 40, 3); /* 5 batches of 8: the run crosses epochs */
+  char err[256];
+  jem_train_status st;
+  jem_train_config c;
+
+  char *d1 = tmpdir();
+  jem_model *a = make_model();
+  small_config(&c, d1);
+  c.iterations = 8;
+  c.ckpt_every = 3;
+  assert_int_equal(jem_train_run(a, &d, NULL, &c, &st, err, sizeof err), 0);
+
+  char *d2 = tmpdir();
+  jem_model *b = make_model();
+  small_config(&c, d2);
+  c.iterations = 8;
+  c.ckpt_every = 3;
+  c.stop_at = 4;
+  assert_int_equal(jem_train_run(b, &d, NULL, &c, &st, err, sizeof err), 0);
+  assert_int_equal(st.iteration, 4);
+  assert_false(st.finished);
+  assert_memory_not_equal(a->weights, b->weights, a->n_weights * sizeof(float));
+  jem_model_free(b);
+  b = make_model(); /* a fresh process would start from scratch too */
+  c.stop_at = 0;
+  c.resume = 1;
+  int rc = jem_train_run(b, &d, NULL, &c, &st, err, sizeof err);
+  if (rc) fprintf(stderr, "%s\n", err);
+  assert_int_equal(rc, 0);
+  assert_int_equal(st.resumed_from, 4);
+  assert_true(st.finished);
+  assert_memory_equal(a->weights, b->weights, a->n_weights * sizeof(float));
+  /* the replay buffers agree too */
+  char p1[512], p2[512];
+  snprintf(p1, sizeof p1, "%s/ckpt-00000008.safetensors", d1);
+  snprintf(p2, sizeof p2, "%s/ckpt-00000008.safetensors", d2);
+  jem_model *ma = NULL, *mb = NULL;
+  assert_int_equal(jem_model_load(&ma, p1, err, sizeof err), 0);
+  assert_int_equal(jem_model_load(&mb, p2, err, sizeof err), 0);
+  assert_int_equal(ma->replay_n, 64);
+  assert_memory_equal(ma->replay, mb->replay, (size_t)64 * 1024 * sizeof(float));
+  jem_model_free(ma);
+  jem_model_free(mb);
+
+  /* a different setup must not resume this checkpoint */
+  c.batch = 4;
+  assert_int_equal(jem_train_run(b, &d, NULL, &c, &st, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "different setup"));
+  c.batch = 8;
+  /* without --resume an existing run directory is refused */
+  c.resume = 0;
+  assert_int_equal(jem_train_run(b, &d, NULL, &c, &st, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "already holds a checkpoint"));
+  /* a corrupt state file is detected */
+  snprintf(p2, sizeof p2, "%s/ckpt-00000008.state", d2);
+  FILE *f = fopen(p2, "r+b");
+  assert_non_null(f);
+  fseek(f, 100, SEEK_SET);
+  fputc(0x5a, f);
+  fclose(f);
+  c.resume = 1;
+  assert_int_equal(jem_train_run(b, &d, NULL, &c, &st, err, sizeof err), JEM_EFORMAT);
+  assert_non_null(strstr(err, "checksum"));
+
+  jem_model_free(a);
+  jem_model_free(b);
+  jem_dataset_free(&d);
+  rmdir_all(d1);
+  rmdir_all(d2);
+}
+
+static void test_rollback(void **state) {
+  (void)state;
+  jem_blas_set_threads(1);
+  jem_dataset d;
+  make_data(&d, 40, 4);
+  char err[256];
+  jem_train_status st;
+  jem_train_config c;
+
+  char *d1 = tmpdir();
+  jem_model *m = make_model();
+  small_config(&c, d1);
+  c.iterations = 5;
+  c.inject_at = 3;
+  c.inject_count = 1;
+  int rc = jem_train_run(m, &d, NULL, &c, &st, err, sizeof err);
+  if (rc) fprintf(stderr, "%s\n", err);
+  assert_int_equal(rc, 0);
+  assert_true(st.finished);
+  assert_int_equal(st.rollbacks, 1);
+  assert_float_equal(st.lr_scale, 0.5f, 0);
+  char p[512], line[512];
+  snprintf(p, sizeof p, "%s/log.csv", d1);
+  FILE *f = fopen(p, "r");
+  assert_non_null(f);
+  int found = 0;
+  while (fgets(line, sizeof line, f))
+    if (strstr(line, "rollback_to_2")) found = 1; /* last checkpoint: it 2 */
+  fclose(f);
+  assert_true(found);
+  /* the guard state (rollbacks, halved lr) survives a resume */
+  jem_model_free(m);
+  m = make_model();
+  c.resume = 1;
+  c.inject_count = 0;
+  assert_int_equal(jem_train_run(m, &d, NULL, &c, &st, err, sizeof err), 0);
+  assert_int_equal(st.resumed_from, 5);
+  assert_int_equal(st.rollbacks, 1);
+  assert_float_equal(st.lr_scale, 0.5f, 0);
+  jem_model_free(m);
+  rmdir_all(d1);
+
+  /* more divergences than allowed: gives up with a clear error */
+  char *d2 = tmpdir();
+  m = make_model();
+  small_config(&c, d2);
+  c.iterations = 5;
+  c.inject_at = 1;
+  c.inject_count = 10;
+  c.max_rollbacks = 3;
+  rc = jem_train_run(m, &d, NULL, &c, &st, err, sizeof err);
+  assert_int_equal(rc, JEM_EINTERNAL);
+  assert_non_null(strstr(err, "diverged"));
+  assert_int_equal(st.rollbacks, 4);
+  jem_model_free(m);
+  rmdir_all(d2);
+  jem_dataset_free(&d);
+}
+
+static void test_config_errors(void **state) {
+  (void)state;
+  jem_train_config c;
+  char err[256];
+  jem_train_defaults(&c);
+  assert_int_equal(jem_train_config_check(&c, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "run directory"));
+  c.run_dir = "/tmp/x";
+  assert_int_equal(jem_train_config_check(&c, err, sizeof err), 0);
+  c.lr = -1;
+  assert_int_equal(jem_train_config_check(&c, err, sizeof err), JEM_EINVAL);
+  c.lr = 1e-4f;
+  c.buffer_size = 10;
+  assert_int_equal(jem_train_config_check(&c, err, sizeof err), JEM_EINVAL);
+  c.baseline = 1; /* no buffer needed */
+  assert_int_equal(jem_train_config_check(&c, err, sizeof err), 0);
+  /* shape mismatch between data and model */
+  jem_dataset d;
+  make_data(&d, 16, 5);
+  d.c = 3;
+  jem_model *m = make_model();
+  assert_int_equal(jem_train_run(m, &d, NULL, &c, NULL, err, sizeof err), JEM_ESHAPE);
+  d.c = 1;
+  jem_model_free(m);
+  jem_dataset_free(&d);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_config_errors),
+    cmocka_unit_test(test_ce_learns),
+    cmocka_unit_test(test_jem_finite_and_files),
+    cmocka_unit_test(test_resume_bit_identical),
+    cmocka_unit_test(test_rollback),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
