@@ -15,7 +15,7 @@ WRN-10-1 (1x32x32, 10 classes, PyTorch default init, seed 0) written to a
 temporary file with tests/ref/make_golden.py's writer.  Without torch only the
 core's figures are printed.
 
-A running `jem train` would make the figures meaningless: by default it is
+A running `jem train` (any jem binary) would make the figures meaningless: by default it is
 paused (SIGSTOP) for the run and resumed (SIGCONT) afterwards, whatever
 happens; --no-pause refuses instead, --force measures anyway.
 
@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,13 +70,23 @@ def ancestors():
 
 
 def training_pids():
-    try:
-        out = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "jem train"],
-                             capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return []
-    mine = ancestors()
-    return [int(p) for p in out.split() if int(p) not in mine]
+    """Our processes that are `jem train` runs: argv[0] is a jem binary (build/jem
+    or a copy such as runs/bin/jem-baseline) and argv[1] is `train`."""
+    mine, uid, pids = ancestors(), os.getuid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in mine:
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and re.fullmatch(rb"jem[-_.A-Za-z0-9]*", os.path.basename(argv[0])) \
+                and argv[1] == b"train":
+            pids.append(int(entry))
+    return pids
 
 
 def describe(pid):

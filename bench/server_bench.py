@@ -107,7 +107,7 @@ def main():
         f.write(LUA)
 
     paused = []
-    p = subprocess.run(["pgrep", "-f", "jem train"], capture_output=True, text=True)
+    p = subprocess.run(["pgrep", "-f", r"jem(-[a-z]+)? train"], capture_output=True, text=True)
     for pid in p.stdout.split():
         if int(pid) != os.getpid():
             try:

@@ -75,14 +75,17 @@ static int cpu_has_avx2_fma(void) {
 }
 
 int jem__conv_fast(const jem__conv *c) {
-  if (!g_fast || c->k != 3 || c->stride != 1 || c->pad != 1) return 0;
-  if (c->win != 8 && c->win != 16 && c->win != 32) return 0;
-  if (c->hin % (32 / c->win) != 0 || c->hout != c->hin || c->wout != c->win) return 0;
+  if (!g_fast || c->k != 3 || c->pad != 1) return 0;
+  if (c->stride != 1 && c->stride != 2) return 0;
+  if (c->wout != 8 && c->wout != 16 && c->wout != 32) return 0;
+  if (c->hout % (32 / c->wout) != 0) return 0;
+  if (c->hin != c->stride * c->hout || c->win != c->stride * c->wout) return 0;
   if ((size_t)c->cin * c->cout * 9 > FAST_MAX_WEIGHTS) return 0;
   return cpu_has_avx2_fma();
 }
 
 void jem__conv_flip(float *wf, const float *w, const jem__conv *c) {
+  JEM_ASSERT(c->k == 3);
   for (int co = 0; co < c->cout; co++)
     for (int ci = 0; ci < c->cin; ci++)
       for (int k = 0; k < 9; k++)
@@ -119,95 +122,181 @@ static void pad_image(float *pad, const float *src, int ch, int n, int img,
   }
 }
 
+/* For stride 2: each padded row P (W+2 wide) stored as its even columns
+ * then its odd columns, E[j] = P[2j], O[j] = P[2j+1] (W/2+1 each), so that the
+ * taps kx = 0, 1, 2 of output column x read E[x], O[x] and E[x+1]:
+ * contiguous loads again. */
+static void pad_image_s2(float *pad, const float *src, int ch, int n, int img,
+                         int h, int w, int mode, float leak) {
+  const int wp = w + 2, half = w / 2 + 1;
+  const size_t plane = (size_t)(h + 2) * wp, hw = (size_t)h * w;
+  for (int ci = 0; ci < ch; ci++) {
+    float *p = pad + ci * plane;
+    const float *s = src + ((size_t)ci * n + img) * hw;
+    memset(p, 0, sizeof(float) * wp);
+    memset(p + (size_t)(h + 1) * wp, 0, sizeof(float) * wp);
+    for (int y = 0; y < h; y++) {
+      float *e = p + (size_t)(y + 1) * wp, *o = e + half;
+      const float *r = s + (size_t)y * w;
+      e[0] = 0.0f;
+      o[half - 1] = 0.0f;
+      /* e[1 + j] = f(r[2j + 1]), o[j] = f(r[2j]) for j < w/2 */
+      int j = 0;
+#if defined(__SSE2__)
+      const __m128 lv = _mm_set1_ps(leak);
+      for (; j + 4 <= w / 2; j += 4) {
+        __m128 a = _mm_loadu_ps(r + 2 * j), b = _mm_loadu_ps(r + 2 * j + 4);
+        if (mode == PAD_LRELU) {
+          a = _mm_max_ps(a, _mm_mul_ps(a, lv));
+          b = _mm_max_ps(b, _mm_mul_ps(b, lv));
+        }
+        _mm_storeu_ps(o + j, _mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+        _mm_storeu_ps(e + 1 + j, _mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+      }
+#endif
+      for (; j < w / 2; j++) {
+        float ev = r[2 * j + 1], ov = r[2 * j];
+        if (mode == PAD_LRELU) {
+          ev = lrelu(ev, leak);
+          ov = lrelu(ov, leak);
+        }
+        e[1 + j] = ev;
+        o[j] = ov;
+      }
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
 /* One image: out[co][HW] (channel stride ocs) = (acc ? out : 0) + b + conv.
- * W is a compile-time constant in each instance; a tile is 32 pixels: one
- * row of 32, two rows of 16 or four rows of 8. */
+ * W is a compile-time constant in each instance; a tile is 32 pixels (slots
+ * 0..3 of 8): one row of 32, two rows of 16 or four rows of 8.  The slots are
+ * spelled out so that the accumulators stay in registers. */
+/* Loads each input vector once into a register: left alone, GCC folds the
+ * load into every FMA that uses it, doubling or tripling the loads. */
+#define KEEP(v) __asm__("" : "+x"(v))
+#define SLOT_P(s) (((s) / (W / 8)) * SR * Wp + 8 * ((s) % (W / 8)))
+#define SLOT_O(s) (((s) / (W / 8)) * W + 8 * ((s) % (W / 8)))
+/* Offset of tap t = 3 ky + kx in the padded input (see pad_image_s2). */
+#define TOFF(t) (((t) / 3) * Wp + (SR == 1 ? (t) % 3 : ((t) % 3 == 0 ? 0 : (t) % 3 == 1 ? W + 1 : 1)))
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 conv3x3_tile_loop(float *out, size_t ocs, const float *pad, const float *w,
                   const float *b, int cin, int cout, int H, const int W,
-                  int accumulate) {
-  const int Wp = W + 2, V = W / 8, R = 32 / W;
-  const size_t plane = (size_t)(H + 2) * Wp;
-  int poff[4], ooff[4];
-  for (int s = 0; s < 4; s++) {
-    poff[s] = (s / V) * Wp + 8 * (s % V);
-    ooff[s] = (s / V) * W + 8 * (s % V);
-  }
+                  const int SR, int accumulate) {
+  /* H, W: output size; SR: stride (input rows per output row) */
+  const int Wp = SR * W + 2, R = 32 / W;
+  const size_t plane = (size_t)(SR * H + 2) * Wp;
+  const int p0 = SLOT_P(0), p1 = SLOT_P(1), p2 = SLOT_P(2), p3 = SLOT_P(3);
+  const int q0 = SLOT_O(0), q1 = SLOT_O(1), q2 = SLOT_O(2), q3 = SLOT_O(3);
   for (int y0 = 0; y0 < H; y0 += R) {
-    const float *pt = pad + (size_t)y0 * Wp;
+    const float *pt = pad + (size_t)y0 * SR * Wp;
     const size_t obase = (size_t)y0 * W;
     int co = 0;
+    /* two channels x 32 pixels: 8 accumulators, 6 loads per 8 FMAs (a
+     * third channel would spill registers) */
     for (; co + 2 <= cout; co += 2) {
       float *o0 = out + (size_t)co * ocs + obase, *o1 = o0 + ocs;
-      __m256 a0[4], a1[4];
       const __m256 b0 = _mm256_set1_ps(b ? b[co] : 0.0f);
       const __m256 b1 = _mm256_set1_ps(b ? b[co + 1] : 0.0f);
-      for (int s = 0; s < 4; s++) {
-        a0[s] = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o0 + ooff[s]), b0) : b0;
-        a1[s] = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o1 + ooff[s]), b1) : b1;
+      __m256 a00 = b0, a01 = b0, a02 = b0, a03 = b0;
+      __m256 a10 = b1, a11 = b1, a12 = b1, a13 = b1;
+      if (accumulate) {
+        a00 = _mm256_add_ps(a00, _mm256_loadu_ps(o0 + q0));
+        a01 = _mm256_add_ps(a01, _mm256_loadu_ps(o0 + q1));
+        a02 = _mm256_add_ps(a02, _mm256_loadu_ps(o0 + q2));
+        a03 = _mm256_add_ps(a03, _mm256_loadu_ps(o0 + q3));
+        a10 = _mm256_add_ps(a10, _mm256_loadu_ps(o1 + q0));
+        a11 = _mm256_add_ps(a11, _mm256_loadu_ps(o1 + q1));
+        a12 = _mm256_add_ps(a12, _mm256_loadu_ps(o1 + q2));
+        a13 = _mm256_add_ps(a13, _mm256_loadu_ps(o1 + q3));
       }
       const float *w0 = w + (size_t)co * cin * 9, *w1 = w0 + (size_t)cin * 9;
       for (int ci = 0; ci < cin; ci++) {
         const float *pc = pt + ci * plane;
-        for (int ky = 0; ky < 3; ky++) {
-          for (int kx = 0; kx < 3; kx++) {
-            const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + ky * 3 + kx);
-            const __m256 k1 = _mm256_broadcast_ss(w1 + ci * 9 + ky * 3 + kx);
-            const float *pk = pc + ky * Wp + kx;
-            for (int s = 0; s < 4; s++) {
-              const __m256 x = _mm256_loadu_ps(pk + poff[s]);
-              a0[s] = _mm256_fmadd_ps(k0, x, a0[s]);
-              a1[s] = _mm256_fmadd_ps(k1, x, a1[s]);
-            }
-          }
-        }
+        const float *k0p = w0 + ci * 9, *k1p = w1 + ci * 9;
+#define TAP2(t)                                                           \
+  do {                                                                    \
+    const float *pk = pc + TOFF(t);                                       \
+    const __m256 k0 = _mm256_broadcast_ss(k0p + (t));                     \
+    const __m256 k1 = _mm256_broadcast_ss(k1p + (t));                     \
+    __m256 x;                                                             \
+    x = _mm256_loadu_ps(pk + p0); KEEP(x);                                         \
+    a00 = _mm256_fmadd_ps(k0, x, a00); a10 = _mm256_fmadd_ps(k1, x, a10); \
+    x = _mm256_loadu_ps(pk + p1); KEEP(x);                                         \
+    a01 = _mm256_fmadd_ps(k0, x, a01); a11 = _mm256_fmadd_ps(k1, x, a11); \
+    x = _mm256_loadu_ps(pk + p2); KEEP(x);                                         \
+    a02 = _mm256_fmadd_ps(k0, x, a02); a12 = _mm256_fmadd_ps(k1, x, a12); \
+    x = _mm256_loadu_ps(pk + p3); KEEP(x);                                         \
+    a03 = _mm256_fmadd_ps(k0, x, a03); a13 = _mm256_fmadd_ps(k1, x, a13); \
+  } while (0)
+        TAP2(0); TAP2(1); TAP2(2); TAP2(3); TAP2(4);
+        TAP2(5); TAP2(6); TAP2(7); TAP2(8);
+#undef TAP2
       }
-      for (int s = 0; s < 4; s++) {
-        _mm256_storeu_ps(o0 + ooff[s], a0[s]);
-        _mm256_storeu_ps(o1 + ooff[s], a1[s]);
-      }
+      _mm256_storeu_ps(o0 + q0, a00); _mm256_storeu_ps(o0 + q1, a01);
+      _mm256_storeu_ps(o0 + q2, a02); _mm256_storeu_ps(o0 + q3, a03);
+      _mm256_storeu_ps(o1 + q0, a10); _mm256_storeu_ps(o1 + q1, a11);
+      _mm256_storeu_ps(o1 + q2, a12); _mm256_storeu_ps(o1 + q3, a13);
     }
-    if (co < cout) { /* odd channel count: one channel */
+    if (co < cout) { /* odd channel count: the last channel alone */
       float *o0 = out + (size_t)co * ocs + obase;
-      __m256 a0[4];
       const __m256 b0 = _mm256_set1_ps(b ? b[co] : 0.0f);
-      for (int s = 0; s < 4; s++)
-        a0[s] = accumulate ? _mm256_add_ps(_mm256_loadu_ps(o0 + ooff[s]), b0) : b0;
+      __m256 a00 = b0, a01 = b0, a02 = b0, a03 = b0;
+      if (accumulate) {
+        a00 = _mm256_add_ps(a00, _mm256_loadu_ps(o0 + q0));
+        a01 = _mm256_add_ps(a01, _mm256_loadu_ps(o0 + q1));
+        a02 = _mm256_add_ps(a02, _mm256_loadu_ps(o0 + q2));
+        a03 = _mm256_add_ps(a03, _mm256_loadu_ps(o0 + q3));
+      }
       const float *w0 = w + (size_t)co * cin * 9;
       for (int ci = 0; ci < cin; ci++) {
         const float *pc = pt + ci * plane;
-        for (int ky = 0; ky < 3; ky++)
-          for (int kx = 0; kx < 3; kx++) {
-            const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + ky * 3 + kx);
-            const float *pk = pc + ky * Wp + kx;
-            for (int s = 0; s < 4; s++)
-              a0[s] = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + poff[s]), a0[s]);
-          }
+#define TAP1(t)                                                     \
+  do {                                                              \
+    const float *pk = pc + TOFF(t);                                 \
+    const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + (t));       \
+    a00 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p0), a00);       \
+    a01 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p1), a01);       \
+    a02 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p2), a02);       \
+    a03 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p3), a03);       \
+  } while (0)
+        TAP1(0); TAP1(1); TAP1(2); TAP1(3); TAP1(4);
+        TAP1(5); TAP1(6); TAP1(7); TAP1(8);
+#undef TAP1
       }
-      for (int s = 0; s < 4; s++) _mm256_storeu_ps(o0 + ooff[s], a0[s]);
+      _mm256_storeu_ps(o0 + q0, a00); _mm256_storeu_ps(o0 + q1, a01);
+      _mm256_storeu_ps(o0 + q2, a02); _mm256_storeu_ps(o0 + q3, a03);
     }
   }
 }
+#undef SLOT_P
+#undef SLOT_O
+#undef TOFF
+#undef KEEP
 
 __attribute__((target("avx2,fma"))) static void
 conv3x3_image(float *out, size_t ocs, const float *pad, const float *w,
-              const float *b, int cin, int cout, int H, int W, int accumulate) {
-  switch (W) {
-  case 32: conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, 32, accumulate); break;
-  case 16: conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, 16, accumulate); break;
-  case 8: conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, 8, accumulate); break;
-  default: JEM_ASSERT(!"unsupported width for the direct kernel");
+              const float *b, int cin, int cout, int H, int W, int stride,
+              int accumulate) {
+#define CASE(WW, SS)                                                        \
+  case WW * 4 + SS:                                                         \
+    conv3x3_tile_loop(out, ocs, pad, w, b, cin, cout, H, WW, SS, accumulate); \
+    break
+  switch (W * 4 + stride) {
+    CASE(32, 1); CASE(16, 1); CASE(8, 1);
+    CASE(32, 2); CASE(16, 2); CASE(8, 2);
+  default: JEM_ASSERT(!"unsupported shape for the direct kernel");
   }
+#undef CASE
 }
 #else
 static void conv3x3_image(float *out, size_t ocs, const float *pad,
                           const float *w, const float *b, int cin, int cout,
-                          int H, int W, int accumulate) {
+                          int H, int W, int stride, int accumulate) {
   (void)out; (void)ocs; (void)pad; (void)w; (void)b; (void)cin; (void)cout;
-  (void)H; (void)W; (void)accumulate;
+  (void)H; (void)W; (void)stride; (void)accumulate;
   JEM_ASSERT(!"direct kernel not built for this CPU");
 }
 #endif
@@ -218,12 +307,17 @@ static void conv3x3_direct(float *out, const float *in, const float *w,
                            const float *b, int cin, int cout, const jem__conv *c,
                            int n, int mode, float leak, int accumulate,
                            float *pad) {
-  const int H = c->hin, W = c->win;
-  const size_t hw = (size_t)H * W, ocs = (size_t)n * hw;
+  /* the transposed convolution (stride 1 only) swaps the channel counts
+   * but keeps the map size */
+  const int Ho = c->hout, Wo = c->wout;
+  const size_t hwo = (size_t)Ho * Wo, ocs = (size_t)n * hwo;
   for (int i = 0; i < n; i++) {
-    pad_image(pad, in, cin, n, i, H, W, mode, leak);
-    conv3x3_image(out + (size_t)i * hw, ocs, pad, w, b, cin, cout, H, W,
-                  accumulate);
+    if (c->stride == 2)
+      pad_image_s2(pad, in, cin, n, i, c->hin, c->win, mode, leak);
+    else
+      pad_image(pad, in, cin, n, i, c->hin, c->win, mode, leak);
+    conv3x3_image(out + (size_t)i * hwo, ocs, pad, w, b, cin, cout, Ho, Wo,
+                  c->stride, accumulate);
   }
 }
 
@@ -398,7 +492,7 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
     }
   }
   if (!dw && !din) return;
-  if (wf && din && jem__conv_fast(c)) {
+  if (wf && din && c->stride == 1 && jem__conv_fast(c)) {
     /* the input gradient of a 3x3 stride-1 convolution is the convolution
      * of dout with the flipped, transposed weights */
     JEM_ASSERT(pad_size(c, c->cout) <= col_cap);

@@ -1,87 +1,136 @@
 #!/usr/bin/env bash
-# train_fmnist.sh - the whole Fashion-MNIST recipe: a cross-entropy baseline
-# (WRN, to convergence), then JEM warm-started from it.  Resumable: run it
-# again and every stage continues from its last checkpoint (finished stages
-# are skipped).  Usage, from the repository root:
+# train_fmnist.sh - the whole Fashion-MNIST recipe, resumable:
+#   1. baseline: WRN-10-1 trained with cross-entropy only, to convergence
+#      (runs/fmnist-baseline; the model card's comparison model);
+#   2. JEM: warm-started from the baseline run's checkpoint at iteration
+#      $WARM_AT (a cross-entropy warm start), then JEM training with SGLD
+#      (runs/fmnist-jem).  It starts as soon as that checkpoint exists and runs
+#      beside the rest of the baseline, one BLAS thread each (2 cores).
+# Run it again at any time: every stage continues from its last checkpoint,
+# finished stages are skipped.  From the repository root:
 #
 #   nohup nice -n 5 scripts/train_fmnist.sh > runs/train.log 2>&1 &
 #
-# Settings below may be overridden by the environment or by runs/train_fmnist.env
-# (sourced before each stage, so a later stage can be tuned while an earlier
-# one runs).  Changing a stage's settings after it started breaks its resume.
-# Outputs: runs/fmnist-baseline/, runs/fmnist-jem/ (checkpoints, log.csv,
-# best/latest/model.safetensors); models/fmnist-baseline.safetensors and
-# models/fmnist-jem.safetensors are refreshed as stages progress.
+# Settings may be overridden by the environment or by runs/train_fmnist.env
+# (sourced before each stage starts).  Changing a stage's settings after it
+# started breaks its resume (the trainer refuses or the schedule changes).
+# Outputs: runs/<stage>/{ckpt-*,log.csv,best,latest,model}.safetensors;
+# models/fmnist-baseline.safetensors and models/fmnist-jem.safetensors are
+# refreshed as the stages progress.
 
-# Everything lives in main() so that editing this file never changes a run
-# that is already going (bash reads scripts as it executes them).
-main() {
-  set -euo pipefail
-  cd "$(dirname "$0")/.."
-  mkdir -p runs models
-
-  # Run a private copy of the binary: rebuilding the tree mid-run (or a broken
-  # build) must not touch the trainer.
-  if [ ! -x runs/bin/jem ] || [ "${REFRESH_BIN:-0}" = 1 ]; then
-    make -s build/jem
-    mkdir -p runs/bin
-    cp build/jem runs/bin/jem.tmp && mv runs/bin/jem.tmp runs/bin/jem
-  fi
-  local JEM=runs/bin/jem
-
-  load_settings
-  echo "== $(date -u +%FT%TZ) baseline: WRN-$DEPTH-$WIDEN, $BASE_ITERS iterations"
-  "$JEM" train --run-dir runs/fmnist-baseline --resume --baseline \
-    --depth "$DEPTH" --widen "$WIDEN" --name fmnist-baseline \
-    --iterations "$BASE_ITERS" --lr "$BASE_LR" --warmup "$BASE_WARMUP" \
-    --schedule cosine --sigma "$SIGMA" --seed "$SEED" --threads "$THREADS" \
-    --ckpt-every 500 --log-every 100 --eval-every 1000
-  cp runs/fmnist-baseline/model.safetensors models/fmnist-baseline.safetensors.tmp
-  mv models/fmnist-baseline.safetensors.tmp models/fmnist-baseline.safetensors
-
-  load_settings
-  echo "== $(date -u +%FT%TZ) JEM: warm start from the baseline, K=$JEM_K, $JEM_ITERS iterations"
-  # In segments, so that models/fmnist-jem.safetensors follows the run.
-  local stop=0
-  while :; do
-    stop=$((stop + JEM_SEGMENT))
-    [ "$stop" -gt "$JEM_ITERS" ] && stop=$JEM_ITERS
-    "$JEM" train --run-dir runs/fmnist-jem --resume \
-      --warm-start runs/fmnist-baseline/model.safetensors --name fmnist-jem \
-      --iterations "$JEM_ITERS" --stop-at "$stop" --lr "$JEM_LR" --warmup "$JEM_WARMUP" \
-      --schedule cosine --sigma "$SIGMA" --sgld-steps "$JEM_K" --buffer-size "$JEM_BUFFER" \
-      --reinit 0.05 --energy-l2 "$JEM_L2" --seed "$SEED" --threads "$THREADS" \
-      --ckpt-every 250 --log-every 25 --eval-every 500 --replay-keep 500
-    local snap=runs/fmnist-jem/latest.safetensors
-    [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/fmnist-jem/model.safetensors
-    cp "$snap" models/fmnist-jem.safetensors.tmp
-    mv models/fmnist-jem.safetensors.tmp models/fmnist-jem.safetensors
-    echo "== $(date -u +%FT%TZ) models/fmnist-jem.safetensors <- $snap (iteration $stop)"
-    [ "$stop" -ge "$JEM_ITERS" ] && break
-  done
-  echo "== $(date -u +%FT%TZ) done"
-}
+# Everything lives in functions called from the last line, so editing this
+# file never changes a run that is already going (bash reads as it executes).
 
 load_settings() {
   DEPTH=${DEPTH:-10}
   WIDEN=${WIDEN:-1}
   SEED=${SEED:-1}
   SIGMA=${SIGMA:-0.03}
-  THREADS=${THREADS:-1}
-  BASE_ITERS=${BASE_ITERS:-8600}     # 10 epochs of 860 batches
+  BASE_ITERS=${BASE_ITERS:-8600}     # 10 epochs of 859 batches of 64
   BASE_LR=${BASE_LR:-1e-3}
   BASE_WARMUP=${BASE_WARMUP:-500}
-  JEM_ITERS=${JEM_ITERS:-4000}
-  JEM_SEGMENT=${JEM_SEGMENT:-500}
-  JEM_K=${JEM_K:-20}
-  JEM_LR=${JEM_LR:-1e-4}
+  BASE_THREADS=${BASE_THREADS:-1}
+  WARM_AT=${WARM_AT:-4000}           # baseline checkpoint used as warm start
+  JEM_ITERS=${JEM_ITERS:-3000}
+  JEM_SEGMENT=${JEM_SEGMENT:-250}    # models/fmnist-jem.safetensors refresh
+  JEM_K=${JEM_K:-10}
+  JEM_LR=${JEM_LR:-2e-4}
   JEM_WARMUP=${JEM_WARMUP:-200}
   JEM_L2=${JEM_L2:-0.1}
   JEM_BUFFER=${JEM_BUFFER:-10000}
+  JEM_THREADS=${JEM_THREADS:-1}
   if [ -f runs/train_fmnist.env ]; then
     # shellcheck disable=SC1091
     . runs/train_fmnist.env
   fi
+}
+
+log() { echo "== $(date -u +%FT%TZ) $*"; }
+
+# A private copy of the binary per stage, taken when the stage first starts:
+# rebuilding the tree mid-run (or a broken build) must not touch a run.
+stage_bin() {
+  local b=runs/bin/jem-$1
+  if [ ! -x "$b" ]; then
+    mkdir -p runs/bin
+    make -s build/jem >&2
+    cp build/jem "$b.tmp" && mv "$b.tmp" "$b"
+  fi
+  echo "$b"
+}
+
+publish() { # publish SRC DST: atomic copy into models/
+  cp "$1" "$2.tmp" && mv "$2.tmp" "$2"
+}
+
+stage_baseline() {
+  load_settings
+  local jem
+  jem=$(stage_bin baseline)
+  log "baseline: WRN-$DEPTH-$WIDEN cross-entropy, $BASE_ITERS iterations"
+  "$jem" train --run-dir runs/fmnist-baseline --resume --baseline \
+    --depth "$DEPTH" --widen "$WIDEN" --name fmnist-baseline \
+    --iterations "$BASE_ITERS" --lr "$BASE_LR" --warmup "$BASE_WARMUP" \
+    --schedule cosine --sigma "$SIGMA" --seed "$SEED" --threads "$BASE_THREADS" \
+    --ckpt-every 500 --log-every 100 --eval-every 1000
+  publish runs/fmnist-baseline/model.safetensors models/fmnist-baseline.safetensors
+  log "baseline finished: models/fmnist-baseline.safetensors"
+}
+
+stage_jem() {
+  load_settings
+  local warm=runs/fmnist-jem-warmstart.safetensors
+  local ck
+  ck=runs/fmnist-baseline/$(printf 'ckpt-%08d.safetensors' "$WARM_AT")
+  # Wait for the baseline to reach the warm-start point (its checkpoints
+  # rotate, so copy this one as soon as it appears).
+  while [ ! -f "$warm" ]; do
+    if [ -f "$ck" ] && [ -f "${ck%.safetensors}.state" ]; then
+      sleep 5 # the pair is written model first, state second
+      cp "$ck" "$warm.tmp" && mv "$warm.tmp" "$warm"
+      log "JEM warm start: $ck -> $warm"
+    elif [ -f runs/fmnist-baseline/model.safetensors ]; then
+      cp runs/fmnist-baseline/model.safetensors "$warm.tmp" && mv "$warm.tmp" "$warm"
+      log "JEM warm start: baseline already past $WARM_AT; using its final model"
+    else
+      sleep 30
+    fi
+  done
+  local jem
+  jem=$(stage_bin jem)
+  log "JEM: WRN-$DEPTH-$WIDEN, K=$JEM_K, $JEM_ITERS iterations, lr $JEM_LR, energy L2 $JEM_L2"
+  local stop=0
+  while :; do
+    stop=$((stop + JEM_SEGMENT))
+    [ "$stop" -gt "$JEM_ITERS" ] && stop=$JEM_ITERS
+    "$jem" train --run-dir runs/fmnist-jem --resume \
+      --warm-start "$warm" --name fmnist-jem \
+      --iterations "$JEM_ITERS" --stop-at "$stop" --lr "$JEM_LR" --warmup "$JEM_WARMUP" \
+      --schedule cosine --sigma "$SIGMA" --sgld-steps "$JEM_K" --buffer-size "$JEM_BUFFER" \
+      --reinit 0.05 --energy-l2 "$JEM_L2" --seed "$SEED" --threads "$JEM_THREADS" \
+      --ckpt-every 125 --log-every 25 --eval-every 250 --replay-keep 500
+    local snap=runs/fmnist-jem/latest.safetensors
+    [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/fmnist-jem/model.safetensors
+    publish "$snap" models/fmnist-jem.safetensors
+    log "models/fmnist-jem.safetensors <- $snap (iteration $stop)"
+    [ "$stop" -ge "$JEM_ITERS" ] && break
+  done
+  log "JEM finished"
+}
+
+main() {
+  set -euo pipefail
+  cd "$(dirname "$0")/.."
+  mkdir -p runs models
+  stage_baseline > >(sed -u 's/^/[baseline] /') 2>&1 &
+  local base=$!
+  stage_jem > >(sed -u 's/^/[jem] /') 2>&1 &
+  local jemp=$!
+  local rc=0
+  wait "$base" || rc=$?
+  wait "$jemp" || rc=$?
+  log "all stages done (status $rc)"
+  return "$rc"
 }
 
 main "$@"

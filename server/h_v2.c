@@ -46,8 +46,8 @@ enum MHD_Result srv_h_v2_ready(srv_req *r) {
 }
 
 enum MHD_Result srv_h_v2_server(srv_req *r) {
-  return srv_respond_json(r, 200, json_pack("{s:s,s:s,s:[]}", "name", "jemd", "version",
-                                            JEM_VERSION, "extensions"));
+  return srv_respond_json(r, 200, json_pack("{s:s,s:s,s:[s]}", "name", "jemd", "version",
+                                            JEM_VERSION, "extensions", "binary_tensor_data"));
 }
 
 enum MHD_Result srv_h_v2_model(srv_req *r) {
@@ -79,12 +79,37 @@ enum MHD_Result srv_h_v2_model_ready(srv_req *r) {
   return srv_respond_json(r, ready ? 200 : 503, o);
 }
 
-static json_t *tensor(const char *name, const float *v, int n, int k) {
-  json_t *data = json_array();
-  for (int i = 0; i < n * k; i++) json_array_append_new(data, srv_jreal(v[i]));
+typedef struct binbuf {
+  unsigned char *p;
+  size_t len;
+} binbuf;
+
+/* One output tensor; binary ones append their little-endian bytes to bb. */
+static json_t *tensor(const char *name, const float *v, int n, int k, int binary, binbuf *bb) {
   json_t *shape = k > 1 || !strcmp(name, "logits") || !strcmp(name, "probs")
                       ? json_pack("[i,i]", n, k)
                       : json_pack("[i]", n);
+  if (binary) {
+    size_t bytes = sizeof(float) * (size_t)n * (size_t)k;
+    unsigned char *np = realloc(bb->p, bb->len + bytes);
+    if (!np) {
+      json_decref(shape);
+      return NULL;
+    }
+    bb->p = np;
+    for (size_t i = 0; i < (size_t)n * (size_t)k; i++) {
+      uint32_t u;
+      memcpy(&u, &v[i], sizeof u);
+      unsigned char *q = bb->p + bb->len + 4 * i;
+      q[0] = (unsigned char)u, q[1] = (unsigned char)(u >> 8), q[2] = (unsigned char)(u >> 16),
+      q[3] = (unsigned char)(u >> 24);
+    }
+    bb->len += bytes;
+    return json_pack("{s:s,s:s,s:o,s:{s:I}}", "name", name, "datatype", "FP32", "shape", shape,
+                     "parameters", "binary_data_size", (json_int_t)bytes);
+  }
+  json_t *data = json_array();
+  for (int i = 0; i < n * k; i++) json_array_append_new(data, srv_jreal(v[i]));
   return json_pack("{s:s,s:s,s:o,s:o}", "name", name, "datatype", "FP32", "shape", shape,
                    "data", data);
 }
@@ -97,10 +122,13 @@ static enum MHD_Result infer_respond(srv_req *r) {
   const jem_model *m = t->model->m;
   int k = m->arch.num_classes;
   json_t *outs = json_array();
-  if (c->q.want[0]) json_array_append_new(outs, tensor("logits", t->logits, t->n, k));
-  if (c->q.want[1]) json_array_append_new(outs, tensor("probs", t->probs, t->n, k));
-  if (c->q.want[2]) json_array_append_new(outs, tensor("energy", t->energy, t->n, 1));
-  if (c->q.want[3]) json_array_append_new(outs, tensor("grad_norm", t->grad_norm, t->n, 1));
+  binbuf bb = {NULL, 0};
+  const srv_v2_req *q = &c->q;
+  if (q->want[0]) json_array_append_new(outs, tensor("logits", t->logits, t->n, k, q->binary[0], &bb));
+  if (q->want[1]) json_array_append_new(outs, tensor("probs", t->probs, t->n, k, q->binary[1], &bb));
+  if (q->want[2]) json_array_append_new(outs, tensor("energy", t->energy, t->n, 1, q->binary[2], &bb));
+  if (q->want[3])
+    json_array_append_new(outs, tensor("grad_norm", t->grad_norm, t->n, 1, q->binary[3], &bb));
   for (int i = 0; i < t->n; i++) {
     float pct[JEM_NUM_SCORES];
     for (int s = 0; s < JEM_NUM_SCORES; s++) pct[s] = NAN;
@@ -109,7 +137,27 @@ static enum MHD_Result infer_respond(srv_req *r) {
   json_t *o = json_pack("{s:s,s:s,s:o}", "model_name", m->name, "model_version", "1",
                         "outputs", outs);
   if (c->q.has_id) json_object_set_new(o, "id", json_string(c->q.id));
-  return srv_respond_json(r, 200, o);
+  if (!bb.p) return srv_respond_json(r, 200, o);
+  /* binary tensor extension: JSON header, then the raw outputs in order */
+  char *js = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(9));
+  json_decref(o);
+  size_t jl = js ? strlen(js) : 0;
+  unsigned char *all = js ? malloc(jl + bb.len) : NULL;
+  if (!all) {
+    free(js);
+    free(bb.p);
+    return srv_respond_error(r, 503, "out_of_memory", "out of memory");
+  }
+  memcpy(all, js, jl);
+  memcpy(all + jl, bb.p, bb.len);
+  char hl[32];
+  snprintf(hl, sizeof hl, "%zu", jl);
+  const char *h[] = {"Inference-Header-Content-Length", hl, NULL};
+  enum MHD_Result res2 = srv_respond(r, 200, "application/octet-stream", all, jl + bb.len, h);
+  free(js);
+  free(bb.p);
+  free(all);
+  return res2;
 }
 
 enum MHD_Result srv_h_v2_infer(srv_req *r) {
@@ -119,11 +167,13 @@ enum MHD_Result srv_h_v2_infer(srv_req *r) {
   srv_model *sm = named_model(r, &res);
   if (!sm) return res;
   const char *ct = srv_req_header(r, "Content-Type");
-  if (ct && strncasecmp(ct, "application/json", 16) != 0) {
+  if (ct && strncasecmp(ct, "application/json", 16) != 0 &&
+      strncasecmp(ct, "application/octet-stream", 24) != 0) {
     srv_model_put(sm);
     srv_metrics_reject(SRV_REJ_UNSUPPORTED);
     return srv_respond_error(r, 415, "unsupported_media_type",
-                             "Content-Type must be application/json");
+                             "Content-Type must be application/json (or "
+                             "application/octet-stream with the binary tensor extension)");
   }
   const jem_model *m = sm->m;
   char err[512];
@@ -132,7 +182,20 @@ enum MHD_Result srv_h_v2_infer(srv_req *r) {
     srv_model_put(sm);
     return srv_respond_error(r, 503, "out_of_memory", "out of memory");
   }
-  int st = srv_v2_parse_infer(r->body ? r->body : "", r->body_len, m->arch.in_channels,
+  size_t json_len = r->body_len;
+  const char *ihcl = srv_req_header(r, "Inference-Header-Content-Length");
+  if (ihcl) {
+    char *end;
+    unsigned long long v = strtoull(ihcl, &end, 10);
+    if (end == ihcl || *end || v > r->body_len) {
+      srv_model_put(sm);
+      v2_ctx_free(c);
+      return srv_respond_error(r, 400, "invalid_request",
+                               "bad Inference-Header-Content-Length '%.32s'", ihcl);
+    }
+    json_len = (size_t)v;
+  }
+  int st = srv_v2_parse_infer(r->body ? r->body : "", r->body_len, json_len, m->arch.in_channels,
                               m->arch.image_size, srv_cfg.max_images, &c->q, err, sizeof err);
   if (st) {
     srv_model_put(sm);

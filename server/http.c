@@ -122,6 +122,11 @@ enum MHD_Result srv_respond(srv_req *r, int status, const char *ctype, const voi
 }
 
 enum MHD_Result srv_respond_json(srv_req *r, int status, json_t *body) {
+  return srv_respond_json_h(r, status, body, NULL);
+}
+
+enum MHD_Result srv_respond_json_h(srv_req *r, int status, json_t *body,
+                                   const char *const *headers) {
   char *s = body ? json_dumps(body, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(9))
                  : NULL;
   json_decref(body);
@@ -131,7 +136,7 @@ enum MHD_Result srv_respond_json(srv_req *r, int status, json_t *body) {
   }
   size_t len = strlen(s);
   s[len] = '\0';
-  enum MHD_Result ok = srv_respond(r, status, "application/json", s, len, NULL);
+  enum MHD_Result ok = srv_respond(r, status, "application/json", s, len, headers);
   free(s);
   return ok;
 }

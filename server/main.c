@@ -76,19 +76,22 @@ static void drain_and_stop(void) {
     srv_http_tick();
   }
   srv_http_quiesce();
-  while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < deadline &&
-         got_term == term0) {
+  while ((atomic_load(srv_metrics_inflight()) > 0 ||
+          (srv_jobs_active && srv_jobs_active() > 0)) &&
+         srv_now_ns() < deadline && got_term == term0) {
     wait_signal(20);
     srv_http_tick();
   }
   int left = atomic_load(srv_metrics_inflight());
   if (left > 0)
     srv_log(SRV_LOG_WARN, "msg=\"drain time is up; cancelling queued work\" inflight=%d", left);
+  if (srv_jobs_shutdown) srv_jobs_shutdown();
   srv_sched_stop();
   /* let the answers of cancelled requests go out */
   uint64_t grace = srv_now_ns() + 500000000ull;
   while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < grace) wait_signal(10);
   srv_http_stop();
+  if (srv_jobs_free) srv_jobs_free();
   srv_model_shutdown();
   srv_log(SRV_LOG_INFO, "msg=\"stopped\" seconds=%.3f", (double)(srv_now_ns() - t0) * 1e-9);
 }
@@ -140,6 +143,11 @@ int main(int argc, char **argv) {
   srv_model_put(sm);
   if (srv_sched_start()) {
     fprintf(stderr, "jemd: cannot start the worker pool\n");
+    return 1;
+  }
+  if (srv_jobs_start && srv_jobs_start()) {
+    fprintf(stderr, "jemd: cannot start the jobs subsystem\n");
+    srv_sched_stop();
     return 1;
   }
   int port = 0;

@@ -83,6 +83,13 @@ void srv_metrics_request(int route_idx, int status, double seconds) {
   hist_obs(&M.req_dur[row], seconds);
 }
 
+static char *(*extra[8])(void);
+static int n_extra;
+
+void srv_metrics_register(char *(*render)(void)) {
+  if (n_extra < 8) extra[n_extra++] = render;
+}
+
 void srv_metrics_reject(int reason) {
   if (reason >= 0 && reason < SRV_REJ_COUNT) atomic_fetch_add(&M.rejected[reason], 1);
 }
@@ -305,6 +312,11 @@ char *srv_metrics_render(size_t *len) {
     char lab[64];
     snprintf(lab, sizeof lab, "score=\"%s\"", jem_score_names[s]);
     hist_render(&b, "jem_ood_score", lab, &M.pct[s]);
+  }
+  for (int i = 0; i < n_extra; i++) {
+    char *t = extra[i]();
+    if (t) bprintf(&b, "%s", t);
+    free(t);
   }
   process_metrics(&b);
   if (b.oom) {

@@ -219,10 +219,23 @@ void srv_v2_req_free(srv_v2_req *q) {
   q->x = NULL;
 }
 
-int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n, srv_v2_req *out,
-                       char *err, size_t errlen) {
+static int get_bool_param(const json_t *params, const char *name) {
+  const json_t *v = json_is_object(params) ? json_object_get(params, name) : NULL;
+  return json_is_true(v);
+}
+
+int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int s, int max_n,
+                       srv_v2_req *out, char *err, size_t errlen) {
   memset(out, 0, sizeof *out);
-  json_t *j = srv_json_parse(body, len, err, errlen);
+  if (json_len > len) {
+    snprintf(err, errlen, "Inference-Header-Content-Length %zu exceeds the body (%zu bytes)",
+             json_len, len);
+    return 400;
+  }
+  /* binary tensor extension: JSON header, then raw little-endian tensors */
+  const unsigned char *bin = (const unsigned char *)body + json_len;
+  size_t bin_len = len - json_len;
+  json_t *j = srv_json_parse(body, json_len, err, errlen);
   if (!j) return 400;
   int st = 0;
   if (!json_is_object(j)) {
@@ -253,6 +266,7 @@ int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n, sr
     out->has_id = 1;
   }
   json_t *params = json_object_get(j, "parameters");
+  int all_binary = get_bool_param(params, "binary_data_output");
   if (params && !json_is_object(params)) {
     snprintf(err, errlen, "\"parameters\" must be an object");
     st = 400;
@@ -319,6 +333,51 @@ int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n, sr
   }
   size_t total = (size_t)sh[0] * (size_t)c * (size_t)s * (size_t)s;
   json_t *data = json_object_get(in, "data");
+  json_t *ip = json_object_get(in, "parameters");
+  json_t *bsz = json_is_object(ip) ? json_object_get(ip, "binary_data_size") : NULL;
+  if (ip && !json_is_object(ip)) {
+    snprintf(err, errlen, "inputs[0].parameters must be an object");
+    st = 400;
+    goto out;
+  }
+  if (bsz || bin_len) {
+    if (!bsz || !json_is_integer(bsz) || data) {
+      snprintf(err, errlen, "binary input needs inputs[0].parameters.binary_data_size and no "
+               "\"data\"; or send no bytes after the JSON header");
+      st = 400;
+      goto out;
+    }
+    if ((json_int_t)(total * sizeof(float)) != json_integer_value(bsz) ||
+        bin_len != total * sizeof(float)) {
+      snprintf(err, errlen, "binary input holds %zu bytes (binary_data_size %lld); shape "
+               "[%d, %d, %d, %d] in FP32 needs %zu", bin_len,
+               (long long)json_integer_value(bsz), sh[0], sh[1], sh[2], sh[3],
+               total * sizeof(float));
+      st = 422;
+      goto out;
+    }
+    out->x = malloc(sizeof(float) * total);
+    if (!out->x) {
+      snprintf(err, errlen, "out of memory");
+      st = 503;
+      goto out;
+    }
+    for (size_t i = 0; i < total; i++) {
+      const unsigned char *p = bin + 4 * i;
+      uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                   (uint32_t)p[3] << 24;
+      float f;
+      memcpy(&f, &u, sizeof f);
+      if (!isfinite(f)) {
+        snprintf(err, errlen, "binary input element %zu is not a finite FP32 value", i);
+        st = 422;
+        goto out;
+      }
+      out->x[i] = f;
+    }
+    out->n = sh[0];
+    goto outputs;
+  }
   if (!json_is_array(data)) {
     snprintf(err, errlen, "\"data\" must be an array of numbers (flat or nested)");
     st = 400;
@@ -349,9 +408,10 @@ int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n, sr
     if (st) goto out;
   }
   out->n = sh[0];
+outputs:;
   json_t *outs = json_object_get(j, "outputs");
   if (!outs) {
-    for (int i = 0; i < 4; i++) out->want[i] = 1;
+    for (int i = 0; i < 4; i++) out->want[i] = 1, out->binary[i] = all_binary;
   } else {
     if (!json_is_array(outs) || json_array_size(outs) == 0) {
       snprintf(err, errlen, "\"outputs\" must be a non-empty array of {\"name\": ...}");
@@ -371,6 +431,8 @@ int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n, sr
         goto out;
       }
       out->want[found] = 1;
+      json_t *op = json_object_get(o, "parameters");
+      out->binary[found] = all_binary || get_bool_param(op, "binary_data");
     }
   }
 out:

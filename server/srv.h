@@ -185,6 +185,9 @@ void srv_metrics_batch(int n);
 void srv_metrics_scores(float energy, const float pct[JEM_NUM_SCORES]);
 void srv_metrics_reload(int ok);
 atomic_int *srv_metrics_inflight(void);
+/* Extra exposition text (e.g. jobs metrics): render returns a malloc'd
+ * chunk of complete metric families, appended to /metrics.  Up to 8. */
+void srv_metrics_register(char *(*render)(void));
 /* Prometheus text format 0.0.4; malloc'd. */
 char *srv_metrics_render(size_t *len);
 
@@ -257,6 +260,8 @@ enum MHD_Result srv_respond(srv_req *r, int status, const char *ctype,
                             const char *const *headers /* name,value,...,NULL */);
 /* Steals body. */
 enum MHD_Result srv_respond_json(srv_req *r, int status, json_t *body);
+enum MHD_Result srv_respond_json_h(srv_req *r, int status, json_t *body,
+                                   const char *const *headers);
 /* Error in the route's style; code is snake_case. */
 enum MHD_Result srv_respond_error(srv_req *r, int status, const char *code,
                                   const char *fmt, ...)
@@ -354,10 +359,29 @@ typedef struct srv_v2_req {
   int n;                        /* batch */
   float *x;                     /* [n, C, H, W] */
   int want[4];                  /* logits, probs, energy, grad_norm */
+  int binary[4];                /* answer that output as raw bytes */
 } srv_v2_req;
-/* Returns 0 or an HTTP status (400/422) with err. */
-int srv_v2_parse_infer(const char *body, size_t len, int c, int s, int max_n,
+/* Returns 0 or an HTTP status (400/413/422) with err.  json_len is the
+ * Inference-Header-Content-Length (binary tensor extension: the JSON header
+ * is body[0..json_len), the input tensor's little-endian bytes follow), or
+ * len for a plain JSON body. */
+int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int s, int max_n,
                        srv_v2_req *out, char *err, size_t errlen);
 void srv_v2_req_free(srv_v2_req *q);
+
+/* ------------------------------------------------------------------------ */
+/* Optional subsystems (e.g. server/jobs.c for SGLD jobs).  main() calls them
+ * when linked in (weak symbols), in this order:
+ *   srv_jobs_start()     after the scheduler starts, before HTTP; non-zero
+ *                        aborts startup.
+ *   srv_jobs_active()    during the drain: main waits (up to --drain-seconds)
+ *                        while it or the in-flight request count is > 0.
+ *   srv_jobs_shutdown()  at the drain deadline, before srv_sched_stop():
+ *                        mark what still runs as canceled ("shutdown").
+ *   srv_jobs_free()      after the scheduler and HTTP stopped. */
+int srv_jobs_start(void) __attribute__((weak));
+int srv_jobs_active(void) __attribute__((weak));
+void srv_jobs_shutdown(void) __attribute__((weak));
+void srv_jobs_free(void) __attribute__((weak));
 
 #endif

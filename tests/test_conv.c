@@ -28,6 +28,12 @@ static const cfg CFGS[] = {
     {4, 6, 3, 2, 0, 11, 2},   /* no padding, stride 2, odd size */
     {8, 8, 3, 1, 1, 8, 4},
     {2, 3, 3, 2, 1, 7, 3},    /* odd size with stride 2 and padding */
+    {16, 32, 3, 1, 1, 16, 2}, /* direct kernel, two rows per tile */
+    {4, 5, 3, 1, 1, 16, 2},   /* direct kernel, odd channel counts */
+    {32, 3, 3, 1, 1, 32, 2},  /* transposed stem-like shape */
+    {6, 4, 3, 1, 1, 8, 3},    /* direct kernel, four rows per tile */
+    {8, 6, 3, 2, 1, 16, 3},   /* direct kernel, stride 2 to 8 wide */
+    {3, 5, 3, 2, 1, 64, 2},   /* direct kernel, stride 2 to 32 wide */
 };
 
 static jem__conv to_conv(const cfg *c) {
@@ -62,8 +68,7 @@ static void ref_conv_act(double *out, const double *x, const double *w,
   free(t);
 }
 
-static void test_conv_forward_vs_direct(void **state) {
-  (void)state;
+static void conv_forward_vs_direct(void) {
   unsigned st = 1;
   for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
     const cfg *c = &CFGS[t];
@@ -87,7 +92,7 @@ static void test_conv_forward_vs_direct(void **state) {
       ref_conv_act(ref, xd, wd, bd, c, act, 0.2);
       for (int ci = 0; ci < 3; ci++) {
         size_t need = jem__conv_col_need(&cv, n, caps[ci]);
-        assert_true(need <= caps[ci]);
+        assert_true(need <= caps[ci] || jem__conv_fast(&cv)); /* padded image */
         float *col = malloc(sizeof(float) * (need ? need : 1));
         jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, 0, col, need);
         memset(back, 0, sizeof(float) * xo);
@@ -108,6 +113,14 @@ static void test_conv_forward_vs_direct(void **state) {
     free(x); free(xc); free(w); free(b); free(out); free(back);
     free(xd); free(wd); free(bd); free(ref);
   }
+}
+
+static void test_conv_forward_vs_direct(void **state) {
+  (void)state;
+  conv_forward_vs_direct(); /* direct 3x3 kernel where the CPU has it */
+  jem__conv_set_fast(0);
+  conv_forward_vs_direct(); /* im2col everywhere */
+  jem__conv_set_fast(1);
 }
 
 /* <im2col(x), c> == <x, col2im(c)>: col2im is the adjoint of im2col. */
@@ -162,7 +175,12 @@ static void check_conv_grad(const cfg *c, int act, unsigned seed) {
   float *col = malloc(sizeof(float) * need);
   float *dw = calloc(nw, sizeof(float)), *db = calloc((size_t)c->cout, sizeof(float));
   float *dxc = calloc(xin, sizeof(float)), *dx = calloc(xin, sizeof(float));
-  jem__conv_backward(rc, xc, w, &cv, n, act, (float)leak, dw, db, dxc, col, need);
+  float *wf = NULL;
+  if (c->k == 3) {
+    wf = malloc(sizeof(float) * nw);
+    jem__conv_flip(wf, w, &cv);
+  }
+  jem__conv_backward(rc, xc, w, wf, &cv, n, act, (float)leak, dw, db, dxc, col, need);
   if (act) jem__lrelu_backward(dxc, xc, xin, (float)leak);
   jem__from_cnhw_acc(dx, dxc, n, c->cin, c->h * c->h);
 
@@ -203,25 +221,64 @@ static void check_conv_grad(const cfg *c, int act, unsigned seed) {
   /* accumulation: a second call adds the same amounts again */
   float *dw2 = malloc(sizeof(float) * nw), *db2 = malloc(sizeof(float) * c->cout);
   float *dxc2 = malloc(sizeof(float) * xin), *dxc1 = calloc(xin, sizeof(float));
-  jem__conv_backward(rc, xc, w, &cv, n, act, (float)leak, NULL, NULL, dxc1, col, need);
+  jem__conv_backward(rc, xc, w, wf, &cv, n, act, (float)leak, NULL, NULL, dxc1, col, need);
   memcpy(dw2, dw, sizeof(float) * nw);
   memcpy(db2, db, sizeof(float) * c->cout);
   memcpy(dxc2, dxc1, sizeof(float) * xin);
-  jem__conv_backward(rc, xc, w, &cv, n, act, (float)leak, dw2, db2, dxc2, col, need);
+  jem__conv_backward(rc, xc, w, wf, &cv, n, act, (float)leak, dw2, db2, dxc2, col, need);
   for (size_t i = 0; i < nw; i++) assert_true(fabs(dw2[i] - 2 * dw[i]) <= 1e-5 * (1 + fabs(dw[i])));
   for (int i = 0; i < c->cout; i++) assert_true(fabs(db2[i] - 2 * db[i]) <= 1e-5 * (1 + fabs(db[i])));
   for (size_t i = 0; i < xin; i++) assert_true(fabs(dxc2[i] - 2 * dxc1[i]) <= 1e-5 * (1 + fabs(dxc1[i])));
-  free(dw2); free(db2); free(dxc2); free(dxc1);
+  free(dw2); free(db2); free(dxc2); free(dxc1); free(wf);
   free(x); free(xc); free(w); free(r); free(rc); free(b); free(col);
   free(dw); free(db); free(dxc); free(dx); free(xd); free(wd); free(bd); free(o);
 }
 
 static void test_conv_grad(void **state) {
   (void)state;
-  for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
-    check_conv_grad(&CFGS[t], 0, 100 + (unsigned)t);
-    check_conv_grad(&CFGS[t], 1, 200 + (unsigned)t);
+  for (int fast = 1; fast >= 0; fast--) {
+    jem__conv_set_fast(fast);
+    for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
+      check_conv_grad(&CFGS[t], 0, 100 + (unsigned)t);
+      check_conv_grad(&CFGS[t], 1, 200 + (unsigned)t);
+    }
   }
+  jem__conv_set_fast(1);
+}
+
+/* The direct kernel and im2col agree closely on every shape it takes. */
+static void test_fast_matches_im2col(void **state) {
+  (void)state;
+  unsigned st = 9;
+  int used = 0;
+  for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
+    const cfg *c = &CFGS[t];
+    jem__conv cv = to_conv(c);
+    if (!jem__conv_fast(&cv)) continue;
+    used++;
+    const int n = c->n;
+    size_t xin = (size_t)n * c->cin * c->h * c->h;
+    size_t xo = (size_t)n * c->cout * cv.hout * cv.wout;
+    size_t nw = (size_t)c->cout * c->cin * 9;
+    float *x = malloc(sizeof(float) * xin), *w = malloc(sizeof(float) * nw);
+    float *b = malloc(sizeof(float) * c->cout), *o1 = malloc(sizeof(float) * xo);
+    float *o2 = malloc(sizeof(float) * xo);
+    ref_fill(x, xin, &st, -1, 1);
+    ref_fill(w, nw, &st, -1, 1);
+    ref_fill(b, (size_t)c->cout, &st, -1, 1);
+    size_t need = jem__conv_col_need(&cv, n, (size_t)1 << 20);
+    float *col = malloc(sizeof(float) * need);
+    jem__conv_forward(o1, x, w, b, &cv, n, 1, 0.2f, 0, col, need);
+    jem__conv_set_fast(0);
+    jem__conv_forward(o2, x, w, b, &cv, n, 1, 0.2f, 0, col, need);
+    jem__conv_set_fast(1);
+    for (size_t i = 0; i < xo; i++)
+      if (fabs(o1[i] - o2[i]) > 1e-5 * (1 + fabs(o2[i])))
+        fail_msg("cfg %zu: out[%zu] direct %g im2col %g", t, i, (double)o1[i], (double)o2[i]);
+    free(x); free(w); free(b); free(o1); free(o2); free(col);
+  }
+  /* on CPUs without AVX2+FMA the direct kernel is never used */
+  print_message("direct kernel used for %d of %zu shapes\n", used, sizeof CFGS / sizeof *CFGS);
 }
 
 static void test_lrelu_grad(void **state) {
@@ -351,6 +408,7 @@ int main(void) {
       cmocka_unit_test(test_conv_forward_vs_direct),
       cmocka_unit_test(test_im2col_adjoint),
       cmocka_unit_test(test_conv_grad),
+      cmocka_unit_test(test_fast_matches_im2col),
       cmocka_unit_test(test_lrelu_grad),
       cmocka_unit_test(test_pool_grad),
       cmocka_unit_test(test_linear_grad),

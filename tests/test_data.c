@@ -276,13 +276,13 @@ static void test_split_deterministic(void **state) {
     assert_memory_equal(v1.x + i * 4, all.x + v1.index[i] * 4,
                         4 * sizeof(float));
   }
+  jem_dataset_free(&t2); jem_dataset_free(&v2); jem_dataset_free(&v3);
+  jem_dataset_free(&v1);
+  jem_dataset_free(&t1);
   assert_int_equal(jem_dataset_split(&all, 0, 1, &t1, NULL, err, sizeof err),
                    JEM_EINVAL);
   assert_int_equal(jem_dataset_split(&all, 100, 1, &t1, NULL, err, sizeof err),
                    JEM_EINVAL);
-  jem_dataset_free(&t2); jem_dataset_free(&v2); jem_dataset_free(&v3);
-  jem_dataset_free(&v1);
-  jem_dataset_free(&t1);
   jem_dataset_free(&all);
   jem_idx_free(&im);
   jem_idx_free(&lab);

@@ -159,10 +159,24 @@ log "USER $user; HEALTHCHECK $hc"
 work=$(mktemp -d /var/tmp/jemd-smoke.XXXXXX)
 rootfs=$work/rootfs
 mkdir -p "$rootfs"
+# The mounts live in a private namespace, so the exported tree is plain files;
+# on failure keep the logs in $work but not the 160 MB tree.
+trap 'rm -rf "$rootfs"; [ -d "$work" ] && echo "smoke test files: $work" >&2' EXIT
 cid=$(podman create --health-cmd none "$TAG")
 podman export "$cid" | tar --numeric-owner -C "$rootfs" -x
 podman rm -f "$cid" >/dev/null
 podman image inspect "$TAG" >"$work/inspect.json"
+# The Kubernetes preStop hook execs a binary from the image: it must be there.
+prestop=$(/usr/bin/python3 -c '
+import sys, yaml
+d = yaml.safe_load(open(sys.argv[1]))
+c = d["spec"]["template"]["spec"]["containers"][0]
+print(((c.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command", [""])[0])
+' "$REPO/deploy/k8s/deployment.yaml")
+if [ -n "$prestop" ]; then
+  [ -x "$rootfs$prestop" ] || die "k8s preStop runs $prestop, which the image lacks"
+  log "k8s preStop binary $prestop is in the image"
+fi
 
 port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # A real Fashion-MNIST test image (label known) as PNG, or the repo's sample.
@@ -278,5 +292,6 @@ if abs(sum(r["probs"]) - 1) > 1e-3:
 print("classified as %d (%s, confidence %.3f); true label %s" %
       (r["label"], r["class"], r["confidence"], want if want >= 0 else "unknown"))
 EOF
+trap - EXIT
 rm -rf "$work"
 log "smoke test passed"

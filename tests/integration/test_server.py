@@ -166,6 +166,8 @@ class Client:
         js = None
         if method == "HEAD":
             check(data == b"", "HEAD answers without a body")
+        elif h.get("content-type", "") == "application/octet-stream":
+            pass
         elif h.get("content-type", "").startswith("application/json"):
             try:
                 js = json.loads(data)
@@ -314,6 +316,25 @@ def test_routes(c, imgs, model_name):
     check(len(out2["outputs"]) == 1 and rel_close(out2["outputs"][0]["data"],
                                                   names["energy"]["data"]),
           "v2 nested data and output selection")
+    # binary tensor extension (what Triton's clients send by default)
+    hdr = json.dumps({"inputs": [{"name": "input", "shape": [2, 1, 32, 32], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": x.nbytes}}],
+                      "outputs": [{"name": "energy", "parameters": {"binary_data": True}},
+                                  {"name": "logits"}]}).encode()
+    st, h, data = c.call("POST", f"/v2/models/{model_name}/infer", hdr + x.astype("<f4").tobytes(),
+                         {"Content-Type": "application/octet-stream",
+                          "Inference-Header-Content-Length": str(len(hdr))}, 200, "binary infer")
+    jl = int(h.get("inference-header-content-length", "0"))
+    head = json.loads(data[:jl])
+    energy = np.frombuffer(data[jl:], dtype="<f4")
+    hb = {o["name"]: o for o in head["outputs"]}
+    check(hb["energy"]["parameters"]["binary_data_size"] == 8 and len(energy) == 2 and
+          "data" not in hb["energy"], "binary output header and size")
+    check(rel_close([float(v) for v in energy], names["energy"]["data"]) and
+          rel_close(hb["logits"]["data"], names["logits"]["data"]), "binary == JSON results")
+    c.call("POST", f"/v2/models/{model_name}/infer", hdr + b"\0" * 12,
+           {"Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(hdr))}, 422, "binary size mismatch")
     c.call("HEAD", "/healthz", expect=200, what="HEAD on a GET route")
 
 
@@ -564,6 +585,19 @@ def concurrency(c, d, imgs):
     return ni / max(nb, 1)
 
 
+def wait_queued(d, at_least=1, timeout=20):
+    """Waits until the scoring queue holds at least this many images."""
+    end = time.time() + timeout
+    while time.time() < end:
+        st, _, m = d.request("GET", "/metrics")
+        v = metric_value(m.decode(), "jem_queue_depth")
+        if v is not None and v >= at_least:
+            return v
+        time.sleep(0.005)
+    check(False, f"the queue never reached {at_least} images")
+    return 0
+
+
 def test_metrics(d):
     st, h, text = d.request("GET", "/metrics")
     p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
@@ -710,17 +744,17 @@ def main():
         ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         ns.bind(nsock_path)
         ns.settimeout(10)
-        # one worker, batches of one image: a 40-image request keeps the
+        # one worker, batches of one image: a 240-image request keeps the
         # worker busy and the queue occupied long enough to observe
         d3 = jemtest.Daemon(jemd, model, "--workers", "1", "--max-batch", "1",
-                            "--queue-size", "40", "--drain-seconds", "10", "--drain-delay", "1",
+                            "--queue-size", "250", "--drain-seconds", "20", "--drain-delay", "1",
                             env={"NOTIFY_SOCKET": nsock_path})
         c3 = Client(d3)
         try:
             check(ns.recv(256).startswith(b"READY=1"), "sd_notify READY=1")
             H = {"Content-Type": "image/png"}
             J = {"Content-Type": "application/json"}
-            blocker = json.dumps({"images": [base64.b64encode(imgs[0]).decode()] * 40})
+            blocker = json.dumps({"images": [base64.b64encode(imgs[0]).decode()] * 240})
             res = {}
 
             def bg(key, body=blocker, hdrs=J, path="/v1/classify"):
@@ -730,22 +764,22 @@ def main():
                     res[key] = (repr(e), None, None)
             t1 = threading.Thread(target=bg, args=("a",))
             t1.start()
-            time.sleep(0.1)
+            wait_queued(d3, 230)
             st, h, js = c3.call("POST", "/v1/classify", json.dumps(
                 {"images": [base64.b64encode(imgs[1]).decode()] * 30}), J, 503, "queue full")
             check(h.get("retry-after") == "1" and isinstance(js, dict) and
                   js.get("error", {}).get("code") == "queue_full", "503 queue_full with Retry-After")
             t1.join()
-            check(res["a"][0] == 200 and len(res["a"][2]["results"]) == 40,
+            check(res["a"][0] == 200 and len(res["a"][2]["results"]) == 240,
                   "the queued request completes")
             # a client that leaves while queued: its work is dropped
             t1 = threading.Thread(target=bg, args=("b",))
             t1.start()
-            time.sleep(0.05)
+            wait_queued(d3, 200)
             s = socket.create_connection(("127.0.0.1", d3.port))
             s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                       b"Content-Length: %d\r\n\r\n" % len(imgs[3]) + imgs[3])
-            time.sleep(0.1)
+            time.sleep(0.05)
             s.close()
             t1.join()
             time.sleep(0.2)
@@ -773,9 +807,10 @@ def main():
             check("model reload failed" in d3.log(), "failed reload is logged")
             c3.call("POST", "/v1/classify?grad=false", imgs[0], H, 200, "serving after bad reload")
             # drain: a queued request finishes, readiness turns 503, exit 0
-            t3 = threading.Thread(target=bg, args=("c",))
+            small = json.dumps({"images": [base64.b64encode(imgs[0]).decode()] * 60})
+            t3 = threading.Thread(target=bg, args=("c", small))
             t3.start()
-            time.sleep(0.1)
+            wait_queued(d3, 30)
             t0 = time.time()
             d3.signal(signal.SIGTERM)
             time.sleep(0.3)
@@ -785,7 +820,7 @@ def main():
             rc = d3.wait(15)
             t3.join()
             check(rc == 0, f"drain exits 0 ({rc})")
-            check(time.time() - t0 < 10 + 2, "drain within --drain-seconds")
+            check(time.time() - t0 < 20 + 2, "drain within --drain-seconds")
             check(res["c"][0] == 200, f"in-flight request completed during drain: {res['c'][0]}")
             msgs = []
             try:

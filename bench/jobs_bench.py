@@ -1,0 +1,220 @@
+#!/usr/bin/python3
+"""jobs_bench.py - part of `make bench-server`: SGLD jobs against scoring latency.
+
+1. p99 latency of POST /v1/classify (one PNG, with gradient) at 4 connections
+   (wrk, ~--seconds each), idle and while two jobs (n=16, steps=1000) run; the
+   target is p99(jobs) <= 2 x p99(idle), with the jobs still progressing (their
+   steps/s are reported).
+2. SGLD throughput of a lone job (chain-steps/s = n * steps / run time, from
+   the job's started_at/finished_at) against the core's in-process figure for
+   the same work: `jem sample` with the same n and steps and the daemon's BLAS
+   thread count, timed with steps=K minus steps=0 (model load and start-up
+   excluded).
+
+Uses models/fmnist-jem.safetensors, else a random WRN-10-1.  A running
+`jem train` is paused (SIGSTOP) for the duration and always resumed.
+
+usage: /usr/bin/python3 bench/jobs_bench.py --build build [--seconds 10]
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+import jemtest  # noqa: E402
+
+WRK_LUA = """
+local f = assert(io.open(os.getenv("JEM_JOBS_BENCH_PNG"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "image/png"
+"""
+JSON = {"Content-Type": "application/json"}
+
+
+def pause_training():
+    """SIGSTOPs running `jem train` processes; returns their pids."""
+    # also renamed copies such as runs/bin/jem-baseline
+    p = subprocess.run(["pgrep", "-f", "(^|/)jem[^ /]* train( |$)"], capture_output=True,
+                       text=True)
+    pids = [int(x) for x in p.stdout.split() if int(x) != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def resume(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def ms(s):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", s)
+    v = float(m.group(1))
+    return {"us": v / 1000, "ms": v, "s": v * 1000, "m": v * 60000}[m.group(2)]
+
+
+def wrk_run(port, png, seconds, lua):
+    env = dict(os.environ, JEM_JOBS_BENCH_PNG=png)
+    p = subprocess.run(["wrk", "-t1", "-c4", "-d%ds" % seconds, "--latency", "-s", lua,
+                        "http://127.0.0.1:%d/v1/classify" % port],
+                       capture_output=True, text=True, env=env, timeout=seconds + 60)
+    out = p.stdout
+    pct = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if "99" not in pct or not rps:
+        raise RuntimeError("cannot parse wrk output:\n" + out + p.stderr)
+    return {"p50_ms": ms(pct["50"]), "p99_ms": ms(pct["99"]), "rps": float(rps.group(1)),
+            "non2xx": int(errs.group(1)) if errs else 0}
+
+
+def job(d, body):
+    st, _, o = d.json("POST", "/v1/samples", json.dumps(body), JSON)
+    if st != 202:
+        raise RuntimeError("POST /v1/samples: %s %s" % (st, o))
+    return o["id"]
+
+
+def get(d, jid):
+    return d.json("GET", "/v1/jobs/" + jid)[2]
+
+
+def wait(d, jid, timeout=900):
+    end = time.time() + timeout
+    while time.time() < end:
+        o = get(d, jid)
+        if o["status"] in ("succeeded", "failed", "canceled"):
+            return o
+        time.sleep(0.05)
+    raise RuntimeError("job %s did not finish" % jid)
+
+
+def ts(s):
+    return datetime.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def cli_seconds(jem, model, n, steps, threads):
+    """Wall time of `jem sample` SGLD work: steps=K minus steps=0, best of 2."""
+    def once(k):
+        t0 = time.perf_counter()
+        subprocess.run([jem, "sample", model, "--n", str(n), "--steps", str(k), "--seed", "1",
+                        "--init", "noise", "--threads", str(threads)],
+                       check=True, capture_output=True, timeout=900)
+        return time.perf_counter() - t0
+    base = min(once(0) for _ in range(2))
+    return min(once(steps) for _ in range(2)) - base
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--lone-steps", type=int, default=300)
+    args = ap.parse_args()
+    b = args.build if os.path.isabs(args.build) else os.path.join(ROOT, args.build)
+    jemd, jem = os.path.join(b, "jemd"), os.path.join(b, "jem")
+    if not shutil.which("wrk"):
+        print("jobs_bench: wrk is not installed (make deps-bench)", file=sys.stderr)
+        return 1
+    tmp = tempfile.mkdtemp(prefix="jem_jobs_bench_")
+    # SIGTERM/SIGHUP also run the finally below, so training always resumes
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(130))
+    paused = pause_training()
+    d = None
+    try:
+        if paused:
+            print("jobs_bench: paused jem train (pids %s)" % paused)
+        model = os.path.join(ROOT, "models", "fmnist-jem.safetensors")
+        if not os.path.exists(model):
+            model = os.path.join(tmp, "random.safetensors")
+            jemtest.write_model(model, seed=0, name="random", ood=False)
+            print("jobs_bench: models/fmnist-jem.safetensors missing; random WRN-10-1")
+        png = os.path.join(tmp, "img.png")
+        with open(png, "wb") as f:
+            f.write(jemtest.test_images(1)[0])
+        lua = os.path.join(tmp, "post.lua")
+        with open(lua, "w") as f:
+            f.write(WRK_LUA)
+        d = jemtest.Daemon(jemd, model, "--log-level", "warn", "--max-steps", "2000")
+        cores = os.cpu_count()
+        wl = [l for l in d.request("GET", "/metrics")[2].decode().splitlines()
+              if l.startswith("jem_workers ")]
+        workers = int(wl[0].split()[1]) if wl else cores
+        blas = max(1, cores // workers)
+        print("jobs_bench: model %s, %d CPUs, %d workers, %d BLAS thread(s) each"
+              % (os.path.basename(model), cores, workers, blas))
+        wrk_run(d.port, png, 2, lua)  # warm-up
+        idle = wrk_run(d.port, png, args.seconds, lua)
+        ids = [job(d, {"n": 16, "steps": 1000, "seed": s, "init": "noise"}) for s in (1, 2)]
+        end = time.time() + 60
+        while time.time() < end and any(get(d, j)["progress"]["step"] == 0 for j in ids):
+            time.sleep(0.05)
+        s0 = [get(d, j)["progress"]["step"] for j in ids]
+        t0 = time.time()
+        busy = wrk_run(d.port, png, args.seconds, lua)
+        t1 = time.time()
+        after = [get(d, j) for j in ids]
+        s1 = [o["progress"]["step"] for o in after]
+        rates = [(b1 - a0) / (t1 - t0) for a0, b1 in zip(s0, s1)]
+        for j in ids:
+            d.json("DELETE", "/v1/jobs/" + j)
+        ratio = busy["p99_ms"] / idle["p99_ms"]
+        print("classify p99 at 4 connections: idle %.2f ms (p50 %.2f, %.0f req/s), with two "
+              "jobs %.2f ms (p50 %.2f, %.0f req/s): %.2fx (target <= 2x) %s"
+              % (idle["p99_ms"], idle["p50_ms"], idle["rps"], busy["p99_ms"], busy["p50_ms"],
+                 busy["rps"], ratio, "OK" if ratio <= 2 else "OVER TARGET"))
+        print("jobs while scoring: %s steps/s (%s chain-steps/s), still progressing: %s"
+              % (", ".join("%.1f" % r for r in rates), ", ".join("%.0f" % (16 * r) for r in rates),
+                 all(r > 0 for r in rates)))
+        if idle["non2xx"] or busy["non2xx"]:
+            print("warning: non-2xx answers: idle %d, jobs %d" % (idle["non2xx"], busy["non2xx"]))
+        # 2. a lone job vs the core in process
+        n, k = 16, args.lone_steps
+        o = wait(d, job(d, {"n": n, "steps": k, "seed": 1, "init": "noise"}))
+        run_s = ts(o["finished_at"]) - ts(o["started_at"])
+        srv = n * k / run_s
+        cli_s = cli_seconds(jem, model, n, k, blas)
+        core = n * k / cli_s
+        print("SGLD throughput, n=%d steps=%d: lone job %.0f chain-steps/s (%.2f s), core in "
+              "process (jem sample --threads %d) %.0f chain-steps/s (%.2f s): ratio %.2f"
+              % (n, k, srv, run_s, blas, core, cli_s, srv / core))
+        print("JSON " + json.dumps({"idle": idle, "jobs": busy, "p99_ratio": round(ratio, 3),
+                                    "job_steps_per_s": [round(r, 2) for r in rates],
+                                    "lone_job_chain_steps_per_s": round(srv, 1),
+                                    "core_chain_steps_per_s": round(core, 1),
+                                    "throughput_ratio": round(srv / core, 3)}))
+        return 0
+    finally:
+        if d:
+            d.signal(signal.SIGTERM)
+            try:
+                d.wait(30)
+            except subprocess.TimeoutExpired:
+                d.kill()
+        resume(paused)
+        if paused:
+            print("jobs_bench: resumed jem train")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
