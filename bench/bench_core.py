@@ -5,19 +5,18 @@ Runs build/bench/bench_core (forward and energy-gradient images/s at batch 1
 and 64, best of 1 and 2 BLAS threads), then the same figures in PyTorch for
 the same architecture and the same weights (PyTorch at its best of 1 and 2
 threads per figure, torch.no_grad() for forward-only), and prints a table with
-the ratios and the targets (1.5x at batch 64, 2x at batch 1).  It also times
-one JEM training iteration (batch 64, K=20 SGLD steps, replay buffer 10000,
-reinit 0.05, Adam) in the core's trainer and the same iteration written as in
-the official train_wrn_ebm.py in PyTorch (target: 1.4x faster).
+the ratios and the targets (1.5x at batch 64, 2x at batch 1).  (The training
+iteration is compared by bench_train.py.)
 
 The model: --model, else models/fmnist-jem.safetensors, else a random
 WRN-10-1 (1x32x32, 10 classes, PyTorch default init, seed 0) written to a
 temporary file with tests/ref/make_golden.py's writer.  Without torch only the
 core's figures are printed.
 
-A running `jem train` (any jem binary) would make the figures meaningless: by default it is
-paused (SIGSTOP) for the run and resumed (SIGCONT) afterwards, whatever
-happens; --no-pause refuses instead, --force measures anyway.
+A running `jem train` (any jem binary) would make the figures meaningless:
+by default it is paused (SIGSTOP) for the run and resumed (SIGCONT)
+afterwards, whatever happens; --no-pause refuses instead, --force measures
+anyway.
 
 usage: /usr/bin/python3 bench/bench_core.py --build build [--seconds 2]
 """
@@ -37,7 +36,6 @@ ROOT = os.path.dirname(HERE)
 DEFAULT_MODEL = os.path.join("models", "fmnist-jem.safetensors")
 FIGURES = [("forward", 1), ("forward", 64), ("energy_grad", 1), ("energy_grad", 64)]
 TARGET = {1: 2.0, 64: 1.5}
-TRAIN_TARGET = 1.4
 THREADS = (1, 2)
 
 try:
@@ -104,7 +102,7 @@ def run_core(args, model):
     exe = os.path.join(args.build, "bench", "bench_core")
     if not os.access(exe, os.X_OK):
         sys.exit(f"bench_core.py: {exe} not found; build it with `make {exe}`")
-    cmd = [exe, "--seconds", str(args.seconds), "--train-iters", str(args.train_iters)]
+    cmd = [exe, "--seconds", str(args.seconds)]
     if model:
         cmd.append(model)
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,8 +114,7 @@ def run_core(args, model):
         if rec["kind"] == "info":
             info = rec
         elif rec["kind"] == "best":
-            best[(rec["figure"], rec["batch"])] = (rec.get("img_s", rec.get("s_per_iter")),
-                                                   rec["threads"])
+            best[(rec["figure"], rec["batch"])] = (rec["img_s"], rec["threads"])
         elif rec["kind"] == "measure":
             runs.append(rec)
     return info, best, runs
@@ -181,64 +178,7 @@ def run_torch(args, model_path):
             runs.append({"figure": fig, "batch": b, "threads": t, "img_s": ips})
             if ips > best.get((fig, b), (0, 0))[0]:
                 best[(fig, b)] = (ips, t)
-    if args.train_iters > 0:
-        for t in THREADS:
-            torch.set_num_threads(t)
-            step = jem_train_iteration(g, model_path, a, args.train_iters)
-            step()  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(args.train_iters):
-                step()
-            per = (time.perf_counter() - t0) / args.train_iters
-            runs.append({"figure": "train_iter", "batch": 64, "threads": t, "s_per_iter": per})
-            if ("train_iter", 64) not in best or per < best[("train_iter", 64)][0]:
-                best[("train_iter", 64)] = (per, t)
     return best, runs
-
-
-def jem_train_iteration(g, model_path, a, n):
-    """One iteration of the official JEM objective (train_wrn_ebm.py with its
-    defaults: p(x) + p(y|x), batch 64, sgld_lr 1, sgld_std 0.01, 20 steps,
-    buffer 10000, reinit 0.05, Adam), on random data of the model's shape."""
-    import torch.nn.functional as F
-    model = g.CCF(a["depth"], a["widen"], a["num_classes"], a["in_channels"], a.get("leak", 0.2))
-    g.read_model(model_path, model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
-    B, K, buf_n, c, s = 64, 20, 10000, a["in_channels"], a["image_size"]
-    gen = torch.Generator().manual_seed(8)
-    data_x = torch.rand(1024, c, s, s, generator=gen) * 2 - 1
-    data_y = torch.randint(0, a["num_classes"], (1024,), generator=gen)
-    buffer = torch.rand(buf_n, c, s, s) * 2 - 1
-
-    def sample_q():
-        idx = torch.randint(0, buf_n, (B,))
-        x0 = buffer[idx]
-        fresh = torch.rand(B, c, s, s) * 2 - 1
-        keep = (torch.rand(B) >= 0.05).float()[:, None, None, None]
-        x_k = (keep * x0 + (1 - keep) * fresh).clone().requires_grad_(True)
-        model.eval()
-        for _ in range(K):
-            f_prime = torch.autograd.grad(model(x_k).sum(), [x_k], retain_graph=True)[0]
-            x_k.data += 1.0 * f_prime + 0.01 * torch.randn_like(x_k)
-        model.train()
-        xq = x_k.detach()
-        buffer[idx] = xq
-        return xq
-
-    def step():
-        i1 = torch.randint(0, 1024, (B,))
-        i2 = torch.randint(0, 1024, (B,))
-        x_lab = data_x[i1] + 0.03 * torch.randn(B, c, s, s)
-        y_lab = data_y[i1]
-        x_p_d = data_x[i2] + 0.03 * torch.randn(B, c, s, s)
-        x_q = sample_q()
-        l_px = -(model(x_p_d).mean() - model(x_q).mean())
-        l_pyx = F.cross_entropy(model.classify(x_lab), y_lab)
-        loss = l_px + l_pyx
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return step
 
 
 # --------------------------------------------------------------------------
@@ -255,8 +195,6 @@ def main():
     ap.add_argument("--no-pause", action="store_true",
                     help="refuse instead of pausing a running `jem train`")
     ap.add_argument("--no-torch", action="store_true", help="only the core's figures")
-    ap.add_argument("--train-iters", type=int, default=3,
-                    help="training iterations timed per thread setting (0: skip)")
     args = ap.parse_args()
     os.chdir(ROOT)
     if not args.build.startswith("/"):
@@ -337,18 +275,6 @@ def main():
                       f"{TARGET[b]:>6.1f}x  {'yes' if met else 'NO'}")
             else:
                 print(f"{label:<22} {ci:>9.1f} ({ct} th) {'-':>16} {'-':>7} {TARGET[b]:>6.1f}x")
-        if ("train_iter", 64) in cbest:
-            cs, ct = cbest[("train_iter", 64)]
-            label = "train iter (K=20, b64)"
-            if tbest and ("train_iter", 64) in tbest:
-                ts, tt = tbest[("train_iter", 64)]
-                ratio = ts / cs
-                met = ratio >= TRAIN_TARGET
-                all_met &= met
-                print(f"{label:<22} {cs:>7.3f} s ({ct} th) {ts:>7.3f} s ({tt} th) {ratio:>6.2f}x "
-                      f"{TRAIN_TARGET:>6.1f}x  {'yes' if met else 'NO'}")
-            else:
-                print(f"{label:<22} {cs:>7.3f} s ({ct} th) {'-':>16} {'-':>7} {TRAIN_TARGET:>6.1f}x")
         if tbest:
             print("\nall targets met" if all_met else "\nsome targets NOT met")
         return 0

@@ -327,8 +327,13 @@ int cmd_train(int argc, char **argv) {
     for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 1;
     char *cmd = malloc(len);
     if (cmd) {
+      /* --stop-at only splits a run into segments: leave it out. */
       strcpy(cmd, "jem");
-      for (int i = 0; i < argc; i++) { strcat(cmd, " "); strcat(cmd, argv[i]); }
+      for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--stop-at") && i + 1 < argc) { i++; continue; }
+        strcat(cmd, " ");
+        strcat(cmd, argv[i]);
+      }
       json_object_set_new(prov, "command", json_string(cmd));
       free(cmd);
     }

@@ -431,7 +431,21 @@ void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
             if (s == 1) {
               if (cnt > 0) add_to(d, sr, (size_t)cnt);
             } else {
-              for (int i = 0; i < cnt; i++) d[i * s] += sr[i];
+              int i = 0;
+#if defined(__SSE2__)
+              if (s == 2) {
+                /* d[2i] += sr[i]: interleave with zeros and add; stops one
+                 * short so that d[2 cnt - 1] is never touched */
+                const __m128 z = _mm_setzero_ps();
+                for (; i + 4 < cnt; i += 4) {
+                  __m128 t = _mm_loadu_ps(sr + i);
+                  float *q = d + 2 * i;
+                  _mm_storeu_ps(q, _mm_add_ps(_mm_loadu_ps(q), _mm_unpacklo_ps(t, z)));
+                  _mm_storeu_ps(q + 4, _mm_add_ps(_mm_loadu_ps(q + 4), _mm_unpackhi_ps(t, z)));
+                }
+              }
+#endif
+              for (; i < cnt; i++) d[i * s] += sr[i];
             }
           }
         }

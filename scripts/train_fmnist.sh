@@ -12,8 +12,9 @@
 #   nohup nice -n 5 scripts/train_fmnist.sh > runs/train.log 2>&1 &
 #
 # Settings may be overridden by the environment or by runs/train_fmnist.env
-# (sourced before each stage starts).  Changing a stage's settings after it
-# started breaks its resume (the trainer refuses or the schedule changes).
+# (sourced when a stage starts, and before every JEM segment so that
+# JEM_THREADS can follow the machine's load).  Changing any other setting of a
+# stage after it started breaks its resume (refused, or a changed schedule).
 # Outputs: runs/<stage>/{ckpt-*,log.csv,best,latest,model}.safetensors;
 # models/fmnist-baseline.safetensors and models/fmnist-jem.safetensors are
 # refreshed as the stages progress.
@@ -30,11 +31,11 @@ load_settings() {
   BASE_LR=${BASE_LR:-1e-3}
   BASE_WARMUP=${BASE_WARMUP:-500}
   BASE_THREADS=${BASE_THREADS:-1}
-  WARM_AT=${WARM_AT:-4000}           # baseline checkpoint used as warm start
+  WARM_AT=${WARM_AT:-6000}           # baseline checkpoint used as warm start
   JEM_ITERS=${JEM_ITERS:-3000}
   JEM_SEGMENT=${JEM_SEGMENT:-250}    # models/fmnist-jem.safetensors refresh
   JEM_K=${JEM_K:-10}
-  JEM_LR=${JEM_LR:-2e-4}
+  JEM_LR=${JEM_LR:-1e-4}
   JEM_WARMUP=${JEM_WARMUP:-200}
   JEM_L2=${JEM_L2:-0.1}
   JEM_BUFFER=${JEM_BUFFER:-10000}
@@ -49,10 +50,11 @@ log() { echo "== $(date -u +%FT%TZ) $*"; }
 
 # A private copy of the binary per stage, taken when the stage first starts:
 # rebuilding the tree mid-run (or a broken build) must not touch a run.
+# (runs/bin/STAGE/jem, so that `pgrep -f 'jem train'` finds the runs.)
 stage_bin() {
-  local b=runs/bin/jem-$1
+  local b=runs/bin/$1/jem
   if [ ! -x "$b" ]; then
-    mkdir -p runs/bin
+    mkdir -p "runs/bin/$1"
     make -s build/jem >&2
     cp build/jem "$b.tmp" && mv "$b.tmp" "$b"
   fi
@@ -98,9 +100,11 @@ stage_jem() {
   done
   local jem
   jem=$(stage_bin jem)
+  load_settings
   log "JEM: WRN-$DEPTH-$WIDEN, K=$JEM_K, $JEM_ITERS iterations, lr $JEM_LR, energy L2 $JEM_L2"
   local stop=0
   while :; do
+    load_settings
     stop=$((stop + JEM_SEGMENT))
     [ "$stop" -gt "$JEM_ITERS" ] && stop=$JEM_ITERS
     "$jem" train --run-dir runs/fmnist-jem --resume \

@@ -199,7 +199,7 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   enum MHD_Result res;
   score_ctx *c = NULL;
   srv_blob *imgs = NULL;
-  int n = 0, owned_blobs = 1;
+  int n = 0;
   if ((v = srv_req_query(r, "top_k"))) {
     if (parse_int(v, &top_k) || top_k < 1 || top_k > m->arch.num_classes) {
       res = srv_respond_error(r, 400, "invalid_parameter",
@@ -280,7 +280,6 @@ enum MHD_Result srv_h_classify(srv_req *r) {
                             mt);
     goto out;
   }
-  (void)owned_blobs;
   c = calloc(1, sizeof *c);
   if (!c) goto oom;
   c->t = calloc(1, sizeof *c->t);

@@ -135,7 +135,6 @@ enum MHD_Result srv_respond_json_h(srv_req *r, int status, json_t *body,
     return srv_respond(r, 500, "application/json", oom, sizeof oom - 1, NULL);
   }
   size_t len = strlen(s);
-  s[len] = '\0';
   enum MHD_Result ok = srv_respond(r, status, "application/json", s, len, headers);
   free(s);
   return ok;
@@ -485,7 +484,14 @@ int srv_http_start(int *port) {
 }
 
 void srv_http_quiesce(void) {
-  if (D && quiesced_fd == MHD_INVALID_SOCKET) quiesced_fd = MHD_quiesce_daemon(D);
+  if (D && quiesced_fd == MHD_INVALID_SOCKET) {
+    quiesced_fd = MHD_quiesce_daemon(D);
+    /* MHD no longer polls the socket but it stays open until
+     * MHD_stop_daemon; shutting it down now refuses new connections at once
+     * (and resets those still in the backlog) instead of leaving them
+     * hanging until the drain ends. */
+    if (quiesced_fd != MHD_INVALID_SOCKET) shutdown(quiesced_fd, SHUT_RDWR);
+  }
 }
 
 void srv_http_stop(void) {

@@ -38,6 +38,18 @@ static void wait_signal(int ms) {
   }
 }
 
+static uint64_t wd_interval, wd_last;
+
+/* Periodic duties of the main thread: the request deadline sweep and the
+ * systemd watchdog ping. */
+static void housekeeping(void) {
+  srv_http_tick();
+  if (wd_interval && srv_now_ns() - wd_last >= wd_interval) {
+    srv_sd_notify("WATCHDOG=1");
+    wd_last = srv_now_ns();
+  }
+}
+
 static void reload(void) {
   char err[512];
   srv_sd_notify("RELOADING=1");
@@ -73,14 +85,14 @@ static void drain_and_stop(void) {
   if (delay_end > deadline) delay_end = deadline;
   while (srv_now_ns() < delay_end && got_term == term0) {
     wait_signal(100);
-    srv_http_tick();
+    housekeeping();
   }
   srv_http_quiesce();
   while ((atomic_load(srv_metrics_inflight()) > 0 ||
           (srv_jobs_active && srv_jobs_active() > 0)) &&
          srv_now_ns() < deadline && got_term == term0) {
     wait_signal(20);
-    srv_http_tick();
+    housekeeping();
   }
   int left = atomic_load(srv_metrics_inflight());
   if (left > 0)
@@ -89,7 +101,10 @@ static void drain_and_stop(void) {
   srv_sched_stop();
   /* let the answers of cancelled requests go out */
   uint64_t grace = srv_now_ns() + 500000000ull;
-  while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < grace) wait_signal(10);
+  while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < grace) {
+    wait_signal(10);
+    housekeeping();
+  }
   srv_http_stop();
   if (srv_jobs_free) srv_jobs_free();
   srv_model_shutdown();
@@ -173,9 +188,12 @@ int main(int argc, char **argv) {
   snprintf(ready, sizeof ready, "READY=1\nMAINPID=%ld", (long)getpid());
   srv_sd_notify(ready);
 
+  wd_interval = srv_sd_watchdog_ns();
+  wd_last = srv_now_ns();
+  if (wd_interval) srv_sd_notify("WATCHDOG=1");
   while (!got_term) {
     wait_signal(250);
-    srv_http_tick();
+    housekeeping();
     if (got_hup) {
       got_hup = 0;
       reload();

@@ -41,13 +41,15 @@
  * first, background items may occupy at most max(1, workers - 1) slots (so
  * with two or more workers a slot is always left for scoring), and when both
  * are ready a background item is still started after every 4 score batches,
- * so jobs progress under sustained scoring load.  Scoring latency while jobs
- * run is therefore bounded by one slice on a single-worker daemon and not
- * affected by jobs otherwise.
+ * so jobs progress under sustained scoring load.  A scoring request therefore
+ * waits for at most one slice on a single-worker daemon and never queues
+ * behind jobs otherwise (jobs still share the CPUs).  Keep slices around
+ * 10-50 ms.
  *
- * Models.  Tasks and work items carry a srv_model reference; a slot rebuilds
- * its workspace when it meets a newer model generation (after SIGHUP), and
- * the old model is freed when its last reference goes.
+ * Models.  Tasks carry a srv_model reference (background items should hold
+ * their own, from srv_model_get()); srv_worker_ws() rebuilds a slot's
+ * workspace when it meets a newer model generation (after SIGHUP), and the
+ * old model is freed when its last reference goes.
  *
  * Threads and BLAS.  OpenBLAS threading is process-wide: main() sets
  * workers * blas_threads <= CPUs (default one BLAS thread per worker and one

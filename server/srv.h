@@ -75,6 +75,7 @@ double srv_wall_s(void);      /* CLOCK_REALTIME */
 /* systemd notification (server/sdnotify.c); no-op without $NOTIFY_SOCKET. */
 
 int srv_sd_notify(const char *state);
+uint64_t srv_sd_watchdog_ns(void);  /* 0 = no watchdog */
 
 /* ------------------------------------------------------------------------ */
 /* The served model (server/model.c): refcounted so SIGHUP can swap it while

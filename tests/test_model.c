@@ -457,6 +457,61 @@ static void test_features_and_helpers(void **state) {
   jem_model_free(m);
 }
 
+/* A workspace split into slices run by helper threads gives the results of
+ * an unsplit one (to rounding), and the same bits whatever the number of
+ * active threads; parameter gradients are summed over the slices. */
+static void test_threads(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_2, 81);
+  const int n = 7, K = 5;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 99;
+  ref_fill(x, css * n, &st, -1, 1);
+  float lg[3][35], dl[35];
+  float *dx[3], *dw[3];
+  jem_blas_set_threads(1);
+  jem_ws *w1 = jem_ws_create(m, 8, JEM_WS_TRAIN);
+  jem_blas_set_threads(3);
+  assert_int_equal(jem_blas_threads(), 3);
+  jem_ws *w3 = jem_ws_create(m, 8, JEM_WS_TRAIN);
+  for (int r = 0; r < 3; r++) {
+    /* r = 0: one slice; r = 1: three slices on three threads; r = 2: the
+     * same three slices run by the caller alone */
+    jem_ws *ws = r == 0 ? w1 : w3;
+    jem_blas_set_threads(r == 2 ? 1 : 3);
+    dx[r] = calloc(css * n, sizeof(float));
+    dw[r] = jem__falloc(m->n_weights);
+    jem_forward(ws, m, x, n, lg[r]);
+    for (int i = 0; i < n; i++) jem_softmax(dl + i * K, lg[r] + i * K, K, 1.0f);
+    jem_backward(ws, m, dl, dw[r], dx[r]);
+  }
+  for (int i = 0; i < n * K; i++) {
+    assert_true(fabs(lg[1][i] - lg[0][i]) <= 1e-5 * fmax(1, fabs(lg[0][i])));
+    assert_true(lg[1][i] == lg[2][i]);
+  }
+  double gs = 0, ws_ = 0;
+  for (size_t i = 0; i < css * n; i++) gs = fmax(gs, fabs(dx[0][i]));
+  for (size_t i = 0; i < m->n_weights; i++) ws_ = fmax(ws_, fabs(dw[0][i]));
+  for (size_t i = 0; i < css * n; i++) {
+    assert_true(fabs(dx[1][i] - dx[0][i]) <= 1e-4 * fabs(dx[0][i]) + 1e-6 * gs);
+    assert_true(dx[1][i] == dx[2][i]);
+  }
+  for (size_t i = 0; i < m->n_weights; i++) {
+    assert_true(fabs(dw[1][i] - dw[0][i]) <= 1e-4 * fabs(dw[0][i]) + 1e-6 * ws_);
+    assert_true(dw[1][i] == dw[2][i]);
+  }
+  /* features are gathered from the slices in image order */
+  const float *f = jem_ws_features(w3);
+  jem_forward(w1, m, x + 6 * css, 1, lg[0]);
+  for (int c = 0; c < 128; c++)
+    assert_true(fabs(f[6 * 128 + c] - jem_ws_features(w1)[c]) <= 1e-5 * (1 + fabs(f[6 * 128 + c])));
+  for (int r = 0; r < 3; r++) { free(dx[r]); free(dw[r]); }
+  free(x);
+  jem_ws_free(w1); jem_ws_free(w3);
+  jem_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_arch_params),
@@ -472,6 +527,7 @@ int main(void) {
       cmocka_unit_test(test_score_batch),
       cmocka_unit_test(test_batch_independence),
       cmocka_unit_test(test_features_and_helpers),
+      cmocka_unit_test(test_threads),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

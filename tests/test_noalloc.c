@@ -88,6 +88,7 @@ static void run_all(const jem_arch *a) {
   char err[256];
   assert_int_equal(jem_model_create(&m, a, err, sizeof err), 0);
   jem_model_init_random(m, 3);
+  jem_blas_set_threads(2); /* the workspace runs two slices on two threads */
   const int nmax = 8, n = 19, K = a->num_classes;
   const size_t css = (size_t)a->in_channels * a->image_size * a->image_size;
   float *x = malloc(sizeof(float) * css * n), *dx = malloc(sizeof(float) * css * n);

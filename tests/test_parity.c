@@ -34,6 +34,7 @@ typedef struct gold_case {
 static const gold_case CASES[] = {
   {"wrn10-1-c1-k10", 10, 1, 1, 10, 1, 1},
   {"wrn16-1-c3-k7", 16, 1, 3, 7, 0, 0},
+  {"wrn10-2-c1-k5", 10, 2, 1, 5, 0, 1},  /* stride-1 1x1 shortcut in layer1 */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -372,10 +373,16 @@ static void test_parity_wrn16_rgb(void **state) {
   run_case(&CASES[1]);
 }
 
+static void test_parity_wrn10_widen2(void **state) {
+  (void)state;
+  run_case(&CASES[2]);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_parity_wrn10),
     cmocka_unit_test(test_parity_wrn16_rgb),
+    cmocka_unit_test(test_parity_wrn10_widen2),
   };
   return cmocka_run_group_tests_name("parity with PyTorch", tests, NULL, NULL);
 }

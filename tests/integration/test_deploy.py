@@ -529,8 +529,9 @@ def test_dockerfile(help_, build):
           "build.sh passes the ignore file to podman build")
     check("--isolation chroot --format docker" in BUILD_SH.read_text(),
           "build.sh: podman build --isolation chroot --format docker")
-    r = subprocess.run(["bash", "-n", str(BUILD_SH)], capture_output=True, text=True)
-    check(r.returncode == 0, f"build.sh: bash -n: {r.stderr.strip()}")
+    for script in (BUILD_SH, DEPLOY / "systemd" / "nspawn-check.sh"):
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        check(r.returncode == 0, f"{script.name}: bash -n: {r.stderr.strip()}")
 
 
 # ---------------------------------------------------------------------------

@@ -744,14 +744,24 @@ def main():
         ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         ns.bind(nsock_path)
         ns.settimeout(10)
+        notes = []
+
+        def read_notes():
+            while True:
+                try:
+                    notes.append(ns.recv(256))
+                except OSError:
+                    return
         # one worker, batches of one image: a 240-image request keeps the
         # worker busy and the queue occupied long enough to observe
         d3 = jemtest.Daemon(jemd, model, "--workers", "1", "--max-batch", "1",
                             "--queue-size", "250", "--drain-seconds", "20", "--drain-delay", "1",
-                            env={"NOTIFY_SOCKET": nsock_path})
+                            env={"NOTIFY_SOCKET": nsock_path, "WATCHDOG_USEC": "300000"})
         c3 = Client(d3)
         try:
             check(ns.recv(256).startswith(b"READY=1"), "sd_notify READY=1")
+            ns.settimeout(1)
+            threading.Thread(target=read_notes, daemon=True).start()
             H = {"Content-Type": "image/png"}
             J = {"Content-Type": "application/json"}
             blocker = json.dumps({"images": [base64.b64encode(imgs[0]).decode()] * 240})
@@ -822,15 +832,10 @@ def main():
             check(rc == 0, f"drain exits 0 ({rc})")
             check(time.time() - t0 < 20 + 2, "drain within --drain-seconds")
             check(res["c"][0] == 200, f"in-flight request completed during drain: {res['c'][0]}")
-            msgs = []
-            try:
-                while True:
-                    msgs.append(ns.recv(256))
-            except socket.timeout:
-                pass
-            except OSError:
-                pass
+            time.sleep(1.1)
+            msgs = list(notes)
             check(any(m.startswith(b"STOPPING=1") for m in msgs), "sd_notify STOPPING=1")
+            check(any(m.startswith(b"WATCHDOG=1") for m in msgs), "sd_notify WATCHDOG=1")
         finally:
             d3.kill()
             ns.close()

@@ -9,9 +9,9 @@ for each case under tests/ref/<case>/ (every file gzip-compressed, .gz):
   model.safetensors  the weights under the official CCF state_dict names (the
                      unused f.linear.* and energy_output.* included), with
                      __metadata__["jem"] = {"arch": ..., "name", "temperature"}
-  x.npy              input batch [N,C,32,32] float32; rows 0-5 8-bit pixel
-                     values mapped to [-1,1] like real images, row 6
-                     Gaussian with std 2.5, row 7 a constant 1.5 image
+  x.npy              input batch [N,C,32,32] float32; rows 0..N-3 8-bit
+                     pixel values mapped to [-1,1] like real images, row
+                     N-2 Gaussian with std 2.5, row N-1 a constant 1.5 image
   y.npy              labels [N] int32
   logits.npy         f(x) [N,K]
   energy.npy         -logsumexp f(x) [N]
@@ -26,8 +26,10 @@ for each case under tests/ref/<case>/ (every file gzip-compressed, .gz):
 Weights are PyTorch's default initialisation (torch.manual_seed(seed)) with
 every conv weight scaled by 2 and class_output.weight by 4, so that logits
 span a few units as in a trained model and the absolute tolerance of the
-parity test means something; then rounded to bfloat16 precision (low 16 bits
-of each float32 cleared) so that the committed files compress.  Both sides
+parity test means something.  In the larger cases most entries of each big
+conv weight are zeroed at random (the rest scaled up to keep activations at
+the same scale), and all weights are rounded to bfloat16 precision (low 16
+bits of each float32 cleared), so that the committed files compress.  Both sides
 still compute in float32.  All files together stay under 1 MB.
 
 Run with Debian's Python (torch 1.13):  /usr/bin/python3 tests/ref/make_golden.py
@@ -193,20 +195,27 @@ def read_model(path, model):
 
 CASES = [
     # name, depth, widen, in_channels, classes, seed, parameter gradients,
-    # class-conditional input gradients
-    ("wrn10-1-c1-k10", 10, 1, 1, 10, 1, True, True),
-    ("wrn16-1-c3-k7", 16, 1, 3, 7, 2, False, False),
+    # class-conditional input gradients, fraction of large conv weights kept,
+    # batch.  Together: 1 and 3 channels, 1 and 2 blocks per stage, widen 1
+    # (no shortcut in layer1) and 2 (a stride-1 1x1 shortcut in layer1).
+    ("wrn10-1-c1-k10", 10, 1, 1, 10, 1, True, True, 1.0, 8),
+    ("wrn16-1-c3-k7", 16, 1, 3, 7, 2, False, False, 0.15, 8),
+    ("wrn10-2-c1-k5", 10, 2, 1, 5, 3, False, True, 0.1, 4),
 ]
 
 CONV_GAIN = 2.0
 HEAD_GAIN = 4.0
 
 
-def scale_and_round(model):
+def scale_and_round(model, keep):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".weight") and p.dim() == 4:
                 p.mul_(CONV_GAIN)
+                if keep < 1 and p.numel() > 4096:
+                    # zero a random part; rescale the rest to keep the scale
+                    mask = (torch.rand(p.shape) < keep).float()
+                    p.mul_(mask / keep ** 0.5)
             elif name == "class_output.weight":
                 p.mul_(HEAD_GAIN)
         for p in model.parameters():
@@ -230,10 +239,10 @@ def save_npy(path, arr):
     write_gz(path + ".gz", buf.getvalue())
 
 
-def make_case(outdir, name, depth, widen, cin, k, seed, pgrad, gy, n=8):
+def make_case(outdir, name, depth, widen, cin, k, seed, pgrad, gy, keep, n):
     torch.manual_seed(seed)
     model = CCF(depth, widen, k, cin)
-    scale_and_round(model)
+    scale_and_round(model, keep)
     model.eval()
     d = os.path.join(outdir, name)
     os.makedirs(d, exist_ok=True)
@@ -244,8 +253,8 @@ def make_case(outdir, name, depth, widen, cin, k, seed, pgrad, gy, n=8):
 
     g = torch.Generator().manual_seed(1000 + seed)
     x = torch.randint(0, 256, (n, cin, 32, 32), generator=g).float() / 255 * 2 - 1
-    x[6] = torch.randn(cin, 32, 32, generator=g) * 2.5
-    x[7] = 1.5
+    x[n - 2] = torch.randn(cin, 32, 32, generator=g) * 2.5
+    x[n - 1] = 1.5
     y = torch.randint(0, k, (n,), generator=g)
 
     xg = x.clone().requires_grad_(True)
