@@ -87,6 +87,33 @@ def training_pids():
     return pids
 
 
+class OtherLoad:
+    """CPU used by other processes during a phase, in cores: the machine's
+    busy time (/proc/stat) minus this process's and its children's."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def _busy(self):
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / self.hz
+
+    def _own(self):
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self):
+        self.t0, self.b0, self.o0 = time.monotonic(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.monotonic() - self.t0
+        self.cores = max(0.0, (self._busy() - self.b0) - (self._own() - self.o0)) / max(dt, 1e-9)
+        return False
+
+
 def describe(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -244,7 +271,8 @@ def main():
             torch.manual_seed(0)
             net = g.CCF(10, 1, 10, 1)
             g.write_model(model, net, g.arch_dict(10, 1, 1, 10), "wrn10-1-random")
-        info, cbest, _ = run_core(args, model)
+        with OtherLoad() as core_load:
+            info, cbest, _ = run_core(args, model)
         a = info.get("arch", {})
         what = (f"WRN-{a.get('depth')}-{a.get('widen')}, {a.get('in_channels')}x"
                 f"{a.get('image_size')}x{a.get('image_size')}, {a.get('num_classes')} classes, "
@@ -253,9 +281,16 @@ def main():
         print(f"BLAS core: {info.get('blas_core')}; {args.seconds:g} s per measurement; "
               f"best of {', '.join(map(str, THREADS))} threads per figure")
         tbest = None
+        loads = f"other processes used {core_load.cores:.2f} cores while the core ran"
         if use_torch:
-            tbest, _ = run_torch(args, model)
+            with OtherLoad() as torch_load:
+                tbest, _ = run_torch(args, model)
             print(f"PyTorch {torch.__version__}, same weights")
+            loads += f", {torch_load.cores:.2f} while PyTorch ran"
+        print(loads)
+        if core_load.cores > 0.2 or (use_torch and torch_load.cores > 0.2):
+            print("bench_core.py: WARNING: other work ran during the measurement; "
+                  "the figures and ratios are not reliable")
         elif torch is None:
             print("PyTorch not installed: core figures only (Debian: python3-torch)")
         print()

@@ -86,10 +86,14 @@ int jem__conv_fast(const jem__conv *c) {
 
 void jem__conv_flip(float *wf, const float *w, const jem__conv *c) {
   JEM_ASSERT(c->k == 3);
+  /* stride 1: flipped taps (a plain convolution); stride 2: taps kept, the
+   * phase decomposition in conv3x3_s2_input_grad picks them one by one */
+  const int flip = c->stride == 1;
   for (int co = 0; co < c->cout; co++)
     for (int ci = 0; ci < c->cin; ci++)
       for (int k = 0; k < 9; k++)
-        wf[((size_t)ci * c->cout + co) * 9 + k] = w[((size_t)co * c->cin + ci) * 9 + (8 - k)];
+        wf[((size_t)ci * c->cout + co) * 9 + k] =
+            w[((size_t)co * c->cin + ci) * 9 + (flip ? 8 - k : k)];
 }
 
 /* Floats of the padded copy of one image with `ch` channels. */
@@ -291,7 +295,80 @@ conv3x3_image(float *out, size_t ocs, const float *pad, const float *w,
   }
 #undef CASE
 }
+/* out[co][H*W] (channel stride ocs) = sum over the ntap taps of
+ * w[co][ci][tt[k]] * pad[ci][y + ., x + .] at offset toff[k]: a 3x3 kernel
+ * restricted to some taps, for the phases of a stride-2 input gradient. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+conv_taps_loop(float *out, size_t ocs, const float *pad, const float *w,
+               int cin, int cout, int H, const int W, int ntap, const int *tt,
+               const int *toff) {
+  const int Wp = W + 2, R = 32 / W;
+  const size_t plane = (size_t)(H + 2) * Wp;
+#define KEEP(v) __asm__("" : "+x"(v))
+#define SP(s) (((s) / (W / 8)) * Wp + 8 * ((s) % (W / 8)))
+#define SO(s) (((s) / (W / 8)) * W + 8 * ((s) % (W / 8)))
+  const int p0 = SP(0), p1 = SP(1), p2 = SP(2), p3 = SP(3);
+  const int q0 = SO(0), q1 = SO(1), q2 = SO(2), q3 = SO(3);
+  for (int y0 = 0; y0 < H; y0 += R) {
+    const float *pt = pad + (size_t)y0 * Wp;
+    const size_t obase = (size_t)y0 * W;
+    for (int co = 0; co < cout; co += 2) {
+      const int two = co + 1 < cout;
+      float *o0 = out + (size_t)co * ocs + obase, *o1 = o0 + (two ? ocs : 0);
+      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+      __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+      const float *w0 = w + (size_t)co * cin * 9;
+      const float *w1 = two ? w0 + (size_t)cin * 9 : w0;
+      for (int ci = 0; ci < cin; ci++) {
+        const float *pc = pt + ci * plane;
+        for (int k = 0; k < ntap; k++) {
+          const float *pk = pc + toff[k];
+          const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + tt[k]);
+          const __m256 k1 = _mm256_broadcast_ss(w1 + ci * 9 + tt[k]);
+          __m256 x;
+          x = _mm256_loadu_ps(pk + p0); KEEP(x);
+          a00 = _mm256_fmadd_ps(k0, x, a00); a10 = _mm256_fmadd_ps(k1, x, a10);
+          x = _mm256_loadu_ps(pk + p1); KEEP(x);
+          a01 = _mm256_fmadd_ps(k0, x, a01); a11 = _mm256_fmadd_ps(k1, x, a11);
+          x = _mm256_loadu_ps(pk + p2); KEEP(x);
+          a02 = _mm256_fmadd_ps(k0, x, a02); a12 = _mm256_fmadd_ps(k1, x, a12);
+          x = _mm256_loadu_ps(pk + p3); KEEP(x);
+          a03 = _mm256_fmadd_ps(k0, x, a03); a13 = _mm256_fmadd_ps(k1, x, a13);
+        }
+      }
+      /* with an odd count the last pair duplicates a channel: store it once */
+      if (two) {
+        _mm256_storeu_ps(o1 + q0, a10); _mm256_storeu_ps(o1 + q1, a11);
+        _mm256_storeu_ps(o1 + q2, a12); _mm256_storeu_ps(o1 + q3, a13);
+      }
+      _mm256_storeu_ps(o0 + q0, a00); _mm256_storeu_ps(o0 + q1, a01);
+      _mm256_storeu_ps(o0 + q2, a02); _mm256_storeu_ps(o0 + q3, a03);
+    }
+  }
+#undef SP
+#undef SO
+#undef KEEP
+}
+
+__attribute__((target("avx2,fma"))) static void
+conv_taps_image(float *out, size_t ocs, const float *pad, const float *w,
+                int cin, int cout, int H, int W, int ntap, const int *tt,
+                const int *toff) {
+  switch (W) {
+  case 32: conv_taps_loop(out, ocs, pad, w, cin, cout, H, 32, ntap, tt, toff); break;
+  case 16: conv_taps_loop(out, ocs, pad, w, cin, cout, H, 16, ntap, tt, toff); break;
+  case 8: conv_taps_loop(out, ocs, pad, w, cin, cout, H, 8, ntap, tt, toff); break;
+  default: JEM_ASSERT(!"unsupported shape for the direct kernel");
+  }
+}
 #else
+static void conv_taps_image(float *out, size_t ocs, const float *pad,
+                            const float *w, int cin, int cout, int H, int W,
+                            int ntap, const int *tt, const int *toff) {
+  (void)out; (void)ocs; (void)pad; (void)w; (void)cin; (void)cout; (void)H;
+  (void)W; (void)ntap; (void)tt; (void)toff;
+  JEM_ASSERT(!"direct kernel not built for this CPU");
+}
 static void conv3x3_image(float *out, size_t ocs, const float *pad,
                           const float *w, const float *b, int cin, int cout,
                           int H, int W, int stride, int accumulate) {
@@ -321,6 +398,76 @@ static void conv3x3_direct(float *out, const float *in, const float *w,
   }
 }
 
+/* Floats of scratch the stride-2 input gradient needs: the padded dout of one
+ * image and its four phase results. */
+static size_t s2_grad_scratch(const jem__conv *c) {
+  return (size_t)c->cout * (c->hout + 2) * (c->wout + 2) +
+         (size_t)c->cin * c->hin * c->win;
+}
+
+/* din[cin, n, 2Ho, 2Wo] += input gradient of a 3x3 stride-2 convolution
+ * given dout [cout, n, Ho, Wo] and wt[ci][co][t] = w[co][ci][t].  Input pixel
+ * (2j+py, 2i+px) only meets taps ky = 1 (py = 0) or ky in {0, 2} (py = 1),
+ * and likewise for x, so each of the four phases of din is a small
+ * convolution of dout: 1, 2, 2 and 4 taps, computed by the direct kernel
+ * and interleaved back. */
+static void conv3x3_s2_input_grad(float *din, const float *dout,
+                                  const float *wt, const jem__conv *c, int n,
+                                  float *scratch) {
+  const int Ho = c->hout, Wo = c->wout, Hi = c->hin, Wi = c->win;
+  const int wp = Wo + 2;
+  const size_t pho = (size_t)Ho * Wo, hwi = (size_t)Hi * Wi;
+  float *pad = scratch;
+  float *ph = scratch + (size_t)c->cout * (Ho + 2) * wp; /* [4][cin][Ho*Wo] */
+  for (int img = 0; img < n; img++) {
+    pad_image(pad, dout, c->cout, n, img, Ho, Wo, PAD_PLAIN, 0.0f);
+    for (int py = 0; py < 2; py++)
+      for (int px = 0; px < 2; px++) {
+        int tt[4], toff[4], nt = 0;
+        for (int ky = 0; ky < 3; ky++) {
+          if ((py == 0) != (ky == 1)) continue;
+          const int dy = (py == 1 && ky == 0) ? 1 : 0;
+          for (int kx = 0; kx < 3; kx++) {
+            if ((px == 0) != (kx == 1)) continue;
+            const int dx = (px == 1 && kx == 0) ? 1 : 0;
+            tt[nt] = ky * 3 + kx;
+            toff[nt] = (dy + 1) * wp + (dx + 1);
+            nt++;
+          }
+        }
+        conv_taps_image(ph + (size_t)(py * 2 + px) * c->cin * pho, pho, pad,
+                        wt, c->cout, c->cin, Ho, Wo, nt, tt, toff);
+      }
+    for (int ci = 0; ci < c->cin; ci++) {
+      float *d = din + ((size_t)ci * n + img) * hwi;
+      const float *f00 = ph + (size_t)ci * pho, *f01 = f00 + (size_t)c->cin * pho;
+      const float *f10 = f01 + (size_t)c->cin * pho, *f11 = f10 + (size_t)c->cin * pho;
+      for (int j = 0; j < Ho; j++) {
+        float *r0 = d + (size_t)(2 * j) * Wi, *r1 = r0 + Wi;
+        const size_t o = (size_t)j * Wo;
+        int i = 0;
+#if defined(__SSE2__)
+        for (; i + 4 <= Wo; i += 4) {
+          __m128 e0 = _mm_loadu_ps(f00 + o + i), o0 = _mm_loadu_ps(f01 + o + i);
+          __m128 e1 = _mm_loadu_ps(f10 + o + i), o1 = _mm_loadu_ps(f11 + o + i);
+          float *a = r0 + 2 * i, *b = r1 + 2 * i;
+          _mm_storeu_ps(a, _mm_add_ps(_mm_loadu_ps(a), _mm_unpacklo_ps(e0, o0)));
+          _mm_storeu_ps(a + 4, _mm_add_ps(_mm_loadu_ps(a + 4), _mm_unpackhi_ps(e0, o0)));
+          _mm_storeu_ps(b, _mm_add_ps(_mm_loadu_ps(b), _mm_unpacklo_ps(e1, o1)));
+          _mm_storeu_ps(b + 4, _mm_add_ps(_mm_loadu_ps(b + 4), _mm_unpackhi_ps(e1, o1)));
+        }
+#endif
+        for (; i < Wo; i++) {
+          r0[2 * i] += f00[o + i];
+          r0[2 * i + 1] += f01[o + i];
+          r1[2 * i] += f10[o + i];
+          r1[2 * i + 1] += f11[o + i];
+        }
+      }
+    }
+  }
+}
+
 int jem__conv_direct(const jem__conv *c, int act) {
   return c->k == 1 && c->stride == 1 && c->pad == 0 && !act;
 }
@@ -339,7 +486,9 @@ size_t jem__conv_col_need(const jem__conv *c, int n, size_t cap) {
   size_t need = (size_t)chunk_images(c, n, cap) * (size_t)jem__conv_rows(c) *
                 (size_t)jem__conv_hwo(c);
   if (jem__conv_fast(c)) {
-    size_t p = pad_size(c, c->cin > c->cout ? c->cin : c->cout);
+    size_t p = c->stride == 1 ? pad_size(c, c->cin > c->cout ? c->cin : c->cout)
+                              : pad_size(c, c->cin);
+    if (c->stride == 2 && s2_grad_scratch(c) > p) p = s2_grad_scratch(c);
     if (p > need) need = p;
   }
   return need;
@@ -506,12 +655,17 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
     }
   }
   if (!dw && !din) return;
-  if (wf && din && c->stride == 1 && jem__conv_fast(c)) {
-    /* the input gradient of a 3x3 stride-1 convolution is the convolution
-     * of dout with the flipped, transposed weights */
-    JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
-    conv3x3_direct(din, dout, wf, NULL, c->cout, c->cin, c, n, PAD_PLAIN, leak,
-                   1, col);
+  if (wf && din && jem__conv_fast(c)) {
+    if (c->stride == 1) {
+      /* the input gradient of a 3x3 stride-1 convolution is the convolution
+       * of dout with the flipped, transposed weights */
+      JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
+      conv3x3_direct(din, dout, wf, NULL, c->cout, c->cin, c, n, PAD_PLAIN,
+                     leak, 1, col);
+    } else {
+      JEM_ASSERT(s2_grad_scratch(c) <= col_cap);
+      conv3x3_s2_input_grad(din, dout, wf, c, n, col);
+    }
     din = NULL;
     if (!dw) return;
   }

@@ -119,7 +119,7 @@ struct jem_net {
   jem__block *blocks;
   size_t lin_w, lin_b;
   int last_hw;             /* pixels of the last map (64) */
-  size_t wf_total;         /* flipped-weight floats of the 3x3 stride-1 convs */
+  size_t wf_total;         /* transposed-weight floats of the 3x3 convs */
   size_t max_act;          /* largest activation per image, floats */
 };
 
@@ -228,8 +228,8 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
     }
   }
   net->last_hw = s * s;
-  /* room for the flipped weights of every 3x3 stride-1 convolution, whose
-   * input gradient may run on the direct kernel */
+  /* room for the transposed (for stride 1 also flipped) weights of every 3x3
+   * convolution, whose input gradient may run on the direct kernel */
   {
     size_t wf = 0;
     jem__conv *all[3];
@@ -243,7 +243,7 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
       }
       for (int j = 0; j < cnt; j++) {
         jem__conv *c = all[j];
-        if (c->k == 3 && c->stride == 1) {
+        if (c->k == 3) {
           c->wf_off = wf;
           wf += (size_t)c->cin * c->cout * 9;
         }
@@ -316,10 +316,13 @@ void jem_model_init_random(jem_model *m, uint64_t seed) {
 #endif
 
 /* A batch is split into `nsub` contiguous slices of images, each with its own
- * activations and scratch, run by the workspace's threads (the caller's thread
- * takes slice 0).  Without normalisation layers images never interact, so a
- * slice is a complete small batch.  The split depends only on n and nsub
- * (fixed at creation), never on how many threads are active. */
+ * activations and scratch, run by the workspace's threads (slice si goes to
+ * thread si % active, the caller being thread 0).  Without normalisation
+ * layers images never interact, so a slice is a complete small batch.  Slices
+ * hold at most SLICE_IMAGES images so that a slice's activations stay in the
+ * caches while it runs through the whole network.  The split depends only on
+ * n and nsub (fixed at creation), never on how many threads are active. */
+#define SLICE_IMAGES 8
 typedef struct jem_sub {
   int cap;               /* images this slice can hold */
   int n0, n;             /* its images in the last forward */
@@ -330,12 +333,17 @@ typedef struct jem_sub {
   float *col;
   size_t col_cap;
   float *dfeat;          /* [cap, F] */
-  float *dw;             /* private parameter gradient (slices >= 1, TRAIN) */
 } jem_sub;
 
 enum { JOB_FORWARD = 1, JOB_BACKWARD, JOB_STOP };
 
-typedef struct jem_helper { jem_ws *ws; int tid; pthread_t th; } jem_helper;
+typedef struct jem_helper {
+  jem_ws *ws;
+  int tid;
+  pthread_t th;
+  float *dw;             /* private parameter gradient (TRAIN) */
+  int dw_used;           /* dw holds this job's gradient */
+} jem_helper;
 
 struct jem_ws {
   int max_batch, flags;
@@ -387,8 +395,7 @@ static size_t al16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 /* Floats that one slice of `cap` images needs; with base != NULL, also points
  * the slice's buffers into base. */
-static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, int with_dw,
-                       size_t n_weights, float *base) {
+static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, float *base) {
   const size_t N = (size_t)cap;
   const size_t css = (size_t)net->in_c * net->size * net->size;
   size_t off = 0;
@@ -409,7 +416,6 @@ static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, int with_dw,
   const size_t cc = col_need(net, cap);
   TAKE(s->col, cc);
   TAKE(s->dfeat, (size_t)net->feat * N);
-  if (with_dw) TAKE(s->dw, n_weights);
 #undef TAKE
   if (base) {
     s->cap = cap;
@@ -418,7 +424,7 @@ static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, int with_dw,
   return off;
 }
 
-static void run_sub(jem_ws *ws, int si);
+static void run_sub(jem_ws *ws, int si, int tid);
 
 static void *helper_loop(void *arg) {
   jem_helper *h = arg;
@@ -432,7 +438,7 @@ static void *helper_loop(void *arg) {
     pthread_mutex_unlock(&ws->mu);
     if (job == JOB_STOP) return NULL;
     if (h->tid < active)
-      for (int si = h->tid; si < ws->nsub; si += active) run_sub(ws, si);
+      for (int si = h->tid; si < ws->nsub; si += active) run_sub(ws, si, h->tid);
     pthread_mutex_lock(&ws->mu);
     if (--ws->pending == 0) pthread_cond_signal(&ws->done);
     pthread_mutex_unlock(&ws->mu);
@@ -447,7 +453,7 @@ static void run_job(jem_ws *ws, int job, int threads) {
   if (active > ws->nsub) active = ws->nsub;
   ws->job = job;
   if (active == 1) {
-    for (int si = 0; si < ws->nsub; si++) run_sub(ws, si);
+    for (int si = 0; si < ws->nsub; si++) run_sub(ws, si, 0);
     return;
   }
   pthread_mutex_lock(&ws->mu);
@@ -456,7 +462,7 @@ static void run_job(jem_ws *ws, int job, int threads) {
   ws->gen++;
   pthread_cond_broadcast(&ws->go);
   pthread_mutex_unlock(&ws->mu);
-  for (int si = 0; si < ws->nsub; si += active) run_sub(ws, si);
+  for (int si = 0; si < ws->nsub; si += active) run_sub(ws, si, 0);
   pthread_mutex_lock(&ws->mu);
   while (ws->pending > 0) pthread_cond_wait(&ws->done, &ws->mu);
   pthread_mutex_unlock(&ws->mu);
@@ -479,13 +485,16 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   const jem_net *net = m->net;
   const size_t N = (size_t)max_batch;
   const int nb = net->nblocks;
-  int nsub = jem__threads();
-  if (nsub > max_batch) nsub = max_batch;
-  if (nsub < 1) nsub = 1;
+  int nthr = jem__threads();
+  if (nthr > max_batch) nthr = max_batch;
+  if (nthr < 1) nthr = 1;
+  /* a multiple of the thread count, with at most SLICE_IMAGES per slice */
+  const int per = nthr * SLICE_IMAGES;
+  const int nsub = nthr * ((max_batch + per - 1) / per);
   /* one allocation for the struct, slices, pointer tables and helpers */
   size_t head = sizeof(jem_ws) + sizeof(jem_sub) * (size_t)nsub +
                 sizeof(float *) * (size_t)(2 * nb + 1) * (size_t)nsub +
-                sizeof(jem_helper) * (size_t)nsub;
+                sizeof(jem_helper) * (size_t)nthr;
   jem_ws *ws = calloc(1, head);
   if (!ws) return NULL;
   ws->sub = (jem_sub *)(ws + 1);
@@ -509,9 +518,11 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
     jem_sub *s = &ws->sub[si];
     s->a = ptrs + (size_t)(2 * nb + 1) * si;
     s->u = s->a + nb + 1;
-    total += plan_sub(net, s, cap, si > 0 && (flags & JEM_WS_TRAIN),
-                      m->n_weights, NULL);
+    total += plan_sub(net, s, cap, NULL);
   }
+  /* helpers' private parameter gradients */
+  const int with_dw = (flags & JEM_WS_TRAIN) && nthr > 1;
+  if (with_dw) total += (size_t)(nthr - 1) * al16(m->n_weights);
   total += al16((size_t)net->feat * N);
   total += 3 * al16((size_t)net->k * N);
   total += al16(css * N);
@@ -525,7 +536,11 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   float *p = ws->mem;
   for (int si = 0; si < nsub; si++) {
     jem_sub *s = &ws->sub[si];
-    p += plan_sub(net, s, cap, si > 0 && (flags & JEM_WS_TRAIN), m->n_weights, p);
+    p += plan_sub(net, s, cap, p);
+  }
+  for (int i = 0; with_dw && i < nthr - 1; i++) {
+    ws->helpers[i].dw = p;
+    p += al16(m->n_weights);
   }
   ws->feat = p; p += al16((size_t)net->feat * N);
   ws->logits = p; p += al16((size_t)net->k * N);
@@ -535,7 +550,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   ws->wflip = p; p += al16(net->wf_total);
   JEM_ASSERT((size_t)(p - ws->mem) == total);
 
-  if (nsub > 1) {
+  if (nthr > 1) {
     /* the slices are the parallelism: OpenBLAS runs single-threaded inside */
     jem__blas_single_thread();
     if (pthread_mutex_init(&ws->mu, NULL) == 0) {
@@ -550,7 +565,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
         pthread_mutex_destroy(&ws->mu);
       }
     }
-    for (int i = 0; ws->sync_ok && i < nsub - 1; i++) {
+    for (int i = 0; ws->sync_ok && i < nthr - 1; i++) {
       jem_helper *h = &ws->helpers[ws->nhelpers];
       h->ws = ws;
       h->tid = i + 1;
@@ -624,7 +639,7 @@ static void sub_forward(jem_ws *ws, jem_sub *s) {
                       W + net->lin_w, W + net->lin_b, n, net->feat, net->k);
 }
 
-static void sub_backward(jem_ws *ws, jem_sub *s, int si) {
+static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
   const int n = s->n;
   if (n == 0) return;
   const jem_model *m = ws->m;
@@ -634,15 +649,23 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int si) {
   const int nb = net->nblocks;
   const int hw = net->size * net->size;
   const size_t css = (size_t)net->in_c * hw;
-  /* slice 0 accumulates straight into the caller's buffer, the others into
-   * private ones that the caller's thread adds afterwards */
+  /* the caller's thread accumulates straight into the caller's buffer, a
+   * helper into its private one, which the caller adds afterwards */
   float *dW = NULL;
   if (ws->jdw) {
-    dW = si == 0 ? ws->jdw : s->dw;
-    if (si > 0) memset(dW, 0, sizeof(float) * m->n_weights);
+    if (tid == 0) {
+      dW = ws->jdw;
+    } else {
+      jem_helper *h = &ws->helpers[tid - 1];
+      if (!h->dw_used) {
+        memset(h->dw, 0, sizeof(float) * m->n_weights);
+        h->dw_used = 1;
+      }
+      dW = h->dw;
+    }
   }
 #define DW(off) (dW ? dW + (off) : NULL)
-#define WF(c) ((c)->k == 3 && (c)->stride == 1 ? ws->wflip + (c)->wf_off : NULL)
+#define WF(c) ((c)->k == 3 ? ws->wflip + (c)->wf_off : NULL)
   const float *dlogits = ws->jdlogits + (size_t)s->n0 * net->k;
   const float *feat = ws->feat + (size_t)s->n0 * net->feat;
   memset(s->dfeat, 0, sizeof(float) * (size_t)net->feat * n);
@@ -694,11 +717,11 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int si) {
 #undef DW
 }
 
-static void run_sub(jem_ws *ws, int si) {
+static void run_sub(jem_ws *ws, int si, int tid) {
   if (ws->job == JOB_FORWARD)
     sub_forward(ws, &ws->sub[si]);
   else if (ws->job == JOB_BACKWARD)
-    sub_backward(ws, &ws->sub[si], si);
+    sub_backward(ws, &ws->sub[si], tid);
 }
 
 void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
@@ -739,15 +762,16 @@ void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
     const jem__conv *cs[2] = {i < 0 ? &net->stem : &net->blocks[i].c1,
                               i < 0 ? NULL : &net->blocks[i].c2};
     for (int j = 0; j < 2; j++)
-      if (cs[j] && cs[j]->k == 3 && cs[j]->stride == 1 && jem__conv_fast(cs[j]))
+      if (cs[j] && cs[j]->k == 3 && jem__conv_fast(cs[j]))
         jem__conv_flip(ws->wflip + cs[j]->wf_off, m->weights + cs[j]->w_off, cs[j]);
   }
+  for (int i = 0; i < ws->nhelpers; i++) ws->helpers[i].dw_used = 0;
   run_job(ws, JOB_BACKWARD, jem__threads());
   if (dweights)
-    for (int si = 1; si < ws->nsub; si++) {
-      const jem_sub *s = &ws->sub[si];
-      if (s->n == 0) continue;
-      for (size_t i = 0; i < m->n_weights; i++) dweights[i] += s->dw[i];
+    for (int i = 0; i < ws->nhelpers; i++) {
+      const jem_helper *h = &ws->helpers[i];
+      if (!h->dw_used) continue;
+      for (size_t j = 0; j < m->n_weights; j++) dweights[j] += h->dw[j];
     }
   ws->jdlogits = NULL;
   ws->jdw = NULL;
