@@ -50,6 +50,8 @@ static int core_level(const char *name) {
 }
 
 int jem_blas_setup(int argc, char **argv) {
+  /* the core parallelises over images itself (see jem_ws_create) */
+  jem__blas_single_thread();
   const char *guard = getenv(REEXEC_GUARD);
   if (guard) {
     /* we are the re-executed process: never loop, and keep children clean */

@@ -1,18 +1,14 @@
-/* conv.c - layer kernels on C,N,H,W activations: im2col + sgemm convolution,
- * LeakyReLU, 8x8 average pool and the linear head, forward and backward. */
+/* conv.c - layer kernels on C,N,H,W activations: direct AVX2 3x3 convolution
+ * with im2col + sgemm as the general path, LeakyReLU, 8x8 average pool and
+ * the linear head, forward and backward. */
 #include "conv.h"
 #include "internal.h"
 
 #include <cblas.h>
+#include <stdatomic.h>
 #include <string.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
-#endif
-
-/* The copy loops below are the hot part of im2col convolution: let GCC
- * vectorise them even in -O2 builds. */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("tree-vectorize")
 #endif
 
 /* LeakyReLU as max(v, leak*v), exact for 0 <= leak <= 1 (the architecture
@@ -46,7 +42,7 @@ static inline void add_to(float *d, const float *src, size_t n) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Direct 3x3 convolution (stride 1, padding 1) with AVX2+FMA.
+/* Direct 3x3 convolution (padding 1, stride 1 or 2) with AVX2+FMA.
  *
  * im2col copies every input nine times and OpenBLAS then packs the copy once
  * more; at the small channel counts of a WRN-10 those passes cost as much as
@@ -57,25 +53,29 @@ static inline void add_to(float *d, const float *src, size_t n) {
 
 #define FAST_MAX_WEIGHTS (96 * 1024) /* floats: keep the weights in L2 */
 
-static int g_fast = 1;
+static atomic_int g_fast = 1;
 
-void jem__conv_set_fast(int on) { g_fast = on ? 1 : 0; }
+void jem__conv_set_fast(int on) { atomic_store(&g_fast, on ? 1 : 0); }
 
 static int cpu_has_avx2_fma(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static int cached = -1;
-  if (cached < 0) {
+  /* libgcc's check also requires the OS to save the AVX state */
+  static atomic_int cached = -1;
+  int v = atomic_load_explicit(&cached, memory_order_relaxed);
+  if (v < 0) {
     __builtin_cpu_init();
-    cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    atomic_store_explicit(&cached, v, memory_order_relaxed);
   }
-  return cached;
+  return v;
 #else
   return 0;
 #endif
 }
 
 int jem__conv_fast(const jem__conv *c) {
-  if (!g_fast || c->k != 3 || c->pad != 1) return 0;
+  if (!atomic_load_explicit(&g_fast, memory_order_relaxed) || c->k != 3 || c->pad != 1)
+    return 0;
   if (c->stride != 1 && c->stride != 2) return 0;
   if (c->wout != 8 && c->wout != 16 && c->wout != 32) return 0;
   if (c->hout % (32 / c->wout) != 0) return 0;
@@ -101,12 +101,28 @@ static size_t pad_size(const jem__conv *c, int ch) {
   return (size_t)ch * (c->hin + 2) * (c->win + 2);
 }
 
-enum { PAD_PLAIN, PAD_LRELU };
+enum { PAD_PLAIN, PAD_LRELU, PAD_GATE };
+
+/* d[i] = s[i] * (g[i] > 0 ? 1 : leak): a gradient through LeakyReLU. */
+static inline void gate_copy(float *d, const float *src, const float *g, int n,
+                             float leak) {
+  int i = 0;
+#if defined(__SSE2__)
+  const __m128 one = _mm_set1_ps(1.0f), lv = _mm_set1_ps(leak), zero = _mm_setzero_ps();
+  for (; i + 4 <= n; i += 4) {
+    __m128 mask = _mm_cmpgt_ps(_mm_loadu_ps(g + i), zero);
+    __m128 f = _mm_or_ps(_mm_and_ps(mask, one), _mm_andnot_ps(mask, lv));
+    _mm_storeu_ps(d + i, _mm_mul_ps(_mm_loadu_ps(src + i), f));
+  }
+#endif
+  for (; i < n; i++) d[i] = src[i] * (g[i] > 0.0f ? 1.0f : leak);
+}
 
 /* pad[ch, H+2, W+2] = zero border around f(src[ch][img]) where src is CNHW
- * with n images and f is the identity or LeakyReLU. */
-static void pad_image(float *pad, const float *src, int ch, int n, int img,
-                      int h, int w, int mode, float leak) {
+ * with n images and f is the identity, LeakyReLU, or (PAD_GATE) the product
+ * with LeakyReLU'(gate), gate laid out like src. */
+static void pad_image(float *pad, const float *src, const float *gate, int ch,
+                      int n, int img, int h, int w, int mode, float leak) {
   const int wp = w + 2;
   const size_t plane = (size_t)(h + 2) * wp, hw = (size_t)h * w;
   for (int ci = 0; ci < ch; ci++) {
@@ -120,6 +136,9 @@ static void pad_image(float *pad, const float *src, int ch, int n, int img,
       row[w + 1] = 0.0f;
       if (mode == PAD_LRELU)
         lrelu_copy(row + 1, s + (size_t)y * w, w, leak);
+      else if (mode == PAD_GATE)
+        gate_copy(row + 1, s + (size_t)y * w,
+                  gate + ((size_t)ci * n + img) * hw + (size_t)y * w, w, leak);
       else
         memcpy(row + 1, s + (size_t)y * w, sizeof(float) * w);
     }
@@ -380,7 +399,8 @@ static void conv3x3_image(float *out, size_t ocs, const float *pad,
 
 /* out[cout, n, H, W] (+)= b + conv(f(in)) image by image through the direct
  * kernel; pad holds one padded image. */
-static void conv3x3_direct(float *out, const float *in, const float *w,
+static void conv3x3_direct(float *out, const float *in, const float *gate,
+                           const float *w,
                            const float *b, int cin, int cout, const jem__conv *c,
                            int n, int mode, float leak, int accumulate,
                            float *pad) {
@@ -392,7 +412,7 @@ static void conv3x3_direct(float *out, const float *in, const float *w,
     if (c->stride == 2)
       pad_image_s2(pad, in, cin, n, i, c->hin, c->win, mode, leak);
     else
-      pad_image(pad, in, cin, n, i, c->hin, c->win, mode, leak);
+      pad_image(pad, in, gate, cin, n, i, c->hin, c->win, mode, leak);
     conv3x3_image(out + (size_t)i * hwo, ocs, pad, w, b, cin, cout, Ho, Wo,
                   c->stride, accumulate);
   }
@@ -412,15 +432,17 @@ static size_t s2_grad_scratch(const jem__conv *c) {
  * convolution of dout: 1, 2, 2 and 4 taps, computed by the direct kernel
  * and interleaved back. */
 static void conv3x3_s2_input_grad(float *din, const float *dout,
+                                  const float *gate, float leak,
                                   const float *wt, const jem__conv *c, int n,
-                                  float *scratch) {
+                                  float *scratch, int overwrite) {
   const int Ho = c->hout, Wo = c->wout, Hi = c->hin, Wi = c->win;
   const int wp = Wo + 2;
   const size_t pho = (size_t)Ho * Wo, hwi = (size_t)Hi * Wi;
   float *pad = scratch;
   float *ph = scratch + (size_t)c->cout * (Ho + 2) * wp; /* [4][cin][Ho*Wo] */
   for (int img = 0; img < n; img++) {
-    pad_image(pad, dout, c->cout, n, img, Ho, Wo, PAD_PLAIN, 0.0f);
+    pad_image(pad, dout, gate, c->cout, n, img, Ho, Wo,
+              gate ? PAD_GATE : PAD_PLAIN, leak);
     for (int py = 0; py < 2; py++)
       for (int px = 0; px < 2; px++) {
         int tt[4], toff[4], nt = 0;
@@ -446,6 +468,25 @@ static void conv3x3_s2_input_grad(float *din, const float *dout,
         float *r0 = d + (size_t)(2 * j) * Wi, *r1 = r0 + Wi;
         const size_t o = (size_t)j * Wo;
         int i = 0;
+        if (overwrite) {
+#if defined(__SSE2__)
+          for (; i + 4 <= Wo; i += 4) {
+            __m128 e0 = _mm_loadu_ps(f00 + o + i), o0 = _mm_loadu_ps(f01 + o + i);
+            __m128 e1 = _mm_loadu_ps(f10 + o + i), o1 = _mm_loadu_ps(f11 + o + i);
+            _mm_storeu_ps(r0 + 2 * i, _mm_unpacklo_ps(e0, o0));
+            _mm_storeu_ps(r0 + 2 * i + 4, _mm_unpackhi_ps(e0, o0));
+            _mm_storeu_ps(r1 + 2 * i, _mm_unpacklo_ps(e1, o1));
+            _mm_storeu_ps(r1 + 2 * i + 4, _mm_unpackhi_ps(e1, o1));
+          }
+#endif
+          for (; i < Wo; i++) {
+            r0[2 * i] = f00[o + i];
+            r0[2 * i + 1] = f01[o + i];
+            r1[2 * i] = f10[o + i];
+            r1[2 * i + 1] = f11[o + i];
+          }
+          continue;
+        }
 #if defined(__SSE2__)
         for (; i + 4 <= Wo; i += 4) {
           __m128 e0 = _mm_loadu_ps(f00 + o + i), o0 = _mm_loadu_ps(f01 + o + i);
@@ -611,7 +652,7 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   JEM_ASSERT(n >= 1);
   if (jem__conv_fast(c)) {
     JEM_ASSERT(pad_size(c, c->cin) <= col_cap);
-    conv3x3_direct(out, in, w, b, c->cin, c->cout, c, n,
+    conv3x3_direct(out, in, NULL, w, b, c->cin, c->cout, c, n,
                    act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, col);
     return;
   }
@@ -660,11 +701,11 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
       /* the input gradient of a 3x3 stride-1 convolution is the convolution
        * of dout with the flipped, transposed weights */
       JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
-      conv3x3_direct(din, dout, wf, NULL, c->cout, c->cin, c, n, PAD_PLAIN,
-                     leak, 1, col);
+      conv3x3_direct(din, dout, NULL, wf, NULL, c->cout, c->cin, c, n,
+                     PAD_PLAIN, leak, 1, col);
     } else {
       JEM_ASSERT(s2_grad_scratch(c) <= col_cap);
-      conv3x3_s2_input_grad(din, dout, wf, c, n, col);
+      conv3x3_s2_input_grad(din, dout, NULL, leak, wf, c, n, col, 0);
     }
     din = NULL;
     if (!dw) return;
@@ -696,6 +737,36 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
       jem__col2im(din, col, c, n, n0, m);
     }
   }
+}
+
+void jem__conv_input_grad(float *din, const float *dout, const float *gate,
+                          float leak, const float *wf, const jem__conv *c,
+                          int n, float *col, size_t col_cap) {
+  JEM_ASSERT(jem__conv_fast(c) && wf && n >= 1);
+  const int mode = gate ? PAD_GATE : PAD_PLAIN;
+  if (c->stride == 1) {
+    JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
+    conv3x3_direct(din, dout, gate, wf, NULL, c->cout, c->cin, c, n, mode,
+                   leak, 0, col);
+  } else {
+    JEM_ASSERT(s2_grad_scratch(c) <= col_cap);
+    conv3x3_s2_input_grad(din, dout, gate, leak, wf, c, n, col, 1);
+  }
+}
+
+void jem__lrelu_backward_add(float *g, const float *a, const float *add,
+                             size_t len, float leak) {
+  size_t i = 0;
+#if defined(__SSE2__)
+  const __m128 one = _mm_set1_ps(1.0f), lv = _mm_set1_ps(leak), zero = _mm_setzero_ps();
+  for (; i + 4 <= len; i += 4) {
+    __m128 mask = _mm_cmpgt_ps(_mm_loadu_ps(a + i), zero);
+    __m128 f = _mm_or_ps(_mm_and_ps(mask, one), _mm_andnot_ps(mask, lv));
+    __m128 v = _mm_mul_ps(_mm_loadu_ps(g + i), f);
+    _mm_storeu_ps(g + i, _mm_add_ps(v, _mm_loadu_ps(add + i)));
+  }
+#endif
+  for (; i < len; i++) g[i] = g[i] * (a[i] > 0.0f ? 1.0f : leak) + add[i];
 }
 
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak) {

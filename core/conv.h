@@ -68,8 +68,20 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
                         float leak, float *dw, float *db, float *din,
                         float *col, size_t col_cap);
 
+/* Input gradient on the direct kernel (requires jem__conv_fast(c) and wf
+ * from jem__conv_flip): din [Cin, n, Hi, Wi] = (OVERWRITTEN) gradient with
+ * respect to act(in) given dout [Cout, n, Ho, Wo] multiplied by
+ * LeakyReLU'(gate) when gate (laid out like dout) is not NULL.  Fuses the
+ * activation's backward and skips zeroing din on the input-gradient path. */
+void jem__conv_input_grad(float *din, const float *dout, const float *gate,
+                          float leak, const float *wf, const jem__conv *c,
+                          int n, float *col, size_t col_cap);
+
 /* g[i] *= (a[i] > 0 ? 1 : leak) for i < len (PyTorch's LeakyReLU backward). */
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak);
+/* g[i] = g[i] * (a[i] > 0 ? 1 : leak) + add[i]. */
+void jem__lrelu_backward_add(float *g, const float *a, const float *add,
+                             size_t len, float leak);
 
 /* feat[n, C] = mean over hw of LeakyReLU(a[C, n, hw]). */
 void jem__pool_forward(float *feat, const float *a, int c, int n, int hw,

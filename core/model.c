@@ -357,11 +357,11 @@ struct jem_ws {
   float *feat;           /* [N, F] */
   float *logits, *dlogits, *probs; /* [N, K] */
   float *dx;             /* [N, C, S, S] for jem_score_batch */
-  float *wflip;          /* flipped weights, refreshed by every backward */
+  float *wflip;          /* transposed 3x3 weights, refreshed by every backward */
   int nsub;
   jem_sub *sub;
 
-  /* helper threads (nsub-1), started at creation, parked between jobs */
+  /* helper threads (threads - 1), started at creation, parked between jobs */
   int nhelpers;
   jem_helper *helpers;
   int sync_ok;           /* mutex and condition variables initialised */
@@ -486,6 +486,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   const size_t N = (size_t)max_batch;
   const int nb = net->nblocks;
   int nthr = jem__threads();
+  if (nthr > 64) nthr = 64;
   if (nthr > max_batch) nthr = max_batch;
   if (nthr < 1) nthr = 1;
   /* a multiple of the thread count, with at most SLICE_IMAGES per slice */
@@ -681,37 +682,57 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
       if (s->g[i] == gcur) continue;
       if (!gv) gv = s->g[i]; else ga = s->g[i];
     }
-    /* conv2: gradient with respect to lrelu(u), then u */
     const size_t ulen = (size_t)B->c2.cin * B->c2.hin * B->c2.win * n;
+    const size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
+    if (!dW && jem__conv_fast(&B->c2) && jem__conv_fast(&B->c1)) {
+      /* input gradient only, on the direct kernel: the LeakyReLU'(u) gate
+       * rides along with conv1's padded copy and nothing is zeroed */
+      jem__conv_input_grad(gv, gcur, NULL, leak, WF(&B->c2), &B->c2, n,
+                           s->col, s->col_cap);
+      jem__conv_input_grad(ga, gv, s->u[b], leak, WF(&B->c1), &B->c1, n,
+                           s->col, s->col_cap);
+      if (B->has_sc) {
+        jem__lrelu_backward(ga, s->a[b], alen, leak);
+        jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0,
+                           leak, NULL, NULL, ga, s->col, s->col_cap);
+      } else {
+        jem__lrelu_backward_add(ga, s->a[b], gcur, alen, leak);
+      }
+      gcur = ga;
+      continue;
+    }
+    /* conv2: gradient with respect to lrelu(u), then u */
     memset(gv, 0, sizeof(float) * ulen);
     jem__conv_backward(gcur, s->u[b], W + B->c2.w_off, WF(&B->c2), &B->c2, n, 1, leak,
                        DW(B->c2.w_off), DW(B->c2.b_off), gv, s->col, s->col_cap);
     jem__lrelu_backward(gv, s->u[b], ulen, leak);
     /* conv1: gradient with respect to lrelu(a), then a */
-    const size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
     memset(ga, 0, sizeof(float) * alen);
     jem__conv_backward(gv, s->a[b], W + B->c1.w_off, WF(&B->c1), &B->c1, n, 1, leak,
                        DW(B->c1.w_off), DW(B->c1.b_off), ga, s->col, s->col_cap);
-    jem__lrelu_backward(ga, s->a[b], alen, leak);
     /* shortcut on the raw block input */
     if (B->has_sc) {
+      jem__lrelu_backward(ga, s->a[b], alen, leak);
       jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0, leak,
                          DW(B->sc.w_off), DW(B->sc.b_off), ga, s->col,
                          s->col_cap);
     } else {
-      for (size_t i = 0; i < alen; i++) ga[i] += gcur[i];
+      jem__lrelu_backward_add(ga, s->a[b], gcur, alen, leak);
     }
     gcur = ga;
   }
   /* stem */
   float *gx = NULL;
-  if (ws->jdx) {
-    gx = gcur == s->g[0] ? s->g[1] : s->g[0];
-    memset(gx, 0, sizeof(float) * css * n);
+  if (ws->jdx) gx = gcur == s->g[0] ? s->g[1] : s->g[0];
+  if (gx && !dW && jem__conv_fast(&net->stem)) {
+    jem__conv_input_grad(gx, gcur, NULL, leak, WF(&net->stem), &net->stem, n,
+                         s->col, s->col_cap);
+  } else {
+    if (gx) memset(gx, 0, sizeof(float) * css * n);
+    jem__conv_backward(gcur, s->x, W + net->stem.w_off, WF(&net->stem),
+                       &net->stem, n, 0, leak, DW(net->stem.w_off),
+                       DW(net->stem.b_off), gx, s->col, s->col_cap);
   }
-  jem__conv_backward(gcur, s->x, W + net->stem.w_off, WF(&net->stem), &net->stem, n, 0, leak,
-                     DW(net->stem.w_off), DW(net->stem.b_off), gx, s->col,
-                     s->col_cap);
   if (gx) jem__from_cnhw_acc(ws->jdx + (size_t)s->n0 * css, gx, n, net->in_c, hw);
 #undef WF
 #undef DW
@@ -847,7 +868,7 @@ void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
 void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
                      int want_grad, const jem_scores *out) {
   check_ws(ws, m);
-  JEM_ASSERT(x && out && n >= 0);
+  JEM_ASSERT(out && n >= 0 && (x || n == 0));
   const int k = m->net->k;
   const size_t css = (size_t)m->net->in_c * m->net->size * m->net->size;
   const float T = m->temperature > 0.0f ? m->temperature : 1.0f;

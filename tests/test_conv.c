@@ -403,12 +403,53 @@ static void test_layout(void **state) {
   assert_memory_equal(back, x, sizeof x);
 }
 
+/* jem__conv_input_grad (overwrite, fused gate) equals conv_backward into a
+ * zeroed buffer followed by the gate; both strides of the direct kernel. */
+static void test_input_grad_fused(void **state) {
+  (void)state;
+  unsigned st = 17;
+  int used = 0;
+  for (size_t t = 0; t < sizeof CFGS / sizeof *CFGS; t++) {
+    const cfg *c = &CFGS[t];
+    jem__conv cv = to_conv(c);
+    if (!jem__conv_fast(&cv)) continue;
+    used++;
+    const int n = c->n;
+    size_t xin = (size_t)n * c->cin * c->h * c->h;
+    size_t xo = (size_t)n * c->cout * cv.hout * cv.wout;
+    size_t nw = (size_t)c->cout * c->cin * 9;
+    float *w = malloc(sizeof(float) * nw), *wf = malloc(sizeof(float) * nw);
+    float *g = malloc(sizeof(float) * xo), *gate = malloc(sizeof(float) * xo);
+    float *gg = malloc(sizeof(float) * xo), *d1 = malloc(sizeof(float) * xin);
+    float *d2 = calloc(xin, sizeof(float));
+    ref_fill(w, nw, &st, -1, 1);
+    ref_fill(g, xo, &st, -1, 1);
+    ref_fill(gate, xo, &st, -1, 1);
+    ref_fill(d1, xin, &st, 5, 6); /* garbage: must be overwritten */
+    jem__conv_flip(wf, w, &cv);
+    size_t need = jem__conv_col_need(&cv, n, (size_t)1 << 20);
+    float *col = malloc(sizeof(float) * need);
+    jem__conv_input_grad(d1, g, gate, 0.2f, wf, &cv, n, col, need);
+    memcpy(gg, g, sizeof(float) * xo);
+    jem__lrelu_backward(gg, gate, xo, 0.2f);
+    jem__conv_set_fast(0);
+    jem__conv_backward(gg, NULL, w, NULL, &cv, n, 0, 0.2f, NULL, NULL, d2, col, need);
+    jem__conv_set_fast(1);
+    for (size_t i = 0; i < xin; i++)
+      if (fabs(d1[i] - d2[i]) > 1e-5 * (1 + fabs(d2[i])))
+        fail_msg("cfg %zu: din[%zu] fused %g reference %g", t, i, (double)d1[i], (double)d2[i]);
+    free(w); free(wf); free(g); free(gate); free(gg); free(d1); free(d2); free(col);
+  }
+  print_message("fused input gradient checked on %d shapes\n", used);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_conv_forward_vs_direct),
       cmocka_unit_test(test_im2col_adjoint),
       cmocka_unit_test(test_conv_grad),
       cmocka_unit_test(test_fast_matches_im2col),
+      cmocka_unit_test(test_input_grad_fused),
       cmocka_unit_test(test_lrelu_grad),
       cmocka_unit_test(test_pool_grad),
       cmocka_unit_test(test_linear_grad),

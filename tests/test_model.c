@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conv.h"
 #include "internal.h"
 #include "ref_kernels.h"
 
@@ -231,8 +232,8 @@ static void test_input_grad_class_10_1(void **state) {
 }
 static void test_input_grad_10_2(void **state) {
   (void)state;
-  check_input_grad(&ARCH_10_2, 23, -1, 10);
-  check_input_grad(&ARCH_10_2, 24, 4, 10);
+  check_input_grad(&ARCH_10_2, 23, -1, 8);
+  check_input_grad(&ARCH_10_2, 24, 4, 8);
 }
 
 /* Parameter gradient of logsumexp f(x) by central differences on the double
@@ -305,7 +306,7 @@ static void test_param_grad_10_1(void **state) {
 }
 static void test_param_grad_10_2(void **state) {
   (void)state;
-  check_param_grad(&ARCH_10_2, 32, 10);
+  check_param_grad(&ARCH_10_2, 32, 8);
 }
 
 /* Backward with both outputs gives the same dx as jem_input_grad. */
@@ -515,6 +516,39 @@ static void test_threads(void **state) {
   jem_model_free(m);
 }
 
+/* The general im2col + sgemm path (CPUs without AVX2+FMA) on the whole
+ * model: forward against the reference, gradients by finite differences,
+ * and agreement with the direct kernel. */
+static void test_im2col_path(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_1, 91);
+  const int n = 3, K = 10;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 4;
+  ref_fill(x, css * n, &st, -1, 1);
+  float lg[2][30], *dx[2];
+  for (int fast = 1; fast >= 0; fast--) {
+    jem__conv_set_fast(fast);
+    jem_ws *ws = jem_ws_create(m, n, 0);
+    dx[fast] = malloc(sizeof(float) * css * n);
+    jem_input_grad(ws, m, x, n, NULL, lg[fast], dx[fast]);
+    jem_ws_free(ws);
+  }
+  check_forward(&ARCH_10_1, 92);
+  check_input_grad(&ARCH_10_1, 93, 2, 10);
+  check_param_grad(&ARCH_10_1, 94, 10);
+  jem__conv_set_fast(1);
+  double gmax = 0;
+  for (size_t i = 0; i < css * n; i++) gmax = fmax(gmax, fabs(dx[1][i]));
+  for (int i = 0; i < n * K; i++)
+    assert_true(fabs(lg[0][i] - lg[1][i]) <= 1e-5 * fmax(1, fabs(lg[1][i])));
+  for (size_t i = 0; i < css * n; i++)
+    assert_true(fabs(dx[0][i] - dx[1][i]) <= 1e-4 * fabs(dx[1][i]) + 1e-6 * gmax);
+  free(dx[0]); free(dx[1]); free(x);
+  jem_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_arch_params),
@@ -531,6 +565,7 @@ int main(void) {
       cmocka_unit_test(test_batch_independence),
       cmocka_unit_test(test_features_and_helpers),
       cmocka_unit_test(test_threads),
+      cmocka_unit_test(test_im2col_path),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
