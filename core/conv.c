@@ -380,7 +380,93 @@ conv_taps_image(float *out, size_t ocs, const float *pad, const float *w,
   default: JEM_ASSERT(!"unsupported shape for the direct kernel");
   }
 }
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+/* dw[co][ci][ky][kx] += sum over the pixels of one image of dout[co] times
+ * the padded input shifted by the tap: the weight gradient as a correlation.
+ * Two output channels x one kernel row (3 taps) = 6 accumulators that run
+ * over the whole image before being reduced. */
+#define KEEP(v) __asm__("" : "+x"(v))
+#define SLOT_P(s) (((s) / (W / 8)) * SR * Wp + 8 * ((s) % (W / 8)))
+#define SLOT_O(s) (((s) / (W / 8)) * W + 8 * ((s) % (W / 8)))
+#define KXOFF(kx) (SR == 1 ? (kx) : ((kx) == 0 ? 0 : (kx) == 1 ? W + 1 : 1))
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+conv3x3_dw_loop(float *dw, const float *dout, size_t ocs, const float *pad,
+                int cin, int cout, int H, const int W, const int SR) {
+  const int Wp = SR * W + 2, R = 32 / W;
+  const size_t plane = (size_t)(SR * H + 2) * Wp;
+  const int p0 = SLOT_P(0), p1 = SLOT_P(1), p2 = SLOT_P(2), p3 = SLOT_P(3);
+  const int q0 = SLOT_O(0), q1 = SLOT_O(1), q2 = SLOT_O(2), q3 = SLOT_O(3);
+  for (int co = 0; co < cout; co += 2) {
+    const int two = co + 1 < cout;
+    const float *d0 = dout + (size_t)co * ocs, *d1 = two ? d0 + ocs : d0;
+    for (int ci = 0; ci < cin; ci++) {
+      for (int ky = 0; ky < 3; ky++) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00;
+        __m256 a10 = a00, a11 = a00, a12 = a00;
+        for (int y0 = 0; y0 < H; y0 += R) {
+          const float *pk = pad + ci * plane + ((size_t)y0 * SR + ky) * Wp;
+          const float *e0 = d0 + (size_t)y0 * W, *e1 = d1 + (size_t)y0 * W;
+#define DSLOT(p, q)                                                          \
+  do {                                                                       \
+    __m256 g0 = _mm256_loadu_ps(e0 + (q)), g1 = _mm256_loadu_ps(e1 + (q));   \
+    KEEP(g0); KEEP(g1);                                                      \
+    __m256 x = _mm256_loadu_ps(pk + (p) + KXOFF(0)); KEEP(x);                \
+    a00 = _mm256_fmadd_ps(g0, x, a00); a10 = _mm256_fmadd_ps(g1, x, a10);    \
+    x = _mm256_loadu_ps(pk + (p) + KXOFF(1)); KEEP(x);                       \
+    a01 = _mm256_fmadd_ps(g0, x, a01); a11 = _mm256_fmadd_ps(g1, x, a11);    \
+    x = _mm256_loadu_ps(pk + (p) + KXOFF(2)); KEEP(x);                       \
+    a02 = _mm256_fmadd_ps(g0, x, a02); a12 = _mm256_fmadd_ps(g1, x, a12);    \
+  } while (0)
+          DSLOT(p0, q0); DSLOT(p1, q1); DSLOT(p2, q2); DSLOT(p3, q3);
+#undef DSLOT
+        }
+        float *w0 = dw + ((size_t)co * cin + ci) * 9 + ky * 3;
+        w0[0] += hsum8(a00);
+        w0[1] += hsum8(a01);
+        w0[2] += hsum8(a02);
+        if (two) {
+          float *w1 = w0 + (size_t)cin * 9;
+          w1[0] += hsum8(a10);
+          w1[1] += hsum8(a11);
+          w1[2] += hsum8(a12);
+        }
+      }
+    }
+  }
+}
+#undef KEEP
+#undef SLOT_P
+#undef SLOT_O
+#undef KXOFF
+
+__attribute__((target("avx2,fma"))) static void
+conv3x3_dw_image(float *dw, const float *dout, size_t ocs, const float *pad,
+                 int cin, int cout, int H, int W, int stride) {
+#define CASE(WW, SS)                                                  \
+  case WW * 4 + SS:                                                   \
+    conv3x3_dw_loop(dw, dout, ocs, pad, cin, cout, H, WW, SS);        \
+    break
+  switch (W * 4 + stride) {
+    CASE(32, 1); CASE(16, 1); CASE(8, 1);
+    CASE(32, 2); CASE(16, 2); CASE(8, 2);
+  default: JEM_ASSERT(!"unsupported shape for the direct kernel");
+  }
+#undef CASE
+}
 #else
+static void conv3x3_dw_image(float *dw, const float *dout, size_t ocs,
+                             const float *pad, int cin, int cout, int H, int W,
+                             int stride) {
+  (void)dw; (void)dout; (void)ocs; (void)pad; (void)cin; (void)cout; (void)H;
+  (void)W; (void)stride;
+  JEM_ASSERT(!"direct kernel not built for this CPU");
+}
 static void conv_taps_image(float *out, size_t ocs, const float *pad,
                             const float *w, int cin, int cout, int H, int W,
                             int ntap, const int *tt, const int *toff) {
@@ -507,6 +593,27 @@ static void conv3x3_s2_input_grad(float *din, const float *dout,
       }
     }
   }
+}
+
+/* Sum of n floats: float partial sums over blocks of 1024, added in double. */
+static double row_sum(const float *g, size_t n) {
+  double acc = 0.0;
+  size_t i = 0;
+#if defined(__SSE2__)
+  while (i + 8 <= n) {
+    size_t end = i + 1024 < n ? i + 1024 : n;
+    __m128 s0 = _mm_setzero_ps(), s1 = _mm_setzero_ps();
+    for (; i + 8 <= end; i += 8) {
+      s0 = _mm_add_ps(s0, _mm_loadu_ps(g + i));
+      s1 = _mm_add_ps(s1, _mm_loadu_ps(g + i + 4));
+    }
+    float t[4];
+    _mm_storeu_ps(t, _mm_add_ps(s0, s1));
+    acc += (double)t[0] + t[1] + t[2] + t[3];
+  }
+#endif
+  for (; i < n; i++) acc += g[i];
+  return acc;
 }
 
 int jem__conv_direct(const jem__conv *c, int act) {
@@ -687,14 +794,8 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
   const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)n * hwo;
   JEM_ASSERT(n >= 1);
-  if (db) {
-    for (int co = 0; co < c->cout; co++) {
-      const float *g = dout + (size_t)co * ldo;
-      double acc = 0.0;
-      for (size_t i = 0; i < ldo; i++) acc += g[i];
-      db[co] += (float)acc;
-    }
-  }
+  if (db)
+    for (int co = 0; co < c->cout; co++) db[co] += (float)row_sum(dout + (size_t)co * ldo, ldo);
   if (!dw && !din) return;
   if (wf && din && jem__conv_fast(c)) {
     if (c->stride == 1) {
@@ -709,6 +810,23 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
     }
     din = NULL;
     if (!dw) return;
+  }
+  if (dw && jem__conv_fast(c)) {
+    /* weight gradient image by image from the padded (activated) input */
+    JEM_ASSERT(pad_size(c, c->cin) <= col_cap);
+    const size_t hw = (size_t)c->hout * c->wout;
+    for (int i = 0; i < n; i++) {
+      if (c->stride == 2)
+        pad_image_s2(col, in, c->cin, n, i, c->hin, c->win,
+                     act ? PAD_LRELU : PAD_PLAIN, leak);
+      else
+        pad_image(col, in, NULL, c->cin, n, i, c->hin, c->win,
+                  act ? PAD_LRELU : PAD_PLAIN, leak);
+      conv3x3_dw_image(dw, dout + (size_t)i * hw, ldo, col, c->cin, c->cout,
+                       c->hout, c->wout, c->stride);
+    }
+    dw = NULL;
+    if (!din) return;
   }
   if (jem__conv_direct(c, act)) {
     if (dw)

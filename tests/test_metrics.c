@@ -272,6 +272,47 @@ static void test_quantiles(void **state) {
   NEAR(jem_median(dv, 3), 3, 0);
 }
 
+/* The continuous rule statistic agrees with jem_ood_eval's verdict. */
+static void test_rule_stat(void **state) {
+  (void)state;
+  static jem_ood_stats st;
+  memset(&st, 0, sizeof st);
+  st.present = 1;
+  st.default_tpr = 0.95f;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    st.nq[k] = 101;
+    for (int i = 0; i < 101; i++) st.q[k][i] = (float)(i * (k + 1));
+  }
+  const int sides[4] = {1, -1, 2, 0};
+  for (int combo = 0; combo < 64; combo++) {
+    int used = 0;
+    for (int k = 0; k < JEM_NUM_SCORES; k++) {
+      st.side[k] = sides[(combo >> (2 * k)) & 3];
+      used += st.side[k] != 0;
+    }
+    for (int trial = 0; trial < 50; trial++) {
+      float v[JEM_NUM_SCORES];
+      for (int k = 0; k < JEM_NUM_SCORES; k++) v[k] = (float)(urand() * 110 * (k + 1) - 5);
+      jem_ood_result r;
+      jem_ood_eval(&st, v, 0.9f, &r);
+      double s = jem_ood_rule_stat(&st, v);
+      if (!used) {
+        assert_true(isnan(s));
+        assert_int_equal(r.is_ood, -1);
+        continue;
+      }
+      double cut = 0.1 / used;
+      /* skip values within rounding of the cut, where float and double differ */
+      if (fabs(s - cut) < 1e-5) continue;
+      assert_int_equal(r.is_ood, s < cut);
+    }
+  }
+  /* no statistics: NaN */
+  st.present = 0;
+  float v[JEM_NUM_SCORES] = {1, 2, 3};
+  assert_true(isnan(jem_ood_rule_stat(&st, v)));
+}
+
 /* ------------------------------------------------------------------------ */
 /* Matrix square root and Frechet distance                                  */
 
@@ -473,6 +514,7 @@ int main(void) {
       cmocka_unit_test(test_ranking_hand),
       cmocka_unit_test(test_ranking_bruteforce),
       cmocka_unit_test(test_quantiles),
+      cmocka_unit_test(test_rule_stat),
       cmocka_unit_test(test_sqrtm),
       cmocka_unit_test(test_frechet),
       cmocka_unit_test(test_pgd),
