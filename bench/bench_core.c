@@ -5,6 +5,7 @@
  *
  * usage: bench_core [MODEL.safetensors] [--arch D-K-C-N] [--seconds S]
  *                   [--batches 1,64] [--threads 1,2]
+ *                   [--figures forward,energy_grad]
  * Without MODEL or --arch: models/fmnist-jem.safetensors if it exists, else
  * a random WRN-10-1 on 1x32x32 with 10 classes (seed 1). */
 #include "jem.h"
@@ -29,6 +30,7 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: bench_core [MODEL.safetensors] [--arch DEPTH-WIDEN-CHANNELS-CLASSES]\n"
           "                  [--seconds S] [--batches 1,64] [--threads 1,2]\n"
+          "                  [--figures forward,energy_grad]\n"
 
           "Measures forward and energy-gradient images/s of the core.  Without a\n"
           "model: " DEFAULT_MODEL " if present, else a random WRN-10-1-1-10.\n"
@@ -85,6 +87,7 @@ int main(int argc, char **argv) {
   double seconds = 2.0;
   int batches[MAX_LIST] = {1, 64}, nb = 2;
   int threads[MAX_LIST] = {1, 2}, nt = 2;
+  int want_fig[2] = {1, 1};
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -108,6 +111,20 @@ int main(int argc, char **argv) {
       if ((nt = parse_list(argv[++i], threads)) < 1) {
         fprintf(stderr, "bench_core: --threads wants a list like 1,2\n");
         return 2;
+      }
+    } else if (!strcmp(a, "--figures") && i + 1 < argc) {
+      const char *f = argv[++i];
+      want_fig[0] = want_fig[1] = 0;
+      while (*f) {
+        size_t len = strcspn(f, ",");
+        if (len == 7 && !strncmp(f, "forward", 7)) want_fig[0] = 1;
+        else if (len == 11 && !strncmp(f, "energy_grad", 11)) want_fig[1] = 1;
+        else {
+          fprintf(stderr, "bench_core: --figures wants forward and/or energy_grad\n");
+          return 2;
+        }
+        f += len;
+        if (*f == ',') f++;
       }
     } else if (a[0] == '-') {
       fprintf(stderr, "bench_core: unknown option '%s'\n", a);
@@ -180,6 +197,7 @@ int main(int argc, char **argv) {
 
   static const char *const fig[2] = {"forward", "energy_grad"};
   for (int g = 0; g < 2; g++) {
+    if (!want_fig[g]) continue;
     for (int bi = 0; bi < nb; bi++) {
       result best = {0};
       int best_t = 0;

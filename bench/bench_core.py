@@ -26,6 +26,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ ROOT = os.path.dirname(HERE)
 DEFAULT_MODEL = os.path.join("models", "fmnist-jem.safetensors")
 FIGURES = [("forward", 1), ("forward", 64), ("energy_grad", 1), ("energy_grad", 64)]
 TARGET = {1: 2.0, 64: 1.5}
+LOAD_LIMIT = 0.2  # cores of other work tolerated during a measurement
 THREADS = (1, 2)
 
 try:
@@ -125,26 +127,28 @@ def describe(pid):
 # --------------------------------------------------------------------------
 # measurements
 
-def run_core(args, model):
+def run_core(args, model, fig, batch):
+    """bench_core for one figure and batch: (info, (img/s, threads))."""
     exe = os.path.join(args.build, "bench", "bench_core")
     if not os.access(exe, os.X_OK):
         sys.exit(f"bench_core.py: {exe} not found; build it with `make {exe}`")
-    cmd = [exe, "--seconds", str(args.seconds)]
+    cmd = [exe, "--seconds", str(args.seconds), "--figures", fig, "--batches", str(batch),
+           "--threads", ",".join(map(str, THREADS))]
     if model:
         cmd.append(model)
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"bench_core.py: {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr}")
-    info, best, runs = {}, {}, []
+    info, best = {}, None
     for line in p.stdout.splitlines():
         rec = json.loads(line)
         if rec["kind"] == "info":
             info = rec
         elif rec["kind"] == "best":
-            best[(rec["figure"], rec["batch"])] = (rec["img_s"], rec["threads"])
-        elif rec["kind"] == "measure":
-            runs.append(rec)
-    return info, best, runs
+            best = (rec["img_s"], rec["threads"])
+    if best is None:
+        sys.exit(f"bench_core.py: no result from {' '.join(cmd)}")
+    return info, best
 
 
 def timed(fn, seconds):
@@ -162,10 +166,11 @@ def timed(fn, seconds):
             return it, t
 
 
-def run_torch(args, model_path):
+def torch_bench(args, model_path):
+    """Returns measure(fig, batch) -> (img/s, threads), PyTorch at its best
+    of THREADS, for the model in model_path."""
     g = golden_module()
     with open(model_path, "rb") as f:
-        import struct
         (hlen,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(hlen))
     meta = json.loads(header["__metadata__"]["jem"])
@@ -176,7 +181,7 @@ def run_torch(args, model_path):
     model.eval()
     s = a["image_size"]
     gen = torch.Generator().manual_seed(7)
-    xs = {b: torch.rand(b, a["in_channels"], s, s, generator=gen) * 2 - 1 for b in (1, 64)}
+    xs = {b: torch.rand(b, a["in_channels"], s, s, generator=gen) * 2 - 1 for _, b in FIGURES}
 
     def forward(x):
         with torch.no_grad():
@@ -196,16 +201,17 @@ def run_torch(args, model_path):
         return -lse.detach(), probs, norm
 
     fns = {"forward": forward, "energy_grad": energy_grad}
-    best, runs = {}, []
-    for fig, b in FIGURES:
+
+    def measure(fig, b):
+        best = (0.0, 0)
         for t in THREADS:
             torch.set_num_threads(t)
             it, secs = timed(lambda: fns[fig](xs[b]), args.seconds)
             ips = it * b / secs
-            runs.append({"figure": fig, "batch": b, "threads": t, "img_s": ips})
-            if ips > best.get((fig, b), (0, 0))[0]:
-                best[(fig, b)] = (ips, t)
-    return best, runs
+            if ips > best[0]:
+                best = (ips, t)
+        return best
+    return measure
 
 
 # --------------------------------------------------------------------------
@@ -222,6 +228,8 @@ def main():
     ap.add_argument("--no-pause", action="store_true",
                     help="refuse instead of pausing a running `jem train`")
     ap.add_argument("--no-torch", action="store_true", help="only the core's figures")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="re-measure a row disturbed by other work up to N times (default 2)")
     args = ap.parse_args()
     os.chdir(ROOT)
     if not args.build.startswith("/"):
@@ -271,8 +279,28 @@ def main():
             torch.manual_seed(0)
             net = g.CCF(10, 1, 10, 1)
             g.write_model(model, net, g.arch_dict(10, 1, 1, 10), "wrn10-1-random")
-        with OtherLoad() as core_load:
-            info, cbest, _ = run_core(args, model)
+        tmeasure = torch_bench(args, model) if use_torch else None
+        # Row by row, the core then PyTorch, each under a watch on the rest of
+        # the machine; a row measured while other work ran is redone (up to
+        # --retries times) and the least disturbed attempt is kept.
+        rows, info = {}, {}
+        for fig, b in FIGURES:
+            kept = None
+            for attempt in range(1 + args.retries):
+                with OtherLoad() as lc:
+                    info, cb = run_core(args, model, fig, b)
+                tb, lt = None, 0.0
+                if tmeasure:
+                    with OtherLoad() as ltw:
+                        tb = tmeasure(fig, b)
+                    lt = ltw.cores
+                load = max(lc.cores, lt)
+                if kept is None or load < kept[2]:
+                    kept = (cb, tb, load)
+                if load <= LOAD_LIMIT:
+                    break
+            rows[(fig, b)] = kept
+
         a = info.get("arch", {})
         what = (f"WRN-{a.get('depth')}-{a.get('widen')}, {a.get('in_channels')}x"
                 f"{a.get('image_size')}x{a.get('image_size')}, {a.get('num_classes')} classes, "
@@ -280,36 +308,34 @@ def main():
         print(f"model: {model or 'random (core init)'} ({what})")
         print(f"BLAS core: {info.get('blas_core')}; {args.seconds:g} s per measurement; "
               f"best of {', '.join(map(str, THREADS))} threads per figure")
-        tbest = None
-        loads = f"other processes used {core_load.cores:.2f} cores while the core ran"
         if use_torch:
-            with OtherLoad() as torch_load:
-                tbest, _ = run_torch(args, model)
             print(f"PyTorch {torch.__version__}, same weights")
-            loads += f", {torch_load.cores:.2f} while PyTorch ran"
-        print(loads)
-        if core_load.cores > 0.2 or (use_torch and torch_load.cores > 0.2):
-            print("bench_core.py: WARNING: other work ran during the measurement; "
-                  "the figures and ratios are not reliable")
         elif torch is None:
             print("PyTorch not installed: core figures only (Debian: python3-torch)")
         print()
-        hdr = f"{'figure':<22} {'jem img/s':>16} {'torch img/s':>16} {'ratio':>7} {'target':>7}  met"
+        hdr = (f"{'figure':<22} {'jem img/s':>16} {'torch img/s':>16} {'ratio':>7} "
+               f"{'target':>7}  met  other load")
         print(hdr)
         print("-" * len(hdr))
-        all_met = True
+        all_met, disturbed = True, False
         for fig, b in FIGURES:
-            ci, ct = cbest[(fig, b)]
+            (ci, ct), tb, load = rows[(fig, b)]
+            disturbed |= load > LOAD_LIMIT
             label = f"{fig} batch {b}"
-            if tbest:
-                ti, tt = tbest[(fig, b)]
+            if tb:
+                ti, tt = tb
                 ratio = ci / ti
                 met = ratio >= TARGET[b]
                 all_met &= met
                 print(f"{label:<22} {ci:>9.1f} ({ct} th) {ti:>9.1f} ({tt} th) {ratio:>6.2f}x "
-                      f"{TARGET[b]:>6.1f}x  {'yes' if met else 'NO'}")
+                      f"{TARGET[b]:>6.1f}x  {'yes' if met else 'NO ':<3}  {load:.2f} cores")
             else:
-                print(f"{label:<22} {ci:>9.1f} ({ct} th) {'-':>16} {'-':>7} {TARGET[b]:>6.1f}x")
+                print(f"{label:<22} {ci:>9.1f} ({ct} th) {'-':>16} {'-':>7} {TARGET[b]:>6.1f}x"
+                      f"  -    {load:.2f} cores")
+        tbest = use_torch
+        if disturbed:
+            print(f"\nWARNING: other processes used more than {LOAD_LIMIT} cores during "
+                  "some rows (last column): those figures are not reliable")
         if tbest:
             print("\nall targets met" if all_met else "\nsome targets NOT met")
         return 0

@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -316,8 +317,8 @@ void jem_model_init_random(jem_model *m, uint64_t seed) {
 #endif
 
 /* A batch is split into `nsub` contiguous slices of images, each with its own
- * activations and scratch, run by the workspace's threads (slice si goes to
- * thread si % active, the caller being thread 0).  Without normalisation
+ * activations and scratch, run by the workspace's threads (the caller's
+ * thread among them), each taking the next slice left.  Without normalisation
  * layers images never interact, so a slice is a complete small batch.  Slices
  * hold at most SLICE_IMAGES images so that a slice's activations stay in the
  * caches while it runs through the whole network.  The split depends only on
@@ -370,6 +371,7 @@ struct jem_ws {
   unsigned gen;          /* bumped for every job */
   int pending;           /* helpers still busy with the current job */
   int active;            /* threads taking part in the current job */
+  atomic_int next;       /* next slice to hand out */
   int job;
   /* job arguments */
   const float *jx;
@@ -426,6 +428,16 @@ static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, float *base) {
 
 static void run_sub(jem_ws *ws, int si, int tid);
 
+/* Takes slices until none is left: a thread slowed down by other work on
+ * its CPU simply ends up running fewer of them. */
+static void run_slices(jem_ws *ws, int tid) {
+  for (;;) {
+    int si = atomic_fetch_add_explicit(&ws->next, 1, memory_order_relaxed);
+    if (si >= ws->nsub) return;
+    run_sub(ws, si, tid);
+  }
+}
+
 static void *helper_loop(void *arg) {
   jem_helper *h = arg;
   jem_ws *ws = h->ws;
@@ -437,16 +449,15 @@ static void *helper_loop(void *arg) {
     const int job = ws->job, active = ws->active;
     pthread_mutex_unlock(&ws->mu);
     if (job == JOB_STOP) return NULL;
-    if (h->tid < active)
-      for (int si = h->tid; si < ws->nsub; si += active) run_sub(ws, si, h->tid);
+    if (h->tid < active) run_slices(ws, h->tid);
     pthread_mutex_lock(&ws->mu);
     if (--ws->pending == 0) pthread_cond_signal(&ws->done);
     pthread_mutex_unlock(&ws->mu);
   }
 }
 
-/* Runs `job` on every slice with up to `threads` threads; slice si goes to
- * thread si % active, the caller being thread 0. */
+/* Runs `job` on every slice with up to `threads` threads (the caller being
+ * thread 0), which take slices first come, first served. */
 static void run_job(jem_ws *ws, int job, int threads) {
   int active = threads < 1 ? 1 : threads;
   if (active > ws->nhelpers + 1) active = ws->nhelpers + 1;
@@ -459,10 +470,11 @@ static void run_job(jem_ws *ws, int job, int threads) {
   pthread_mutex_lock(&ws->mu);
   ws->active = active;
   ws->pending = ws->nhelpers;
+  atomic_store_explicit(&ws->next, 0, memory_order_relaxed);
   ws->gen++;
   pthread_cond_broadcast(&ws->go);
   pthread_mutex_unlock(&ws->mu);
-  for (int si = 0; si < ws->nsub; si += active) run_sub(ws, si, 0);
+  run_slices(ws, 0);
   pthread_mutex_lock(&ws->mu);
   while (ws->pending > 0) pthread_cond_wait(&ws->done, &ws->mu);
   pthread_mutex_unlock(&ws->mu);
