@@ -1,12 +1,16 @@
-/* conv.h - internal layer kernels of the core (im2col convolution, LeakyReLU,
+/* conv.h - internal layer kernels of the core (convolution, LeakyReLU,
  * average pool, linear head) on activations stored channel-major: C,N,H,W.
  *
+ * 3x3 convolutions with padding 1 and stride 1 or 2 run on a direct AVX2+FMA
+ * kernel where the CPU has one (forward, input gradient and weight gradient);
+ * everything else, and every CPU, has the general path: im2col + sgemm.
  * Keeping activations as [C][N][H][W] ("CNHW") makes one convolution layer a
  * single matrix product over the whole batch:
  *   out[Cout, N*Ho*Wo] = W[Cout, Cin*k*k] x col[Cin*k*k, N*Ho*Wo]
  * The kernels may work on the batch in chunks of images so that the im2col
  * buffer stays cache-sized; a chunk is simply a column slice of that product.
- * Backward kernels ACCUMULATE into their gradient outputs. */
+ * Backward kernels ACCUMULATE into their gradient outputs (except
+ * jem__conv_input_grad, which says so). */
 #ifndef JEM_CONV_H
 #define JEM_CONV_H
 
@@ -17,7 +21,7 @@ typedef struct jem__conv {
   int cin, cout, k, stride, pad;
   int hin, win, hout, wout;
   size_t w_off, b_off; /* in floats, into the model's weights */
-  size_t wf_off;        /* into the flipped-weight scratch (3x3 stride 1) */
+  size_t wf_off;        /* into the transposed-weight scratch (3x3 only) */
 } jem__conv;
 
 /* Rows of the im2col matrix (Cin*k*k) and output pixels per image. */
@@ -29,13 +33,15 @@ static inline int jem__conv_hwo(const jem__conv *c) { return c->hout * c->wout; 
 int jem__conv_direct(const jem__conv *c, int act);
 
 /* Whether the layer runs on the direct 3x3 kernel (AVX2+FMA CPUs; 3x3,
- * stride 1, padding 1, maps 8, 16 or 32 wide, L2-sized weights).  Its input
- * gradient is then the same kernel on flipped weights (see jem__conv_flip). */
+ * padding 1, stride 1 or 2, output maps 8, 16 or 32 wide, L2-sized weights).
+ * Its input gradient then also runs on it, given the weights from
+ * jem__conv_flip. */
 int jem__conv_fast(const jem__conv *c);
 /* Tests: 0 forces the im2col path everywhere, 1 restores the default. */
 void jem__conv_set_fast(int on);
-/* wf[ci, co, ky, kx] = w[co, ci, 2-ky, 2-kx] (cin*cout*9 floats): the
- * weights of the transposed convolution. */
+/* Weights of the transposed convolution (cin*cout*9 floats): for stride 1
+ * wf[ci, co, ky, kx] = w[co, ci, 2-ky, 2-kx], for stride 2 the taps are not
+ * flipped: wf[ci, co, ky, kx] = w[co, ci, ky, kx]. */
 void jem__conv_flip(float *wf, const float *w, const jem__conv *c);
 
 /* Floats of im2col scratch that jem__conv_forward/backward use for a batch

@@ -23,11 +23,9 @@ int jem__errf(char *err, size_t errlen, int code, const char *fmt, ...)
 /* 64-byte-aligned allocation of n floats, zeroed; free with free(). */
 float *jem__falloc(size_t n);
 
-/* Scratch of max_batch*C*S*S floats owned by ws (e.g. the input-gradient
- * buffer of jem_score_batch), free for the caller between core calls on that
- * ws.  SGLD computes its gradients there so that sampling allocates nothing.
- * core/sgld.c references it weakly and falls back to one allocation per
- * jem_sgld_run call while it is not defined. */
+/* Scratch of max_batch*C*S*S floats owned by ws (the input-gradient buffer
+ * of jem_score_batch), free for the caller between core calls on that ws.
+ * SGLD computes its gradients there so that sampling allocates nothing. */
 float *jem__ws_input_scratch(jem_ws *ws);
 
 #endif

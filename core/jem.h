@@ -77,7 +77,11 @@ void jem__assert_fail(const char *expr, const char *file, int line);
  * Never selects a core the CPU lacks.  Returns 0 (or does not return). */
 int jem_blas_setup(int argc, char **argv);
 const char *jem_blas_core(void);       /* openblas_get_corename() */
-void jem_blas_set_threads(int n);      /* process-wide */
+/* Threads per core call (process-wide, default: the number of CPUs).  The
+ * core splits a batch into slices run by helper threads that each workspace
+ * starts at jem_ws_create (using the count set then), and keeps OpenBLAS
+ * itself single-threaded so the two never oversubscribe the cores. */
+void jem_blas_set_threads(int n);
 int jem_blas_threads(void);
 
 /* ------------------------------------------------------------------------ */

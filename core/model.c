@@ -606,6 +606,8 @@ int jem_ws_max_batch(const jem_ws *ws) { return ws ? ws->max_batch : 0; }
 size_t jem_ws_bytes(const jem_ws *ws) { return ws ? ws->bytes : 0; }
 const float *jem_ws_features(const jem_ws *ws) { return ws ? ws->feat : NULL; }
 
+float *jem__ws_input_scratch(jem_ws *ws) { return ws->dx; }
+
 /* The workspace must have been planned for this model's architecture. */
 static void check_ws(const jem_ws *ws, const jem_model *m) {
   JEM_ASSERT(ws && m && m->net && m->weights);

@@ -1,16 +1,6 @@
 /* sgld.c - JEM's SGLD sampler: chain initialisation and Langevin steps. */
 #include "internal.h"
 
-#include <stdlib.h>
-
-/* Provided by core/model.c when it plans the scratch; until then (or if a
- * build leaves it out) the weak reference is NULL and jem_sgld_run allocates
- * its gradient buffer once per call instead. */
-#pragma weak jem__ws_input_scratch
-
-/* Largest C*S*S the architecture allows (3 channels, 32x32): the size of the
- * on-stack buffer used, one chain at a time, if even that allocation fails. */
-#define SGLD_MAX_CHW (3 * 32 * 32)
 
 void jem_sgld_defaults(jem_sgld_params *p) {
   JEM_ASSERT(p);
@@ -88,20 +78,9 @@ void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
   JEM_ASSERT(bmax >= 1);
   if (bmax > n) bmax = n;
 
-  float *g = jem__ws_input_scratch ? jem__ws_input_scratch(ws) : NULL;
-  float *owned = NULL;
-  float one[SGLD_MAX_CHW];
-  if (!g) {
-    owned = malloc(sizeof(float) * chw * (size_t)bmax);
-    g = owned;
-  }
-  if (!g) {
-    /* Out of memory: still sample, one chain at a time; chains are
-     * independent, so the result is the same up to GEMM-shape rounding. */
-    JEM_ASSERT(chw <= SGLD_MAX_CHW);
-    g = one;
-    bmax = 1;
-  }
+  /* The gradient goes to the workspace's planned input scratch: sampling
+   * allocates nothing. */
+  float *g = jem__ws_input_scratch(ws);
 
   /* Chunk by chunk, all steps for a chunk before the next: chains never
    * interact, and each draws its noise from its own stream in a fixed order. */
@@ -110,5 +89,4 @@ void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
     run_chunk(ws, m, x + (size_t)i0 * chw, b, y ? y + i0 : NULL, steps, p,
               rngs + i0, g, chw);
   }
-  free(owned);
 }

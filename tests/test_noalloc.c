@@ -123,6 +123,16 @@ static void run_all(const jem_arch *a) {
   jem_score_batch(ws, m, x, n, 1, &s); /* n > max_batch: chunks */
   jem_score_batch(ws, m, x, n, 0, &s);
   long c_sc = disarm();
+  jem_rng rngs[19];
+  for (int i = 0; i < n; i++) jem_rng_seed(&rngs[i], 7, (uint64_t)i);
+  jem_sgld_params sp;
+  jem_sgld_defaults(&sp);
+  sp.clamp = 1;
+  arm();
+  jem_sgld_run(ws, m, x, n, NULL, 2, &sp, rngs); /* n > max_batch: chunks */
+  jem_sgld_run(ws, m, x, 5, y, 1, &sp, rngs);
+  long c_sgld = disarm();
+  assert_int_equal(c_sgld, 0);
   assert_int_equal(c_fwd, 0);
   assert_int_equal(c_bwd, 0);
   assert_int_equal(c_in, 0);
