@@ -1,7 +1,6 @@
 /* sgld.c - JEM's SGLD sampler: chain initialisation and Langevin steps. */
 #include "internal.h"
 
-
 void jem_sgld_defaults(jem_sgld_params *p) {
   JEM_ASSERT(p);
   p->step_size = 1.0f;
