@@ -141,6 +141,7 @@ bench: deps-bench all $(BENCHES)
 
 bench-server: deps-bench all $(BENCHES)
 	$(PYTHON) bench/server_bench.py --build $(B)
+	$(PYTHON) bench/jobs_bench.py --build $(B)
 
 fuzz: deps
 	$(MAKE) MODE=fuzz fuzzers

@@ -50,6 +50,9 @@ static void usage(FILE *f) {
 "  --sgld-steps K         steps per iteration (default 20)\n"
 "  --sgld-step-size A     (default 1)     --sgld-noise S   (default 0.01)\n"
 "  --buffer-size N        replay buffer (default 10000)  --reinit P (default 0.05)\n"
+"  --buffer-init I        uniform (default, as official JEM: U(-1,1)) or data (training\n"
+"                         images + sigma noise; gentler after a warm start)\n"
+"  --px-ramp N            ramp the energy terms in linearly over N iterations (default 0)\n"
 "Optimiser:\n"
 "  --iterations N         (default 10000)  --batch B (default 64)\n"
 "  --lr LR                peak Adam learning rate (default 1e-4)\n"
@@ -172,6 +175,15 @@ int cmd_train(int argc, char **argv) {
     else if (!strcmp(a, "--sgld-noise")) bad = parse_float(a, v, &c.sgld_noise);
     else if (!strcmp(a, "--buffer-size")) bad = parse_int(a, v, 1, 1000000, &c.buffer_size);
     else if (!strcmp(a, "--reinit")) bad = parse_float(a, v, &c.reinit);
+    else if (!strcmp(a, "--buffer-init")) {
+      if (!strcmp(v, "uniform")) c.buffer_init = JEM_BUFFER_UNIFORM;
+      else if (!strcmp(v, "data")) c.buffer_init = JEM_BUFFER_DATA;
+      else {
+        fprintf(stderr, "jem train: --buffer-init wants uniform or data, got '%s'\n", v);
+        bad = 1;
+      }
+    }
+    else if (!strcmp(a, "--px-ramp")) bad = parse_int(a, v, 0, INT_MAX, &c.px_ramp);
     else if (!strcmp(a, "--iterations")) bad = parse_int(a, v, 1, INT_MAX, &c.iterations);
     else if (!strcmp(a, "--batch")) bad = parse_int(a, v, 1, 4096, &c.batch);
     else if (!strcmp(a, "--lr")) bad = parse_float(a, v, &c.lr);

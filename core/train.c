@@ -71,6 +71,9 @@ int jem_train_config_check(const jem_train_config *c, char *err,
     if (!(c->reinit >= 0 && c->reinit <= 1)) BAD("reinit probability must be in [0, 1]");
     if (!(c->energy_l2 >= 0) || !isfinite(c->energy_l2)) BAD("energy L2 weight must be finite and >= 0");
     if (!isfinite(c->px_weight)) BAD("p(x) weight must be finite");
+    if (c->buffer_init != JEM_BUFFER_UNIFORM && c->buffer_init != JEM_BUFFER_DATA)
+      BAD("unknown replay buffer initialisation");
+    if (c->px_ramp < 0) BAD("energy-term ramp %d must be >= 0", c->px_ramp);
     if (c->replay_keep < 0 || c->replay_keep > c->buffer_size)
       BAD("replay images kept (%d) must be in 0..buffer size", c->replay_keep);
   }
@@ -433,6 +436,9 @@ static json_t *config_json(const trainer *t) {
     json_object_set_new(o, "reinit", json_real(c->reinit));
     json_object_set_new(o, "px_weight", json_real(c->px_weight));
     json_object_set_new(o, "energy_l2", json_real(c->energy_l2));
+    json_object_set_new(o, "buffer_init",
+                        json_string(c->buffer_init == JEM_BUFFER_DATA ? "data" : "uniform"));
+    if (c->px_ramp) json_object_set_new(o, "px_ramp", json_integer(c->px_ramp));
   }
   return o;
 }
@@ -621,6 +627,10 @@ static int step(trainer *t, step_stats *ss) {
   jem_forward(t->ws, t->m, t->x, rows, t->logits);
   float p[1024];
   double ce = 0, ed = 0, eq = 0, ed2 = 0, eq2 = 0;
+  /* Energy terms' weights, ramped in after a warm start. */
+  float ramp = 1.0f;
+  if (c->px_ramp > 0 && t->iter < c->px_ramp) ramp = (float)(t->iter + 1) / c->px_ramp;
+  const float pxw = ramp * c->px_weight, l2w = ramp * c->energy_l2;
   int correct = 0;
   for (int i = 0; i < rows; i++) {
     const float *z = t->logits + (size_t)i * K;
@@ -638,8 +648,8 @@ static int step(trainer *t, step_stats *ss) {
       /* E = -lse, dE/dz = -p.  Data rows: px_w*E + l2*E^2; sample rows:
        * -px_w*E + l2*E^2; all means over B. */
       float e = -lse;
-      float coef = i < 2 * B ? c->px_weight : -c->px_weight;
-      float dLdE = (coef + 2.0f * c->energy_l2 * e) / B;
+      float coef = i < 2 * B ? pxw : -pxw;
+      float dLdE = (coef + 2.0f * l2w * e) / B;
       for (int k = 0; k < K; k++) dz[k] = -dLdE * p[k];
       if (i < 2 * B) { ed += e; ed2 += (double)e * e; }
       else { eq += e; eq2 += (double)e * e; }
@@ -651,11 +661,11 @@ static int step(trainer *t, step_stats *ss) {
     ss->e_data = ed / B;
     ss->e_sample = eq / B;
     ss->px = ss->e_data - ss->e_sample;
-    ss->l2 = c->energy_l2 * (ed2 / B + eq2 / B);
+    ss->l2 = l2w * (ed2 / B + eq2 / B);
   } else {
     ss->e_data = ss->e_sample = NAN;
   }
-  ss->loss = ss->ce + c->px_weight * ss->px + ss->l2;
+  ss->loss = ss->ce + pxw * ss->px + ss->l2;
   ss->lr = lr_at(t, t->iter);
   if (c->inject_count > t->injected && t->iter == c->inject_at) {
     t->injected++;
@@ -860,7 +870,16 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
       jem_rng r;
       jem_rng_seed(&r, t->seed_eff, 3);
       size_t nb = (size_t)cfg->buffer_size * t->chw;
-      for (size_t i = 0; i < nb; i++) t->buf[i] = 2.0f * jem_rng_uniform(&r) - 1.0f;
+      if (cfg->buffer_init == JEM_BUFFER_DATA) {
+        for (int i = 0; i < cfg->buffer_size; i++) {
+          int k = (int)(((uint64_t)jem_rng_u32(&r) * (uint64_t)train->n) >> 32);
+          float *dst = t->buf + (size_t)i * t->chw;
+          const float *src = train->x + (size_t)k * t->chw;
+          for (size_t j = 0; j < t->chw; j++) dst[j] = src[j] + cfg->sigma * jem_rng_normal(&r);
+        }
+      } else {
+        for (size_t i = 0; i < nb; i++) t->buf[i] = 2.0f * jem_rng_uniform(&r) - 1.0f;
+      }
     }
   }
   FILE *out = cfg->progress;

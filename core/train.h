@@ -121,6 +121,7 @@ uint64_t jem_splitmix64(uint64_t *state);
 /* Trainer (core/train.c)                                                   */
 
 enum { JEM_LR_CONST = 0, JEM_LR_STEP, JEM_LR_COSINE };
+enum { JEM_BUFFER_UNIFORM = 0, JEM_BUFFER_DATA };
 
 typedef struct jem_train_config {
   /* objective */
@@ -139,6 +140,12 @@ typedef struct jem_train_config {
   float sgld_noise;    /* 0.01 */
   int buffer_size;     /* 10000 */
   float reinit;        /* 0.05: probability a chain restarts from U(-1,1) */
+  int buffer_init;     /* JEM_BUFFER_UNIFORM (official) or JEM_BUFFER_DATA:
+                        * training images + sigma noise, so that a warm-started
+                        * classifier does not meet a buffer of pure noise at
+                        * once (noise chains still enter through reinit) */
+  int px_ramp;         /* 0, or ramp the energy terms' weights (px_weight and
+                        * energy_l2) linearly from 0 over this many iterations */
   /* optimiser: Adam with linear warmup then a decay schedule */
   float lr;            /* 1e-4 (peak) */
   float beta1, beta2, adam_eps; /* .9 .999 1e-8 */

@@ -1,6 +1,7 @@
 /* metrics.c - Prometheus counters, gauges and histograms for /metrics
  * (text exposition format 0.0.4, `jem_` prefix, base units). */
 #include "srv.h"
+#include "jobs.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -318,6 +319,9 @@ char *srv_metrics_render(size_t *len) {
     if (t) bprintf(&b, "%s", t);
     free(t);
   }
+  char *jobs_text = srv_jobs_metrics_render();
+  if (jobs_text) bprintf(&b, "%s", jobs_text);
+  free(jobs_text);
   process_metrics(&b);
   if (b.oom) {
     free(b.p);

@@ -1,6 +1,7 @@
 /* routes.c - the route table (method, path template, flags, handler) and its
  * matcher; templates double as the `route` label in metrics and logs. */
 #include "srv.h"
+#include "jobs.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -17,11 +18,19 @@ const srv_route srv_routes[] = {
   {"GET", "/v2/models/{name}", SRV_R_V2 | SRV_R_SCORING, srv_h_v2_model},
   {"GET", "/v2/models/{name}/ready", SRV_R_V2 | SRV_R_SCORING, srv_h_v2_model_ready},
   {"POST", "/v2/models/{name}/infer", SRV_R_V2 | SRV_R_BODY | SRV_R_SCORING, srv_h_v2_infer},
+  {"POST", "/v1/samples", SRV_R_BODY | SRV_R_AUTH, srv_h_samples_create},
+  {"GET", "/v1/jobs", SRV_R_AUTH, srv_h_jobs_list},
+  {"GET", "/v1/jobs/{id}", SRV_R_AUTH, srv_h_job_get},
+  {"DELETE", "/v1/jobs/{id}", SRV_R_AUTH, srv_h_job_delete},
+  {"GET", "/v1/jobs/{id}/grid.png", SRV_R_AUTH, srv_h_job_grid},
+  {"GET", "/v1/jobs/{id}/samples.npy", SRV_R_AUTH, srv_h_job_npy},
+  {"GET", "/v1/jobs/{id}/samples/{k}.png", SRV_R_AUTH, srv_h_job_sample},
 };
 const int srv_n_routes = (int)(sizeof srv_routes / sizeof srv_routes[0]);
 
 /* Matches path against pattern segment by segment; {x} takes one non-empty
- * segment.  Fills r->params when r is given. */
+ * segment, {x}.ext a segment ending in ".ext" (x = the part before it, non-empty).
+ * Fills r->params when r is given. */
 static int match(const char *pattern, const char *path, srv_req *r) {
   const char *p = pattern, *u = path;
   int np = 0;
@@ -31,11 +40,14 @@ static int match(const char *pattern, const char *path, srv_req *r) {
     u++;
     const char *pe = strchr(p, '/'), *ue = strchr(u, '/');
     size_t pl = pe ? (size_t)(pe - p) : strlen(p), ul = ue ? (size_t)(ue - u) : strlen(u);
-    if (pl >= 2 && p[0] == '{' && p[pl - 1] == '}') {
-      if (ul == 0 || ul >= SRV_PARAM_MAX || np >= SRV_MAX_PARAMS) return 0;
+    const char *close = pl >= 2 && p[0] == '{' ? memchr(p, '}', pl) : NULL;
+    if (close) {
+      size_t sl = pl - (size_t)(close + 1 - p); /* literal suffix, e.g. ".png" */
+      if (ul <= sl || memcmp(u + ul - sl, close + 1, sl) != 0) return 0;
+      if (ul - sl >= SRV_PARAM_MAX || np >= SRV_MAX_PARAMS) return 0;
       if (r) {
-        memcpy(r->params[np], u, ul);
-        r->params[np][ul] = '\0';
+        memcpy(r->params[np], u, ul - sl);
+        r->params[np][ul - sl] = '\0';
       }
       np++;
     } else if (pl != ul || memcmp(p, u, pl) != 0) {

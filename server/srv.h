@@ -43,6 +43,15 @@ typedef struct srv_config {
   int protect_scoring;
   int log_level;
   char log_level_name[16];
+  /* SGLD jobs (server/jobs.c) */
+  int max_samples;              /* n per job */
+  int max_steps;                /* steps per job */
+  int max_queued_jobs;          /* queued + running jobs before 429 */
+  int max_jobs;                 /* stored jobs, finished ones included */
+  long long max_job_bytes;      /* chains + results of stored jobs */
+  int job_ttl;                  /* seconds a finished job is kept */
+  int job_slice_ms;             /* SGLD time per scheduler slice */
+  int job_nice;                 /* nice value added while a slice runs */
 } srv_config;
 
 extern srv_config srv_cfg;

@@ -1,0 +1,57 @@
+/* jobs.h - SGLD sampling jobs in jemd (server/jobs.c): request parsing (also
+ * used by fuzz/fuzz_samples_json.c), the /v1/samples and /v1/jobs handlers,
+ * and the store's lifecycle hooks used by main.c and metrics.c. */
+#ifndef JEM_SRV_JOBS_H
+#define JEM_SRV_JOBS_H
+
+#include "srv.h"
+
+/* A parsed POST /v1/samples body with every default applied. */
+typedef struct srv_samples_req {
+  int n;                /* chains */
+  int steps;
+  int y;                /* class index, -1 = unconditional */
+  double step_size, noise;
+  int init;             /* JEM_SAMPLE_INIT_NOISE, _BUFFER or _GIVEN */
+  int clamp;
+  int has_seed;
+  uint64_t seed;
+  float *x;             /* _GIVEN: the decoded images [n, C, S, S] (malloc'd) */
+} srv_samples_req;
+
+/* Parses and validates a POST /v1/samples body against model m and the caps
+ * (no daemon needed).  An empty body means every default.  Returns 0, or an
+ * HTTP status (400 malformed / wrong type / unknown field, 413 image too
+ * large, 415 not an image, 422 out of range or unknown class, 503 out of
+ * memory) with a snake_case *code and a sentence in err.  On success free
+ * the result with srv_samples_req_free. */
+int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_n,
+                      int max_steps, const jem_image_limits *lim, srv_samples_req *out,
+                      const char **code, char *err, size_t errlen);
+void srv_samples_req_free(srv_samples_req *q);
+
+/* 128 random bits as 32 lowercase hex digits (+ NUL); 0 or -1. */
+int srv_job_new_id(char out[33]);
+/* 1 when s has the shape of a job id (32 lowercase hex digits). */
+int srv_job_id_valid(const char *s);
+
+/* Route handlers (server/routes.c). */
+enum MHD_Result srv_h_samples_create(srv_req *r);
+enum MHD_Result srv_h_jobs_list(srv_req *r);
+enum MHD_Result srv_h_job_get(srv_req *r);
+enum MHD_Result srv_h_job_delete(srv_req *r);
+enum MHD_Result srv_h_job_grid(srv_req *r);
+enum MHD_Result srv_h_job_sample(srv_req *r);
+enum MHD_Result srv_h_job_npy(srv_req *r);
+
+/* Lifecycle: srv_jobs_start, srv_jobs_active (jobs queued or running; the
+ * drain waits for them), srv_jobs_shutdown (marks every unfinished job
+ * canceled with reason "shutdown"; running slices stop at their next step)
+ * and srv_jobs_free (after srv_sched_stop: frees every stored job) are the
+ * weak hooks declared in srv.h that main() calls. */
+
+/* The job metrics in Prometheus text format (malloc'd, NULL on OOM), for
+ * srv_metrics_render. */
+char *srv_jobs_metrics_render(void);
+
+#endif
