@@ -49,6 +49,7 @@ static void usage(FILE *f) {
 "SGLD:\n"
 "  --sgld-steps K         steps per iteration (default 20)\n"
 "  --sgld-step-size A     (default 1)     --sgld-noise S   (default 0.01)\n"
+"  --sgld-clamp           clamp chains to [-1,1] after each step (official JEM: no)\n"
 "  --buffer-size N        replay buffer (default 10000)  --reinit P (default 0.05)\n"
 "  --buffer-init I        uniform (default, as official JEM: U(-1,1)) or data (training\n"
 "                         images + sigma noise; gentler after a warm start)\n"
@@ -142,6 +143,7 @@ int cmd_train(int argc, char **argv) {
     if (!strcmp(a, "--baseline")) { c.baseline = 1; continue; }
     if (!strcmp(a, "--no-flip")) { c.flip = 0; continue; }
     if (!strcmp(a, "--resume")) { c.resume = 1; continue; }
+    if (!strcmp(a, "--sgld-clamp")) { c.sgld_clamp = 1; continue; }
     if (strncmp(a, "--", 2)) {
       fprintf(stderr, "jem train: unexpected argument '%s' (see --help)\n", a);
       return 2;

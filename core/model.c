@@ -316,13 +316,15 @@ void jem_model_init_random(jem_model *m, uint64_t seed) {
 #define JEM_COL_CAP ((size_t)1 << 18)
 #endif
 
-/* A batch is split into `nsub` contiguous slices of images, each with its own
+/* A batch is split into contiguous slices of images, each with its own
  * activations and scratch, run by the workspace's threads (the caller's
  * thread among them), each taking the next slice left.  Without normalisation
  * layers images never interact, so a slice is a complete small batch.  Slices
  * hold at most SLICE_IMAGES images so that a slice's activations stay in the
  * caches while it runs through the whole network.  The split depends only on
- * n and nsub (fixed at creation), never on how many threads are active. */
+ * the batch size n -- never on the thread count or the workspace's max_batch
+ * -- so a batch of n gives the same bits in `jem sample`, a daemon job and
+ * any workspace big enough for it. */
 #define SLICE_IMAGES 8
 typedef struct jem_sub {
   int cap;               /* images this slice can hold */
@@ -501,9 +503,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   if (nthr > 64) nthr = 64;
   if (nthr > max_batch) nthr = max_batch;
   if (nthr < 1) nthr = 1;
-  /* a multiple of the thread count, with at most SLICE_IMAGES per slice */
-  const int per = nthr * SLICE_IMAGES;
-  const int nsub = nthr * ((max_batch + per - 1) / per);
+  const int nsub = (max_batch + SLICE_IMAGES - 1) / SLICE_IMAGES;
   /* one allocation for the struct, slices, pointer tables and helpers */
   size_t head = sizeof(jem_ws) + sizeof(jem_sub) * (size_t)nsub +
                 sizeof(float *) * (size_t)(2 * nb + 1) * (size_t)nsub +
@@ -525,7 +525,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   ws->nsub = nsub;
 
   const size_t css = (size_t)net->in_c * net->size * net->size;
-  const int cap = (max_batch + nsub - 1) / nsub;
+  const int cap = max_batch < SLICE_IMAGES ? max_batch : SLICE_IMAGES;
   size_t total = 0;
   for (int si = 0; si < nsub; si++) {
     jem_sub *s = &ws->sub[si];
@@ -765,12 +765,14 @@ void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
   JEM_ASSERT(x && logits && n >= 1 && n <= ws->max_batch);
   ws->n = n;
   ws->m = m;
-  /* balanced contiguous slices: the first n % nsub get one image more */
-  const int base = n / ws->nsub, rem = n % ws->nsub;
+  /* ceil(n / SLICE_IMAGES) balanced contiguous slices, the first n % used
+   * of them one image larger; the remaining slices stay empty */
+  const int used = (n + SLICE_IMAGES - 1) / SLICE_IMAGES;
+  const int base = n / used, rem = n % used;
   for (int si = 0, n0 = 0; si < ws->nsub; si++) {
     jem_sub *s = &ws->sub[si];
     s->n0 = n0;
-    s->n = base + (si < rem);
+    s->n = si < used ? base + (si < rem) : 0;
     JEM_ASSERT(s->n <= s->cap);
     n0 += s->n;
   }

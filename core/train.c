@@ -432,6 +432,7 @@ static json_t *config_json(const trainer *t) {
     json_object_set_new(o, "sgld_steps", json_integer(c->sgld_steps));
     json_object_set_new(o, "sgld_step_size", json_real(c->sgld_step));
     json_object_set_new(o, "sgld_noise", json_real(c->sgld_noise));
+    json_object_set_new(o, "sgld_clamp", json_boolean(c->sgld_clamp));
     json_object_set_new(o, "buffer_size", json_integer(c->buffer_size));
     json_object_set_new(o, "reinit", json_real(c->reinit));
     json_object_set_new(o, "px_weight", json_real(c->px_weight));
@@ -615,7 +616,7 @@ static int step(trainer *t, step_stats *ss) {
         memcpy(dst, t->buf + (size_t)k * chw, chw * sizeof(float));
       }
     }
-    jem_sgld_params sp = {c->sgld_step, c->sgld_noise, 0};
+    jem_sgld_params sp = {c->sgld_step, c->sgld_noise, c->sgld_clamp ? 1 : 0};
     jem_sgld_run(t->ws, t->m, xq, B, NULL, c->sgld_steps, &sp, t->chain);
     for (int i = 0; i < B; i++)
       memcpy(t->buf + (size_t)t->bidx[i] * chw, xq + (size_t)i * chw, chw * sizeof(float));

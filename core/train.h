@@ -138,6 +138,7 @@ typedef struct jem_train_config {
   int sgld_steps;      /* K, 20 */
   float sgld_step;     /* 1.0 */
   float sgld_noise;    /* 0.01 */
+  int sgld_clamp;      /* 0 (official): 1 clamps chains to [-1,1] each step */
   int buffer_size;     /* 10000 */
   float reinit;        /* 0.05: probability a chain restarts from U(-1,1) */
   int buffer_init;     /* JEM_BUFFER_UNIFORM (official) or JEM_BUFFER_DATA:

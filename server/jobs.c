@@ -588,47 +588,6 @@ static job *find_locked(const char *id) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Job workspaces.  The core splits a batch into slices fixed by the
- * workspace's capacity, so results depend (by float rounding) on it: a job
- * uses a workspace of capacity min(n, 64), the one `jem sample` creates, so
- * that both give the same bytes.  Each worker slot keeps the last two (by
- * model generation and capacity); only run() on that slot touches them. */
-
-#define JOB_WS_PER_SLOT 2
-#define CLI_SAMPLE_BATCH 64   /* `jem sample --batch` default: min(n, 64) */
-
-typedef struct job_ws {
-  jem_ws *ws;
-  uint64_t gen, used;
-  int cap;
-} job_ws;
-
-static job_ws *slot_ws;         /* [workers][JOB_WS_PER_SLOT], srv_jobs_start */
-static int n_slot_ws;
-static atomic_ullong ws_tick;   /* LRU clock */
-
-static jem_ws *job_workspace(srv_worker *wk, const srv_model *sm, int n) {
-  int cap = n < CLI_SAMPLE_BATCH ? n : CLI_SAMPLE_BATCH;
-  if (cap == srv_cfg.max_batch) return srv_worker_ws(wk, sm); /* the slot's own fits */
-  if (!slot_ws || wk->index < 0 || wk->index >= n_slot_ws) return NULL;
-  job_ws *e = slot_ws + (size_t)wk->index * JOB_WS_PER_SLOT, *victim = e;
-  uint64_t now = atomic_fetch_add(&ws_tick, 1) + 1;
-  for (int i = 0; i < JOB_WS_PER_SLOT; i++) {
-    if (e[i].ws && e[i].gen == sm->gen && e[i].cap == cap) {
-      e[i].used = now;
-      return e[i].ws;
-    }
-    if (!e[i].ws || (victim->ws && e[i].used < victim->used)) victim = &e[i];
-  }
-  jem_ws_free(victim->ws);
-  victim->ws = jem_ws_create(sm->m, cap, 0);
-  victim->gen = sm->gen;
-  victim->cap = cap;
-  victim->used = now;
-  return victim->ws;
-}
-
-/* ------------------------------------------------------------------------ */
 /* CPU priority.  Scoring and jobs share the cores, so a slice runs at a
  * higher nice value (--job-nice) on its pool thread: under contention the
  * scoring threads get most of the CPU, while an idle machine still gives the
@@ -732,7 +691,9 @@ static void job_run(srv_work *w, srv_worker *wk) {
   pthread_mutex_unlock(&J.mu);
   if (!go) return;
   const jem_model *m = j->sm->m;
-  jem_ws *ws = job_workspace(wk, j->sm, j->n);
+  /* The slot's own workspace: the core's results depend only on the batch
+   * size, so this gives the same bytes as `jem sample` with the same seed. */
+  jem_ws *ws = srv_worker_ws(wk, j->sm);
   if (!ws) {
     j->wfailed = 1;
     snprintf(j->wmsg, sizeof j->wmsg, "out of memory for the worker's workspace");
@@ -1241,9 +1202,7 @@ int srv_jobs_start(void) {
     srv_log(SRV_LOG_WARN, "msg=\"job slices run at normal CPU priority: a thread cannot restore "
             "its nice value (needs CAP_SYS_NICE or RLIMIT_NICE >= 20)\" job_nice=%d",
             srv_cfg.job_nice);
-  n_slot_ws = srv_cfg.workers;
-  slot_ws = calloc((size_t)n_slot_ws * JOB_WS_PER_SLOT, sizeof *slot_ws);
-  return slot_ws ? 0 : -1;
+  return 0;
 }
 
 int srv_jobs_active(void) {
@@ -1269,10 +1228,6 @@ void srv_jobs_shutdown(void) {
 }
 
 void srv_jobs_free(void) {
-  for (int i = 0; slot_ws && i < n_slot_ws * JOB_WS_PER_SLOT; i++) jem_ws_free(slot_ws[i].ws);
-  free(slot_ws);
-  slot_ws = NULL;
-  n_slot_ws = 0;
   pthread_mutex_lock(&J.mu);
   job *j = J.head;
   J.head = J.tail = NULL;

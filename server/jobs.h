@@ -44,11 +44,21 @@ enum MHD_Result srv_h_job_grid(srv_req *r);
 enum MHD_Result srv_h_job_sample(srv_req *r);
 enum MHD_Result srv_h_job_npy(srv_req *r);
 
-/* Lifecycle: srv_jobs_start, srv_jobs_active (jobs queued or running; the
- * drain waits for them), srv_jobs_shutdown (marks every unfinished job
- * canceled with reason "shutdown"; running slices stop at their next step)
- * and srv_jobs_free (after srv_sched_stop: frees every stored job) are the
- * weak hooks declared in srv.h that main() calls. */
+/* Lifecycle, called by main() in this order:
+ *   srv_jobs_start()     after the scheduler starts, before HTTP; non-zero
+ *                        aborts startup.
+ *   srv_jobs_active()    jobs queued or running; the drain waits (up to
+ *                        --drain-seconds) while it or the in-flight request
+ *                        count is > 0.
+ *   srv_jobs_shutdown()  at the drain deadline, before srv_sched_stop():
+ *                        marks every unfinished job canceled with reason
+ *                        "shutdown"; running slices stop at their next step.
+ *   srv_jobs_free()      after the scheduler and HTTP stopped: frees every
+ *                        stored job. */
+int srv_jobs_start(void);
+int srv_jobs_active(void);
+void srv_jobs_shutdown(void);
+void srv_jobs_free(void);
 
 /* The job metrics in Prometheus text format (malloc'd, NULL on OOM), for
  * srv_metrics_render. */

@@ -1,5 +1,6 @@
 /* main.c - jemd entry point: settings, model, scheduler, HTTP, and the
  * signal loop (SIGHUP reloads the model, SIGTERM/SIGINT drain and exit). */
+#include "jobs.h"
 #include "srv.h"
 
 #include <errno.h>
@@ -89,7 +90,7 @@ static void drain_and_stop(void) {
   }
   srv_http_quiesce();
   while ((atomic_load(srv_metrics_inflight()) > 0 ||
-          (srv_jobs_active && srv_jobs_active() > 0)) &&
+          srv_jobs_active() > 0) &&
          srv_now_ns() < deadline && got_term == term0) {
     wait_signal(20);
     housekeeping();
@@ -97,7 +98,7 @@ static void drain_and_stop(void) {
   int left = atomic_load(srv_metrics_inflight());
   if (left > 0)
     srv_log(SRV_LOG_WARN, "msg=\"drain time is up; cancelling queued work\" inflight=%d", left);
-  if (srv_jobs_shutdown) srv_jobs_shutdown();
+  srv_jobs_shutdown();
   srv_sched_stop();
   /* let the answers of cancelled requests go out */
   uint64_t grace = srv_now_ns() + 500000000ull;
@@ -106,7 +107,7 @@ static void drain_and_stop(void) {
     housekeeping();
   }
   srv_http_stop();
-  if (srv_jobs_free) srv_jobs_free();
+  srv_jobs_free();
   srv_model_shutdown();
   srv_log(SRV_LOG_INFO, "msg=\"stopped\" seconds=%.3f", (double)(srv_now_ns() - t0) * 1e-9);
 }
@@ -160,7 +161,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "jemd: cannot start the worker pool\n");
     return 1;
   }
-  if (srv_jobs_start && srv_jobs_start()) {
+  if (srv_jobs_start()) {
     fprintf(stderr, "jemd: cannot start the jobs subsystem\n");
     srv_sched_stop();
     return 1;

@@ -379,19 +379,5 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
                        srv_v2_req *out, char *err, size_t errlen);
 void srv_v2_req_free(srv_v2_req *q);
 
-/* ------------------------------------------------------------------------ */
-/* Optional subsystems (e.g. server/jobs.c for SGLD jobs).  main() calls them
- * when linked in (weak symbols), in this order:
- *   srv_jobs_start()     after the scheduler starts, before HTTP; non-zero
- *                        aborts startup.
- *   srv_jobs_active()    during the drain: main waits (up to --drain-seconds)
- *                        while it or the in-flight request count is > 0.
- *   srv_jobs_shutdown()  at the drain deadline, before srv_sched_stop():
- *                        mark what still runs as canceled ("shutdown").
- *   srv_jobs_free()      after the scheduler and HTTP stopped. */
-int srv_jobs_start(void) __attribute__((weak));
-int srv_jobs_active(void) __attribute__((weak));
-void srv_jobs_shutdown(void) __attribute__((weak));
-void srv_jobs_free(void) __attribute__((weak));
 
 #endif
