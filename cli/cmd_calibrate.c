@@ -380,10 +380,13 @@ int cmd_calibrate(int argc, char **argv) {
   if (has_mnist)
     fprintf(stderr, "jem calibrate: warning: the rule is tuned on the MNIST set; MNIST "
             "figures from jem eval will overstate it\n");
-  snprintf(best->rule, sizeof best->rule,
+  /* the rule is a description: a long list of tuning sets may be cut short */
+  int rule_len = snprintf(best->rule, sizeof best->rule,
            "OOD if any of [%s] leaves its validation band at level 1-(1-tpr)/%d; sides and "
            "scores chosen on validation vs %s%s", used_txt, n_used, tune_txt,
            has_mnist ? "" : " (not MNIST)");
+  if (rule_len >= (int)sizeof best->rule)
+    fprintf(stderr, "jem calibrate: note: the rule description was shortened\n");
   fprintf(stderr, "jem calibrate: rule: %s\n  tuning sets flagged at tpr %.2f: mean %.2f%%, "
           "min %.2f%%; validation accepted %.2f%%\n", best->rule, (double)o.tpr,
           100 * best_obj, 100 * best_min, 100 * best_tpr);

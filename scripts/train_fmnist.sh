@@ -13,7 +13,12 @@
 #      keeps the energy L2 penalty small: with the official uniform buffer, an
 #      L2 weight of 0.1 and weight 1 the classifier fell from 87% to 44% within
 #      250 iterations (runs/fmnist-jem-try1); with the data buffer, L2 0.01
-#      and the ramp it still fell to 79% by iteration 125 (fmnist-jem-try2).
+#      and the ramp it still fell to 79% by iteration 125 (fmnist-jem-try2),
+#      and with weight 0.3 to 77% by 150 (fmnist-jem-try3, recovering to 80%
+#      at 250).  The cause is the size of the unclamped SGLD samples (E down to
+#      -100: huge activations, so huge parameter gradients); clamping the
+#      chains to [-1,1] (as `jem sample` and the daemon do by default) keeps
+#      the classifier at 87% through iteration 100, hence JEM_CLAMP=1.
 # Run it again at any time: every stage continues from its last checkpoint,
 # finished stages are skipped.  From the repository root:
 #
@@ -49,6 +54,7 @@ load_settings() {
   JEM_BUFFER_INIT=${JEM_BUFFER_INIT:-data}
   JEM_PX_RAMP=${JEM_PX_RAMP:-500}
   JEM_PX_WEIGHT=${JEM_PX_WEIGHT:-0.3}   # official: 1 (see the note above)
+  JEM_CLAMP=${JEM_CLAMP:-1}             # official: 0 (see the note above)
   JEM_BUFFER=${JEM_BUFFER:-10000}
   JEM_THREADS=${JEM_THREADS:-1}
   if [ -f runs/train_fmnist.env ]; then
@@ -124,7 +130,7 @@ stage_jem() {
       --schedule cosine --sigma "$SIGMA" --sgld-steps "$JEM_K" --buffer-size "$JEM_BUFFER" \
       --reinit 0.05 --energy-l2 "$JEM_L2" --buffer-init "$JEM_BUFFER_INIT" \
       --px-ramp "$JEM_PX_RAMP" --px-weight "$JEM_PX_WEIGHT" --seed "$SEED" \
-      --threads "$JEM_THREADS" \
+      --threads "$JEM_THREADS" $([ "$JEM_CLAMP" = 1 ] && echo --sgld-clamp) \
       --ckpt-every 125 --log-every 25 --eval-every 250 --replay-keep 500
     local snap=runs/fmnist-jem/latest.safetensors
     [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/fmnist-jem/model.safetensors

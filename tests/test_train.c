@@ -146,6 +146,10 @@ static void test_jem_finite_and_files(void **state) {
   jem_train_config c;
   small_config(&c, dir);
   c.iterations = 4;
+  /* the warm-start options: data-initialised buffer, ramp, clamped chains */
+  c.buffer_init = JEM_BUFFER_DATA;
+  c.px_ramp = 3;
+  c.sgld_clamp = 1;
   jem_train_status st;
   char err[256];
   assert_int_equal(jem_train_run(m, &d, &d, &c, &st, err, sizeof err), 0);
@@ -173,6 +177,7 @@ static void test_jem_finite_and_files(void **state) {
   jem_model *back = NULL;
   assert_int_equal(jem_model_load(&back, st.final_path, err, sizeof err), 0);
   assert_int_equal(back->replay_n, 16);
+  for (size_t i = 0; i < (size_t)16 * 1024; i++) assert_true(isfinite(back->replay[i]));
   jem_model_free(back);
   jem_model_free(m);
   jem_dataset_free(&d);
