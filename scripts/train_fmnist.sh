@@ -141,10 +141,22 @@ stage_jem() {
   log "JEM finished"
 }
 
+# runs/ is not in git, so a session that ends mid-run leaves its last
+# checkpoint in checkpoints/fmnist.tar (scripts/archive_run.sh); a fresh clone
+# unpacks it here and every stage resumes from where that session stopped.
+restore_archive() {
+  if [ ! -e runs/fmnist-jem/checkpoint ] && [ -f checkpoints/fmnist.tar ]; then
+    log "restoring runs/ from checkpoints/fmnist.tar"
+    tar -xf checkpoints/fmnist.tar
+    find runs -name '*.safetensors.gz' -exec gunzip -f {} +
+  fi
+}
+
 main() {
   set -euo pipefail
   cd "$(dirname "$0")/.."
   mkdir -p runs models
+  restore_archive
   stage_baseline > >(sed -u 's/^/[baseline] /') 2>&1 &
   local base=$!
   stage_jem > >(sed -u 's/^/[jem] /') 2>&1 &
