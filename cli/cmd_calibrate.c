@@ -156,10 +156,6 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
   return 0;
 }
 
-static const char *side_name(int side) {
-  return side == 1 ? "high" : side == -1 ? "low" : side == 2 ? "two-sided" : "unused";
-}
-
 /* Scores of one set, as [n][JEM_NUM_SCORES] rows for jem_ood_eval. */
 typedef struct score_rows {
   const char *name;
@@ -318,7 +314,7 @@ int cmd_calibrate(int argc, char **argv) {
     }
     fprintf(stderr, "  %-11s mean AUROC high %.4f  low %.4f  two-sided %.4f -> %s\n",
             jem_score_names[k], side_auc[k][0], side_auc[k][1], side_auc[k][2],
-            side_name(side[k]));
+            jem_ood_side_name(side[k]));
   }
 
   /* ---- 2. subset of scores ---- */
@@ -368,7 +364,7 @@ int cmd_calibrate(int argc, char **argv) {
     if (!best->side[k]) continue;
     size_t l = strlen(used_txt);
     snprintf(used_txt + l, sizeof used_txt - l, "%s%s %s", n_used ? ", " : "",
-             jem_score_names[k], side_name(best->side[k]));
+             jem_score_names[k], jem_ood_side_name(best->side[k]));
     n_used++;
   }
   int has_mnist = 0;
@@ -398,7 +394,7 @@ int cmd_calibrate(int argc, char **argv) {
       json_t *e = json_object(), *q = json_array();
       for (int i = 0; i < best->nq[k]; i++) json_array_append_new(q, json_real(best->q[k][i]));
       json_object_set_new(e, "quantiles", q);
-      json_object_set_new(e, "side", json_string(side_name(best->side[k])));
+      json_object_set_new(e, "side", json_string(jem_ood_side_name(best->side[k])));
       json_object_set_new(scores, jem_score_names[k], e);
     }
     json_object_set_new(ood, "scores", scores);

@@ -20,15 +20,6 @@ static void info_help(FILE *f) {
           "  -h, --help this text\n");
 }
 
-static const char *side_name(int side) {
-  switch (side) {
-    case 1: return "high";
-    case -1: return "low";
-    case 2: return "two-sided";
-    default: return "unused";
-  }
-}
-
 static size_t count_params(const jem_model *m) {
   size_t n = 0;
   for (int i = 0; i < m->n_params; i++) n += m->params[i].numel;
@@ -74,7 +65,7 @@ static json_t *info_json(const jem_model *m, const char *path) {
     for (int i = 0; i < JEM_NUM_SCORES; i++)
       json_object_set_new(sc, jem_score_names[i],
                           json_pack("{s:i,s:s}", "quantiles", m->ood.nq[i], "side",
-                                    side_name(m->ood.side[i])));
+                                    jem_ood_side_name(m->ood.side[i])));
     json_object_set_new(oj, "scores", sc);
   }
   json_object_set_new(o, "ood", oj);
@@ -110,7 +101,7 @@ static void info_text(const jem_model *m, const char *path) {
     printf("ood:          statistics present, default TPR %g\n", (double)m->ood.default_tpr);
     for (int i = 0; i < JEM_NUM_SCORES; i++)
       printf("              %-12s %d quantiles, side %s\n", jem_score_names[i], m->ood.nq[i],
-             side_name(m->ood.side[i]));
+             jem_ood_side_name(m->ood.side[i]));
     if (m->ood.rule[0]) printf("              rule: %s\n", m->ood.rule);
   } else {
     printf("ood:          no statistics (run `jem calibrate`)\n");

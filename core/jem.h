@@ -176,6 +176,8 @@ typedef struct jem_ood_result {
 
 /* value[] holds the raw scores; a NaN value (e.g. grad skipped) is left out of
  * the verdict. */
+/* "high", "low", "two-sided" or "unused": the JSON name of a side value. */
+const char *jem_ood_side_name(int side);
 void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
                   float tpr, jem_ood_result *out);
 float jem_ood_percentile(const float *q, int nq, float value);

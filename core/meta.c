@@ -412,15 +412,6 @@ static int parse_preprocess(const json_t *v, const jem_arch *a, jem_preprocess *
   return 0;
 }
 
-static const char *side_name(int side) {
-  switch (side) {
-    case 1: return "high";
-    case -1: return "low";
-    case 2: return "two-sided";
-    default: return "unused";
-  }
-}
-
 static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen) {
   static const char *const keys[] = {"scores", "tpr", "rule", NULL};
   static const char *const score_keys[] = {"quantiles", "side", NULL};
@@ -513,7 +504,7 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
     for (int i = 0; i < JEM_NUM_SCORES && off < sizeof s->rule; i++) {
       if (!s->side[i]) continue;
       off += (size_t)snprintf(s->rule + off, sizeof s->rule - off, "%s %s %s", any ? "," : "",
-                              jem_score_names[i], side_name(s->side[i]));
+                              jem_score_names[i], jem_ood_side_name(s->side[i]));
       any = 1;
     }
     if (!any) snprintf(s->rule, sizeof s->rule, "no score is used: verdict unknown");

@@ -78,3 +78,12 @@ void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
   }
   out->is_ood = ood;
 }
+
+const char *jem_ood_side_name(int side) {
+  switch (side) {
+    case 1: return "high";
+    case -1: return "low";
+    case 2: return "two-sided";
+    default: return "unused";
+  }
+}

@@ -36,15 +36,6 @@ static json_t *preprocess_json(const jem_preprocess *p) {
                    srv_jreal(p->range_hi), "invert", p->invert);
 }
 
-static const char *side_name(int side) {
-  switch (side) {
-  case 1: return "high";
-  case -1: return "low";
-  case 2: return "two-sided";
-  default: return "unused";
-  }
-}
-
 enum MHD_Result srv_h_models(srv_req *r) {
   srv_model *sm = srv_model_get();
   if (!sm) {
@@ -62,7 +53,7 @@ enum MHD_Result srv_h_models(srv_req *r) {
   json_t *sides = json_object();
   for (int s = 0; s < JEM_NUM_SCORES; s++)
     json_object_set_new(sides, jem_score_names[s],
-                        m->ood.present ? json_string(side_name(m->ood.side[s])) : json_null());
+                        m->ood.present ? json_string(jem_ood_side_name(m->ood.side[s])) : json_null());
   json_object_set_new(ood, "scores", sides);
   json_t *arch = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i,s:s,s:o}", "family", "wrn", "depth",
                            a->depth, "widen", a->widen, "in_channels", a->in_channels,
