@@ -104,9 +104,10 @@ static size_t pad_size(const jem__conv *c, int ch) {
 enum { PAD_PLAIN, PAD_LRELU, PAD_GATE };
 
 /* d[i] = s[i] * (g[i] > 0 ? 1 : leak): a gradient through LeakyReLU. */
-static inline void gate_copy(float *d, const float *src, const float *g, int n,
+static inline void gate_copy(float *d, const float *src, const float *g, size_t n,
                              float leak) {
-  int i = 0;
+  /* branch-free select: the signs of activations are close to random */
+  size_t i = 0;
 #if defined(__SSE2__)
   const __m128 one = _mm_set1_ps(1.0f), lv = _mm_set1_ps(leak), zero = _mm_setzero_ps();
   for (; i + 4 <= n; i += 4) {
@@ -888,17 +889,7 @@ void jem__lrelu_backward_add(float *g, const float *a, const float *add,
 }
 
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak) {
-  /* branch-free select: the signs of activations are close to random */
-  size_t i = 0;
-#if defined(__SSE2__)
-  const __m128 one = _mm_set1_ps(1.0f), lv = _mm_set1_ps(leak), zero = _mm_setzero_ps();
-  for (; i + 4 <= len; i += 4) {
-    __m128 mask = _mm_cmpgt_ps(_mm_loadu_ps(a + i), zero);
-    __m128 f = _mm_or_ps(_mm_and_ps(mask, one), _mm_andnot_ps(mask, lv));
-    _mm_storeu_ps(g + i, _mm_mul_ps(_mm_loadu_ps(g + i), f));
-  }
-#endif
-  for (; i < len; i++) g[i] *= a[i] > 0.0f ? 1.0f : leak;
+  gate_copy(g, g, a, len, leak);
 }
 
 void jem__pool_forward(float *feat, const float *a, int c, int n, int hw,
