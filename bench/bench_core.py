@@ -24,13 +24,14 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+
+from training import pause, resume, training_pids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -56,38 +57,6 @@ def golden_module():
 
 # --------------------------------------------------------------------------
 # other heavy work on the machine
-
-def ancestors():
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
-
-
-def training_pids():
-    """Our processes that are `jem train` runs: argv[0] is a jem binary (build/jem
-    or a copy such as runs/bin/jem-baseline) and argv[1] is `train`."""
-    mine, uid, pids = ancestors(), os.getuid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in mine:
-            continue
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) > 1 and re.fullmatch(rb"jem[-_.A-Za-z0-9]*", os.path.basename(argv[0])) \
-                and argv[1] == b"train":
-            pids.append(int(entry))
-    return pids
-
 
 class OtherLoad:
     """CPU used by other processes during a phase, in cores: the machine's
@@ -256,12 +225,7 @@ def main():
     tmpdir = None
     try:
         if pids and not args.force:
-            for p in pids:
-                try:
-                    os.kill(p, signal.SIGSTOP)
-                    paused.append(p)
-                except ProcessLookupError:
-                    pass
+            paused = pause(pids)
             time.sleep(0.5)  # let its BLAS threads drain
         load1 = os.getloadavg()[0]
         if load1 > 1.0:
@@ -340,11 +304,7 @@ def main():
             print("\nall targets met" if all_met else "\nsome targets NOT met")
         return 0
     finally:
-        for p in paused:
-            try:
-                os.kill(p, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(paused)
         if paused:
             print(f"bench_core.py: resumed {', '.join(map(str, paused))}")
         signal.signal(signal.SIGTERM, old_term)

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from training import pause, resume, training_pids
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TARGET = 1.4
@@ -42,25 +44,6 @@ def golden():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def training_pids():
-    me = os.getpid()
-    out = subprocess.run(["pgrep", "-f", "jem train"], capture_output=True, text=True)
-    pids = []
-    for tok in out.stdout.split():
-        p = int(tok)
-        if p == me:
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        # the trainer itself: argv[0] ends in "jem..." and argv[1] == "train"
-        if len(argv) > 1 and os.path.basename(argv[0]).startswith(b"jem") and argv[1] == b"train":
-            pids.append(p)
-    return pids
 
 
 def run_core(build, k, iters, model):
@@ -149,12 +132,7 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     try:
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGSTOP)
-                paused.append(p)
-            except ProcessLookupError:
-                pass
+        paused = pause(pids)
         if paused:
             print(f"bench_train.py: paused training run(s) {paused} for the benchmark")
             time.sleep(0.5)
@@ -196,11 +174,7 @@ def main():
         print(json.dumps({"bench": "train_iter", "core": core, "torch": tres, "ratio": ratio}))
         return 0
     finally:
-        for p in paused:
-            try:
-                os.kill(p, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(paused)
         if paused:
             print(f"bench_train.py: resumed {paused}")
         for f in os.listdir(tmp):

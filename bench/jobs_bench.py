@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from training import pause, resume, training_pids
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
@@ -44,28 +46,6 @@ f:close()
 wrk.headers["Content-Type"] = "image/png"
 """
 JSON = {"Content-Type": "application/json"}
-
-
-def pause_training():
-    """SIGSTOPs running `jem train` processes; returns their pids."""
-    # also renamed copies such as runs/bin/jem-baseline
-    p = subprocess.run(["pgrep", "-f", "(^|/)jem[^ /]* train( |$)"], capture_output=True,
-                       text=True)
-    pids = [int(x) for x in p.stdout.split() if int(x) != os.getpid()]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass
-    return pids
-
-
-def resume(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 def ms(s):
@@ -142,7 +122,7 @@ def main():
     # SIGTERM/SIGHUP also run the finally below, so training always resumes
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(130))
-    paused = pause_training()
+    paused = pause(training_pids())
     d = None
     try:
         if paused:

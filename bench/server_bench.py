@@ -21,7 +21,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+
+from training import pause, resume, training_pids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -106,15 +107,7 @@ def main():
     with open(lua, "w") as f:
         f.write(LUA)
 
-    paused = []
-    p = subprocess.run(["pgrep", "-f", r"jem(-[a-z]+)? train"], capture_output=True, text=True)
-    for pid in p.stdout.split():
-        if int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), signal.SIGSTOP)
-                paused.append(int(pid))
-            except ProcessLookupError:
-                pass
+    paused = pause(training_pids())
     if paused:
         print(f"server_bench: paused training {paused}", flush=True)
     d = None
@@ -178,11 +171,7 @@ def main():
     finally:
         if d is not None:
             d.kill()
-        for pid in paused:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(paused)
         if paused:
             print(f"server_bench: resumed training {paused}", flush=True)
 
