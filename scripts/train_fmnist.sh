@@ -30,7 +30,8 @@
 # stage after it started breaks its resume (refused, or a changed schedule).
 # Outputs: runs/<stage>/{ckpt-*,log.csv,best,latest,model}.safetensors;
 # models/fmnist-baseline.safetensors and models/fmnist-jem.safetensors are
-# refreshed as the stages progress.
+# refreshed as the stages progress (JEM snapshots only once calibrated, which
+# needs the OOD sets of scripts/make_ood_sets.py in data/ood/).
 
 # Everything lives in functions called from the last line, so editing this
 # file never changes a run that is already going (bash reads as it executes).
@@ -134,8 +135,16 @@ stage_jem() {
       --ckpt-every 125 --log-every 25 --eval-every 250 --replay-keep 500
     local snap=runs/fmnist-jem/latest.safetensors
     [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/fmnist-jem/model.safetensors
-    publish "$snap" models/fmnist-jem.safetensors
-    log "models/fmnist-jem.safetensors <- $snap (iteration $stop)"
+    # The daemon serves models/fmnist-jem.safetensors, so only a calibrated
+    # snapshot (temperature + OOD statistics) may replace it.
+    if "$jem" calibrate "$snap" --out runs/fmnist-jem/calibrated.safetensors --threads 1 \
+        > runs/fmnist-jem/calibrate.log 2>&1; then
+      publish runs/fmnist-jem/calibrated.safetensors models/fmnist-jem.safetensors
+      log "models/fmnist-jem.safetensors <- $snap, calibrated (iteration $stop)"
+    else
+      log "calibration of $snap failed (runs/fmnist-jem/calibrate.log; OOD sets from" \
+          "scripts/make_ood_sets.py); models/fmnist-jem.safetensors left as it was"
+    fi
     [ "$stop" -ge "$JEM_ITERS" ] && break
   done
   log "JEM finished"
