@@ -48,7 +48,7 @@ static const opt opts[] = {
    "while a batch runs, how long the next partial batch may wait to fill up "
    "(an idle pool starts at once; 1 ms timer resolution)"},
   {"queue-size", "JEMD_QUEUE_SIZE", OPT_INT, F(queue_size), "1024", 1, 1000000, "N",
-   "images waiting for a worker before new requests get 503"},
+   "images waiting for a worker before new requests get 503 (/readyz: 503 from 90%)"},
   {"max-body-bytes", "JEMD_MAX_BODY_BYTES", OPT_LL, F(max_body_bytes), "8388608", 1,
    1ll << 32, "BYTES", "largest request body (413 above it)"},
   {"max-image-pixels", "JEMD_MAX_IMAGE_PIXELS", OPT_LL, F(max_image_pixels), "4194304",

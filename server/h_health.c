@@ -14,6 +14,14 @@ enum MHD_Result srv_h_readyz(srv_req *r) {
     return srv_respond_error_h(r, 503, "draining", h, "the server is shutting down");
   srv_model *sm = srv_model_get();
   if (!sm) return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  /* A nearly full queue takes the instance out of a load balancer's rotation
+   * before clients start getting 503 from /v1/classify; 90% leaves room for
+   * requests already on their way. */
+  if ((long)srv_sched_queued_images() * 10 >= (long)srv_cfg.queue_size * 9) {
+    srv_model_put(sm);
+    const char *h1[] = {"Retry-After", "1", NULL};
+    return srv_respond_error_h(r, 503, "queue_full", h1, "the scoring queue is nearly full");
+  }
   json_t *o = json_pack("{s:s,s:s}", "status", "ready", "model", sm->m->name);
   srv_model_put(sm);
   return srv_respond_json(r, 200, o);

@@ -775,6 +775,9 @@ def main():
             t1 = threading.Thread(target=bg, args=("a",))
             t1.start()
             wait_queued(d3, 230)
+            st, h, js = c3.call("GET", "/readyz", expect=503, what="not ready: queue 90% full")
+            check(isinstance(js, dict) and js.get("error", {}).get("code") == "queue_full",
+                  "readyz 503 queue_full")
             st, h, js = c3.call("POST", "/v1/classify", json.dumps(
                 {"images": [base64.b64encode(imgs[1]).decode()] * 30}), J, 503, "queue full")
             check(h.get("retry-after") == "1" and isinstance(js, dict) and
@@ -782,6 +785,7 @@ def main():
             t1.join()
             check(res["a"][0] == 200 and len(res["a"][2]["results"]) == 240,
                   "the queued request completes")
+            c3.call("GET", "/readyz", expect=200, what="ready again once the queue drains")
             # a client that leaves while queued: its work is dropped
             t1 = threading.Thread(target=bg, args=("b",))
             t1.start()
