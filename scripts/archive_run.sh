@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # archive_run.sh - packs the Fashion-MNIST run's last checkpoints into
-# checkpoints/fmnist.tar (committed), so that a later session on a fresh clone
+# checkpoints/$RUN.tar (committed), so that a later session on a fresh clone
 # resumes it: scripts/train_fmnist.sh unpacks the archive when runs/ is empty.
 # Run it from the repository root before a session ends.
+# RUN names the run as in train_fmnist.sh (default fmnist2; run 1 was fmnist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+RUN=${RUN:-fmnist2}
 files=()
-for run in runs/fmnist-baseline runs/fmnist-jem; do
+for run in "runs/$RUN-baseline" "runs/$RUN-jem"; do
   [ -f "$run/checkpoint" ] || continue
   ck=$(cat "$run/checkpoint")
   files+=("$run/checkpoint" "$run/$ck.state" "$run/$ck.safetensors" "$run/log.csv")
@@ -14,7 +16,7 @@ for run in runs/fmnist-baseline runs/fmnist-jem; do
     [ -f "$run/$f" ] && files+=("$run/$f")
   done
 done
-[ -f runs/fmnist-jem-warmstart.safetensors ] && files+=(runs/fmnist-jem-warmstart.safetensors)
+[ -f "runs/$RUN-jem-warmstart.safetensors" ] && files+=("runs/$RUN-jem-warmstart.safetensors")
 [ -f runs/train_fmnist.env ] && files+=(runs/train_fmnist.env)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -26,7 +28,7 @@ for f in "${files[@]}"; do
   esac
 done
 mkdir -p checkpoints
-tar -C "$tmp" -cf checkpoints/fmnist.tar.tmp runs
-mv checkpoints/fmnist.tar.tmp checkpoints/fmnist.tar
-ls -l checkpoints/fmnist.tar
-tar -tf checkpoints/fmnist.tar
+tar -C "$tmp" -cf "checkpoints/$RUN.tar.tmp" runs
+mv "checkpoints/$RUN.tar.tmp" "checkpoints/$RUN.tar"
+ls -l "checkpoints/$RUN.tar"
+tar -tf "checkpoints/$RUN.tar"
