@@ -1,5 +1,6 @@
 /* cmd_calibrate.c - `jem calibrate`: fits the temperature and the OOD
  * statistics (validation quantiles + verdict rule) into a model's metadata. */
+#include "args.h"
 #include "cli.h"
 #include "jem.h"
 #include "metrics.h"
@@ -51,18 +52,6 @@ static void usage(FILE *f) {
     "  --tune-limit N     only the first N images of each tuning set\n"
     "  --batch B          batch size (default 100)\n"
     "  --threads N        OpenBLAS threads\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
-}
-
-static int parse_int(const char *opt, const char *v, int lo, int hi, int *out) {
-  char *end;
-  errno = 0;
-  long x = strtol(v, &end, 10);
-  if (errno || end == v || *end || x < lo || x > hi) {
-    fprintf(stderr, "jem calibrate: %s wants an integer in [%d, %d], got '%s'\n", opt, lo, hi, v);
-    return 2;
-  }
-  *out = (int)x;
-  return 0;
 }
 
 static int parse_sets(const char *v, cal_opts *o) {
@@ -127,20 +116,15 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     else if (!strcmp(a, "--data-dir")) o->data_dir = v;
     else if (!strcmp(a, "--ood-dir")) o->ood_dir = v;
     else if (!strcmp(a, "--tune-sets")) rc = parse_sets(v, o);
-    else if (!strcmp(a, "--limit")) rc = parse_int(a, v, 10, 1 << 30, &o->limit);
-    else if (!strcmp(a, "--tune-limit")) rc = parse_int(a, v, 10, 1 << 30, &o->tune_limit);
-    else if (!strcmp(a, "--quantiles")) rc = parse_int(a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
-    else if (!strcmp(a, "--batch")) rc = parse_int(a, v, 1, 4096, &o->batch);
-    else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 256, &o->threads);
+    else if (!strcmp(a, "--limit")) rc = args_int("calibrate", a, v, 10, 1 << 30, &o->limit);
+    else if (!strcmp(a, "--tune-limit")) rc = args_int("calibrate", a, v, 10, 1 << 30, &o->tune_limit);
+    else if (!strcmp(a, "--quantiles")) rc = args_int("calibrate", a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
+    else if (!strcmp(a, "--batch")) rc = args_int("calibrate", a, v, 1, 4096, &o->batch);
+    else if (!strcmp(a, "--threads")) rc = args_int("calibrate", a, v, 1, 256, &o->threads);
     else if (!strcmp(a, "--tpr")) {
-      char *end;
-      errno = 0;
-      double x = strtod(v, &end);
-      if (errno || end == v || *end || !(x > 0.5 && x < 1.0)) {
-        fprintf(stderr, "jem calibrate: --tpr wants a number in (0.5, 1), got '%s'\n", v);
-        rc = 2;
-      }
-      o->tpr = (float)x;
+      rc = args_float("calibrate", a, v, 0.5, 1.0, &o->tpr);
+      if (!rc && !(o->tpr > 0.5f && o->tpr < 1.0f))
+        rc = args_usage("calibrate", "--tpr expects a number strictly between 0.5 and 1, not '%s'", v);
     } else {
       fprintf(stderr, "jem calibrate: unknown option '%s' (see jem calibrate --help)\n", a);
       return 2;

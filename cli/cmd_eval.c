@@ -1,5 +1,6 @@
 /* cmd_eval.c - `jem eval`: accuracy, calibration, OOD detection, samples,
  * Frechet distance and PGD robustness of a model; writes report.md/.json. */
+#include "args.h"
 #include "cli.h"
 #include "jem.h"
 #include "metrics.h"
@@ -24,7 +25,7 @@ typedef struct eval_opts {
   const char *ood_dir;
   const char *out_dir;
   int limit, ood_limit;
-  unsigned long long seed;
+  uint64_t seed;
   int batch;
   float data_noise;
   int sample_steps;
@@ -81,31 +82,6 @@ static void usage(FILE *f) {
 
 /* ------------------------------------------------------------------------ */
 /* Option parsing                                                           */
-
-static int parse_int(const char *opt, const char *v, int lo, int hi, int *out) {
-  char *end;
-  errno = 0;
-  long x = strtol(v, &end, 10);
-  if (errno || end == v || *end || x < lo || x > hi) {
-    fprintf(stderr, "jem eval: %s wants an integer in [%d, %d], got '%s'\n", opt, lo, hi, v);
-    return 2;
-  }
-  *out = (int)x;
-  return 0;
-}
-
-static int parse_float(const char *opt, const char *v, float lo, float hi, float *out) {
-  char *end;
-  errno = 0;
-  double x = strtod(v, &end);
-  if (errno || end == v || *end || !(x >= lo && x <= hi)) {
-    fprintf(stderr, "jem eval: %s wants a number in [%g, %g], got '%s'\n", opt, (double)lo,
-            (double)hi, v);
-    return 2;
-  }
-  *out = (float)x;
-  return 0;
-}
 
 static int parse_list(const char *opt, const char *v, float *out, int *n) {
   *n = 0;
@@ -172,22 +148,14 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     if (!strcmp(a, "--data-dir")) o->data_dir = v;
     else if (!strcmp(a, "--ood-dir")) o->ood_dir = v;
     else if (!strcmp(a, "--out-dir")) o->out_dir = v;
-    else if (!strcmp(a, "--limit")) rc = parse_int(a, v, 2, 1 << 30, &o->limit);
-    else if (!strcmp(a, "--ood-limit")) rc = parse_int(a, v, 2, 1 << 30, &o->ood_limit);
-    else if (!strcmp(a, "--seed")) {
-      char *end;
-      errno = 0;
-      o->seed = strtoull(v, &end, 10);
-      if (errno || end == v || *end || v[0] == '-') {
-        fprintf(stderr, "jem eval: --seed wants a non-negative integer, got '%s'\n", v);
-        rc = 2;
-      }
-    }
-    else if (!strcmp(a, "--batch")) rc = parse_int(a, v, 1, 4096, &o->batch);
-    else if (!strcmp(a, "--data-noise")) rc = parse_float(a, v, 0.0f, 10.0f, &o->data_noise);
-    else if (!strcmp(a, "--sample-steps")) rc = parse_int(a, v, 0, 100000, &o->sample_steps);
-    else if (!strcmp(a, "--samples-per-class")) rc = parse_int(a, v, 1, 100, &o->samples_per_class);
-    else if (!strcmp(a, "--fid-samples")) rc = parse_int(a, v, 0, 100000, &o->fid_samples);
+    else if (!strcmp(a, "--limit")) rc = args_int("eval", a, v, 2, 1 << 30, &o->limit);
+    else if (!strcmp(a, "--ood-limit")) rc = args_int("eval", a, v, 2, 1 << 30, &o->ood_limit);
+    else if (!strcmp(a, "--seed")) rc = args_u64("eval", a, v, &o->seed);
+    else if (!strcmp(a, "--batch")) rc = args_int("eval", a, v, 1, 4096, &o->batch);
+    else if (!strcmp(a, "--data-noise")) rc = args_float("eval", a, v, 0.0f, 10.0f, &o->data_noise);
+    else if (!strcmp(a, "--sample-steps")) rc = args_int("eval", a, v, 0, 100000, &o->sample_steps);
+    else if (!strcmp(a, "--samples-per-class")) rc = args_int("eval", a, v, 1, 100, &o->samples_per_class);
+    else if (!strcmp(a, "--fid-samples")) rc = args_int("eval", a, v, 0, 100000, &o->fid_samples);
     else if (!strcmp(a, "--sample-init")) {
       if (!strcmp(v, "buffer")) o->sample_init = 1;
       else if (!strcmp(v, "noise")) o->sample_init = 0;
@@ -196,11 +164,11 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
         rc = 2;
       }
     }
-    else if (!strcmp(a, "--attack-limit")) rc = parse_int(a, v, 1, 1 << 30, &o->attack_limit);
-    else if (!strcmp(a, "--attack-steps")) rc = parse_int(a, v, 1, 10000, &o->attack_steps);
+    else if (!strcmp(a, "--attack-limit")) rc = args_int("eval", a, v, 1, 1 << 30, &o->attack_limit);
+    else if (!strcmp(a, "--attack-steps")) rc = args_int("eval", a, v, 1, 10000, &o->attack_steps);
     else if (!strcmp(a, "--linf")) rc = parse_list(a, v, o->linf, &o->n_linf);
     else if (!strcmp(a, "--l2")) rc = parse_list(a, v, o->l2, &o->n_l2);
-    else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 256, &o->threads);
+    else if (!strcmp(a, "--threads")) rc = args_int("eval", a, v, 1, 256, &o->threads);
     else {
       fprintf(stderr, "jem eval: unknown option '%s' (see jem eval --help)\n", a);
       return 2;
@@ -900,7 +868,7 @@ int cmd_eval(int argc, char **argv) {
             "statistics: %s, replay buffer: %d images).  Test images: %d, validation "
             "images: %d%s, data noise sigma %.3g, seed %llu.\n\n", o.model, m->arch.depth,
             m->arch.widen, m->n_weights, (double)m->temperature, m->ood.present ? "yes" : "no",
-            m->replay_n, nt, nv, o.limit ? " (--limit)" : "", (double)o.data_noise, o.seed);
+            m->replay_n, nt, nv, o.limit ? " (--limit)" : "", (double)o.data_noise, (unsigned long long)o.seed);
     fprintf(md, "## Classification and calibration\n\n");
     fprintf(md, "| metric | value |\n|---|---|\n");
     fprintf(md, "| test accuracy | %.2f%% |\n| test NLL | %.4f |\n", 100 * acc, nll);
