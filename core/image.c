@@ -142,7 +142,55 @@ typedef struct img_info {
   int fmt;
   int w, h;
   int bits;      /* 16 for 16-bit PNGs, else 8 */
+  int orient;    /* EXIF orientation 1..8 (1 when absent or malformed) */
 } img_info;
+
+/* ------------------------------------------------------------------------ */
+/* EXIF orientation                                                          */
+
+/* Phone cameras store the sensor's pixel grid and record in EXIF tag 0x0112
+ * (Orientation) how to turn it upright.  Only that one tag is read.  The EXIF
+ * block is a little TIFF file: "II" (little-endian) or "MM" (big-endian), the
+ * number 42, then the offset of IFD0, a 16-bit entry count followed by
+ * 12-byte entries (tag, type, count, 4-byte value or offset).  Only IFD0 is
+ * read and no offsets inside it are followed (no next-IFD link, no sub-IFDs),
+ * so there is nothing to loop on; every read is checked against the block's
+ * size, and an IFD claiming more entries than fit, or more than
+ * EXIF_MAX_ENTRIES, is not believed.  Anything unexpected gives 1, the
+ * stored orientation, never an error: the pixels are still good. */
+#define EXIF_MAX_ENTRIES 256 /* cameras write ~10-30 in IFD0 */
+
+static unsigned tiff16(const unsigned char *p, int le) {
+  return le ? (unsigned)p[0] | (unsigned)p[1] << 8 : (unsigned)p[0] << 8 | p[1];
+}
+static uint32_t tiff32(const unsigned char *p, int le) {
+  return le ? (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24
+            : be32(p);
+}
+
+/* t, n: the TIFF-structured block (after "Exif\0\0" in a JPEG APP1 segment,
+ * or a PNG eXIf chunk's data).  Returns 1..8. */
+static int exif_orientation(const unsigned char *t, size_t n) {
+  if (n < 8) return 1;
+  int le;
+  if (t[0] == 'I' && t[1] == 'I') le = 1;
+  else if (t[0] == 'M' && t[1] == 'M') le = 0;
+  else return 1;
+  if (tiff16(t + 2, le) != 42) return 1;
+  uint32_t ifd = tiff32(t + 4, le);
+  if (ifd < 8 || ifd > n - 2) return 1; /* inside the header, or no room for the count */
+  size_t count = tiff16(t + ifd, le);
+  if (count > EXIF_MAX_ENTRIES || count > (n - ifd - 2) / 12) return 1;
+  for (size_t i = 0; i < count; i++) {
+    const unsigned char *e = t + ifd + 2 + i * 12;
+    if (tiff16(e, le) != 0x0112) continue;
+    /* one SHORT, held in the first two bytes of the value field */
+    if (tiff16(e + 2, le) != 3 || tiff32(e + 4, le) != 1) return 1;
+    unsigned v = tiff16(e + 8, le);
+    return v >= 1 && v <= 8 ? (int)v : 1;
+  }
+  return 1;
+}
 
 static int check_dims(const char *what, long long w, long long h,
                       const jem_image_limits *lim, char *err, size_t errlen) {
@@ -189,7 +237,8 @@ static int png_check(const unsigned char *b, size_t len, const jem_image_limits 
                      "PNG IHDR has an invalid compression, filter or interlace method");
 
   size_t pos = 8;
-  int n_idat = 0;
+  int n_idat = 0, n_exif = 0;
+  info->orient = 1;
   for (;;) {
     if (len - pos < 12)
       return jem__errf(err, errlen, JEM_EFORMAT,
@@ -210,6 +259,15 @@ static int png_check(const unsigned char *b, size_t len, const jem_image_limits 
                        "PNG chunk '%s' at byte %zu claims %u bytes but only %zu remain", type,
                        pos, clen, len - pos - 12);
     if (!memcmp(type, "IDAT", 4)) n_idat++;
+    if (!memcmp(type, "eXIf", 4) && n_exif++ == 0) { /* PNG allows one; the first counts */
+      const unsigned char *d = b + pos + 8;
+      size_t dn = clen;
+      if (dn >= 6 && !memcmp(d, "Exif\0\0", 6)) { /* some writers keep JPEG's prefix */
+        d += 6;
+        dn -= 6;
+      }
+      info->orient = exif_orientation(d, dn);
+    }
     pos += 12 + (size_t)clen;
     if (!memcmp(type, "IEND", 4)) break;
   }
@@ -228,7 +286,8 @@ static int png_check(const unsigned char *b, size_t len, const jem_image_limits 
 static int jpeg_check(const unsigned char *b, size_t len, const jem_image_limits *lim,
                       img_info *info, char *err, size_t errlen) {
   size_t pos = 2;
-  int have_sof = 0, scans = 0;
+  int have_sof = 0, scans = 0, have_exif = 0;
+  info->orient = 1;
   while (pos < len) {
     if (b[pos] != 0xff) { /* entropy-coded data (or junk, which stb skips too) */
       pos++;
@@ -293,6 +352,12 @@ static int jpeg_check(const unsigned char *b, size_t len, const jem_image_limits
           return jem__errf(err, errlen, JEM_EFORMAT, "JPEG Huffman table at byte %zu is truncated", q);
         q += 17 + total;
       }
+    } else if (m == 0xe1 && !scans && !have_exif && seglen >= 2 + 6 &&
+               !memcmp(b + pos + 2, "Exif\0\0", 6)) {
+      /* the first APP1 "Exif\0\0" segment before the first scan (others,
+       * e.g. XMP's APP1, are skipped); its length was checked above */
+      have_exif = 1;
+      info->orient = exif_orientation(b + pos + 2 + 6, seglen - 2 - 6);
     } else if (m == 0xda) {
       if (!have_sof)
         return jem__errf(err, errlen, JEM_EFORMAT, "JPEG scan starts before the frame header");
@@ -459,6 +524,99 @@ static int preprocess(const pixels *px, const jem_preprocess *p, int image_size,
 }
 
 /* ------------------------------------------------------------------------ */
+/* Orientation                                                               */
+
+/* Swaps n bytes, in pieces through a small buffer. */
+static void swap_bytes(unsigned char *a, unsigned char *b, size_t n) {
+  unsigned char t[256];
+  while (n) {
+    size_t k = n < sizeof t ? n : sizeof t;
+    memcpy(t, a, k);
+    memcpy(a, b, k);
+    memcpy(b, t, k);
+    a += k;
+    b += k;
+    n -= k;
+  }
+}
+
+/* Swaps two pixels of ps (4 or 8) bytes. */
+static void swap_px(unsigned char *a, unsigned char *b, size_t ps) {
+  if (ps == 4) {
+    uint32_t x, y;
+    memcpy(&x, a, 4);
+    memcpy(&y, b, 4);
+    memcpy(a, &y, 4);
+    memcpy(b, &x, 4);
+  } else {
+    uint64_t x, y;
+    memcpy(&x, a, 8);
+    memcpy(&y, b, 8);
+    memcpy(a, &y, 8);
+    memcpy(b, &x, 8);
+  }
+}
+
+/* Turns decoded pixels (w x h, ps bytes each) upright for EXIF orientation o,
+ * the transform PIL's ImageOps.exif_transpose applies:
+ *   2 mirror left-right   3 rotate 180       4 flip top-bottom
+ *   5 transpose           6 rotate 90 cw     7 transverse     8 rotate 90 ccw
+ * 2-4 work in place.  5-8 swap width and height, so they write into one new
+ * buffer of the same size (from the decode budget) that replaces *data.
+ * The header checks still hold afterwards: the area is unchanged and both
+ * sides were checked against the same per-side limit.  Returns 0, or -1 when
+ * the new buffer cannot be had (*data is then unchanged). */
+static int orient_pixels(unsigned char **data, int *w, int *h, size_t ps, int o) {
+  unsigned char *d = *data;
+  size_t iw = (size_t)*w, ih = (size_t)*h, row = iw * ps;
+  switch (o) {
+    case 2:
+      for (size_t y = 0; y < ih; y++)
+        for (size_t x = 0; x < iw / 2; x++)
+          swap_px(d + y * row + x * ps, d + y * row + (iw - 1 - x) * ps, ps);
+      return 0;
+    case 3: {
+      size_t n = iw * ih;
+      for (size_t i = 0; i < n / 2; i++) swap_px(d + i * ps, d + (n - 1 - i) * ps, ps);
+      return 0;
+    }
+    case 4:
+      for (size_t y = 0; y < ih / 2; y++) swap_bytes(d + y * row, d + (ih - 1 - y) * row, row);
+      return 0;
+    case 5: case 6: case 7: case 8:
+      break;
+    default:
+      return 0;
+  }
+  unsigned char *t = img_malloc(iw * ih * ps);
+  if (!t) return -1;
+  size_t ow = ih, oh = iw; /* output size */
+  /* Output pixel (x, y) comes from source (sx, sy): sx runs along the output
+   * rows and sy along its columns, forwards or backwards.  Done in 32x32
+   * tiles so that the strided side stays in cache. */
+  int sx_rev = o == 7 || o == 8, sy_rev = o == 6 || o == 7;
+  for (size_t by = 0; by < oh; by += 32)
+    for (size_t bx = 0; bx < ow; bx += 32)
+      for (size_t y = by; y < oh && y < by + 32; y++) {
+        size_t sx = sx_rev ? iw - 1 - y : y, xe = bx + 32 < ow ? bx + 32 : ow;
+        unsigned char *dst = t + y * ow * ps;
+        const unsigned char *src = d + sx * ps;
+        /* constant sizes, so each copy is one load and store */
+        if (ps == 4)
+          for (size_t x = bx; x < xe; x++)
+            memcpy(dst + x * 4, src + (sy_rev ? ih - 1 - x : x) * row, 4);
+        else
+          for (size_t x = bx; x < xe; x++)
+            memcpy(dst + x * 8, src + (sy_rev ? ih - 1 - x : x) * row, 8);
+      }
+  img_free(d);
+  *data = t;
+  *w = (int)ow;
+  *h = (int)oh;
+  return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Decode                                                                    */
 
 int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int image_size,
@@ -489,19 +647,14 @@ int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int
   int w = 0, h = 0, n = 0;
   pixels px;
   memset(&px, 0, sizeof px);
-  void *data;
+  unsigned char *data;
   /* 16-bit PNGs are decoded at 16 bits: stb's own 16->8 conversion
    * (stbi__convert_16_to_8) overflows its buffer in v2.27.  Always 4
    * components (RGBA) requested, whatever the file holds. */
-  if (info.bits == 16) {
-    stbi_us *d16 = stbi_load_16_from_memory(b, (int)len, &w, &h, &n, 4);
-    px.p16 = d16;
-    data = d16;
-  } else {
-    stbi_uc *d8 = stbi_load_from_memory(b, (int)len, &w, &h, &n, 4);
-    px.p8 = d8;
-    data = d8;
-  }
+  if (info.bits == 16)
+    data = (unsigned char *)stbi_load_16_from_memory(b, (int)len, &w, &h, &n, 4);
+  else
+    data = stbi_load_from_memory(b, (int)len, &w, &h, &n, 4);
   if (!data) {
     const char *why = stbi_failure_reason();
     img_cap = 0;
@@ -515,6 +668,16 @@ int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int
                      "decoded image size %dx%d differs from its header (%dx%d)", w, h,
                      info.w, info.h);
   }
+  if (orient_pixels(&data, &w, &h, info.bits == 16 ? 8 : 4, info.orient)) {
+    stbi_image_free(data);
+    img_cap = 0;
+    return jem__errf(err, errlen, JEM_ENOMEM, "out of memory while rotating a %dx%d image",
+                     info.w, info.h);
+  }
+  if (info.bits == 16)
+    px.p16 = (const uint16_t *)(const void *)data;
+  else
+    px.p8 = data;
   px.w = w;
   px.h = h;
   rc = preprocess(&px, p, image_size, rw, rh, out, err, errlen);

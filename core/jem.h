@@ -122,7 +122,7 @@ int jem_arch_params(const jem_arch *a, jem_param *out, int cap);
  * JSON form in the metadata (all keys optional):
  *   {"channels": 1, "resize": [28, 28], "pad": 2, "pad_value": 0.0,
  *    "background": 0.0, "range": [-1, 1], "invert": false}
- * Steps: decode -> composite alpha over `background` -> grey (BT.601 luma) or
+ * Steps: decode -> upright by the EXIF Orientation tag -> composite alpha over `background` -> grey (BT.601 luma) or
  * RGB -> area-resize to resize_w x resize_h -> values in [0,1] -> optional
  * invert -> pad by `pad` with pad_value -> map [0,1] to [range_lo, range_hi].
  * Default: resize to image_size, pad 0, range [-1,1]. */

@@ -589,6 +589,413 @@ static void test_bad_jpeg(void **state) {
   free(f);
 }
 
+/* ------------------------------------------------------------------------ */
+/* EXIF orientation                                                         */
+
+/* make_images.py's orient(), the upright picture: 32 wide, 16 high, so at
+ * 32x32 every row shows twice (exactly: the area resize copies it). */
+static double f_orient(int c, int x, int y) {
+  y /= 2;
+  int v = c == 0 ? 8 * x : c == 1 ? 16 * y : 4 * x + 8 * y;
+  return v / 255.0;
+}
+static double f_orient_luma(int c, int x, int y) {
+  (void)c;
+  return 0.299 * f_orient(0, x, y) + 0.587 * f_orient(1, x, y) + 0.114 * f_orient(2, x, y);
+}
+
+/* orient_N.jpg holds orient() stored for EXIF Orientation N (5-8 stored 16
+ * wide and 32 high); make_images.py checked that PIL's
+ * ImageOps.exif_transpose gives orient() back from each, so matching
+ * f_orient here is matching PIL. */
+static void test_exif_files(void **state) {
+  (void)state;
+  for (int n = 1; n <= 8; n++) {
+    char name[32];
+    snprintf(name, sizeof name, "orient_%d.jpg", n);
+    jpeg_close(name, 3, f_orient, 0.01, 0.06);
+    jpeg_close(name, 1, f_orient_luma, 0.01, 0.06);
+  }
+  /* PIL's PNG eXIf chunk: lossless, so exact */
+  char err[256];
+  float out[3 * S * S];
+  jem_preprocess p = pre_ident(3, 0);
+  assert_int_equal(decode("orient_6.png", &p, S, out, err, sizeof err), 0);
+  expect_exact_rgb(out, f_orient, "orient_6.png");
+}
+
+static void tput16(unsigned char *p, unsigned v, int le) {
+  p[le ? 0 : 1] = (unsigned char)v;
+  p[le ? 1 : 0] = (unsigned char)(v >> 8);
+}
+static void tput32(unsigned char *p, uint32_t v, int le) {
+  for (int i = 0; i < 4; i++) p[le ? i : 3 - i] = (unsigned char)(v >> (8 * i));
+}
+
+/* A minimal EXIF TIFF block: header ("II" little- or "MM" big-endian, 42,
+ * IFD0 at 8), IFD0 with one entry (0x0112, SHORT, count 1, value v) and a
+ * zero next-IFD link.  26 bytes; the field offsets are used below:
+ * 0 order, 2 magic, 4 IFD0 offset, 8 count, 10 tag, 12 type, 14 value
+ * count, 18 value, 22 next IFD. */
+#define TIFF_LEN 26
+static void tiff_orient(unsigned char *t, int le, unsigned v) {
+  memset(t, 0, TIFF_LEN);
+  t[0] = t[1] = le ? 'I' : 'M';
+  tput16(t + 2, 42, le);
+  tput32(t + 4, 8, le);
+  tput16(t + 8, 1, le);
+  tput16(t + 10, 0x0112, le);
+  tput16(t + 12, 3, le);
+  tput32(t + 14, 1, le);
+  tput16(t + 18, v, le);
+}
+
+/* SOI, one APPn segment (marker 0xE0+app) holding id then t, then `rest`
+ * (the rest of a JPEG after its SOI, or nothing).  The buffer is exactly
+ * that long, so under ASan a read past the segment at the end is caught. */
+static unsigned char *jpeg_app(int app, const char *id, size_t idlen, const unsigned char *t,
+                               size_t n, const unsigned char *rest, size_t restlen,
+                               size_t *outlen) {
+  size_t seg = 2 + idlen + n;
+  assert_true(seg <= 65535);
+  *outlen = 2 + 2 + seg + restlen;
+  unsigned char *b = malloc(*outlen);
+  b[0] = 0xff;
+  b[1] = 0xd8;
+  b[2] = 0xff;
+  b[3] = (unsigned char)(0xe0 + app);
+  b[4] = (unsigned char)(seg >> 8);
+  b[5] = (unsigned char)seg;
+  if (idlen) memcpy(b + 6, id, idlen);
+  if (n) memcpy(b + 6 + idlen, t, n);
+  if (restlen) memcpy(b + 6 + idlen + n, rest, restlen);
+  return b;
+}
+
+/* Display pixel (x, y) of an S x S image stored with orientation o is
+ * stored pixel (sx, sy).  (The PIL-made files above check the same table
+ * on non-square images.) */
+static void stored_xy(int o, int x, int y, int *sx, int *sy) {
+  int m = S - 1;
+  switch (o) {
+    case 2: *sx = m - x; *sy = y; break;
+    case 3: *sx = m - x; *sy = m - y; break;
+    case 4: *sx = x; *sy = m - y; break;
+    case 5: *sx = y; *sy = x; break;
+    case 6: *sx = y; *sy = m - x; break;
+    case 7: *sx = m - y; *sy = m - x; break;
+    case 8: *sx = m - y; *sy = x; break;
+    default: *sx = x; *sy = y; break;
+  }
+}
+
+/* Decodes b (32x32, RGB) and checks that it is exactly ref turned by o. */
+static void expect_oriented(const unsigned char *b, size_t len, const float *ref, int o,
+                            const char *what) {
+  char err[256];
+  float out[3 * S * S];
+  jem_preprocess p = pre_ident(3, 0);
+  int rc = jem_image_to_input(b, len, &p, S, NULL, out, err, sizeof err);
+  if (rc) fprintf(stderr, "%s: %s\n", what, err);
+  assert_int_equal(rc, 0);
+  for (int c = 0; c < 3; c++)
+    for (int y = 0; y < S; y++)
+      for (int x = 0; x < S; x++) {
+        int sx, sy;
+        stored_xy(o, x, y, &sx, &sy);
+        if (AT(out, c, y, x) != AT(ref, c, sy, sx)) {
+          fprintf(stderr, "%s: orientation %d, c=%d y=%d x=%d: %g, want %g\n", what, o, c, y,
+                  x, AT(out, c, y, x), AT(ref, c, sy, sx));
+          fail();
+        }
+      }
+}
+
+static float ref_baseline[3 * S * S]; /* baseline.jpg as stored */
+
+static void load_ref_baseline(void) {
+  char err[256];
+  jem_preprocess p = pre_ident(3, 0);
+  assert_int_equal(decode("baseline.jpg", &p, S, ref_baseline, err, sizeof err), 0);
+}
+
+/* baseline.jpg with an APPn segment after SOI: decoded as orientation o. */
+static void expect_app(int app, const char *id, size_t idlen, const unsigned char *t, size_t n,
+                       int o, const char *what) {
+  size_t len, jlen;
+  unsigned char *f = load("baseline.jpg", &len);
+  unsigned char *j = jpeg_app(app, id, idlen, t, n, f + 2, len - 2, &jlen);
+  expect_oriented(j, jlen, ref_baseline, o, what);
+  free(j);
+  /* the same segment at the very end of the data: the file is refused
+   * (no frame header) after the EXIF block has been read, out of bounds
+   * under ASan if the reader overran it */
+  j = jpeg_app(app, id, idlen, t, n, NULL, 0, &jlen);
+  char err[256];
+  assert_int_equal(decode_mem(j, jlen, err, sizeof err), JEM_EFORMAT);
+  free(j);
+  free(f);
+}
+
+#define EXIF_ID "Exif\0\0", 6
+
+/* rgb.png (or any PNG) with an eXIf chunk holding t right after IHDR. */
+static unsigned char *png_exif(const char *name, const unsigned char *t, size_t n,
+                               size_t *outlen) {
+  size_t len;
+  unsigned char *f = load(name, &len);
+  unsigned char *b = malloc(len + 12 + n);
+  memcpy(b, f, 33); /* signature + IHDR */
+  size_t pos = add_chunk(b, 33, "eXIf", t, (uint32_t)n, (uint32_t)n);
+  memcpy(b + pos, f + 33, len - 33);
+  *outlen = pos + len - 33;
+  free(f);
+  return b;
+}
+
+static void test_exif_orientations(void **state) {
+  (void)state;
+  load_ref_baseline();
+  unsigned char t[TIFF_LEN];
+  char what[64];
+  float ref_png[3 * S * S];
+  for (int c = 0; c < 3; c++)
+    for (int y = 0; y < S; y++)
+      for (int x = 0; x < S; x++) AT(ref_png, c, y, x) = (float)f_rgb(c, x, y);
+  for (int le = 0; le <= 1; le++)
+    for (int o = 1; o <= 8; o++) {
+      tiff_orient(t, le, (unsigned)o);
+      snprintf(what, sizeof what, "JPEG APP1 %s %d", le ? "II" : "MM", o);
+      expect_app(1, EXIF_ID, t, TIFF_LEN, o, what);
+      size_t len;
+      unsigned char *b = png_exif("rgb.png", t, TIFF_LEN, &len);
+      snprintf(what, sizeof what, "PNG eXIf %s %d", le ? "II" : "MM", o);
+      expect_oriented(b, len, ref_png, o, what);
+      free(b);
+    }
+  /* 16-bit pixels (8 bytes each) */
+  float ref16[3 * S * S];
+  for (int c = 0; c < 3; c++)
+    for (int y = 0; y < S; y++)
+      for (int x = 0; x < S; x++) AT(ref16, c, y, x) = (float)f_rgb16(c, x, y);
+  for (int o = 2; o <= 8; o += 3) {
+    tiff_orient(t, 1, (unsigned)o);
+    size_t len;
+    unsigned char *b = png_exif("rgb16.png", t, TIFF_LEN, &len);
+    expect_oriented(b, len, ref16, o, "rgb16.png");
+    free(b);
+  }
+  /* a non-square image: large.png is 300x200 with its left half white; a
+   * quarter turn makes it 200x300 with the white half at the top (6: turned
+   * clockwise, 5: transposed) or at the bottom (8, 7) */
+  char err[256];
+  float out[S * S];
+  for (int o = 5; o <= 8; o++) {
+    tiff_orient(t, 0, (unsigned)o);
+    size_t len;
+    unsigned char *b = png_exif("large.png", t, TIFF_LEN, &len);
+    jem_preprocess p = pre_ident(1, 0);
+    assert_int_equal(jem_image_to_input(b, len, &p, S, NULL, out, err, sizeof err), 0);
+    int white_top = o == 5 || o == 6;
+    for (int y = 0; y < S; y++)
+      for (int x = 0; x < S; x++)
+        assert_true(AT(out, 0, y, x) == ((y < 16) == white_top ? 1.0f : 0.0f));
+    /* the limits hold for the turned image: 300 > 250 wide is still refused */
+    jem_image_limits lim;
+    jem_image_limits_default(&lim);
+    lim.max_side = 250;
+    assert_int_equal(jem_image_to_input(b, len, &p, S, &lim, out, err, sizeof err),
+                     JEM_ETOOBIG);
+    free(b);
+  }
+  /* a PNG eXIf chunk that kept JPEG's "Exif\0\0" prefix is read too */
+  unsigned char pre[6 + TIFF_LEN];
+  memcpy(pre, "Exif\0\0", 6);
+  tiff_orient(pre + 6, 1, 3);
+  size_t len;
+  unsigned char *b = png_exif("rgb.png", pre, sizeof pre, &len);
+  expect_oriented(b, len, ref_png, 3, "eXIf with prefix");
+  free(b);
+  /* the orientation entry after other entries (whose offsets are not
+   * followed, even when they point nowhere) */
+  unsigned char t3[8 + 2 + 3 * 12 + 4];
+  memset(t3, 0, sizeof t3);
+  memcpy(t3, "MM\0\x2a\0\0\0\x08\0\x03", 10);
+  memcpy(t3 + 10, "\x01\x0f\x00\x02\x00\x00\x00\x20\xff\xff\xff\x00", 12); /* Make, ASCII, 32 bytes at a bad offset */
+  memcpy(t3 + 22, "\x01\x10\x00\x02\x00\x00\x00\x20\x00\x00\x00\x09", 12); /* Model, at offset 9 */
+  memcpy(t3 + 34, "\x01\x12\x00\x03\x00\x00\x00\x01\x00\x08\x00\x00", 12); /* Orientation 8 */
+  expect_app(1, EXIF_ID, t3, sizeof t3, 8, "three entries");
+}
+
+static void test_exif_malformed(void **state) {
+  (void)state;
+  load_ref_baseline();
+  unsigned char t[TIFF_LEN];
+  /* every truncation of a valid block: the entry is whole from 22 bytes */
+  for (int le = 0; le <= 1; le++)
+    for (size_t n = 0; n <= TIFF_LEN; n++) {
+      tiff_orient(t, le, 6);
+      expect_app(1, EXIF_ID, t, n, n >= 22 ? 6 : 1, "truncated");
+    }
+  /* an APP1 whose "Exif" id itself is cut short, or slightly wrong */
+  tiff_orient(t, 1, 6);
+  expect_app(1, "Exif", 4, NULL, 0, 1, "id only");
+  expect_app(1, "Exif\0", 5, NULL, 0, 1, "short id");
+  expect_app(1, "Exif\0\1", 6, t, TIFF_LEN, 1, "wrong id");
+  expect_app(1, "exif\0\0", 6, t, TIFF_LEN, 1, "lower-case id");
+  /* EXIF in APP0 or APP2 is not EXIF */
+  expect_app(0, EXIF_ID, t, TIFF_LEN, 1, "APP0");
+  expect_app(2, EXIF_ID, t, TIFF_LEN, 1, "APP2");
+  struct { size_t at; int le; unsigned char bytes[4]; size_t n; const char *what; } bad[] = {
+    {0, 1, "IM", 2, "byte order IM"},
+    {0, 1, "MI", 2, "byte order MI"},
+    {0, 1, "XX", 2, "byte order XX"},
+    {0, 1, "MM", 2, "II data said to be MM"},
+    {2, 1, {43, 0}, 2, "magic 43"},
+    {2, 0, {0, 43}, 2, "magic 43 MM"},
+    {4, 1, {0xff, 0xff, 0xff, 0xff}, 4, "IFD offset 2^32-1"},
+    {4, 1, {0xff, 0xff, 0xff, 0x7f}, 4, "IFD offset 2^31-1"},
+    {4, 0, {0x80, 0, 0, 0}, 4, "IFD offset 2^31 MM"},
+    {4, 1, {25, 0, 0, 0}, 4, "IFD offset n-1"},
+    {4, 1, {24, 0, 0, 0}, 4, "IFD offset n-2 (count 0)"},
+    {4, 1, {15, 0, 0, 0}, 4, "IFD offset leaves no whole entry"},
+    {4, 1, {4, 0, 0, 0}, 4, "IFD offset inside the header"},
+    {4, 1, {0, 0, 0, 0}, 4, "IFD offset 0"},
+    {8, 1, {0xff, 0xff}, 2, "entry count 65535"},
+    {8, 0, {0x01, 0x01}, 2, "entry count 257"},
+    {8, 1, {2, 0}, 2, "entry count 2, one present"},
+    {8, 1, {0, 0}, 2, "entry count 0"},
+    {10, 1, {0x13, 0x01}, 2, "another tag"},
+    {12, 1, {4, 0}, 2, "type LONG"},
+    {12, 1, {1, 0}, 2, "type BYTE"},
+    {14, 1, {2, 0, 0, 0}, 4, "value count 2"},
+    {14, 1, {0, 0, 0, 0}, 4, "value count 0"},
+    {14, 0, {0xff, 0xff, 0xff, 0xff}, 4, "value count 2^32-1"},
+    {18, 1, {0, 0}, 2, "orientation 0"},
+    {18, 1, {9, 0}, 2, "orientation 9"},
+    {18, 0, {0, 9}, 2, "orientation 9 MM"},
+    {18, 1, {0xff, 0xff}, 2, "orientation 65535"},
+    {18, 1, {6, 1}, 2, "orientation 262"},
+    {18, 0, {6, 0}, 2, "orientation 6 in the wrong half (MM)"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    tiff_orient(t, bad[i].le, 6);
+    memcpy(t + bad[i].at, bad[i].bytes, bad[i].n);
+    expect_app(1, EXIF_ID, t, TIFF_LEN, 1, bad[i].what);
+  }
+  /* an IFD of 257 whole entries, the orientation last: more than the reader
+   * believes (256 and fewer are read) */
+  size_t big_n = 8 + 2 + 257 * 12 + 4;
+  unsigned char *big = calloc(1, big_n);
+  for (int count = 256; count <= 257; count++) {
+    memcpy(big, "II\x2a\0\x08\0\0\0", 8);
+    tput16(big + 8, (unsigned)count, 1);
+    for (int k = 0; k < count; k++) {
+      unsigned char *e = big + 10 + (size_t)k * 12;
+      tput16(e, k == count - 1 ? 0x0112 : 0x9000 + (unsigned)k, 1);
+      tput16(e + 2, 3, 1);
+      tput32(e + 4, 1, 1);
+      tput16(e + 8, 3, 1);
+    }
+    expect_app(1, EXIF_ID, big, 8 + 2 + (size_t)count * 12 + 4, count == 256 ? 3 : 1,
+               "many entries");
+  }
+  free(big);
+  /* an XMP APP1 first, then the EXIF one: the EXIF one counts; of two EXIF
+   * segments the first counts */
+  size_t len, jlen;
+  unsigned char *f = load("baseline.jpg", &len);
+  tiff_orient(t, 0, 3);
+  unsigned char *inner = jpeg_app(1, EXIF_ID, t, TIFF_LEN, f + 2, len - 2, &jlen);
+  static const char xmp[] = "http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>";
+  size_t j2len;
+  unsigned char *j2 = jpeg_app(1, xmp, sizeof xmp - 1, NULL, 0, inner + 2, jlen - 2, &j2len);
+  expect_oriented(j2, j2len, ref_baseline, 3, "XMP then EXIF");
+  free(j2);
+  tiff_orient(t, 0, 6);
+  j2 = jpeg_app(1, EXIF_ID, t, TIFF_LEN, inner + 2, jlen - 2, &j2len);
+  expect_oriented(j2, j2len, ref_baseline, 6, "two EXIF segments");
+  free(j2);
+  free(inner);
+  /* EXIF after the first scan (before EOI) is ignored */
+  assert_true(f[len - 2] == 0xff && f[len - 1] == 0xd9);
+  unsigned char *late = malloc(len + 4 + 6 + TIFF_LEN);
+  memcpy(late, f, len - 2);
+  size_t pos = len - 2;
+  late[pos++] = 0xff;
+  late[pos++] = 0xe1;
+  late[pos++] = 0;
+  late[pos++] = 2 + 6 + TIFF_LEN;
+  memcpy(late + pos, "Exif\0\0", 6);
+  pos += 6;
+  memcpy(late + pos, t, TIFF_LEN);
+  pos += TIFF_LEN;
+  late[pos++] = 0xff;
+  late[pos++] = 0xd9;
+  expect_oriented(late, pos, ref_baseline, 1, "EXIF after the scan");
+  free(late);
+  /* an APP1 segment longer than the file is a truncated JPEG */
+  j2 = jpeg_app(1, EXIF_ID, t, TIFF_LEN, f + 2, len - 2, &j2len);
+  j2[4] = 0xff;
+  j2[5] = 0xf0;
+  expect_rc(j2, j2len, JEM_EFORMAT, "length");
+  free(j2);
+  free(f);
+  /* PNG: a bad orientation, and two eXIf chunks (the first counts) */
+  float ref_png[3 * S * S];
+  for (int c = 0; c < 3; c++)
+    for (int y = 0; y < S; y++)
+      for (int x = 0; x < S; x++) AT(ref_png, c, y, x) = (float)f_rgb(c, x, y);
+  tiff_orient(t, 1, 9);
+  unsigned char *b = png_exif("rgb.png", t, TIFF_LEN, &len);
+  expect_oriented(b, len, ref_png, 1, "PNG orientation 9");
+  free(b);
+  b = png_exif("rgb.png", t, 5, &len);
+  expect_oriented(b, len, ref_png, 1, "PNG truncated eXIf");
+  free(b);
+  tiff_orient(t, 1, 2);
+  b = png_exif("rgb.png", t, TIFF_LEN, &len);
+  unsigned char *b2 = malloc(len + 12 + TIFF_LEN);
+  memcpy(b2, b, 33);
+  tiff_orient(t, 1, 4);
+  pos = add_chunk(b2, 33, "eXIf", t, TIFF_LEN, TIFF_LEN);
+  memcpy(b2 + pos, b + 33, len - 33);
+  expect_oriented(b2, pos + len - 33, ref_png, 4, "two eXIf chunks");
+  free(b2);
+  free(b);
+}
+
+/* Random bytes in place of orient_6.jpg's EXIF block: never an error or a
+ * crash, whatever orientation comes out. */
+static void test_exif_mutations(void **state) {
+  (void)state;
+  size_t len;
+  unsigned char *f = load("orient_6.jpg", &len);
+  size_t app1 = find_marker(f, len, 0xe1);
+  assert_true(app1 > 0 && !memcmp(f + app1 + 4, "Exif\0\0", 6));
+  size_t seg = (size_t)f[app1 + 2] << 8 | f[app1 + 3];
+  size_t t0 = app1 + 10, tn = seg - 8; /* the TIFF block */
+  unsigned char *c = malloc(len);
+  char err[512];
+  uint32_t seed = 777;
+  for (int i = 0; i < 3000; i++) {
+    memcpy(c, f, len);
+    int k = 1 + i % 4;
+    for (int j = 0; j < k; j++) {
+      seed = seed * 1664525u + 1013904223u;
+      size_t at = t0 + (seed >> 8) % tn;
+      seed = seed * 1664525u + 1013904223u;
+      /* small values often, so offsets and counts land in range */
+      c[at] = (unsigned char)(i & 1 ? seed >> 24 : (seed >> 24) % 16);
+    }
+    int rc = decode_mem(c, len, err, sizeof err);
+    if (rc) fprintf(stderr, "mutation %d: %s\n", i, err);
+    assert_int_equal(rc, 0);
+  }
+  free(c);
+  free(f);
+}
+
 /* Every prefix and many single-byte corruptions of every valid file: any
  * outcome but a crash (ASan builds check memory safety too) and only the
  * documented codes. */
@@ -597,6 +1004,8 @@ static const char *valid_files[] = {
   "interlaced_grey.png", "grey16.png", "rgb16.png", "rgba16.png", "palette.png",
   "palette_trns.png", "palette_pil.png", "baseline.jpg", "progressive.jpg", "grey.jpg",
   "cmyk.jpg", "subsampled.jpg", "large.png", "tiny.png", "fmnist0.png",
+  "orient_1.jpg", "orient_2.jpg", "orient_3.jpg", "orient_4.jpg", "orient_5.jpg",
+  "orient_6.jpg", "orient_7.jpg", "orient_8.jpg", "orient_6.png",
 };
 #define N_VALID (sizeof valid_files / sizeof valid_files[0])
 
@@ -750,6 +1159,10 @@ int main(void) {
     cmocka_unit_test(test_png_16bit),
     cmocka_unit_test(test_png_palette),
     cmocka_unit_test(test_jpeg),
+    cmocka_unit_test(test_exif_files),
+    cmocka_unit_test(test_exif_orientations),
+    cmocka_unit_test(test_exif_malformed),
+    cmocka_unit_test(test_exif_mutations),
     cmocka_unit_test(test_resize),
     cmocka_unit_test(test_fmnist),
     cmocka_unit_test(test_bad_small),

@@ -11,6 +11,12 @@ simple formulas that tests/test_image.c recomputes (keep both in sync):
   grey16(x, y) = 2000x + 100y                  (32x32, 16-bit)
   rgb16(x, y)  = (2000x, 2000y, 1000(x+y))     (32x32, 16-bit)
   palette      : index(x, y) = x//8 + 4*(y//8) into PALETTE below
+  orient(x, y) = (8x, 16y, 4x + 8y)            (as displayed: 32 wide, 16 high)
+
+orient_N.jpg (N = 1..8) and orient_6.png hold orient() stored the way a camera
+would for EXIF Orientation N (stored = the inverse of PIL's exif_transpose
+step, so 5-8 are stored 16 wide, 32 high); the script checks that
+ImageOps.exif_transpose of each file gives orient() back.
 
 PIL cannot write 16-bit RGB or interlaced PNGs, so a tiny PNG writer here
 does those (and it writes everything byte-for-byte deterministically).
@@ -21,7 +27,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N = 32
@@ -67,6 +73,41 @@ def png_bytes(arr, color_type, depth, interlace=False, extra=b""):
             chunk(b"IDAT", zlib.compress(data, 9)) + chunk(b"IEND", b""))
 
 
+# EXIF Orientation -> the stored image, given the upright one (the inverse of
+# what ImageOps.exif_transpose does for that value).
+STORE = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,   # exif_transpose turns it back with ROTATE_270
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,  # ... and this one with ROTATE_90
+}
+
+
+def orient_files():
+    y, x = np.mgrid[0:16, 0:32].astype(np.int64)
+    upright = Image.fromarray(np.stack([8 * x, 16 * y, 4 * x + 8 * y], -1).astype(np.uint8), "RGB")
+    want = np.asarray(upright, np.int64)
+    for n, how in STORE.items():
+        stored = upright if how is None else upright.transpose(how)
+        exif = Image.Exif()
+        exif[0x0112] = n
+        names = ["orient_%d.jpg" % n] + (["orient_6.png"] if n == 6 else [])
+        for name in names:
+            path = os.path.join(HERE, name)
+            if name.endswith(".jpg"):
+                stored.save(path, quality=95, subsampling=0, exif=exif.tobytes())
+            else:
+                stored.save(path, exif=exif.tobytes())
+            got = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"), np.int64)
+            assert got.shape == want.shape, (name, got.shape)
+            err = np.abs(got - want).max()
+            assert err <= (0 if name.endswith(".png") else 12), (name, err)
+
+
 def write(name, data):
     with open(os.path.join(HERE, name), "wb") as f:
         f.write(data)
@@ -110,6 +151,8 @@ def main():
     Image.fromarray(rgb, "RGB").convert("CMYK").save(os.path.join(HERE, "cmyk.jpg"), quality=95)
     Image.fromarray(rgb, "RGB").save(os.path.join(HERE, "subsampled.jpg"), quality=95,
                                      subsampling=2)
+
+    orient_files()
 
     # a larger image (left half white, right half black) and a 1x1 one
     big = np.zeros((200, 300), np.uint8)
