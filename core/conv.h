@@ -37,7 +37,10 @@ int jem__conv_direct(const jem__conv *c, int act);
  * Its input gradient then also runs on it, given the weights from
  * jem__conv_flip. */
 int jem__conv_fast(const jem__conv *c);
-/* Tests: 0 forces the im2col path everywhere, 1 restores the default. */
+/* Tests and benchmarks: 0 forces the im2col path everywhere, 1 restores the
+ * default (stride-1 layers on Winograd F(2x2,3x3) or the direct kernel,
+ * whichever measured faster for the shape), 2 the direct kernel only (no
+ * Winograd), 3 Winograd wherever the shape allows it. */
 void jem__conv_set_fast(int on);
 /* Weights of the transposed convolution (cin*cout*9 floats): for stride 1
  * wf[ci, co, ky, kx] = w[co, ci, 2-ky, 2-kx], for stride 2 the taps are not

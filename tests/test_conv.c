@@ -443,6 +443,132 @@ static void test_input_grad_fused(void **state) {
   print_message("fused input gradient checked on %d shapes\n", used);
 }
 
+/* Naive double din[n][ci][y][x] = sum over co, ky, kx of g[n][co][y+1-ky]
+ * [x+1-kx] w[co][ci][ky][kx] with g = dout * LeakyReLU'(gate) (gate may be
+ * NULL): the input gradient of a 3x3 stride-1 padding-1 convolution, NCHW. */
+static void ref_input_grad(double *din, const float *dout, const float *gate,
+                           const float *w, int n, int cin, int cout, int h,
+                           double leak) {
+  const size_t hw = (size_t)h * h;
+  for (int i = 0; i < n; i++)
+    for (int ci = 0; ci < cin; ci++)
+      for (int y = 0; y < h; y++)
+        for (int x = 0; x < h; x++) {
+          double acc = 0.0;
+          for (int co = 0; co < cout; co++) {
+            const float *g = dout + ((size_t)i * cout + co) * hw;
+            const float *gt = gate ? gate + ((size_t)i * cout + co) * hw : NULL;
+            for (int ky = 0; ky < 3; ky++)
+              for (int kx = 0; kx < 3; kx++) {
+                int oy = y + 1 - ky, ox = x + 1 - kx;
+                if (oy < 0 || oy >= h || ox < 0 || ox >= h) continue;
+                size_t o = (size_t)oy * h + ox;
+                double gv = g[o];
+                if (gt && !(gt[o] > 0.0f)) gv *= leak;
+                acc += gv * w[((size_t)co * cin + ci) * 9 + ky * 3 + kx];
+              }
+          }
+          din[((size_t)i * cin + ci) * hw + (size_t)y * h + x] = acc;
+        }
+}
+
+/* Winograd F(2x2,3x3) forced on (jem__conv_set_fast(3)) against naive double
+ * references: every map size of a WRN (32, 16, 8), even and odd channel
+ * counts (the GEMM's channel remainders), 1 to 3 images (one 8x8 image is a
+ * lone 16-tile block), forward plain and through LeakyReLU, overwrite and
+ * accumulate, and the input gradient plain (accumulating, through
+ * jem__conv_backward) and gated (overwriting, jem__conv_input_grad). */
+static void test_winograd_vs_naive(void **state) {
+  (void)state;
+  static const int chans[][2] = {{16, 16}, {3, 17}, {17, 3}, {8, 8}, {32, 24}, {64, 64}};
+  static const int sizes[] = {32, 16, 8};
+  unsigned st = 31;
+  double worst_f = 0.0, worst_b = 0.0;
+  int checked = 0;
+  for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+    for (size_t k = 0; k < sizeof chans / sizeof *chans; k++) {
+      const int h = sizes[si], cin = chans[k][0], cout = chans[k][1];
+      const int n = 1 + (int)((si + k) % 3);
+      if (cin * cout > 1024 && h == 32) continue; /* keeps the test quick */
+      cfg c = {cin, cout, 3, 1, 1, h, n};
+      jem__conv cv = to_conv(&c);
+      const size_t hw = (size_t)h * h, xin = (size_t)n * cin * hw;
+      const size_t xo = (size_t)n * cout * hw, nw = (size_t)cout * cin * 9;
+      float *x = malloc(sizeof(float) * xin), *xc = malloc(sizeof(float) * xin);
+      float *w = malloc(sizeof(float) * nw), *wf = malloc(sizeof(float) * nw);
+      float *b = malloc(sizeof(float) * cout);
+      float *g = malloc(sizeof(float) * xo), *gc = malloc(sizeof(float) * xo);
+      float *gate = malloc(sizeof(float) * xo), *gatec = malloc(sizeof(float) * xo);
+      float *out = malloc(sizeof(float) * xo), *back = malloc(sizeof(float) * xo);
+      float *din = malloc(sizeof(float) * xin), *dback = malloc(sizeof(float) * xin);
+      double *ref = malloc(sizeof(double) * (xo > xin ? xo : xin));
+      ref_fill(x, xin, &st, -1, 1);
+      ref_fill(w, nw, &st, -0.5f, 0.5f);
+      ref_fill(b, (size_t)cout, &st, -0.5f, 0.5f);
+      ref_fill(g, xo, &st, -1, 1);
+      ref_fill(gate, xo, &st, -1, 1);
+      jem__to_cnhw(xc, x, n, cin, (int)hw);
+      jem__to_cnhw(gc, g, n, cout, (int)hw);
+      jem__to_cnhw(gatec, gate, n, cout, (int)hw);
+      jem__conv_flip(wf, w, &cv);
+      double *xd = to_double(x, xin), *wd = to_double(w, nw), *bd = to_double(b, (size_t)cout);
+      jem__conv_set_fast(3);
+      size_t need = jem__conv_col_need(&cv, n, (size_t)1 << 18);
+      float *col = malloc(sizeof(float) * need);
+      for (int act = 0; act < 2; act++) {
+        ref_conv_act(ref, xd, wd, bd, &c, act, 0.2);
+        for (int acc = 0; acc < 2; acc++) {
+          if (!acc) ref_fill(out, xo, &st, 5, 6); /* garbage: overwritten */
+          jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, acc, col, need);
+          memset(back, 0, sizeof(float) * xo);
+          jem__from_cnhw_acc(back, out, n, cout, (int)hw);
+          double err = 0.0, mag = 0.0;
+          for (size_t i = 0; i < xo; i++) {
+            double r = (acc ? 2.0 : 1.0) * ref[i];
+            err = fmax(err, fabs(back[i] - r));
+            mag = fmax(mag, fabs(r));
+          }
+          if (err > 1e-5 * (1.0 + mag))
+            fail_msg("forward %d->%d %dx%d n %d act %d acc %d: max error %g (max |ref| %g)",
+                     cin, cout, h, h, n, act, acc, err, mag);
+          worst_f = fmax(worst_f, err / (1.0 + mag));
+        }
+      }
+      if (jem__conv_fast(&cv)) {
+        for (int gated = 0; gated < 2; gated++) {
+          ref_input_grad(ref, g, gated ? gate : NULL, w, n, cin, cout, h, 0.2);
+          if (gated) {
+            ref_fill(din, xin, &st, 5, 6); /* garbage: overwritten */
+            jem__conv_input_grad(din, gc, gatec, 0.2f, wf, &cv, n, col, need);
+          } else {
+            /* accumulates onto x */
+            memcpy(din, xc, sizeof(float) * xin);
+            jem__conv_backward(gc, NULL, w, wf, &cv, n, 0, 0.2f, NULL, NULL, din, col, need);
+          }
+          memset(dback, 0, sizeof(float) * xin);
+          jem__from_cnhw_acc(dback, din, n, cin, (int)hw);
+          double err = 0.0, mag = 0.0;
+          for (size_t i = 0; i < xin; i++) {
+            double r = ref[i] + (gated ? 0.0 : x[i]);
+            err = fmax(err, fabs(dback[i] - r));
+            mag = fmax(mag, fabs(r));
+          }
+          if (err > 1e-5 * (1.0 + mag))
+            fail_msg("input grad %d->%d %dx%d n %d gated %d: max error %g (max |ref| %g)",
+                     cin, cout, h, h, n, gated, err, mag);
+          worst_b = fmax(worst_b, err / (1.0 + mag));
+        }
+      }
+      jem__conv_set_fast(1);
+      checked++;
+      free(x); free(xc); free(w); free(wf); free(b); free(g); free(gc);
+      free(gate); free(gatec); free(out); free(back); free(din); free(dback);
+      free(ref); free(xd); free(wd); free(bd); free(col);
+    }
+  print_message("Winograd checked on %d shapes: max error / (1 + max |ref|) "
+                "forward %.3g, input gradient %.3g\n", checked, worst_f, worst_b);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_conv_forward_vs_direct),
@@ -450,6 +576,7 @@ int main(void) {
       cmocka_unit_test(test_conv_grad),
       cmocka_unit_test(test_fast_matches_im2col),
       cmocka_unit_test(test_input_grad_fused),
+      cmocka_unit_test(test_winograd_vs_naive),
       cmocka_unit_test(test_lrelu_grad),
       cmocka_unit_test(test_pool_grad),
       cmocka_unit_test(test_linear_grad),
