@@ -46,7 +46,7 @@ load_settings() {
   WIDEN=${WIDEN:-2}                  # run 1: 1
   SEED=${SEED:-1}
   SIGMA=${SIGMA:-0.03}
-  BASE_ITERS=${BASE_ITERS:-10300}    # 12 epochs of 859 batches of 64 (run 1: 8600)
+  BASE_ITERS=${BASE_ITERS:-12900}    # 15 epochs of 859 batches of 64 (run 1: 8600)
   BASE_LR=${BASE_LR:-1e-3}
   BASE_WARMUP=${BASE_WARMUP:-500}
   BASE_THREADS=${BASE_THREADS:-2}    # run 1: 1
