@@ -149,6 +149,52 @@ static void pad_image(float *pad, const float *src, const float *gate, int ch,
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* pad_image_s2 for w a multiple of 16 on AVX2: 16 input floats per step,
+ * and the gate applied on the way (no separate gated row), the same
+ * arithmetic as the SSE path, so the same values. */
+__attribute__((target("avx2,fma"))) static void
+pad_image_s2_avx2(float *pad, const float *src, const float *gate, int ch,
+                  int n, int img, int h, int w, int mode, float leak) {
+  const int wp = w + 2, half = w / 2 + 1;
+  const size_t plane = (size_t)(h + 2) * wp, hw = (size_t)h * w;
+  const __m256 lv = _mm256_set1_ps(leak), one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int ci = 0; ci < ch; ci++) {
+    float *p = pad + ci * plane;
+    const size_t off = ((size_t)ci * n + img) * hw;
+    const float *s = src + off, *gs = mode == PAD_GATE ? gate + off : NULL;
+    memset(p, 0, sizeof(float) * wp);
+    memset(p + (size_t)(h + 1) * wp, 0, sizeof(float) * wp);
+    for (int y = 0; y < h; y++) {
+      float *e = p + (size_t)(y + 1) * wp, *o = e + half;
+      const float *r = s + (size_t)y * w;
+      e[0] = 0.0f;
+      o[half - 1] = 0.0f;
+      for (int j = 0; j < w / 2; j += 8) {
+        __m256 a = _mm256_loadu_ps(r + 2 * j), b = _mm256_loadu_ps(r + 2 * j + 8);
+        if (mode == PAD_LRELU) {
+          a = _mm256_max_ps(a, _mm256_mul_ps(a, lv));
+          b = _mm256_max_ps(b, _mm256_mul_ps(b, lv));
+        } else if (mode == PAD_GATE) {
+          const float *g = gs + (size_t)y * w + 2 * j;
+          __m256 ma = _mm256_cmp_ps(_mm256_loadu_ps(g), zero, _CMP_GT_OQ);
+          __m256 mb = _mm256_cmp_ps(_mm256_loadu_ps(g + 8), zero, _CMP_GT_OQ);
+          a = _mm256_mul_ps(a, _mm256_blendv_ps(lv, one, ma));
+          b = _mm256_mul_ps(b, _mm256_blendv_ps(lv, one, mb));
+        }
+        /* per 128-bit lane: evens | odds of a and b, then lanes in order */
+        __m256d ev = _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+        __m256d od = _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+        _mm256_storeu_ps(o + j, _mm256_castpd_ps(_mm256_permute4x64_pd(ev, _MM_SHUFFLE(3, 1, 2, 0))));
+        _mm256_storeu_ps(e + 1 + j, _mm256_castpd_ps(_mm256_permute4x64_pd(od, _MM_SHUFFLE(3, 1, 2, 0))));
+      }
+    }
+  }
+}
+#endif
+
 /* For stride 2: each padded row P (W+2 wide) stored as its even columns
  * then its odd columns, E[j] = P[2j], O[j] = P[2j+1] (W/2+1 each), so that the
  * taps kx = 0, 1, 2 of output column x read E[x], O[x] and E[x+1]:
@@ -156,6 +202,12 @@ static void pad_image(float *pad, const float *src, const float *gate, int ch,
 static void pad_image_s2(float *pad, const float *src, const float *gate,
                          int ch, int n, int img, int h, int w, int mode,
                          float leak) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (w % 16 == 0 && cpu_has_avx2_fma()) {
+    pad_image_s2_avx2(pad, src, gate, ch, n, img, h, w, mode, leak);
+    return;
+  }
+#endif
   const int wp = w + 2, half = w / 2 + 1;
   const size_t plane = (size_t)(h + 2) * wp, hw = (size_t)h * w;
   for (int ci = 0; ci < ch; ci++) {
@@ -217,94 +269,71 @@ static void pad_image_s2(float *pad, const float *src, const float *gate,
 #define SLOT_O(s) (((s) / (W / 8)) * W + 8 * ((s) % (W / 8)))
 /* Offset of tap t = 3 ky + kx in the padded input (see pad_image_s2). */
 #define TOFF(t) (((t) / 3) * Wp + (SR == 1 ? (t) % 3 : ((t) % 3 == 0 ? 0 : (t) % 3 == 1 ? W + 1 : 1)))
+/* MR (1..3) output channels x 32 pixels: with MR = 3, 12 accumulators, the 3
+ * broadcast weights of a tap and one input vector fill the 16 registers, and
+ * 12 independent FMA chains cover the FMA latency (8 did not: 2 FMAs per
+ * cycle x 4-5 cycles); 7 loads per 12 FMAs instead of 6 per 8.  o and w
+ * point at the first of the MR channels (w: channel stride cin*9). */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+conv3x3_tile_mr(float *o, size_t ocs, const float *pt, size_t plane,
+                const float *w, const float *b, int cin, const int MR,
+                const int W, const int SR, int accumulate) {
+  const int Wp = SR * W + 2;
+  const size_t wcs = (size_t)cin * 9;
+  __m256 acc[3][4];
+  _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++) {
+    const __m256 bv = _mm256_set1_ps(b ? b[a] : 0.0f);
+    _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) {
+      acc[a][s] = bv;
+      if (accumulate)
+        acc[a][s] = _mm256_add_ps(bv, _mm256_loadu_ps(o + a * ocs + SLOT_O(s)));
+    }
+  }
+  for (int ci = 0; ci < cin; ci++) {
+    const float *pc = pt + ci * plane, *wc = w + ci * 9;
+    _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) {
+      /* opaque: with two or four rows per tile, tap (ky + 2, kx) of slot 0
+       * reads what tap (ky, kx) of a lower slot read, and GCC would keep
+       * that vector live across taps, spilling accumulators */
+      const float *pk = pc + TOFF(t);
+      if (W < 32) __asm__("" : "+r"(pk));
+      __m256 k[3];
+      _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+        k[a] = _mm256_broadcast_ss(wc + a * wcs + t);
+      _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) {
+        __m256 x = _mm256_loadu_ps(pk + SLOT_P(s));
+        KEEP(x);
+        _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+          acc[a][s] = _mm256_fmadd_ps(k[a], x, acc[a][s]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+    _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++)
+      _mm256_storeu_ps(o + a * ocs + SLOT_O(s), acc[a][s]);
+}
+
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 conv3x3_tile_loop(float *out, size_t ocs, const float *pad, const float *w,
                   const float *b, int cin, int cout, int H, const int W,
                   const int SR, int accumulate) {
   /* H, W: output size; SR: stride (input rows per output row) */
   const int Wp = SR * W + 2, R = 32 / W;
-  const size_t plane = (size_t)(SR * H + 2) * Wp;
-  const int p0 = SLOT_P(0), p1 = SLOT_P(1), p2 = SLOT_P(2), p3 = SLOT_P(3);
-  const int q0 = SLOT_O(0), q1 = SLOT_O(1), q2 = SLOT_O(2), q3 = SLOT_O(3);
+  const size_t plane = (size_t)(SR * H + 2) * Wp, wcs = (size_t)cin * 9;
   for (int y0 = 0; y0 < H; y0 += R) {
     const float *pt = pad + (size_t)y0 * SR * Wp;
-    const size_t obase = (size_t)y0 * W;
+    float *ob = out + (size_t)y0 * W;
     int co = 0;
-    /* two channels x 32 pixels: 8 accumulators, 6 loads per 8 FMAs (a
-     * third channel would spill registers) */
-    for (; co + 2 <= cout; co += 2) {
-      float *o0 = out + (size_t)co * ocs + obase, *o1 = o0 + ocs;
-      const __m256 b0 = _mm256_set1_ps(b ? b[co] : 0.0f);
-      const __m256 b1 = _mm256_set1_ps(b ? b[co + 1] : 0.0f);
-      __m256 a00 = b0, a01 = b0, a02 = b0, a03 = b0;
-      __m256 a10 = b1, a11 = b1, a12 = b1, a13 = b1;
-      if (accumulate) {
-        a00 = _mm256_add_ps(a00, _mm256_loadu_ps(o0 + q0));
-        a01 = _mm256_add_ps(a01, _mm256_loadu_ps(o0 + q1));
-        a02 = _mm256_add_ps(a02, _mm256_loadu_ps(o0 + q2));
-        a03 = _mm256_add_ps(a03, _mm256_loadu_ps(o0 + q3));
-        a10 = _mm256_add_ps(a10, _mm256_loadu_ps(o1 + q0));
-        a11 = _mm256_add_ps(a11, _mm256_loadu_ps(o1 + q1));
-        a12 = _mm256_add_ps(a12, _mm256_loadu_ps(o1 + q2));
-        a13 = _mm256_add_ps(a13, _mm256_loadu_ps(o1 + q3));
-      }
-      const float *w0 = w + (size_t)co * cin * 9, *w1 = w0 + (size_t)cin * 9;
-      for (int ci = 0; ci < cin; ci++) {
-        const float *pc = pt + ci * plane;
-        const float *k0p = w0 + ci * 9, *k1p = w1 + ci * 9;
-#define TAP2(t)                                                           \
-  do {                                                                    \
-    const float *pk = pc + TOFF(t);                                       \
-    const __m256 k0 = _mm256_broadcast_ss(k0p + (t));                     \
-    const __m256 k1 = _mm256_broadcast_ss(k1p + (t));                     \
-    __m256 x;                                                             \
-    x = _mm256_loadu_ps(pk + p0); KEEP(x);                                         \
-    a00 = _mm256_fmadd_ps(k0, x, a00); a10 = _mm256_fmadd_ps(k1, x, a10); \
-    x = _mm256_loadu_ps(pk + p1); KEEP(x);                                         \
-    a01 = _mm256_fmadd_ps(k0, x, a01); a11 = _mm256_fmadd_ps(k1, x, a11); \
-    x = _mm256_loadu_ps(pk + p2); KEEP(x);                                         \
-    a02 = _mm256_fmadd_ps(k0, x, a02); a12 = _mm256_fmadd_ps(k1, x, a12); \
-    x = _mm256_loadu_ps(pk + p3); KEEP(x);                                         \
-    a03 = _mm256_fmadd_ps(k0, x, a03); a13 = _mm256_fmadd_ps(k1, x, a13); \
-  } while (0)
-        TAP2(0); TAP2(1); TAP2(2); TAP2(3); TAP2(4);
-        TAP2(5); TAP2(6); TAP2(7); TAP2(8);
-#undef TAP2
-      }
-      _mm256_storeu_ps(o0 + q0, a00); _mm256_storeu_ps(o0 + q1, a01);
-      _mm256_storeu_ps(o0 + q2, a02); _mm256_storeu_ps(o0 + q3, a03);
-      _mm256_storeu_ps(o1 + q0, a10); _mm256_storeu_ps(o1 + q1, a11);
-      _mm256_storeu_ps(o1 + q2, a12); _mm256_storeu_ps(o1 + q3, a13);
-    }
-    if (co < cout) { /* odd channel count: the last channel alone */
-      float *o0 = out + (size_t)co * ocs + obase;
-      const __m256 b0 = _mm256_set1_ps(b ? b[co] : 0.0f);
-      __m256 a00 = b0, a01 = b0, a02 = b0, a03 = b0;
-      if (accumulate) {
-        a00 = _mm256_add_ps(a00, _mm256_loadu_ps(o0 + q0));
-        a01 = _mm256_add_ps(a01, _mm256_loadu_ps(o0 + q1));
-        a02 = _mm256_add_ps(a02, _mm256_loadu_ps(o0 + q2));
-        a03 = _mm256_add_ps(a03, _mm256_loadu_ps(o0 + q3));
-      }
-      const float *w0 = w + (size_t)co * cin * 9;
-      for (int ci = 0; ci < cin; ci++) {
-        const float *pc = pt + ci * plane;
-#define TAP1(t)                                                     \
-  do {                                                              \
-    const float *pk = pc + TOFF(t);                                 \
-    const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + (t));       \
-    a00 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p0), a00);       \
-    a01 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p1), a01);       \
-    a02 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p2), a02);       \
-    a03 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(pk + p3), a03);       \
-  } while (0)
-        TAP1(0); TAP1(1); TAP1(2); TAP1(3); TAP1(4);
-        TAP1(5); TAP1(6); TAP1(7); TAP1(8);
-#undef TAP1
-      }
-      _mm256_storeu_ps(o0 + q0, a00); _mm256_storeu_ps(o0 + q1, a01);
-      _mm256_storeu_ps(o0 + q2, a02); _mm256_storeu_ps(o0 + q3, a03);
-    }
+    for (; co + 3 <= cout; co += 3)
+      conv3x3_tile_mr(ob + co * ocs, ocs, pt, plane, w + co * wcs,
+                      b ? b + co : NULL, cin, 3, W, SR, accumulate);
+    /* each channel's sum runs in the same order whatever its group */
+    if (cout - co == 2)
+      conv3x3_tile_mr(ob + co * ocs, ocs, pt, plane, w + co * wcs,
+                      b ? b + co : NULL, cin, 2, W, SR, accumulate);
+    else if (cout - co == 1)
+      conv3x3_tile_mr(ob + co * ocs, ocs, pt, plane, w + co * wcs,
+                      b ? b + co : NULL, cin, 1, W, SR, accumulate);
   }
 }
 #undef SLOT_P
@@ -329,58 +358,65 @@ conv3x3_image(float *out, size_t ocs, const float *pad, const float *w,
 }
 /* out[co][H*W] (channel stride ocs) = sum over the ntap taps of
  * w[co][ci][tt[k]] * pad[ci][y + ., x + .] at offset toff[k]: a 3x3 kernel
- * restricted to some taps, for the phases of a stride-2 input gradient. */
+ * restricted to some taps, for the phases of a stride-2 input gradient.
+ * MR (1..3) channels x 32 pixels per tile, as in conv3x3_tile_mr. */
+#define KEEP(v) __asm__("" : "+x"(v))
+#define SP(s) (((s) / (W / 8)) * Wp + 8 * ((s) % (W / 8)))
+#define SO(s) (((s) / (W / 8)) * W + 8 * ((s) % (W / 8)))
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+conv_taps_mr(float *o, size_t ocs, const float *pt, size_t plane,
+             const float *w, int cin, const int MR, const int W, int ntap,
+             const int *tt, const int *toff) {
+  const int Wp = W + 2;
+  const size_t wcs = (size_t)cin * 9;
+  __m256 acc[3][4];
+  _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+    _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++)
+      acc[a][s] = _mm256_setzero_ps();
+  for (int ci = 0; ci < cin; ci++) {
+    const float *pc = pt + ci * plane, *wc = w + ci * 9;
+    for (int k = 0; k < ntap; k++) {
+      const float *pk = pc + toff[k];
+      __m256 kv[3];
+      _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+        kv[a] = _mm256_broadcast_ss(wc + a * wcs + tt[k]);
+      _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) {
+        __m256 x = _mm256_loadu_ps(pk + SP(s));
+        KEEP(x);
+        _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+          acc[a][s] = _mm256_fmadd_ps(kv[a], x, acc[a][s]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 3") for (int a = 0; a < MR; a++)
+    _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++)
+      _mm256_storeu_ps(o + a * ocs + SO(s), acc[a][s]);
+}
+
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 conv_taps_loop(float *out, size_t ocs, const float *pad, const float *w,
                int cin, int cout, int H, const int W, int ntap, const int *tt,
                const int *toff) {
   const int Wp = W + 2, R = 32 / W;
-  const size_t plane = (size_t)(H + 2) * Wp;
-#define KEEP(v) __asm__("" : "+x"(v))
-#define SP(s) (((s) / (W / 8)) * Wp + 8 * ((s) % (W / 8)))
-#define SO(s) (((s) / (W / 8)) * W + 8 * ((s) % (W / 8)))
-  const int p0 = SP(0), p1 = SP(1), p2 = SP(2), p3 = SP(3);
-  const int q0 = SO(0), q1 = SO(1), q2 = SO(2), q3 = SO(3);
+  const size_t plane = (size_t)(H + 2) * Wp, wcs = (size_t)cin * 9;
   for (int y0 = 0; y0 < H; y0 += R) {
     const float *pt = pad + (size_t)y0 * Wp;
-    const size_t obase = (size_t)y0 * W;
-    for (int co = 0; co < cout; co += 2) {
-      const int two = co + 1 < cout;
-      float *o0 = out + (size_t)co * ocs + obase, *o1 = o0 + (two ? ocs : 0);
-      __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-      __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-      const float *w0 = w + (size_t)co * cin * 9;
-      const float *w1 = two ? w0 + (size_t)cin * 9 : w0;
-      for (int ci = 0; ci < cin; ci++) {
-        const float *pc = pt + ci * plane;
-        for (int k = 0; k < ntap; k++) {
-          const float *pk = pc + toff[k];
-          const __m256 k0 = _mm256_broadcast_ss(w0 + ci * 9 + tt[k]);
-          const __m256 k1 = _mm256_broadcast_ss(w1 + ci * 9 + tt[k]);
-          __m256 x;
-          x = _mm256_loadu_ps(pk + p0); KEEP(x);
-          a00 = _mm256_fmadd_ps(k0, x, a00); a10 = _mm256_fmadd_ps(k1, x, a10);
-          x = _mm256_loadu_ps(pk + p1); KEEP(x);
-          a01 = _mm256_fmadd_ps(k0, x, a01); a11 = _mm256_fmadd_ps(k1, x, a11);
-          x = _mm256_loadu_ps(pk + p2); KEEP(x);
-          a02 = _mm256_fmadd_ps(k0, x, a02); a12 = _mm256_fmadd_ps(k1, x, a12);
-          x = _mm256_loadu_ps(pk + p3); KEEP(x);
-          a03 = _mm256_fmadd_ps(k0, x, a03); a13 = _mm256_fmadd_ps(k1, x, a13);
-        }
-      }
-      /* with an odd count the last pair duplicates a channel: store it once */
-      if (two) {
-        _mm256_storeu_ps(o1 + q0, a10); _mm256_storeu_ps(o1 + q1, a11);
-        _mm256_storeu_ps(o1 + q2, a12); _mm256_storeu_ps(o1 + q3, a13);
-      }
-      _mm256_storeu_ps(o0 + q0, a00); _mm256_storeu_ps(o0 + q1, a01);
-      _mm256_storeu_ps(o0 + q2, a02); _mm256_storeu_ps(o0 + q3, a03);
-    }
+    float *ob = out + (size_t)y0 * W;
+    int co = 0;
+    for (; co + 3 <= cout; co += 3)
+      conv_taps_mr(ob + co * ocs, ocs, pt, plane, w + co * wcs, cin, 3, W,
+                   ntap, tt, toff);
+    if (cout - co == 2)
+      conv_taps_mr(ob + co * ocs, ocs, pt, plane, w + co * wcs, cin, 2, W,
+                   ntap, tt, toff);
+    else if (cout - co == 1)
+      conv_taps_mr(ob + co * ocs, ocs, pt, plane, w + co * wcs, cin, 1, W,
+                   ntap, tt, toff);
   }
+}
 #undef SP
 #undef SO
 #undef KEEP
-}
 
 __attribute__((target("avx2,fma"))) static void
 conv_taps_image(float *out, size_t ocs, const float *pad, const float *w,

@@ -34,6 +34,12 @@ static const cfg CFGS[] = {
     {6, 4, 3, 1, 1, 8, 3},    /* direct kernel, four rows per tile */
     {8, 6, 3, 2, 1, 16, 3},   /* direct kernel, stride 2 to 8 wide */
     {3, 5, 3, 2, 1, 64, 2},   /* direct kernel, stride 2 to 32 wide */
+    /* the direct kernels work in groups of 3 output channels: remainders
+     * of 1 and 2 (forward cout, input gradient cin) at each width */
+    {8, 7, 3, 2, 1, 16, 2},   /* stride 2 to 8 wide: 7 = 2*3+1, 8 = 2*3+2 */
+    {7, 4, 3, 2, 1, 32, 2},   /* stride 2 to 16 wide: 4 = 3+1, 7 = 2*3+1 */
+    {5, 9, 3, 2, 1, 64, 2},   /* stride 2 to 32 wide: 9 = 3*3, 5 = 3+2 */
+    {2, 7, 3, 1, 1, 16, 2},   /* stride 1 direct (2 input channels) */
 };
 
 static jem__conv to_conv(const cfg *c) {
