@@ -728,9 +728,11 @@ static void job_done(srv_work *w, int canceled) {
   pthread_mutex_lock(&J.mu);
   J.chain_steps += j->wchain;
   j->wchain = 0;
-  j->step = j->wstep;
   j->in_sched = 0;
   int resubmit = 0;
+  /* A job canceled while its slice ran keeps the progress it had when the
+   * cancel was answered: the step that slice was in does not count. */
+  if (!TERMINAL(j->state)) j->step = j->wstep;
   if (!TERMINAL(j->state)) {
     if (canceled)
       finish_locked(j, J_CANCELED, "shutdown", "the server shut down before the job finished");
