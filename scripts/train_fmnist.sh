@@ -52,7 +52,7 @@ load_settings() {
   BASE_THREADS=${BASE_THREADS:-2}    # run 1: 1
   WARM_AT=${WARM_AT:-$BASE_ITERS}    # baseline checkpoint used as warm start (run 1: 6000)
   JEM_ITERS=${JEM_ITERS:-1000}       # run 1: 3000
-  JEM_SEGMENT=${JEM_SEGMENT:-250}    # models/fmnist-jem.safetensors refresh
+  JEM_SEGMENT=${JEM_SEGMENT:-500}    # models/fmnist-jem.safetensors refresh (run 1: 250)
   JEM_K=${JEM_K:-10}
   JEM_LR=${JEM_LR:-1e-4}
   JEM_WARMUP=${JEM_WARMUP:-100}      # run 1: 200
@@ -142,7 +142,7 @@ stage_jem() {
     [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/$RUN-jem/model.safetensors
     # The daemon serves models/fmnist-jem.safetensors, so only a calibrated
     # snapshot (temperature + OOD statistics) may replace it.
-    if "$jem" calibrate "$snap" --out runs/$RUN-jem/calibrated.safetensors --threads 1 \
+    if "$jem" calibrate "$snap" --out runs/$RUN-jem/calibrated.safetensors --threads "$JEM_THREADS" \
         > runs/$RUN-jem/calibrate.log 2>&1; then
       publish runs/$RUN-jem/calibrated.safetensors models/fmnist-jem.safetensors
       log "models/fmnist-jem.safetensors <- $snap, calibrated (iteration $stop)"
