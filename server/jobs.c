@@ -732,8 +732,8 @@ static void job_done(srv_work *w, int canceled) {
   int resubmit = 0;
   /* A job canceled while its slice ran keeps the progress it had when the
    * cancel was answered: the step that slice was in does not count. */
-  if (!TERMINAL(j->state)) j->step = j->wstep;
   if (!TERMINAL(j->state)) {
+    j->step = j->wstep;
     if (canceled)
       finish_locked(j, J_CANCELED, "shutdown", "the server shut down before the job finished");
     else if (j->wfailed)
