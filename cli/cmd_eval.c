@@ -19,6 +19,14 @@
 
 #define MAX_RADII 8
 
+/* Where the sample chains start. */
+enum { SAMPLE_NOISE = 0, SAMPLE_BUFFER, SAMPLE_GAUSSIAN };
+static const char *const init_names[] = {"noise", "buffer", "gaussian"};
+static const char *const init_descriptions[] = {
+    "U(-1,1) noise", "replay buffer",
+    "a draw of the chain's class Gaussian fitted to the training split (JEM++'s informative "
+    "initialisation; `samples_*_init.png` show the starts)"};
+
 typedef struct eval_opts {
   const char *model;
   const char *data_dir;
@@ -31,7 +39,7 @@ typedef struct eval_opts {
   int sample_steps;
   int samples_per_class;
   int fid_samples;
-  int sample_init; /* -1 auto, 0 noise, 1 buffer */
+  int sample_init; /* -1 auto, then SAMPLE_NOISE/_BUFFER/_GAUSSIAN */
   int attack;
   int attack_limit;
   int attack_steps;
@@ -71,7 +79,10 @@ static void usage(FILE *f) {
     "  --samples-per-class N class-conditional chains per class (default 10)\n"
     "  --fid-samples N       unconditional samples for the Frechet distance\n"
     "                        (default 1000)\n"
-    "  --sample-init MODE    buffer | noise (default: buffer if the model has one)\n"
+    "  --sample-init MODE    buffer | noise | gaussian (default: buffer if the model has\n"
+    "                        one); gaussian starts each chain from a draw of its class's\n"
+    "                        Gaussian fitted to the training split (JEM++'s informative\n"
+    "                        init) and also writes the starts, samples_*_init.png\n"
     "  --no-attack           skip the PGD attacks\n"
     "  --attack-limit N      test images attacked (default 1000)\n"
     "  --attack-steps K      PGD steps (default 10; step = 2.5 eps / K)\n"
@@ -157,10 +168,11 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     else if (!strcmp(a, "--samples-per-class")) rc = args_int("eval", a, v, 1, 100, &o->samples_per_class);
     else if (!strcmp(a, "--fid-samples")) rc = args_int("eval", a, v, 0, 100000, &o->fid_samples);
     else if (!strcmp(a, "--sample-init")) {
-      if (!strcmp(v, "buffer")) o->sample_init = 1;
-      else if (!strcmp(v, "noise")) o->sample_init = 0;
+      if (!strcmp(v, "buffer")) o->sample_init = SAMPLE_BUFFER;
+      else if (!strcmp(v, "noise")) o->sample_init = SAMPLE_NOISE;
+      else if (!strcmp(v, "gaussian")) o->sample_init = SAMPLE_GAUSSIAN;
       else {
-        fprintf(stderr, "jem eval: --sample-init wants 'buffer' or 'noise', got '%s'\n", v);
+        fprintf(stderr, "jem eval: --sample-init wants buffer, noise or gaussian, got '%s'\n", v);
         rc = 2;
       }
     }
@@ -352,6 +364,32 @@ typedef struct ood_result {
   jem_ood_metrics rule;  /* metrics of jem_ood_rule_stat */
 } ood_result;
 
+/* Fills x [n, chw] with the chains' starting images (rngs already seeded);
+ * with Gaussian starts, chain i starts from class ys[i]'s Gaussian, and a
+ * grid of the starts goes to out_dir/png_name when one is given. */
+static int chain_starts(const eval_opts *o, int init, const jem_class_gauss *g,
+                        const jem_model *m, float *x, int n, const int *ys, jem_rng *rngs,
+                        const char *png_name, int per_row) {
+  const int C = m->arch.in_channels, S = m->arch.image_size;
+  const size_t chw = (size_t)C * S * S;
+  if (init == SAMPLE_BUFFER) {
+    jem_sgld_init_buffer(m, x, n, 0.0f, rngs);
+    return 0;
+  }
+  if (init == SAMPLE_NOISE) {
+    jem_sgld_init_noise(x, n, chw, rngs);
+    return 0;
+  }
+  for (int i = 0; i < n; i++)
+    jem_class_gauss_sample(g, ys[i] % g->classes, x + (size_t)i * chw, &rngs[i]);
+  if (!png_name) return 0;
+  size_t len = 0;
+  unsigned char *png = jem_png_grid(x, n, C, S, per_row, -1.0f, 1.0f, &len);
+  int rc = !png || write_file(o->out_dir, png_name, png, len);
+  free(png);
+  return rc;
+}
+
 int cmd_eval(int argc, char **argv) {
   eval_opts o;
   int rc = parse_opts(argc, argv, &o);
@@ -364,6 +402,7 @@ int cmd_eval(int argc, char **argv) {
   jem_model *m = NULL;
   jem_ws *ws = NULL;
   jem_dataset test = {0}, valid = {0};
+  jem_class_gauss gauss = {0};
   jem_set_scores st = {0}, sv = {0};
   json_t *rep = json_object();
   float *vq[JEM_NUM_SCORES] = {0};
@@ -558,10 +597,21 @@ int cmd_eval(int argc, char **argv) {
   /* ---- samples and Frechet distance ---- */
   t0 = now_s();
   const int F = st.nfeat;
-  int init_buffer = o.sample_init >= 0 ? o.sample_init : (m->replay_n > 0);
-  if (init_buffer && m->replay_n <= 0) {
+  const int init = o.sample_init >= 0 ? o.sample_init
+                   : m->replay_n > 0 ? SAMPLE_BUFFER : SAMPLE_NOISE;
+  if (init == SAMPLE_BUFFER && m->replay_n <= 0) {
     fprintf(stderr, "jem eval: --sample-init buffer, but the model has no replay buffer\n");
     goto done;
+  }
+  if (init == SAMPLE_GAUSSIAN && o.sample_steps > 0) {
+    jem_dataset tr = {0};
+    int bad = jem_fmnist_load(o.data_dir, JEM_SPLIT_TRAIN, &tr, err, sizeof err) ||
+              jem_class_gauss_fit(&gauss, &tr, err, sizeof err);
+    jem_dataset_free(&tr);
+    if (bad) {
+      fprintf(stderr, "jem eval: class Gaussians: %s\n", err);
+      goto done;
+    }
   }
   double cond_agree = NAN, fd_samples = NAN, fd_valid = NAN, fd_replay = NAN;
   double per_class_agree[256];
@@ -587,8 +637,8 @@ int cmd_eval(int argc, char **argv) {
       jem_rng_seed(&rngs[i], o.seed, (uint64_t)i);
       ys[i] = i / spc;
     }
-    if (init_buffer) jem_sgld_init_buffer(m, xs, n_cond, 0.0f, rngs);
-    else jem_sgld_init_noise(xs, n_cond, chw, rngs);
+    if (chain_starts(&o, init, &gauss, m, xs, n_cond, ys, rngs, "samples_conditional_init.png", spc))
+      goto done;
     jem_sgld_run(ws, m, xs, n_cond, ys, o.sample_steps, &sp, rngs);
     size_t len = 0;
     unsigned char *png = jem_png_grid(xs, n_cond, C, S, spc, -1.0f, 1.0f, &len);
@@ -620,8 +670,12 @@ int cmd_eval(int argc, char **argv) {
     /* unconditional: SGLD on logsumexp f(x) */
     if (n_unc > 0) {
       for (int i = 0; i < n_unc; i++) jem_rng_seed(&rngs[i], o.seed + 1, (uint64_t)i);
-      if (init_buffer) jem_sgld_init_buffer(m, xs, n_unc, 0.0f, rngs);
-      else jem_sgld_init_noise(xs, n_unc, chw, rngs);
+      for (int i = 0; i < n_unc; i++) ys[i] = i % K; /* classes of Gaussian starts */
+      if (chain_starts(&o, init, &gauss, m, xs, n_unc < 100 ? n_unc : 100, ys, rngs,
+                       "samples_unconditional_init.png", 10) ||
+          (n_unc > 100 && chain_starts(&o, init, &gauss, m, xs + (size_t)100 * chw, n_unc - 100,
+                                       ys + 100, rngs + 100, NULL, 10)))
+        goto done;
       jem_sgld_run(ws, m, xs, n_unc, NULL, o.sample_steps, &sp, rngs);
       int ng = n_unc < 100 ? n_unc : 100;
       png = jem_png_grid(xs, ng, C, S, 10, -1.0f, 1.0f, &len);
@@ -795,7 +849,7 @@ int cmd_eval(int argc, char **argv) {
 
     json_t *jsm = json_object();
     json_object_set_new(jsm, "steps", json_integer(o.sample_steps));
-    json_object_set_new(jsm, "init", json_string(init_buffer ? "buffer" : "noise"));
+    json_object_set_new(jsm, "init", json_string(init_names[init]));
     json_object_set_new(jsm, "step_size", num(sp.step_size));
     json_object_set_new(jsm, "noise", num(sp.noise));
     json_object_set_new(jsm, "clamp", json_boolean(sp.clamp));
@@ -809,6 +863,12 @@ int cmd_eval(int argc, char **argv) {
       json_object_set_new(jsm, "conditional_png", json_string("samples_conditional.png"));
       if (n_unc > 0)
         json_object_set_new(jsm, "unconditional_png", json_string("samples_unconditional.png"));
+      if (init == SAMPLE_GAUSSIAN) {
+        json_object_set_new(jsm, "conditional_init_png", json_string("samples_conditional_init.png"));
+        if (n_unc > 0)
+          json_object_set_new(jsm, "unconditional_init_png",
+                              json_string("samples_unconditional_init.png"));
+      }
     }
     json_t *fd = json_object();
     json_object_set_new(fd, "feature_dim", json_integer(F));
@@ -914,7 +974,7 @@ int cmd_eval(int argc, char **argv) {
               "`samples_conditional.png`: one row per class (SGLD on f(x)[y]), %d per class; "
               "the classifier assigns %.1f%% of them to their class.  "
               "`samples_unconditional.png`: SGLD on logsumexp f(x).\n\n", o.sample_steps,
-              (double)sp.step_size, (double)sp.noise, init_buffer ? "replay buffer" : "U(-1,1) noise",
+              (double)sp.step_size, (double)sp.noise, init_descriptions[init],
               o.samples_per_class, 100 * cond_agree);
     } else {
       fprintf(md, "Sampling skipped (--sample-steps 0).\n\n");
@@ -954,6 +1014,7 @@ int cmd_eval(int argc, char **argv) {
 
 done:
   if (md) fclose(md);
+  jem_class_gauss_free(&gauss);
   for (int s = 0; s < JEM_NUM_SCORES; s++) free(vq[s]);
   free(oods);
   free(xs);

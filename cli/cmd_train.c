@@ -51,8 +51,10 @@ static void usage(FILE *f) {
 "  --sgld-step-size A     (default 1)     --sgld-noise S   (default 0.01)\n"
 "  --sgld-clamp           clamp chains to [-1,1] after each step (official JEM: no)\n"
 "  --buffer-size N        replay buffer (default 10000)  --reinit P (default 0.05)\n"
-"  --buffer-init I        uniform (default, as official JEM: U(-1,1)) or data (training\n"
-"                         images + sigma noise; gentler after a warm start)\n"
+"  --buffer-init I        uniform (default, as official JEM: U(-1,1)), data (training\n"
+"                         images + sigma noise; gentler after a warm start) or gaussian\n"
+"                         (draws of per-class Gaussians fitted to the training images,\n"
+"                         also for every restart: JEM++'s informative initialisation)\n"
 "  --px-ramp N            ramp the energy terms in linearly over N iterations (default 0)\n"
 "Optimiser:\n"
 "  --iterations N         (default 10000)  --batch B (default 64)\n"
@@ -180,8 +182,9 @@ int cmd_train(int argc, char **argv) {
     else if (!strcmp(a, "--buffer-init")) {
       if (!strcmp(v, "uniform")) c.buffer_init = JEM_BUFFER_UNIFORM;
       else if (!strcmp(v, "data")) c.buffer_init = JEM_BUFFER_DATA;
+      else if (!strcmp(v, "gaussian")) c.buffer_init = JEM_BUFFER_GAUSSIAN;
       else {
-        fprintf(stderr, "jem train: --buffer-init wants uniform or data, got '%s'\n", v);
+        fprintf(stderr, "jem train: --buffer-init wants uniform, data or gaussian, got '%s'\n", v);
         bad = 1;
       }
     }

@@ -71,7 +71,8 @@ int jem_train_config_check(const jem_train_config *c, char *err,
     if (!(c->reinit >= 0 && c->reinit <= 1)) BAD("reinit probability must be in [0, 1]");
     if (!(c->energy_l2 >= 0) || !isfinite(c->energy_l2)) BAD("energy L2 weight must be finite and >= 0");
     if (!isfinite(c->px_weight)) BAD("p(x) weight must be finite");
-    if (c->buffer_init != JEM_BUFFER_UNIFORM && c->buffer_init != JEM_BUFFER_DATA)
+    if (c->buffer_init != JEM_BUFFER_UNIFORM && c->buffer_init != JEM_BUFFER_DATA &&
+        c->buffer_init != JEM_BUFFER_GAUSSIAN)
       BAD("unknown replay buffer initialisation");
     if (c->px_ramp < 0) BAD("energy-term ramp %d must be >= 0", c->px_ramp);
     if (c->replay_keep < 0 || c->replay_keep > c->buffer_size)
@@ -106,6 +107,7 @@ typedef struct trainer {
   jem_ws *ws;
   float *grad, *am, *av;      /* [nw] gradient and Adam moments */
   float *buf;                 /* replay buffer [buffer_size, chw] */
+  jem_class_gauss gauss;      /* JEM_BUFFER_GAUSSIAN: chain starts */
   float *x;                   /* [3B, chw]: labelled, data, samples */
   float *logits, *dlogits;    /* [3B, K] */
   int *ylab, *bidx;           /* [B] */
@@ -124,6 +126,11 @@ typedef struct trainer {
   int injected;
   int resumes;
 } trainer;
+
+/* A class for a restarted chain: uniform over the classes. */
+static int random_class(const trainer *t, jem_rng *r) {
+  return (int)(((uint64_t)jem_rng_u32(r) * (uint64_t)t->gauss.classes) >> 32);
+}
 
 static uint64_t mix(uint64_t a, uint64_t b) {
   uint64_t s = a ^ (b * 0x9E3779B97F4A7C15ull);
@@ -211,6 +218,7 @@ static void trainer_free(trainer *t) {
   free(t->grad); free(t->am); free(t->av); free(t->buf); free(t->x);
   free(t->logits); free(t->dlogits); free(t->ylab); free(t->bidx);
   free(t->chain); free(t->ld[0].perm); free(t->ld[1].perm);
+  jem_class_gauss_free(&t->gauss);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -438,7 +446,9 @@ static json_t *config_json(const trainer *t) {
     json_object_set_new(o, "px_weight", json_real(c->px_weight));
     json_object_set_new(o, "energy_l2", json_real(c->energy_l2));
     json_object_set_new(o, "buffer_init",
-                        json_string(c->buffer_init == JEM_BUFFER_DATA ? "data" : "uniform"));
+                        json_string(c->buffer_init == JEM_BUFFER_DATA       ? "data"
+                                    : c->buffer_init == JEM_BUFFER_GAUSSIAN ? "gaussian"
+                                                                            : "uniform"));
     if (c->px_ramp) json_object_set_new(o, "px_ramp", json_integer(c->px_ramp));
   }
   return o;
@@ -611,7 +621,10 @@ static int step(trainer *t, step_stats *ss) {
       t->bidx[i] = k;
       float *dst = xq + (size_t)i * chw;
       if (jem_rng_uniform(&t->brng) < c->reinit) {
-        for (size_t j = 0; j < chw; j++) dst[j] = 2.0f * jem_rng_uniform(&t->brng) - 1.0f;
+        if (t->gauss.classes > 0)
+          jem_class_gauss_sample(&t->gauss, random_class(t, &t->brng), dst, &t->brng);
+        else
+          for (size_t j = 0; j < chw; j++) dst[j] = 2.0f * jem_rng_uniform(&t->brng) - 1.0f;
       } else {
         memcpy(dst, t->buf + (size_t)k * chw, chw * sizeof(float));
       }
@@ -841,6 +854,10 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     trainer_free(t);
     return jem__errf(err, errlen, JEM_ENOMEM, "out of memory setting up training");
   }
+  if (!cfg->baseline && cfg->buffer_init == JEM_BUFFER_GAUSSIAN) {
+    rc = jem_class_gauss_fit(&t->gauss, train, err, errlen);
+    if (rc < 0) { trainer_free(t); return rc; }
+  }
 
   t->seed_eff = mix(cfg->seed, 0x4A454D);
   t->lr_scale = 1.0f;
@@ -871,7 +888,10 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
       jem_rng r;
       jem_rng_seed(&r, t->seed_eff, 3);
       size_t nb = (size_t)cfg->buffer_size * t->chw;
-      if (cfg->buffer_init == JEM_BUFFER_DATA) {
+      if (t->gauss.classes > 0) {
+        for (int i = 0; i < cfg->buffer_size; i++)
+          jem_class_gauss_sample(&t->gauss, random_class(t, &r), t->buf + (size_t)i * t->chw, &r);
+      } else if (cfg->buffer_init == JEM_BUFFER_DATA) {
         for (int i = 0; i < cfg->buffer_size; i++) {
           int k = (int)(((uint64_t)jem_rng_u32(&r) * (uint64_t)train->n) >> 32);
           float *dst = t->buf + (size_t)i * t->chw;

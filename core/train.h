@@ -99,6 +99,23 @@ int jem_dataset_split(const jem_dataset *src, int n_valid, uint64_t seed,
 int jem_dataset_subset(const jem_dataset *src, const int *idx, int n,
                        jem_dataset *out, char *err, size_t errlen);
 
+/* Per-class Gaussians N(mean_y, cov_y) fitted to a labelled dataset
+ * (core/gauss.c): JEM++'s informative initialisation of SGLD chains.  Each
+ * covariance gets a 1e-3 ridge (constant padding pixels make it singular);
+ * chol holds its lower Cholesky factor.  Images of at most
+ * JEM_GAUSS_MAX_DIM values (C*S*S): the factors take C*d*d floats. */
+#define JEM_GAUSS_MAX_DIM 4096
+typedef struct jem_class_gauss {
+  int classes;
+  size_t d;
+  float *mean; /* [classes, d] */
+  float *chol; /* [classes, d, d], lower triangle */
+} jem_class_gauss;
+int jem_class_gauss_fit(jem_class_gauss *g, const jem_dataset *ds, char *err, size_t errlen);
+/* One draw of class cls into out [d], clamped to [-1,1]. */
+void jem_class_gauss_sample(const jem_class_gauss *g, int cls, float *out, jem_rng *r);
+void jem_class_gauss_free(jem_class_gauss *g); /* NULL ok; zeroes the struct */
+
 /* Fashion-MNIST as Debian's dataset-fashion-mnist ships it:
  *   DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
  * dir NULL -> $JEM_FMNIST_DIR, else JEM_FMNIST_DIR_DEFAULT.
@@ -121,7 +138,7 @@ uint64_t jem_splitmix64(uint64_t *state);
 /* Trainer (core/train.c)                                                   */
 
 enum { JEM_LR_CONST = 0, JEM_LR_STEP, JEM_LR_COSINE };
-enum { JEM_BUFFER_UNIFORM = 0, JEM_BUFFER_DATA };
+enum { JEM_BUFFER_UNIFORM = 0, JEM_BUFFER_DATA, JEM_BUFFER_GAUSSIAN };
 
 typedef struct jem_train_config {
   /* objective */
@@ -140,11 +157,15 @@ typedef struct jem_train_config {
   float sgld_noise;    /* 0.01 */
   int sgld_clamp;      /* 0 (official): 1 clamps chains to [-1,1] each step */
   int buffer_size;     /* 10000 */
-  float reinit;        /* 0.05: probability a chain restarts from U(-1,1) */
-  int buffer_init;     /* JEM_BUFFER_UNIFORM (official) or JEM_BUFFER_DATA:
+  float reinit;        /* 0.05: probability a chain restarts (from U(-1,1),
+                        * or from a class Gaussian with JEM_BUFFER_GAUSSIAN) */
+  int buffer_init;     /* JEM_BUFFER_UNIFORM (official), JEM_BUFFER_DATA:
                         * training images + sigma noise, so that a warm-started
                         * classifier does not meet a buffer of pure noise at
-                        * once (noise chains still enter through reinit) */
+                        * once (noise chains still enter through reinit), or
+                        * JEM_BUFFER_GAUSSIAN: draws of per-class Gaussians
+                        * fitted to the training images, for the buffer and
+                        * for every restart (JEM++'s informative init) */
   int px_ramp;         /* 0, or ramp the energy terms' weights (px_weight and
                         * energy_l2) linearly from 0 over this many iterations */
   /* optimiser: Adam with linear warmup then a decay schedule */

@@ -260,6 +260,115 @@ static void test_resume_bit_identical(void **state) {
   rmdir_all(d2);
 }
 
+/* Per-class Gaussians: the fit recovers known means and covariances, and
+ * draws reproduce them (2x2 "images", two classes, correlated pixels). */
+static void test_class_gauss_moments(void **state) {
+  (void)state;
+  const int n = 40000;
+  const double A[2][4][4] = {
+      {{.20, 0, 0, 0}, {.10, .15, 0, 0}, {0, .05, .10, 0}, {-.05, 0, .02, .12}},
+      {{.10, 0, 0, 0}, {-.08, .10, 0, 0}, {.02, 0, .20, 0}, {0, .03, -.04, .05}}};
+  const double mu[2][4] = {{.1, -.2, .3, 0}, {-.3, .2, 0, .1}};
+  jem_dataset d = {0};
+  d.n = n, d.c = 1, d.s = 2, d.src_s = 2, d.num_classes = 2;
+  d.x = calloc((size_t)n * 4, sizeof(float));
+  d.y = calloc((size_t)n, sizeof(int));
+  assert_non_null(d.x);
+  assert_non_null(d.y);
+  jem_rng r;
+  jem_rng_seed(&r, 5, 0);
+  for (int i = 0; i < n; i++) {
+    int k = d.y[i] = i & 1;
+    double z[4];
+    for (int j = 0; j < 4; j++) z[j] = jem_rng_normal(&r);
+    for (int a = 0; a < 4; a++) {
+      double v = mu[k][a];
+      for (int b = 0; b < 4; b++) v += A[k][a][b] * z[b];
+      d.x[(size_t)i * 4 + a] = (float)v;
+    }
+  }
+  jem_class_gauss g;
+  char err[256];
+  assert_int_equal(jem_class_gauss_fit(&g, &d, err, sizeof err), 0);
+  assert_int_equal(g.classes, 2);
+  assert_int_equal((int)g.d, 4);
+  for (int k = 0; k < 2; k++) {
+    const float *L = g.chol + (size_t)k * 16;
+    for (int a = 0; a < 4; a++) {
+      assert_float_equal(g.mean[k * 4 + a], mu[k][a], 0.01);
+      for (int b = 0; b <= a; b++) {
+        double want = 0, got = 0;
+        for (int q = 0; q < 4; q++) want += A[k][a][q] * A[k][b][q], got += L[a * 4 + q] * L[b * 4 + q];
+        if (a == b) want += 1e-3; /* the ridge */
+        assert_float_equal(got, want, 0.004);
+      }
+    }
+    /* draws: sample mean and covariance */
+    const int m = 40000;
+    double s1[4] = {0}, s2[4][4] = {{0}};
+    float x[4];
+    for (int i = 0; i < m; i++) {
+      jem_class_gauss_sample(&g, k, x, &r);
+      for (int a = 0; a < 4; a++) {
+        assert_true(x[a] >= -1.0f && x[a] <= 1.0f);
+        s1[a] += x[a];
+        for (int b = 0; b < 4; b++) s2[a][b] += (double)x[a] * x[b];
+      }
+    }
+    for (int a = 0; a < 4; a++) {
+      assert_float_equal(s1[a] / m, mu[k][a], 0.01);
+      for (int b = 0; b <= a; b++) {
+        double want = a == b ? 1e-3 : 0;
+        for (int q = 0; q < 4; q++) want += A[k][a][q] * A[k][b][q];
+        assert_float_equal(s2[a][b] / m - s1[a] / m * s1[b] / m, want, 0.004);
+      }
+    }
+  }
+  jem_class_gauss_free(&g);
+  assert_null(g.chol);
+  /* unlabelled data is refused */
+  free(d.y);
+  d.y = NULL;
+  assert_int_equal(jem_class_gauss_fit(&g, &d, err, sizeof err), JEM_EINVAL);
+  jem_dataset_free(&d);
+}
+
+/* Gaussian chain starts (buffer and restarts) keep the exact resume. */
+static void test_gaussian_init_resumes(void **state) {
+  (void)state;
+  jem_blas_set_threads(1);
+  jem_dataset d;
+  make_data(&d, 40, 4);
+  char err[256];
+  jem_train_status st;
+  jem_train_config c;
+  char *d1 = tmpdir(), *d2 = tmpdir();
+  jem_model *a = make_model(), *b = make_model();
+  small_config(&c, d1);
+  c.iterations = 6;
+  c.ckpt_every = 3;
+  c.buffer_init = JEM_BUFFER_GAUSSIAN;
+  c.reinit = 0.5f; /* restarts in every iteration */
+  c.sgld_clamp = 1;
+  assert_int_equal(jem_train_run(a, &d, NULL, &c, &st, err, sizeof err), 0);
+  for (size_t i = 0; i < a->n_weights; i++) assert_true(isfinite(a->weights[i]));
+  c.run_dir = d2;
+  c.stop_at = 3;
+  assert_int_equal(jem_train_run(b, &d, NULL, &c, &st, err, sizeof err), 0);
+  jem_model_free(b);
+  b = make_model();
+  c.stop_at = 0;
+  c.resume = 1;
+  assert_int_equal(jem_train_run(b, &d, NULL, &c, &st, err, sizeof err), 0);
+  assert_int_equal(st.resumed_from, 3);
+  assert_memory_equal(a->weights, b->weights, a->n_weights * sizeof(float));
+  jem_model_free(a);
+  jem_model_free(b);
+  jem_dataset_free(&d);
+  rmdir_all(d1);
+  rmdir_all(d2);
+}
+
 static void test_rollback(void **state) {
   (void)state;
   jem_blas_set_threads(1);
@@ -353,6 +462,8 @@ int main(void) {
     cmocka_unit_test(test_jem_finite_and_files),
     cmocka_unit_test(test_resume_bit_identical),
     cmocka_unit_test(test_rollback),
+    cmocka_unit_test(test_class_gauss_moments),
+    cmocka_unit_test(test_gaussian_init_resumes),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -134,6 +134,19 @@ def main():
     for k in ["classification", "ood", "samples", "robustness"]:
       check(rep[k] == rep2[k], f"eval is deterministic ({k})")
 
+    # Gaussian chain starts: fitted on the training split, starts written too
+    out4 = os.path.join(tmp, "out4")
+    run([jem, "eval", model, "--out-dir", out4, "--sample-init", "gaussian", "--no-attack",
+         "--no-grad"] + small)
+    sm4 = json.load(open(os.path.join(out4, "report.json")))["samples"]
+    check(sm4["init"] == "gaussian" and sm4.get("conditional_init_png") ==
+          "samples_conditional_init.png", "report names the Gaussian starts")
+    for png in ["samples_conditional_init.png", "samples_unconditional_init.png"]:
+      p = os.path.join(out4, png)
+      check(os.path.exists(p) and open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")
+    check(sm4["n_conditional"] == 20 and is_prob(sm4["conditional_agreement"]),
+          "Gaussian-start conditional samples scored")
+
     # calibrate -> temperature + OOD statistics + a rule not tuned on MNIST
     run([jem, "calibrate", model, "--out", cal, "--limit", "64", "--ood-dir", ood,
          "--batch", "32"])
@@ -171,6 +184,8 @@ def main():
     run([jem, "eval", model, "--limit", "x"], expect=2)
     run([jem, "eval", model, "--bogus"], expect=2)
     run([jem, "eval", model, "--linf", "0.1,-1"], expect=2)
+    r = run([jem, "eval", model, "--sample-init", "bogus"], expect=2)
+    check("gaussian" in r.stderr, "--sample-init error lists the modes")
     run([jem, "calibrate", model, "--tune-sets", "bogus"], expect=2)
     run([jem, "calibrate", model, "--tpr", "1.5"], expect=2)
     r = run([jem, "eval", os.path.join(tmp, "nope.safetensors"), "--out-dir", out], expect=1)
