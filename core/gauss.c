@@ -53,6 +53,11 @@ int jem_class_gauss_fit(jem_class_gauss *g, const jem_dataset *ds, char *err, si
     return jem__errf(err, errlen, JEM_EINVAL,
                      "class Gaussians need images of at most %d values, these have %zu",
                      JEM_GAUSS_MAX_DIM, d);
+  if ((double)C * (double)d * (double)d * sizeof(float) > JEM_GAUSS_MAX_BYTES)
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "class Gaussians for %d classes of %zu values need %.1f GiB (limit %.0f GiB)",
+                     C, d, (double)C * d * d * sizeof(float) / (1 << 30),
+                     JEM_GAUSS_MAX_BYTES / (1 << 30));
   int *count = calloc((size_t)C, sizeof *count);
   g->mean = calloc((size_t)C * d, sizeof *g->mean);
   g->chol = calloc((size_t)C * d * d, sizeof *g->chol);

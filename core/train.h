@@ -103,8 +103,10 @@ int jem_dataset_subset(const jem_dataset *src, const int *idx, int n,
  * (core/gauss.c): JEM++'s informative initialisation of SGLD chains.  Each
  * covariance gets a 1e-3 ridge (constant padding pixels make it singular);
  * chol holds its lower Cholesky factor.  Images of at most
- * JEM_GAUSS_MAX_DIM values (C*S*S): the factors take C*d*d floats. */
+ * JEM_GAUSS_MAX_DIM values d = C*S*S, and the factors (classes*d*d floats)
+ * at most JEM_GAUSS_MAX_BYTES. */
 #define JEM_GAUSS_MAX_DIM 4096
+#define JEM_GAUSS_MAX_BYTES (1024.0 * 1024 * 1024) /* all classes' factors */
 typedef struct jem_class_gauss {
   int classes;
   size_t d;

@@ -326,6 +326,16 @@ static void test_class_gauss_moments(void **state) {
   }
   jem_class_gauss_free(&g);
   assert_null(g.chol);
+  /* too large for full covariances: refused before anything is allocated */
+  jem_dataset big = {0};
+  float px[1] = {0};
+  int py[1] = {0};
+  big.n = 1, big.c = 1, big.s = 65, big.num_classes = 2, big.x = px, big.y = py;
+  assert_int_equal(jem_class_gauss_fit(&g, &big, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "at most 4096"));
+  big.s = 64, big.num_classes = 20;
+  assert_int_equal(jem_class_gauss_fit(&g, &big, err, sizeof err), JEM_EINVAL);
+  assert_non_null(strstr(err, "GiB"));
   /* unlabelled data is refused */
   free(d.y);
   d.y = NULL;
