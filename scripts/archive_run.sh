@@ -3,12 +3,14 @@
 # checkpoints/$RUN.tar (committed), so that a later session on a fresh clone
 # resumes it: scripts/train_fmnist.sh unpacks the archive when runs/ is empty.
 # Run it from the repository root before a session ends.
-# RUN names the run as in train_fmnist.sh (default fmnist2; run 1 was fmnist).
+# RUN and BASE_RUN name the stages as in train_fmnist.sh (default fmnist3
+# with run 2's baseline, fmnist2; run 1 was RUN=BASE_RUN=fmnist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${RUN:-fmnist2}
+RUN=${RUN:-fmnist3}
+BASE_RUN=${BASE_RUN:-fmnist2}
 files=()
-for run in "runs/$RUN-baseline" "runs/$RUN-jem"; do
+for run in "runs/$BASE_RUN-baseline" "runs/$RUN-jem"; do
   [ -f "$run/checkpoint" ] || continue
   ck=$(cat "$run/checkpoint")
   files+=("$run/checkpoint" "$run/$ck.state" "$run/$ck.safetensors" "$run/log.csv")
