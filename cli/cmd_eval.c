@@ -365,27 +365,27 @@ typedef struct ood_result {
 } ood_result;
 
 /* Fills x [n, chw] with the chains' starting images (rngs already seeded);
- * with Gaussian starts, chain i starts from class ys[i]'s Gaussian, and a
- * grid of the starts goes to out_dir/png_name when one is given. */
-static int chain_starts(const eval_opts *o, int init, const jem_class_gauss *g,
-                        const jem_model *m, float *x, int n, const int *ys, jem_rng *rngs,
-                        const char *png_name, int per_row) {
-  const int C = m->arch.in_channels, S = m->arch.image_size;
-  const size_t chw = (size_t)C * S * S;
-  if (init == SAMPLE_BUFFER) {
+ * with Gaussian starts, chain i starts from class ys[i]'s Gaussian. */
+static void chain_starts(int init, const jem_class_gauss *g, const jem_model *m, float *x,
+                         int n, const int *ys, jem_rng *rngs) {
+  const size_t chw =
+      (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  if (init == SAMPLE_BUFFER)
     jem_sgld_init_buffer(m, x, n, 0.0f, rngs);
-    return 0;
-  }
-  if (init == SAMPLE_NOISE) {
+  else if (init == SAMPLE_NOISE)
     jem_sgld_init_noise(x, n, chw, rngs);
-    return 0;
-  }
-  for (int i = 0; i < n; i++)
-    jem_class_gauss_sample(g, ys[i] % g->classes, x + (size_t)i * chw, &rngs[i]);
-  if (!png_name) return 0;
+  else
+    for (int i = 0; i < n; i++)
+      jem_class_gauss_sample(g, ys[i] % g->classes, x + (size_t)i * chw, &rngs[i]);
+}
+
+/* Writes images x [n, chw] in [-1,1] as a PNG grid out_dir/name. */
+static int write_grid(const char *out_dir, const char *name, const jem_model *m,
+                      const float *x, int n, int per_row) {
   size_t len = 0;
-  unsigned char *png = jem_png_grid(x, n, C, S, per_row, -1.0f, 1.0f, &len);
-  int rc = !png || write_file(o->out_dir, png_name, png, len);
+  unsigned char *png = jem_png_grid(x, n, m->arch.in_channels, m->arch.image_size, per_row,
+                                    -1.0f, 1.0f, &len);
+  int rc = !png || write_file(out_dir, name, png, len);
   free(png);
   return rc;
 }
@@ -637,16 +637,12 @@ int cmd_eval(int argc, char **argv) {
       jem_rng_seed(&rngs[i], o.seed, (uint64_t)i);
       ys[i] = i / spc;
     }
-    if (chain_starts(&o, init, &gauss, m, xs, n_cond, ys, rngs, "samples_conditional_init.png", spc))
+    chain_starts(init, &gauss, m, xs, n_cond, ys, rngs);
+    if (init == SAMPLE_GAUSSIAN &&
+        write_grid(o.out_dir, "samples_conditional_init.png", m, xs, n_cond, spc))
       goto done;
     jem_sgld_run(ws, m, xs, n_cond, ys, o.sample_steps, &sp, rngs);
-    size_t len = 0;
-    unsigned char *png = jem_png_grid(xs, n_cond, C, S, spc, -1.0f, 1.0f, &len);
-    if (!png || write_file(o.out_dir, "samples_conditional.png", png, len)) {
-      free(png);
-      goto done;
-    }
-    free(png);
+    if (write_grid(o.out_dir, "samples_conditional.png", m, xs, n_cond, spc)) goto done;
     if (jem_eval_score_set(ws, m, xs, n_cond, 0, 0, 0.0f, 0, &ss, err, sizeof err)) {
       fprintf(stderr, "jem eval: %s\n", err);
       goto done;
@@ -671,19 +667,13 @@ int cmd_eval(int argc, char **argv) {
     if (n_unc > 0) {
       for (int i = 0; i < n_unc; i++) jem_rng_seed(&rngs[i], o.seed + 1, (uint64_t)i);
       for (int i = 0; i < n_unc; i++) ys[i] = i % K; /* classes of Gaussian starts */
-      if (chain_starts(&o, init, &gauss, m, xs, n_unc < 100 ? n_unc : 100, ys, rngs,
-                       "samples_unconditional_init.png", 10) ||
-          (n_unc > 100 && chain_starts(&o, init, &gauss, m, xs + (size_t)100 * chw, n_unc - 100,
-                                       ys + 100, rngs + 100, NULL, 10)))
+      chain_starts(init, &gauss, m, xs, n_unc, ys, rngs);
+      const int ng = n_unc < 100 ? n_unc : 100; /* the grids show the first 100 */
+      if (init == SAMPLE_GAUSSIAN &&
+          write_grid(o.out_dir, "samples_unconditional_init.png", m, xs, ng, 10))
         goto done;
       jem_sgld_run(ws, m, xs, n_unc, NULL, o.sample_steps, &sp, rngs);
-      int ng = n_unc < 100 ? n_unc : 100;
-      png = jem_png_grid(xs, ng, C, S, 10, -1.0f, 1.0f, &len);
-      if (!png || write_file(o.out_dir, "samples_unconditional.png", png, len)) {
-        free(png);
-        goto done;
-      }
-      free(png);
+      if (write_grid(o.out_dir, "samples_unconditional.png", m, xs, ng, 10)) goto done;
       if (jem_eval_score_set(ws, m, xs, n_unc, 0, 1, 0.0f, 0, &ss, err, sizeof err)) {
         fprintf(stderr, "jem eval: %s\n", err);
         goto done;
