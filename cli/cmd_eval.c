@@ -80,9 +80,11 @@ static void usage(FILE *f) {
     "  --fid-samples N       unconditional samples for the Frechet distance\n"
     "                        (default 1000)\n"
     "  --sample-init MODE    buffer | noise | gaussian (default: buffer if the model has\n"
-    "                        one); gaussian starts each chain from a draw of its class's\n"
-    "                        Gaussian fitted to the training split (JEM++'s informative\n"
-    "                        init) and also writes the starts, samples_*_init.png\n"
+    "                        one); buffer starts chain i (class i mod K for unconditional\n"
+    "                        chains) from a buffer image the model classifies as its\n"
+    "                        class; gaussian from a draw of its class's Gaussian fitted\n"
+    "                        to the training split (JEM++'s informative init), and also\n"
+    "                        writes the starts, samples_*_init.png\n"
     "  --no-attack           skip the PGD attacks\n"
     "  --attack-limit N      test images attacked (default 1000)\n"
     "  --attack-steps K      PGD steps (default 10; step = 2.5 eps / K)\n"
@@ -365,13 +367,14 @@ typedef struct ood_result {
 } ood_result;
 
 /* Fills x [n, chw] with the chains' starting images (rngs already seeded);
- * with Gaussian starts, chain i starts from class ys[i]'s Gaussian. */
+ * chain i starts from class ys[i]'s Gaussian, or from a buffer image the
+ * model classifies as ys[i] (labelled buffer; any image if none is). */
 static void chain_starts(int init, const jem_class_gauss *g, const jem_model *m, float *x,
                          int n, const int *ys, jem_rng *rngs) {
   const size_t chw =
       (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
   if (init == SAMPLE_BUFFER)
-    jem_sgld_init_buffer(m, x, n, 0.0f, rngs);
+    jem_sgld_init_buffer(m, x, n, 0.0f, ys, rngs);
   else if (init == SAMPLE_NOISE)
     jem_sgld_init_noise(x, n, chw, rngs);
   else
@@ -603,6 +606,10 @@ int cmd_eval(int argc, char **argv) {
     fprintf(stderr, "jem eval: --sample-init buffer, but the model has no replay buffer\n");
     goto done;
   }
+  if (init == SAMPLE_BUFFER && o.sample_steps > 0 && jem_replay_label(m, ws)) {
+    fprintf(stderr, "jem eval: out of memory labelling the replay buffer\n");
+    goto done;
+  }
   if (init == SAMPLE_GAUSSIAN && o.sample_steps > 0) {
     jem_dataset tr = {0};
     int bad = jem_fmnist_load(o.data_dir, JEM_SPLIT_TRAIN, &tr, err, sizeof err) ||
@@ -666,7 +673,7 @@ int cmd_eval(int argc, char **argv) {
     /* unconditional: SGLD on logsumexp f(x) */
     if (n_unc > 0) {
       for (int i = 0; i < n_unc; i++) jem_rng_seed(&rngs[i], o.seed + 1, (uint64_t)i);
-      for (int i = 0; i < n_unc; i++) ys[i] = i % K; /* classes of Gaussian starts */
+      for (int i = 0; i < n_unc; i++) ys[i] = i % K; /* classes of the starts */
       chain_starts(init, &gauss, m, xs, n_unc, ys, rngs);
       const int ng = n_unc < 100 ? n_unc : 100; /* the grids show the first 100 */
       if (init == SAMPLE_GAUSSIAN &&

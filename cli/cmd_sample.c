@@ -31,7 +31,9 @@ static void sample_help(FILE *f) {
           "  --step-size A   default 1.0\n"
           "  --noise S       default 0.01\n"
           "  --init I        noise (uniform in [-1,1]) or buffer (the model's replay buffer;\n"
-          "                  the default when it has one, else noise)\n"
+          "                  the default when it has one, else noise; with --class, an\n"
+          "                  image the model classifies as C when the buffer has one;\n"
+          "                  each chain starts from noise with probability 0.05)\n"
           "  --clamp         clamp to [-1,1] after every step (default)\n"
           "  --no-clamp      do not clamp (as JEM's own training does)\n"
           "  --out FILE      write the samples as a PNG grid (ceil(sqrt(N)) columns)\n"
@@ -191,7 +193,12 @@ int cmd_sample(int argc, char **argv) {
     fprintf(stderr, "jem sample: seed %llu\n", (unsigned long long)seed);
   }
 
-  jem_sample_init(m, x, n, init, seed, rngs);
+  /* class-conditional chains start from buffer images of their class */
+  if (ys && init == JEM_SAMPLE_INIT_BUFFER && jem_replay_label(m, ws)) {
+    fprintf(stderr, "jem sample: out of memory labelling the replay buffer\n");
+    goto done;
+  }
+  jem_sample_init(m, x, n, init, ys, seed, rngs);
   jem_sgld_run(ws, m, x, n, ys, steps, &p, rngs);
 
   jem_scores sc;

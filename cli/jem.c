@@ -19,6 +19,7 @@ static const command commands[] = {
   {"train", cmd_train, "train a JEM (or a cross-entropy baseline) on IDX data"},
   {"eval", cmd_eval, "evaluate accuracy, calibration, OOD detection, samples"},
   {"calibrate", cmd_calibrate, "fit temperature and OOD statistics into a model"},
+  {"buffer", cmd_buffer, "replace a model's replay buffer with per-class Gaussian draws"},
 };
 
 static void usage(FILE *f) {

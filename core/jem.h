@@ -205,6 +205,11 @@ typedef struct jem_model {
 
   float *replay;           /* optional replay buffer [replay_n, C, S, S] */
   int replay_n;
+  /* Set by jem_replay_label (else NULL): buffer indices grouped by the
+   * model's predicted class, class c at replay_order[replay_first[c] ..
+   * replay_first[c+1]). */
+  int *replay_order;
+  int *replay_first;       /* [num_classes + 1] */
 
   jem_net *net;            /* private plan */
 } jem_model;
@@ -309,9 +314,17 @@ void jem_sgld_defaults(jem_sgld_params *p);
 /* Chain initialisation, chain i drawing from rngs[i]. */
 void jem_sgld_init_noise(float *x, int n, size_t chw, jem_rng *rngs);
 /* From m->replay: each chain takes a random buffer image, or fresh U(-1,1)
- * noise with probability reinit (or when the model has no buffer). */
+ * noise with probability reinit (or when the model has no buffer).  With
+ * y (class-conditional chains) and a labelled buffer (jem_replay_label),
+ * chain i takes an image the model classifies as y[i] when there is one. */
 void jem_sgld_init_buffer(const jem_model *m, float *x, int n, float reinit,
-                          jem_rng *rngs);
+                          const int *y, jem_rng *rngs);
+/* Labels the replay buffer with the model's own predictions, so that
+ * class-conditional chains start from images of their class (with a buffer
+ * of per-class Gaussian draws, `jem buffer`, each chain then starts near
+ * its class).  Once after loading, before m is shared; ws: a workspace of
+ * m.  0, or JEM_ENOMEM (the buffer then stays unlabelled). */
+int jem_replay_label(jem_model *m, jem_ws *ws);
 
 /* `steps` SGLD steps on x [n,C,S,S] in place:
  *   x <- x + step_size * d f~(x)/dx + noise * N(0,1)   [then clamp]
@@ -325,14 +338,16 @@ void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
  * and the daemon, so the same seed gives the same samples in both.  Seeds
  * rngs[i] = jem_rng_seed(seed, i) and fills x [n,C,S,S]: uniform noise in
  * [-1,1], replay-buffer images (each chain restarting from noise with
- * probability JEM_SAMPLE_REINIT, as in JEM), or, for GIVEN, leaves the
+ * probability JEM_SAMPLE_REINIT, as in JEM; with y, class-conditional
+ * chains take images of their class, see jem_sgld_init_buffer), or, for
+ * GIVEN, leaves the
  * caller's images in x.  Then run jem_sgld_run(ws, m, x, n, y, steps, p,
  * rngs), in one call or several consecutive ones (e.g. to report progress):
  * the chains only depend on x and rngs. */
 enum { JEM_SAMPLE_INIT_NOISE = 0, JEM_SAMPLE_INIT_BUFFER = 1, JEM_SAMPLE_INIT_GIVEN = 2 };
 #define JEM_SAMPLE_REINIT 0.05f
-void jem_sample_init(const jem_model *m, float *x, int n, int init, uint64_t seed,
-                     jem_rng *rngs);
+void jem_sample_init(const jem_model *m, float *x, int n, int init, const int *y,
+                     uint64_t seed, jem_rng *rngs);
 /* JEM_SAMPLE_INIT_BUFFER when the model has a replay buffer, else NOISE. */
 int jem_sample_default_init(const jem_model *m);
 

@@ -244,6 +244,8 @@ void jem_model_free(jem_model *m) {
   free(m->weights);
   free_classes(m->classes, m->arch.num_classes);
   free(m->replay);
+  free(m->replay_order);
+  free(m->replay_first);
   json_decref(m->meta);
   free(m);
 }

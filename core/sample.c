@@ -3,8 +3,8 @@
 
 #include <string.h>
 
-void jem_sample_init(const jem_model *m, float *x, int n, int init, uint64_t seed,
-                     jem_rng *rngs) {
+void jem_sample_init(const jem_model *m, float *x, int n, int init, const int *y,
+                     uint64_t seed, jem_rng *rngs) {
   JEM_ASSERT(m && n >= 0 && (n == 0 || (x && rngs)));
   JEM_ASSERT(init == JEM_SAMPLE_INIT_NOISE || init == JEM_SAMPLE_INIT_BUFFER ||
              init == JEM_SAMPLE_INIT_GIVEN);
@@ -16,7 +16,7 @@ void jem_sample_init(const jem_model *m, float *x, int n, int init, uint64_t see
   if (init == JEM_SAMPLE_INIT_NOISE)
     jem_sgld_init_noise(x, n, chw, rngs);
   else if (init == JEM_SAMPLE_INIT_BUFFER)
-    jem_sgld_init_buffer(m, x, n, JEM_SAMPLE_REINIT, rngs);
+    jem_sgld_init_buffer(m, x, n, JEM_SAMPLE_REINIT, y, rngs);
   /* JEM_SAMPLE_INIT_GIVEN: x already holds the starting images. */
 }
 

@@ -1,6 +1,8 @@
 /* sgld.c - JEM's SGLD sampler: chain initialisation and Langevin steps. */
 #include "internal.h"
 
+#include <stdlib.h>
+
 void jem_sgld_defaults(jem_sgld_params *p) {
   JEM_ASSERT(p);
   p->step_size = 1.0f;
@@ -23,7 +25,7 @@ void jem_sgld_init_noise(float *x, int n, size_t chw, jem_rng *rngs) {
 }
 
 void jem_sgld_init_buffer(const jem_model *m, float *x, int n, float reinit,
-                          jem_rng *rngs) {
+                          const int *y, jem_rng *rngs) {
   JEM_ASSERT(m && n >= 0 && (n == 0 || (x && rngs)));
   const size_t chw = model_chw(m);
   const int have = m->replay != NULL && m->replay_n > 0;
@@ -37,11 +39,63 @@ void jem_sgld_init_buffer(const jem_model *m, float *x, int n, float reinit,
       fill_noise(xi, chw, r);
       continue;
     }
+    /* Candidates: the images of class y[i] when the buffer is labelled and
+     * has some, else the whole buffer. */
+    int first = 0, count = m->replay_n;
+    const int *order = NULL;
+    if (y && m->replay_first && y[i] >= 0 && y[i] < m->arch.num_classes &&
+        m->replay_first[y[i] + 1] > m->replay_first[y[i]]) {
+      first = m->replay_first[y[i]];
+      count = m->replay_first[y[i] + 1] - first;
+      order = m->replay_order;
+    }
     /* Unbiased enough for buffers far below 2^32 images: multiply-shift. */
-    uint32_t k = (uint32_t)(((uint64_t)jem_rng_u32(r) * (uint64_t)m->replay_n) >> 32);
+    int k = first + (int)(((uint64_t)jem_rng_u32(r) * (uint64_t)count) >> 32);
+    if (order) k = order[k];
     const float *src = m->replay + (size_t)k * chw;
     for (size_t j = 0; j < chw; j++) xi[j] = src[j];
   }
+}
+
+int jem_replay_label(jem_model *m, jem_ws *ws) {
+  JEM_ASSERT(m && ws);
+  if (!m->replay || m->replay_n <= 0 || m->replay_first) return 0;
+  const int n = m->replay_n, K = m->arch.num_classes;
+  const int bmax = jem_ws_max_batch(ws);
+  const size_t chw = model_chw(m);
+  int *label = malloc(sizeof(int) * (size_t)n);
+  int *order = malloc(sizeof(int) * (size_t)n);
+  int *first = calloc((size_t)K + 1, sizeof(int));
+  int *next = calloc((size_t)K, sizeof(int));
+  float *logits = malloc(sizeof(float) * (size_t)bmax * (size_t)K);
+  int rc = JEM_ENOMEM;
+  if (!label || !order || !first || !next || !logits) goto done;
+  for (int i0 = 0; i0 < n; i0 += bmax) {
+    const int b = n - i0 < bmax ? n - i0 : bmax;
+    jem_forward(ws, m, m->replay + (size_t)i0 * chw, b, logits);
+    for (int i = 0; i < b; i++) {
+      const float *z = logits + (size_t)i * K;
+      int best = 0;
+      for (int c = 1; c < K; c++)
+        if (z[c] > z[best]) best = c;
+      label[i0 + i] = best;
+    }
+  }
+  /* counting sort, stable: class c's images in buffer order from first[c] */
+  for (int i = 0; i < n; i++) first[label[i] + 1]++;
+  for (int c = 0; c < K; c++) first[c + 1] += first[c];
+  for (int i = 0; i < n; i++) order[first[label[i]] + next[label[i]]++] = i;
+  m->replay_order = order;
+  m->replay_first = first;
+  order = first = NULL;
+  rc = 0;
+done:
+  free(label);
+  free(order);
+  free(first);
+  free(next);
+  free(logits);
+  return rc;
 }
 
 /* steps SGLD steps on chains [0, b) of xc, whose rngs are r[0..b). */

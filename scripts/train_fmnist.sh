@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # train_fmnist.sh - the whole Fashion-MNIST recipe, resumable:
-#   1. baseline: WRN-10-2 trained with cross-entropy only, to convergence
-#      (runs/$BASE_RUN-baseline; the model card's comparison model);
+#   1. baseline: WRN-10-2 trained with cross-entropy only, in one cosine
+#      cycle (runs/$BASE1_RUN-baseline) and, when BASE2_ITERS > 0, a second
+#      one warm-started from the first (runs/$BASE_RUN-baseline); the last
+#      is the model card's comparison model;
 #   2. JEM: warm-started from the baseline run's checkpoint at iteration
 #      $WARM_AT (a cross-entropy warm start), then JEM training with SGLD
 #      (runs/$RUN-jem).  It starts as soon as that checkpoint exists (run 1
@@ -48,8 +50,13 @@ load_settings() {
   # training images (JEM++'s informative initialisation) in a buffer of
   # 1,000, so that every chain is revisited ~20 times before a restart, and
   # the stage runs 2,800 iterations.
-  RUN=${RUN:-fmnist3}                # JEM stage in runs/$RUN-jem
-  BASE_RUN=${BASE_RUN:-fmnist2}      # baseline stage in runs/$BASE_RUN-baseline
+  # Run 5 (session 4) gives the baseline a second cosine cycle of 20 epochs
+  # (a warm restart from run 2's baseline at half its peak lr: run 2 still
+  # underfitted, train accuracy 92% against 91% validation), then runs
+  # run 3's JEM stage from it for 2,000 iterations.
+  RUN=${RUN:-fmnist5}                # JEM stage in runs/$RUN-jem
+  BASE1_RUN=${BASE1_RUN:-fmnist2}    # first baseline cycle in runs/$BASE1_RUN-baseline
+  BASE_RUN=${BASE_RUN:-fmnist5}      # last baseline cycle (BASE1_RUN without a second)
   DEPTH=${DEPTH:-10}
   WIDEN=${WIDEN:-2}                  # run 1: 1
   SEED=${SEED:-1}
@@ -58,9 +65,14 @@ load_settings() {
   BASE_LR=${BASE_LR:-1e-3}
   BASE_WARMUP=${BASE_WARMUP:-500}
   BASE_THREADS=${BASE_THREADS:-2}    # run 1: 1
-  WARM_AT=${WARM_AT:-$BASE_ITERS}    # baseline checkpoint used as warm start (run 1: 6000)
-  JEM_ITERS=${JEM_ITERS:-2800}       # run 1: 3000, run 2: 600
-  JEM_SEGMENT=${JEM_SEGMENT:-700}    # models/fmnist-jem.safetensors refresh (run 2: 300)
+  BASE2_ITERS=${BASE2_ITERS:-17180}  # second cycle: 20 epochs (0: none; runs 1-3)
+  BASE2_LR=${BASE2_LR:-5e-4}
+  BASE2_WARMUP=${BASE2_WARMUP:-200}
+  BASE2_SEED=${BASE2_SEED:-5}
+  # the last cycle's checkpoint used as warm start (run 1: 6000)
+  if [ "$BASE2_ITERS" -gt 0 ]; then WARM_AT=${WARM_AT:-$BASE2_ITERS}; else WARM_AT=${WARM_AT:-$BASE_ITERS}; fi
+  JEM_ITERS=${JEM_ITERS:-2000}       # run 1: 3000, run 2: 600, run 3: 2800
+  JEM_SEGMENT=${JEM_SEGMENT:-500}    # models/fmnist-jem.safetensors refresh (run 2: 300, run 3: 700)
   JEM_SEED=${JEM_SEED:-3}            # run 2: 1 (= SEED)
   JEM_K=${JEM_K:-10}
   JEM_LR=${JEM_LR:-1e-4}
@@ -75,6 +87,10 @@ load_settings() {
   JEM_CLAMP=${JEM_CLAMP:-1}             # official: 0 (see the note above)
   JEM_BUFFER=${JEM_BUFFER:-1000}        # run 2: 10000
   JEM_THREADS=${JEM_THREADS:-2}         # run 1: 1
+  # The shipped replay buffer (jemd's sample starts): per-class Gaussian
+  # draws (`jem buffer`; since run 3's model was shipped in session 4;
+  # before, the last training chains).
+  SHIP_BUFFER=${SHIP_BUFFER:-500}
   if [ -f runs/train_fmnist.env ]; then
     # shellcheck disable=SC1091
     . runs/train_fmnist.env
@@ -100,16 +116,28 @@ publish() { # publish SRC DST: atomic copy into models/
   cp "$1" "$2.tmp" && mv "$2.tmp" "$2"
 }
 
+# One cosine cycle of cross-entropy training: base_cycle STAGE ITERS LR
+# WARMUP SEED [WARM_START]
+base_cycle() {
+  local jem
+  jem=$(stage_bin baseline "$1")
+  log "baseline $1: WRN-$DEPTH-$WIDEN cross-entropy, $2 iterations, lr $3${6:+, from $6}"
+  "$jem" train --run-dir "runs/$1-baseline" --resume --baseline ${6:+--warm-start "$6"} \
+    --depth "$DEPTH" --widen "$WIDEN" --name fmnist-baseline \
+    --iterations "$2" --lr "$3" --warmup "$4" \
+    --schedule cosine --sigma "$SIGMA" --seed "$5" --threads "$BASE_THREADS" \
+    --ckpt-every 500 --log-every 100 --eval-every 1000
+}
+
 stage_baseline() {
   load_settings
-  local jem
-  jem=$(stage_bin baseline "$BASE_RUN")
-  log "baseline: WRN-$DEPTH-$WIDEN cross-entropy, $BASE_ITERS iterations"
-  "$jem" train --run-dir runs/$BASE_RUN-baseline --resume --baseline \
-    --depth "$DEPTH" --widen "$WIDEN" --name fmnist-baseline \
-    --iterations "$BASE_ITERS" --lr "$BASE_LR" --warmup "$BASE_WARMUP" \
-    --schedule cosine --sigma "$SIGMA" --seed "$SEED" --threads "$BASE_THREADS" \
-    --ckpt-every 500 --log-every 100 --eval-every 1000
+  local first=$BASE1_RUN
+  [ "$BASE2_ITERS" -gt 0 ] || first=$BASE_RUN
+  base_cycle "$first" "$BASE_ITERS" "$BASE_LR" "$BASE_WARMUP" "$SEED"
+  if [ "$BASE2_ITERS" -gt 0 ]; then
+    base_cycle "$BASE_RUN" "$BASE2_ITERS" "$BASE2_LR" "$BASE2_WARMUP" "$BASE2_SEED" \
+      "runs/$first-baseline/model.safetensors"
+  fi
   publish runs/$BASE_RUN-baseline/model.safetensors models/fmnist-baseline.safetensors
   log "baseline finished: models/fmnist-baseline.safetensors"
 }
@@ -154,8 +182,11 @@ stage_jem() {
     [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/$RUN-jem/model.safetensors
     # The daemon serves models/fmnist-jem.safetensors, so only a calibrated
     # snapshot (temperature + OOD statistics) may replace it.
-    if "$jem" calibrate "$snap" --out runs/$RUN-jem/calibrated.safetensors --threads "$JEM_THREADS" \
-        > runs/$RUN-jem/calibrate.log 2>&1; then
+    if "$jem" buffer "$snap" --size "$SHIP_BUFFER" --out runs/$RUN-jem/shipped.safetensors \
+        --threads "$JEM_THREADS" > runs/$RUN-jem/calibrate.log 2>&1 &&
+       "$jem" calibrate runs/$RUN-jem/shipped.safetensors \
+        --out runs/$RUN-jem/calibrated.safetensors --threads "$JEM_THREADS" \
+        >> runs/$RUN-jem/calibrate.log 2>&1; then
       cp runs/$RUN-jem/calibrated.safetensors "runs/$RUN-jem/calibrated-$stop.safetensors"
       publish runs/$RUN-jem/calibrated.safetensors models/fmnist-jem.safetensors
       log "models/fmnist-jem.safetensors <- $snap, calibrated (iteration $stop)"

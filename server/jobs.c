@@ -701,7 +701,7 @@ static void job_run(srv_work *w, srv_worker *wk) {
   }
   if (!j->initialized) {
     /* seeds chain i with (seed, i); GIVEN keeps the decoded images */
-    jem_sample_init(m, j->x, j->n, j->init, j->seed, j->rngs);
+    jem_sample_init(m, j->x, j->n, j->init, j->ys, j->seed, j->rngs);
     j->initialized = 1;
   }
   jem_sgld_params p;

@@ -31,16 +31,16 @@ static void test_init_modes(void **state) {
   float *x = malloc(sizeof(float) * N * CHW), *x2 = malloc(sizeof(float) * 2 * CHW);
   jem_rng r[N], r2[2];
   assert_int_equal(jem_sample_default_init(m), JEM_SAMPLE_INIT_NOISE);
-  jem_sample_init(m, x, N, JEM_SAMPLE_INIT_NOISE, 77, r);
+  jem_sample_init(m, x, N, JEM_SAMPLE_INIT_NOISE, NULL, 77, r);
   for (int i = 0; i < N * CHW; i++) assert_true(x[i] >= -1.0f && x[i] <= 1.0f);
   /* chain i depends only on (seed, i) */
-  jem_sample_init(m, x2, 2, JEM_SAMPLE_INIT_NOISE, 77, r2);
+  jem_sample_init(m, x2, 2, JEM_SAMPLE_INIT_NOISE, NULL, 77, r2);
   assert_memory_equal(x, x2, sizeof(float) * 2 * CHW);
   assert_memory_not_equal(x, x + CHW, sizeof(float) * CHW);
   for (int i = 0; i < 2; i++) assert_int_equal(jem_rng_u32(&r[i]), jem_rng_u32(&r2[i]));
   /* GIVEN keeps the images and only seeds */
   for (int i = 0; i < 2 * CHW; i++) x2[i] = 0.25f;
-  jem_sample_init(m, x2, 2, JEM_SAMPLE_INIT_GIVEN, 77, r2);
+  jem_sample_init(m, x2, 2, JEM_SAMPLE_INIT_GIVEN, NULL, 77, r2);
   for (int i = 0; i < 2 * CHW; i++) assert_true(x2[i] == 0.25f);
   /* BUFFER takes replay images (or, rarely, noise) */
   m->replay_n = 3;
@@ -48,7 +48,7 @@ static void test_init_modes(void **state) {
   for (int k = 0; k < 3; k++)
     for (int j = 0; j < CHW; j++) m->replay[k * CHW + j] = 0.1f * (float)(k + 1);
   assert_int_equal(jem_sample_default_init(m), JEM_SAMPLE_INIT_BUFFER);
-  jem_sample_init(m, x, N, JEM_SAMPLE_INIT_BUFFER, 5, r);
+  jem_sample_init(m, x, N, JEM_SAMPLE_INIT_BUFFER, NULL, 5, r);
   int from_buffer = 0;
   for (int i = 0; i < N; i++) {
     float v = x[i * CHW];
@@ -74,15 +74,15 @@ static void test_steps_in_pieces(void **state) {
   jem_sgld_defaults(&p);
   p.clamp = 1;
   int y[N] = {0, 1, 2};
-  jem_sample_init(m, a, N, JEM_SAMPLE_INIT_NOISE, 123, ra);
+  jem_sample_init(m, a, N, JEM_SAMPLE_INIT_NOISE, NULL, 123, ra);
   jem_sgld_run(ws, m, a, N, y, 6, &p, ra);
-  jem_sample_init(m, b, N, JEM_SAMPLE_INIT_NOISE, 123, rb);
+  jem_sample_init(m, b, N, JEM_SAMPLE_INIT_NOISE, NULL, 123, rb);
   jem_sgld_run(ws, m, b, N, y, 2, &p, rb);
   jem_sgld_run(ws, m, b, N, y, 1, &p, rb);
   jem_sgld_run(ws, m, b, N, y, 3, &p, rb);
   assert_memory_equal(a, b, sizeof(float) * N * CHW);
   /* and the steps did something */
-  jem_sample_init(m, b, N, JEM_SAMPLE_INIT_NOISE, 123, rb);
+  jem_sample_init(m, b, N, JEM_SAMPLE_INIT_NOISE, NULL, 123, rb);
   assert_memory_not_equal(a, b, sizeof(float) * N * CHW);
   free(a);
   free(b);

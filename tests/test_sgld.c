@@ -275,7 +275,7 @@ static void test_init_buffer(void **state) {
 
   /* no buffer: always noise */
   seed_all(r, NC, 1);
-  jem_sgld_init_buffer(m, x, NC, 0.0f, r);
+  jem_sgld_init_buffer(m, x, NC, 0.0f, NULL, r);
   for (size_t j = 0; j < NC * f->chw; j++) assert_true(x[j] >= -1.0f && x[j] < 1.0f);
 
   float *saved = m->replay;
@@ -285,7 +285,7 @@ static void test_init_buffer(void **state) {
 
   /* reinit 0: every chain is a buffer image, and several are used */
   seed_all(r, NC, 1);
-  jem_sgld_init_buffer(m, x, NC, 0.0f, r);
+  jem_sgld_init_buffer(m, x, NC, 0.0f, NULL, r);
   int used[NBUF] = {0};
   for (int i = 0; i < NC; i++) {
     int b = buffer_index(buf, NBUF, x + (size_t)i * f->chw, f->chw);
@@ -296,13 +296,13 @@ static void test_init_buffer(void **state) {
 
   /* reinit 1: never a buffer image */
   seed_all(r, NC, 1);
-  jem_sgld_init_buffer(m, x, NC, 1.0f, r);
+  jem_sgld_init_buffer(m, x, NC, 1.0f, NULL, r);
   for (int i = 0; i < NC; i++)
     assert_int_equal(buffer_index(buf, NBUF, x + (size_t)i * f->chw, f->chw), -1);
 
   /* reinit 0.5: a mix, reproducible, chain i independent of the others */
   seed_all(r, NC, 3);
-  jem_sgld_init_buffer(m, x, NC, 0.5f, r);
+  jem_sgld_init_buffer(m, x, NC, 0.5f, NULL, r);
   int from_buf = 0;
   for (int i = 0; i < NC; i++)
     from_buf += buffer_index(buf, NBUF, x + (size_t)i * f->chw, f->chw) >= 0;
@@ -312,13 +312,101 @@ static void test_init_buffer(void **state) {
   for (int i = 0; i < NC; i += 9) {
     jem_rng ri;
     jem_rng_seed(&ri, 3, (uint64_t)i);
-    jem_sgld_init_buffer(m, one, 1, 0.5f, &ri);
+    jem_sgld_init_buffer(m, one, 1, 0.5f, NULL, &ri);
     assert_memory_equal(one, x + (size_t)i * f->chw, sizeof(float) * f->chw);
   }
 
   m->replay = saved;
   m->replay_n = saved_n;
   free(one);
+  free(x);
+  free(buf);
+}
+
+/* A labelled buffer: jem_replay_label groups the images by the model's own
+ * argmax, and a class-conditional chain starts only from its class's images
+ * (or, for a class with none, from any image). */
+static void test_init_buffer_by_class(void **state) {
+  fixture *f = *state;
+  enum { NBUF = 48, NC = 60, K = 10 };
+  jem_model *m = f->m;
+  float *buf = malloc(sizeof(float) * NBUF * f->chw);
+  float *x = malloc(sizeof(float) * NC * f->chw);
+  float logits[NBUF * K];
+  int label[NBUF], y[NC];
+  jem_ws *ws = jem_ws_create(m, 16, 0);
+  assert_non_null(buf);
+  assert_non_null(x);
+  assert_non_null(ws);
+  jem_rng r[NC];
+  seed_all(r, NBUF, 21);
+  jem_sgld_init_noise(buf, NBUF, f->chw, r);
+  for (int i0 = 0; i0 < NBUF; i0 += 16) jem_forward(ws, m, buf + i0 * f->chw, 16, logits + i0 * K);
+  int count[K] = {0};
+  for (int i = 0; i < NBUF; i++) {
+    label[i] = 0;
+    for (int c = 1; c < K; c++)
+      if (logits[i * K + c] > logits[i * K + label[i]]) label[i] = c;
+    count[label[i]]++;
+  }
+  int have = 0, empty = -1, nclasses = 0;
+  for (int c = 0; c < K; c++) {
+    if (count[c] > count[have]) have = c;
+    if (!count[c] && empty < 0) empty = c;
+    nclasses += count[c] > 0;
+  }
+  assert_true(nclasses >= 2); /* else the test below says nothing */
+
+  float *saved = m->replay;
+  int saved_n = m->replay_n;
+  m->replay = buf;
+  m->replay_n = NBUF;
+  assert_int_equal(jem_replay_label(m, ws), 0);
+  assert_non_null(m->replay_first);
+  assert_int_equal(m->replay_first[0], 0);
+  assert_int_equal(m->replay_first[K], NBUF);
+  for (int c = 0; c < K; c++) {
+    assert_int_equal(m->replay_first[c + 1] - m->replay_first[c], count[c]);
+    for (int k = m->replay_first[c]; k < m->replay_first[c + 1]; k++)
+      assert_int_equal(label[m->replay_order[k]], c);
+  }
+
+  /* chains of class `have` take only its images, several of them */
+  for (int i = 0; i < NC; i++) y[i] = have;
+  seed_all(r, NC, 5);
+  jem_sgld_init_buffer(m, x, NC, 0.0f, y, r);
+  int used[NBUF] = {0};
+  for (int i = 0; i < NC; i++) {
+    int b = buffer_index(buf, NBUF, x + (size_t)i * f->chw, f->chw);
+    assert_true(b >= 0);
+    assert_int_equal(label[b], have);
+    used[b] = 1;
+  }
+  int distinct = 0;
+  for (int b = 0; b < NBUF; b++) distinct += used[b];
+  assert_true(distinct >= 2);
+  /* a class without images, and unconditional chains: the whole buffer */
+  if (empty >= 0) {
+    for (int i = 0; i < NC; i++) y[i] = empty;
+    seed_all(r, NC, 5);
+    jem_sgld_init_buffer(m, x, NC, 0.0f, y, r);
+    for (int i = 0; i < NC; i++)
+      assert_true(buffer_index(buf, NBUF, x + (size_t)i * f->chw, f->chw) >= 0);
+  }
+  seed_all(r, NC, 5);
+  jem_sgld_init_buffer(m, x, NC, 0.0f, NULL, r);
+  memset(used, 0, sizeof used);
+  for (int i = 0; i < NC; i++) used[label[buffer_index(buf, NBUF, x + (size_t)i * f->chw, f->chw)]] = 1;
+  int classes_seen = 0;
+  for (int c = 0; c < K; c++) classes_seen += used[c];
+  assert_true(classes_seen >= 2);
+
+  free(m->replay_order);
+  free(m->replay_first);
+  m->replay_order = m->replay_first = NULL;
+  m->replay = saved;
+  m->replay_n = saved_n;
+  jem_ws_free(ws);
   free(x);
   free(buf);
 }
@@ -551,6 +639,7 @@ int main(void) {
     cmocka_unit_test(test_rng_distributions),
     cmocka_unit_test(test_init_noise),
     cmocka_unit_test(test_init_buffer),
+    cmocka_unit_test(test_init_buffer_by_class),
     cmocka_unit_test(test_sgld_defaults),
     cmocka_unit_test(test_sgld_deterministic),
     cmocka_unit_test(test_sgld_batching_independent),

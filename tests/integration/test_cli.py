@@ -125,6 +125,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="jem_cli_")
     try:
         test_all(jem, tmp)
+        test_buffer(jem, tmp, os.path.join(tmp, "m.safetensors"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
@@ -386,6 +387,84 @@ def test_all(jem, tmp):
     # unwritable output -> 1
     check(run(jem, "sample", model, "--n", "1", "--steps", "1", "--seed", "1", "--out",
               os.path.join(tmp, "no", "dir.png"))[0] == 1, "unwritable --out -> 1")
+
+
+def idx_files(tmp, n, classes):
+    """Raw (not gzipped) IDX images [n,28,28] and labels i % classes."""
+    ip, lp = os.path.join(tmp, "imgs.idx"), os.path.join(tmp, "labels.idx")
+    with open(ip, "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, n, 28, 28))
+        f.write(bytes((i * 7 + j * 3) % 256 for i in range(n) for j in range(784)))
+    with open(lp, "wb") as f:
+        f.write(struct.pack(">II", 0x801, n) + bytes(i % classes for i in range(n)))
+    return ip, lp
+
+
+def test_buffer(jem, tmp, model):
+    """`jem buffer`: per-class Gaussian draws as the replay buffer; class-
+    conditional chains then start from buffer images of their class."""
+    rc, out, _ = run(jem, "buffer", "--help")
+    check(rc == 0 and "usage: jem buffer" in out, "buffer --help")
+    out_m = os.path.join(tmp, "buf.safetensors")
+    check(run(jem, "buffer")[0] == 2, "buffer without model -> 2")
+    check(run(jem, "buffer", model, "--size", "-1")[0] == 2, "buffer --size -1 -> 2")
+    check(run(jem, "buffer", model, "--size", "70000")[0] == 2, "buffer --size 70000 -> 2")
+    check(run(jem, "buffer", model, "--seed", "x")[0] == 2, "buffer --seed x -> 2")
+    check(run(jem, "buffer", model, "--train-images", "a")[0] == 2, "images without labels -> 2")
+    rc, _, err = run(jem, "buffer", os.path.join(tmp, "missing.safetensors"), "--out", out_m)
+    check(rc == 1 and "missing" in err, "buffer: missing model -> 1")
+    ip, lp = idx_files(tmp, 60, 3)
+    rc, _, err = run(jem, "buffer", model, "--train-images", ip, "--train-labels", lp,
+                     "--out", out_m)
+    check(rc == 1 and "3 classes" in err and not os.path.exists(out_m),
+          "buffer: 3-class data for a 10-class model -> 1, nothing written: " + err)
+    # from other IDX files: 10 classes of 20 images each
+    ip, lp = idx_files(tmp, 200, 10)
+    rc, _, err = run(jem, "buffer", model, "--train-images", ip, "--train-labels", lp,
+                     "--size", "30", "--seed", "4", "--out", out_m)
+    check(rc == 0, "buffer from IDX files: " + err)
+    # from Fashion-MNIST (the default data), deterministic per seed
+    rc, _, err = run(jem, "buffer", model, "--size", "40", "--seed", "4", "--out", out_m)
+    check(rc == 0, "buffer from Fashion-MNIST: " + err)
+    out_m2 = os.path.join(tmp, "buf2.safetensors")
+    run(jem, "buffer", model, "--size", "40", "--seed", "4", "--out", out_m2)
+    with open(out_m, "rb") as a, open(out_m2, "rb") as b:
+        check(a.read() == b.read(), "buffer: same seed -> identical file")
+    rc, out, err = run(jem, "info", out_m, "--json")
+    info = json.loads(out) if rc == 0 else {}
+    check(info.get("replay_buffer") == {"present": True, "size": 40}, "buffer: 40 images")
+    check(info.get("provenance", {}).get("replay_buffer", {}).get("init") == "gaussian",
+          "buffer: provenance.replay_buffer")
+    header, body = read_safetensors(out_m)
+    a, b = header["replay_buffer"]["data_offsets"]
+    vals = struct.unpack("<%df" % ((b - a) // 4), body[a:b])
+    check(all(-1 <= v <= 1 for v in vals), "buffer images in [-1,1]")
+    rows = [tuple(vals[i * 1024:(i + 1) * 1024]) for i in range(40)]
+    # the model's own labels of the buffer images
+    npy = os.path.join(tmp, "buf.npy")
+    with open(npy, "wb") as f:
+        f.write(npy_bytes((40, 1, 32, 32), vals))
+    rc, out, err = run(jem, "score", out_m, npy, "--no-grad")
+    labels = [r["label"] for r in lines(out)] if rc == 0 else []
+    check(len(labels) == 40, "score the buffer: " + err)
+    classes = sorted(set(labels))
+    check(len(classes) >= 2, "buffer images fall in several classes: %s" % classes)
+    for c in classes[:3]:
+        rc, _, err = run(jem, "sample", out_m, "--n", "12", "--steps", "0", "--seed", "2",
+                         "--class", str(c), "--npy", npy)
+        with open(npy, "rb") as f:
+            raw = f.read()
+        got = struct.unpack("<%df" % (12 * 1024), raw[-12 * 1024 * 4:])
+        starts = [rows.index(r) if r in rows else -1
+                  for r in (tuple(got[i * 1024:(i + 1) * 1024]) for i in range(12))]
+        from_buf = [k for k in starts if k >= 0]
+        check(rc == 0 and len(from_buf) >= 9 and all(labels[k] == c for k in from_buf),
+              "class %d chains start from buffer images of class %d: %s" % (c, c, starts))
+    # --size 0 removes the buffer
+    rc, _, err = run(jem, "buffer", out_m, "--size", "0")
+    rc2, out, _ = run(jem, "info", out_m, "--json")
+    check(rc == 0 and json.loads(out)["replay_buffer"]["present"] is False,
+          "buffer --size 0 removes it: " + err)
 
 
 if __name__ == "__main__":
