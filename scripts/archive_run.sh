@@ -3,14 +3,19 @@
 # checkpoints/$RUN.tar (committed), so that a later session on a fresh clone
 # resumes it: scripts/train_fmnist.sh unpacks the archive when runs/ is empty.
 # Run it from the repository root before a session ends.
-# RUN and BASE_RUN name the stages as in train_fmnist.sh (default fmnist3
-# with run 2's baseline, fmnist2; run 1 was RUN=BASE_RUN=fmnist).
+# RUN, BASE_RUN and BASE1_RUN name the stages as in train_fmnist.sh (default
+# run 5: fmnist5 JEM, fmnist5 second baseline cycle, fmnist2 first cycle;
+# run 3 was RUN=fmnist3 BASE_RUN=BASE1_RUN=fmnist2, run 1 all fmnist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${RUN:-fmnist3}
-BASE_RUN=${BASE_RUN:-fmnist2}
+RUN=${RUN:-fmnist5}
+BASE_RUN=${BASE_RUN:-fmnist5}
+BASE1_RUN=${BASE1_RUN:-fmnist2}
 files=()
-for run in "runs/$BASE_RUN-baseline" "runs/$RUN-jem"; do
+runs=("runs/$BASE1_RUN-baseline")
+[ "$BASE_RUN" != "$BASE1_RUN" ] && runs+=("runs/$BASE_RUN-baseline")
+runs+=("runs/$RUN-jem")
+for run in "${runs[@]}"; do
   [ -f "$run/checkpoint" ] || continue
   ck=$(cat "$run/checkpoint")
   files+=("$run/checkpoint" "$run/$ck.state" "$run/$ck.safetensors" "$run/log.csv")

@@ -138,8 +138,18 @@ stage_baseline() {
     base_cycle "$BASE_RUN" "$BASE2_ITERS" "$BASE2_LR" "$BASE2_WARMUP" "$BASE2_SEED" \
       "runs/$first-baseline/model.safetensors"
   fi
-  publish runs/$BASE_RUN-baseline/model.safetensors models/fmnist-baseline.safetensors
-  log "baseline finished: models/fmnist-baseline.safetensors"
+  # calibrated like the JEM, so that the card compares the two verdict rules
+  local jem
+  jem=$(stage_bin baseline "$BASE_RUN")
+  if "$jem" calibrate runs/$BASE_RUN-baseline/model.safetensors \
+      --out runs/$BASE_RUN-baseline/calibrated.safetensors --threads "$BASE_THREADS" \
+      > runs/$BASE_RUN-baseline/calibrate.log 2>&1; then
+    publish runs/$BASE_RUN-baseline/calibrated.safetensors models/fmnist-baseline.safetensors
+    log "baseline finished: models/fmnist-baseline.safetensors (calibrated)"
+  else
+    log "baseline finished; calibration failed (runs/$BASE_RUN-baseline/calibrate.log; OOD" \
+        "sets from scripts/make_ood_sets.py); models/fmnist-baseline.safetensors left as it was"
+  fi
 }
 
 stage_jem() {
