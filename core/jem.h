@@ -340,8 +340,7 @@ void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
  * [-1,1], replay-buffer images (each chain restarting from noise with
  * probability JEM_SAMPLE_REINIT, as in JEM; with y, class-conditional
  * chains take images of their class, see jem_sgld_init_buffer), or, for
- * GIVEN, leaves the
- * caller's images in x.  Then run jem_sgld_run(ws, m, x, n, y, steps, p,
+ * GIVEN, leaves the caller's images in x.  Then run jem_sgld_run(ws, m, x, n, y, steps, p,
  * rngs), in one call or several consecutive ones (e.g. to report progress):
  * the chains only depend on x and rngs. */
 enum { JEM_SAMPLE_INIT_NOISE = 0, JEM_SAMPLE_INIT_BUFFER = 1, JEM_SAMPLE_INIT_GIVEN = 2 };

@@ -87,9 +87,9 @@ load_settings() {
   JEM_CLAMP=${JEM_CLAMP:-1}             # official: 0 (see the note above)
   JEM_BUFFER=${JEM_BUFFER:-1000}        # run 2: 10000
   JEM_THREADS=${JEM_THREADS:-2}         # run 1: 1
-  # The shipped replay buffer (jemd's sample starts): per-class Gaussian
-  # draws (`jem buffer`; since run 3's model was shipped in session 4;
-  # before, the last training chains).
+  # The shipped replay buffer (jemd's sample starts): this many per-class
+  # Gaussian draws (`jem buffer`, since session 4; before, the last training
+  # chains).
   SHIP_BUFFER=${SHIP_BUFFER:-500}
   if [ -f runs/train_fmnist.env ]; then
     # shellcheck disable=SC1091

@@ -42,13 +42,15 @@ int srv_model_load(const char *path, char *err, size_t errlen) {
   int rc = jem_model_load(&m, path, err, errlen);
   if (rc) return rc;
   /* Class-conditional jobs start from buffer images of their class. */
-  jem_ws *ws = m->replay_n > 0 ? jem_ws_create(m, 64, 0) : NULL;
-  rc = m->replay_n > 0 ? (ws ? jem_replay_label(m, ws) : JEM_ENOMEM) : 0;
-  jem_ws_free(ws);
-  if (rc) {
-    jem_model_free(m);
-    snprintf(err, errlen, "out of memory labelling the replay buffer");
-    return rc;
+  if (m->replay_n > 0) {
+    jem_ws *ws = jem_ws_create(m, 64, 0);
+    rc = ws ? jem_replay_label(m, ws) : JEM_ENOMEM;
+    jem_ws_free(ws);
+    if (rc) {
+      jem_model_free(m);
+      snprintf(err, errlen, "out of memory labelling the replay buffer");
+      return rc;
+    }
   }
   srv_model *sm = calloc(1, sizeof *sm);
   if (!sm) {
