@@ -87,6 +87,13 @@ load_settings() {
   JEM_CLAMP=${JEM_CLAMP:-1}             # official: 0 (see the note above)
   JEM_BUFFER=${JEM_BUFFER:-1000}        # run 2: 10000
   JEM_THREADS=${JEM_THREADS:-2}         # run 1: 1
+  # Run 6 (session 5): a second JEM cosine cycle from run 5's JEM model,
+  # with the same objective and sampler, lr 5e-5, no ramp (0: none).
+  JEM2_ITERS=${JEM2_ITERS:-0}
+  JEM2_RUN=${JEM2_RUN:-fmnist6}         # in runs/$JEM2_RUN-jem
+  JEM2_LR=${JEM2_LR:-5e-5}
+  JEM2_WARMUP=${JEM2_WARMUP:-100}
+  JEM2_SEED=${JEM2_SEED:-6}
   # The shipped replay buffer (jemd's sample starts): this many per-class
   # Gaussian draws (`jem buffer`, since session 4; before, the last training
   # chains).
@@ -171,42 +178,62 @@ stage_jem() {
       sleep 30
     fi
   done
-  local jem
-  jem=$(stage_bin jem)
+  jem_cycle "$RUN" "$warm" "$JEM_ITERS" "$JEM_LR" "$JEM_WARMUP" "$JEM_SEED" "$JEM_PX_RAMP"
   load_settings
-  log "JEM: WRN-$DEPTH-$WIDEN, K=$JEM_K, $JEM_ITERS iterations, lr $JEM_LR, energy L2 $JEM_L2"
-  local stop=0
+  if [ "$JEM2_ITERS" -gt 0 ]; then
+    # a second cosine cycle of the same objective, from the first's final model
+    local warm2=runs/$JEM2_RUN-jem-warmstart.safetensors
+    if [ ! -f "$warm2" ]; then
+      cp runs/$RUN-jem/model.safetensors "$warm2.tmp" && mv "$warm2.tmp" "$warm2"
+    fi
+    jem_cycle "$JEM2_RUN" "$warm2" "$JEM2_ITERS" "$JEM2_LR" "$JEM2_WARMUP" "$JEM2_SEED" 0
+  fi
+  log "JEM finished"
+}
+
+# One cosine cycle of JEM training in segments of JEM_SEGMENT iterations,
+# each followed by a shipped buffer, calibration and (if that worked) a
+# refresh of models/fmnist-jem.safetensors:
+# jem_cycle STAGE WARM_START ITERS LR WARMUP SEED PX_RAMP
+jem_cycle() {
+  local dir=runs/$1-jem jem stop=0 snap
+  jem=$(stage_bin jem "$1")
+  load_settings
+  log "JEM $1: WRN-$DEPTH-$WIDEN, K=$JEM_K, $3 iterations, lr $4, energy L2 $JEM_L2, from $2"
   while :; do
     load_settings
     stop=$((stop + JEM_SEGMENT))
-    [ "$stop" -gt "$JEM_ITERS" ] && stop=$JEM_ITERS
-    "$jem" train --run-dir runs/$RUN-jem --resume \
-      --warm-start "$warm" --name fmnist-jem \
-      --iterations "$JEM_ITERS" --stop-at "$stop" --lr "$JEM_LR" --warmup "$JEM_WARMUP" \
+    [ "$stop" -gt "$3" ] && stop=$3
+    if [ -f "$dir/calibrated-$stop.safetensors" ]; then # done in an earlier call
+      [ "$stop" -ge "$3" ] && break
+      continue
+    fi
+    "$jem" train --run-dir "$dir" --resume \
+      --warm-start "$2" --name fmnist-jem \
+      --iterations "$3" --stop-at "$stop" --lr "$4" --warmup "$5" \
       --schedule cosine --sigma "$SIGMA" --sgld-steps "$JEM_K" --buffer-size "$JEM_BUFFER" \
       --reinit 0.05 --energy-l2 "$JEM_L2" --buffer-init "$JEM_BUFFER_INIT" \
-      --px-ramp "$JEM_PX_RAMP" --px-weight "$JEM_PX_WEIGHT" --seed "$JEM_SEED" \
+      --px-ramp "$7" --px-weight "$JEM_PX_WEIGHT" --seed "$6" \
       --threads "$JEM_THREADS" $([ "$JEM_CLAMP" = 1 ] && echo --sgld-clamp) \
       --ckpt-every 200 --log-every 25 --eval-every 400 --replay-keep 500
-    local snap=runs/$RUN-jem/latest.safetensors
-    [ "$stop" -ge "$JEM_ITERS" ] && snap=runs/$RUN-jem/model.safetensors
+    snap=$dir/latest.safetensors
+    [ "$stop" -ge "$3" ] && snap=$dir/model.safetensors
     # The daemon serves models/fmnist-jem.safetensors, so only a calibrated
     # snapshot (temperature + OOD statistics) may replace it.
-    if "$jem" buffer "$snap" --size "$SHIP_BUFFER" --out runs/$RUN-jem/shipped.safetensors \
-        --threads "$JEM_THREADS" > runs/$RUN-jem/calibrate.log 2>&1 &&
-       "$jem" calibrate runs/$RUN-jem/shipped.safetensors \
-        --out runs/$RUN-jem/calibrated.safetensors --threads "$JEM_THREADS" \
-        >> runs/$RUN-jem/calibrate.log 2>&1; then
-      cp runs/$RUN-jem/calibrated.safetensors "runs/$RUN-jem/calibrated-$stop.safetensors"
-      publish runs/$RUN-jem/calibrated.safetensors models/fmnist-jem.safetensors
+    if "$jem" buffer "$snap" --size "$SHIP_BUFFER" --out "$dir/shipped.safetensors" \
+        --threads "$JEM_THREADS" > "$dir/calibrate.log" 2>&1 &&
+       "$jem" calibrate "$dir/shipped.safetensors" \
+        --out "$dir/calibrated.safetensors" --threads "$JEM_THREADS" \
+        >> "$dir/calibrate.log" 2>&1; then
+      cp "$dir/calibrated.safetensors" "$dir/calibrated-$stop.safetensors"
+      publish "$dir/calibrated.safetensors" models/fmnist-jem.safetensors
       log "models/fmnist-jem.safetensors <- $snap, calibrated (iteration $stop)"
     else
-      log "calibration of $snap failed (runs/$RUN-jem/calibrate.log; OOD sets from" \
+      log "calibration of $snap failed ($dir/calibrate.log; OOD sets from" \
           "scripts/make_ood_sets.py); models/fmnist-jem.safetensors left as it was"
     fi
-    [ "$stop" -ge "$JEM_ITERS" ] && break
+    [ "$stop" -ge "$3" ] && break
   done
-  log "JEM finished"
 }
 
 # runs/ is not in git, so a session that ends mid-run leaves its last

@@ -88,10 +88,11 @@ def main():
     for k in ["model", "settings", "classification", "ood", "samples", "robustness", "timing"]:
       check(k in rep, f"report.json has '{k}'")
     c = rep["classification"]
-    for k in ["accuracy", "nll", "temperature_fitted", "nll_tempered", "ece", "ece_tempered",
-              "bins", "bins_tempered"]:
+    for k in ["accuracy", "valid_accuracy", "nll", "temperature_fitted", "nll_tempered", "ece",
+              "ece_tempered", "bins", "bins_tempered"]:
       check(k in c, f"classification has '{k}'")
-    check(is_prob(c["accuracy"]) and is_prob(c["ece"]) and is_prob(c["ece_tempered"]),
+    check(is_prob(c["accuracy"]) and is_prob(c["valid_accuracy"]) and is_prob(c["ece"])
+          and is_prob(c["ece_tempered"]),
           "accuracy and ECE are probabilities")
     check(c["temperature_fitted"] > 0, "fitted temperature > 0")
     check(len(c["bins"]) == 20 and sum(b["count"] for b in c["bins"]) == 64,
