@@ -11,5 +11,6 @@ int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 int cmd_buffer(int argc, char **argv);
+int cmd_average(int argc, char **argv);
 
 #endif

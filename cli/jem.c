@@ -20,6 +20,7 @@ static const command commands[] = {
   {"eval", cmd_eval, "evaluate accuracy, calibration, OOD detection, samples"},
   {"calibrate", cmd_calibrate, "fit temperature and OOD statistics into a model"},
   {"buffer", cmd_buffer, "replace a model's replay buffer with per-class Gaussian draws"},
+  {"average", cmd_average, "average the parameters of checkpoints (weight averaging)"},
 };
 
 static void usage(FILE *f) {

@@ -126,6 +126,7 @@ def main():
     try:
         test_all(jem, tmp)
         test_buffer(jem, tmp, os.path.join(tmp, "m.safetensors"))
+        test_average(jem, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
@@ -465,6 +466,58 @@ def test_buffer(jem, tmp, model):
     rc2, out, _ = run(jem, "info", out_m, "--json")
     check(rc == 0 and json.loads(out)["replay_buffer"]["present"] is False,
           "buffer --size 0 removes it: " + err)
+
+
+def tensors(path):
+    """name -> float32 values of every weight tensor (no replay buffer)"""
+    header, body = read_safetensors(path)
+    return {k: struct.unpack("<%df" % ((v["data_offsets"][1] - v["data_offsets"][0]) // 4),
+                             body[v["data_offsets"][0]:v["data_offsets"][1]])
+            for k, v in header.items() if k not in ("__metadata__", "replay_buffer")}
+
+
+def test_average(jem, tmp):
+    """`jem average`: the element-wise mean of same-architecture models."""
+    rc, out, _ = run(jem, "average", "--help")
+    check(rc == 0 and "usage: jem average" in out, "average --help")
+    paths = [os.path.join(tmp, "avg%d.safetensors" % i) for i in range(3)]
+    for i, p in enumerate(paths):
+        run(jem, "init", p, "--classes", "3", "--seed", str(i + 1))
+    other = os.path.join(tmp, "avg_wide.safetensors")
+    run(jem, "init", other, "--classes", "3", "--widen", "2")
+    named = os.path.join(tmp, "avg_named.safetensors")
+    run(jem, "init", named, "--class-names", "a,b,c")
+    out_m = os.path.join(tmp, "avg_out.safetensors")
+    check(run(jem, "average", paths[0], "--out", out_m)[0] == 2, "average of one model -> 2")
+    check(run(jem, "average", paths[0], paths[1])[0] == 2, "average without --out -> 2")
+    rc, _, err = run(jem, "average", paths[0], other, "--out", out_m)
+    check(rc == 1 and "differ" in err and not os.path.exists(out_m),
+          "average: other architecture -> 1, nothing written: " + err)
+    rc, _, err = run(jem, "average", paths[0], named, "--out", out_m)
+    check(rc == 1 and "differ" in err, "average: other class names -> 1")
+    rc, _, err = run(jem, "average", paths[0], os.path.join(tmp, "missing.safetensors"),
+                     "--out", out_m)
+    check(rc == 1 and "missing" in err, "average: missing model -> 1")
+    # a calibrated-looking first model: its temperature and OOD statistics go
+    first = os.path.join(tmp, "avg_first.safetensors")
+    shipped, _ = read_safetensors(os.path.join(ROOT, "models", "fmnist-jem.safetensors"))
+    ood = json.loads(shipped["__metadata__"]["jem"])["ood"]
+    add_meta(paths[0], first, {"temperature": 0.5, "ood": ood})
+    rc, out, _ = run(jem, "info", first, "--json")
+    check(rc == 0 and json.loads(out)["ood"]["present"], "fixture: first model has OOD statistics")
+    rc, _, err = run(jem, "average", first, paths[1], paths[2], "--out", out_m)
+    check(rc == 0, "average of 3 models: " + err)
+    ins = [tensors(p) for p in paths]
+    got = tensors(out_m)
+    worst = max(abs(g - (a + b + c) / 3)
+                for k in got for g, a, b, c in zip(got[k], ins[0][k], ins[1][k], ins[2][k]))
+    check(set(got) == set(ins[0]) and worst < 1e-6, "average = mean of the inputs (%.2g)" % worst)
+    rc, out, _ = run(jem, "info", out_m, "--json")
+    info = json.loads(out) if rc == 0 else {}
+    check(info.get("temperature") == 1 and not info.get("ood", {}).get("present"),
+          "average: temperature 1, no OOD statistics")
+    check([e["path"] for e in info.get("provenance", {}).get("averaged_from", [])]
+          == [first] + paths[1:], "average: provenance.averaged_from lists the inputs")
 
 
 if __name__ == "__main__":
