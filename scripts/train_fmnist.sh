@@ -88,7 +88,8 @@ load_settings() {
   JEM_BUFFER=${JEM_BUFFER:-1000}        # run 2: 10000
   JEM_THREADS=${JEM_THREADS:-2}         # run 1: 1
   # Run 6 (session 5): a second JEM cosine cycle from run 5's JEM model,
-  # with the same objective and sampler, lr 5e-5, no ramp (0: none).
+  # with the same objective and sampler, lr 5e-5, no ramp.  Measured and not
+  # shipped (see models/README.md); JEM2_ITERS=3200 reproduces it (0: none).
   JEM2_ITERS=${JEM2_ITERS:-0}
   JEM2_RUN=${JEM2_RUN:-fmnist6}         # in runs/$JEM2_RUN-jem
   JEM2_LR=${JEM2_LR:-5e-5}
