@@ -49,8 +49,8 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     rec->fd = ci ? ci->connect_fd : -1;
-    rec->req_start = srv_now_ns();
     pthread_mutex_lock(&conns_mu);
+    rec->req_start = srv_now_ns();
     rec->next = conns;
     if (conns) conns->prev = rec;
     conns = rec;
@@ -77,11 +77,14 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
  * request has taken longer than --request-deadline to arrive.  MHD then sees
  * the socket fail and closes it on its own thread. */
 void srv_http_tick(void) {
-  uint64_t now = srv_now_ns(), lim = (uint64_t)srv_cfg.request_deadline * 1000000000ull;
+  uint64_t lim = (uint64_t)srv_cfg.request_deadline * 1000000000ull;
   pthread_mutex_lock(&conns_mu);
+  /* read the clock under the lock: a connection stamped by another thread
+   * after an earlier reading would look 2^64 ns old and be cut (seen in CI) */
+  uint64_t now = srv_now_ns();
   for (conn_rec *r = conns; r; r = r->next) {
     if (r->waiting || r->killed || r->fd < 0) continue;
-    if (now - r->req_start > lim) {
+    if (now > r->req_start && now - r->req_start > lim) {
       r->killed = 1;
       shutdown(r->fd, SHUT_RDWR);
       srv_metrics_reject(SRV_REJ_DEADLINE);
