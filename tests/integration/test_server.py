@@ -7,6 +7,7 @@ usage: /usr/bin/python3 tests/integration/test_server.py --build build
 """
 import argparse
 import base64
+import http.client
 import json
 import math
 import os
@@ -696,6 +697,40 @@ def main():
             d.kill()
         print(f"  main daemon: {n_bad} bad-input cases, mean batch {avg:.2f} under concurrency",
               flush=True)
+
+        # ---- the deadline sweeper (main thread) against connections that HTTP
+        # threads stamp while it runs: slow_clock.so stretches the moment after
+        # main reads the clock to 100 ms; a sweeper that compared an earlier
+        # reading with a newer stamp cut live keep-alive connections (CI flake)
+        shim = os.path.join(tmp, "slow_clock.so")
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", shim,
+                        os.path.join(ROOT, "tests", "integration", "slow_clock.c"), "-ldl"],
+                       check=True)
+        d = jemtest.Daemon(jemd, model, "--request-deadline", "30",
+                           env={"LD_PRELOAD": shim, "ASAN_OPTIONS": os.environ.get(
+                               "ASAN_OPTIONS", "") + ":verify_asan_link_order=0"})
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+            n_ok = n_err = 0
+            end = time.time() + 2.5
+            while time.time() < end:
+                try:
+                    conn.request("GET", "/healthz")
+                    conn.getresponse().read()
+                    n_ok += 1
+                except (OSError, http.client.HTTPException):
+                    n_err += 1
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+                time.sleep(0.001)
+            conn.close()
+            st, _, m = d.request("GET", "/metrics")
+            cut = metric_value(m.decode(), "jem_rejected_requests_total", {"reason": "deadline"})
+            check(n_ok > 100 and n_err == 0 and cut == 0,
+                  f"keep-alive requests under a slowed sweeper: {n_ok} ok, {n_err} cut, "
+                  f"deadline rejections {cut}")
+        finally:
+            d.kill()
 
         # ---- limits and auth
         keyf = os.path.join(tmp, "keys")
