@@ -32,7 +32,8 @@ static void usage(FILE *f) {
     "the OOD statistics: for each score (energy, grad_norm, max_softmax) the\n"
     "quantiles of its validation values, and a verdict rule.  The rule is chosen\n"
     "on the validation split against the tuning OOD sets only (default: uniform,\n"
-    "gaussian, constant, vflip, interp; never the MNIST set the report uses):\n"
+    "gaussian, constant, vflip, interp, letters; never the MNIST set the report\n"
+    "uses):\n"
     "  1. per score, the side (high, low, two-sided) with the best mean AUROC;\n"
     "  2. the subset of scores whose combined verdict (OOD when any used score\n"
     "     leaves its band at level 1-(1-tpr)/n_used) flags the most tuning\n"
@@ -45,7 +46,7 @@ static void usage(FILE *f) {
     "                     " JEM_FMNIST_DIR_DEFAULT ")\n"
     "  --ood-dir DIR      tuning sets from scripts/make_ood_sets.py (default data/ood)\n"
     "  --tune-sets LIST   comma-separated tuning sets (default\n"
-    "                     uniform,gaussian,constant,vflip,interp)\n"
+    "                     uniform,gaussian,constant,vflip,interp,letters)\n"
     "  --tpr P            target true-positive rate of the rule (default 0.95)\n"
     "  --quantiles N      stored quantiles per score, 2..%d (default %d)\n"
     "  --limit N          only the first N validation and tuning images\n"
@@ -68,7 +69,7 @@ static int parse_sets(const char *v, cal_opts *o) {
       if (!strcmp(tok, jem_ood_set_names[i])) k = i;
     if (k < 0) {
       fprintf(stderr, "jem calibrate: unknown tuning set '%s' (known: mnist, uniform, "
-              "gaussian, vflip, interp, constant)\n", tok);
+              "gaussian, vflip, interp, constant, letters)\n", tok);
       return 2;
     }
     for (int i = 0; i < o->n_tune; i++)
@@ -88,8 +89,9 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
   o->nq = JEM_OOD_MAX_QUANTILES;
   o->batch = 100;
   o->tpr = 0.95f;
-  static const char *const def[] = {"uniform", "gaussian", "constant", "vflip", "interp"};
-  for (int i = 0; i < 5; i++)
+  static const char *const def[] = {"uniform", "gaussian", "constant", "vflip", "interp",
+                                    "letters"};
+  for (int i = 0; i < 6; i++)
     for (int k = 0; k < JEM_OOD_NSETS; k++)
       if (!strcmp(def[i], jem_ood_set_names[k])) o->tune[o->n_tune++] = jem_ood_set_names[k];
   int rc = 0;

@@ -206,7 +206,8 @@ int jem_eval_score_set(jem_ws *ws, const jem_model *m, const float *x, int n,
 /* OOD sets                                                                 */
 
 const char *const jem_ood_set_names[JEM_OOD_NSETS] = {"mnist", "uniform", "gaussian",
-                                                      "vflip", "interp", "constant"};
+                                                      "vflip", "interp", "constant",
+                                                      "letters"};
 
 int jem_ood_set_load(const char *dir, const char *name, int image_size,
                      int max_items, jem_dataset *out, char *err, size_t errlen) {

