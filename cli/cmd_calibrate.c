@@ -37,7 +37,9 @@ static void usage(FILE *f) {
     "  1. per score, the side (high, low, two-sided) with the best mean AUROC;\n"
     "  2. the subset of scores whose combined verdict (OOD when any used score\n"
     "     leaves its band at level 1-(1-tpr)/n_used) flags the most tuning\n"
-    "     images on average at the target TPR; ties go to fewer scores.\n"
+    "     images on average at the target TPR; ties go to fewer scores;\n"
+    "  3. the same choice without grad_norm: the rule for inputs scored without\n"
+    "     the gradient (jemd's grad=false, jem score --no-grad).\n"
     "Writes \"temperature\", \"ood\" and provenance.calibration into the metadata.\n"
     "\n"
     "options:\n"
@@ -191,6 +193,76 @@ static double flagged(const jem_ood_stats *st, const score_rows *r, float tpr) {
   return r->n ? (double)f / r->n : NAN;
 }
 
+/* The verdict rule chosen among subsets of scores. */
+typedef struct rule_choice {
+  int mask;          /* bit k: score k is used */
+  double obj;        /* mean fraction of tuning images flagged */
+  double min;        /* the smallest such fraction over the sets */
+  double tpr;        /* fraction of validation images accepted */
+} rule_choice;
+
+/* Among the non-empty subsets of `allowed` scores (each on its side[]), the
+ * one whose verdict flags the most tuning images on average at tpr; a clear
+ * gain wins, and within 0.1 point the rule with fewer scores wins.  Appends
+ * every candidate to cands when it is not NULL.  Uses st as scratch. */
+static void choose_subset(jem_ood_stats *st, const int side[JEM_NUM_SCORES], int allowed,
+                          const score_rows *id, const score_rows *sets, int nsets, float tpr,
+                          json_t *cands, rule_choice *best) {
+  best->mask = 0;
+  best->obj = -1;
+  best->min = best->tpr = NAN;
+  st->has_nograd = 0;
+  for (int mask = 1; mask < (1 << JEM_NUM_SCORES); mask++) {
+    if (mask & ~allowed) continue;
+    int used = 0, best_used = 0;
+    for (int k = 0; k < JEM_NUM_SCORES; k++) {
+      st->side[k] = (mask >> k & 1) ? side[k] : 0;
+      used += mask >> k & 1;
+      best_used += best->mask >> k & 1;
+    }
+    double tot = 0, mn = 1;
+    for (int t = 0; t < nsets; t++) {
+      double f = flagged(st, &sets[t], tpr);
+      tot += f;
+      if (f < mn) mn = f;
+    }
+    double obj = tot / nsets, acc_id = 1.0 - flagged(st, id, tpr);
+    if (best->mask == 0 || obj > best->obj + 1e-3 ||
+        (fabs(obj - best->obj) <= 1e-3 && used < best_used))
+      *best = (rule_choice){mask, obj, mn, acc_id};
+    if (!cands) continue;
+    json_t *c = json_object();
+    json_t *names = json_array();
+    for (int k = 0; k < JEM_NUM_SCORES; k++)
+      if (mask >> k & 1) json_array_append_new(names, json_string(jem_score_names[k]));
+    json_object_set_new(c, "scores", names);
+    json_object_set_new(c, "mean_detected", json_real(obj));
+    json_object_set_new(c, "min_detected", json_real(mn));
+    json_object_set_new(c, "valid_accepted", json_real(acc_id));
+    json_array_append_new(cands, c);
+  }
+}
+
+/* The rule's description, stored in the metadata and served with verdicts;
+ * a long list of tuning sets may be cut short. */
+static void describe_rule(char *buf, size_t size, const char *prefix,
+                          const int side[JEM_NUM_SCORES], const char *tune_txt, int has_mnist) {
+  char used_txt[128] = "";
+  int n_used = 0;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    if (!side[k]) continue;
+    size_t l = strlen(used_txt);
+    snprintf(used_txt + l, sizeof used_txt - l, "%s%s %s", n_used ? ", " : "",
+             jem_score_names[k], jem_ood_side_name(side[k]));
+    n_used++;
+  }
+  int len = snprintf(buf, size,
+                     "%sOOD if any of [%s] leaves its validation band at level 1-(1-tpr)/%d; "
+                     "sides and scores chosen on validation vs %s%s", prefix, used_txt, n_used,
+                     tune_txt, has_mnist ? "" : " (not MNIST)");
+  if (len >= (int)size) fprintf(stderr, "jem calibrate: note: a rule description was shortened\n");
+}
+
 int cmd_calibrate(int argc, char **argv) {
   cal_opts o;
   int rc = parse_opts(argc, argv, &o);
@@ -303,56 +375,21 @@ int cmd_calibrate(int argc, char **argv) {
             jem_ood_side_name(side[k]));
   }
 
-  /* ---- 2. subset of scores ---- */
-  double best_obj = -1, best_min = NAN, best_tpr = NAN;
-  int best_mask = 0;
+  /* ---- 2. subset of scores: the main rule, and one without the gradient ---- */
   json_t *cands = json_array();
-  for (int mask = 1; mask < (1 << JEM_NUM_SCORES); mask++) {
-    int used = 0;
-    for (int k = 0; k < JEM_NUM_SCORES; k++) {
-      st->side[k] = (mask >> k & 1) ? side[k] : 0;
-      used += mask >> k & 1;
-    }
-    double tot = 0, mn = 1;
-    for (int t = 0; t < nsets; t++) {
-      double f = flagged(st, &sets[t], o.tpr);
-      tot += f;
-      if (f < mn) mn = f;
-    }
-    double obj = tot / nsets, acc_id = 1.0 - flagged(st, &id, o.tpr);
-    int best_used = 0;
-    for (int k = 0; k < JEM_NUM_SCORES; k++) best_used += best_mask >> k & 1;
-    /* a clear gain wins; within 0.1 point the rule with fewer scores wins */
-    if (best_mask == 0 || obj > best_obj + 1e-3 ||
-        (fabs(obj - best_obj) <= 1e-3 && used < best_used)) {
-      best_obj = obj;
-      best_min = mn;
-      best_tpr = acc_id;
-      best_mask = mask;
-    }
-    json_t *c = json_object();
-    json_t *names = json_array();
-    for (int k = 0; k < JEM_NUM_SCORES; k++)
-      if (mask >> k & 1) json_array_append_new(names, json_string(jem_score_names[k]));
-    json_object_set_new(c, "scores", names);
-    json_object_set_new(c, "mean_detected", json_real(obj));
-    json_object_set_new(c, "min_detected", json_real(mn));
-    json_object_set_new(c, "valid_accepted", json_real(acc_id));
-    json_array_append_new(cands, c);
-  }
+  rule_choice main_rule, nograd_rule;
+  choose_subset(st, side, (1 << JEM_NUM_SCORES) - 1, &id, sets, nsets, o.tpr, cands, &main_rule);
+  choose_subset(st, side, ((1 << JEM_NUM_SCORES) - 1) & ~(1 << JEM_SCORE_GRAD_NORM), &id, sets,
+                nsets, o.tpr, NULL, &nograd_rule);
   *best = *st;
-  for (int k = 0; k < JEM_NUM_SCORES; k++) best->side[k] = (best_mask >> k & 1) ? side[k] : 0;
+  best->has_nograd = 1;
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    best->side[k] = (main_rule.mask >> k & 1) ? side[k] : 0;
+    best->side_nograd[k] = (nograd_rule.mask >> k & 1) ? side[k] : 0;
+  }
 
   /* ---- rule text ---- */
-  char used_txt[128] = "", tune_txt[96] = "";
-  int n_used = 0;
-  for (int k = 0; k < JEM_NUM_SCORES; k++) {
-    if (!best->side[k]) continue;
-    size_t l = strlen(used_txt);
-    snprintf(used_txt + l, sizeof used_txt - l, "%s%s %s", n_used ? ", " : "",
-             jem_score_names[k], jem_ood_side_name(best->side[k]));
-    n_used++;
-  }
+  char tune_txt[96] = "";
   int has_mnist = 0;
   for (int t = 0; t < nsets; t++) {
     size_t l = strlen(tune_txt);
@@ -362,16 +399,15 @@ int cmd_calibrate(int argc, char **argv) {
   if (has_mnist)
     fprintf(stderr, "jem calibrate: warning: the rule is tuned on the MNIST set; MNIST "
             "figures from jem eval will overstate it\n");
-  /* the rule is a description: a long list of tuning sets may be cut short */
-  int rule_len = snprintf(best->rule, sizeof best->rule,
-           "OOD if any of [%s] leaves its validation band at level 1-(1-tpr)/%d; sides and "
-           "scores chosen on validation vs %s%s", used_txt, n_used, tune_txt,
-           has_mnist ? "" : " (not MNIST)");
-  if (rule_len >= (int)sizeof best->rule)
-    fprintf(stderr, "jem calibrate: note: the rule description was shortened\n");
+  describe_rule(best->rule, sizeof best->rule, "", best->side, tune_txt, has_mnist);
+  describe_rule(best->rule_nograd, sizeof best->rule_nograd, "without the gradient score: ",
+                best->side_nograd, tune_txt, has_mnist);
   fprintf(stderr, "jem calibrate: rule: %s\n  tuning sets flagged at tpr %.2f: mean %.2f%%, "
           "min %.2f%%; validation accepted %.2f%%\n", best->rule, (double)o.tpr,
-          100 * best_obj, 100 * best_min, 100 * best_tpr);
+          100 * main_rule.obj, 100 * main_rule.min, 100 * main_rule.tpr);
+  fprintf(stderr, "jem calibrate: rule %s\n  tuning sets flagged: mean %.2f%%, min %.2f%%; "
+          "validation accepted %.2f%%\n", best->rule_nograd, 100 * nograd_rule.obj,
+          100 * nograd_rule.min, 100 * nograd_rule.tpr);
 
   /* ---- metadata ---- */
   {
@@ -381,11 +417,13 @@ int cmd_calibrate(int argc, char **argv) {
       for (int i = 0; i < best->nq[k]; i++) json_array_append_new(q, json_real(best->q[k][i]));
       json_object_set_new(e, "quantiles", q);
       json_object_set_new(e, "side", json_string(jem_ood_side_name(best->side[k])));
+      json_object_set_new(e, "side_nograd", json_string(jem_ood_side_name(best->side_nograd[k])));
       json_object_set_new(scores, jem_score_names[k], e);
     }
     json_object_set_new(ood, "scores", scores);
     json_object_set_new(ood, "tpr", json_real(o.tpr));
     json_object_set_new(ood, "rule", json_string(best->rule));
+    json_object_set_new(ood, "rule_nograd", json_string(best->rule_nograd));
     json_object_set_new(m->meta, "ood", ood);
     json_object_set_new(m->meta, "temperature", json_real((float)T));
 
@@ -426,8 +464,10 @@ int cmd_calibrate(int argc, char **argv) {
     json_object_set_new(cal, "side_mean_auroc", sa);
     json_object_set_new(cal, "subsets", cands);
     cands = NULL;
-    json_object_set_new(cal, "chosen_mean_detected", json_real(best_obj));
-    json_object_set_new(cal, "chosen_valid_accepted", json_real(best_tpr));
+    json_object_set_new(cal, "chosen_mean_detected", json_real(main_rule.obj));
+    json_object_set_new(cal, "chosen_valid_accepted", json_real(main_rule.tpr));
+    json_object_set_new(cal, "nograd_mean_detected", json_real(nograd_rule.obj));
+    json_object_set_new(cal, "nograd_valid_accepted", json_real(nograd_rule.tpr));
     json_object_set_new(prov, "calibration", cal);
   }
   json_decref(cands);

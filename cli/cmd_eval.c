@@ -453,6 +453,13 @@ int cmd_eval(int argc, char **argv) {
   const int nt = o.limit && o.limit < test.n ? o.limit : test.n;
   const int nv = o.limit && o.limit < valid.n ? o.limit : valid.n;
   const int want_grad = !o.no_grad;
+  /* the rule this run applies: without the gradient, the model's no-gradient rule */
+  const char *rule_txt = m->ood.rule;
+  if (m->ood.present) {
+    float probe[JEM_NUM_SCORES] = {0};
+    probe[JEM_SCORE_GRAD_NORM] = want_grad ? 0.0f : NAN;
+    jem_ood_rule_for(&m->ood, probe, &rule_txt);
+  }
   fprintf(stderr, "jem eval: %s, %d test and %d validation images\n", o.model, nt, nv);
 
   /* ---- classification and calibration ---- */
@@ -843,7 +850,7 @@ int cmd_eval(int argc, char **argv) {
     json_object_set_new(jo, "missing_sets", json_string(missing));
     if (m->ood.present) {
       json_t *re = json_object();
-      json_object_set_new(re, "description", json_string(m->ood.rule));
+      json_object_set_new(re, "description", json_string(rule_txt));
       json_object_set_new(re, "test_tpr_at_0.95", num(rule_tpr));
       json_object_set_new(jo, "rule", re);
     }
@@ -963,7 +970,7 @@ int cmd_eval(int argc, char **argv) {
     if (m->ood.present) {
       fprintf(md, "\nCalibrated verdict rule of the model: \"%s\".  At TPR 0.95 it accepts "
               "%.2f%% of the test set.\n\n| set | detected | rule AUROC | rule FPR95 |\n"
-              "|---|---|---|---|\n", m->ood.rule, 100 * rule_tpr);
+              "|---|---|---|---|\n", rule_txt, 100 * rule_tpr);
       for (int r = 0; r < n_ood; r++)
         fprintf(md, "| %s | %.2f%% | %.3f | %.3f |\n", oods[r].name, 100 * oods[r].rule_detect,
                 oods[r].rule.auroc, oods[r].rule.fpr95);

@@ -61,11 +61,16 @@ static json_t *info_json(const jem_model *m, const char *path) {
   if (m->ood.present) {
     json_object_set_new(oj, "tpr", json_real(args_f2d(m->ood.default_tpr)));
     json_object_set_new(oj, "rule", json_string(m->ood.rule));
+    if (m->ood.has_nograd) json_object_set_new(oj, "rule_nograd", json_string(m->ood.rule_nograd));
     json_t *sc = json_object();
-    for (int i = 0; i < JEM_NUM_SCORES; i++)
-      json_object_set_new(sc, jem_score_names[i],
-                          json_pack("{s:i,s:s}", "quantiles", m->ood.nq[i], "side",
-                                    jem_ood_side_name(m->ood.side[i])));
+    for (int i = 0; i < JEM_NUM_SCORES; i++) {
+      json_t *e = json_pack("{s:i,s:s}", "quantiles", m->ood.nq[i], "side",
+                            jem_ood_side_name(m->ood.side[i]));
+      if (m->ood.has_nograd)
+        json_object_set_new(e, "side_nograd",
+                            json_string(jem_ood_side_name(m->ood.side_nograd[i])));
+      json_object_set_new(sc, jem_score_names[i], e);
+    }
     json_object_set_new(oj, "scores", sc);
   }
   json_object_set_new(o, "ood", oj);
@@ -103,6 +108,7 @@ static void info_text(const jem_model *m, const char *path) {
       printf("              %-12s %d quantiles, side %s\n", jem_score_names[i], m->ood.nq[i],
              jem_ood_side_name(m->ood.side[i]));
     if (m->ood.rule[0]) printf("              rule: %s\n", m->ood.rule);
+    if (m->ood.has_nograd) printf("              rule without the gradient: %s\n", m->ood.rule_nograd);
   } else {
     printf("ood:          no statistics (run `jem calibrate`)\n");
   }

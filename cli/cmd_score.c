@@ -92,7 +92,7 @@ static void flush(scorer *s) {
       json_t *ood = json_object();
       json_object_set_new(ood, "is_ood", r.is_ood < 0 ? json_null() : json_boolean(r.is_ood));
       json_object_set_new(ood, "tpr", jreal(r.tpr));
-      json_object_set_new(ood, "rule", json_string(m->ood.rule));
+      json_object_set_new(ood, "rule", r.rule ? json_string(r.rule) : json_null());
       json_t *sc = json_object();
       for (int j = 0; j < JEM_NUM_SCORES; j++)
         json_object_set_new(sc, jem_score_names[j],

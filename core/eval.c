@@ -227,10 +227,11 @@ int jem_ood_set_load(const char *dir, const char *name, int image_size,
 double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORES]) {
   if (!s || !s->present || !value) return NAN;
   double best = NAN;
+  const int *side = jem_ood_rule_for(s, value, NULL);
   for (int i = 0; i < JEM_NUM_SCORES; i++) {
-    if (s->side[i] == 0 || s->nq[i] < 2 || isnan(value[i])) continue;
+    if (side[i] == 0 || s->nq[i] < 2 || isnan(value[i])) continue;
     double p = jem_ood_percentile(s->q[i], s->nq[i], value[i]);
-    double tail = s->side[i] == 1 ? 1.0 - p : s->side[i] == -1 ? p : 2.0 * fmin(p, 1.0 - p);
+    double tail = side[i] == 1 ? 1.0 - p : side[i] == -1 ? p : 2.0 * fmin(p, 1.0 - p);
     if (isnan(best) || tail < best) best = tail;
   }
   return best;

@@ -163,8 +163,14 @@ typedef struct jem_ood_stats {
    * region at the per-score level t' = 1-(1-tpr)/n_used. side: +1 = high
    * values are OOD, -1 = low values are OOD, 2 = two-sided, 0 = unused. */
   int side[JEM_NUM_SCORES];
+  /* The rule for inputs scored without a gradient (grad=false), in the same
+   * form: applied when a score `side` uses is missing (NaN).  has_nograd = 0
+   * when the model stores none (then the missing score is left out). */
+  int has_nograd;
+  int side_nograd[JEM_NUM_SCORES];
   float default_tpr;               /* 0.95 */
   char rule[256];                  /* human-readable description */
+  char rule_nograd[256];
 } jem_ood_stats;
 
 typedef struct jem_ood_result {
@@ -172,14 +178,20 @@ typedef struct jem_ood_result {
   float percentile[JEM_NUM_SCORES]; /* NaN when no statistics (or score skipped) */
   int is_ood;                       /* -1: unknown (no statistics), 0, 1 */
   float tpr;
+  const char *rule;                 /* the rule applied; NULL without statistics */
 } jem_ood_result;
 
-/* value[] holds the raw scores; a NaN value (e.g. grad skipped) is left out of
- * the verdict. */
+/* value[] holds the raw scores; a NaN value (e.g. grad skipped) switches to
+ * the no-gradient rule when the model has one, else it is left out. */
 /* "high", "low", "two-sided" or "unused": the JSON name of a side value. */
 const char *jem_ood_side_name(int side);
 void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
                   float tpr, jem_ood_result *out);
+/* The sides jem_ood_eval applies to value[] (the no-gradient rule's when a
+ * score of the main rule is NaN and the model has one); *rule (if not NULL)
+ * gets that rule's description. */
+const int *jem_ood_rule_for(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
+                            const char **rule);
 float jem_ood_percentile(const float *q, int nq, float value);
 
 /* ------------------------------------------------------------------------ */

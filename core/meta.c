@@ -414,9 +414,45 @@ static int parse_preprocess(const json_t *v, const jem_arch *a, jem_preprocess *
   return 0;
 }
 
+/* "high" / "low" / "two-sided" / "unused" at path -> +1 / -1 / 2 / 0. */
+static int parse_side(const json_t *v, const char *path, int *out, char *err, size_t errlen) {
+  const char *sd = json_is_string(v) ? json_string_value(v) : NULL;
+  if (sd && strcmp(sd, "high") == 0) *out = 1;
+  else if (sd && strcmp(sd, "low") == 0) *out = -1;
+  else if (sd && strcmp(sd, "two-sided") == 0) *out = 2;
+  else if (sd && strcmp(sd, "unused") == 0) *out = 0;
+  else
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "%s must be one of \"high\", \"low\", \"two-sided\", \"unused\"", path);
+  return 0;
+}
+
+/* A rule's description: the stored string, or one made from its sides. */
+static int parse_rule_text(const json_t *e, const char *path, const int side[JEM_NUM_SCORES],
+                           char *buf, size_t size, char *err, size_t errlen) {
+  if (e) {
+    if (!json_is_string(e) || json_string_length(e) >= size ||
+        strlen(json_string_value(e)) != json_string_length(e))
+      return jem__errf(err, errlen, JEM_EFORMAT, "%s must be a string of at most %zu bytes",
+                       path, size - 1);
+    memcpy(buf, json_string_value(e), json_string_length(e) + 1);
+    return 0;
+  }
+  size_t off = (size_t)snprintf(buf, size, "OOD when any of:");
+  int any = 0;
+  for (int i = 0; i < JEM_NUM_SCORES && off < size; i++) {
+    if (!side[i]) continue;
+    off += (size_t)snprintf(buf + off, size - off, "%s %s %s", any ? "," : "",
+                            jem_score_names[i], jem_ood_side_name(side[i]));
+    any = 1;
+  }
+  if (!any) snprintf(buf, size, "no score is used: verdict unknown");
+  return 0;
+}
+
 static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen) {
-  static const char *const keys[] = {"scores", "tpr", "rule", NULL};
-  static const char *const score_keys[] = {"quantiles", "side", NULL};
+  static const char *const keys[] = {"scores", "tpr", "rule", "rule_nograd", NULL};
+  static const char *const score_keys[] = {"quantiles", "side", "side_nograd", NULL};
   char path[96];
   if (!json_is_object(v)) return jem__errf(err, errlen, JEM_EFORMAT, "ood must be an object");
   int rc = check_keys(v, "ood", keys, err, errlen);
@@ -447,19 +483,16 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
     if (!json_is_object(sv)) return jem__errf(err, errlen, JEM_EFORMAT, "%s must be an object", path);
     if ((rc = check_keys(sv, path, score_keys, err, errlen))) return rc;
 
-    const json_t *side = json_object_get(sv, "side");
-    if (!json_is_string(side))
-      return jem__errf(err, errlen, JEM_EFORMAT,
-                       "%s.side must be one of \"high\", \"low\", \"two-sided\", \"unused\"", path);
-    const char *sd = json_string_value(side);
-    if (strcmp(sd, "high") == 0) s->side[idx] = 1;
-    else if (strcmp(sd, "low") == 0) s->side[idx] = -1;
-    else if (strcmp(sd, "two-sided") == 0) s->side[idx] = 2;
-    else if (strcmp(sd, "unused") == 0) s->side[idx] = 0;
-    else
-      return jem__errf(err, errlen, JEM_EFORMAT,
-                       "%s.side \"%.32s\" must be one of \"high\", \"low\", \"two-sided\", "
-                       "\"unused\"", path, sd);
+    char spath[128];
+    snprintf(spath, sizeof spath, "%s.side", path);
+    if ((rc = parse_side(json_object_get(sv, "side"), spath, &s->side[idx], err, errlen)))
+      return rc;
+    const json_t *ng = json_object_get(sv, "side_nograd");
+    if (ng) {
+      snprintf(spath, sizeof spath, "%s.side_nograd", path);
+      if ((rc = parse_side(ng, spath, &s->side_nograd[idx], err, errlen))) return rc;
+      s->has_nograd = 1;
+    }
 
     const json_t *q = json_object_get(sv, "quantiles");
     if (!json_is_array(q))
@@ -492,25 +525,17 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
       return jem__errf(err, errlen, JEM_EFORMAT, "ood.tpr %g must be in (0, 1)",
                        (double)s->default_tpr);
   }
-  if ((e = json_object_get(v, "rule"))) {
-    if (!json_is_string(e) || json_string_length(e) >= sizeof s->rule ||
-        strlen(json_string_value(e)) != json_string_length(e))
-      return jem__errf(err, errlen, JEM_EFORMAT,
-                       "ood.rule must be a string of at most %zu bytes", sizeof s->rule - 1);
-    memcpy(s->rule, json_string_value(e), json_string_length(e) + 1);
-  } else {
-    /* describe the rule from the sides */
-    size_t off = 0;
-    off += (size_t)snprintf(s->rule, sizeof s->rule, "OOD when any of:");
-    int any = 0;
-    for (int i = 0; i < JEM_NUM_SCORES && off < sizeof s->rule; i++) {
-      if (!s->side[i]) continue;
-      off += (size_t)snprintf(s->rule + off, sizeof s->rule - off, "%s %s %s", any ? "," : "",
-                              jem_score_names[i], jem_ood_side_name(s->side[i]));
-      any = 1;
-    }
-    if (!any) snprintf(s->rule, sizeof s->rule, "no score is used: verdict unknown");
-  }
+  if ((rc = parse_rule_text(json_object_get(v, "rule"), "ood.rule", s->side, s->rule,
+                            sizeof s->rule, err, errlen)))
+    return rc;
+  e = json_object_get(v, "rule_nograd");
+  if (e && !s->has_nograd)
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "ood.rule_nograd needs ood.scores.*.side_nograd");
+  if (s->has_nograd &&
+      (rc = parse_rule_text(e, "ood.rule_nograd", s->side_nograd, s->rule_nograd,
+                            sizeof s->rule_nograd, err, errlen)))
+    return rc;
   s->present = 1;
   return 0;
 }

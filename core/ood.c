@@ -42,6 +42,20 @@ float jem_ood_percentile(const float *q, int nq, float value) {
   return (float)p;
 }
 
+/* A score the main rule needs was not computed (grad=false): the rule chosen
+ * for that case, when the model has one. */
+const int *jem_ood_rule_for(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
+                            const char **rule) {
+  const int *side = s->side;
+  if (rule) *rule = s->rule;
+  for (int i = 0; i < JEM_NUM_SCORES; i++)
+    if (s->side[i] != 0 && s->nq[i] >= 2 && isnan(value[i]) && s->has_nograd) {
+      side = s->side_nograd;
+      if (rule) *rule = s->rule_nograd;
+    }
+  return side;
+}
+
 void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
                   float tpr, jem_ood_result *out) {
   if (!out) return;
@@ -50,16 +64,19 @@ void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
   if (!(tpr > 0.0f && tpr < 1.0f)) tpr = def;
   out->tpr = tpr;
   out->is_ood = -1;
+  out->rule = NULL;
   for (int i = 0; i < JEM_NUM_SCORES; i++) {
     out->value[i] = value ? value[i] : NAN;
     out->percentile[i] = NAN;
   }
   if (!s || !s->present) return;
 
+  const int *side = jem_ood_rule_for(s, out->value, &out->rule);
+
   int n_used = 0;
   for (int i = 0; i < JEM_NUM_SCORES; i++) {
     if (s->nq[i] >= 2) out->percentile[i] = jem_ood_percentile(s->q[i], s->nq[i], out->value[i]);
-    if (s->side[i] != 0 && !isnan(out->percentile[i])) n_used++;
+    if (side[i] != 0 && !isnan(out->percentile[i])) n_used++;
   }
   if (n_used == 0) return; /* nothing to decide on: verdict unknown */
 
@@ -68,8 +85,8 @@ void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
   int ood = 0;
   for (int i = 0; i < JEM_NUM_SCORES; i++) {
     double p = out->percentile[i];
-    if (s->side[i] == 0 || isnan(p)) continue;
-    switch (s->side[i]) {
+    if (side[i] == 0 || isnan(p)) continue;
+    switch (side[i]) {
       case 1: if (p > t) ood = 1; break;
       case -1: if (p < 1.0 - t) ood = 1; break;
       case 2: if (p < (1.0 - t) / 2.0 || p > 1.0 - (1.0 - t) / 2.0) ood = 1; break;

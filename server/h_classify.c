@@ -144,7 +144,7 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
   json_t *ood = json_object();
   json_object_set_new(ood, "is_ood", res.is_ood < 0 ? json_null() : json_boolean(res.is_ood));
   json_object_set_new(ood, "tpr", srv_jreal(res.tpr));
-  json_object_set_new(ood, "rule", m->ood.present ? json_string(m->ood.rule) : json_null());
+  json_object_set_new(ood, "rule", res.rule ? json_string(res.rule) : json_null());
   json_object_set_new(ood, "scores", scores);
   json_object_set_new(o, "ood", ood);
   srv_metrics_scores(t->energy[i], res.percentile);

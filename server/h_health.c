@@ -58,6 +58,8 @@ enum MHD_Result srv_h_models(srv_req *r) {
   json_object_set_new(ood, "present", json_boolean(m->ood.present));
   json_object_set_new(ood, "default_tpr", srv_jreal(m->ood.present ? m->ood.default_tpr : 0.95));
   json_object_set_new(ood, "rule", m->ood.present ? json_string(m->ood.rule) : json_null());
+  json_object_set_new(ood, "rule_nograd", m->ood.present && m->ood.has_nograd
+                                              ? json_string(m->ood.rule_nograd) : json_null());
   json_t *sides = json_object();
   for (int s = 0; s < JEM_NUM_SCORES; s++)
     json_object_set_new(sides, jem_score_names[s],

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "jem.h"
+#include "metrics.h"
 
 #define NEAR(a, b) assert_true(fabs((double)(a) - (double)(b)) < 1e-6)
 
@@ -190,6 +191,50 @@ static void test_no_stats(void **state) {
   free(s);
 }
 
+/* A rule that needs the gradient switches to the no-gradient rule when the
+ * gradient score is missing, and says which rule it applied. */
+static void test_verdict_nograd_rule(void **state) {
+  (void)state;
+  jem_ood_stats *s = malloc(sizeof *s);
+  identity_stats(s, 0, -1, 0); /* main rule: grad_norm low alone */
+  strcpy(s->rule, "main");
+  jem_ood_result r;
+  /* no fallback stored: the verdict is unknown without the gradient */
+  float v[JEM_NUM_SCORES] = {0.99f, NAN, 0.5f};
+  jem_ood_eval(s, v, 0.95f, &r);
+  assert_int_equal(r.is_ood, -1);
+  assert_string_equal(r.rule, "main");
+  /* fallback: energy high */
+  s->has_nograd = 1;
+  s->side_nograd[JEM_SCORE_ENERGY] = 1;
+  strcpy(s->rule_nograd, "nograd");
+  jem_ood_eval(s, v, 0.95f, &r);
+  assert_int_equal(r.is_ood, 1);
+  assert_string_equal(r.rule, "nograd");
+  v[0] = 0.9f;
+  jem_ood_eval(s, v, 0.95f, &r);
+  assert_int_equal(r.is_ood, 0);
+  NEAR(jem_ood_rule_stat(s, v), 0.1);
+  /* with the gradient the main rule applies, and energy is not used */
+  float w[JEM_NUM_SCORES] = {0.99f, 0.5f, 0.5f};
+  jem_ood_eval(s, w, 0.95f, &r);
+  assert_int_equal(r.is_ood, 0);
+  assert_string_equal(r.rule, "main");
+  w[1] = 0.01f;
+  jem_ood_eval(s, w, 0.95f, &r);
+  assert_int_equal(r.is_ood, 1);
+  NEAR(jem_ood_rule_stat(s, w), 0.01);
+  /* a main rule without the gradient never switches */
+  identity_stats(s, 1, 0, 0);
+  s->has_nograd = 1;
+  s->side_nograd[JEM_SCORE_MAX_SOFTMAX] = -1;
+  float x[JEM_NUM_SCORES] = {0.5f, NAN, 0.01f};
+  jem_ood_eval(s, x, 0.95f, &r);
+  assert_int_equal(r.is_ood, 0);
+  assert_ptr_equal(r.rule, s->rule);
+  free(s);
+}
+
 /* The metadata parser fills jem_ood_stats, which then drives verdicts. */
 static void test_meta_ood(void **state) {
   (void)state;
@@ -237,6 +282,41 @@ static void test_meta_ood(void **state) {
   json_object_del(m->meta, "ood");
   assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
   assert_int_equal(m->ood.present, 0);
+
+  /* the no-gradient rule: sides per score, and its description */
+  ood = json_loads(
+      "{\"scores\": {\"energy\": {\"quantiles\": [-6, -5, -4, -3, -2], \"side\": \"unused\","
+      " \"side_nograd\": \"high\"},"
+      " \"grad_norm\": {\"quantiles\": [0.5, 1, 2], \"side\": \"low\","
+      " \"side_nograd\": \"unused\"}},"
+      " \"rule\": \"grad rule\", \"rule_nograd\": \"energy rule\"}",
+      0, NULL);
+  assert_non_null(ood);
+  json_object_set_new(m->meta, "ood", ood);
+  assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_int_equal(m->ood.has_nograd, 1);
+  assert_int_equal(m->ood.side_nograd[JEM_SCORE_ENERGY], 1);
+  assert_string_equal(m->ood.rule_nograd, "energy rule");
+  float nv[JEM_NUM_SCORES] = {-2.1f, NAN, 0.5f};
+  jem_ood_eval(&m->ood, nv, 0.95f, &r);
+  assert_int_equal(r.is_ood, 1);
+  assert_string_equal(r.rule, "energy rule");
+  /* without a stored description one is made from the sides */
+  json_object_del(json_object_get(m->meta, "ood"), "rule_nograd");
+  assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(m->ood.rule_nograd, "energy high"));
+  /* bad side, and a description without sides, are refused */
+  json_t *en = json_object_get(json_object_get(json_object_get(m->meta, "ood"), "scores"),
+                               "energy");
+  json_object_set_new(en, "side_nograd", json_integer(3));
+  assert_int_not_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(err, "ood.scores.energy.side_nograd"));
+  json_object_del(en, "side_nograd");
+  json_object_del(json_object_get(json_object_get(json_object_get(m->meta, "ood"), "scores"),
+                                  "grad_norm"), "side_nograd");
+  json_object_set_new(json_object_get(m->meta, "ood"), "rule_nograd", json_string("x"));
+  assert_int_not_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(err, "rule_nograd"));
   jem_model_free(m);
 }
 
@@ -248,6 +328,7 @@ int main(void) {
       cmocka_unit_test(test_verdict_sides),
       cmocka_unit_test(test_verdict_nan_and_tpr),
       cmocka_unit_test(test_no_stats),
+      cmocka_unit_test(test_verdict_nograd_rule),
       cmocka_unit_test(test_meta_ood),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -57,10 +57,14 @@ def write_model(path, seed=0, name="testnet", ood=True, k=10, in_ch=1, scale=1.0
     if ood:
         meta["ood"] = {
             "scores": {
-                "energy": {"quantiles": list(np.linspace(-2.40, -2.20, 21)), "side": "high"},
-                "grad_norm": {"quantiles": list(np.linspace(0.0, 0.5, 21)), "side": "two-sided"},
-                "max_softmax": {"quantiles": list(np.linspace(0.1, 0.2, 21)), "side": "unused"}},
-            "tpr": 0.95, "rule": "test rule: energy high or grad_norm two-sided"}
+                "energy": {"quantiles": list(np.linspace(-2.40, -2.20, 21)), "side": "high",
+                           "side_nograd": "high"},
+                "grad_norm": {"quantiles": list(np.linspace(0.0, 0.5, 21)), "side": "two-sided",
+                              "side_nograd": "unused"},
+                "max_softmax": {"quantiles": list(np.linspace(0.1, 0.2, 21)), "side": "unused",
+                                "side_nograd": "two-sided"}},
+            "tpr": 0.95, "rule": "test rule: energy high or grad_norm two-sided",
+            "rule_nograd": "test no-grad rule: energy high or max_softmax two-sided"}
     header = {"__metadata__": {"jem": json.dumps(meta)}}
     off = 0
     blobs = []

@@ -163,6 +163,10 @@ def main():
     check(any(e["side"] != "unused" for e in o.get("scores", {}).values()), "rule uses a score")
     check("not MNIST" in o.get("rule", ""), "rule says it was not tuned on MNIST")
     check("interp,letters" in o.get("rule", ""), "rule tuned on the default sets, letters included")
+    sn = {k: e.get("side_nograd") for k, e in o.get("scores", {}).items()}
+    check(sn.get("grad_norm") == "unused" and any(v not in (None, "unused") for v in sn.values())
+          and o.get("rule_nograd", "").startswith("without the gradient score"),
+          f"a no-gradient rule over the forward-only scores: {sn}")
     check("calibration" in meta.get("provenance", {}), "provenance.calibration")
     r = run([jem, "info", cal])
     check("statistics present" in r.stdout or "ood" in r.stdout, "jem info shows the stats")

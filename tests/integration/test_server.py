@@ -236,6 +236,8 @@ def test_routes(c, imgs, model_name):
     m = js["models"][0]
     check(m["name"] == model_name and m["input_shape"] == [1, 32, 32], "models: name and shape")
     check(m["ood"]["present"] is True and len(m["classes"]) == 10, "models: ood and classes")
+    check(m["ood"]["rule"].startswith("test rule") and
+          m["ood"]["rule_nograd"].startswith("test no-grad rule"), "models: both rules")
     # one image, all fields
     st, h, r = c.call("POST", "/v1/classify?top_k=3", imgs[0], {"Content-Type": "image/png"}, 200)
     check("x-request-id" in h, "X-Request-Id header")
@@ -247,6 +249,7 @@ def test_routes(c, imgs, model_name):
     check(abs(r["energy"] + lse) < 1e-4, "energy = -logsumexp(logits)")
     check(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0, "grad_norm present")
     check(r["ood"]["is_ood"] in (True, False) and r["ood"]["tpr"] == 0.95, "ood verdict at 0.95")
+    check(r["ood"]["rule"].startswith("test rule"), "the main rule applies with the gradient")
     for s in ("energy", "grad_norm", "max_softmax"):
         p = r["ood"]["scores"][s]["percentile"]
         check(p is not None and 0 <= p <= 1, f"percentile of {s} in [0,1]")
@@ -262,6 +265,14 @@ def test_routes(c, imgs, model_name):
     check(r2["grad_norm"] is None and r2["ood"]["scores"]["grad_norm"]["value"] is None,
           "grad=false gives null grad_norm")
     check(r2["ood"]["tpr"] == 0.5 and "top_k" not in r2, "tpr override, no top_k unless asked")
+    # without the gradient the no-gradient rule decides: OOD when the energy
+    # percentile is above 1-(1-0.5)/2 or max_softmax's outside [0.125, 0.875]
+    o2 = r2["ood"]
+    check(o2["rule"].startswith("test no-grad rule") and o2["is_ood"] in (True, False),
+          "grad=false: the no-gradient rule gives a verdict")
+    pe, pm = o2["scores"]["energy"]["percentile"], o2["scores"]["max_softmax"]["percentile"]
+    check(o2["is_ood"] == (pe > 0.75 or pm < 0.125 or pm > 0.875),
+          "grad=false: verdict follows the no-gradient rule")
     check(rel_close(r2["logits"], r["logits"]), "grad=false: same logits")
     # multipart and JSON give the same results in order
     body, ct = multipart([("image/png", imgs[1]), ("application/octet-stream", imgs[2])])
