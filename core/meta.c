@@ -421,6 +421,10 @@ static int parse_side(const json_t *v, const char *path, int *out, char *err, si
   else if (sd && strcmp(sd, "low") == 0) *out = -1;
   else if (sd && strcmp(sd, "two-sided") == 0) *out = 2;
   else if (sd && strcmp(sd, "unused") == 0) *out = 0;
+  else if (sd)
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "%s \"%.32s\" must be one of \"high\", \"low\", \"two-sided\", "
+                     "\"unused\"", path, sd);
   else
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "%s must be one of \"high\", \"low\", \"two-sided\", \"unused\"", path);
