@@ -104,11 +104,15 @@ static void info_text(const jem_model *m, const char *path) {
          (double)p->range_lo, (double)p->range_hi, p->invert ? ", inverted" : "");
   if (m->ood.present) {
     printf("ood:          statistics present, default TPR %g\n", (double)m->ood.default_tpr);
-    for (int i = 0; i < JEM_NUM_SCORES; i++)
-      printf("              %-12s %d quantiles, side %s\n", jem_score_names[i], m->ood.nq[i],
+    for (int i = 0; i < JEM_NUM_SCORES; i++) {
+      printf("              %-12s %d quantiles, side %s", jem_score_names[i], m->ood.nq[i],
              jem_ood_side_name(m->ood.side[i]));
+      if (m->ood.has_nograd)
+        printf(" (without the gradient: %s)", jem_ood_side_name(m->ood.side_nograd[i]));
+      printf("\n");
+    }
     if (m->ood.rule[0]) printf("              rule: %s\n", m->ood.rule);
-    if (m->ood.has_nograd) printf("              rule without the gradient: %s\n", m->ood.rule_nograd);
+    if (m->ood.has_nograd) printf("              rule_nograd: %s\n", m->ood.rule_nograd);
   } else {
     printf("ood:          no statistics (run `jem calibrate`)\n");
   }
