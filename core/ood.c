@@ -46,14 +46,12 @@ float jem_ood_percentile(const float *q, int nq, float value) {
  * for that case, when the model has one. */
 const int *jem_ood_rule_for(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
                             const char **rule) {
-  const int *side = s->side;
-  if (rule) *rule = s->rule;
+  int missing = 0;
   for (int i = 0; i < JEM_NUM_SCORES; i++)
-    if (s->side[i] != 0 && s->nq[i] >= 2 && isnan(value[i]) && s->has_nograd) {
-      side = s->side_nograd;
-      if (rule) *rule = s->rule_nograd;
-    }
-  return side;
+    missing |= s->side[i] != 0 && s->nq[i] >= 2 && isnan(value[i]);
+  const int nograd = missing && s->has_nograd;
+  if (rule) *rule = nograd ? s->rule_nograd : s->rule;
+  return nograd ? s->side_nograd : s->side;
 }
 
 void jem_ood_eval(const jem_ood_stats *s, const float value[JEM_NUM_SCORES],
