@@ -54,11 +54,14 @@ load_settings() {
   # (a warm restart from run 2's baseline at half its peak lr: run 2 still
   # underfitted, train accuracy 92% against 91% validation), then runs
   # run 3's JEM stage from it for 2,000 iterations.
-  # Run 8 (session 6, shipped) runs the JEM stage again from run 5's baseline
+  # Run 8 (session 6, shipped until session 8) runs the JEM stage again from run 5's baseline
   # with half the energy weight (0.05) and a weaker energy L2 (0.002), so
   # that the data energies stay near the cross-entropy model's (about -10)
   # instead of being pulled to about -4 (run 7: weight 0.05, L2 0.005).
-  RUN=${RUN:-fmnist8}                # JEM stage in runs/$RUN-jem (run 5: fmnist5)
+  # Run 10 (session 7, shipped since session 8) keeps run 8's gap
+  # equilibrium (w/2L = 12.5) with weight 0.02 and L2 0.0008: 91.38% test
+  # accuracy against run 8's 90.85%.
+  RUN=${RUN:-fmnist10}               # JEM stage in runs/$RUN-jem (run 5: fmnist5, run 8: fmnist8)
   BASE1_RUN=${BASE1_RUN:-fmnist2}    # first baseline cycle in runs/$BASE1_RUN-baseline
   BASE_RUN=${BASE_RUN:-fmnist5}      # last baseline cycle (BASE1_RUN without a second)
   DEPTH=${DEPTH:-10}
@@ -77,16 +80,16 @@ load_settings() {
   if [ "$BASE2_ITERS" -gt 0 ]; then WARM_AT=${WARM_AT:-$BASE2_ITERS}; else WARM_AT=${WARM_AT:-$BASE_ITERS}; fi
   JEM_ITERS=${JEM_ITERS:-2000}       # run 1: 3000, run 2: 600, run 3: 2800
   JEM_SEGMENT=${JEM_SEGMENT:-500}    # models/fmnist-jem.safetensors refresh (run 2: 300, run 3: 700)
-  JEM_SEED=${JEM_SEED:-8}            # run 2: 1 (= SEED); runs 3, 5: 3; run 7: 7
+  JEM_SEED=${JEM_SEED:-10}           # run 2: 1 (= SEED); runs 3, 5: 3; run 7: 7; run 8: 8; run 9: 9
   JEM_K=${JEM_K:-10}
   JEM_LR=${JEM_LR:-1e-4}
   JEM_WARMUP=${JEM_WARMUP:-100}      # run 1: 200
-  JEM_L2=${JEM_L2:-0.002}            # runs 2-7: 0.005; run 1: 0.01; 0.05 cost 8 points of train accuracy in
+  JEM_L2=${JEM_L2:-0.0008}           # runs 2-7: 0.005; run 8: 0.002; run 9: 0.001; run 1: 0.01; 0.05 cost 8 points of train accuracy in
                                      # 50 iterations (runs/fmnist2-jem-try1): its pull on
                                      # E_sample ~ -30 dominates at the start
   JEM_BUFFER_INIT=${JEM_BUFFER_INIT:-gaussian}   # run 2: data
   JEM_PX_RAMP=${JEM_PX_RAMP:-200}    # run 1: 500
-  JEM_PX_WEIGHT=${JEM_PX_WEIGHT:-0.05}  # runs 2-6: 0.1; official: 1; run 1: 0.3 (cost 6 points, most of it
+  JEM_PX_WEIGHT=${JEM_PX_WEIGHT:-0.02}  # runs 2-6: 0.1; runs 7-9: 0.05; official: 1; run 1: 0.3 (cost 6 points, most of it
                                         # in the first 250 iterations)
   JEM_CLAMP=${JEM_CLAMP:-1}             # official: 0 (see the note above)
   JEM_BUFFER=${JEM_BUFFER:-1000}        # run 2: 10000
