@@ -149,16 +149,78 @@ typedef struct score_rows {
   const char *name;
   int n;
   float (*v)[JEM_NUM_SCORES];
+  float *bits;       /* [n] compressed lengths, for energy_complexity */
 } score_rows;
 
 static int rows_from(const jem_set_scores *s, const char *name, score_rows *out) {
   out->name = name;
   out->n = s->n;
   out->v = malloc(sizeof *out->v * (size_t)(s->n > 0 ? s->n : 1));
-  if (!out->v) return -1;
-  for (int i = 0; i < s->n; i++)
+  out->bits = malloc(sizeof *out->bits * (size_t)(s->n > 0 ? s->n : 1));
+  if (!out->v || !out->bits) return -1;
+  for (int i = 0; i < s->n; i++) {
     for (int k = 0; k < JEM_NUM_SCORES; k++) out->v[i][k] = s->score[k][i];
+    out->bits[i] = s->bits[i];
+  }
   return 0;
+}
+
+static void rows_free(score_rows *r) {
+  free(r->v);
+  free(r->bits);
+  r->v = NULL;
+  r->bits = NULL;
+}
+
+/* Sets energy_complexity = energy - w * bits in every row. */
+static void rows_set_complexity(score_rows *r, double w) {
+  for (int i = 0; i < r->n; i++)
+    r->v[i][JEM_SCORE_ENERGY_COMPLEXITY] =
+        (float)((double)r->v[i][JEM_SCORE_ENERGY] - w * (double)r->bits[i]);
+}
+
+/* Mean AUROC of energy_complexity, high values OOD, over the tuning sets. */
+static double complexity_auroc(const score_rows *id, const score_rows *sets, int nsets) {
+  double *pos = malloc(sizeof(double) * (size_t)id->n), tot = 0.0;
+  if (!pos) return NAN;
+  for (int i = 0; i < id->n; i++) pos[i] = -(double)id->v[i][JEM_SCORE_ENERGY_COMPLEXITY];
+  for (int k = 0; k < nsets; k++) {
+    double *neg = malloc(sizeof(double) * (size_t)sets[k].n);
+    if (!neg) {
+      free(pos);
+      return NAN;
+    }
+    for (int i = 0; i < sets[k].n; i++) neg[i] = -(double)sets[k].v[i][JEM_SCORE_ENERGY_COMPLEXITY];
+    tot += jem_auroc(pos, id->n, neg, sets[k].n);
+    free(neg);
+  }
+  free(pos);
+  return tot / nsets;
+}
+
+/* The weight w of energy_complexity (Serra et al., ICLR 2020: the energy
+ * minus the input's compressed length): the one, on a log grid from 1e-4 to
+ * 0.1 nats per bit (and 0, the plain energy), with the best mean AUROC over
+ * the tuning sets with high values OOD.  A JEM's energy has no absolute
+ * scale (the energy L2 term sets it), so the weight cannot be 1/ln 2 as for
+ * a normalised likelihood.  Leaves every row's energy_complexity at the
+ * chosen weight and appends each candidate to fit. */
+static double fit_complexity_weight(score_rows *id, score_rows *sets, int nsets, json_t *fit) {
+  double best_w = 0.0, best_a = -1.0;
+  for (int i = -1; i <= 24; i++) {
+    const double w = i < 0 ? 0.0 : 1e-4 * pow(10.0, i / 8.0);
+    rows_set_complexity(id, w);
+    for (int k = 0; k < nsets; k++) rows_set_complexity(&sets[k], w);
+    const double a = complexity_auroc(id, sets, nsets);
+    json_array_append_new(fit, json_pack("{s:f,s:f}", "weight", w, "mean_auroc", a));
+    if (a > best_a + 1e-9) {
+      best_a = a;
+      best_w = w;
+    }
+  }
+  rows_set_complexity(id, best_w);
+  for (int k = 0; k < nsets; k++) rows_set_complexity(&sets[k], best_w);
+  return best_w;
 }
 
 /* Mean AUROC of jem_ood_rule_stat (validation positive) over the sets. */
@@ -324,6 +386,7 @@ int cmd_calibrate(int argc, char **argv) {
   st->present = 1;
   st->default_tpr = o.tpr;
   for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    if (k == JEM_SCORE_ENERGY_COMPLEXITY) continue; /* after its weight, below */
     if (jem_quantiles(sv.score[k], nv, o.nq, st->q[k], err, sizeof err)) {
       fprintf(stderr, "jem calibrate: %s: %s\n", jem_score_names[k], err);
       goto done;
@@ -347,12 +410,31 @@ int cmd_calibrate(int argc, char **argv) {
     jem_set_scores_free(&so);
     jem_dataset_free(&od);
     if (bad) {
+      rows_free(&sets[nsets]);
       fprintf(stderr, "jem calibrate: tuning set %s: %s\n", o.tune[t],
               err[0] ? err : "does not fit the model");
       goto done;
     }
     nsets++;
   }
+
+  /* ---- energy_complexity: its weight, then its quantiles ---- */
+  json_t *cfit = json_array();
+  const double cw = fit_complexity_weight(&id, sets, nsets, cfit);
+  {
+    float *ec = malloc(sizeof(float) * (size_t)nv);
+    for (int i = 0; ec && i < nv; i++) ec[i] = id.v[i][JEM_SCORE_ENERGY_COMPLEXITY];
+    if (!ec || jem_quantiles(ec, nv, o.nq, st->q[JEM_SCORE_ENERGY_COMPLEXITY], err, sizeof err)) {
+      fprintf(stderr, "jem calibrate: energy_complexity: %s\n", ec ? err : "out of memory");
+      free(ec);
+      json_decref(cfit);
+      goto done;
+    }
+    free(ec);
+    st->nq[JEM_SCORE_ENERGY_COMPLEXITY] = o.nq;
+    st->complexity_weight = (float)cw;
+  }
+  fprintf(stderr, "jem calibrate: energy_complexity weight %.3g nats per bit\n", cw);
 
   /* ---- 1. side per score ---- */
   static const int sides[3] = {1, -1, 2};
@@ -421,6 +503,7 @@ int cmd_calibrate(int argc, char **argv) {
       json_object_set_new(scores, jem_score_names[k], e);
     }
     json_object_set_new(ood, "scores", scores);
+    json_object_set_new(ood, "complexity_weight", json_real((float)cw));
     json_object_set_new(ood, "tpr", json_real(o.tpr));
     json_object_set_new(ood, "rule", json_string(best->rule));
     json_object_set_new(ood, "rule_nograd", json_string(best->rule_nograd));
@@ -463,6 +546,8 @@ int cmd_calibrate(int argc, char **argv) {
     }
     json_object_set_new(cal, "side_mean_auroc", sa);
     json_object_set_new(cal, "subsets", cands);
+    json_object_set_new(cal, "complexity_weight_fit", cfit);
+    cfit = NULL;
     cands = NULL;
     json_object_set_new(cal, "chosen_mean_detected", json_real(main_rule.obj));
     json_object_set_new(cal, "chosen_valid_accepted", json_real(main_rule.tpr));
@@ -471,6 +556,7 @@ int cmd_calibrate(int argc, char **argv) {
     json_object_set_new(prov, "calibration", cal);
   }
   json_decref(cands);
+  json_decref(cfit);
   if (jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem calibrate: the new metadata does not apply: %s\n", err);
     goto done;
@@ -483,8 +569,8 @@ int cmd_calibrate(int argc, char **argv) {
   status = 0;
 
 done:
-  for (int t = 0; t < nsets; t++) free(sets[t].v);
-  free(id.v);
+  for (int t = 0; t < nsets; t++) rows_free(&sets[t]);
+  rows_free(&id);
   free(st);
   free(best);
   jem_set_scores_free(&sv);

@@ -57,7 +57,8 @@ static void usage(FILE *f) {
     "accuracy, for choosing among checkpoints), ECE (20 bins) before and after\n"
     "temperature scaling (T fitted on the 5k validation split), a\n"
     "reliability diagram, OOD AUROC/AUPR/FPR95 for each score (energy, grad_norm,\n"
-    "max_softmax) on each OOD set one- and two-sided, class-conditional and\n"
+    "max_softmax, and energy_complexity when the model has its weight) on each\n"
+    "OOD set one- and two-sided, class-conditional and\n"
     "unconditional SGLD sample grids, the Frechet distance between test and sample\n"
     "features, and accuracy under PGD L-inf/L2 attacks.  Writes report.md,\n"
     "report.json and PNGs into --out-dir.\n"
@@ -352,8 +353,9 @@ static json_t *metrics_json(const jem_ood_metrics *mm) {
 }
 
 /* The conventional direction of each score (jem.md): low energy, low
- * gradient norm and high max-softmax are in-distribution. */
-static const int conventional[JEM_NUM_SCORES] = {V_HIGH, V_HIGH, V_LOW};
+ * gradient norm and high max-softmax are in-distribution; energy_complexity
+ * points like the energy (Serra et al.: high = OOD). */
+static const int conventional[JEM_NUM_SCORES] = {V_HIGH, V_HIGH, V_LOW, V_HIGH};
 
 /* ------------------------------------------------------------------------ */
 /* Main                                                                     */
@@ -512,6 +514,7 @@ int cmd_eval(int argc, char **argv) {
   t0 = now_s();
   for (int s = 0; s < JEM_NUM_SCORES; s++) {
     if (s == JEM_SCORE_GRAD_NORM && !want_grad) continue;
+    if (s == JEM_SCORE_ENERGY_COMPLEXITY && isnan(m->ood.complexity_weight)) continue;
     if (!(vq[s] = malloc(sizeof(float) * 1001)) ||
         jem_quantiles(sv.score[s], nv, 1001, vq[s], err, sizeof err)) {
       fprintf(stderr, "jem eval: validation quantiles of %s: %s\n", jem_score_names[s],
@@ -600,9 +603,10 @@ int cmd_eval(int argc, char **argv) {
     free(neg);
     jem_set_scores_free(&so);
     jem_dataset_free(&od);
-    fprintf(stderr, "  OOD %-8s AUROC energy %.3f  grad_norm %.3f  max_softmax %.3f "
-            "(conventional one-sided)\n", R->name, R->mt[0][conventional[0]].auroc,
-            R->mt[1][conventional[1]].auroc, R->mt[2][conventional[2]].auroc);
+    fprintf(stderr, "  OOD %-8s AUROC energy %.3f  grad_norm %.3f  max_softmax %.3f  "
+            "energy_complexity %.3f (conventional one-sided)\n", R->name,
+            R->mt[0][conventional[0]].auroc, R->mt[1][conventional[1]].auroc,
+            R->mt[2][conventional[2]].auroc, R->mt[3][conventional[3]].auroc);
   }
   free(pos);
   free(rule_pos);
@@ -953,9 +957,13 @@ int cmd_eval(int argc, char **argv) {
     fprintf(md, "## OOD detection\n\nAUROC / AUPR-in / FPR at 95%% TPR, in-distribution "
             "(Fashion-MNIST test) as the positive class.  `high`: high values are OOD, "
             "`low`: low values are OOD, `two`: two-sided on the validation percentile.  "
-            "Conventional directions: energy high, grad_norm high, max_softmax low.\n\n");
-    fprintf(md, "Mean test scores: energy %.4g, grad_norm %.4g, max_softmax %.4g.\n\n",
-            mean_f(st.score[0], nt), mean_f(st.score[1], nt), mean_f(st.score[2], nt));
+            "Conventional directions: energy high, grad_norm high, max_softmax low, "
+            "energy_complexity high (the energy minus %.3g nats per bit of the input's "
+            "deflate length, Serra et al., ICLR 2020; NaN without the model's weight).\n\n",
+            (double)m->ood.complexity_weight);
+    fprintf(md, "Mean test scores: energy %.4g, grad_norm %.4g, max_softmax %.4g, "
+            "energy_complexity %.4g.\n\n", mean_f(st.score[0], nt), mean_f(st.score[1], nt),
+            mean_f(st.score[2], nt), mean_f(st.score[3], nt));
     fprintf(md, "| set | n | score | mean | AUROC high | AUROC low | AUROC two | AUPR-in "
             "(conv.) | FPR95 (conv.) | FPR95 two |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (int r = 0; r < n_ood; r++)

@@ -5,6 +5,7 @@
 
 #include <getopt.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +63,8 @@ static json_t *info_json(const jem_model *m, const char *path) {
     json_object_set_new(oj, "tpr", json_real(args_f2d(m->ood.default_tpr)));
     json_object_set_new(oj, "rule", json_string(m->ood.rule));
     if (m->ood.has_nograd) json_object_set_new(oj, "rule_nograd", json_string(m->ood.rule_nograd));
+    if (!isnan(m->ood.complexity_weight))
+      json_object_set_new(oj, "complexity_weight", json_real(args_f2d(m->ood.complexity_weight)));
     json_t *sc = json_object();
     for (int i = 0; i < JEM_NUM_SCORES; i++) {
       json_t *e = json_pack("{s:i,s:s}", "quantiles", m->ood.nq[i], "side",
@@ -104,8 +107,11 @@ static void info_text(const jem_model *m, const char *path) {
          (double)p->range_lo, (double)p->range_hi, p->invert ? ", inverted" : "");
   if (m->ood.present) {
     printf("ood:          statistics present, default TPR %g\n", (double)m->ood.default_tpr);
+    if (!isnan(m->ood.complexity_weight))
+      printf("              energy_complexity = energy - %g nats/bit x deflate bits\n",
+             (double)m->ood.complexity_weight);
     for (int i = 0; i < JEM_NUM_SCORES; i++) {
-      printf("              %-12s %d quantiles, side %s", jem_score_names[i], m->ood.nq[i],
+      printf("              %-17s %4d quantiles, side %s", jem_score_names[i], m->ood.nq[i],
              jem_ood_side_name(m->ood.side[i]));
       if (m->ood.has_nograd)
         printf(" (without the gradient: %s)", jem_ood_side_name(m->ood.side_nograd[i]));

@@ -20,9 +20,11 @@ static void score_help(FILE *f) {
           "  file, index (position inside a .npy, else 0), label, class, confidence (max\n"
           "  temperature-scaled probability), probs (temperature-scaled), logits (raw),\n"
           "  energy (-logsumexp of the logits), grad_norm (L2 norm of d logsumexp / dx over\n"
-          "  the whole model input; null with --no-grad), max_softmax (untempered), and\n"
-          "  ood {is_ood, tpr, rule, scores: {energy|grad_norm|max_softmax: {value,\n"
-          "  percentile}}} when the model has OOD statistics.\n\n"
+          "  the whole model input; null with --no-grad), max_softmax (untempered),\n"
+          "  energy_complexity (energy minus the model's complexity_weight times the\n"
+          "  input's deflate length in bits; null when the model has no weight), and\n"
+          "  ood {is_ood, tpr, rule, scores: {energy|grad_norm|max_softmax|\n"
+          "  energy_complexity: {value, percentile}}} when the model has OOD statistics.\n\n"
           "INPUT is a PNG or JPEG (recognised by content, not by name), preprocessed as the\n"
           "model's metadata says, or a NumPy .npy float32/float64 array of shape [C,H,W] or\n"
           "[N,C,H,W] already in model space.  A bad input is reported on stderr with its\n"
@@ -51,7 +53,7 @@ typedef struct scorer {
   float *x;          /* [batch, C, S, S] */
   pending *who;      /* [batch] */
   int n;             /* filled */
-  float *logits, *probs, *energy, *grad, *maxsm, *conf;
+  float *logits, *probs, *energy, *grad, *maxsm, *conf, *ecx;
   int *label;
   int failed_out;    /* output (JSON) failures */
 } scorer;
@@ -66,7 +68,8 @@ static json_t *jarray(const float *v, int k) {
 
 static void flush(scorer *s) {
   if (s->n == 0) return;
-  jem_scores out = {s->logits, s->probs, s->energy, s->grad, s->maxsm, s->label, s->conf};
+  jem_scores out = {s->logits, s->probs, s->energy, s->grad, s->maxsm, s->label, s->conf,
+                    NULL, s->ecx};
   jem_score_batch(s->ws, s->m, s->x, s->n, s->want_grad, &out);
   const jem_model *m = s->m;
   for (int i = 0; i < s->n; i++) {
@@ -82,11 +85,13 @@ static void flush(scorer *s) {
     json_object_set_new(o, "energy", jreal(s->energy[i]));
     json_object_set_new(o, "grad_norm", jreal(s->grad[i]));
     json_object_set_new(o, "max_softmax", jreal(s->maxsm[i]));
+    json_object_set_new(o, "energy_complexity", jreal(s->ecx[i]));
     if (m->ood.present) {
       float v[JEM_NUM_SCORES];
       v[JEM_SCORE_ENERGY] = s->energy[i];
       v[JEM_SCORE_GRAD_NORM] = s->want_grad ? s->grad[i] : NAN;
       v[JEM_SCORE_MAX_SOFTMAX] = s->maxsm[i];
+      v[JEM_SCORE_ENERGY_COMPLEXITY] = s->ecx[i];
       jem_ood_result r;
       jem_ood_eval(&m->ood, v, s->tpr, &r);
       json_t *ood = json_object();
@@ -245,10 +250,11 @@ int cmd_score(int argc, char **argv) {
   s.grad = malloc((size_t)batch * sizeof(float));
   s.maxsm = malloc((size_t)batch * sizeof(float));
   s.conf = malloc((size_t)batch * sizeof(float));
+  s.ecx = malloc((size_t)batch * sizeof(float));
   s.label = malloc((size_t)batch * sizeof(int));
   int status = 0;
   if (!s.ws || !s.x || !s.who || !s.logits || !s.probs || !s.energy || !s.grad || !s.maxsm ||
-      !s.conf || !s.label) {
+      !s.conf || !s.ecx || !s.label) {
     fprintf(stderr, "jem score: out of memory for batch size %d\n", batch);
     status = 1;
   } else {
@@ -269,6 +275,7 @@ int cmd_score(int argc, char **argv) {
   free(s.grad);
   free(s.maxsm);
   free(s.conf);
+  free(s.ecx);
   free(s.label);
   jem_ws_free(s.ws);
   jem_model_free(m);

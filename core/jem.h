@@ -139,18 +139,28 @@ typedef struct jem_preprocess {
  * metadata key "ood":
  *   {"scores": {"energy":      {"quantiles": [q_0, ..., q_m], "side": "high"},
  *               "grad_norm":   {"quantiles": [...], "side": "two-sided"},
- *               "max_softmax": {"quantiles": [...], "side": "unused"}},
+ *               "max_softmax": {"quantiles": [...], "side": "unused"},
+ *               "energy_complexity": {...}},
+ *    "complexity_weight": 0.005,
  *    "tpr": 0.95, "rule": "human-readable description of the verdict rule"}
  * quantiles: ascending, at evenly spaced probabilities 0, 1/m, ..., 1 of the
  * in-distribution validation values (2 <= m+1 <= JEM_OOD_MAX_QUANTILES).
  * side: "high" (high values are OOD), "low", "two-sided", "unused".
  *
  * OOD statistics.  Scores: energy (= -logsumexp f), grad_norm
- * (||d logsumexp f / dx||_2), max_softmax (untempered).  For each score the
+ * (||d logsumexp f / dx||_2), max_softmax (untempered) and energy_complexity
+ * = energy - complexity_weight * bits, where bits is the input's length
+ * after lossless compression (jem_input_complexity_bits).  It is the
+ * input-complexity correction of Serra et al. (ICLR 2020): a density model
+ * gives simple images high likelihood whatever they show (Nalisnick et al.,
+ * ICLR 2019: FashionMNIST models and MNIST), and subtracting a generic
+ * compressor's code length cancels that bias.  A JEM's energy is not a
+ * normalised likelihood, so the weight is fitted by jem calibrate (never on
+ * MNIST); without it the score is NaN.  For each score the
  * metadata stores quantiles of its in-distribution validation values; the
  * percentile of a value is the empirical CDF (interpolated), in [0,1]. */
 enum { JEM_SCORE_ENERGY = 0, JEM_SCORE_GRAD_NORM, JEM_SCORE_MAX_SOFTMAX,
-       JEM_NUM_SCORES };
+       JEM_SCORE_ENERGY_COMPLEXITY, JEM_NUM_SCORES };
 extern const char *const jem_score_names[JEM_NUM_SCORES];
 
 #define JEM_OOD_MAX_QUANTILES 1001
@@ -168,6 +178,7 @@ typedef struct jem_ood_stats {
    * when the model stores none (then the missing score is left out). */
   int has_nograd;
   int side_nograd[JEM_NUM_SCORES];
+  float complexity_weight;         /* nats per bit for energy_complexity; NaN: none */
   float default_tpr;               /* 0.95 */
   char rule[256];                  /* human-readable description */
   char rule_nograd[256];
@@ -280,10 +291,20 @@ void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
 void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
                     const int *y, float *logits, float *dx);
 
+/* Length in bits of one model input (C*S*S floats) after lossless deflate
+ * (zlib level 9) of its 8-bit quantisation over the preprocessing range
+ * [range_lo, range_hi]: a generic estimate of the image's complexity.
+ * Deterministic; zlib allocates its own state.  NaN on failure. */
+float jem_input_complexity_bits(const jem_model *m, const float *x);
+/* energy - weight * bits, or NaN when the model has no weight. */
+float jem_energy_complexity(const jem_model *m, float energy, float bits);
+
 /* Per-image quantities.  Any output pointer may be NULL.  With want_grad=0
  * only a forward pass runs and grad_norm (if given) is filled with NaN.
  * probs = softmax(logits / T); energy = -logsumexp(logits);
- * max_softmax = max softmax(logits) (untempered). n may exceed max_batch
+ * max_softmax = max softmax(logits) (untempered); complexity_bits and
+ * energy_complexity as jem_input_complexity_bits and jem_energy_complexity
+ * (the only outputs that allocate: zlib's state).  n may exceed max_batch
  * (processed in chunks). */
 typedef struct jem_scores {
   float *logits;      /* [n,K] */
@@ -293,6 +314,8 @@ typedef struct jem_scores {
   float *max_softmax; /* [n] */
   int *label;         /* [n] argmax */
   float *confidence;  /* [n] max tempered prob */
+  float *complexity_bits;   /* [n] jem_input_complexity_bits */
+  float *energy_complexity; /* [n] NaN without the model's weight */
 } jem_scores;
 void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
                      int want_grad, const jem_scores *out);

@@ -218,6 +218,7 @@ int jem_model_create(jem_model **out, const jem_arch *a, char *err, size_t errle
   default_preprocess(a, &m->pre);
   memset(&m->ood, 0, sizeof m->ood);
   m->ood.default_tpr = 0.95f;
+  m->ood.complexity_weight = NAN;
 
   m->meta = json_object();
   if (!m->meta) goto oom;
@@ -455,7 +456,8 @@ static int parse_rule_text(const json_t *e, const char *path, const int side[JEM
 }
 
 static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen) {
-  static const char *const keys[] = {"scores", "tpr", "rule", "rule_nograd", NULL};
+  static const char *const keys[] = {"scores", "tpr", "rule", "rule_nograd",
+                                     "complexity_weight", NULL};
   static const char *const score_keys[] = {"quantiles", "side", "side_nograd", NULL};
   char path[96];
   if (!json_is_object(v)) return jem__errf(err, errlen, JEM_EFORMAT, "ood must be an object");
@@ -463,6 +465,7 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
   if (rc) return rc;
   memset(s, 0, sizeof *s);
   s->default_tpr = 0.95f;
+  s->complexity_weight = NAN;
 
   const json_t *scores = json_object_get(v, "scores");
   if (!scores) return jem__errf(err, errlen, JEM_EFORMAT, "ood.scores is missing");
@@ -481,7 +484,8 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
       if (strcmp(key, jem_score_names[i]) == 0) idx = i;
     if (idx < 0)
       return jem__errf(err, errlen, JEM_EFORMAT,
-                       "ood.scores: unknown score '%.64s' (known: energy, grad_norm, max_softmax)",
+                       "ood.scores: unknown score '%.64s' (known: energy, grad_norm, "
+                       "max_softmax, energy_complexity)",
                        key);
     snprintf(path, sizeof path, "ood.scores.%s", key);
     if (!json_is_object(sv)) return jem__errf(err, errlen, JEM_EFORMAT, "%s must be an object", path);
@@ -523,6 +527,17 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
   }
 
   const json_t *e;
+  if ((e = json_object_get(v, "complexity_weight"))) {
+    if ((rc = get_float(e, "ood.complexity_weight", &s->complexity_weight, err, errlen)))
+      return rc;
+    if (!(s->complexity_weight >= 0.0f) || !isfinite(s->complexity_weight))
+      return jem__errf(err, errlen, JEM_EFORMAT,
+                       "ood.complexity_weight %g must be finite and >= 0",
+                       (double)s->complexity_weight);
+  }
+  if (s->nq[JEM_SCORE_ENERGY_COMPLEXITY] && isnan(s->complexity_weight))
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "ood.scores.energy_complexity needs ood.complexity_weight");
   if ((e = json_object_get(v, "tpr"))) {
     if ((rc = get_float(e, "ood.tpr", &s->default_tpr, err, errlen))) return rc;
     if (!(s->default_tpr > 0.0f && s->default_tpr < 1.0f))
@@ -596,6 +611,7 @@ static int meta_parse(const jem_model *m, meta_parsed *p, char *err, size_t errl
   p->ood = calloc(1, sizeof *p->ood);
   if (!p->ood) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
   p->ood->default_tpr = 0.95f;
+  p->ood->complexity_weight = NAN;
   if ((e = json_object_get(meta, "ood")) && (rc = parse_ood(e, p->ood, why, sizeof why)))
     return jem__errf(err, errlen, rc, "metadata: %s", why);
 

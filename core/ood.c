@@ -2,9 +2,11 @@
 #include "internal.h"
 
 #include <math.h>
+#include <string.h>
+#include <zlib.h>
 
 const char *const jem_score_names[JEM_NUM_SCORES] = {"energy", "grad_norm",
-                                                     "max_softmax"};
+                                                     "max_softmax", "energy_complexity"};
 
 /* Empirical CDF from quantiles at probabilities 0, 1/m, ..., 1 (m = nq-1),
  * linearly interpolated.  A value equal to a run of tied quantiles q[a..b]
@@ -101,4 +103,51 @@ const char *jem_ood_side_name(int side) {
     case 2: return "two-sided";
     default: return "unused";
   }
+}
+
+/* The input, quantised to bytes, streams through deflate in 4 KiB chunks;
+ * only the output length is kept. */
+float jem_input_complexity_bits(const jem_model *m, const float *x) {
+  if (!m || !x) return NAN;
+  const size_t n = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  const float lo = m->pre.range_lo, hi = m->pre.range_hi;
+  const float scale = hi > lo ? 255.0f / (hi - lo) : 0.0f;
+  z_stream z;
+  memset(&z, 0, sizeof z);
+  if (deflateInit(&z, 9) != Z_OK) return NAN;
+  unsigned char in[4096], out[4096];
+  size_t done = 0, total = 0;
+  int rc = Z_OK;
+  while (rc != Z_STREAM_END) {
+    size_t c = n - done < sizeof in ? n - done : sizeof in;
+    for (size_t i = 0; i < c; i++) {
+      float v = (x[done + i] - lo) * scale + 0.5f;
+      in[i] = !(v > 0.0f) ? 0 : v >= 255.0f ? 255 : (unsigned char)v;
+    }
+    done += c;
+    z.next_in = in;
+    z.avail_in = (uInt)c;
+    const int flush = done == n ? Z_FINISH : Z_NO_FLUSH;
+    do {
+      z.next_out = out;
+      z.avail_out = sizeof out;
+      rc = deflate(&z, flush);
+      if (rc == Z_STREAM_ERROR) {
+        deflateEnd(&z);
+        return NAN;
+      }
+      total += sizeof out - z.avail_out;
+    } while (z.avail_out == 0);
+    if (flush == Z_FINISH && rc != Z_STREAM_END) {
+      deflateEnd(&z);
+      return NAN;
+    }
+  }
+  deflateEnd(&z);
+  return (float)(8.0 * (double)total);
+}
+
+float jem_energy_complexity(const jem_model *m, float energy, float bits) {
+  if (!m || isnan(m->ood.complexity_weight)) return NAN;
+  return energy - m->ood.complexity_weight * bits;
 }

@@ -129,11 +129,13 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
   float g = t->want_grad ? t->grad_norm[i] : NAN;
   json_object_set_new(o, "grad_norm", srv_jreal(g));
   json_object_set_new(o, "max_softmax", srv_jreal(t->max_softmax[i]));
+  json_object_set_new(o, "energy_complexity", srv_jreal(t->energy_complexity[i]));
 
   float vals[JEM_NUM_SCORES];
   vals[JEM_SCORE_ENERGY] = t->energy[i];
   vals[JEM_SCORE_GRAD_NORM] = g;
   vals[JEM_SCORE_MAX_SOFTMAX] = t->max_softmax[i];
+  vals[JEM_SCORE_ENERGY_COMPLEXITY] = t->energy_complexity[i];
   jem_ood_result res;
   jem_ood_eval(&m->ood, vals, tpr, &res);
   json_t *scores = json_object();

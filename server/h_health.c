@@ -1,6 +1,7 @@
 /* h_health.c - /healthz, /readyz, /metrics and /v1/models. */
 #include "srv.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -60,6 +61,9 @@ enum MHD_Result srv_h_models(srv_req *r) {
   json_object_set_new(ood, "rule", m->ood.present ? json_string(m->ood.rule) : json_null());
   json_object_set_new(ood, "rule_nograd", m->ood.present && m->ood.has_nograd
                                               ? json_string(m->ood.rule_nograd) : json_null());
+  json_object_set_new(ood, "complexity_weight", m->ood.present && !isnan(m->ood.complexity_weight)
+                                                    ? srv_jreal(m->ood.complexity_weight)
+                                                    : json_null());
   json_t *sides = json_object();
   for (int s = 0; s < JEM_NUM_SCORES; s++)
     json_object_set_new(sides, jem_score_names[s],

@@ -89,7 +89,7 @@ typedef struct slot {
   uint64_t t_start, t_end;
   /* per-slot outputs for the gathered batch */
   int out_k;
-  float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence;
+  float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence, *energy_complexity;
   int *label;
 } slot;
 
@@ -126,11 +126,12 @@ int srv_task_alloc(srv_task *t, const jem_model *m, int n) {
   t->grad_norm = malloc(sizeof(float) * (size_t)n);
   t->max_softmax = malloc(sizeof(float) * (size_t)n);
   t->confidence = malloc(sizeof(float) * (size_t)n);
+  t->energy_complexity = malloc(sizeof(float) * (size_t)n);
   t->label = malloc(sizeof(int) * (size_t)n);
   atomic_init(&t->state, SRV_TASK_QUEUED);
   t->conn_fd = -1;
   if (!t->x || !t->logits || !t->probs || !t->energy || !t->grad_norm ||
-      !t->max_softmax || !t->confidence || !t->label)
+      !t->max_softmax || !t->confidence || !t->energy_complexity || !t->label)
     return -1;
   return 0;
 }
@@ -144,6 +145,7 @@ void srv_task_free(srv_task *t) {
   free(t->grad_norm);
   free(t->max_softmax);
   free(t->confidence);
+  free(t->energy_complexity);
   free(t->label);
   srv_model_put(t->model);
   free(t);
@@ -184,9 +186,11 @@ static int slot_buffers(slot *s, const jem_model *m) {
     s->grad_norm = malloc(sizeof(float) * mb);
     s->max_softmax = malloc(sizeof(float) * mb);
     s->confidence = malloc(sizeof(float) * mb);
+    s->energy_complexity = malloc(sizeof(float) * mb);
     s->label = malloc(sizeof(int) * mb);
   }
-  if (!s->energy || !s->grad_norm || !s->max_softmax || !s->confidence || !s->label)
+  if (!s->energy || !s->grad_norm || !s->max_softmax || !s->confidence ||
+      !s->energy_complexity || !s->label)
     return -1;
   return 0;
 }
@@ -213,7 +217,7 @@ static void score_work(uv_work_t *req) {
     pos += g->cnt;
   }
   jem_scores sc = {s->logits, s->probs, s->energy, s->grad_norm, s->max_softmax,
-                   s->label, s->confidence};
+                   s->label, s->confidence, NULL, s->energy_complexity};
   jem_score_batch(ws, m, s->wk.xbuf, s->n, s->want_grad, &sc);
   pos = 0;
   for (int i = 0; i < s->nseg; i++) {
@@ -226,6 +230,7 @@ static void score_work(uv_work_t *req) {
     memcpy(t->grad_norm + o, s->grad_norm + p, sizeof(float) * c);
     memcpy(t->max_softmax + o, s->max_softmax + p, sizeof(float) * c);
     memcpy(t->confidence + o, s->confidence + p, sizeof(float) * c);
+    memcpy(t->energy_complexity + o, s->energy_complexity + p, sizeof(float) * c);
     memcpy(t->label + o, s->label + p, sizeof(int) * c);
     pos += g->cnt;
   }
@@ -637,6 +642,7 @@ void srv_sched_stop(void) {
     free(s->grad_norm);
     free(s->max_softmax);
     free(s->confidence);
+    free(s->energy_complexity);
     free(s->label);
   }
   free(S.slots);

@@ -149,6 +149,7 @@ struct srv_task {
   float *x;                     /* [n, C, S, S] model input */
   /* outputs, [n,K] or [n] */
   float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence;
+  float *energy_complexity;     /* NaN when the model has no complexity weight */
   int *label;
   /* progress (loop thread only) */
   int next_img, done_img, running;

@@ -320,6 +320,73 @@ static void test_meta_ood(void **state) {
   jem_model_free(m);
 }
 
+/* The compressed length orders images by complexity, is deterministic, and
+ * feeds energy_complexity only when the model has a weight; the weight is
+ * checked when the metadata is applied. */
+static void test_complexity(void **state) {
+  (void)state;
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_model *m = NULL;
+  char err[256];
+  assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
+  enum { N = 32 * 32 };
+  static float flat[N], stroke[N], noise[N];
+  uint64_t r = 12345;
+  for (int i = 0; i < N; i++) {
+    flat[i] = -1.0f;
+    stroke[i] = (i % 32 == 16 || i / 32 == 16) ? 1.0f : -1.0f; /* a cross on black */
+    r = r * 6364136223846793005ull + 1442695040888963407ull;
+    noise[i] = (float)((r >> 40) & 0xffff) / 32768.0f - 1.0f;
+  }
+  const float bf = jem_input_complexity_bits(m, flat);
+  const float bs = jem_input_complexity_bits(m, stroke);
+  const float bn = jem_input_complexity_bits(m, noise);
+  assert_true(bf > 0.0f && bf < bs && bs < bn);
+  assert_true(bn > 8.0f * N * 0.9f); /* noise barely compresses */
+  assert_true(jem_input_complexity_bits(m, noise) == bn);
+  /* values outside the range are clamped, not wrapped */
+  static float big[N], white[N];
+  for (int i = 0; i < N; i++) {
+    big[i] = i % 2 ? 5.0f : -7.0f;
+    white[i] = i % 2 ? 1.0f : -1.0f;
+  }
+  assert_true(jem_input_complexity_bits(m, big) == jem_input_complexity_bits(m, white));
+
+  assert_true(isnan(m->ood.complexity_weight));
+  assert_true(isnan(jem_energy_complexity(m, -10.0f, bs)));
+  json_t *ood = json_loads(
+      "{\"scores\": {\"energy_complexity\": {\"quantiles\": [-30, -20, -10], \"side\": \"high\"}},"
+      " \"complexity_weight\": 0.01}", 0, NULL);
+  json_object_set_new(m->meta, "ood", ood);
+  assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  NEAR(m->ood.complexity_weight, 0.01);
+  NEAR(jem_energy_complexity(m, -10.0f, 1000.0f), -20.0);
+  assert_non_null(strstr(m->ood.rule, "energy_complexity high"));
+
+  /* jem_score_batch fills it (and the bits) for a batch */
+  jem_ws *ws = jem_ws_create(m, 2, 0);
+  assert_non_null(ws);
+  static float x2[2 * N];
+  memcpy(x2, flat, sizeof flat);
+  memcpy(x2 + N, noise, sizeof noise);
+  float en[2], bits[2], ec[2];
+  jem_scores sc = {.energy = en, .complexity_bits = bits, .energy_complexity = ec};
+  jem_score_batch(ws, m, x2, 2, 0, &sc);
+  assert_true(bits[0] == bf && bits[1] == bn);
+  assert_true(fabs((double)ec[1] - ((double)en[1] - 0.01 * bn)) < 1e-3);
+  jem_ws_free(ws);
+
+  /* a negative weight, and quantiles without a weight, are refused by name */
+  json_object_set_new(json_object_get(m->meta, "ood"), "complexity_weight", json_real(-1.0));
+  assert_int_not_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(err, "ood.complexity_weight"));
+  json_object_del(json_object_get(m->meta, "ood"), "complexity_weight");
+  assert_int_not_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(err, "needs ood.complexity_weight"));
+  NEAR(m->ood.complexity_weight, 0.01); /* the last good metadata stays */
+  jem_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_score_names),
@@ -330,6 +397,7 @@ int main(void) {
       cmocka_unit_test(test_no_stats),
       cmocka_unit_test(test_verdict_nograd_rule),
       cmocka_unit_test(test_meta_ood),
+      cmocka_unit_test(test_complexity),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

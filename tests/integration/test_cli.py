@@ -79,7 +79,7 @@ def add_meta(src, dst, extra, replay=None):
 
 
 FIELDS = ["file", "index", "label", "class", "confidence", "probs", "logits", "energy",
-          "grad_norm", "max_softmax"]
+          "grad_norm", "max_softmax", "energy_complexity"]
 
 
 def lsexp(z):
@@ -296,7 +296,10 @@ def test_all(jem, tmp):
         check(isinstance(o.get("is_ood"), bool) and o.get("tpr") == 0.9 and
               o.get("rule") == "test rule", "ood verdict fields %s" % o)
         sc = o.get("scores", {})
-        check(sorted(sc) == ["energy", "grad_norm", "max_softmax"], "ood score names")
+        check(sorted(sc) == ["energy", "energy_complexity", "grad_norm", "max_softmax"],
+              "ood score names")
+        check(x["energy_complexity"] is None and sc["energy_complexity"]["value"] is None,
+              "energy_complexity is null without the model's complexity_weight")
         check(abs(sc["energy"]["value"] - x["energy"]) < 1e-6, "ood energy value")
         check(0 <= sc["energy"]["percentile"] <= 1, "ood percentile in [0,1]")
         # temperature 2: probs = softmax(logits / 2)

@@ -23,6 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAILS = []
 
 
+
+def approx_w(w, fit):
+    """The grid weight closest to w (the metadata stores it as float32)."""
+    return min((e["weight"] for e in fit), key=lambda g: abs(g - w))
+
 def check(cond, what):
   if not cond:
     FAILS.append(what)
@@ -154,7 +159,13 @@ def main():
     meta = safetensors_meta(cal)
     check(meta.get("temperature", 0) > 0, "calibrated temperature > 0")
     o = meta.get("ood", {})
-    check(set(o.get("scores", {})) == {"energy", "grad_norm", "max_softmax"}, "3 scores stored")
+    check(set(o.get("scores", {})) == {"energy", "grad_norm", "max_softmax", "energy_complexity"},
+          "4 scores stored")
+    w = o.get("complexity_weight")
+    fit = meta.get("provenance", {}).get("calibration", {}).get("complexity_weight_fit", [])
+    check(isinstance(w, float) and w >= 0 and len(fit) > 10 and
+          max(fit, key=lambda e: e["mean_auroc"])["weight"] == approx_w(w, fit),
+          f"complexity_weight {w} is the best of its fitted grid")
     for s, e in o.get("scores", {}).items():
       q = e["quantiles"]
       check(len(q) == 1001 and all(q[i] <= q[i + 1] for i in range(len(q) - 1)),
@@ -177,6 +188,9 @@ def main():
     check("rule" in rep3["ood"] and is_prob(rep3["ood"]["rule"]["test_tpr_at_0.95"]),
           "eval reports the calibrated rule")
     check(all("rule" in e for e in rep3["ood"]["sets"].values()), "rule metrics per set")
+    check(all(isinstance(e["scores"]["energy_complexity"]["ood_high"]["auroc"], float)
+              for e in rep3["ood"]["sets"].values()),
+          "eval reports energy_complexity for a model with its weight")
 
     # tuning on MNIST is refused silently? no: allowed, but flagged in the rule
     if have_mnist:
