@@ -8,7 +8,7 @@ Prints markdown on stdout; models/README.md pastes it under "Results".
 import json
 import sys
 
-SCORES = ("energy", "grad_norm", "max_softmax")
+SCORES = ("energy", "grad_norm", "max_softmax", "energy_complexity")
 VARIANTS = ("ood_high", "ood_low", "two_sided")
 
 
@@ -41,7 +41,8 @@ def classification(j, b):
 
 def best(sc):
     """(auroc, score, variant) of the best score over all three variants."""
-    return max((sc[s][v]["auroc"], s, v) for s in SCORES for v in VARIANTS if sc.get(s))
+    return max((sc[s][v]["auroc"], s, v) for s in SCORES for v in VARIANTS
+               if sc.get(s) and sc[s][v]["auroc"] is not None)
 
 
 def ood(j, b):
@@ -63,7 +64,8 @@ def ood(j, b):
             a, s, v = best(sc)
             cells += [conv, two, f"{a:.3f} ({s}, {v})"]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    out += ["", "FPR at 95% TPR, conventional direction (energy / grad_norm / max_softmax):", "",
+    out += ["", "FPR at 95% TPR, conventional direction (energy / grad_norm / max_softmax / "
+            "energy_complexity):", "",
             "| OOD set | JEM | CE baseline |", "|---|---|---|"]
     for name in sets:
         cells = []
@@ -114,9 +116,10 @@ def main():
         sys.exit(__doc__.strip())
     j, b = (json.load(open(p)) for p in sys.argv[1:])
     parts = [classification(j, b), ["", "OOD AUROC (in-distribution positive); each cell: "
-             "energy / grad_norm / max_softmax, conventional one-sided direction (high energy, "
-             "high grad_norm, low max_softmax = OOD); then the best of the three scores over "
-             "both one-sided directions and two-sided.", ""], ood(j, b), [""],
+             "energy / grad_norm / max_softmax / energy_complexity, conventional one-sided "
+             "direction (high energy, high grad_norm, low max_softmax, high energy_complexity = "
+             "OOD); then the best of the four scores over both one-sided directions and "
+             "two-sided.", ""], ood(j, b), [""],
              samples_robustness(j, b)]
     print("\n".join(line for p in parts for line in p))
 
