@@ -127,10 +127,53 @@ def main():
         test_all(jem, tmp)
         test_buffer(jem, tmp, os.path.join(tmp, "m.safetensors"))
         test_average(jem, tmp)
+        test_shipped_ood(jem, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
+
+
+def digit_pngs(tmp):
+    """Printed digits 0-9 framed like MNIST (white on black, fit to 20x20 in 28x28):
+    thin strokes on black, the shift the shipped model's rule must catch."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", 80)
+    paths = []
+    for d in "0123456789":
+        big = Image.new("L", (120, 120), 0)
+        ImageDraw.Draw(big).text((20, 5), d, fill=255, font=font)
+        crop = big.crop(big.getbbox())
+        w, h = crop.size
+        s = 20 / max(w, h)
+        crop = crop.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+        out = Image.new("L", (28, 28), 0)
+        out.paste(crop, ((28 - crop.size[0]) // 2, (28 - crop.size[1]) // 2))
+        paths.append(os.path.join(tmp, "digit%s.png" % d))
+        out.save(paths[-1])
+    return paths
+
+
+def test_shipped_ood(jem, tmp):
+    """The shipped model accepts a Fashion-MNIST test image and flags every printed
+    digit, with and without the gradient (its rules use energy_complexity)."""
+    model = os.path.join(ROOT, "models", "fmnist-jem.safetensors")
+    digits = digit_pngs(tmp)
+    fm = os.path.join(ROOT, "tests", "data", "images", "fmnist0.png")
+    for extra in ([], ["--no-grad"]):
+        rc, out, err = run(jem, "score", model, fm, *digits, *extra)
+        r = lines(out)
+        check(rc == 0 and len(r) == 11, "shipped model scores 11 images %s: %s" % (extra, err))
+        if len(r) != 11:
+            continue
+        check(r[0]["ood"]["is_ood"] is False, "shipped model accepts fmnist0.png %s" % extra)
+        flagged = [x["ood"]["is_ood"] for x in r[1:]]
+        check(all(f is True for f in flagged),
+              "shipped model flags every printed digit %s: %s" % (extra, flagged))
+        check(all(x["energy_complexity"] is not None and
+                  x["energy_complexity"] > r[0]["energy_complexity"] for x in r[1:]),
+              "digits have a higher energy_complexity than the Fashion-MNIST image")
+        check("energy_complexity" in r[1]["ood"]["rule"], "the rule applied uses energy_complexity")
 
 
 def test_all(jem, tmp):
