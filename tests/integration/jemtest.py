@@ -40,6 +40,10 @@ def wrn_params(depth=10, widen=1, in_ch=1, k=10):
     return out
 
 
+# nats per bit of energy_complexity in the test model
+COMPLEXITY_WEIGHT = 0.001
+
+
 def write_model(path, seed=0, name="testnet", ood=True, k=10, in_ch=1, scale=1.0):
     """A random WRN-10-1 safetensors file with metadata (and fake OOD stats)."""
     rng = np.random.default_rng(seed)
@@ -62,7 +66,10 @@ def write_model(path, seed=0, name="testnet", ood=True, k=10, in_ch=1, scale=1.0
                 "grad_norm": {"quantiles": list(np.linspace(0.0, 0.5, 21)), "side": "two-sided",
                               "side_nograd": "unused"},
                 "max_softmax": {"quantiles": list(np.linspace(0.1, 0.2, 21)), "side": "unused",
-                                "side_nograd": "two-sided"}},
+                                "side_nograd": "two-sided"},
+                "energy_complexity": {"quantiles": list(np.linspace(-6.0, -3.0, 21)),
+                                      "side": "unused", "side_nograd": "unused"}},
+            "complexity_weight": COMPLEXITY_WEIGHT,
             "tpr": 0.95, "rule": "test rule: energy high or grad_norm two-sided",
             "rule_nograd": "test no-grad rule: energy high or max_softmax two-sided"}
     header = {"__metadata__": {"jem": json.dumps(meta)}}

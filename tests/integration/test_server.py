@@ -250,9 +250,16 @@ def test_routes(c, imgs, model_name):
     check(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0, "grad_norm present")
     check(r["ood"]["is_ood"] in (True, False) and r["ood"]["tpr"] == 0.95, "ood verdict at 0.95")
     check(r["ood"]["rule"].startswith("test rule"), "the main rule applies with the gradient")
-    for s in ("energy", "grad_norm", "max_softmax"):
+    for s in ("energy", "grad_norm", "max_softmax", "energy_complexity"):
         p = r["ood"]["scores"][s]["percentile"]
         check(p is not None and 0 <= p <= 1, f"percentile of {s} in [0,1]")
+    # energy_complexity = energy - w * bits, bits a whole number of bytes of deflate output
+    nbits = (r["energy"] - r["energy_complexity"]) / jemtest.COMPLEXITY_WEIGHT
+    check(0 < nbits < 8 * 1024 * 1.1 and abs(nbits / 8 - round(nbits / 8)) < 0.05,
+          f"energy_complexity = energy - w * deflate bits ({nbits:.3f} bits)")
+    check(r["ood"]["scores"]["energy_complexity"]["value"] == r["energy_complexity"],
+          "energy_complexity in ood.scores")
+    check(m["ood"]["complexity_weight"] == jemtest.COMPLEXITY_WEIGHT, "models: complexity_weight")
     # temperature 1.5: probs are softmax(logits / T), max_softmax untempered
     z = r["logits"]
     ez = [math.exp(v / 1.5) for v in z]
@@ -573,7 +580,8 @@ def concurrency(c, d, imgs):
                 if st != 200:
                     errors.append(f"client {i}: status {st}")
                     continue
-                for key in ("logits", "probs", "energy", "grad_norm", "max_softmax"):
+                for key in ("logits", "probs", "energy", "grad_norm", "max_softmax",
+                            "energy_complexity"):
                     if not rel_close(r[key], ref[i][key]):
                         bad.append((i, key))
                 if r["label"] != ref[i]["label"]:
