@@ -37,7 +37,9 @@ FULL_META = {
                    "background": 0.0, "range": [-1, 1], "invert": False},
     "ood": {"scores": {"energy": {"quantiles": [-9, -8, -7.5, -7, -5], "side": "high"},
                        "grad_norm": {"quantiles": [0.1, 0.2, 0.2, 0.9], "side": "two-sided"},
-                       "max_softmax": {"quantiles": [0.4, 0.99, 1, 1], "side": "low"}},
+                       "max_softmax": {"quantiles": [0.4, 0.99, 1, 1], "side": "low"},
+                       "energy_complexity": {"quantiles": [-30, -25, -20], "side": "high"}},
+            "complexity_weight": 0.005,
             "tpr": 0.95, "rule": "any used score outside its band"},
     "provenance": {"seed": 1},
 }
