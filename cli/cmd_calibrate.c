@@ -206,7 +206,7 @@ static double complexity_auroc(const score_rows *id, const score_rows *sets, int
  * minus the input's compressed length): the one, on a log grid from 1e-4 to
  * 0.1 nats per bit (and 0, the plain energy), with the best mean AUROC over
  * the tuning sets with high values OOD.  A JEM's energy has no absolute
- * scale (the energy L2 term sets it), so the weight cannot be 1/ln 2 as for
+ * scale (the energy L2 term sets it), so the weight cannot be ln 2 as for
  * a normalised likelihood.  Leaves every row's energy_complexity at the
  * chosen weight and appends each candidate to fit. */
 static double fit_complexity_weight(score_rows *id, score_rows *sets, int nsets, json_t *fit) {
