@@ -156,7 +156,11 @@ typedef struct score_rows {
   float *bits;       /* [n] compressed lengths, for energy_complexity */
 } score_rows;
 
-static int rows_from(const jem_set_scores *s, const char *name, score_rows *out) {
+/* The rows of set x (scored into s), and each image's compressed length:
+ * calibrate is the one consumer of the lengths themselves. */
+static int rows_from(const jem_model *m, const float *x, const jem_set_scores *s,
+                     const char *name, score_rows *out) {
+  const size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
   out->name = name;
   out->n = s->n;
   out->v = malloc(sizeof *out->v * (size_t)(s->n > 0 ? s->n : 1));
@@ -164,7 +168,7 @@ static int rows_from(const jem_set_scores *s, const char *name, score_rows *out)
   if (!out->v || !out->bits) return -1;
   for (int i = 0; i < s->n; i++) {
     for (int k = 0; k < JEM_NUM_SCORES; k++) out->v[i][k] = s->score[k][i];
-    out->bits[i] = s->bits[i];
+    out->bits[i] = jem_input_complexity_bits(m, x + (size_t)i * chw);
   }
   return 0;
 }
@@ -183,23 +187,40 @@ static void rows_set_complexity(score_rows *r, double w) {
         (float)((double)r->v[i][JEM_SCORE_ENERGY] - w * (double)r->bits[i]);
 }
 
-/* Mean AUROC of energy_complexity, high values OOD, over the tuning sets. */
-static double complexity_auroc(const score_rows *id, const score_rows *sets, int nsets) {
+/* A per-row statistic, higher = more in-distribution. */
+typedef double (*row_stat)(const void *ctx, const float row[JEM_NUM_SCORES]);
+
+/* Mean AUROC of stat (validation positive) over the sets; per_set, if not
+ * NULL, gets each set's AUROC. */
+static double mean_auroc(row_stat stat, const void *ctx, const score_rows *id,
+                         const score_rows *sets, int nsets, double *per_set) {
   double *pos = malloc(sizeof(double) * (size_t)id->n), tot = 0.0;
   if (!pos) return NAN;
-  for (int i = 0; i < id->n; i++) pos[i] = -(double)id->v[i][JEM_SCORE_ENERGY_COMPLEXITY];
+  for (int i = 0; i < id->n; i++) pos[i] = stat(ctx, id->v[i]);
   for (int k = 0; k < nsets; k++) {
     double *neg = malloc(sizeof(double) * (size_t)sets[k].n);
-    if (!neg) {
-      free(pos);
-      return NAN;
+    double a = NAN;
+    if (neg) {
+      for (int i = 0; i < sets[k].n; i++) neg[i] = stat(ctx, sets[k].v[i]);
+      a = jem_auroc(pos, id->n, neg, sets[k].n);
     }
-    for (int i = 0; i < sets[k].n; i++) neg[i] = -(double)sets[k].v[i][JEM_SCORE_ENERGY_COMPLEXITY];
-    tot += jem_auroc(pos, id->n, neg, sets[k].n);
     free(neg);
+    if (per_set) per_set[k] = a;
+    tot += a;
   }
   free(pos);
   return tot / nsets;
+}
+
+/* energy_complexity, high values OOD. */
+static double complexity_stat(const void *ctx, const float row[JEM_NUM_SCORES]) {
+  (void)ctx;
+  return -(double)row[JEM_SCORE_ENERGY_COMPLEXITY];
+}
+
+/* The continuous verdict of the rule in ctx (a jem_ood_stats). */
+static double rule_stat(const void *ctx, const float row[JEM_NUM_SCORES]) {
+  return jem_ood_rule_stat(ctx, row);
 }
 
 /* The weight w of energy_complexity (Serra et al., ICLR 2020: the energy
@@ -215,7 +236,7 @@ static double fit_complexity_weight(score_rows *id, score_rows *sets, int nsets,
     const double w = i < 0 ? 0.0 : 1e-4 * pow(10.0, i / 8.0);
     rows_set_complexity(id, w);
     for (int k = 0; k < nsets; k++) rows_set_complexity(&sets[k], w);
-    const double a = complexity_auroc(id, sets, nsets);
+    const double a = mean_auroc(complexity_stat, NULL, id, sets, nsets, NULL);
     json_array_append_new(fit, json_pack("{s:f,s:f}", "weight", w, "mean_auroc", a));
     if (a > best_a + 1e-9) {
       best_a = a;
@@ -225,27 +246,6 @@ static double fit_complexity_weight(score_rows *id, score_rows *sets, int nsets,
   rows_set_complexity(id, best_w);
   for (int k = 0; k < nsets; k++) rows_set_complexity(&sets[k], best_w);
   return best_w;
-}
-
-/* Mean AUROC of jem_ood_rule_stat (validation positive) over the sets. */
-static double rule_auroc(const jem_ood_stats *st, const score_rows *id, const score_rows *sets,
-                         int nsets, double *per_set) {
-  double *pos = malloc(sizeof(double) * (size_t)id->n), tot = 0.0;
-  if (!pos) return NAN;
-  for (int i = 0; i < id->n; i++) pos[i] = jem_ood_rule_stat(st, id->v[i]);
-  for (int k = 0; k < nsets; k++) {
-    double *neg = malloc(sizeof(double) * (size_t)sets[k].n);
-    double a = NAN;
-    if (neg) {
-      for (int i = 0; i < sets[k].n; i++) neg[i] = jem_ood_rule_stat(st, sets[k].v[i]);
-      a = jem_auroc(pos, id->n, neg, sets[k].n);
-    }
-    free(neg);
-    if (per_set) per_set[k] = a;
-    tot += a;
-  }
-  free(pos);
-  return tot / nsets;
 }
 
 /* Fraction of rows flagged OOD by the rule at tpr. */
@@ -370,7 +370,7 @@ int cmd_calibrate(int argc, char **argv) {
 
   /* ---- temperature ---- */
   if (jem_eval_score_set(ws, m, valid.x, nv, 1, 0, 0.0f, 0, &sv, err, sizeof err) ||
-      rows_from(&sv, "valid", &id)) {
+      rows_from(m, valid.x, &sv, "valid", &id)) {
     fprintf(stderr, "jem calibrate: %s\n", err);
     goto done;
   }
@@ -410,7 +410,7 @@ int cmd_calibrate(int argc, char **argv) {
     }
     int bad = od.c != m->arch.in_channels ||
               jem_eval_score_set(ws, m, od.x, od.n, 1, 0, 0.0f, 0, &so, err, sizeof err) ||
-              rows_from(&so, o.tune[t], &sets[nsets]);
+              rows_from(m, od.x, &so, o.tune[t], &sets[nsets]);
     jem_set_scores_free(&so);
     jem_dataset_free(&od);
     if (bad) {
@@ -450,7 +450,7 @@ int cmd_calibrate(int argc, char **argv) {
     for (int j = 0; j < 3; j++) {
       for (int q = 0; q < JEM_NUM_SCORES; q++) st->side[q] = 0;
       st->side[k] = sides[j];
-      side_auc[k][j] = rule_auroc(st, &id, sets, nsets, NULL);
+      side_auc[k][j] = mean_auroc(rule_stat, st, &id, sets, nsets, NULL);
       if (side_auc[k][j] > bestv + 1e-9) {
         bestv = side_auc[k][j];
         side[k] = sides[j];

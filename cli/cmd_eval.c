@@ -958,9 +958,12 @@ int cmd_eval(int argc, char **argv) {
             "(Fashion-MNIST test) as the positive class.  `high`: high values are OOD, "
             "`low`: low values are OOD, `two`: two-sided on the validation percentile.  "
             "Conventional directions: energy high, grad_norm high, max_softmax low, "
-            "energy_complexity high (the energy minus %.3g nats per bit of the input's "
-            "deflate length, Serra et al., ICLR 2020; NaN without the model's weight).\n\n",
-            (double)m->ood.complexity_weight);
+            "energy_complexity high (the energy minus the model's complexity_weight, "
+            "in nats per bit, times the input's deflate length; Serra et al., ICLR 2020).");
+    if (isnan(m->ood.complexity_weight))
+      fprintf(md, "  This model has no complexity_weight: energy_complexity is not scored.\n\n");
+    else
+      fprintf(md, "  complexity_weight: %.3g.\n\n", (double)m->ood.complexity_weight);
     fprintf(md, "Mean test scores: energy %.4g, grad_norm %.4g, max_softmax %.4g, "
             "energy_complexity %.4g.\n\n", mean_f(st.score[0], nt), mean_f(st.score[1], nt),
             mean_f(st.score[2], nt), mean_f(st.score[3], nt));

@@ -69,7 +69,7 @@ static json_t *jarray(const float *v, int k) {
 static void flush(scorer *s) {
   if (s->n == 0) return;
   jem_scores out = {s->logits, s->probs, s->energy, s->grad, s->maxsm, s->label, s->conf,
-                    NULL, s->ecx};
+                    s->ecx};
   jem_score_batch(s->ws, s->m, s->x, s->n, s->want_grad, &out);
   const jem_model *m = s->m;
   for (int i = 0; i < s->n; i++) {

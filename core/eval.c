@@ -138,7 +138,6 @@ void jem_set_scores_free(jem_set_scores *s) {
   if (!s) return;
   free(s->logits);
   for (int i = 0; i < JEM_NUM_SCORES; i++) free(s->score[i]);
-  free(s->bits);
   free(s->feat);
   memset(s, 0, sizeof *s);
 }
@@ -158,10 +157,9 @@ int jem_eval_score_set(jem_ws *ws, const jem_model *m, const float *x, int n,
   const size_t nn = n > 0 ? (size_t)n : 1;
   out->logits = malloc(nn * k * sizeof(float));
   for (int i = 0; i < JEM_NUM_SCORES; i++) out->score[i] = malloc(nn * sizeof(float));
-  out->bits = malloc(nn * sizeof(float));
   if (want_feat) out->feat = malloc(nn * nfeat * sizeof(float));
   float *buf = noise > 0.0f ? malloc((size_t)mb * chw * sizeof(float)) : NULL;
-  int oom = !out->logits || !out->bits || (want_feat && !out->feat) || (noise > 0.0f && !buf);
+  int oom = !out->logits || (want_feat && !out->feat) || (noise > 0.0f && !buf);
   for (int i = 0; i < JEM_NUM_SCORES; i++) oom |= !out->score[i];
   if (oom) {
     free(buf);
@@ -185,7 +183,6 @@ int jem_eval_score_set(jem_ws *ws, const jem_model *m, const float *x, int n,
     sc.energy = out->score[JEM_SCORE_ENERGY] + i0;
     sc.grad_norm = out->score[JEM_SCORE_GRAD_NORM] + i0;
     sc.max_softmax = out->score[JEM_SCORE_MAX_SOFTMAX] + i0;
-    sc.complexity_bits = out->bits + i0;
     sc.energy_complexity = out->score[JEM_SCORE_ENERGY_COMPLEXITY] + i0;
     jem_score_batch(ws, m, xc, b, want_grad, &sc);
     if (want_feat) {

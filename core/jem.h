@@ -302,10 +302,10 @@ float jem_energy_complexity(const jem_model *m, float energy, float bits);
 /* Per-image quantities.  Any output pointer may be NULL.  With want_grad=0
  * only a forward pass runs and grad_norm (if given) is filled with NaN.
  * probs = softmax(logits / T); energy = -logsumexp(logits);
- * max_softmax = max softmax(logits) (untempered); complexity_bits and
- * energy_complexity as jem_input_complexity_bits and jem_energy_complexity
- * (the only outputs that allocate: zlib's state).  n may exceed max_batch
- * (processed in chunks). */
+ * max_softmax = max softmax(logits) (untempered); energy_complexity as
+ * jem_energy_complexity of jem_input_complexity_bits (the one output that
+ * allocates, zlib's state, and only when the model has a weight).  n may
+ * exceed max_batch (processed in chunks). */
 typedef struct jem_scores {
   float *logits;      /* [n,K] */
   float *probs;       /* [n,K] tempered */
@@ -314,7 +314,6 @@ typedef struct jem_scores {
   float *max_softmax; /* [n] */
   int *label;         /* [n] argmax */
   float *confidence;  /* [n] max tempered prob */
-  float *complexity_bits;   /* [n] jem_input_complexity_bits */
   float *energy_complexity; /* [n] NaN without the model's weight */
 } jem_scores;
 void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,

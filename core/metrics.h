@@ -151,9 +151,8 @@ int jem_pgd_attack(jem_ws *ws, const jem_model *m, const float *x,
 
 /* Per-image outputs for n images, computed in chunks of the workspace's
  * max batch.  score[JEM_SCORE_*] are the raw scores as jem_score_batch
- * defines them (grad_norm NaN without want_grad; energy_complexity from the
- * model's complexity_weight, NaN without one, and bits always, so that
- * jem calibrate can fit the weight); feat [n, nfeat] the
+ * defines them (grad_norm NaN without want_grad; energy_complexity NaN
+ * without the model's complexity_weight); feat [n, nfeat] the
  * penultimate features when want_feat.  noise > 0 adds N(0, noise^2) to
  * each input first (JEM's evaluation noise), drawn from jem_rng stream
  * (seed, image index), so a result never depends on the chunking. */
@@ -161,7 +160,6 @@ typedef struct jem_set_scores {
   int n, k, nfeat;
   float *logits;                  /* [n, k] */
   float *score[JEM_NUM_SCORES];   /* [n] each */
-  float *bits;                    /* [n] jem_input_complexity_bits */
   float *feat;                    /* [n, nfeat] or NULL */
 } jem_set_scores;
 int jem_eval_score_set(jem_ws *ws, const jem_model *m, const float *x, int n,

@@ -910,14 +910,11 @@ void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
       if (out->max_softmax) out->max_softmax[r] = expf(z[best] - lse);
       if (out->label) out->label[r] = best;
       if (out->confidence) out->confidence[r] = p[best];
-      /* deflate only when its result is used */
-      if (out->complexity_bits || (out->energy_complexity && !isnan(m->ood.complexity_weight))) {
-        const float bits = jem_input_complexity_bits(m, xc + (size_t)i * css);
-        if (out->complexity_bits) out->complexity_bits[r] = bits;
-        if (out->energy_complexity) out->energy_complexity[r] = jem_energy_complexity(m, -lse, bits);
-      } else if (out->energy_complexity) {
-        out->energy_complexity[r] = NAN;
-      }
+      if (out->energy_complexity) /* deflate only when the model has a weight */
+        out->energy_complexity[r] =
+            isnan(m->ood.complexity_weight)
+                ? NAN
+                : jem_energy_complexity(m, -lse, jem_input_complexity_bits(m, xc + (size_t)i * css));
       if (out->grad_norm) {
         if (want_grad) {
           const float *g = ws->dx + (size_t)i * css;

@@ -217,7 +217,7 @@ static void score_work(uv_work_t *req) {
     pos += g->cnt;
   }
   jem_scores sc = {s->logits, s->probs, s->energy, s->grad_norm, s->max_softmax,
-                   s->label, s->confidence, NULL, s->energy_complexity};
+                   s->label, s->confidence, s->energy_complexity};
   jem_score_batch(ws, m, s->wk.xbuf, s->n, s->want_grad, &sc);
   pos = 0;
   for (int i = 0; i < s->nseg; i++) {

@@ -344,7 +344,7 @@ static void test_score_batch(void **state) {
   ref_fill(x, css * n, &st, -1, 1);
   float logits[25], probs[25], energy[5], gn[5], ms[5], conf[5];
   int label[5];
-  jem_scores s = {logits, probs, energy, gn, ms, label, conf, NULL, NULL};
+  jem_scores s = {logits, probs, energy, gn, ms, label, conf, NULL};
   jem_ws *ws = jem_ws_create(m, 2, 0); /* forces chunks of 2, 2, 1 */
   jem_score_batch(ws, m, x, n, 1, &s);
   float *dx = malloc(sizeof(float) * css);
@@ -381,7 +381,7 @@ static void test_score_batch(void **state) {
   }
   /* without the gradient: same forward scores, NaN grad_norm */
   float logits2[25], gn2[5];
-  jem_scores s2 = {logits2, NULL, NULL, gn2, NULL, NULL, NULL, NULL, NULL};
+  jem_scores s2 = {logits2, NULL, NULL, gn2, NULL, NULL, NULL, NULL};
   jem_score_batch(ws, m, x, n, 0, &s2);
   for (int i = 0; i < n; i++) assert_true(isnan(gn2[i]));
   for (int i = 0; i < n * K; i++) assert_float_equal(logits[i], logits2[i], 1e-6);
