@@ -15,6 +15,8 @@
 
 #include <stdint.h>
 
+#include <jansson.h>
+
 /* Whole-string integer in [lo, hi] (decimal, optional sign). */
 int args_int(const char *cmd, const char *opt, const char *s, long lo, long hi, int *out);
 /* Unsigned 64-bit integer (decimal or 0x hex). */
@@ -26,6 +28,11 @@ int args_float(const char *cmd, const char *opt, const char *s, double lo, doubl
 int args_usage(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* For getopt_long's '?' result: names the bad option; returns 2. */
 int args_bad_option(const char *cmd, int argc, char **argv);
+
+/* A JSON string of s, which need not be UTF-8 (a file name is bytes): each
+ * byte that is not part of a valid UTF-8 sequence becomes U+FFFD, so the
+ * key is never dropped. */
+json_t *args_json_text(const char *s);
 
 /* The double with the shortest decimal form that reads back as v, so JSON
  * printed with JSON_REAL_PRECISION(9) shows 0.2f as 0.2, yet every float

@@ -58,15 +58,15 @@ static void usage(FILE *f) {
     "  --limit N          only the first N validation and tuning images\n"
     "  --tune-limit N     only the first N images of each tuning set\n"
     "  --batch B          batch size (default 100)\n"
-    "  --threads N        OpenBLAS threads\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
+    "  --threads N        OpenBLAS threads\n"
+    "  -h, --help         this text\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
 }
 
 static int parse_sets(const char *v, cal_opts *o) {
   o->n_tune = 0;
   char buf[256];
   if (strlen(v) >= sizeof buf) {
-    fprintf(stderr, "jem calibrate: --tune-sets is too long\n");
-    return 2;
+    return args_usage("calibrate", "--tune-sets is too long");
   }
   strcpy(buf, v);
   for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
@@ -83,8 +83,7 @@ static int parse_sets(const char *v, cal_opts *o) {
     if (k >= 0) o->tune[o->n_tune++] = jem_ood_set_names[k];
   }
   if (!o->n_tune) {
-    fprintf(stderr, "jem calibrate: --tune-sets is empty\n");
-    return 2;
+    return args_usage("calibrate", "--tune-sets is empty");
   }
   return 0;
 }
@@ -109,15 +108,13 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     }
     if (a[0] != '-' || !a[1]) {
       if (o->model) {
-        fprintf(stderr, "jem calibrate: one MODEL only ('%s' and '%s')\n", o->model, a);
-        return 2;
+        return args_usage("calibrate", "one MODEL only ('%s' and '%s')", o->model, a);
       }
       o->model = a;
       continue;
     }
     if (i + 1 >= argc) {
-      fprintf(stderr, "jem calibrate: %s needs a value\n", a);
-      return 2;
+      return args_usage("calibrate", "unknown option, or option without its value: '%s'", a);
     }
     const char *v = argv[++i];
     if (!strcmp(a, "--out")) o->out = v;
@@ -134,8 +131,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
       if (!rc && !(o->tpr > 0.5f && o->tpr < 1.0f))
         rc = args_usage("calibrate", "--tpr expects a number strictly between 0.5 and 1, not '%s'", v);
     } else {
-      fprintf(stderr, "jem calibrate: unknown option '%s' (see jem calibrate --help)\n", a);
-      return 2;
+      return args_usage("calibrate", "unknown option, or option without its value: '%s'", a);
     }
     if (rc) return rc;
   }

@@ -92,7 +92,8 @@ static void usage(FILE *f) {
     "  --attack-steps K      PGD steps (default 10; step = 2.5 eps / K)\n"
     "  --linf R,R,...        L-inf radii in [0,1] pixel units (default 0.01,0.03,0.1)\n"
     "  --l2 R,R,...          L2 radii in [0,1] pixel units (default 0.5,1,2)\n"
-    "  --threads N           OpenBLAS threads (default: OpenBLAS's choice)\n");
+    "  --threads N           OpenBLAS threads (default: OpenBLAS's choice)\n"
+    "  -h, --help            this text\n");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -103,16 +104,14 @@ static int parse_list(const char *opt, const char *v, float *out, int *n) {
   const char *p = v;
   while (*p) {
     if (*n >= MAX_RADII) {
-      fprintf(stderr, "jem eval: %s takes at most %d radii\n", opt, MAX_RADII);
-      return 2;
+      return args_usage("eval", "%s takes at most %d radii", opt, MAX_RADII);
     }
     char *end;
     errno = 0;
     double x = strtod(p, &end);
     if (errno || end == p || !(x > 0.0 && x <= 100.0) || (*end && *end != ',')) {
-      fprintf(stderr, "jem eval: %s wants positive numbers separated by commas, got '%s'\n",
+      return args_usage("eval", "%s expects positive numbers separated by commas, not '%s'",
               opt, v);
-      return 2;
     }
     out[(*n)++] = (float)x;
     p = *end ? end + 1 : end;
@@ -146,8 +145,7 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     }
     if (a[0] != '-' || !a[1]) {
       if (o->model) {
-        fprintf(stderr, "jem eval: one MODEL only ('%s' and '%s')\n", o->model, a);
-        return 2;
+        return args_usage("eval", "one MODEL only ('%s' and '%s')", o->model, a);
       }
       o->model = a;
       continue;
@@ -156,8 +154,7 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     if (!strcmp(a, "--no-attack")) { o->attack = 0; continue; }
     if (!strcmp(a, "--no-grad")) { o->no_grad = 1; continue; }
     if (i + 1 >= argc) {
-      fprintf(stderr, "jem eval: %s needs a value\n", a);
-      return 2;
+      return args_usage("eval", "unknown option, or option without its value: '%s'", a);
     }
     const char *v = argv[++i];
     if (!strcmp(a, "--data-dir")) o->data_dir = v;
@@ -176,8 +173,7 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
       else if (!strcmp(v, "noise")) o->sample_init = SAMPLE_NOISE;
       else if (!strcmp(v, "gaussian")) o->sample_init = SAMPLE_GAUSSIAN;
       else {
-        fprintf(stderr, "jem eval: --sample-init wants buffer, noise or gaussian, got '%s'\n", v);
-        rc = 2;
+        rc = args_usage("eval", "--sample-init expects buffer, noise or gaussian, not '%s'", v);
       }
     }
     else if (!strcmp(a, "--attack-limit")) rc = args_int("eval", a, v, 1, 1 << 30, &o->attack_limit);
@@ -186,8 +182,7 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     else if (!strcmp(a, "--l2")) rc = parse_list(a, v, o->l2, &o->n_l2);
     else if (!strcmp(a, "--threads")) rc = args_int("eval", a, v, 1, 256, &o->threads);
     else {
-      fprintf(stderr, "jem eval: unknown option '%s' (see jem eval --help)\n", a);
-      return 2;
+      return args_usage("eval", "unknown option, or option without its value: '%s'", a);
     }
     if (rc) return rc;
   }

@@ -28,17 +28,24 @@ static void init_help(FILE *f) {
 
 /* Splits "a,b,c" into a JSON array of strings; NULL (and a message) if a
  * name is empty. */
-static json_t *split_names(const char *s, int *count) {
+/* The names of a comma-separated list, or NULL with the reason in why:
+ * names must be non-empty, distinct and UTF-8 (they become JSON strings). */
+static json_t *split_names(const char *s, int *count, const char **why) {
   json_t *a = json_array();
   const char *p = s;
   for (;;) {
     const char *q = strchr(p, ',');
     size_t len = q ? (size_t)(q - p) : strlen(p);
-    if (len == 0) {
+    json_t *name = len ? json_stringn(p, len) : NULL;
+    *why = !len ? "an empty name" : !name ? "a name that is not UTF-8" : NULL;
+    for (size_t i = 0; name && i < json_array_size(a); i++)
+      if (json_equal(json_array_get(a, i), name)) *why = "a repeated name";
+    if (*why) {
+      json_decref(name);
       json_decref(a);
       return NULL;
     }
-    json_array_append_new(a, json_stringn(p, len));
+    json_array_append_new(a, name);
     if (!q) break;
     p = q + 1;
   }
@@ -100,8 +107,9 @@ int cmd_init(int argc, char **argv) {
   json_t *names = NULL;
   if (names_arg) {
     int k = 0;
-    names = split_names(names_arg, &k);
-    if (!names) return args_usage("init", "--class-names has an empty name in '%s'", names_arg);
+    const char *why = NULL;
+    names = split_names(names_arg, &k, &why);
+    if (!names) return args_usage("init", "--class-names has %s in '%s'", why, names_arg);
     if (classes && classes != k) {
       json_decref(names);
       return args_usage("init", "--classes %d disagrees with the %d --class-names", classes, k);

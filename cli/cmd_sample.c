@@ -8,6 +8,7 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +28,7 @@ static void sample_help(FILE *f) {
           "  --n N           number of chains (1..4096, default 16)\n"
           "  --steps K       SGLD steps (0..100000, default 100)\n"
           "  --class C       class index or name (default: unconditional)\n"
-          "  --seed S        random seed (default: random, printed on stderr)\n"
+          "  --seed S        random seed, 0 to 2^63-1 (default: random, printed on stderr)\n"
           "  --step-size A   default 1.0\n"
           "  --noise S       default 0.01\n"
           "  --init I        noise (uniform in [-1,1]) or buffer (the model's replay buffer;\n"
@@ -123,6 +124,9 @@ int cmd_sample(int argc, char **argv) {
       case 'c': class_arg = optarg; break;
       case 's':
         if (args_u64("sample", "--seed", optarg, &seed)) return 2;
+        if (seed > (uint64_t)INT64_MAX) /* a JSON integer, as jobs take it, is signed 64-bit */
+          return args_usage("sample", "--seed expects an integer from 0 to 2^63-1, not '%s'",
+                            optarg);
         have_seed = 1;
         break;
       case 'a':

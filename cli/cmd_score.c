@@ -33,7 +33,8 @@ static void score_help(FILE *f) {
           "  --no-grad       skip the gradient score (forward pass only)\n"
           "  --tpr T         OOD verdict level, in (0,1) (default: the model's, 0.95)\n"
           "  --threads N     BLAS threads (default: OpenBLAS's choice)\n"
-          "  --max-pixels P  refuse images with more pixels (default 16777216)\n"
+          "  --max-pixels P  refuse images with more pixels (default 67108864 = 8192^2,\n"
+          "                  at most 268435456); any width or height up to 65536\n"
           "  -h, --help      this text\n\n"
           "Exit status: 0 all scored, 1 some input or the model failed, 2 usage error.\n");
 }
@@ -75,7 +76,7 @@ static void flush(scorer *s) {
   for (int i = 0; i < s->n; i++) {
     int k = s->k;
     json_t *o = json_object();
-    json_object_set_new(o, "file", json_string(s->who[i].file));
+    json_object_set_new(o, "file", args_json_text(s->who[i].file));
     json_object_set_new(o, "index", json_integer(s->who[i].index));
     json_object_set_new(o, "label", json_integer(s->label[i]));
     json_object_set_new(o, "class", json_string(m->classes[s->label[i]]));
@@ -201,7 +202,7 @@ int cmd_score(int argc, char **argv) {
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
   };
-  int batch = 64, want_grad = 1, threads = 0, c, max_pixels = 16777216;
+  int batch = 64, want_grad = 1, threads = 0, c, max_pixels = 8192 * 8192;
   float tpr = NAN;
   opterr = 0;
   optind = 1;
@@ -214,7 +215,7 @@ int cmd_score(int argc, char **argv) {
         break;
       case 'T': if (args_int("score", "--threads", optarg, 1, 1024, &threads)) return 2; break;
       case 'P':
-        if (args_int("score", "--max-pixels", optarg, 1, 8192 * 8192, &max_pixels)) return 2;
+        if (args_int("score", "--max-pixels", optarg, 1, 1 << 28, &max_pixels)) return 2;
         break;
       case 'h': score_help(stdout); return 0;
       default: return args_bad_option("score", argc, argv);
@@ -262,6 +263,7 @@ int cmd_score(int argc, char **argv) {
     jem_image_limits_default(&lim);
     lim.max_bytes = (size_t)256 << 20;
     lim.max_pixels = (size_t)max_pixels;
+    lim.max_side = 1 << 16; /* a local file: only its area is bounded */
     for (int i = 0; i < n_inputs; i++)
       if (score_file(&s, argv[optind + 1 + i], &lim)) status = 1;
     flush(&s);

@@ -1,10 +1,12 @@
 /* cmd_train.c - `jem train`: train a JEM (or a cross-entropy baseline) on IDX
  * data with checkpoints, exact resume and a divergence guard. */
+#include "args.h"
 #include "cli.h"
 #include "jem.h"
 #include "train.h"
 
 #include <errno.h>
+#include <float.h>
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
@@ -68,6 +70,7 @@ static void usage(FILE *f) {
 "  --resume               continue from DIR's checkpoint if there is one\n"
 "  --stop-at N            checkpoint and stop at iteration N (the schedule still uses --iterations)\n"
 "  --max-rollbacks N      divergence rollbacks allowed (default 3); each halves the lr\n"
+"  -h, --help             this text\n"
 "\n"
 "SIGINT/SIGTERM checkpoint and stop.  Exit status: 0 finished (or --stop-at reached),\n"
 "1 failure or interrupted, 2 usage error.\n");
@@ -79,26 +82,18 @@ static void on_signal(int sig) {
   stop_flag = 1;
 }
 
+/* Option values: args.c's strict parsers, with train's own ranges. */
 static int parse_int(const char *flag, const char *v, long lo, long hi, int *out) {
-  char *end;
-  errno = 0;
-  long x = strtol(v, &end, 10);
-  if (errno || end == v || *end || x < lo || x > hi) {
-    fprintf(stderr, "jem train: %s wants an integer in %ld..%ld, got '%s'\n", flag, lo, hi, v);
-    return -1;
-  }
-  *out = (int)x;
-  return 0;
+  return args_int("train", flag, v, lo, hi, out);
 }
 
+/* Any finite number: jem_train_config_check judges the ranges together. */
 static int parse_float(const char *flag, const char *v, float *out) {
   char *end;
   errno = 0;
   double x = strtod(v, &end);
-  if (errno || end == v || *end || !isfinite(x)) {
-    fprintf(stderr, "jem train: %s wants a number, got '%s'\n", flag, v);
-    return -1;
-  }
+  if (errno || end == v || *end || !isfinite(x) || fabs(x) > FLT_MAX)
+    return args_usage("train", "%s expects a number, not '%s'", flag, v);
   *out = (float)x;
   return 0;
 }
@@ -147,12 +142,10 @@ int cmd_train(int argc, char **argv) {
     if (!strcmp(a, "--resume")) { c.resume = 1; continue; }
     if (!strcmp(a, "--sgld-clamp")) { c.sgld_clamp = 1; continue; }
     if (strncmp(a, "--", 2)) {
-      fprintf(stderr, "jem train: unexpected argument '%s' (see --help)\n", a);
-      return 2;
+      return args_usage("train", "unexpected argument '%s'", a);
     }
     if (i + 1 >= argc) {
-      fprintf(stderr, "jem train: %s needs a value\n", a);
-      return 2;
+      return args_usage("train", "unknown option, or option without its value: '%s'", a);
     }
     const char *v = argv[++i];
     int bad = 0;
@@ -164,7 +157,7 @@ int cmd_train(int argc, char **argv) {
     else if (!strcmp(a, "--valid")) bad = parse_int(a, v, 0, INT_MAX, &n_valid);
     else if (!strcmp(a, "--limit")) bad = parse_int(a, v, 1, INT_MAX, &limit);
     else if (!strcmp(a, "--valid-limit")) bad = parse_int(a, v, 1, INT_MAX, &valid_limit);
-    else if (!strcmp(a, "--depth")) { bad = parse_int(a, v, 4, 1000, &depth); depth_set = 1; }
+    else if (!strcmp(a, "--depth")) { bad = parse_int(a, v, 10, 1000, &depth); depth_set = 1; }
     else if (!strcmp(a, "--widen")) { bad = parse_int(a, v, 1, 64, &widen); widen_set = 1; }
     else if (!strcmp(a, "--warm-start")) warm = v;
     else if (!strcmp(a, "--name")) name = v;
@@ -184,8 +177,7 @@ int cmd_train(int argc, char **argv) {
       else if (!strcmp(v, "data")) c.buffer_init = JEM_BUFFER_DATA;
       else if (!strcmp(v, "gaussian")) c.buffer_init = JEM_BUFFER_GAUSSIAN;
       else {
-        fprintf(stderr, "jem train: --buffer-init wants uniform, data or gaussian, got '%s'\n", v);
-        bad = 1;
+        bad = args_usage("train", "--buffer-init expects uniform, data or gaussian, not '%s'", v);
       }
     }
     else if (!strcmp(a, "--px-ramp")) bad = parse_int(a, v, 0, INT_MAX, &c.px_ramp);
@@ -198,8 +190,7 @@ int cmd_train(int argc, char **argv) {
       else if (!strcmp(v, "step")) c.schedule = JEM_LR_STEP;
       else if (!strcmp(v, "const")) c.schedule = JEM_LR_CONST;
       else {
-        fprintf(stderr, "jem train: --schedule wants cosine, step or const, got '%s'\n", v);
-        bad = 1;
+        bad = args_usage("train", "--schedule expects cosine, step or const, not '%s'", v);
       }
     }
     else if (!strcmp(a, "--decay-rate")) bad = parse_float(a, v, &c.decay_rate);
@@ -211,29 +202,26 @@ int cmd_train(int argc, char **argv) {
     else if (!strcmp(a, "--stop-at")) bad = parse_int(a, v, 1, INT_MAX, &c.stop_at);
     else if (!strcmp(a, "--max-rollbacks")) bad = parse_int(a, v, 0, 100, &c.max_rollbacks);
     else {
-      fprintf(stderr, "jem train: unknown option '%s' (see --help)\n", a);
-      return 2;
+      return args_usage("train", "unknown option, or option without its value: '%s'", a);
     }
     if (bad) return 2;
   }
+  if ((depth - 4) % 6 != 0)
+    return args_usage("train", "--depth %d is not of the form 6n+4 (10, 16, 22, ...)", depth);
   c.seed = (uint64_t)seed_i;
   if (!c.run_dir) {
-    fprintf(stderr, "jem train: --run-dir DIR is required (see --help)\n");
-    return 2;
+    return args_usage("train", "--run-dir DIR is required");
   }
   if ((timg != NULL) != (tlab != NULL)) {
-    fprintf(stderr, "jem train: --train-images and --train-labels go together\n");
-    return 2;
+    return args_usage("train", "--train-images and --train-labels go together");
   }
   if (timg && data_dir) {
-    fprintf(stderr, "jem train: give either --data or --train-images/--train-labels\n");
-    return 2;
+    return args_usage("train", "give either --data or --train-images/--train-labels");
   }
   if (c.baseline) c.replay_keep = 0;
   char err[512];
   if (jem_train_config_check(&c, err, sizeof err)) {
-    fprintf(stderr, "jem train: %s\n", err);
-    return 2;
+    return args_usage("train", "%s", err);
   }
   if (threads > 0) jem_blas_set_threads(threads);
 

@@ -2,6 +2,7 @@
 #include "cli.h"
 #include "jem.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -46,8 +47,16 @@ int main(int argc, char **argv) {
     return 0;
   }
   for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-    if (!strcmp(argv[1], commands[i].name))
-      return commands[i].run(argc - 1, argv + 1);
+    if (!strcmp(argv[1], commands[i].name)) {
+      int status = commands[i].run(argc - 1, argv + 1);
+      /* results printed but never written (disk full, closed pipe) are a failure */
+      if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "jem %s: writing the output failed: %s\n", argv[1],
+                errno ? strerror(errno) : "write error");
+        if (status == 0) status = 1;
+      }
+      return status;
+    }
   fprintf(stderr, "jem: unknown command '%s'\n", argv[1]);
   usage(stderr);
   return 2;

@@ -58,8 +58,15 @@ int jem_blas_setup(int argc, char **argv) {
     unsetenv(REEXEC_GUARD);
     return 0;
   }
-  if (getenv("OPENBLAS_CORETYPE")) return 0; /* the user's choice wins */
   const int want = cpu_level();
+  const char *forced = getenv("OPENBLAS_CORETYPE");
+  if (forced) { /* the user's choice wins, but say when it cannot run here */
+    if (core_level(forced) > want)
+      fprintf(stderr, "jem: warning: OPENBLAS_CORETYPE=%s needs %s, which this CPU lacks; "
+                      "expect a crash (illegal instruction) in matrix code\n",
+              forced, core_level(forced) == 2 ? "AVX-512" : "AVX2 and FMA");
+    return 0;
+  }
   const char *have = openblas_get_corename();
   if (want == 0 || core_level(have) >= want) return 0;
   const char *core = want == 2 ? "SkylakeX" : "Haswell";

@@ -60,7 +60,7 @@ static void *img_realloc(void *p, size_t n) {
 #define STBI_NO_STDIO
 #define STBI_NO_LINEAR
 #define STBI_NO_HDR
-#define STBI_MAX_DIMENSIONS 8192
+#define STBI_MAX_DIMENSIONS (1 << 16) /* our own limits (jem_image_limits) come first */
 #define STBI_MALLOC(sz) img_malloc(sz)
 #define STBI_REALLOC(p, sz) img_realloc(p, sz)
 #define STBI_FREE(p) img_free(p)

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define MAX_KEYS 64
 #define MAX_KEY_LEN 256
@@ -62,7 +63,7 @@ int srv_auth_check(srv_req *r) {
              ((r->route->flags & SRV_R_SCORING) && srv_cfg.protect_scoring);
   if (!need) return 0;
   const char *h = srv_req_header(r, "Authorization");
-  if (!h || strncmp(h, "Bearer ", 7) != 0) return -1;
+  if (!h || strncasecmp(h, "Bearer ", 7) != 0) return -1; /* scheme: any case (RFC 7235) */
   const char *tok = h + 7;
   while (*tok == ' ') tok++;
   size_t tl = strlen(tok);

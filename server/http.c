@@ -14,7 +14,6 @@
 
 static struct MHD_Daemon *D;
 static atomic_int draining;
-static MHD_socket quiesced_fd = MHD_INVALID_SOCKET;
 static atomic_ullong req_counter;
 static unsigned int id_prefix;
 
@@ -31,8 +30,10 @@ typedef struct conn_rec {
 static pthread_mutex_t conns_mu = PTHREAD_MUTEX_INITIALIZER;
 static conn_rec *conns;
 
-int srv_http_draining(void) { return atomic_load(&draining); }
-void srv_http_set_draining(void) { atomic_store(&draining, 1); }
+/* 0 serving; SRV_DRAIN_DELAY after SIGTERM (readiness 503, new jobs 503);
+ * SRV_DRAIN_CLOSING once the delay is over (new work of any kind 503). */
+int srv_http_draining(void) { return atomic_load(&draining) != 0; }
+void srv_http_set_drain_phase(int phase) { atomic_store(&draining, phase); }
 
 static conn_rec *rec_of(struct MHD_Connection *c) {
   const union MHD_ConnectionInfo *ci =
@@ -277,6 +278,13 @@ static enum MHD_Result first_call(srv_req *r) {
     return srv_respond_error_h(r, 401, "unauthorized", h,
                                "this route needs 'Authorization: Bearer <key>'");
   }
+  if (atomic_load(&draining) == SRV_DRAIN_CLOSING && (r->route->flags & SRV_R_BODY)) {
+    /* the listener stays open through the drain so that clients get this
+     * answer (and can still poll their jobs), not a refused connection */
+    srv_metrics_reject(SRV_REJ_DRAINING);
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "draining", h, "the server is shutting down");
+  }
   const char *cl = srv_req_header(r, "Content-Length");
   if (cl) {
     char *end;
@@ -486,22 +494,9 @@ int srv_http_start(int *port) {
   return 0;
 }
 
-void srv_http_quiesce(void) {
-  if (D && quiesced_fd == MHD_INVALID_SOCKET) {
-    quiesced_fd = MHD_quiesce_daemon(D);
-    /* MHD no longer polls the socket but it stays open until
-     * MHD_stop_daemon; shutting it down now refuses new connections at once
-     * (and resets those still in the backlog) instead of leaving them
-     * hanging until the drain ends. */
-    if (quiesced_fd != MHD_INVALID_SOCKET) shutdown(quiesced_fd, SHUT_RDWR);
-  }
-}
-
 void srv_http_stop(void) {
   if (D) MHD_stop_daemon(D);
   D = NULL;
-  if (quiesced_fd != MHD_INVALID_SOCKET) close(quiesced_fd);
-  quiesced_fd = MHD_INVALID_SOCKET;
   pthread_mutex_lock(&conns_mu);
   while (conns) {
     conn_rec *n = conns->next;

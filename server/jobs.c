@@ -131,7 +131,7 @@ static int num_field(json_t *v, const char *name, double lo, double hi, double *
   }
   double x = json_number_value(v);
   if (!isfinite(x) || x < lo || x > hi) {
-    snprintf(err, errlen, "'%s' must be from %g to %g, got %g", name, lo, hi, x);
+    snprintf(err, errlen, "'%s' must be from %g to %g, got %.17g", name, lo, hi, x);
     return fail(code, "out_of_range", 422);
   }
   *out = x;
@@ -157,9 +157,9 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
   while (i < len && (body[i] == ' ' || body[i] == '\t' || body[i] == '\r' || body[i] == '\n'))
     i++;
   if (i == len) return 0; /* no body: every default */
-  json_t *j = srv_json_parse(body, len, err, errlen);
-  if (!j) return fail(code, "invalid_json", 400);
   int st = 0;
+  json_t *j = srv_json_parse(body, len, &st, err, errlen);
+  if (!j) return fail(code, st == 422 ? "out_of_range" : "invalid_json", st);
   json_t *imgs = NULL;
   const char *key;
   json_t *v;
@@ -1010,7 +1010,7 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     pthread_mutex_unlock(&J.mu);
     run_frees(&fl);
     job_free(j);
-    srv_metrics_reject(SRV_REJ_QUEUE_FULL);
+    srv_metrics_reject(why == REJ_QUEUE_FULL ? SRV_REJ_QUEUE_FULL : SRV_REJ_STORE_FULL);
     const char *h[] = {"Retry-After", "5", NULL};
     if (why == REJ_QUEUE_FULL)
       return srv_respond_error_h(r, 429, "queue_full", h,

@@ -74,21 +74,22 @@ static void reload(void) {
 }
 
 static void drain_and_stop(void) {
-  srv_http_set_draining();
+  srv_http_set_drain_phase(SRV_DRAIN_DELAY);
   srv_sd_notify("STOPPING=1");
   int term0 = got_term;
   uint64_t t0 = srv_now_ns();
-  uint64_t deadline = t0 + (uint64_t)srv_cfg.drain_seconds * 1000000000ull;
   srv_log(SRV_LOG_INFO, "msg=\"draining\" drain_seconds=%d drain_delay=%d inflight=%d",
           srv_cfg.drain_seconds, srv_cfg.drain_delay, atomic_load(srv_metrics_inflight()));
-  /* keep accepting (readiness 503) while load balancers catch up */
+  /* keep serving (readiness 503) while load balancers catch up */
   uint64_t delay_end = t0 + (uint64_t)srv_cfg.drain_delay * 1000000000ull;
-  if (delay_end > deadline) delay_end = deadline;
   while (srv_now_ns() < delay_end && got_term == term0) {
     wait_signal(100);
     housekeeping();
   }
-  srv_http_quiesce();
+  /* then refuse new work with 503 and give what was admitted the drain time;
+   * the two phases add up, as the deploy files budget them */
+  srv_http_set_drain_phase(SRV_DRAIN_CLOSING);
+  uint64_t deadline = srv_now_ns() + (uint64_t)srv_cfg.drain_seconds * 1000000000ull;
   while ((atomic_load(srv_metrics_inflight()) > 0 ||
           srv_jobs_active() > 0) &&
          srv_now_ns() < deadline && got_term == term0) {

@@ -42,7 +42,7 @@ static struct {
 
 static const char *const rej_names[SRV_REJ_COUNT] = {
     "queue_full", "too_large", "unauthorized", "bad_request", "unsupported_media_type",
-    "client_gone", "deadline", "draining"};
+    "client_gone", "deadline", "draining", "store_full"};
 
 static void hist_init(hist *h, const double *le, int nb) {
   h->le = le;
@@ -186,6 +186,11 @@ static void hist_render(buf *b, const char *name, const char *labels, hist *h) {
 static const char *route_label(int row) {
   return row == 0 ? "unmatched" : srv_routes[row - 1].pattern;
 }
+/* One template can serve several methods (GET and DELETE /v1/jobs/{id}), so
+ * the method is part of every series' identity. */
+static const char *method_label(int row) {
+  return row == 0 ? "other" : srv_routes[row - 1].method;
+}
 
 static void process_metrics(buf *b) {
   struct rusage ru;
@@ -262,16 +267,18 @@ char *srv_metrics_render(size_t *len) {
   head(&b, "jem_workers", "gauge", "Compute workers.");
   bprintf(&b, "jem_workers %d\n", srv_cfg.workers);
 
-  head(&b, "jem_http_requests_total", "counter", "HTTP requests by route template and status code.");
+  head(&b, "jem_http_requests_total", "counter", "HTTP requests by method, route template and status code.");
   for (int row = 0; row <= srv_n_routes; row++) {
     esc(l1, sizeof l1, route_label(row));
     for (int c = 0; c < MAX_CODE; c++) {
       unsigned long long v = atomic_load(&M.req[(size_t)row * MAX_CODE + (size_t)c]);
-      if (v) bprintf(&b, "jem_http_requests_total{route=\"%s\",code=\"%d\"} %llu\n", l1, c, v);
+      if (v)
+        bprintf(&b, "jem_http_requests_total{method=\"%s\",route=\"%s\",code=\"%d\"} %llu\n",
+                method_label(row), l1, c, v);
     }
   }
   head(&b, "jem_request_duration_seconds", "histogram",
-       "Time from request headers to response, by route template.");
+       "Time from request headers to response, by method and route template.");
   for (int row = 0; row <= srv_n_routes; row++) {
     int any = 0;
     pthread_mutex_lock(&M.req_dur[row].mu);
@@ -280,7 +287,7 @@ char *srv_metrics_render(size_t *len) {
     if (!any) continue;
     char lab[600];
     esc(l1, sizeof l1, route_label(row));
-    snprintf(lab, sizeof lab, "route=\"%s\"", l1);
+    snprintf(lab, sizeof lab, "method=\"%s\",route=\"%s\"", method_label(row), l1);
     hist_render(&b, "jem_request_duration_seconds", lab, &M.req_dur[row]);
   }
   head(&b, "jem_queue_duration_seconds", "histogram",

@@ -30,7 +30,8 @@ int srv_json_depth_ok(const char *buf, size_t len, int max_depth) {
   return 0;
 }
 
-json_t *srv_json_parse(const char *buf, size_t len, char *err, size_t errlen) {
+json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size_t errlen) {
+  *status = 400; /* for every failure but a number too large */
   if (len == 0) {
     snprintf(err, errlen, "empty body; expected JSON");
     return NULL;
@@ -41,9 +42,19 @@ json_t *srv_json_parse(const char *buf, size_t len, char *err, size_t errlen) {
   }
   json_error_t je;
   json_t *j = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &je);
-  if (!j) snprintf(err, errlen, "malformed JSON at line %d column %d: %s", je.line, je.column,
-                   je.text);
-  return j;
+  if (j) {
+    *status = 0;
+    return j;
+  }
+  if (json_error_code(&je) == json_error_numeric_overflow) { /* valid JSON, too big for us */
+    *status = 422;
+    snprintf(err, errlen, "number out of range at line %d column %d: integers must lie "
+             "within -2^63..2^63-1 (%s)", je.line, je.column, je.text);
+  } else {
+    snprintf(err, errlen, "malformed JSON at line %d column %d: %s", je.line, je.column,
+             je.text);
+  }
+  return NULL;
 }
 
 static int b64v(unsigned char c) {
@@ -96,9 +107,9 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_bl
                             int *n, char *err, size_t errlen) {
   *imgs = NULL;
   *n = 0;
-  json_t *j = srv_json_parse(body, len, err, errlen);
-  if (!j) return 400;
   int st = 0;
+  json_t *j = srv_json_parse(body, len, &st, err, errlen);
+  if (!j) return st;
   srv_blob *b = NULL;
   int cnt = 0;
   size_t na = 0;
@@ -235,9 +246,9 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
   /* binary tensor extension: JSON header, then raw little-endian tensors */
   const unsigned char *bin = (const unsigned char *)body + json_len;
   size_t bin_len = len - json_len;
-  json_t *j = srv_json_parse(body, json_len, err, errlen);
-  if (!j) return 400;
   int st = 0;
+  json_t *j = srv_json_parse(body, json_len, &st, err, errlen);
+  if (!j) return st;
   if (!json_is_object(j)) {
     snprintf(err, errlen, "expected a JSON object with \"inputs\"");
     st = 400;

@@ -185,7 +185,7 @@ void srv_task_free(srv_task *t);
 
 enum { SRV_REJ_QUEUE_FULL = 0, SRV_REJ_TOO_LARGE, SRV_REJ_UNAUTHORIZED,
        SRV_REJ_BAD_REQUEST, SRV_REJ_UNSUPPORTED, SRV_REJ_CLIENT_GONE,
-       SRV_REJ_DEADLINE, SRV_REJ_DRAINING, SRV_REJ_COUNT };
+       SRV_REJ_DEADLINE, SRV_REJ_DRAINING, SRV_REJ_STORE_FULL, SRV_REJ_COUNT };
 
 void srv_metrics_init(void);
 void srv_metrics_request(int route_idx, int status, double seconds);
@@ -260,10 +260,12 @@ struct srv_req {
 
 /* Starts MHD; returns 0 and fills *port with the bound port. */
 int srv_http_start(int *port);
-void srv_http_quiesce(void);
 void srv_http_stop(void);
+/* SIGTERM's two phases: during the delay every route but job creation is
+ * served; while closing, requests with a body (scoring, new jobs) get 503. */
+enum { SRV_DRAIN_DELAY = 1, SRV_DRAIN_CLOSING = 2 };
 int srv_http_draining(void);
-void srv_http_set_draining(void);
+void srv_http_set_drain_phase(int phase);
 
 /* Responses (call only from a handler / on_resume). */
 enum MHD_Result srv_respond(srv_req *r, int status, const char *ctype,
@@ -339,8 +341,10 @@ enum MHD_Result srv_h_v2_infer(srv_req *r);
 /* 0 when the nesting of arrays/objects in buf stays <= max_depth (strings
  * are skipped).  Does not validate the JSON otherwise. */
 int srv_json_depth_ok(const char *buf, size_t len, int max_depth);
-/* json_loadb with the daemon's flags after the depth check; NULL and err. */
-json_t *srv_json_parse(const char *buf, size_t len, char *err, size_t errlen);
+/* json_loadb with the daemon's flags after the depth check.  NULL and err on
+ * failure, with *status 400 (malformed, too deep) or 422 (valid JSON with a
+ * number beyond int64/double); *status 0 on success. */
+json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size_t errlen);
 
 /* Strict base64 (standard alphabet, optional padding, optional
  * "data:...;base64," prefix).  Returns malloc'd bytes or NULL. */

@@ -42,9 +42,16 @@ static void test_json_depth(void **state) {
   const char *s = "{\"a\": \"[[[[[[\\\"[[[[\"}";
   assert_int_equal(srv_json_depth_ok(s, strlen(s), 2), 0);
   char err[256];
-  assert_null(srv_json_parse("{\"a\":1,\"a\":2}", 13, err, sizeof err));
-  assert_null(srv_json_parse("", 0, err, sizeof err));
-  json_t *j = srv_json_parse("{\"a\":1} trailing", 7, err, sizeof err);
+  int st = 0;
+  assert_null(srv_json_parse("{\"a\":1,\"a\":2}", 13, &st, err, sizeof err));
+  assert_int_equal(st, 400);
+  assert_null(srv_json_parse("", 0, &st, err, sizeof err));
+  assert_int_equal(st, 400);
+  /* valid JSON whose integer does not fit: a range error, not a syntax one */
+  const char *big = "{\"seed\": 18446744073709551615}";
+  assert_null(srv_json_parse(big, strlen(big), &st, err, sizeof err));
+  assert_int_equal(st, 422);
+  json_t *j = srv_json_parse("{\"a\":1} trailing", 7, &st, err, sizeof err);
   assert_non_null(j); /* only the given length is read */
   json_decref(j);
 }

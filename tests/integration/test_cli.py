@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGES = os.path.join(ROOT, "tests", "data", "images")
@@ -227,6 +228,37 @@ def test_all(jem, tmp):
         ba, bb, bc = a.read(), b.read(), c.read()
     check(ba == bb, "init is deterministic")
     check(ba != bc, "init seed matters")
+
+    # --- output that cannot be written, odd names, odd sizes, late usage errors
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([jem, "score", model, img("rgb.png")], stdout=full,
+                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    check(p.returncode == 1 and "writing the output failed" in p.stderr,
+          "score > /dev/full -> 1 with a message (%d: %s)" % (p.returncode, p.stderr.strip()))
+    odd = os.path.join(os.fsencode(tmp), b"bad\xffname.png")
+    shutil.copy(img("rgb.png"), odd)
+    rc, out, err = run(jem, "score", model, os.fsdecode(odd), "--no-grad")
+    rec = lines(out)
+    check(rc == 0 and len(rec) == 1 and rec[0].get("file", "").endswith("bad\ufffdname.png"),
+          "a file name that is not UTF-8 keeps its 'file' key (U+FFFD): %s" % out[:60])
+    wide = os.path.join(tmp, "wide.png")
+    raw = b"\x00" + bytes([200]) * 9000
+    chunk = lambda t, d: (struct.pack(">I", len(d)) + t + d +
+                          struct.pack(">I", zlib.crc32(t + d) & 0xffffffff))
+    with open(wide, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 1, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    rc, out, err = run(jem, "score", model, wide, "--no-grad")
+    check(rc == 0 and len(lines(out)) == 1, "a 9000x1 image is scored, not refused: " + err)
+    for args, what in ((["train", "--run-dir", tmp, "--bogus"], "unknown option given last"),
+                       (["eval", model, "--bogus"], "eval: unknown option given last"),
+                       (["train", "--run-dir", tmp, "--depth", "11"], "train --depth 11"),
+                       (["init", model + ".x", "--class-names", "a,a"], "repeated class name")):
+        rc, _, err = run(jem, *args)
+        check(rc == 2 and "Try 'jem" in err, "%s -> usage error 2 (%d: %s)" % (what, rc,
+                                                                           err.strip()[:80]))
+    rc, _, err = run(jem, "train", "--run-dir", tmp, "--bogus")
+    check("unknown option" in err, "the last unknown option is named as unknown: " + err.strip())
 
     # --- score ---------------------------------------------------------------
     files = ["fmnist0.png", "rgb.png", "baseline.jpg", "progressive.jpg", "grey16.png",
