@@ -1,5 +1,6 @@
 /* args.c - strict option-value parsing and usage errors for the jem subcommands. */
 #include "args.h"
+#include "jem.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -75,40 +76,14 @@ double args_f2d(float v) {
   return v;
 }
 
-/* Length of the valid UTF-8 sequence at p (RFC 3629: no overlongs, no
- * surrogates, nothing above U+10FFFF), or 0 if it is not one. */
-static size_t utf8_len(const unsigned char *p) {
-  if (p[0] < 0x80) return 1;
-  size_t n = p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3
-             : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
-  for (size_t i = 1; i < n; i++)
-    if ((p[i] & 0xc0) != 0x80) return 0;
-  if (n == 3 && ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f))) return 0;
-  if (n == 4 && ((p[0] == 0xf0 && p[1] < 0x90) || (p[0] == 0xf4 && p[1] > 0x8f))) return 0;
-  return n;
-}
-
 json_t *args_json_text(const char *s) {
   json_t *j = json_string(s);
   if (j) return j;
-  size_t len = strlen(s);
-  char *out = malloc(3 * len + 1); /* each bad byte grows to 3 */
-  if (!out) return json_null();
-  size_t o = 0;
-  for (const unsigned char *p = (const unsigned char *)s; *p;) {
-    size_t n = utf8_len(p);
-    if (n) {
-      memcpy(out + o, p, n);
-      o += n;
-      p += n;
-    } else {
-      memcpy(out + o, "\xef\xbf\xbd", 3);
-      o += 3;
-      p++;
-    }
-  }
-  out[o] = 0;
-  j = json_string(out);
-  free(out);
+  size_t cap = 3 * strlen(s) + 1; /* each bad byte grows to U+FFFD's 3 */
+  char *clean = malloc(cap);
+  if (!clean) return json_null();
+  jem_utf8_clean(clean, cap, s);
+  j = json_string(clean);
+  free(clean);
   return j ? j : json_null();
 }

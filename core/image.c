@@ -656,10 +656,17 @@ int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int
   else
     data = stbi_load_from_memory(b, (int)len, &w, &h, &n, 4);
   if (!data) {
+    /* stb's own reasons ("bad png sig", ...) are not for clients (security.md) */
     const char *why = stbi_failure_reason();
+    int budget = why && !strcmp(why, "outofmem");
     img_cap = 0;
-    return jem__errf(err, errlen, JEM_EFORMAT, "could not decode the %s image data (%s)",
-                     info.fmt == FMT_PNG ? "PNG" : "JPEG", why ? why : "corrupt");
+    if (budget)
+      return jem__errf(err, errlen, JEM_ETOOBIG,
+                       "the %s image needs more memory to decode than its %dx%d size allows",
+                       info.fmt == FMT_PNG ? "PNG" : "JPEG", info.w, info.h);
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "could not decode the %s image data (corrupt or truncated)",
+                     info.fmt == FMT_PNG ? "PNG" : "JPEG");
   }
   if (w != info.w || h != info.h) {
     stbi_image_free(data);

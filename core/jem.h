@@ -63,6 +63,13 @@ enum {
 const char *jem_strerror(int code);
 const char *jem_err_name(int code); /* "EINVAL", ... */
 
+/* Copies src into dst (cap bytes, NUL included) as valid UTF-8: each byte
+ * that does not start a valid sequence becomes U+FFFD, and truncation never
+ * splits a character.  Messages that echo user input (paths, names, file
+ * names) go through it before they become JSON strings, which must be
+ * UTF-8.  Returns the length written. */
+size_t jem_utf8_clean(char *dst, size_t cap, const char *src);
+
 void jem__assert_fail(const char *expr, const char *file, int line);
 #define JEM_ASSERT(x) \
   do { if (!(x)) jem__assert_fail(#x, __FILE__, __LINE__); } while (0)

@@ -27,11 +27,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   srv_blob *imgs = NULL;
   int n = 0;
-  if (srv_classify_parse_json(buf, size, 16, &imgs, &n, err, sizeof err) == 0) {
+  const char *code = NULL;
+  if (srv_classify_parse_json(buf, size, 16, &imgs, &n, &code, err, sizeof err) == 0) {
     for (int i = 0; i < n; i++)
       if (imgs[i].len && !imgs[i].p) abort();
     srv_blobs_free(imgs, n);
-  } else if (!err[0] || !memchr(err, '\0', sizeof err)) {
+  } else if (!err[0] || !memchr(err, '\0', sizeof err) || !code) {
     abort(); /* every refusal says why */
   }
 

@@ -255,6 +255,13 @@ int srv_config_parse(int argc, char **argv, int *status) {
       return 1;
     }
   }
+  if (srv_cfg.queue_size < srv_cfg.max_images) { /* such a request could never be queued */
+    fprintf(stderr, "jemd: --queue-size %d is below --max-images %d; a request of %d images "
+                    "would always get 503\n", srv_cfg.queue_size, srv_cfg.max_images,
+            srv_cfg.max_images);
+    *status = 2;
+    return 1;
+  }
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
   if (cpus < 1) cpus = 1;
   if (srv_cfg.workers == 0) srv_cfg.workers = (int)(cpus > 64 ? 64 : cpus);
@@ -267,9 +274,15 @@ int srv_config_parse(int argc, char **argv, int *status) {
 
 static int readable(const char *p) { return access(p, R_OK) == 0; }
 
-void srv_config_resolve_model(void) {
-  if (srv_cfg.model[0]) return;
+int srv_config_resolve_model(void) {
+  if (srv_cfg.model[0]) return 0;
   const char *a = "models/fmnist-jem.safetensors";
   const char *b = JEMD_DATADIR "/models/fmnist-jem.safetensors";
-  snprintf(srv_cfg.model, sizeof srv_cfg.model, "%s", readable(a) || !readable(b) ? a : b);
+  if (!readable(a) && !readable(b)) {
+    fprintf(stderr, "jemd: no model: neither %s (in the working directory) nor %s is "
+                    "readable; give one with --model PATH\n", a, b);
+    return -1;
+  }
+  snprintf(srv_cfg.model, sizeof srv_cfg.model, "%s", readable(a) ? a : b);
+  return 0;
 }

@@ -223,12 +223,13 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     char *end;
     errno = 0;
     double x = strtod(v, &end);
-    if (errno || end == v || *end || !(x > 0.0 && x < 1.0)) {
+    tpr = (float)x; /* judged as the float it is used as: 1e-300 is 0, 0.999999999 is 1 */
+    if (errno || end == v || *end || !(tpr > 0.0f && tpr < 1.0f)) {
       res = srv_respond_error(r, 400, "invalid_parameter",
-                              "tpr must be a number strictly between 0 and 1");
+                              "tpr must be a number strictly between 0 and 1 "
+                              "(from about 1e-38 to 0.99999994)");
       goto reject;
     }
-    tpr = (float)x;
   }
   const char *ct = srv_req_header(r, "Content-Type");
   if (!ct) {
@@ -264,14 +265,11 @@ enum MHD_Result srv_h_classify(srv_req *r) {
       goto reject;
     }
   } else if (!strcmp(mt, "application/json")) {
-    int st = srv_classify_parse_json(r->body, r->body_len, srv_cfg.max_images, &imgs, &n, err,
-                                     sizeof err);
+    const char *code = NULL;
+    int st = srv_classify_parse_json(r->body, r->body_len, srv_cfg.max_images, &imgs, &n, &code,
+                                     err, sizeof err);
     if (st) {
-      res = srv_respond_error(r, st,
-                              st == 413   ? "too_many_images"
-                              : st == 422 ? "invalid_request"
-                                          : "invalid_json",
-                              "%s", err);
+      res = srv_respond_error(r, st, code, "%s", err);
       goto reject;
     }
   } else {

@@ -149,8 +149,9 @@ static enum MHD_Result verror(srv_req *r, int status, const char *code,
     __attribute__((format(printf, 5, 0)));
 static enum MHD_Result verror(srv_req *r, int status, const char *code,
                               const char *const *headers, const char *fmt, va_list ap) {
-  char msg[512];
-  vsnprintf(msg, sizeof msg, fmt, ap);
+  char raw[512], msg[512];
+  vsnprintf(raw, sizeof raw, fmt, ap);
+  jem_utf8_clean(msg, sizeof msg, raw); /* messages echo paths and names; JSON needs UTF-8 */
   json_t *body;
   if (is_v2(r))
     body = json_pack("{s:s}", "error", msg);
@@ -158,6 +159,9 @@ static enum MHD_Result verror(srv_req *r, int status, const char *code,
     body = json_pack("{s:{s:s,s:s}}", "error", "code", code, "message", msg);
   char *s = body ? json_dumps(body, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
   json_decref(body);
+  if (!s) /* out of memory: still answer, in the route family's shape */
+    s = strdup(is_v2(r) ? "{\"error\":\"internal error\"}"
+                        : "{\"error\":{\"code\":\"internal\",\"message\":\"internal error\"}}");
   if (!s) return MHD_NO;
   enum MHD_Result ok = srv_respond(r, status, "application/json", s, strlen(s), headers);
   free(s);

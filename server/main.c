@@ -144,7 +144,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "jemd: --api-key-file: %s\n", err);
     return 1;
   }
-  srv_config_resolve_model();
+  if (srv_config_resolve_model()) return 1;
   uint64_t t0 = srv_now_ns();
   if (srv_model_load(srv_cfg.model, err, sizeof err)) {
     fprintf(stderr, "jemd: cannot load the model: %s\n", err);

@@ -104,19 +104,24 @@ void srv_blobs_free(srv_blob *b, int n) {
 }
 
 int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_blob **imgs,
-                            int *n, char *err, size_t errlen) {
+                            int *n, const char **code, char *err, size_t errlen) {
   *imgs = NULL;
   *n = 0;
   int st = 0;
   json_t *j = srv_json_parse(body, len, &st, err, errlen);
-  if (!j) return st;
+  if (!j) {
+    *code = st == 422 ? "out_of_range" : "invalid_json";
+    return st;
+  }
+  /* well-formed JSON with the wrong content is 422 invalid_request (openapi) */
+  *code = "invalid_request";
   srv_blob *b = NULL;
   int cnt = 0;
   size_t na = 0;
   json_t *arr = NULL;
   if (!json_is_object(j)) {
     snprintf(err, errlen, "expected a JSON object {\"images\": [\"<base64>\", ...]}");
-    st = 400;
+    st = 422;
     goto out;
   }
   const char *key;
@@ -125,6 +130,7 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_bl
     (void)v;
     if (strcmp(key, "images") != 0) {
       snprintf(err, errlen, "unknown field '%.64s' (only \"images\" is accepted)", key);
+      *code = "unknown_field"; /* as for the job API's body */
       st = 400;
       goto out;
     }
@@ -132,7 +138,7 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_bl
   arr = json_object_get(j, "images");
   if (!json_is_array(arr)) {
     snprintf(err, errlen, "\"images\" must be an array of base64 strings");
-    st = arr ? 422 : 400;
+    st = 422;
     goto out;
   }
   na = json_array_size(arr);
@@ -143,12 +149,14 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_bl
   }
   if (na > (size_t)max_images) {
     snprintf(err, errlen, "%zu images in one request; the limit is %d", na, max_images);
+    *code = "too_many_images";
     st = 413;
     goto out;
   }
   b = calloc(na, sizeof *b);
   if (!b) {
     snprintf(err, errlen, "out of memory");
+    *code = "out_of_memory";
     st = 503;
     goto out;
   }
@@ -163,6 +171,7 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_bl
     b[i].owned = srv_b64_decode(json_string_value(e), json_string_length(e), &ol);
     if (!b[i].owned) {
       snprintf(err, errlen, "images[%zu] is not valid base64", i);
+      *code = "invalid_base64";
       st = 400;
       goto out;
     }
@@ -178,6 +187,7 @@ out:
   }
   *imgs = b;
   *n = cnt;
+  *code = "ok";
   return 0;
 }
 
@@ -185,6 +195,10 @@ out:
 /* Open Inference Protocol v2: POST /v2/models/{name}/infer */
 
 static const char *const v2_outputs[4] = {"logits", "probs", "energy", "grad_norm"};
+
+/* The model's inputs lie in [-1, 1]; values far outside only overflow the
+ * logits to +-inf and every output to null, so they are refused. */
+#define V2_MAX_ABS 1e6
 
 static int put_num(const json_t *e, float *dst, char *err, size_t errlen, size_t idx) {
   double v;
@@ -196,8 +210,9 @@ static int put_num(const json_t *e, float *dst, char *err, size_t errlen, size_t
     snprintf(err, errlen, "data element %zu is not a number", idx);
     return 422;
   }
-  if (!isfinite(v) || fabs(v) > 3.4028234663852886e38) {
-    snprintf(err, errlen, "data element %zu is not a finite FP32 value", idx);
+  if (!isfinite(v) || fabs(v) > V2_MAX_ABS) {
+    snprintf(err, errlen, "data element %zu (%.9g) is outside [-1e6, 1e6]; the model's inputs "
+             "lie in [-1, 1]", idx, v);
     return 422;
   }
   *dst = (float)v;
@@ -379,8 +394,9 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
                    (uint32_t)p[3] << 24;
       float f;
       memcpy(&f, &u, sizeof f);
-      if (!isfinite(f)) {
-        snprintf(err, errlen, "binary input element %zu is not a finite FP32 value", i);
+      if (!isfinite(f) || fabsf(f) > V2_MAX_ABS) {
+        snprintf(err, errlen, "binary input element %zu (%.9g) is not a finite FP32 value "
+                 "within [-1e6, 1e6]; the model's inputs lie in [-1, 1]", i, (double)f);
         st = 422;
         goto out;
       }
@@ -401,7 +417,9 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
     goto out;
   }
   size_t nd = json_array_size(data);
-  int flat = nd == total && nd > 0 && json_is_number(json_array_get(data, 0));
+  /* flat when it has the shape's element count and no nested arrays; then
+   * each element must be a number (put_num names the first that is not) */
+  int flat = nd == total && nd > 0 && !json_is_array(json_array_get(data, 0));
   if (flat) {
     for (size_t i = 0; i < nd; i++) {
       st = put_num(json_array_get(data, i), out->x + i, err, errlen, i);

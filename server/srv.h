@@ -61,8 +61,9 @@ extern srv_config srv_cfg;
 int srv_config_parse(int argc, char **argv, int *status);
 void srv_config_usage(FILE *f);
 /* Fills srv_cfg.model when empty: models/fmnist-jem.safetensors in the
- * working directory, then JEMD_DATADIR/models/. */
-void srv_config_resolve_model(void);
+ * working directory, then JEMD_DATADIR/models/; -1 (with a message naming
+ * both) when neither is readable. */
+int srv_config_resolve_model(void);
 
 /* ------------------------------------------------------------------------ */
 /* Logging (server/log.c): logfmt lines on stderr. */
@@ -353,10 +354,11 @@ unsigned char *srv_b64_decode(const char *s, size_t len, size_t *out_len);
 typedef struct srv_blob { const unsigned char *p; size_t len; unsigned char *owned; } srv_blob;
 
 /* POST /v1/classify JSON body: {"images": ["<base64>", ...]}.  Returns 0
- * and malloc'd blobs (free with srv_blobs_free) or an HTTP status with a
- * message in err. */
+ * and malloc'd blobs (free with srv_blobs_free) or an HTTP status with the
+ * error code (invalid_json, unknown_field, ...) and a message in err. */
 int srv_classify_parse_json(const char *body, size_t len, int max_images,
-                            srv_blob **imgs, int *n, char *err, size_t errlen);
+                            srv_blob **imgs, int *n, const char **code, char *err,
+                            size_t errlen);
 void srv_blobs_free(srv_blob *b, int n);
 
 /* multipart/form-data: boundary from the Content-Type value, then the parts

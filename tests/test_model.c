@@ -49,6 +49,24 @@ static int close_enough(double num, double ana, double scale, double rtol) {
 
 /* ------------------------------------------------------------------------ */
 
+static void test_utf8_clean(void **state) {
+  (void)state;
+  char out[16];
+  assert_int_equal(jem_utf8_clean(out, sizeof out, "caf\xc3\xa9"), 5); /* valid: kept */
+  assert_string_equal(out, "caf\xc3\xa9");
+  jem_utf8_clean(out, sizeof out, "a\xff" "b"); /* a stray byte becomes U+FFFD */
+  assert_string_equal(out, "a\xef\xbf\xbd" "b");
+  jem_utf8_clean(out, sizeof out, "\xc0\xaf"); /* overlong '/' is two bad bytes */
+  assert_string_equal(out, "\xef\xbf\xbd\xef\xbf\xbd");
+  jem_utf8_clean(out, sizeof out, "\xed\xa0\x80"); /* a surrogate */
+  assert_int_equal(strlen(out), 9);
+  jem_utf8_clean(out, 6, "ab\xc3\xa9\xc3\xa9"); /* truncation keeps whole characters */
+  assert_string_equal(out, "ab\xc3\xa9");
+  jem_utf8_clean(out, sizeof out, "ok\xe2\x82"); /* a sequence cut short at the end */
+  assert_string_equal(out, "ok\xef\xbf\xbd\xef\xbf\xbd");
+  assert_int_equal(jem_utf8_clean(out, 1, "abc"), 0);
+}
+
 static void test_arch_params(void **state) {
   (void)state;
   jem_param p[64];
@@ -563,6 +581,7 @@ int main(void) {
       cmocka_unit_test(test_backward_dx_and_dw),
       cmocka_unit_test(test_score_batch),
       cmocka_unit_test(test_batch_independence),
+      cmocka_unit_test(test_utf8_clean),
       cmocka_unit_test(test_features_and_helpers),
       cmocka_unit_test(test_threads),
       cmocka_unit_test(test_im2col_path),

@@ -78,19 +78,21 @@ static void test_classify_json(void **state) {
   char err[256];
   srv_blob *b = NULL;
   int n = 0;
-  const char *ok = "{\"images\": [\"aGVsbG8=\", \"aGk=\"]}";
-  assert_int_equal(srv_classify_parse_json(ok, strlen(ok), 8, &b, &n, err, sizeof err), 0);
+  const char *ok = "{\"images\": [\"aGVsbG8=\", \"aGk=\"]}", *code = NULL;
+  assert_int_equal(srv_classify_parse_json(ok, strlen(ok), 8, &b, &n, &code, err, sizeof err), 0);
   assert_int_equal(n, 2);
   assert_int_equal(b[1].len, 2);
   srv_blobs_free(b, n);
-  assert_int_equal(srv_classify_parse_json(ok, strlen(ok), 1, &b, &n, err, sizeof err), 413);
+  assert_int_equal(srv_classify_parse_json(ok, strlen(ok), 1, &b, &n, &code, err, sizeof err), 413);
   const char *bad[][2] = {{"{\"images\": [1]}", "422"},     {"{\"images\": []}", "422"},
                           {"{\"images\": \"x\"}", "422"},   {"{\"x\": []}", "400"},
-                          {"[1]", "400"},                   {"{\"images\": [\"@\"]}", "400"},
-                          {"{\"images\": [", "400"}};
+                          {"[1]", "422"},                   {"{\"images\": [\"@\"]}", "400"},
+                          {"{\"images\": [", "400"},          {"{}", "422"}};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-    int st = srv_classify_parse_json(bad[i][0], strlen(bad[i][0]), 8, &b, &n, err, sizeof err);
+    int st = srv_classify_parse_json(bad[i][0], strlen(bad[i][0]), 8, &b, &n, &code, err,
+                                     sizeof err);
     assert_int_equal(st, atoi(bad[i][1]));
+    assert_true(code && strcmp(code, "ok") != 0);
     assert_true(strlen(err) > 0);
   }
 }

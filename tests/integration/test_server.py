@@ -458,7 +458,12 @@ def bad_inputs(c, d, imgs, model_name):
                                              "images type"))
     case("images empty", lambda: post("/v1/classify", b'{"images": []}', J, 422, "no images"))
     case("unknown JSON field", lambda: post("/v1/classify", b'{"images": [], "x": 1}', J, 400,
-                                            "unknown field"))
+                                            "unknown field", "unknown_field"))
+    case("empty JSON object", lambda: post("/v1/classify", b'{}', J, 422, "{}", "invalid_request"))
+    case("JSON array body", lambda: post("/v1/classify", b'[1, 2]', J, 422, "[1, 2]",
+                                         "invalid_request"))
+    case("number beyond int64", lambda: post("/v1/classify", b'{"images": [1e999]}', J, 422,
+                                             "1e999", "out_of_range"))
     case("bad base64", lambda: post("/v1/classify", b'{"images": ["@@@@"]}', J, 400, "base64"))
     case("base64 GIF", lambda: post("/v1/classify", json.dumps(
         {"images": [base64.b64encode(gif).decode()]}), J, 415, "base64 GIF"))
@@ -485,10 +490,25 @@ def bad_inputs(c, d, imgs, model_name):
     case("top_k=11", lambda: post("/v1/classify?top_k=11", png, H, 400, "top_k too big"))
     case("tpr=2", lambda: post("/v1/classify?tpr=2", png, H, 400, "tpr=2"))
     case("tpr=nan", lambda: post("/v1/classify?tpr=nan", png, H, 400, "tpr=nan"))
+    # in (0, 1) as a double but 0 or 1 as the float the verdict uses
+    case("tpr=1e-300", lambda: post("/v1/classify?tpr=1e-300", png, H, 400, "tpr=1e-300"))
+    case("tpr=0.999999999", lambda: post("/v1/classify?tpr=0.999999999", png, H, 400,
+                                         "tpr=0.999999999"))
     case("grad=maybe", lambda: post("/v1/classify?grad=maybe", png, H, 400, "grad=maybe"))
     case("unknown query parameter", lambda: post("/v1/classify?foo=1", png, H, 400, "foo=1"))
     case("unknown route", lambda: c.call("GET", "/v1/nope", expect=404, what="unknown route"))
     case("unknown v2 route", lambda: c.call("GET", "/v2/nope", expect=404, what="unknown v2"))
+
+    def echoed_bytes(path, v2_shape):
+        # error messages echo the path: bytes that are not UTF-8, or a long
+        # message cut inside a character, must still give a JSON answer
+        st, h, js = c.call("GET", path, expect=404, what=path[:40])
+        ok = isinstance(js, dict) and (isinstance(js.get("error"), str) if v2_shape else
+                                       isinstance(js.get("error"), dict))
+        check(ok, f"{path[:40]}: JSON error body ({js!r:.80})")
+    case("path with %ff", lambda: echoed_bytes("/v1/%ff", False))
+    case("long UTF-8 path", lambda: echoed_bytes("/v1/x" + "%C3%A9" * 300, False))
+    case("v2 model name with %ff%fe", lambda: echoed_bytes("/v2/models/%ff%fe", True))
 
     def wrong_method():
         st, h, js = c.call("DELETE", "/v1/classify", expect=405, what="DELETE classify")
@@ -516,6 +536,15 @@ def bad_inputs(c, d, imgs, model_name):
                                          422, "string data"))
     case("v2 huge value", lambda: v2(lambda q: q["inputs"][0]["data"].__setitem__(5, 1e39), 422,
                                      "1e39"))
+    case("v2 finite but huge value", lambda: v2(
+        lambda q: q["inputs"][0]["data"].__setitem__(5, 3e38), 422, "3e38"))
+
+    def v2_strings():
+        q = json.loads(json.dumps(good))
+        q["inputs"][0]["data"] = ["x"] * 1024
+        st, h, js = c.call("POST", V, json.dumps(q), J, 422, "v2 data of strings")
+        check("not a number" in str(js.get("error")), f"v2 strings: names the element: {js}")
+    case("v2 data of 1024 strings", v2_strings)
     case("v2 unknown input name", lambda: v2(lambda q: q["inputs"][0].update(name="x"), 400,
                                              "input name"))
     case("v2 two inputs", lambda: v2(lambda q: q["inputs"].append(q["inputs"][0]), 400, "2 inputs"))
@@ -684,6 +713,17 @@ def main():
         p = subprocess.run([jemd, "--port", "0", "--model", os.path.join(tmp, "none")],
                            capture_output=True)
         check(p.returncode == 1 and b"cannot load" in p.stderr, "missing model exits 1")
+        help_text = subprocess.run([jemd, "--help"], capture_output=True, text=True).stdout
+        datadir = re.search(r"then (\S+/models/)", help_text)
+        if datadir and not os.path.exists(datadir.group(1) + "fmnist-jem.safetensors"):
+            p = subprocess.run([jemd, "--port", "0"], capture_output=True, cwd=tmp, timeout=30)
+            check(p.returncode == 1 and b"models/fmnist-jem.safetensors" in p.stderr and
+                  datadir.group(1).encode() in p.stderr,
+                  "no --model and no default model: exits 1 naming both places looked in")
+        p = subprocess.run([jemd, "--port", "0", "--queue-size", "10", "--max-images", "20"],
+                           capture_output=True)
+        check(p.returncode == 2 and b"--queue-size" in p.stderr,
+              "--queue-size below --max-images is refused at start (exit 2)")
 
         # ---- main daemon
         d = jemtest.Daemon(jemd, model, "--workers", "2", "--max-batch", "16",
@@ -809,7 +849,8 @@ def main():
         # one worker, batches of one image: a 240-image request keeps the
         # worker busy and the queue occupied long enough to observe
         d3 = jemtest.Daemon(jemd, model, "--workers", "1", "--max-batch", "1",
-                            "--queue-size", "250", "--drain-seconds", "20", "--drain-delay", "1",
+                            "--queue-size", "250", "--max-images", "250",
+                            "--drain-seconds", "20", "--drain-delay", "1",
                             env={"NOTIFY_SOCKET": nsock_path, "WATCHDOG_USEC": "300000"})
         c3 = Client(d3)
         try:
