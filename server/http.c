@@ -219,26 +219,37 @@ const char *srv_req_query(srv_req *r, const char *name) {
 
 typedef struct qcheck {
   const char *const *allowed;
-  char bad[128];
+  unsigned seen;      /* bit i: allowed[i] was given */
+  char bad[160];
 } qcheck;
 
+/* Every query parameter must be a known name, given once, with a value
+ * free of NUL bytes: "?top_k" or "top_k=3%00" is an error, not a default. */
 static enum MHD_Result q_iter(void *cls, enum MHD_ValueKind kind, const char *key,
-                              const char *value) {
+                              size_t key_size, const char *value, size_t value_size) {
   (void)kind;
-  (void)value;
   qcheck *q = cls;
-  for (int i = 0; q->allowed && q->allowed[i]; i++)
-    if (!strcmp(key, q->allowed[i])) return MHD_YES;
-  snprintf(q->bad, sizeof q->bad, "%s", key);
+  char name[64];
+  jem_utf8_clean(name, sizeof name, key);
+  for (int i = 0; q->allowed && q->allowed[i] && i < 32; i++) {
+    if (strlen(key) != key_size || strcmp(key, q->allowed[i]) != 0) continue;
+    if (!value || strlen(value) != value_size)
+      snprintf(q->bad, sizeof q->bad, "query parameter '%s' needs a value (and no NUL)", name);
+    else if (q->seen >> i & 1)
+      snprintf(q->bad, sizeof q->bad, "query parameter '%s' is given twice", name);
+    q->seen |= 1u << i;
+    return q->bad[0] ? MHD_NO : MHD_YES;
+  }
+  snprintf(q->bad, sizeof q->bad, "unknown query parameter '%s'", name);
   return MHD_NO;
 }
 
 int srv_req_check_query(srv_req *r, const char *const *allowed) {
-  qcheck q = {allowed, {0}};
-  MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, q_iter, &q);
+  qcheck q = {allowed, 0, {0}};
+  MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, q_iter, &q);
   if (!q.bad[0]) return 0;
   srv_metrics_reject(SRV_REJ_BAD_REQUEST);
-  srv_respond_error(r, 400, "invalid_parameter", "unknown query parameter '%s'", q.bad);
+  srv_respond_error(r, 400, "invalid_parameter", "%s", q.bad);
   return -1;
 }
 

@@ -496,6 +496,12 @@ def bad_inputs(c, d, imgs, model_name):
                                          "tpr=0.999999999"))
     case("grad=maybe", lambda: post("/v1/classify?grad=maybe", png, H, 400, "grad=maybe"))
     case("unknown query parameter", lambda: post("/v1/classify?foo=1", png, H, 400, "foo=1"))
+    case("query parameter without a value", lambda: post("/v1/classify?top_k", png, H, 400,
+                                                        "?top_k", "invalid_parameter"))
+    case("query parameter given twice", lambda: post("/v1/classify?top_k=1&top_k=2", png, H, 400,
+                                                    "top_k twice", "invalid_parameter"))
+    case("query value with NUL", lambda: post("/v1/classify?top_k=3%00", png, H, 400,
+                                             "top_k=3%00", "invalid_parameter"))
     case("unknown route", lambda: c.call("GET", "/v1/nope", expect=404, what="unknown route"))
     case("unknown v2 route", lambda: c.call("GET", "/v2/nope", expect=404, what="unknown v2"))
 
