@@ -67,8 +67,15 @@ $(B)/libjemsrv.a: $(SRV_OBJ)
 $(B)/jem: $(CLI_OBJ) $(B)/libjem.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
-# The daemon's fallback model directory, $(PREFIX)/share/jemd/models/.
+# The daemon's fallback model directory, $(PREFIX)/share/jemd/models/.  The
+# stamp holds the PREFIX config.o was built with, so `make install PREFIX=/usr`
+# after a plain `make` recompiles it instead of keeping /usr/local.
 $(B)/obj/server/config.o: CFLAGS += -DJEMD_DATADIR='"$(PREFIX)/share/jemd"'
+$(B)/obj/server/config.o: $(B)/prefix.stamp
+$(B)/prefix.stamp: FORCE
+	@mkdir -p $(@D)
+	@echo '$(PREFIX)' | cmp -s - $@ || echo '$(PREFIX)' > $@
+FORCE:
 
 $(B)/jemd: $(B)/obj/server/main.o $(B)/libjemsrv.a $(B)/libjem.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
@@ -183,5 +190,5 @@ clean:
 
 -include $(shell find build -name '*.d' 2>/dev/null)
 
-.PHONY: all deps deps-bench run unit integration check test asan bench \
+.PHONY: FORCE all deps deps-bench run unit integration check test asan bench \
         bench-server fuzz fuzzers install container clean

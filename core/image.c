@@ -394,6 +394,23 @@ static int sniff_and_check(const unsigned char *b, size_t len, const jem_image_l
                    "accepted", guess_format(b, len));
 }
 
+int jem_image_dims(const void *buf, size_t len, const jem_image_limits *lim, int *w, int *h,
+                   char *err, size_t errlen) {
+  jem_image_limits def;
+  if (!lim) {
+    jem_image_limits_default(&def);
+    lim = &def;
+  }
+  if (!buf && len) return jem__errf(err, errlen, JEM_EINVAL, "image buffer is NULL");
+  img_info info;
+  memset(&info, 0, sizeof info);
+  int rc = sniff_and_check(buf, len, lim, &info, err, errlen);
+  if (rc) return rc;
+  *w = info.w;
+  *h = info.h;
+  return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Preprocessing                                                             */
 

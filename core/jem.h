@@ -401,6 +401,12 @@ typedef struct jem_image_limits {
 } jem_image_limits;
 void jem_image_limits_default(jem_image_limits *l);
 
+/* Width and height from a PNG or JPEG header, after the same checks as
+ * jem_image_to_input (magic bytes, chunk/marker walk, the limits), without
+ * decoding: lets a caller budget a request's pixels before any work. */
+int jem_image_dims(const void *buf, size_t len, const jem_image_limits *lim, int *w, int *h,
+                   char *err, size_t errlen);
+
 /* Decodes a PNG or JPEG held in memory and preprocesses it into out
  * ([C,S,S] of the model).  Checks magic bytes, then the header's width,
  * height and area against the limits before decoding anything.

@@ -295,6 +295,13 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
   lim.max_side = srv_cfg.max_image_side;
   lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
+  if (srv_request_pixels_ok(imgs, n, &lim, err, sizeof err)) {
+    srv_metrics_reject(SRV_REJ_TOO_LARGE);
+    res = srv_respond_error(r, 413, "request_too_large", "%s", err);
+    ctx_free(c);
+    c = NULL;
+    goto out;
+  }
   size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
   for (int i = 0; i < n; i++) {
     int rc = jem_image_to_input(imgs[i].p, imgs[i].len, &m->pre, m->arch.image_size, &lim,

@@ -36,8 +36,9 @@ json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size
     snprintf(err, errlen, "empty body; expected JSON");
     return NULL;
   }
-  if (srv_json_depth_ok(buf, len, SRV_JSON_MAX_DEPTH)) {
-    snprintf(err, errlen, "JSON nested deeper than %d levels", SRV_JSON_MAX_DEPTH);
+  int max_depth = srv_cfg.max_json_depth > 0 ? srv_cfg.max_json_depth : SRV_JSON_MAX_DEPTH;
+  if (srv_json_depth_ok(buf, len, max_depth)) {
+    snprintf(err, errlen, "JSON nested deeper than %d levels (--max-json-depth)", max_depth);
     return NULL;
   }
   json_error_t je;
@@ -48,8 +49,8 @@ json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size
   }
   if (json_error_code(&je) == json_error_numeric_overflow) { /* valid JSON, too big for us */
     *status = 422;
-    snprintf(err, errlen, "number out of range at line %d column %d: integers must lie "
-             "within -2^63..2^63-1 (%s)", je.line, je.column, je.text);
+    snprintf(err, errlen, "number out of range at line %d column %d (%s): integers must "
+             "lie within -2^63..2^63-1 and reals within +-1.8e308", je.line, je.column, je.text);
   } else {
     snprintf(err, errlen, "malformed JSON at line %d column %d: %s", je.line, je.column,
              je.text);
@@ -101,6 +102,24 @@ void srv_blobs_free(srv_blob *b, int n) {
   if (!b) return;
   for (int i = 0; i < n; i++) free(b[i].owned);
   free(b);
+}
+
+int srv_request_pixels_ok(const srv_blob *imgs, int n, const jem_image_limits *lim, char *err,
+                          size_t errlen) {
+  long long budget = srv_cfg.max_request_pixels, total = 0;
+  if (budget <= 0) return 0;
+  for (int i = 0; i < n; i++) {
+    int w = 0, h = 0;
+    char why[256];
+    if (jem_image_dims(imgs[i].p, imgs[i].len, lim, &w, &h, why, sizeof why)) continue;
+    total += (long long)w * h;
+    if (total > budget) {
+      snprintf(err, errlen, "the images of this request hold more than %lld pixels in all "
+               "(%d of %d images read); the limit is --max-request-pixels", budget, i + 1, n);
+      return -1;
+    }
+  }
+  return 0;
 }
 
 int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_blob **imgs,

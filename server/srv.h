@@ -33,6 +33,8 @@ typedef struct srv_config {
   long long max_image_pixels;
   int max_image_side;
   int max_images;               /* images in one request */
+  long long max_request_pixels; /* header-declared pixels of all a request's images */
+  int max_json_depth;           /* nesting of JSON arrays/objects */
   int max_connections;
   int max_connections_per_ip;
   int timeout;                  /* inactivity timeout, seconds */
@@ -337,12 +339,13 @@ enum MHD_Result srv_h_v2_infer(srv_req *r);
 /* ------------------------------------------------------------------------ */
 /* Request parsing, exposed for the fuzzers (no daemon needed). */
 
-#define SRV_JSON_MAX_DEPTH 64
+#define SRV_JSON_MAX_DEPTH 64 /* the default of --max-json-depth */
 
 /* 0 when the nesting of arrays/objects in buf stays <= max_depth (strings
  * are skipped).  Does not validate the JSON otherwise. */
 int srv_json_depth_ok(const char *buf, size_t len, int max_depth);
-/* json_loadb with the daemon's flags after the depth check.  NULL and err on
+/* json_loadb with the daemon's flags after the depth check (--max-json-depth,
+ * SRV_JSON_MAX_DEPTH when unset).  NULL and err on
  * failure, with *status 400 (malformed, too deep) or 422 (valid JSON with a
  * number beyond int64/double); *status 0 on success. */
 json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size_t errlen);
@@ -360,6 +363,12 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images,
                             srv_blob **imgs, int *n, const char **code, char *err,
                             size_t errlen);
 void srv_blobs_free(srv_blob *b, int n);
+/* Sum of the header-declared pixels of n images, checked against
+ * --max-request-pixels before any is decoded (decoding runs on the HTTP
+ * threads).  0, or 413's message in err.  Images whose header is bad are
+ * left for the decoder to report. */
+int srv_request_pixels_ok(const srv_blob *imgs, int n, const jem_image_limits *lim, char *err,
+                          size_t errlen);
 
 /* multipart/form-data: boundary from the Content-Type value, then the parts
  * (pointing into body).  Return 0 or an HTTP status with err. */

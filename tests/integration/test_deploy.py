@@ -484,7 +484,9 @@ def test_dockerfile(help_, build):
             k, _, v = item.partition("=")
             env[k] = v
     check_names(help_, "Dockerfile", flags_in(args), env)
-    check(flag_value(args, "--host") == "0.0.0.0", "Dockerfile: CMD/ENTRYPOINT has --host 0.0.0.0")
+    check(env.get("JEMD_HOST") == "0.0.0.0" and flag_value(args, "--host") is None,
+          "Dockerfile: ENV JEMD_HOST=0.0.0.0 and no --host flag (run arguments replace CMD, "
+          "and a flag would beat -e JEMD_HOST)")
     hc = (ops.get("HEALTHCHECK") or [""])[-1]
     m = re.search(r"\bCMD\s+(\[.*\])\s*$", hc)
     check(m is not None, f"Dockerfile: HEALTHCHECK CMD [...] (exec form): '{hc}'")

@@ -731,6 +731,29 @@ def main():
         check(p.returncode == 2 and b"--queue-size" in p.stderr,
               "--queue-size below --max-images is refused at start (exit 2)")
 
+        # request-wide limits: total pixels (by the headers, before decoding)
+        # and JSON depth have flags of their own
+        dl = jemtest.Daemon(jemd, model, "--max-request-pixels", "5000", "--max-json-depth", "8")
+        try:
+            cl = Client(dl)
+            J = {"Content-Type": "application/json"}
+            b64 = [base64.b64encode(x).decode() for x in imgs[:7]]
+            st, _, js = cl.call("POST", "/v1/classify?grad=false", json.dumps({"images": b64[:6]}),
+                                J, 200, "6 images of 784 pixels within 5000")
+            st, _, js = cl.call("POST", "/v1/classify?grad=false", json.dumps({"images": b64}),
+                                J, 413, "7 images of 784 pixels over 5000")
+            check(isinstance(js, dict) and js.get("error", {}).get("code") == "request_too_large",
+                  f"--max-request-pixels: 413 request_too_large ({js})")
+            body, ct = multipart([("image/png", x) for x in imgs[:7]])
+            cl.call("POST", "/v1/classify?grad=false", body, {"Content-Type": ct}, 413,
+                    "multipart over --max-request-pixels")
+            st, _, js = cl.call("POST", "/v1/samples", json.dumps({"steps": 1, "init": {"images": b64}}),
+                                J, 413, "job init images over --max-request-pixels")
+            cl.call("POST", "/v1/classify", b'{"images": [[[[[[[[["x"]]]]]]]]]}', J, 400,
+                    "JSON 9 deep over --max-json-depth 8")
+        finally:
+            dl.kill()
+
         # ---- main daemon
         d = jemtest.Daemon(jemd, model, "--workers", "2", "--max-batch", "16",
                            "--max-delay-us", "3000", "--timeout", "3", "--request-deadline", "4",
