@@ -58,9 +58,10 @@ load_settings() {
   # with half the energy weight (0.05) and a weaker energy L2 (0.002), so
   # that the data energies stay near the cross-entropy model's (about -10)
   # instead of being pulled to about -4 (run 7: weight 0.05, L2 0.005).
-  # Run 10 (session 7, shipped since session 8) keeps run 8's gap
+  # Run 10 (session 7, shipped in session 8) keeps run 8's gap
   # equilibrium (w/2L = 12.5) with weight 0.02 and L2 0.0008: 91.38% test
-  # accuracy against run 8's 90.85%.
+  # accuracy against run 8's 90.85%.  Run 12 (session 9, shipped) is run 10
+  # followed by a second cycle with K = 20 (JEM2_* below).
   RUN=${RUN:-fmnist10}               # JEM stage in runs/$RUN-jem (run 5: fmnist5, run 8: fmnist8)
   BASE1_RUN=${BASE1_RUN:-fmnist2}    # first baseline cycle in runs/$BASE1_RUN-baseline
   BASE_RUN=${BASE_RUN:-fmnist5}      # last baseline cycle (BASE1_RUN without a second)
@@ -94,15 +95,20 @@ load_settings() {
   JEM_CLAMP=${JEM_CLAMP:-1}             # official: 0 (see the note above)
   JEM_BUFFER=${JEM_BUFFER:-1000}        # run 2: 10000
   JEM_THREADS=${JEM_THREADS:-2}         # run 1: 1
-  # Run 6 (session 5): a second JEM cosine cycle from run 5's JEM model,
-  # with the same objective and sampler, lr 5e-5, no ramp.  Measured and not
-  # shipped (see models/README.md); RUN=fmnist5 JEM_SEED=3 JEM_PX_WEIGHT=0.1
-  # JEM_L2=0.005 JEM2_ITERS=3200 reproduces it (0: none).
-  JEM2_ITERS=${JEM2_ITERS:-0}
-  JEM2_RUN=${JEM2_RUN:-fmnist6}         # in runs/$JEM2_RUN-jem
+  # A second JEM cosine cycle from the first's final model (0 iterations:
+  # none).  Run 12 (session 9, shipped since session 9): 1,000 iterations
+  # from run 10 with K = 20 SGLD steps (the official JEM's K), lr 5e-5, the
+  # energy terms ramped in over 50 iterations; the same weight and L2.
+  # Run 6 (session 5, measured, not shipped) was such a cycle from run 5:
+  # RUN=fmnist5 JEM_SEED=3 JEM_PX_WEIGHT=0.1 JEM_L2=0.005 JEM2_ITERS=3200
+  # JEM2_RUN=fmnist6 JEM2_SEED=6 JEM2_K=10 JEM2_WARMUP=100 JEM2_PX_RAMP=0.
+  JEM2_ITERS=${JEM2_ITERS:-1000}
+  JEM2_RUN=${JEM2_RUN:-fmnist12}        # in runs/$JEM2_RUN-jem
   JEM2_LR=${JEM2_LR:-5e-5}
-  JEM2_WARMUP=${JEM2_WARMUP:-100}
-  JEM2_SEED=${JEM2_SEED:-6}
+  JEM2_WARMUP=${JEM2_WARMUP:-50}
+  JEM2_SEED=${JEM2_SEED:-12}
+  JEM2_K=${JEM2_K:-20}
+  JEM2_PX_RAMP=${JEM2_PX_RAMP:-50}
   # The shipped replay buffer (jemd's sample starts): this many per-class
   # Gaussian draws (`jem buffer`, since session 4; before, the last training
   # chains).
@@ -187,7 +193,8 @@ stage_jem() {
       sleep 30
     fi
   done
-  jem_cycle "$RUN" "$warm" "$JEM_ITERS" "$JEM_LR" "$JEM_WARMUP" "$JEM_SEED" "$JEM_PX_RAMP"
+  jem_cycle "$RUN" "$warm" "$JEM_ITERS" "$JEM_LR" "$JEM_WARMUP" "$JEM_SEED" "$JEM_PX_RAMP" \
+    "$JEM_K"
   load_settings
   if [ "$JEM2_ITERS" -gt 0 ]; then
     # a second cosine cycle of the same objective, from the first's final model
@@ -195,7 +202,8 @@ stage_jem() {
     if [ ! -f "$warm2" ]; then
       cp runs/$RUN-jem/model.safetensors "$warm2.tmp" && mv "$warm2.tmp" "$warm2"
     fi
-    jem_cycle "$JEM2_RUN" "$warm2" "$JEM2_ITERS" "$JEM2_LR" "$JEM2_WARMUP" "$JEM2_SEED" 0
+    jem_cycle "$JEM2_RUN" "$warm2" "$JEM2_ITERS" "$JEM2_LR" "$JEM2_WARMUP" "$JEM2_SEED" \
+      "$JEM2_PX_RAMP" "$JEM2_K"
   fi
   log "JEM finished"
 }
@@ -203,12 +211,12 @@ stage_jem() {
 # One cosine cycle of JEM training in segments of JEM_SEGMENT iterations,
 # each followed by a shipped buffer, calibration and (if that worked) a
 # refresh of models/fmnist-jem.safetensors:
-# jem_cycle STAGE WARM_START ITERS LR WARMUP SEED PX_RAMP
+# jem_cycle STAGE WARM_START ITERS LR WARMUP SEED PX_RAMP K
 jem_cycle() {
   local dir=runs/$1-jem jem stop=0 snap
   jem=$(stage_bin jem "$1")
   load_settings
-  log "JEM $1: WRN-$DEPTH-$WIDEN, K=$JEM_K, $3 iterations, lr $4, energy L2 $JEM_L2, from $2"
+  log "JEM $1: WRN-$DEPTH-$WIDEN, K=$8, $3 iterations, lr $4, energy L2 $JEM_L2, from $2"
   while :; do
     load_settings
     stop=$((stop + JEM_SEGMENT))
@@ -220,7 +228,7 @@ jem_cycle() {
     "$jem" train --run-dir "$dir" --resume \
       --warm-start "$2" --name fmnist-jem \
       --iterations "$3" --stop-at "$stop" --lr "$4" --warmup "$5" \
-      --schedule cosine --sigma "$SIGMA" --sgld-steps "$JEM_K" --buffer-size "$JEM_BUFFER" \
+      --schedule cosine --sigma "$SIGMA" --sgld-steps "$8" --buffer-size "$JEM_BUFFER" \
       --reinit 0.05 --energy-l2 "$JEM_L2" --buffer-init "$JEM_BUFFER_INIT" \
       --px-ramp "$7" --px-weight "$JEM_PX_WEIGHT" --seed "$6" \
       --threads "$JEM_THREADS" $([ "$JEM_CLAMP" = 1 ] && echo --sgld-clamp) \
@@ -254,6 +262,13 @@ restore_archive() {
       && [ -f "checkpoints/$RUN.tar" ]; then
     log "restoring runs/ from checkpoints/$RUN.tar"
     tar -xf "checkpoints/$RUN.tar"
+    find runs -name '*.safetensors.gz' -exec gunzip -f {} +
+  fi
+  # the second JEM cycle has an archive of its own (run 12: checkpoints/fmnist12.tar)
+  if [ "$JEM2_ITERS" -gt 0 ] && [ ! -e "runs/$JEM2_RUN-jem/checkpoint" ] \
+      && [ -f "checkpoints/$JEM2_RUN.tar" ]; then
+    log "restoring runs/ from checkpoints/$JEM2_RUN.tar"
+    tar -xf "checkpoints/$JEM2_RUN.tar"
     find runs -name '*.safetensors.gz' -exec gunzip -f {} +
   fi
 }
