@@ -464,6 +464,32 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
 /* ------------------------------------------------------------------------ */
 /* Daemon lifecycle */
 
+/* MHD's own unescaping turns %00 into a NUL that silently cuts a path or a
+ * query value short (/metrics%00 would serve /metrics).  This one decodes
+ * every %HH but %00, which stays literal, so such a path matches no route
+ * and such a value fails its parse. */
+static int hex_digit(char c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static size_t unescape_no_nul(void *cls, struct MHD_Connection *c, char *s) {
+  (void)cls;
+  (void)c;
+  char *w = s;
+  for (const char *r = s; *r;) {
+    int hi = r[0] == '%' ? hex_digit(r[1]) : -1, lo = hi >= 0 ? hex_digit(r[2]) : -1;
+    if (hi >= 0 && lo >= 0 && (hi | lo) != 0) {
+      *w++ = (char)(hi << 4 | lo);
+      r += 3;
+    } else {
+      *w++ = *r++;
+    }
+  }
+  *w = '\0';
+  return (size_t)(w - s);
+}
+
 int srv_http_start(int *port) {
   struct addrinfo hints, *ai = NULL;
   memset(&hints, 0, sizeof hints);
@@ -498,6 +524,7 @@ int srv_http_start(int *port) {
       MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
       MHD_OPTION_NOTIFY_CONNECTION, on_connection, NULL,
       MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
+      MHD_OPTION_UNESCAPE_CALLBACK, unescape_no_nul, NULL,
       MHD_OPTION_END);
   if (!D) {
     srv_log(SRV_LOG_ERROR, "msg=\"cannot start the HTTP server\" host=%s port=%d error=\"%s\"",

@@ -513,6 +513,9 @@ def bad_inputs(c, d, imgs, model_name):
                                        isinstance(js.get("error"), dict))
         check(ok, f"{path[:40]}: JSON error body ({js!r:.80})")
     case("path with %ff", lambda: echoed_bytes("/v1/%ff", False))
+    case("%00 does not cut a path short", lambda: echoed_bytes("/metrics%00", False))
+    case("percent-escapes still decode", lambda: post("/v1/classify?grad=fals%65", png, H, 200,
+                                                     "grad=fals%65"))
     case("long UTF-8 path", lambda: echoed_bytes("/v1/x" + "%C3%A9" * 300, False))
     case("v2 model name with %ff%fe", lambda: echoed_bytes("/v2/models/%ff%fe", True))
 
