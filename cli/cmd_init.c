@@ -26,8 +26,6 @@ static void init_help(FILE *f) {
           "  -h, --help         this text\n");
 }
 
-/* Splits "a,b,c" into a JSON array of strings; NULL (and a message) if a
- * name is empty. */
 /* The names of a comma-separated list, or NULL with the reason in why:
  * names must be non-empty, distinct and UTF-8 (they become JSON strings). */
 static json_t *split_names(const char *s, int *count, const char **why) {
