@@ -394,17 +394,24 @@ static int sniff_and_check(const unsigned char *b, size_t len, const jem_image_l
                    "accepted", guess_format(b, len));
 }
 
-int jem_image_dims(const void *buf, size_t len, const jem_image_limits *lim, int *w, int *h,
-                   char *err, size_t errlen) {
+/* The header checks shared by jem_image_dims and jem_image_to_input, with
+ * the default limits when lim is NULL. */
+static int probe(const void *buf, size_t len, const jem_image_limits *lim, img_info *info,
+                 char *err, size_t errlen) {
   jem_image_limits def;
   if (!lim) {
     jem_image_limits_default(&def);
     lim = &def;
   }
   if (!buf && len) return jem__errf(err, errlen, JEM_EINVAL, "image buffer is NULL");
+  memset(info, 0, sizeof *info);
+  return sniff_and_check(buf, len, lim, info, err, errlen);
+}
+
+int jem_image_dims(const void *buf, size_t len, const jem_image_limits *lim, int *w, int *h,
+                   char *err, size_t errlen) {
   img_info info;
-  memset(&info, 0, sizeof info);
-  int rc = sniff_and_check(buf, len, lim, &info, err, errlen);
+  int rc = probe(buf, len, lim, &info, err, errlen);
   if (rc) return rc;
   *w = info.w;
   *h = info.h;
@@ -638,19 +645,12 @@ static int orient_pixels(unsigned char **data, int *w, int *h, size_t ps, int o)
 
 int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int image_size,
                        const jem_image_limits *lim, float *out, char *err, size_t errlen) {
-  jem_image_limits def;
-  if (!lim) {
-    jem_image_limits_default(&def);
-    lim = &def;
-  }
-  if (!buf && len) return jem__errf(err, errlen, JEM_EINVAL, "image buffer is NULL");
   int rw = 0, rh = 0;
   int rc = check_pre(p, image_size, &rw, &rh, err, errlen);
   if (rc) return rc;
   const unsigned char *b = buf;
   img_info info;
-  memset(&info, 0, sizeof info);
-  rc = sniff_and_check(b, len, lim, &info, err, errlen);
+  rc = probe(buf, len, lim, &info, err, errlen);
   if (rc) return rc;
   if (len > INT_MAX) /* stb takes an int length; max_bytes is far below */
     return jem__errf(err, errlen, JEM_ETOOBIG, "image data is %zu bytes", len);

@@ -49,7 +49,7 @@ def score(model, npy):
             "label": np.array([r["label"] for r in rows])}
 
 
-def ece_per_bin(conf, correct, idx, bins=20):
+def ece_resampled(conf, correct, idx, bins=20):
     """ECE over the resampled indices idx (rows: replicates)."""
     b = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     out = np.empty(len(idx))
@@ -80,7 +80,7 @@ def main():
         eces = []
         for name, res in zip((args.model_a, args.model_b), results):
             correct = (res["label"] == labels).astype(float)
-            e = ece_per_bin(res[kind], correct, idx)
+            e = ece_resampled(res[kind], correct, idx)
             eces.append(e)
             lo, hi = np.percentile(e[1:], [2.5, 97.5])
             print(f"{name}: accuracy {100 * correct.mean():.2f}%, ECE {kind} "

@@ -295,7 +295,10 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
   lim.max_side = srv_cfg.max_image_side;
   lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
-  if (srv_request_pixels_ok(imgs, n, &lim, err, sizeof err)) {
+  long long pixels = 0;
+  for (int i = 0; i < n; i++) {
+    if (srv_request_pixels_add(&pixels, imgs[i].p, imgs[i].len, &lim, err, sizeof err) == 0)
+      continue;
     srv_metrics_reject(SRV_REJ_TOO_LARGE);
     res = srv_respond_error(r, 413, "request_too_large", "%s", err);
     ctx_free(c);

@@ -67,7 +67,7 @@ static int parse_images(json_t *imgs, const jem_model *m, const jem_image_limits
                         int n, srv_samples_req *q, const char **code, char *err,
                         size_t errlen) {
   size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
-  long long pixels = 0; /* header-declared, against --max-request-pixels */
+  long long pixels = 0; /* header-declared, for srv_request_pixels_add */
   q->x = malloc(sizeof(float) * chw * (size_t)n);
   if (!q->x) {
     snprintf(err, errlen, "out of memory for %d images", n);
@@ -82,13 +82,8 @@ static int parse_images(json_t *imgs, const jem_model *m, const jem_image_limits
       return fail(code, "invalid_base64", 400);
     }
     char ierr[256];
-    int w = 0, h = 0; /* a bad header is left for the decoder to report */
-    if (!jem_image_dims(bytes, blen, lim, &w, &h, ierr, sizeof ierr)) pixels += (long long)w * h;
-    if (srv_cfg.max_request_pixels > 0 && pixels > srv_cfg.max_request_pixels) {
+    if (srv_request_pixels_add(&pixels, bytes, blen, lim, err, errlen)) {
       free(bytes);
-      snprintf(err, errlen, "init.images hold more than %lld pixels in all (%d of %d images "
-               "read); the limit is --max-request-pixels", srv_cfg.max_request_pixels, i + 1,
-               n);
       return fail(code, "request_too_large", 413);
     }
     int rc = jem_image_to_input(bytes, blen, &m->pre, m->arch.image_size, lim,

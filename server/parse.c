@@ -104,22 +104,16 @@ void srv_blobs_free(srv_blob *b, int n) {
   free(b);
 }
 
-int srv_request_pixels_ok(const srv_blob *imgs, int n, const jem_image_limits *lim, char *err,
-                          size_t errlen) {
-  long long budget = srv_cfg.max_request_pixels, total = 0;
-  if (budget <= 0) return 0;
-  for (int i = 0; i < n; i++) {
-    int w = 0, h = 0;
-    char why[256];
-    if (jem_image_dims(imgs[i].p, imgs[i].len, lim, &w, &h, why, sizeof why)) continue;
-    total += (long long)w * h;
-    if (total > budget) {
-      snprintf(err, errlen, "the images of this request hold more than %lld pixels in all "
-               "(%d of %d images read); the limit is --max-request-pixels", budget, i + 1, n);
-      return -1;
-    }
-  }
-  return 0;
+int srv_request_pixels_add(long long *total, const void *img, size_t len,
+                           const jem_image_limits *lim, char *err, size_t errlen) {
+  int w = 0, h = 0;
+  char why[256];
+  if (jem_image_dims(img, len, lim, &w, &h, why, sizeof why)) return 0;
+  *total += (long long)w * h;
+  if (srv_cfg.max_request_pixels <= 0 || *total <= srv_cfg.max_request_pixels) return 0;
+  snprintf(err, errlen, "the images of this request hold more than %lld pixels in all; the "
+           "limit is --max-request-pixels", srv_cfg.max_request_pixels);
+  return -1;
 }
 
 int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_blob **imgs,

@@ -363,12 +363,12 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images,
                             srv_blob **imgs, int *n, const char **code, char *err,
                             size_t errlen);
 void srv_blobs_free(srv_blob *b, int n);
-/* Sum of the header-declared pixels of n images, checked against
- * --max-request-pixels before any is decoded (decoding runs on the HTTP
- * threads).  0, or 413's message in err.  Images whose header is bad are
- * left for the decoder to report. */
-int srv_request_pixels_ok(const srv_blob *imgs, int n, const jem_image_limits *lim, char *err,
-                          size_t errlen);
+/* Adds one image's header-declared pixels to *total (a request's running
+ * sum, checked against --max-request-pixels before anything is decoded:
+ * decoding runs on the HTTP threads).  -1 and 413's message in err once the
+ * sum passes the limit; a bad header adds nothing (the decoder reports it). */
+int srv_request_pixels_add(long long *total, const void *img, size_t len,
+                           const jem_image_limits *lim, char *err, size_t errlen);
 
 /* multipart/form-data: boundary from the Content-Type value, then the parts
  * (pointing into body).  Return 0 or an HTTP status with err. */
