@@ -1,14 +1,24 @@
-/* h_classify.c - POST /v1/classify: decode and validate on the HTTP thread,
- * queue for a batch, and build the JSON answer after the worker is done. */
+/* h_classify.c - POST /v1/classify: validate on the HTTP thread, decode,
+ * queue for a batch, and build the JSON answer after the worker is done.
+ *
+ * Where images are decoded.  A request whose images declare at most
+ * DECODE_INLINE_PIXELS pixels in all (any ordinary upload) is decoded on the
+ * HTTP thread: it takes microseconds to milliseconds.  A larger one (up to
+ * --max-request-pixels) can take seconds, and an HTTP thread serves many
+ * connections, so it is decoded on a worker as background work instead; the
+ * HTTP threads keep answering /healthz and small requests meanwhile. */
 #include "srv.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+
+#define DECODE_INLINE_PIXELS (1 << 20)
 
 typedef struct score_ctx {
   srv_task *t;
@@ -17,6 +27,16 @@ typedef struct score_ctx {
   float tpr;
   srv_v2_req v2;        /* /v2 infer: ids and wanted outputs */
   int is_v2;
+  /* decoding (possibly on a worker): the encoded images and, when it
+   * failed, the answer (status 0 = decoded) */
+  srv_blob *imgs;
+  int n_imgs;
+  jem_image_limits lim;
+  srv_req *r;
+  srv_work decode;
+  int dec_status;
+  const char *dec_code;
+  char dec_err[600];
 } score_ctx;
 
 static void ctx_free(void *p) {
@@ -24,6 +44,7 @@ static void ctx_free(void *p) {
   if (!c) return;
   srv_task_free(c->t);
   srv_v2_req_free(&c->v2);
+  srv_blobs_free(c->imgs, c->n_imgs);
   free(c);
 }
 
@@ -43,9 +64,10 @@ json_t *srv_jreal(double v) {
 
 static void task_complete(srv_task *t) { srv_req_resume((srv_req *)t->owner); }
 
-/* Shared tail of the scoring handlers: reserve room, suspend, queue. */
+/* Shared tail of the scoring handlers: reserve room, suspend, queue the task
+ * (or first the work that prepares it, which queues it when done). */
 enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx, void (*ctx_free_fn)(void *),
-                                 enum MHD_Result (*on_resume)(srv_req *)) {
+                                 enum MHD_Result (*on_resume)(srv_req *), srv_work *prepare) {
   r->data = ctx;
   r->data_free = ctx_free_fn;
   if (srv_sched_reserve(t->n)) {
@@ -62,7 +84,8 @@ enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx, void (*ctx_
   t->complete = task_complete;
   r->on_resume = on_resume;
   srv_req_suspend(r);
-  if (srv_sched_score(t)) {
+  if (prepare ? srv_sched_submit(prepare) : srv_sched_score(t)) {
+    if (prepare) srv_sched_unreserve(t->n); /* srv_sched_score released it itself */
     atomic_store(&t->state, SRV_TASK_SHUTDOWN);
     srv_req_resume(r);
   }
@@ -153,10 +176,73 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
   return o;
 }
 
+/* Decodes c->imgs into the task's input tensor: 0, or -1 with c->dec_* set
+ * to the answer.  Runs on an HTTP thread or a worker. */
+static int decode_images(score_ctx *c) {
+  const jem_model *m = c->t->model->m;
+  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  char err[512];
+  for (int i = 0; i < c->n_imgs; i++) {
+    int rc = jem_image_to_input(c->imgs[i].p, c->imgs[i].len, &m->pre, m->arch.image_size,
+                                &c->lim, c->t->x + (size_t)i * chw, err, sizeof err);
+    if (rc == 0) continue;
+    char where[32] = "";
+    if (!c->single) snprintf(where, sizeof where, "image %d: ", i);
+    snprintf(c->dec_err, sizeof c->dec_err, "%s%s", where, err);
+    if (rc == JEM_EUNSUPPORTED) {
+      srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+      c->dec_status = 415;
+      c->dec_code = "unsupported_image";
+    } else if (rc == JEM_ETOOBIG) {
+      srv_metrics_reject(SRV_REJ_TOO_LARGE);
+      c->dec_status = 413;
+      c->dec_code = "image_too_large";
+    } else if (rc == JEM_ENOMEM) {
+      c->dec_status = 503;
+      c->dec_code = "out_of_memory";
+    } else {
+      srv_metrics_reject(SRV_REJ_BAD_REQUEST);
+      c->dec_status = 400;
+      c->dec_code = "invalid_image";
+    }
+    return -1;
+  }
+  return 0;
+}
+
+static enum MHD_Result decode_error(srv_req *r, const score_ctx *c) {
+  const char *h[] = {"Retry-After", "1", NULL};
+  return srv_respond_error_h(r, c->dec_status, c->dec_code, c->dec_status == 503 ? h : NULL,
+                             "%s", c->dec_err);
+}
+
+#define CTX_OF_DECODE(w) ((score_ctx *)((char *)(w) - offsetof(score_ctx, decode)))
+
+static void decode_run(srv_work *w, srv_worker *wk) {
+  (void)wk;
+  decode_images(CTX_OF_DECODE(w));
+}
+
+/* Loop thread: queue the decoded task for scoring, or wake the request to
+ * answer the decoding error (or the shutdown). */
+static void decode_done(srv_work *w, int canceled) {
+  score_ctx *c = CTX_OF_DECODE(w);
+  srv_task *t = c->t;
+  if (canceled || c->dec_status) {
+    srv_sched_unreserve(t->n);
+    if (canceled) atomic_store(&t->state, SRV_TASK_SHUTDOWN);
+    srv_req_resume(c->r);
+  } else if (srv_sched_score(t)) {
+    atomic_store(&t->state, SRV_TASK_SHUTDOWN);
+    srv_req_resume(c->r);
+  }
+}
+
 static enum MHD_Result classify_respond(srv_req *r) {
   score_ctx *c = r->data;
   srv_task *t = c->t;
   enum MHD_Result res;
+  if (c->dec_status) return decode_error(r, c);
   if (srv_score_unfinished(r, t, &res)) return res;
   const jem_model *m = t->model->m;
   if (c->single) return srv_respond_json(r, 200, result_json(m, t, 0, c->top_k, c->tpr));
@@ -290,47 +376,39 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   c->single = single;
   c->top_k = (int)top_k;
   c->tpr = tpr;
-  jem_image_limits lim;
-  jem_image_limits_default(&lim);
-  lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
-  lim.max_side = srv_cfg.max_image_side;
-  lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
+  c->imgs = imgs; /* the context owns them from here */
+  c->n_imgs = n;
+  imgs = NULL;
+  c->r = r;
+  jem_image_limits_default(&c->lim);
+  c->lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
+  c->lim.max_side = srv_cfg.max_image_side;
+  c->lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
   long long pixels = 0;
   for (int i = 0; i < n; i++) {
-    if (srv_request_pixels_add(&pixels, imgs[i].p, imgs[i].len, &lim, err, sizeof err) == 0)
+    if (srv_request_pixels_add(&pixels, c->imgs[i].p, c->imgs[i].len, &c->lim, err,
+                               sizeof err) == 0)
       continue;
     srv_metrics_reject(SRV_REJ_TOO_LARGE);
     res = srv_respond_error(r, 413, "request_too_large", "%s", err);
     ctx_free(c);
-    c = NULL;
-    goto out;
+    return res;
   }
-  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
-  for (int i = 0; i < n; i++) {
-    int rc = jem_image_to_input(imgs[i].p, imgs[i].len, &m->pre, m->arch.image_size, &lim,
-                                c->t->x + (size_t)i * chw, err, sizeof err);
-    if (rc == 0) continue;
-    char where[32] = "";
-    if (!single) snprintf(where, sizeof where, "image %d: ", i);
-    if (rc == JEM_EUNSUPPORTED) {
-      srv_metrics_reject(SRV_REJ_UNSUPPORTED);
-      res = srv_respond_error(r, 415, "unsupported_image", "%s%s", where, err);
-    } else if (rc == JEM_ETOOBIG) {
-      srv_metrics_reject(SRV_REJ_TOO_LARGE);
-      res = srv_respond_error(r, 413, "image_too_large", "%s%s", where, err);
-    } else if (rc == JEM_ENOMEM) {
-      const char *h[] = {"Retry-After", "1", NULL};
-      res = srv_respond_error_h(r, 503, "out_of_memory", h, "%s%s", where, err);
-    } else {
-      srv_metrics_reject(SRV_REJ_BAD_REQUEST);
-      res = srv_respond_error(r, 400, "invalid_image", "%s%s", where, err);
-    }
+  if (pixels > DECODE_INLINE_PIXELS) {
+    c->decode.kind = SRV_WORK_JOB;
+    c->decode.run = decode_run;
+    c->decode.done = decode_done;
+    return srv_score_submit(r, c->t, c, ctx_free, classify_respond, &c->decode);
+  }
+  if (decode_images(c)) {
+    res = decode_error(r, c);
     ctx_free(c);
-    c = NULL;
-    goto out;
+    return res;
   }
-  srv_blobs_free(imgs, n);
-  return srv_score_submit(r, c->t, c, ctx_free, classify_respond);
+  srv_blobs_free(c->imgs, c->n_imgs); /* not needed any more */
+  c->imgs = NULL;
+  c->n_imgs = 0;
+  return srv_score_submit(r, c->t, c, ctx_free, classify_respond, NULL);
 
 oom:
   ctx_free(c);

@@ -215,5 +215,5 @@ enum MHD_Result srv_h_v2_infer(srv_req *r) {
   c->q.x = NULL;
   c->t->model = sm;
   c->t->want_grad = c->q.want[3];
-  return srv_score_submit(r, c->t, c, v2_ctx_free, infer_respond);
+  return srv_score_submit(r, c->t, c, v2_ctx_free, infer_respond, NULL);
 }

@@ -128,7 +128,7 @@ enum { SRV_WORK_SCORE = 0, SRV_WORK_JOB = 1, SRV_WORK_KINDS };
 
 typedef struct srv_work srv_work;
 struct srv_work {
-  int kind;                     /* SRV_WORK_JOB for background work */
+  int kind;                     /* SRV_WORK_JOB for background work (jobs, large decodes) */
   /* Runs on a pool thread with exclusive use of wk.  Keep it short (one
    * slice): the scheduler cannot preempt it. */
   void (*run)(srv_work *w, srv_worker *wk);
@@ -315,10 +315,12 @@ void srv_http_tick(void);   /* request deadline sweep, called by main() */
 
 /* Scoring plumbing shared by /v1/classify and /v2 infer (h_classify.c):
  * reserve queue room (503 + Retry-After when full), suspend, queue; the
- * request owns ctx (freed with ctx_free_fn) and on_resume answers. */
+ * request owns ctx (freed with ctx_free_fn) and on_resume answers.  With
+ * prepare (not NULL), that background work runs first and its done() queues
+ * the task with srv_sched_score, or releases the reservation and resumes. */
 enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx,
                                  void (*ctx_free_fn)(void *),
-                                 enum MHD_Result (*on_resume)(srv_req *));
+                                 enum MHD_Result (*on_resume)(srv_req *), srv_work *prepare);
 /* Answers for a task that did not finish (client gone, shutdown, failure);
  * returns 1 when it answered, with *res set. */
 int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res);

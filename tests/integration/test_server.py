@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import jemtest  # noqa: E402
+import numpy as np  # noqa: E402
 import yaml  # noqa: E402  (python3-yaml)
 
 FAILS = []
@@ -756,6 +757,69 @@ def main():
                     "JSON 9 deep over --max-json-depth 8")
         finally:
             dl.kill()
+
+        # ---- large requests are decoded on a worker, not on the HTTP threads
+        # (over 2^20 declared pixels); the result must be the one jem score gets
+        # from the same file, errors keep their shape, and /healthz stays quick
+        yy, xx = np.mgrid[0:1000, 0:1100]
+        big = jemtest.png_bytes(((xx * 7 + yy * 3) % 256).astype(np.uint8))
+        big_path = os.path.join(tmp, "big.png")
+        with open(big_path, "wb") as f:
+            f.write(big)
+        p = subprocess.run([os.path.join(build, "jem"), "score", model, big_path, "--no-grad"],
+                           capture_output=True, text=True)
+        ref = json.loads(p.stdout.splitlines()[0]) if p.returncode == 0 else {}
+        db = jemtest.Daemon(jemd, model)
+        try:
+            cb = Client(db)
+            H = {"Content-Type": "image/png"}
+            st, _, js = cb.call("POST", "/v1/classify?grad=false", big, H, 200,
+                                "1100x1000 PNG (decoded on a worker)")
+            check(isinstance(js, dict) and ref and all(
+                rel_close(a, b) for a, b in zip(js.get("logits", []), ref["logits"])) and
+                js.get("label") == ref["label"], "worker-decoded logits equal jem score's")
+            cut = big[:len(big) // 2]
+            st, _, js = cb.call("POST", "/v1/classify", cut, H, 400, "truncated large PNG")
+            check(isinstance(js, dict) and js.get("error", {}).get("code") == "invalid_image",
+                  f"truncated large PNG: 400 invalid_image ({js})")
+            body, ct = multipart([("image/png", imgs[0]), ("image/png", cut)])
+            st, _, js = cb.call("POST", "/v1/classify", body, {"Content-Type": ct}, 400,
+                                "multipart with a truncated large PNG second")
+            check(isinstance(js, dict) and
+                  js.get("error", {}).get("message", "").startswith("image 1: "),
+                  f"the worker's error names the image ({js})")
+            # two requests of 64 Mpx each (the default --max-request-pixels)
+            # against two HTTP threads: decoded there, they held /healthz for
+            # about a second and a half
+            side = 2048
+            yy, xx = np.mgrid[0:side, 0:side]
+            huge = jemtest.png_bytes(((xx + 3 * yy) % 256).astype(np.uint8))
+            body, ct = multipart([("image/png", huge)] * 16)
+            done = []
+
+            def post_huge():
+                done.append(cb.call("POST", "/v1/classify?grad=false", body,
+                                    {"Content-Type": ct}, timeout=180)[0])
+            ths = [threading.Thread(target=post_huge) for _ in range(2)]
+            t0 = time.time()
+            for t in ths:
+                t.start()
+            lat = []
+            while any(t.is_alive() for t in ths):
+                t1 = time.time()
+                db.request("GET", "/healthz")
+                lat.append(time.time() - t1)
+                time.sleep(0.02)
+            for t in ths:
+                t.join()
+            took = time.time() - t0
+            check(done == [200] * 2, f"two 64-Mpx requests answered 200 ({done})")
+            check(len(lat) >= 3 and max(lat) < 0.5,
+                  f"/healthz answered while they decoded: {len(lat)} times in {took:.1f} s, "
+                  f"slowest {max(lat) if lat else float('nan'):.3f} s")
+            cb.ready("after large decodes")
+        finally:
+            db.kill()
 
         # ---- main daemon
         d = jemtest.Daemon(jemd, model, "--workers", "2", "--max-batch", "16",
