@@ -37,6 +37,8 @@ typedef struct eval_opts {
   int batch;
   float data_noise;
   int sample_steps;
+  float sample_step_size, sample_noise;
+  const char *fid_model; /* reference network for Frechet distances, or NULL */
   int samples_per_class;
   int fid_samples;
   int sample_init; /* -1 auto, then SAMPLE_NOISE/_BUFFER/_GAUSSIAN */
@@ -78,9 +80,14 @@ static void usage(FILE *f) {
     "                        does with 0.03 (default 0: deterministic, as served)\n"
     "  --no-grad             skip the gradient-norm score\n"
     "  --sample-steps K      SGLD steps for samples (default 100; 0 = no samples)\n"
+    "  --sample-step-size A  SGLD step size for samples (default 1, as jemd's jobs)\n"
+    "  --sample-noise S      SGLD noise for samples (default 0.01, as jemd's jobs)\n"
     "  --samples-per-class N class-conditional chains per class (default 10)\n"
     "  --fid-samples N       unconditional samples for the Frechet distance\n"
     "                        (default 1000)\n"
+    "  --fid-model MODEL     also measure Frechet distances in this network's features\n"
+    "                        and classify the class-conditional samples with it, so\n"
+    "                        that different models' samples meet one fixed judge\n"
     "  --sample-init MODE    buffer | noise | gaussian (default: buffer if the model has\n"
     "                        one); buffer starts chain i (class i mod K for unconditional\n"
     "                        chains) from a buffer image the model classifies as its\n"
@@ -126,6 +133,8 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
   o->out_dir = "eval-out";
   o->batch = 100;
   o->sample_steps = 100;
+  o->sample_step_size = 1.0f;
+  o->sample_noise = 0.01f;
   o->samples_per_class = 10;
   o->fid_samples = 1000;
   o->sample_init = -1;
@@ -166,6 +175,10 @@ static int parse_opts(int argc, char **argv, eval_opts *o) {
     else if (!strcmp(a, "--batch")) rc = args_int("eval", a, v, 1, 4096, &o->batch);
     else if (!strcmp(a, "--data-noise")) rc = args_float("eval", a, v, 0.0f, 10.0f, &o->data_noise);
     else if (!strcmp(a, "--sample-steps")) rc = args_int("eval", a, v, 0, 100000, &o->sample_steps);
+    else if (!strcmp(a, "--sample-step-size"))
+      rc = args_float("eval", a, v, 1e-6f, 100.0f, &o->sample_step_size);
+    else if (!strcmp(a, "--sample-noise")) rc = args_float("eval", a, v, 0.0f, 10.0f, &o->sample_noise);
+    else if (!strcmp(a, "--fid-model")) o->fid_model = v;
     else if (!strcmp(a, "--samples-per-class")) rc = args_int("eval", a, v, 1, 100, &o->samples_per_class);
     else if (!strcmp(a, "--fid-samples")) rc = args_int("eval", a, v, 0, 100000, &o->fid_samples);
     else if (!strcmp(a, "--sample-init")) {
@@ -391,6 +404,63 @@ static int write_grid(const char *out_dir, const char *name, const jem_model *m,
   return rc;
 }
 
+/* A network that judges samples: Frechet distances to the test set in its
+ * penultimate features, and the share of class-conditional chains it assigns to
+ * their class.  The evaluated model judges its own samples; --fid-model adds a
+ * fixed judge, so that two models' samples are measured with one ruler. */
+typedef struct sample_judge {
+  jem_model *m;
+  jem_ws *ws;
+  const float *test_feat; /* [nt, F] */
+  int nt, F;
+} sample_judge;
+
+/* Frechet distance between the test set and the n images x; NaN (reported) on failure. */
+static double judge_frechet(const sample_judge *j, const float *x, int n, float noise,
+                            uint64_t seed, const char *what) {
+  if (!j->m || n < 2) return NAN;
+  char err[512];
+  double d = NAN;
+  jem_set_scores s = {0};
+  if (jem_eval_score_set(j->ws, j->m, x, n, 0, 1, noise, seed, &s, err, sizeof err) ||
+      jem_frechet_features(j->test_feat, j->nt, s.feat, n, j->F, &d, err, sizeof err)) {
+    fprintf(stderr, "  Frechet distance (%s): %s\n", what, err);
+    d = NAN;
+  }
+  jem_set_scores_free(&s);
+  return d;
+}
+
+/* Share of the n = classes * per_class chains (rows = classes) that the judge
+ * classifies as their class; per_class_out[c] (may be NULL) gets each row's. */
+static double judge_agreement(const sample_judge *j, const float *x, int classes,
+                              int per_class, double *per_class_out) {
+  if (!j->m) return NAN;
+  char err[512];
+  jem_set_scores s = {0};
+  if (jem_eval_score_set(j->ws, j->m, x, classes * per_class, 0, 0, 0.0f, 0, &s, err,
+                         sizeof err)) {
+    fprintf(stderr, "  class agreement: %s\n", err);
+    return NAN;
+  }
+  const int K = s.k;
+  int agree = 0;
+  for (int c = 0; c < classes; c++) {
+    int a = 0;
+    for (int i = 0; i < per_class; i++) {
+      const float *z = s.logits + (size_t)(c * per_class + i) * K;
+      int best = 0;
+      for (int q = 1; q < K; q++)
+        if (z[q] > z[best]) best = q;
+      a += best == c;
+    }
+    if (per_class_out) per_class_out[c] = (double)a / per_class;
+    agree += a;
+  }
+  jem_set_scores_free(&s);
+  return (double)agree / (classes * per_class);
+}
+
 int cmd_eval(int argc, char **argv) {
   eval_opts o;
   int rc = parse_opts(argc, argv, &o);
@@ -415,6 +485,9 @@ int cmd_eval(int argc, char **argv) {
   int *ys = NULL, *okv = NULL;
   FILE *md = NULL;
   jem_set_scores ss = {0};
+  jem_model *ref_model = NULL; /* --fid-model */
+  jem_ws *ref_ws = NULL;
+  jem_set_scores ref_test = {0};
 
   if (!rep || !oods) {
     fprintf(stderr, "jem eval: out of memory\n");
@@ -458,6 +531,29 @@ int cmd_eval(int argc, char **argv) {
     jem_ood_rule_for(&m->ood, probe, &rule_txt);
   }
   fprintf(stderr, "jem eval: %s, %d test and %d validation images\n", o.model, nt, nv);
+  /* the reference judge of the samples (--fid-model), loaded before the long work */
+  sample_judge ref = {0};
+  if (o.fid_model) {
+    if (jem_model_load(&ref_model, o.fid_model, err, sizeof err)) {
+      fprintf(stderr, "jem eval: --fid-model: %s\n", err);
+      goto done;
+    }
+    if (ref_model->arch.in_channels != C || ref_model->arch.image_size != S ||
+        ref_model->arch.num_classes != K) {
+      fprintf(stderr, "jem eval: --fid-model %s takes %d channels, %dx%d, %d classes; the "
+              "model %d, %dx%d, %d\n", o.fid_model, ref_model->arch.in_channels,
+              ref_model->arch.image_size, ref_model->arch.image_size,
+              ref_model->arch.num_classes, C, S, S, K);
+      goto done;
+    }
+    if (!(ref_ws = jem_ws_create(ref_model, o.batch, 0)) ||
+        jem_eval_score_set(ref_ws, ref_model, test.x, nt, 0, 1, o.data_noise, o.seed * 16 + 1,
+                           &ref_test, err, sizeof err)) {
+      fprintf(stderr, "jem eval: --fid-model: %s\n", ref_ws ? err : "out of memory");
+      goto done;
+    }
+    ref = (sample_judge){ref_model, ref_ws, ref_test.feat, nt, ref_test.nfeat};
+  }
 
   /* ---- classification and calibration ---- */
   double t0 = now_s();
@@ -630,11 +726,20 @@ int cmd_eval(int argc, char **argv) {
       goto done;
     }
   }
-  double cond_agree = NAN, fd_samples = NAN, fd_valid = NAN, fd_replay = NAN;
+  sample_judge own = {m, ws, st.feat, nt, F};
+  const sample_judge *judges[2] = {&own, &ref};
+  /* per judge: class agreement of the conditional starts and samples, and the
+   * Frechet distances of the unconditional starts and samples, the validation
+   * images (the real-vs-real floor) and the replay buffer */
+  double agree_start[2] = {NAN, NAN}, agree_samp[2] = {NAN, NAN};
+  double fd_start[2] = {NAN, NAN}, fd_samp[2] = {NAN, NAN}, fd_valid[2] = {NAN, NAN},
+         fd_replay[2] = {NAN, NAN};
   double per_class_agree[256];
   int n_cond = 0, n_unc = 0;
   jem_sgld_params sp;
   jem_sgld_defaults(&sp);
+  sp.step_size = o.sample_step_size;
+  sp.noise = o.sample_noise;
   sp.clamp = 1; /* as the server's default; images must stay in range */
   if (o.sample_steps > 0) {
     const int spc = o.samples_per_class;
@@ -658,27 +763,11 @@ int cmd_eval(int argc, char **argv) {
     if (init == SAMPLE_GAUSSIAN &&
         write_grid(o.out_dir, "samples_conditional_init.png", m, xs, n_cond, spc))
       goto done;
+    for (int j = 0; j < 2; j++) agree_start[j] = judge_agreement(judges[j], xs, K, spc, NULL);
     jem_sgld_run(ws, m, xs, n_cond, ys, o.sample_steps, &sp, rngs);
     if (write_grid(o.out_dir, "samples_conditional.png", m, xs, n_cond, spc)) goto done;
-    if (jem_eval_score_set(ws, m, xs, n_cond, 0, 0, 0.0f, 0, &ss, err, sizeof err)) {
-      fprintf(stderr, "jem eval: %s\n", err);
-      goto done;
-    }
-    int agree = 0;
-    for (int c = 0; c < K && c < 256; c++) {
-      int a = 0;
-      for (int j = 0; j < spc; j++) {
-        const float *z = ss.logits + (size_t)(c * spc + j) * K;
-        int best = 0;
-        for (int q = 1; q < K; q++)
-          if (z[q] > z[best]) best = q;
-        a += best == c;
-      }
-      per_class_agree[c] = (double)a / spc;
-      agree += a;
-    }
-    cond_agree = (double)agree / n_cond;
-    jem_set_scores_free(&ss);
+    for (int j = 0; j < 2; j++)
+      agree_samp[j] = judge_agreement(judges[j], xs, K, spc, j ? NULL : per_class_agree);
 
     /* unconditional: SGLD on logsumexp f(x) */
     if (n_unc > 0) {
@@ -689,40 +778,31 @@ int cmd_eval(int argc, char **argv) {
       if (init == SAMPLE_GAUSSIAN &&
           write_grid(o.out_dir, "samples_unconditional_init.png", m, xs, ng, 10))
         goto done;
+      for (int j = 0; j < 2; j++)
+        fd_start[j] = judge_frechet(judges[j], xs, n_unc, 0.0f, 0, "starts");
       jem_sgld_run(ws, m, xs, n_unc, NULL, o.sample_steps, &sp, rngs);
       if (write_grid(o.out_dir, "samples_unconditional.png", m, xs, ng, 10)) goto done;
-      if (jem_eval_score_set(ws, m, xs, n_unc, 0, 1, 0.0f, 0, &ss, err, sizeof err)) {
-        fprintf(stderr, "jem eval: %s\n", err);
-        goto done;
-      }
-      if (n_unc >= 2 && jem_frechet_features(st.feat, nt, ss.feat, n_unc, F, &fd_samples, err,
-                                             sizeof err))
-        fprintf(stderr, "  Frechet distance (samples): %s\n", err);
-      jem_set_scores_free(&ss);
+      for (int j = 0; j < 2; j++)
+        fd_samp[j] = judge_frechet(judges[j], xs, n_unc, 0.0f, 0, "samples");
     }
   }
-  /* reference points: real vs real, and the replay buffer itself */
-  {
-    jem_set_scores sf = {0};
-    if (!jem_eval_score_set(ws, m, valid.x, nv, 0, 1, o.data_noise, o.seed * 16 + 2, &sf, err,
-                            sizeof err)) {
-      if (jem_frechet_features(st.feat, nt, sf.feat, nv, F, &fd_valid, err, sizeof err))
-        fprintf(stderr, "  Frechet distance (validation): %s\n", err);
-    }
-    jem_set_scores_free(&sf);
-    if (m->replay_n >= 2) {
-      int nr = m->replay_n;
-      if (o.limit && nr > o.limit) nr = o.limit;
-      if (!jem_eval_score_set(ws, m, m->replay, nr, 0, 1, 0.0f, 0, &sf, err, sizeof err) &&
-          jem_frechet_features(st.feat, nt, sf.feat, nr, F, &fd_replay, err, sizeof err))
-        fprintf(stderr, "  Frechet distance (replay buffer): %s\n", err);
-      jem_set_scores_free(&sf);
-    }
+  for (int j = 0; j < 2; j++) {
+    fd_valid[j] = judge_frechet(judges[j], valid.x, nv, o.data_noise, o.seed * 16 + 2,
+                                "validation");
+    int nr = m->replay_n;
+    if (o.limit && nr > o.limit) nr = o.limit;
+    fd_replay[j] = judge_frechet(judges[j], m->replay, nr, 0.0f, 0, "replay buffer");
   }
+  const double cond_agree = agree_samp[0];
   const double t_samp = now_s() - t0;
   if (o.sample_steps > 0)
-    fprintf(stderr, "  samples: class agreement %.1f%%, Frechet test-vs-samples %.3f, "
-            "test-vs-valid %.3f (%.1f s)\n", 100 * cond_agree, fd_samples, fd_valid, t_samp);
+    fprintf(stderr, "  samples: class agreement %.1f%% (starts %.1f%%), Frechet test-vs-samples "
+            "%.3f (starts %.3f), test-vs-valid %.3f (%.1f s)\n", 100 * cond_agree,
+            100 * agree_start[0], fd_samp[0], fd_start[0], fd_valid[0], t_samp);
+  if (o.sample_steps > 0 && o.fid_model)
+    fprintf(stderr, "  samples judged by %s: class agreement %.1f%% (starts %.1f%%), Frechet "
+            "test-vs-samples %.3f (starts %.3f), test-vs-valid %.3f\n", o.fid_model,
+            100 * agree_samp[1], 100 * agree_start[1], fd_samp[1], fd_start[1], fd_valid[1]);
 
   /* ---- PGD ---- */
   t0 = now_s();
@@ -878,12 +958,22 @@ int cmd_eval(int argc, char **argv) {
                               json_string("samples_unconditional_init.png"));
       }
     }
-    json_t *fd = json_object();
-    json_object_set_new(fd, "feature_dim", json_integer(F));
-    json_object_set_new(fd, "test_vs_samples", num(fd_samples));
-    json_object_set_new(fd, "test_vs_valid", num(fd_valid));
-    json_object_set_new(fd, "test_vs_replay_buffer", num(fd_replay));
-    json_object_set_new(jsm, "frechet", fd);
+    json_object_set_new(jsm, "conditional_agreement_starts", num(agree_start[0]));
+    for (int j = 0; j < 2; j++) {
+      if (!judges[j]->m) continue;
+      json_t *fd = json_object();
+      if (j) {
+        json_object_set_new(fd, "model", json_string(o.fid_model));
+        json_object_set_new(fd, "conditional_agreement", num(agree_samp[1]));
+        json_object_set_new(fd, "conditional_agreement_starts", num(agree_start[1]));
+      }
+      json_object_set_new(fd, "feature_dim", json_integer(judges[j]->F));
+      json_object_set_new(fd, "test_vs_samples", num(fd_samp[j]));
+      json_object_set_new(fd, "test_vs_starts", num(fd_start[j]));
+      json_object_set_new(fd, "test_vs_valid", num(fd_valid[j]));
+      json_object_set_new(fd, "test_vs_replay_buffer", num(fd_replay[j]));
+      json_object_set_new(jsm, j ? "reference" : "frechet", fd);
+    }
     json_object_set_new(rep, "samples", jsm);
 
     json_t *ja = json_object();
@@ -988,19 +1078,28 @@ int cmd_eval(int argc, char **argv) {
     if (o.sample_steps > 0) {
       fprintf(md, "SGLD, %d steps (step %.3g, noise %.3g, clamped to [-1,1]), init: %s.  "
               "`samples_conditional.png`: one row per class (SGLD on f(x)[y]), %d per class; "
-              "the classifier assigns %.1f%% of them to their class.  "
+              "the classifier assigns %.1f%% of them to their class (%.1f%% of their starts).  "
               "`samples_unconditional.png`: SGLD on logsumexp f(x).\n\n", o.sample_steps,
               (double)sp.step_size, (double)sp.noise, init_descriptions[init],
-              o.samples_per_class, 100 * cond_agree);
+              o.samples_per_class, 100 * cond_agree, 100 * agree_start[0]);
     } else {
       fprintf(md, "Sampling skipped (--sample-steps 0).\n\n");
     }
-    fprintf(md, "Frechet distance in the model's %d penultimate features (lower is closer to "
-            "the test set):\n\n| compared with test | distance |\n|---|---|\n", F);
-    char f1[32], f2[32], f3[32];
-    fprintf(md, "| %d unconditional samples | %s |\n| validation images (real-vs-real "
-            "floor) | %s |\n| replay buffer (%d images) | %s |\n", n_unc, fmt_num(f1, fd_samples),
-            fmt_num(f2, fd_valid), m->replay_n, fmt_num(f3, fd_replay));
+    for (int j = 0; j < 2; j++) {
+      if (!judges[j]->m) continue;
+      if (j)
+        fprintf(md, "\nJudged by the reference network `%s`: it assigns %.1f%% of the "
+                "class-conditional samples to their class (%.1f%% of their starts).  ",
+                o.fid_model, 100 * agree_samp[1], 100 * agree_start[1]);
+      fprintf(md, "Frechet distance in %s %d penultimate features (lower is closer to the "
+              "test set):\n\n| compared with test | distance |\n|---|---|\n",
+              j ? "its" : "the model's", judges[j]->F);
+      char f1[32], f2[32], f3[32], f4[32];
+      fprintf(md, "| %d unconditional samples | %s |\n| their starts | %s |\n| validation "
+              "images (real-vs-real floor) | %s |\n| replay buffer (%d images) | %s |\n", n_unc,
+              fmt_num(f1, fd_samp[j]), fmt_num(f2, fd_start[j]), fmt_num(f3, fd_valid[j]),
+              m->replay_n, fmt_num(f4, fd_replay[j]));
+    }
 
     fprintf(md, "\n## Robustness (PGD on the cross-entropy)\n\n");
     if (o.attack) {
@@ -1046,5 +1145,8 @@ done:
   json_decref(rep);
   jem_ws_free(ws);
   jem_model_free(m);
+  jem_set_scores_free(&ref_test);
+  jem_ws_free(ref_ws);
+  jem_model_free(ref_model);
   return status;
 }

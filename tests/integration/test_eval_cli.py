@@ -142,8 +142,11 @@ def main():
 
     # Gaussian chain starts: fitted on the training split, starts written too
     out4 = os.path.join(tmp, "out4")
+    # (with other SGLD settings, judged also by a reference network: the
+    # model itself, so both judges must agree exactly)
     run([jem, "eval", model, "--out-dir", out4, "--sample-init", "gaussian", "--no-attack",
-         "--no-grad"] + small)
+         "--no-grad", "--sample-step-size", "0.5", "--sample-noise", "0.02", "--fid-model",
+         model] + small)
     sm4 = json.load(open(os.path.join(out4, "report.json")))["samples"]
     check(sm4["init"] == "gaussian" and sm4.get("conditional_init_png") ==
           "samples_conditional_init.png", "report names the Gaussian starts")
@@ -152,6 +155,19 @@ def main():
       check(os.path.exists(p) and open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is a PNG")
     check(sm4["n_conditional"] == 20 and is_prob(sm4["conditional_agreement"]),
           "Gaussian-start conditional samples scored")
+    check(sm4["step_size"] == 0.5 and abs(sm4["noise"] - 0.02) < 1e-7,
+          "--sample-step-size and --sample-noise reach the report")
+    ref, own = sm4.get("reference", {}), sm4["frechet"]
+    check(ref.get("model") == model and is_prob(sm4["conditional_agreement_starts"]) and
+          ref.get("conditional_agreement") == sm4["conditional_agreement"] and
+          ref.get("conditional_agreement_starts") == sm4["conditional_agreement_starts"],
+          "reference judge = the model: the same class agreement, of samples and of starts")
+    check(all(own[k] is not None and ref.get(k) == own[k]
+              for k in ["test_vs_samples", "test_vs_starts", "test_vs_valid"]),
+          f"reference judge = the model: the same Frechet distances ({own}, {ref})")
+    md4 = open(os.path.join(out4, "report.md")).read()
+    check("Judged by the reference network" in md4 and "| their starts |" in md4,
+          "report.md has the reference judge and the starts")
 
     # calibrate -> temperature + OOD statistics + a rule not tuned on MNIST
     run([jem, "calibrate", model, "--out", cal, "--limit", "64", "--ood-dir", ood,
@@ -204,6 +220,11 @@ def main():
     run([jem, "eval", model, "--limit", "x"], expect=2)
     run([jem, "eval", model, "--bogus"], expect=2)
     run([jem, "eval", model, "--linf", "0.1,-1"], expect=2)
+    run([jem, "eval", model, "--sample-step-size", "0"], expect=2)
+    r = run([jem, "eval", model, "--fid-model", os.path.join(tmp, "nope.safetensors"),
+             "--limit", "8", "--no-attack", "--no-grad", "--sample-steps", "1", "--out-dir",
+             os.path.join(tmp, "out5")], expect=1)
+    check("--fid-model" in r.stderr, "a missing --fid-model is named")
     r = run([jem, "eval", model, "--sample-init", "bogus"], expect=2)
     check("gaussian" in r.stderr, "--sample-init error lists the modes")
     run([jem, "calibrate", model, "--tune-sets", "bogus"], expect=2)
