@@ -3,7 +3,10 @@
 `jem eval` reports (report.json) so that the card cannot drift from the JSON.
 
 usage: /usr/bin/python3 scripts/card_tables.py JEM/report.json BASELINE/report.json
-Prints markdown on stdout; models/README.md pastes it under "Results".
+       /usr/bin/python3 scripts/card_tables.py --samples LABEL=report.json ...
+Prints markdown on stdout; models/README.md pastes it under "Results".  With
+--samples, one row per report: its SGLD settings and how its samples and their
+starts fare with the model and with the --fid-model judge.
 """
 import json
 import sys
@@ -111,7 +114,48 @@ def samples_robustness(j, b):
     return out
 
 
+def fmt_g(v):
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def sampler_table(labelled):
+    """One row per report; columns per judging network (the report's model and
+    its --fid-model), so rows of different models share one ruler."""
+    rows, nets = [], []
+    for label, path in labelled:
+        rep = json.load(open(path))
+        sm = rep["samples"]
+        own, ref = dict(sm.get("frechet", {})), dict(sm.get("reference", {}))
+        own["conditional_agreement"] = sm.get("conditional_agreement")
+        own["conditional_agreement_starts"] = sm.get("conditional_agreement_starts")
+        by_net = {rep["model"]["path"]: own}
+        if ref:
+            by_net[ref["model"]] = ref
+        nets += [n for n in by_net if n not in nets]
+        rows.append((label, sm, by_net))
+    out = ["| samples | step / noise | " + " | ".join(
+        f"judged by `{n}`: class agreement (starts); Frechet distance (starts)" for n in nets) +
+        " |", "|---|---|" + "---|" * len(nets)]
+    for label, sm, by_net in rows:
+        cells = []
+        for n in nets:
+            e = by_net.get(n)
+            cells.append("n/a" if e is None else
+                         f"{pct(e.get('conditional_agreement'))} "
+                         f"({pct(e.get('conditional_agreement_starts'))}); "
+                         f"{fmt_g(e.get('test_vs_samples'))} ({fmt_g(e.get('test_vs_starts'))})")
+        out.append(f"| {label} | {sm['step_size']:g} / {sm['noise']:g} | " + " | ".join(cells) +
+                   " |")
+    return out
+
+
 def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--samples":
+        pairs = [a.split("=", 1) for a in sys.argv[2:]]
+        if any(len(p) != 2 for p in pairs):
+            sys.exit(__doc__.strip())
+        print("\n".join(sampler_table(pairs)))
+        return
     if len(sys.argv) != 3:
         sys.exit(__doc__.strip())
     j, b = (json.load(open(p)) for p in sys.argv[1:])

@@ -2,11 +2,12 @@
  * queue for a batch, and build the JSON answer after the worker is done.
  *
  * Where images are decoded.  A request whose images declare at most
- * DECODE_INLINE_PIXELS pixels in all (any ordinary upload) is decoded on the
+ * SRV_DECODE_INLINE_PIXELS pixels in all (any ordinary upload) is decoded on the
  * HTTP thread: it takes microseconds to milliseconds.  A larger one (up to
  * --max-request-pixels) can take seconds, and an HTTP thread serves many
  * connections, so it is decoded on a worker as background work instead; the
- * HTTP threads keep answering /healthz and small requests meanwhile. */
+ * HTTP threads keep answering /healthz and small requests meanwhile.  Job
+ * init images take the same two paths (jobs.c). */
 #include "srv.h"
 
 #include <ctype.h>
@@ -17,8 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-
-#define DECODE_INLINE_PIXELS (1 << 20)
 
 typedef struct score_ctx {
   srv_task *t;
@@ -394,7 +393,7 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     ctx_free(c);
     return res;
   }
-  if (pixels > DECODE_INLINE_PIXELS) {
+  if (pixels > SRV_DECODE_INLINE_PIXELS) {
     c->decode.kind = SRV_WORK_JOB;
     c->decode.run = decode_run;
     c->decode.done = decode_done;

@@ -55,6 +55,9 @@ void srv_samples_req_free(srv_samples_req *q) {
   if (!q) return;
   free(q->x);
   q->x = NULL;
+  srv_blobs_free(q->imgs, q->n_imgs);
+  q->imgs = NULL;
+  q->n_imgs = 0;
 }
 
 static int fail(const char **code, const char *c, int status) {
@@ -62,14 +65,13 @@ static int fail(const char **code, const char *c, int status) {
   return status;
 }
 
-/* Decodes init.images into q->x (n images); returns 0 or a status. */
-static int parse_images(json_t *imgs, const jem_model *m, const jem_image_limits *lim,
-                        int n, srv_samples_req *q, const char **code, char *err,
-                        size_t errlen) {
-  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
-  long long pixels = 0; /* header-declared, for srv_request_pixels_add */
-  q->x = malloc(sizeof(float) * chw * (size_t)n);
-  if (!q->x) {
+/* Base64-decodes init.images into q->imgs and adds up the pixels their
+ * headers declare (q->pixels, bounded by --max-request-pixels); the images
+ * themselves are decoded by srv_samples_decode.  Returns 0 or a status. */
+static int parse_images(json_t *imgs, const jem_image_limits *lim, int n, srv_samples_req *q,
+                        const char **code, char *err, size_t errlen) {
+  q->imgs = calloc((size_t)n, sizeof *q->imgs);
+  if (!q->imgs) {
     snprintf(err, errlen, "out of memory for %d images", n);
     return fail(code, "out_of_memory", 503);
   }
@@ -81,21 +83,37 @@ static int parse_images(json_t *imgs, const jem_model *m, const jem_image_limits
       snprintf(err, errlen, "init.images[%d] is not valid base64", i);
       return fail(code, "invalid_base64", 400);
     }
-    char ierr[256];
-    if (srv_request_pixels_add(&pixels, bytes, blen, lim, err, errlen)) {
-      free(bytes);
+    q->imgs[q->n_imgs++] = (srv_blob){bytes, blen, bytes};
+    if (srv_request_pixels_add(&q->pixels, bytes, blen, lim, err, errlen))
       return fail(code, "request_too_large", 413);
-    }
-    int rc = jem_image_to_input(bytes, blen, &m->pre, m->arch.image_size, lim,
+  }
+  return 0;
+}
+
+int srv_samples_decode(srv_samples_req *q, const jem_model *m, const jem_image_limits *lim,
+                       const char **code, char *err, size_t errlen) {
+  if (q->init != JEM_SAMPLE_INIT_GIVEN || q->x) return 0;
+  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
+  q->x = malloc(sizeof(float) * chw * (size_t)q->n);
+  if (!q->x) {
+    snprintf(err, errlen, "out of memory for %d images", q->n);
+    return fail(code, "out_of_memory", 503);
+  }
+  for (int i = 0; i < q->n_imgs; i++) {
+    char ierr[256];
+    int rc = jem_image_to_input(q->imgs[i].p, q->imgs[i].len, &m->pre, m->arch.image_size, lim,
                                 q->x + (size_t)i * chw, ierr, sizeof ierr);
-    free(bytes);
     if (rc == 0) continue;
     snprintf(err, errlen, "init.images[%d]: %s", i, ierr);
+    srv_samples_req_free(q);
     if (rc == JEM_EUNSUPPORTED) return fail(code, "unsupported_image", 415);
     if (rc == JEM_ETOOBIG) return fail(code, "image_too_large", 413);
     if (rc == JEM_ENOMEM) return fail(code, "out_of_memory", 503);
     return fail(code, "invalid_image", 400);
   }
+  srv_blobs_free(q->imgs, q->n_imgs); /* decoded: the encoded bytes can go */
+  q->imgs = NULL;
+  q->n_imgs = 0;
   return 0;
 }
 
@@ -319,7 +337,7 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
     }
   }
   if (out->init == JEM_SAMPLE_INIT_GIVEN &&
-      (st = parse_images(imgs, m, lim, out->n, out, code, err, errlen)))
+      (st = parse_images(imgs, lim, out->n, out, code, err, errlen)))
     goto out;
 out:
   json_decref(j);
@@ -901,6 +919,65 @@ static int media_is_json(const char *ct) {
          (n > 5 && !strncasecmp(ct + n - 5, "+json", 5) && memchr(ct, '/', n));
 }
 
+/* The answer to a request that srv_samples_parse or srv_samples_decode refused. */
+static enum MHD_Result refuse_request(srv_req *r, int st, const char *code, const char *err) {
+  reject(REJ_INVALID);
+  srv_metrics_reject(st == 413 ? SRV_REJ_TOO_LARGE
+                     : st == 415 ? SRV_REJ_UNSUPPORTED
+                                 : SRV_REJ_BAD_REQUEST);
+  const char *h[] = {"Retry-After", "1", NULL};
+  return srv_respond_error_h(r, st, code, st == 503 ? h : NULL, "%s", err);
+}
+
+static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q);
+
+/* Large init images, decoded on a worker while the request is suspended. */
+typedef struct init_decode {
+  srv_work work;
+  srv_req *r;
+  srv_model *sm;
+  srv_samples_req q;
+  jem_image_limits lim;
+  int canceled, st;
+  const char *code;
+  char err[512];
+} init_decode;
+
+static void init_decode_free(void *p) {
+  init_decode *d = p;
+  srv_samples_req_free(&d->q);
+  srv_model_put(d->sm);
+  free(d);
+}
+
+static void init_decode_run(srv_work *w, srv_worker *wk) {
+  (void)wk;
+  init_decode *d = (init_decode *)w;
+  d->st = srv_samples_decode(&d->q, d->sm->m, &d->lim, &d->code, d->err, sizeof d->err);
+}
+
+static void init_decode_done(srv_work *w, int canceled) {
+  init_decode *d = (init_decode *)w;
+  d->canceled = canceled;
+  srv_req_resume(d->r);
+}
+
+/* HTTP thread, after the decode: create the job or answer why not. */
+static enum MHD_Result init_decode_resume(srv_req *r) {
+  init_decode *d = r->data;
+  if (d->canceled) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "draining", h,
+                               "the server is shutting down and takes no new jobs");
+  }
+  if (d->st) return refuse_request(r, d->st, d->code, d->err);
+  srv_model *sm = d->sm;
+  srv_samples_req q = d->q;
+  d->sm = NULL; /* create_job owns both now */
+  memset(&d->q, 0, sizeof d->q);
+  return create_job(r, sm, q);
+}
+
 enum MHD_Result srv_h_samples_create(srv_req *r) {
   static const char *const allowed[] = {NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
@@ -936,16 +1013,44 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
                              srv_cfg.max_steps, &lim, &q, &code, err, sizeof err);
   if (st) {
     srv_model_put(sm);
-    reject(REJ_INVALID);
-    srv_metrics_reject(st == 413 ? SRV_REJ_TOO_LARGE
-                       : st == 415 ? SRV_REJ_UNSUPPORTED
-                                   : SRV_REJ_BAD_REQUEST);
-    if (st == 503) {
-      const char *h[] = {"Retry-After", "1", NULL};
-      return srv_respond_error_h(r, st, code, h, "%s", err);
-    }
-    return srv_respond_error(r, st, code, "%s", err);
+    return refuse_request(r, st, code, err);
   }
+  if (q.pixels > SRV_DECODE_INLINE_PIXELS) { /* as in h_classify.c */
+    init_decode *d = calloc(1, sizeof *d);
+    if (!d) {
+      srv_samples_req_free(&q);
+      srv_model_put(sm);
+      const char *h[] = {"Retry-After", "1", NULL};
+      return srv_respond_error_h(r, 503, "out_of_memory", h, "cannot create a job right now");
+    }
+    d->work.kind = SRV_WORK_JOB;
+    d->work.run = init_decode_run;
+    d->work.done = init_decode_done;
+    d->r = r;
+    d->sm = sm;
+    d->q = q;
+    d->lim = lim;
+    r->data = d;
+    r->data_free = init_decode_free;
+    r->on_resume = init_decode_resume;
+    srv_req_suspend(r);
+    if (srv_sched_submit(&d->work)) {
+      d->canceled = 1;
+      srv_req_resume(r);
+    }
+    return MHD_YES;
+  }
+  if ((st = srv_samples_decode(&q, m, &lim, &code, err, sizeof err))) {
+    srv_model_put(sm);
+    return refuse_request(r, st, code, err);
+  }
+  return create_job(r, sm, q);
+}
+
+/* Creates, stores and queues the job of a parsed and decoded request; owns
+ * sm and q. */
+static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q) {
+  const jem_model *m = sm->m;
   if (!q.has_seed) {
     uint64_t s = 0;
     if (rand_bytes(&s, sizeof s)) s = srv_now_ns();

@@ -16,18 +16,28 @@ typedef struct srv_samples_req {
   int clamp;
   int has_seed;
   uint64_t seed;
-  float *x;             /* _GIVEN: the decoded images [n, C, S, S] (malloc'd) */
+  /* _GIVEN: the encoded images and the pixels their headers declare, until
+   * srv_samples_decode turns them into x [n, C, S, S] (malloc'd) */
+  srv_blob *imgs;
+  int n_imgs;
+  long long pixels;
+  float *x;
 } srv_samples_req;
 
 /* Parses and validates a POST /v1/samples body against model m and the caps
  * (no daemon needed).  An empty body means every default.  Returns 0, or an
  * HTTP status (400 malformed / wrong type / unknown field, 413 image too
  * large, 415 not an image, 422 out of range or unknown class, 503 out of
- * memory) with a snake_case *code and a sentence in err.  On success free
- * the result with srv_samples_req_free. */
+ * memory) with a snake_case *code and a sentence in err.  init.images are
+ * checked by their headers only; srv_samples_decode decodes them.  On
+ * success free the result with srv_samples_req_free. */
 int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_n,
                       int max_steps, const jem_image_limits *lim, srv_samples_req *out,
                       const char **code, char *err, size_t errlen);
+/* Decodes a parsed request's init.images into q->x (nothing to do for other
+ * inits); 0, or a status and code as above with q freed. */
+int srv_samples_decode(srv_samples_req *q, const jem_model *m, const jem_image_limits *lim,
+                       const char **code, char *err, size_t errlen);
 void srv_samples_req_free(srv_samples_req *q);
 
 /* 128 random bits as 32 lowercase hex digits (+ NUL); 0 or -1. */

@@ -313,6 +313,10 @@ void srv_http_tick(void);   /* request deadline sweep, called by main() */
 /* ------------------------------------------------------------------------ */
 /* Handlers */
 
+/* A request whose images declare more pixels than this in all is decoded on
+ * a worker (background work), not on the HTTP thread (h_classify.c, jobs.c). */
+#define SRV_DECODE_INLINE_PIXELS (1ll << 20)
+
 /* Scoring plumbing shared by /v1/classify and /v2 infer (h_classify.c):
  * reserve queue room (503 + Retry-After when full), suspend, queue; the
  * request owns ctx (freed with ctx_free_fn) and on_resume answers.  With

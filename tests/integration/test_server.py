@@ -788,19 +788,44 @@ def main():
             check(isinstance(js, dict) and
                   js.get("error", {}).get("message", "").startswith("image 1: "),
                   f"the worker's error names the image ({js})")
+            # job init images take the same path
+            J = {"Content-Type": "application/json"}
+            st, _, js = cb.call("POST", "/v1/samples", json.dumps(
+                {"steps": 2, "seed": 1, "init": {"images": [base64.b64encode(big).decode()]}}),
+                J, 202, "job with a 1100x1000 init image (decoded on a worker)")
+            job_url = js.get("url") if isinstance(js, dict) else None
+            for _ in range(200):
+                st, _, js = cb.call("GET", job_url or "/v1/jobs/none")
+                if not isinstance(js, dict) or js.get("status") not in ("queued", "running"):
+                    break
+                time.sleep(0.05)
+            check(isinstance(js, dict) and js.get("status") == "succeeded" and
+                  js["params"]["init"] == "images", f"the job succeeds ({js})")
+            st, _, js = cb.call("POST", "/v1/samples", json.dumps(
+                {"steps": 2, "init": {"images": [base64.b64encode(imgs[0]).decode(),
+                                                 base64.b64encode(cut).decode()]}}),
+                J, 400, "job with a truncated large init image")
+            check(isinstance(js, dict) and js.get("error", {}).get("code") == "invalid_image" and
+                  js["error"]["message"].startswith("init.images[1]: "),
+                  f"job init decode error: 400 invalid_image naming the image ({js})")
             # two requests of 64 Mpx each (the default --max-request-pixels)
-            # against two HTTP threads: decoded there, they held /healthz for
-            # about a second and a half
+            # and a job with as many init pixels, against two HTTP threads:
+            # decoded there, they held /healthz for a second or more
             side = 2048
             yy, xx = np.mgrid[0:side, 0:side]
             huge = jemtest.png_bytes(((xx + 3 * yy) % 256).astype(np.uint8))
             body, ct = multipart([("image/png", huge)] * 16)
+            job_body = json.dumps({"steps": 1, "init": {"images": [
+                base64.b64encode(huge).decode()] * 16}})
             done = []
 
             def post_huge():
                 done.append(cb.call("POST", "/v1/classify?grad=false", body,
                                     {"Content-Type": ct}, timeout=180)[0])
-            ths = [threading.Thread(target=post_huge) for _ in range(2)]
+
+            def post_job():
+                done.append(cb.call("POST", "/v1/samples", job_body, J, timeout=180)[0])
+            ths = [threading.Thread(target=f) for f in (post_huge, post_huge, post_job)]
             t0 = time.time()
             for t in ths:
                 t.start()
@@ -813,7 +838,9 @@ def main():
             for t in ths:
                 t.join()
             took = time.time() - t0
-            check(done == [200] * 2, f"two 64-Mpx requests answered 200 ({done})")
+            check(sorted(done) == [200, 200, 202],
+                  f"two 64-Mpx classify requests and a job with 64 Mpx of init images "
+                  f"answered ({done})")
             check(len(lat) >= 3 and max(lat) < 0.5,
                   f"/healthz answered while they decoded: {len(lat)} times in {took:.1f} s, "
                   f"slowest {max(lat) if lat else float('nan'):.3f} s")
