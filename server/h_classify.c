@@ -34,6 +34,7 @@ typedef struct score_ctx {
   srv_req *r;
   srv_work decode;
   int dec_status;
+  int client_gone;      /* hung up while its images waited to be decoded */
   const char *dec_code;
   char dec_err[600];
 } score_ctx;
@@ -76,9 +77,7 @@ enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx, void (*ctx_
                                "the scoring queue is full (%d images); retry shortly",
                                srv_cfg.queue_size);
   }
-  const union MHD_ConnectionInfo *ci =
-      MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-  t->conn_fd = ci ? ci->connect_fd : -1;
+  t->conn_fd = srv_req_fd(r);
   t->owner = r;
   t->complete = task_complete;
   r->on_resume = on_resume;
@@ -176,12 +175,17 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
 }
 
 /* Decodes c->imgs into the task's input tensor: 0, or -1 with c->dec_* set
- * to the answer.  Runs on an HTTP thread or a worker. */
-static int decode_images(score_ctx *c) {
+ * to the answer.  Runs on an HTTP thread or, with check_gone, on a worker,
+ * where it gives up (c->client_gone) once the client has hung up. */
+static int decode_images(score_ctx *c, int check_gone) {
   const jem_model *m = c->t->model->m;
   size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
   char err[512];
   for (int i = 0; i < c->n_imgs; i++) {
+    if (check_gone && srv_conn_gone(c->t->conn_fd)) {
+      c->client_gone = 1;
+      return -1;
+    }
     int rc = jem_image_to_input(c->imgs[i].p, c->imgs[i].len, &m->pre, m->arch.image_size,
                                 &c->lim, c->t->x + (size_t)i * chw, err, sizeof err);
     if (rc == 0) continue;
@@ -219,7 +223,7 @@ static enum MHD_Result decode_error(srv_req *r, const score_ctx *c) {
 
 static void decode_run(srv_work *w, srv_worker *wk) {
   (void)wk;
-  decode_images(CTX_OF_DECODE(w));
+  decode_images(CTX_OF_DECODE(w), 1);
 }
 
 /* Loop thread: queue the decoded task for scoring, or wake the request to
@@ -227,9 +231,15 @@ static void decode_run(srv_work *w, srv_worker *wk) {
 static void decode_done(srv_work *w, int canceled) {
   score_ctx *c = CTX_OF_DECODE(w);
   srv_task *t = c->t;
-  if (canceled || c->dec_status) {
+  if (canceled || c->dec_status || c->client_gone) {
     srv_sched_unreserve(t->n);
     if (canceled) atomic_store(&t->state, SRV_TASK_SHUTDOWN);
+    if (c->client_gone) {
+      srv_metrics_reject(SRV_REJ_CLIENT_GONE);
+      srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping work before decoding\" images=%d",
+              t->n);
+      atomic_store(&t->state, SRV_TASK_CANCELED);
+    }
     srv_req_resume(c->r);
   } else if (srv_sched_score(t)) {
     atomic_store(&t->state, SRV_TASK_SHUTDOWN);
@@ -399,7 +409,7 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     c->decode.done = decode_done;
     return srv_score_submit(r, c->t, c, ctx_free, classify_respond, &c->decode);
   }
-  if (decode_images(c)) {
+  if (decode_images(c, 0)) {
     res = decode_error(r, c);
     ctx_free(c);
     return res;

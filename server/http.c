@@ -186,6 +186,11 @@ enum MHD_Result srv_respond_error_h(srv_req *r, int status, const char *code,
   return ok;
 }
 
+int srv_req_fd(srv_req *r) {
+  conn_rec *rec = rec_of(r->conn);
+  return rec ? rec->fd : -1;
+}
+
 void srv_req_suspend(srv_req *r) {
   conn_rec *rec = rec_of(r->conn);
   if (rec) {

@@ -919,6 +919,13 @@ static int media_is_json(const char *ct) {
          (n > 5 && !strncasecmp(ct + n - 5, "+json", 5) && memchr(ct, '/', n));
 }
 
+static enum MHD_Result jobs_queue_full(srv_req *r, int active) {
+  const char *h[] = {"Retry-After", "5", NULL};
+  return srv_respond_error_h(r, 429, "queue_full", h,
+                             "%d jobs are queued or running (the limit, --max-queued-jobs); "
+                             "retry later", active);
+}
+
 /* The answer to a request that srv_samples_parse or srv_samples_decode refused. */
 static enum MHD_Result refuse_request(srv_req *r, int st, const char *code, const char *err) {
   reject(REJ_INVALID);
@@ -938,7 +945,8 @@ typedef struct init_decode {
   srv_model *sm;
   srv_samples_req q;
   jem_image_limits lim;
-  int canceled, st;
+  int conn_fd;
+  int canceled, client_gone, st;
   const char *code;
   char err[512];
 } init_decode;
@@ -953,6 +961,10 @@ static void init_decode_free(void *p) {
 static void init_decode_run(srv_work *w, srv_worker *wk) {
   (void)wk;
   init_decode *d = (init_decode *)w;
+  if (srv_conn_gone(d->conn_fd)) { /* nobody would learn of the job */
+    d->client_gone = 1;
+    return;
+  }
   d->st = srv_samples_decode(&d->q, d->sm->m, &d->lim, &d->code, d->err, sizeof d->err);
 }
 
@@ -965,6 +977,10 @@ static void init_decode_done(srv_work *w, int canceled) {
 /* HTTP thread, after the decode: create the job or answer why not. */
 static enum MHD_Result init_decode_resume(srv_req *r) {
   init_decode *d = r->data;
+  if (d->client_gone) {
+    srv_metrics_reject(SRV_REJ_CLIENT_GONE);
+    return MHD_NO; /* close */
+  }
   if (d->canceled) {
     const char *h[] = {"Retry-After", "5", NULL};
     return srv_respond_error_h(r, 503, "draining", h,
@@ -1016,6 +1032,16 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     return refuse_request(r, st, code, err);
   }
   if (q.pixels > SRV_DECODE_INLINE_PIXELS) { /* as in h_classify.c */
+    pthread_mutex_lock(&J.mu);
+    int active = J.active, full = active >= srv_cfg.max_queued_jobs;
+    if (full) J.rejected[REJ_QUEUE_FULL]++;
+    pthread_mutex_unlock(&J.mu);
+    if (full) { /* no use decoding: answer now (create_job checks again) */
+      srv_samples_req_free(&q);
+      srv_model_put(sm);
+      srv_metrics_reject(SRV_REJ_QUEUE_FULL);
+      return jobs_queue_full(r, active);
+    }
     init_decode *d = calloc(1, sizeof *d);
     if (!d) {
       srv_samples_req_free(&q);
@@ -1030,6 +1056,7 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     d->sm = sm;
     d->q = q;
     d->lim = lim;
+    d->conn_fd = srv_req_fd(r);
     r->data = d;
     r->data_free = init_decode_free;
     r->on_resume = init_decode_resume;
@@ -1121,11 +1148,8 @@ static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q) 
     run_frees(&fl);
     job_free(j);
     srv_metrics_reject(why == REJ_QUEUE_FULL ? SRV_REJ_QUEUE_FULL : SRV_REJ_STORE_FULL);
+    if (why == REJ_QUEUE_FULL) return jobs_queue_full(r, active);
     const char *h[] = {"Retry-After", "5", NULL};
-    if (why == REJ_QUEUE_FULL)
-      return srv_respond_error_h(r, 429, "queue_full", h,
-                                 "%d jobs are queued or running (the limit, "
-                                 "--max-queued-jobs); retry later", active);
     return srv_respond_error_h(r, 429, "store_full", h,
                                "the job store is full (%d jobs, %zu bytes; limits "
                                "--max-jobs %d, --max-job-bytes %lld); retry later",

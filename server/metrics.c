@@ -299,9 +299,11 @@ char *srv_metrics_render(size_t *len) {
   head(&b, "jem_batch_size", "histogram", "Images per dynamic batch.");
   hist_render(&b, "jem_batch_size", "", &M.batch);
 
-  head(&b, "jem_queue_depth", "gauge", "Images waiting in the scoring queue.");
+  head(&b, "jem_queue_depth", "gauge",
+       "Images admitted and not yet in a batch (being decoded or queued).");
   bprintf(&b, "jem_queue_depth %d\n", srv_sched_queued_images());
-  head(&b, "jem_running_work_items", "gauge", "Batches and job slices running on workers.");
+  head(&b, "jem_running_work_items", "gauge",
+       "Batches, job slices and large decodes running on workers.");
   bprintf(&b, "jem_running_work_items %d\n", srv_sched_running());
   head(&b, "jem_inflight_requests", "gauge", "HTTP requests being processed.");
   bprintf(&b, "jem_inflight_requests %d\n", atomic_load(&M.inflight));

@@ -485,14 +485,11 @@ static void on_sweep(uv_timer_t *h) {
   srv_task *t = S.sq_head;
   while (t) {
     srv_task *nx = t->next_;
-    if (t->conn_fd >= 0) {
-      struct pollfd pf = {.fd = t->conn_fd, .events = POLLRDHUP, .revents = 0};
-      if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
-        srv_metrics_reject(SRV_REJ_CLIENT_GONE);
-        srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping queued work\" images=%d",
-                t->n - t->next_img);
-        cancel_task(t, SRV_TASK_CANCELED, &dl);
-      }
+    if (srv_conn_gone(t->conn_fd)) {
+      srv_metrics_reject(SRV_REJ_CLIENT_GONE);
+      srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping queued work\" images=%d",
+              t->n - t->next_img);
+      cancel_task(t, SRV_TASK_CANCELED, &dl);
     }
     t = nx;
   }
@@ -611,11 +608,14 @@ int srv_sched_submit(srv_work *w) {
   return 0;
 }
 
-int srv_sched_queued_images(void) {
-  pthread_mutex_lock(&S.mu);
-  int n = S.sq_images;
-  pthread_mutex_unlock(&S.mu);
-  return n;
+/* Admitted images not yet in a batch: queued ones and those of requests
+ * still being decoded (their room is reserved), as queue_full counts them. */
+int srv_sched_queued_images(void) { return atomic_load(&S.reserved); }
+
+int srv_conn_gone(int fd) {
+  if (fd < 0) return 0;
+  struct pollfd pf = {.fd = fd, .events = POLLRDHUP, .revents = 0};
+  return poll(&pf, 1, 0) > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR));
 }
 
 int srv_sched_running(void) {

@@ -175,7 +175,10 @@ void srv_sched_unreserve(int n);
 int srv_sched_score(srv_task *t);
 /* Queues background work (jobs); -1 when stopping. */
 int srv_sched_submit(srv_work *w);
+/* Images admitted and not yet in a batch (decoding or queued). */
 int srv_sched_queued_images(void);
+/* 1 when the client of connection fd hung up (a non-blocking poll). */
+int srv_conn_gone(int fd);
 int srv_sched_running(void);
 /* Cancels queued work (SHUTDOWN), waits for running work, stops the loop. */
 void srv_sched_stop(void);
@@ -290,6 +293,7 @@ enum MHD_Result srv_respond_error_h(srv_req *r, int status, const char *code,
 /* Suspends r (from its handler) until srv_req_resume (any thread); then
  * r->on_resume runs on an HTTP thread. */
 void srv_req_suspend(srv_req *r);
+int srv_req_fd(srv_req *r); /* the connection's socket, or -1 */
 void srv_req_resume(srv_req *r);
 
 const char *srv_req_header(srv_req *r, const char *name);

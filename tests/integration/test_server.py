@@ -847,6 +847,59 @@ def main():
             cb.ready("after large decodes")
         finally:
             db.kill()
+        # one worker: requests waiting to be decoded count in the queue depth
+        # and readiness (as in queue_full), a client that hangs up before its
+        # decode has it skipped, and a job that could not be queued is
+        # refused before its init images are decoded
+        d1 = jemtest.Daemon(jemd, model, "--workers", "1", "--queue-size", "17", "--max-images",
+                            "16", "--max-queued-jobs", "1")
+        try:
+            c1 = Client(d1)
+            res = {}
+            ta = threading.Thread(target=lambda: res.update(a=c1.call(
+                "POST", "/v1/classify?grad=false", body, {"Content-Type": ct}, timeout=180)[0]))
+            ta.start()
+            seen = set()
+            while ta.is_alive():
+                _, _, m = d1.request("GET", "/metrics")
+                depth = metric_value(m.decode(), "jem_queue_depth")
+                ready = d1.request("GET", "/readyz")[0]
+                seen.add((depth, ready))
+                time.sleep(0.01)
+            ta.join()
+            check(res.get("a") == 200 and (16, 503) in seen,
+                  f"16 images being decoded: queue depth 16 and /readyz 503 ({sorted(seen)})")
+            tb = threading.Thread(target=lambda: res.update(b=c1.call(
+                "POST", "/v1/classify?grad=false", body, {"Content-Type": ct}, timeout=180)[0]))
+            tb.start()
+            time.sleep(0.2)  # b (16 images) is decoding; c (1.1 Mpx) waits, then hangs up
+            sc = socket.create_connection(("127.0.0.1", d1.port))
+            sc.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(big) + big)
+            time.sleep(0.2)
+            sc.close()
+            tb.join()
+            time.sleep(0.3)
+            _, _, m = d1.request("GET", "/metrics")
+            check(res.get("b") == 200 and metric_value(
+                m.decode(), "jem_rejected_requests_total", {"reason": "client_gone"}) == 1 and
+                "dropping work before decoding" in d1.log(),
+                f"a client gone before its decode: dropped ({res.get('b')}, "
+                f"{[ln for ln in d1.log().splitlines() if 'gone' in ln]})")
+            check(metric_value(m.decode(), "jem_queue_depth") == 0, "queue empty afterwards")
+            st, _, js = c1.call("POST", "/v1/samples", json.dumps({"n": 2, "steps": 2000}), J, 202,
+                                "a long job")
+            t0 = time.time()
+            st, _, js2 = c1.call("POST", "/v1/samples", job_body, J, 429,
+                                 "a job with 64 Mpx of init images while the job queue is full")
+            check(time.time() - t0 < 0.5 and isinstance(js2, dict) and
+                  js2.get("error", {}).get("code") == "queue_full",
+                  f"refused before decoding ({time.time() - t0:.2f} s, {js2})")
+            if isinstance(js, dict) and js.get("url"):
+                c1.call("DELETE", js["url"], expect=200)
+            c1.ready("one-worker large decodes")
+        finally:
+            d1.kill()
 
         # ---- main daemon
         d = jemtest.Daemon(jemd, model, "--workers", "2", "--max-batch", "16",
