@@ -432,9 +432,10 @@ static double judge_frechet(const sample_judge *j, const float *x, int n, float 
 }
 
 /* Share of the n = classes * per_class chains (rows = classes) that the judge
- * classifies as their class; per_class_out[c] (may be NULL) gets each row's. */
+ * classifies as their class; per_class_out[c] (may be NULL; out_cap entries)
+ * gets each row's. */
 static double judge_agreement(const sample_judge *j, const float *x, int classes,
-                              int per_class, double *per_class_out) {
+                              int per_class, double *per_class_out, int out_cap) {
   if (!j->m) return NAN;
   char err[512];
   jem_set_scores s = {0};
@@ -454,7 +455,7 @@ static double judge_agreement(const sample_judge *j, const float *x, int classes
         if (z[q] > z[best]) best = q;
       a += best == c;
     }
-    if (per_class_out) per_class_out[c] = (double)a / per_class;
+    if (per_class_out && c < out_cap) per_class_out[c] = (double)a / per_class;
     agree += a;
   }
   jem_set_scores_free(&s);
@@ -484,7 +485,6 @@ int cmd_eval(int argc, char **argv) {
   jem_rng *rngs = NULL;
   int *ys = NULL, *okv = NULL;
   FILE *md = NULL;
-  jem_set_scores ss = {0};
   jem_model *ref_model = NULL; /* --fid-model */
   jem_ws *ref_ws = NULL;
   jem_set_scores ref_test = {0};
@@ -763,11 +763,12 @@ int cmd_eval(int argc, char **argv) {
     if (init == SAMPLE_GAUSSIAN &&
         write_grid(o.out_dir, "samples_conditional_init.png", m, xs, n_cond, spc))
       goto done;
-    for (int j = 0; j < 2; j++) agree_start[j] = judge_agreement(judges[j], xs, K, spc, NULL);
+    for (int j = 0; j < 2; j++)
+      agree_start[j] = judge_agreement(judges[j], xs, K, spc, NULL, 0);
     jem_sgld_run(ws, m, xs, n_cond, ys, o.sample_steps, &sp, rngs);
     if (write_grid(o.out_dir, "samples_conditional.png", m, xs, n_cond, spc)) goto done;
     for (int j = 0; j < 2; j++)
-      agree_samp[j] = judge_agreement(judges[j], xs, K, spc, j ? NULL : per_class_agree);
+      agree_samp[j] = judge_agreement(judges[j], xs, K, spc, j ? NULL : per_class_agree, 256);
 
     /* unconditional: SGLD on logsumexp f(x) */
     if (n_unc > 0) {
@@ -1137,7 +1138,6 @@ done:
   free(rngs);
   free(ys);
   free(okv);
-  jem_set_scores_free(&ss);
   jem_set_scores_free(&st);
   jem_set_scores_free(&sv);
   jem_dataset_free(&test);

@@ -389,10 +389,7 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   c->n_imgs = n;
   imgs = NULL;
   c->r = r;
-  jem_image_limits_default(&c->lim);
-  c->lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
-  c->lim.max_side = srv_cfg.max_image_side;
-  c->lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
+  srv_image_limits(&c->lim);
   long long pixels = 0;
   for (int i = 0; i < n; i++) {
     if (srv_request_pixels_add(&pixels, c->imgs[i].p, c->imgs[i].len, &c->lim, err,

@@ -1018,10 +1018,7 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
   }
   const jem_model *m = sm->m;
   jem_image_limits lim;
-  jem_image_limits_default(&lim);
-  lim.max_bytes = (size_t)srv_cfg.max_body_bytes;
-  lim.max_side = srv_cfg.max_image_side;
-  lim.max_pixels = (size_t)srv_cfg.max_image_pixels;
+  srv_image_limits(&lim);
   srv_samples_req q;
   const char *code;
   char err[512];

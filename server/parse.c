@@ -104,6 +104,13 @@ void srv_blobs_free(srv_blob *b, int n) {
   free(b);
 }
 
+void srv_image_limits(jem_image_limits *l) {
+  jem_image_limits_default(l);
+  l->max_bytes = (size_t)srv_cfg.max_body_bytes;
+  l->max_side = srv_cfg.max_image_side;
+  l->max_pixels = (size_t)srv_cfg.max_image_pixels;
+}
+
 int srv_request_pixels_add(long long *total, const void *img, size_t len,
                            const jem_image_limits *lim, char *err, size_t errlen) {
   int w = 0, h = 0;

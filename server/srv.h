@@ -373,10 +373,14 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images,
                             srv_blob **imgs, int *n, const char **code, char *err,
                             size_t errlen);
 void srv_blobs_free(srv_blob *b, int n);
+/* The daemon's per-image limits (--max-body-bytes, --max-image-side,
+ * --max-image-pixels) for jem_image_dims and jem_image_to_input. */
+void srv_image_limits(jem_image_limits *l);
 /* Adds one image's header-declared pixels to *total (a request's running
- * sum, checked against --max-request-pixels before anything is decoded:
- * decoding runs on the HTTP threads).  -1 and 413's message in err once the
- * sum passes the limit; a bad header adds nothing (the decoder reports it). */
+ * sum, checked against --max-request-pixels before anything is decoded, and
+ * compared with SRV_DECODE_INLINE_PIXELS to choose where to decode).  -1 and
+ * 413's message in err once the sum passes the limit; a bad header adds
+ * nothing (the decoder reports it). */
 int srv_request_pixels_add(long long *total, const void *img, size_t len,
                            const jem_image_limits *lim, char *err, size_t errlen);
 
