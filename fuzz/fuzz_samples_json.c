@@ -4,6 +4,7 @@
  * results and invariants. */
 #include "../server/jobs.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,7 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   char err[512];
   int st = srv_samples_parse(buf, size, m, 64, 2000, &lim, &q, &code, err, sizeof err);
   if (st == 0 && (q.init == JEM_SAMPLE_INIT_GIVEN) != (q.imgs != NULL)) __builtin_trap();
-  if (st == 0) st = srv_samples_decode(&q, m, &lim, &code, err, sizeof err);
+  if (st == 0) st = srv_samples_decode(&q, m, &lim, INT_MAX, &code, err, sizeof err);
   if (st == 0) {
     if (q.n < 1 || q.n > 64 || q.steps < 1 || q.steps > 2000) __builtin_trap();
     if (q.y < -1 || q.y >= m->arch.num_classes) __builtin_trap();

@@ -59,7 +59,8 @@ static const opt opts[] = {
    "most images in one request"},
   {"max-request-pixels", "JEMD_MAX_REQUEST_PIXELS", OPT_LL, F(max_request_pixels), "67108864",
    1, 1ll << 34, "N", "most pixels (by the image headers) in all of one request's images; "
-   "a request over 1,048,576 is decoded on a worker, not on an HTTP thread"},
+   "a request over 1,048,576 is decoded on a worker, one image at a time between scoring "
+   "batches, not on an HTTP thread"},
   {"max-json-depth", "JEMD_MAX_JSON_DEPTH", OPT_INT, F(max_json_depth), "64", 1, 1024, "N",
    "deepest nesting of arrays and objects in a JSON body"},
   {"max-connections", "JEMD_MAX_CONNECTIONS", OPT_INT, F(max_connections), "1024", 1,

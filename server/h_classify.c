@@ -12,6 +12,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@ typedef struct score_ctx {
    * failed, the answer (status 0 = decoded) */
   srv_blob *imgs;
   int n_imgs;
+  int n_decoded;        /* images already in t->x */
   jem_image_limits lim;
   srv_req *r;
   srv_work decode;
@@ -177,18 +179,27 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
 /* Decodes c->imgs into the task's input tensor: 0, or -1 with c->dec_* set
  * to the answer.  Runs on an HTTP thread or, with check_gone, on a worker,
  * where it gives up (c->client_gone) once the client has hung up. */
-static int decode_images(score_ctx *c, int check_gone) {
+/* Decodes up to max more images into the task (a worker decodes one per
+ * slice, so scoring batches run between them); 0 when all are decoded, 1
+ * when some remain, -1 on error (dec_status and the answer set) or when
+ * check_gone finds the client gone. */
+static int decode_images(score_ctx *c, int check_gone, int max) {
   const jem_model *m = c->t->model->m;
   size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
   char err[512];
-  for (int i = 0; i < c->n_imgs; i++) {
+  for (int done = 0; c->n_decoded < c->n_imgs; done++) {
+    if (done == max) return 1;
+    int i = c->n_decoded;
     if (check_gone && srv_conn_gone(c->t->conn_fd)) {
       c->client_gone = 1;
       return -1;
     }
     int rc = jem_image_to_input(c->imgs[i].p, c->imgs[i].len, &m->pre, m->arch.image_size,
                                 &c->lim, c->t->x + (size_t)i * chw, err, sizeof err);
-    if (rc == 0) continue;
+    if (rc == 0) {
+      c->n_decoded++;
+      continue;
+    }
     char where[32] = "";
     if (!c->single) snprintf(where, sizeof where, "image %d: ", i);
     snprintf(c->dec_err, sizeof c->dec_err, "%s%s", where, err);
@@ -223,20 +234,24 @@ static enum MHD_Result decode_error(srv_req *r, const score_ctx *c) {
 
 static void decode_run(srv_work *w, srv_worker *wk) {
   (void)wk;
-  decode_images(CTX_OF_DECODE(w), 1);
+  decode_images(CTX_OF_DECODE(w), 1, 1);
 }
 
-/* Loop thread: queue the decoded task for scoring, or wake the request to
- * answer the decoding error (or the shutdown). */
+/* Loop thread: decode the next image, queue the decoded task for scoring,
+ * or wake the request to answer the decoding error (or the shutdown). */
 static void decode_done(srv_work *w, int canceled) {
   score_ctx *c = CTX_OF_DECODE(w);
   srv_task *t = c->t;
+  if (!canceled && !c->dec_status && !c->client_gone && c->n_decoded < c->n_imgs) {
+    if (srv_sched_submit(w) == 0) return; /* the next image */
+    canceled = 1;                         /* the scheduler is stopping */
+  }
   if (canceled || c->dec_status || c->client_gone) {
     srv_sched_unreserve(t->n);
     if (canceled) atomic_store(&t->state, SRV_TASK_SHUTDOWN);
     if (c->client_gone) {
       srv_metrics_reject(SRV_REJ_CLIENT_GONE);
-      srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping work before decoding\" images=%d",
+      srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping work before it was decoded\" images=%d",
               t->n);
       atomic_store(&t->state, SRV_TASK_CANCELED);
     }
@@ -406,7 +421,7 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     c->decode.done = decode_done;
     return srv_score_submit(r, c->t, c, ctx_free, classify_respond, &c->decode);
   }
-  if (decode_images(c, 0)) {
+  if (decode_images(c, 0, INT_MAX)) {
     res = decode_error(r, c);
     ctx_free(c);
     return res;

@@ -36,6 +36,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -91,19 +92,23 @@ static int parse_images(json_t *imgs, const jem_image_limits *lim, int n, srv_sa
 }
 
 int srv_samples_decode(srv_samples_req *q, const jem_model *m, const jem_image_limits *lim,
-                       const char **code, char *err, size_t errlen) {
-  if (q->init != JEM_SAMPLE_INIT_GIVEN || q->x) return 0;
+                       int max_images, const char **code, char *err, size_t errlen) {
+  if (q->init != JEM_SAMPLE_INIT_GIVEN || !q->imgs) return 0;
   size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
-  q->x = malloc(sizeof(float) * chw * (size_t)q->n);
-  if (!q->x) {
+  if (!q->x && !(q->x = malloc(sizeof(float) * chw * (size_t)q->n))) {
     snprintf(err, errlen, "out of memory for %d images", q->n);
+    srv_samples_req_free(q);
     return fail(code, "out_of_memory", 503);
   }
-  for (int i = 0; i < q->n_imgs; i++) {
+  for (int done = 0; q->n_decoded < q->n_imgs && done < max_images; done++) {
+    int i = q->n_decoded;
     char ierr[256];
     int rc = jem_image_to_input(q->imgs[i].p, q->imgs[i].len, &m->pre, m->arch.image_size, lim,
                                 q->x + (size_t)i * chw, ierr, sizeof ierr);
-    if (rc == 0) continue;
+    if (rc == 0) {
+      q->n_decoded++;
+      continue;
+    }
     snprintf(err, errlen, "init.images[%d]: %s", i, ierr);
     srv_samples_req_free(q);
     if (rc == JEM_EUNSUPPORTED) return fail(code, "unsupported_image", 415);
@@ -111,9 +116,11 @@ int srv_samples_decode(srv_samples_req *q, const jem_model *m, const jem_image_l
     if (rc == JEM_ENOMEM) return fail(code, "out_of_memory", 503);
     return fail(code, "invalid_image", 400);
   }
-  srv_blobs_free(q->imgs, q->n_imgs); /* decoded: the encoded bytes can go */
-  q->imgs = NULL;
-  q->n_imgs = 0;
+  if (q->n_decoded == q->n_imgs) { /* decoded: the encoded bytes can go */
+    srv_blobs_free(q->imgs, q->n_imgs);
+    q->imgs = NULL;
+    q->n_imgs = 0;
+  }
   return 0;
 }
 
@@ -965,12 +972,17 @@ static void init_decode_run(srv_work *w, srv_worker *wk) {
     d->client_gone = 1;
     return;
   }
-  d->st = srv_samples_decode(&d->q, d->sm->m, &d->lim, &d->code, d->err, sizeof d->err);
+  /* one image per slice: scoring batches run between slices */
+  d->st = srv_samples_decode(&d->q, d->sm->m, &d->lim, 1, &d->code, d->err, sizeof d->err);
 }
 
 static void init_decode_done(srv_work *w, int canceled) {
   init_decode *d = (init_decode *)w;
   d->canceled = canceled;
+  if (!canceled && !d->client_gone && !d->st && d->q.imgs) { /* more to decode */
+    if (srv_sched_submit(&d->work) == 0) return;
+    d->canceled = 1;
+  }
   srv_req_resume(d->r);
 }
 
@@ -1064,7 +1076,7 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     }
     return MHD_YES;
   }
-  if ((st = srv_samples_decode(&q, m, &lim, &code, err, sizeof err))) {
+  if ((st = srv_samples_decode(&q, m, &lim, INT_MAX, &code, err, sizeof err))) {
     srv_model_put(sm);
     return refuse_request(r, st, code, err);
   }

@@ -21,6 +21,7 @@ typedef struct srv_samples_req {
   srv_blob *imgs;
   int n_imgs;
   long long pixels;
+  int n_decoded;        /* how many of imgs are already in x */
   float *x;
 } srv_samples_req;
 
@@ -34,10 +35,12 @@ typedef struct srv_samples_req {
 int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_n,
                       int max_steps, const jem_image_limits *lim, srv_samples_req *out,
                       const char **code, char *err, size_t errlen);
-/* Decodes a parsed request's init.images into q->x (nothing to do for other
- * inits); 0, or a status and code as above with q freed. */
+/* Decodes up to max_images more of a parsed request's init.images into q->x
+ * (INT_MAX: all; nothing to do for other inits), so a worker can decode a
+ * large request in slices; the encoded images are freed (q->imgs NULL) once
+ * all are decoded.  0, or a status and code as above with q freed. */
 int srv_samples_decode(srv_samples_req *q, const jem_model *m, const jem_image_limits *lim,
-                       const char **code, char *err, size_t errlen);
+                       int max_images, const char **code, char *err, size_t errlen);
 void srv_samples_req_free(srv_samples_req *q);
 
 /* 128 random bits as 32 lowercase hex digits (+ NUL); 0 or -1. */

@@ -12,7 +12,8 @@
  * bounded by --queue-size, so a full queue answers 503 instead of growing),
  * suspend the connection and queue the task (srv_sched_score).  A request
  * too large to decode there quickly is decoded first as background work
- * (below), whose done() queues the task (h_classify.c).  When a slot
+ * (below), one image per slice, whose last done() queues the task
+ * (h_classify.c).  When a slot
  * is free the loop thread forms a batch Triton-style: it starts at once when
  * --max-batch images are waiting, when no other batch is running (an idle
  * pool adds no latency), or when the oldest image has waited

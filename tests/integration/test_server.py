@@ -872,19 +872,36 @@ def main():
             tb = threading.Thread(target=lambda: res.update(b=c1.call(
                 "POST", "/v1/classify?grad=false", body, {"Content-Type": ct}, timeout=180)[0]))
             tb.start()
-            time.sleep(0.2)  # b (16 images) is decoding; c (1.1 Mpx) waits, then hangs up
+            # b (16 images) is decoding, one image per slice: a small request
+            # is scored between two slices instead of after all sixteen (it
+            # waited about 0.45 s when the whole request was one slice)
+            time.sleep(0.1)
+            t0 = time.time()
+            c1.call("POST", "/v1/classify?grad=false", imgs[0], {"Content-Type": "image/png"},
+                    200, "a small request while 16 large images decode")
+            small_s = time.time() - t0
+            check(tb.is_alive() and small_s < 0.25,
+                  f"one worker: a small request answered in {small_s:.3f} s while a 16-image "
+                  f"request decodes (still decoding: {tb.is_alive()})")
+            tb.join()
+            # b and c (8 images each) are decoded in turn; c's client hangs up
+            body8, ct8 = multipart([("image/png", huge)] * 8)
+            tb = threading.Thread(target=lambda: res.update(b=c1.call(
+                "POST", "/v1/classify?grad=false", body8, {"Content-Type": ct8}, timeout=180)[0]))
+            tb.start()
+            time.sleep(0.05)
             sc = socket.create_connection(("127.0.0.1", d1.port))
-            sc.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                       b"Content-Length: %d\r\n\r\n" % len(big) + big)
-            time.sleep(0.2)
+            sc.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                       b"Content-Length: %d\r\n\r\n" % (ct8.encode(), len(body8)) + body8)
+            time.sleep(0.15)
             sc.close()
             tb.join()
             time.sleep(0.3)
             _, _, m = d1.request("GET", "/metrics")
             check(res.get("b") == 200 and metric_value(
                 m.decode(), "jem_rejected_requests_total", {"reason": "client_gone"}) == 1 and
-                "dropping work before decoding" in d1.log(),
-                f"a client gone before its decode: dropped ({res.get('b')}, "
+                "dropping work before it was decoded" in d1.log(),
+                f"a client gone during its decode: dropped ({res.get('b')}, "
                 f"{[ln for ln in d1.log().splitlines() if 'gone' in ln]})")
             check(metric_value(m.decode(), "jem_queue_depth") == 0, "queue empty afterwards")
             st, _, js = c1.call("POST", "/v1/samples", json.dumps({"n": 2, "steps": 2000}), J, 202,
