@@ -60,8 +60,10 @@ load_settings() {
   # instead of being pulled to about -4 (run 7: weight 0.05, L2 0.005).
   # Run 10 (session 7, shipped in session 8) keeps run 8's gap
   # equilibrium (w/2L = 12.5) with weight 0.02 and L2 0.0008: 91.38% test
-  # accuracy against run 8's 90.85%.  Run 12 (session 9, shipped) is run 10
-  # followed by a second cycle with K = 20 (JEM2_* below).
+  # accuracy against run 8's 90.85%.  Run 12 (session 9, shipped until
+  # session 11) is run 10 followed by a second cycle with K = 20 (JEM2_*
+  # below).  Run 15 (session 11, shipped) adds run 14's third cycle with SGLD
+  # step 0.1 (JEM3_*) and a cross-entropy tail (TAIL_*).
   RUN=${RUN:-fmnist10}               # JEM stage in runs/$RUN-jem (run 5: fmnist5, run 8: fmnist8)
   BASE1_RUN=${BASE1_RUN:-fmnist2}    # first baseline cycle in runs/$BASE1_RUN-baseline
   BASE_RUN=${BASE_RUN:-fmnist5}      # last baseline cycle (BASE1_RUN without a second)
@@ -109,6 +111,28 @@ load_settings() {
   JEM2_SEED=${JEM2_SEED:-12}
   JEM2_K=${JEM2_K:-20}
   JEM2_PX_RAMP=${JEM2_PX_RAMP:-50}
+  # A third JEM cycle (run 14, session 10) from the second's final model, its
+  # chains trained with SGLD step 0.1 instead of 1 (clean samples at that
+  # step), half the energy weight and L2 (0 iterations: none).
+  JEM3_ITERS=${JEM3_ITERS:-800}
+  JEM3_RUN=${JEM3_RUN:-fmnist14}        # in runs/$JEM3_RUN-jem
+  JEM3_LR=${JEM3_LR:-5e-5}
+  JEM3_WARMUP=${JEM3_WARMUP:-50}
+  JEM3_SEED=${JEM3_SEED:-14}
+  JEM3_K=${JEM3_K:-20}
+  JEM3_PX_RAMP=${JEM3_PX_RAMP:-50}
+  JEM3_PX_WEIGHT=${JEM3_PX_WEIGHT:-0.01}
+  JEM3_L2=${JEM3_L2:-0.0004}
+  JEM3_STEP=${JEM3_STEP:-0.1}
+  # A cross-entropy tail (run 15, session 11) from the third cycle's final
+  # model: the energy term off, so the classifier recovers the accuracy the
+  # step-0.1 cycle cost while the energy keeps most of what it learnt
+  # (0 iterations: none; the third cycle's model is then the result).
+  TAIL_ITERS=${TAIL_ITERS:-2000}
+  TAIL_RUN=${TAIL_RUN:-fmnist15}        # in runs/$TAIL_RUN-jem
+  TAIL_LR=${TAIL_LR:-2e-5}
+  TAIL_WARMUP=${TAIL_WARMUP:-20}
+  TAIL_SEED=${TAIL_SEED:-15}
   # The shipped replay buffer (jemd's sample starts): this many per-class
   # Gaussian draws (`jem buffer`, since session 4; before, the last training
   # chains).
@@ -194,29 +218,65 @@ stage_jem() {
     fi
   done
   jem_cycle "$RUN" "$warm" "$JEM_ITERS" "$JEM_LR" "$JEM_WARMUP" "$JEM_SEED" "$JEM_PX_RAMP" \
-    "$JEM_K"
+    "$JEM_K" "$JEM_PX_WEIGHT" "$JEM_L2" 1
   load_settings
+  local last=$RUN
   if [ "$JEM2_ITERS" -gt 0 ]; then
     # a second cosine cycle of the same objective, from the first's final model
-    local warm2=runs/$JEM2_RUN-jem-warmstart.safetensors
-    if [ ! -f "$warm2" ]; then
-      cp runs/$RUN-jem/model.safetensors "$warm2.tmp" && mv "$warm2.tmp" "$warm2"
-    fi
-    jem_cycle "$JEM2_RUN" "$warm2" "$JEM2_ITERS" "$JEM2_LR" "$JEM2_WARMUP" "$JEM2_SEED" \
-      "$JEM2_PX_RAMP" "$JEM2_K"
+    warm_copy "$last" "$JEM2_RUN"
+    jem_cycle "$JEM2_RUN" "runs/$JEM2_RUN-jem-warmstart.safetensors" "$JEM2_ITERS" "$JEM2_LR" \
+      "$JEM2_WARMUP" "$JEM2_SEED" "$JEM2_PX_RAMP" "$JEM2_K" "$JEM_PX_WEIGHT" "$JEM_L2" 1
+    last=$JEM2_RUN
+  fi
+  load_settings
+  if [ "$JEM3_ITERS" -gt 0 ]; then
+    warm_copy "$last" "$JEM3_RUN"
+    jem_cycle "$JEM3_RUN" "runs/$JEM3_RUN-jem-warmstart.safetensors" "$JEM3_ITERS" "$JEM3_LR" \
+      "$JEM3_WARMUP" "$JEM3_SEED" "$JEM3_PX_RAMP" "$JEM3_K" "$JEM3_PX_WEIGHT" "$JEM3_L2" \
+      "$JEM3_STEP"
+    last=$JEM3_RUN
+  fi
+  load_settings
+  if [ "$TAIL_ITERS" -gt 0 ]; then
+    warm_copy "$last" "$TAIL_RUN"
+    tail_cycle
   fi
   log "JEM finished"
+}
+
+# warm_copy FROM TO: the next stage's warm start, the previous one's final model
+warm_copy() {
+  local w=runs/$2-jem-warmstart.safetensors
+  if [ ! -f "$w" ]; then
+    cp "runs/$1-jem/model.safetensors" "$w.tmp" && mv "$w.tmp" "$w"
+  fi
+}
+
+# The cross-entropy tail (TAIL_*), then buffer, calibration and publication
+# as after a JEM cycle.
+tail_cycle() {
+  local dir=runs/$TAIL_RUN-jem jem
+  jem=$(stage_bin jem "$TAIL_RUN")
+  log "cross-entropy tail $TAIL_RUN: $TAIL_ITERS iterations, lr $TAIL_LR"
+  [ -f "$dir/calibrated.safetensors" ] && return 0
+  "$jem" train --run-dir "$dir" --resume --baseline \
+    --warm-start "runs/$TAIL_RUN-jem-warmstart.safetensors" --name fmnist-jem \
+    --iterations "$TAIL_ITERS" --lr "$TAIL_LR" --warmup "$TAIL_WARMUP" --schedule cosine \
+    --sigma "$SIGMA" --seed "$TAIL_SEED" --threads "$JEM_THREADS" \
+    --ckpt-every 200 --log-every 50 --eval-every 1000
+  ship "$jem" "$dir" "$dir/model.safetensors" "$TAIL_ITERS"
 }
 
 # One cosine cycle of JEM training in segments of JEM_SEGMENT iterations,
 # each followed by a shipped buffer, calibration and (if that worked) a
 # refresh of models/fmnist-jem.safetensors:
-# jem_cycle STAGE WARM_START ITERS LR WARMUP SEED PX_RAMP K
+# jem_cycle STAGE WARM_START ITERS LR WARMUP SEED PX_RAMP K PX_WEIGHT L2 STEP
 jem_cycle() {
   local dir=runs/$1-jem jem stop=0 snap
   jem=$(stage_bin jem "$1")
   load_settings
-  log "JEM $1: WRN-$DEPTH-$WIDEN, K=$8, $3 iterations, lr $4, energy L2 $JEM_L2, from $2"
+  log "JEM $1: WRN-$DEPTH-$WIDEN, K=$8, step ${11}, $3 iterations, lr $4, energy weight $9," \
+      "L2 ${10}, from $2"
   while :; do
     load_settings
     stop=$((stop + JEM_SEGMENT))
@@ -228,29 +288,35 @@ jem_cycle() {
     "$jem" train --run-dir "$dir" --resume \
       --warm-start "$2" --name fmnist-jem \
       --iterations "$3" --stop-at "$stop" --lr "$4" --warmup "$5" \
-      --schedule cosine --sigma "$SIGMA" --sgld-steps "$8" --buffer-size "$JEM_BUFFER" \
-      --reinit 0.05 --energy-l2 "$JEM_L2" --buffer-init "$JEM_BUFFER_INIT" \
-      --px-ramp "$7" --px-weight "$JEM_PX_WEIGHT" --seed "$6" \
+      --schedule cosine --sigma "$SIGMA" --sgld-steps "$8" --sgld-step-size "${11}" \
+      --buffer-size "$JEM_BUFFER" --reinit 0.05 --energy-l2 "${10}" \
+      --buffer-init "$JEM_BUFFER_INIT" --px-ramp "$7" --px-weight "$9" --seed "$6" \
       --threads "$JEM_THREADS" $([ "$JEM_CLAMP" = 1 ] && echo --sgld-clamp) \
       --ckpt-every 200 --log-every 25 --eval-every 400 --replay-keep 500
     snap=$dir/latest.safetensors
     [ "$stop" -ge "$3" ] && snap=$dir/model.safetensors
-    # The daemon serves models/fmnist-jem.safetensors, so only a calibrated
-    # snapshot (temperature + OOD statistics) may replace it.
-    if "$jem" buffer "$snap" --size "$SHIP_BUFFER" --out "$dir/shipped.safetensors" \
-        --threads "$JEM_THREADS" > "$dir/calibrate.log" 2>&1 &&
-       "$jem" calibrate "$dir/shipped.safetensors" \
-        --out "$dir/calibrated.safetensors" --threads "$JEM_THREADS" \
-        >> "$dir/calibrate.log" 2>&1; then
-      cp "$dir/calibrated.safetensors" "$dir/calibrated-$stop.safetensors"
-      publish "$dir/calibrated.safetensors" models/fmnist-jem.safetensors
-      log "models/fmnist-jem.safetensors <- $snap, calibrated (iteration $stop)"
-    else
-      log "calibration of $snap failed ($dir/calibrate.log; OOD sets from" \
-          "scripts/make_ood_sets.py); models/fmnist-jem.safetensors left as it was"
-    fi
+    ship "$jem" "$dir" "$snap" "$stop"
     [ "$stop" -ge "$3" ] && break
   done
+}
+
+# ship JEM DIR SNAPSHOT ITERATION: the shipped buffer and calibration, then
+# models/fmnist-jem.safetensors.  The daemon serves that file, so only a
+# calibrated snapshot (temperature + OOD statistics) may replace it.
+ship() {
+  local jem=$1 dir=$2
+  if "$jem" buffer "$3" --size "$SHIP_BUFFER" --out "$dir/shipped.safetensors" \
+      --threads "$JEM_THREADS" > "$dir/calibrate.log" 2>&1 &&
+     "$jem" calibrate "$dir/shipped.safetensors" \
+      --out "$dir/calibrated.safetensors" --threads "$JEM_THREADS" \
+      >> "$dir/calibrate.log" 2>&1; then
+    cp "$dir/calibrated.safetensors" "$dir/calibrated-$4.safetensors"
+    publish "$dir/calibrated.safetensors" models/fmnist-jem.safetensors
+    log "models/fmnist-jem.safetensors <- $3, calibrated (iteration $4)"
+  else
+    log "calibration of $3 failed ($dir/calibrate.log; OOD sets from" \
+        "scripts/make_ood_sets.py); models/fmnist-jem.safetensors left as it was"
+  fi
 }
 
 # runs/ is not in git, so a session that ends mid-run leaves its last
@@ -264,13 +330,18 @@ restore_archive() {
     tar -xf "checkpoints/$RUN.tar"
     find runs -name '*.safetensors.gz' -exec gunzip -f {} +
   fi
-  # the second JEM cycle has an archive of its own (run 12: checkpoints/fmnist12.tar)
-  if [ "$JEM2_ITERS" -gt 0 ] && [ ! -e "runs/$JEM2_RUN-jem/checkpoint" ] \
-      && [ -f "checkpoints/$JEM2_RUN.tar" ]; then
-    log "restoring runs/ from checkpoints/$JEM2_RUN.tar"
-    tar -xf "checkpoints/$JEM2_RUN.tar"
-    find runs -name '*.safetensors.gz' -exec gunzip -f {} +
-  fi
+  # each later stage has an archive of its own (checkpoints/fmnist12.tar,
+  # fmnist14.tar, fmnist15.tar)
+  local stage
+  for stage in "$JEM2_RUN:$JEM2_ITERS" "$JEM3_RUN:$JEM3_ITERS" "$TAIL_RUN:$TAIL_ITERS"; do
+    local name=${stage%%:*} iters=${stage#*:}
+    if [ "$iters" -gt 0 ] && [ ! -e "runs/$name-jem/checkpoint" ] \
+        && [ -f "checkpoints/$name.tar" ]; then
+      log "restoring runs/ from checkpoints/$name.tar"
+      tar -xf "checkpoints/$name.tar"
+      find runs -name '*.safetensors.gz' -exec gunzip -f {} +
+    fi
+  done
 }
 
 main() {

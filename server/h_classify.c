@@ -256,7 +256,12 @@ static void decode_done(srv_work *w, int canceled) {
       atomic_store(&t->state, SRV_TASK_CANCELED);
     }
     srv_req_resume(c->r);
-  } else if (srv_sched_score(t)) {
+    return;
+  }
+  srv_blobs_free(c->imgs, c->n_imgs); /* all decoded: the encoded bytes can go */
+  c->imgs = NULL;
+  c->n_imgs = 0;
+  if (srv_sched_score(t)) {
     atomic_store(&t->state, SRV_TASK_SHUTDOWN);
     srv_req_resume(c->r);
   }
