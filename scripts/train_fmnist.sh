@@ -258,7 +258,7 @@ tail_cycle() {
   local dir=runs/$TAIL_RUN-jem jem
   jem=$(stage_bin jem "$TAIL_RUN")
   log "cross-entropy tail $TAIL_RUN: $TAIL_ITERS iterations, lr $TAIL_LR"
-  [ -f "$dir/calibrated.safetensors" ] && return 0
+  [ -f "$dir/calibrated-$TAIL_ITERS.safetensors" ] && return 0 # done in an earlier call
   "$jem" train --run-dir "$dir" --resume --baseline \
     --warm-start "runs/$TAIL_RUN-jem-warmstart.safetensors" --name fmnist-jem \
     --iterations "$TAIL_ITERS" --lr "$TAIL_LR" --warmup "$TAIL_WARMUP" --schedule cosine \

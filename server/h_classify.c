@@ -176,13 +176,11 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
   return o;
 }
 
-/* Decodes c->imgs into the task's input tensor: 0, or -1 with c->dec_* set
- * to the answer.  Runs on an HTTP thread or, with check_gone, on a worker,
- * where it gives up (c->client_gone) once the client has hung up. */
-/* Decodes up to max more images into the task (a worker decodes one per
- * slice, so scoring batches run between them); 0 when all are decoded, 1
- * when some remain, -1 on error (dec_status and the answer set) or when
- * check_gone finds the client gone. */
+/* Decodes up to max more of c->imgs into the task's input tensor: all of
+ * them on an HTTP thread, one per slice on a worker (so scoring batches run
+ * between them).  0 when all are decoded, 1 when some remain, -1 on error
+ * (c->dec_* set to the answer) or, with check_gone, once the client has hung
+ * up (c->client_gone). */
 static int decode_images(score_ctx *c, int check_gone, int max) {
   const jem_model *m = c->t->model->m;
   size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;

@@ -13,14 +13,13 @@
  * suspend the connection and queue the task (srv_sched_score).  A request
  * too large to decode there quickly is decoded first as background work
  * (below), one image per slice, whose last done() queues the task
- * (h_classify.c).  When a slot
- * is free the loop thread forms a batch Triton-style: it starts at once when
- * --max-batch images are waiting, when no other batch is running (an idle
- * pool adds no latency), or when the oldest image has waited
- * --max-delay-us; otherwise it arms a timer for the rest of the delay.  So
- * under load, while one batch computes, the next one fills up instead of
- * leaving with the first image that arrived (eager dispatch would keep
- * batches at 1-2 images and lose the GEMM efficiency).  A batch takes images
+ * (h_classify.c).  When a slot is free the loop thread forms a batch
+ * Triton-style: it starts at once when --max-batch images are waiting, when
+ * no other batch is running (an idle pool adds no latency), or when the
+ * oldest image has waited --max-delay-us; otherwise it arms a timer for the
+ * rest of the delay.  So under load, while one batch computes, the next one
+ * fills up instead of leaving with the first image that arrived (eager
+ * dispatch would keep batches at 1-2 images and lose the GEMM efficiency).  A batch takes images
  * in FIFO order from tasks with the same model and the same want_grad, up to
  * --max-batch images; a large task may be split across batches.  The worker
  * gathers the inputs into one contiguous tensor, calls jem_score_batch once
