@@ -87,3 +87,14 @@ json_t *args_json_text(const char *s) {
   free(clean);
   return j ? j : json_null();
 }
+
+char *args_git_commit(void) {
+  FILE *p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
+  if (!p) return NULL;
+  char buf[64] = "";
+  char *r = fgets(buf, sizeof buf, p) ? strdup(buf) : NULL;
+  pclose(p);
+  if (r) r[strcspn(r, "\n")] = 0;
+  if (r && !*r) { free(r); r = NULL; }
+  return r;
+}

@@ -39,4 +39,8 @@ json_t *args_json_text(const char *s);
  * round-trips exactly.  NaN and infinities are returned unchanged. */
 double args_f2d(float v);
 
+/* The short commit of the git checkout the process runs in (for provenance:
+ * which code made a model), or NULL outside one.  Free it. */
+char *args_git_commit(void);
+
 #endif

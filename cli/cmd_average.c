@@ -1,7 +1,10 @@
 /* cmd_average.c - `jem average MODEL MODEL... --out PATH`: the mean of the
  * parameters of checkpoints of one run (stochastic weight averaging,
  * Izmailov et al., UAI 2018: averaging points along the end of a schedule
- * lands nearer the centre of a flat optimum than any one of them). */
+ * lands nearer the centre of a flat optimum than any one of them), or with
+ * --weights a weighted mean, e.g. of a fine-tuned model and the model it was
+ * fine-tuned from (WiSE-FT, Wortsman et al., CVPR 2022: the interpolation
+ * keeps much of both endpoints' strengths). */
 #include "args.h"
 #include "cli.h"
 #include "jem.h"
@@ -11,21 +14,26 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_MODELS 64
 
 static void average_help(FILE *f) {
   fprintf(f,
-    "usage: jem average MODEL MODEL... --out PATH\n"
+    "usage: jem average MODEL MODEL... --out PATH [--weights W,W,...]\n"
     "\n"
     "Writes the element-wise mean of the parameters of 2..%d models of the same\n"
     "architecture and classes (e.g. the last checkpoints of a training run:\n"
     "stochastic weight averaging).  Name, classes, preprocessing and replay buffer\n"
     "come from the first MODEL.  Its temperature and OOD statistics described the\n"
     "first model only, so they are dropped: run `jem calibrate` on the result.\n"
-    "provenance.averaged_from lists the inputs.\n"
+    "Its provenance is new: the command, and in averaged_from each input's path,\n"
+    "weight and own provenance.\n"
     "\n"
     "  --out PATH            the averaged model (required)\n"
+    "  --weights W,W,...     one non-negative weight per MODEL, in order, normalised\n"
+    "                        to sum 1 (default: all equal); e.g. `A B --weights 3,1`\n"
+    "                        is 0.75 A + 0.25 B, an interpolation of the two\n"
     "  -h, --help            this text\n", MAX_MODELS);
 }
 
@@ -37,34 +45,86 @@ static int same_model(const jem_model *a, const jem_model *b) {
   return 1;
 }
 
-/* provenance.averaged_from = [{path, iterations}] (iterations when known) */
-static int note_provenance(jem_model *out, jem_model **ms, char **paths, int n) {
-  json_t *prov = json_object_get(out->meta, "provenance");
-  if (!json_is_object(prov)) {
-    prov = json_object();
-    if (!prov || json_object_set_new(out->meta, "provenance", prov)) return -1;
-  }
-  json_t *list = json_array();
-  if (!list || json_object_set_new(prov, "averaged_from", list)) return -1;
+/* "W,W,..." -> exactly n finite non-negative weights and their sum, which
+ * must be positive. */
+static int parse_weights(const char *s, int n, double *w, double *total) {
+  const char *p = s;
+  *total = 0;
   for (int i = 0; i < n; i++) {
-    json_t *e = json_pack("{s:s}", "path", paths[i]);
-    json_t *it = json_object_get(json_object_get(ms[i]->meta, "provenance"), "iterations");
-    if (!e || (json_is_integer(it) && json_object_set(e, "iterations", it)) ||
-        json_array_append_new(list, e))
-      return -1;
+    char *end;
+    w[i] = strtod(p, &end);
+    if (end == p || !(w[i] >= 0 && w[i] <= 1e6) || (*end != ',' && *end != '\0') ||
+        (*end == '\0') != (i == n - 1))
+      return args_usage("average", "--weights wants %d comma-separated numbers in [0, 1e6], "
+                        "one per MODEL, got '%s'", n, s);
+    *total += w[i];
+    p = end + 1;
   }
+  if (!(*total > 0)) return args_usage("average", "--weights must not all be 0");
   return 0;
 }
 
-int cmd_average(int argc, char **argv) {
+/* A provenance of its own: the averaged model was made by this command, not
+ * by the first input's training run, so its figures (iterations, val_acc...)
+ * must not be inherited.  averaged_from lists each input's path, weight
+ * (normalised), iterations when known and its whole provenance.  The
+ * first input's replay_buffer record stays: its buffer came along. */
+static int note_provenance(jem_model *out, jem_model **ms, const char *cmdline, char **paths,
+                           const double *w, double total, int n) {
+  json_t *first = json_object_get(ms[0]->meta, "provenance");
+  json_t *buf = json_object_get(first, "replay_buffer");
+  json_t *prov = json_object();
+  json_t *list = json_array();
+  if (!prov || !list || json_object_set_new(prov, "averaged_from", list) ||
+      (buf && json_object_set(prov, "replay_buffer", buf))) {
+    json_decref(prov);
+    return -1;
+  }
+  for (int i = 0; i < n; i++) {
+    json_t *p = json_object_get(ms[i]->meta, "provenance");
+    json_t *it = json_object_get(p, "iterations");
+    json_t *e = json_pack("{s:o,s:f}", "path", args_json_text(paths[i]), "weight", w[i] / total);
+    if (json_array_append_new(list, e) ||
+        (json_is_integer(it) && json_object_set(e, "iterations", it)) ||
+        (p && json_object_set(e, "provenance", p))) {
+      json_decref(prov);
+      return -1;
+    }
+  }
+  if (cmdline) json_object_set_new(prov, "command", args_json_text(cmdline));
+  char *gc = args_git_commit();
+  if (gc) json_object_set_new(prov, "git_commit", json_string(gc));
+  free(gc);
+  char ts[32];
+  time_t now = time(NULL);
+  strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+  json_object_set_new(prov, "created_at", json_string(ts));
+  json_object_set_new(prov, "tool", json_string("jem average " JEM_VERSION));
+  return json_object_set_new(out->meta, "provenance", prov);
+}
+
+/* "jem average ARGS..." as typed (getopt_long permutes argv later). */
+static char *command_line(int argc, char **argv) {
+  size_t len = 4;
+  for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 1;
+  char *cmd = malloc(len);
+  if (!cmd) return NULL;
+  strcpy(cmd, "jem");
+  for (int i = 0; i < argc; i++) strcat(strcat(cmd, " "), argv[i]);
+  return cmd;
+}
+
+static int average(int argc, char **argv, const char *cmdline) {
   static const struct option opts[] = {
-    {"out", required_argument, 0, 'o'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-  const char *out = NULL;
+    {"out", required_argument, 0, 'o'}, {"weights", required_argument, 0, 'w'},
+    {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+  const char *out = NULL, *weights = NULL;
   int c;
   optind = 1;
   while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
     switch (c) {
       case 'o': out = optarg; break;
+      case 'w': weights = optarg; break;
       case 'h': average_help(stdout); return 0;
       default: return args_bad_option("average", argc, argv);
     }
@@ -73,6 +133,9 @@ int cmd_average(int argc, char **argv) {
   if (n < 2 || n > MAX_MODELS)
     return args_usage("average", "expects 2..%d MODEL files, got %d", MAX_MODELS, n);
   if (!out) return args_usage("average", "--out PATH is required");
+  double w[MAX_MODELS], total = n;
+  for (int i = 0; i < n; i++) w[i] = 1;
+  if (weights && parse_weights(weights, n, w, &total)) return 2;
 
   jem_model *ms[MAX_MODELS] = {0};
   double *sum = NULL;
@@ -96,12 +159,13 @@ int cmd_average(int argc, char **argv) {
   }
   /* in double, so the mean does not depend on the order of the inputs */
   for (int i = 0; i < n; i++)
-    for (size_t j = 0; j < m->n_weights; j++) sum[j] += ms[i]->weights[j];
-  for (size_t j = 0; j < m->n_weights; j++) m->weights[j] = (float)(sum[j] / n);
+    for (size_t j = 0; j < m->n_weights; j++) sum[j] += w[i] * ms[i]->weights[j];
+  for (size_t j = 0; j < m->n_weights; j++) m->weights[j] = (float)(sum[j] / total);
 
   json_object_del(m->meta, "ood");
   if (json_object_set_new(m->meta, "temperature", json_real(1.0)) ||
-      note_provenance(m, ms, argv + optind, n) || jem_model_apply_meta(m, err, sizeof err)) {
+      note_provenance(m, ms, cmdline, argv + optind, w, total, n) ||
+      jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem average: metadata: %s\n", err[0] ? err : "out of memory");
     goto done;
   }
@@ -109,11 +173,18 @@ int cmd_average(int argc, char **argv) {
     fprintf(stderr, "jem average: %s\n", err);
     goto done;
   }
-  fprintf(stderr, "jem average: wrote %s, the mean of %d models (temperature 1, no OOD "
-          "statistics: run `jem calibrate`)\n", out, n);
+  fprintf(stderr, "jem average: wrote %s, the %smean of %d models (temperature 1, no OOD "
+          "statistics: run `jem calibrate`)\n", out, weights ? "weighted " : "", n);
   status = 0;
 done:
   free(sum);
   for (int i = 0; i < n && i < MAX_MODELS; i++) jem_model_free(ms[i]);
+  return status;
+}
+
+int cmd_average(int argc, char **argv) {
+  char *cmdline = command_line(argc, argv);
+  int status = average(argc, argv, cmdline);
+  free(cmdline);
   return status;
 }

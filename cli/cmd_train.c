@@ -113,17 +113,6 @@ static int split_classes(const char *s, char ***names, char **store) {
   return i == k ? k : -1; /* empty names are refused */
 }
 
-static char *git_commit(void) {
-  FILE *p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-  if (!p) return NULL;
-  char buf[64] = "";
-  char *r = fgets(buf, sizeof buf, p) ? strdup(buf) : NULL;
-  pclose(p);
-  if (r) r[strcspn(r, "\n")] = 0;
-  if (r && !*r) { free(r); r = NULL; }
-  return r;
-}
-
 int cmd_train(int argc, char **argv) {
   jem_train_config c;
   jem_train_defaults(&c);
@@ -343,7 +332,7 @@ int cmd_train(int argc, char **argv) {
       free(cmd);
     }
     json_object_set_new(prov, "seed", json_integer(seed_i));
-    char *gc = git_commit();
+    char *gc = args_git_commit();
     if (gc) { json_object_set_new(prov, "git_commit", json_string(gc)); free(gc); }
     char ts[32];
     time_t now = time(NULL);

@@ -62,8 +62,10 @@ load_settings() {
   # equilibrium (w/2L = 12.5) with weight 0.02 and L2 0.0008: 91.38% test
   # accuracy against run 8's 90.85%.  Run 12 (session 9, shipped until
   # session 11) is run 10 followed by a second cycle with K = 20 (JEM2_*
-  # below).  Run 15 (session 11, shipped) adds run 14's third cycle with SGLD
-  # step 0.1 (JEM3_*) and a cross-entropy tail (TAIL_*).
+  # below).  Run 15 (session 11, shipped until session 12) adds run 14's
+  # third cycle with SGLD step 0.1 (JEM3_*) and a cross-entropy tail
+  # (TAIL_*).  Run 16 (session 12, shipped) interpolates run 15's weights
+  # with the baseline's (WISE_*).
   RUN=${RUN:-fmnist10}               # JEM stage in runs/$RUN-jem (run 5: fmnist5, run 8: fmnist8)
   BASE1_RUN=${BASE1_RUN:-fmnist2}    # first baseline cycle in runs/$BASE1_RUN-baseline
   BASE_RUN=${BASE_RUN:-fmnist5}      # last baseline cycle (BASE1_RUN without a second)
@@ -133,6 +135,13 @@ load_settings() {
   TAIL_LR=${TAIL_LR:-2e-5}
   TAIL_WARMUP=${TAIL_WARMUP:-20}
   TAIL_SEED=${TAIL_SEED:-15}
+  # A weight-space interpolation (run 16, session 12) of the tail's model and
+  # the cross-entropy model the JEM stages started from (runs/$RUN-jem-
+  # warmstart.safetensors, the baseline's final model): WiSE-FT (Wortsman et
+  # al., CVPR 2022).  WISE_WEIGHTS are `jem average --weights` for the two, in
+  # that order (empty: none; the tail's model is then the result).
+  WISE_WEIGHTS=${WISE_WEIGHTS-3,1}
+  WISE_RUN=${WISE_RUN:-fmnist16}        # in runs/$WISE_RUN-jem
   # The shipped replay buffer (jemd's sample starts): this many per-class
   # Gaussian draws (`jem buffer`, since session 4; before, the last training
   # chains).
@@ -240,6 +249,11 @@ stage_jem() {
   if [ "$TAIL_ITERS" -gt 0 ]; then
     warm_copy "$last" "$TAIL_RUN"
     tail_cycle
+    last=$TAIL_RUN
+  fi
+  load_settings
+  if [ -n "$WISE_WEIGHTS" ]; then
+    wise_average "$last"
   fi
   log "JEM finished"
 }
@@ -265,6 +279,20 @@ tail_cycle() {
     --sigma "$SIGMA" --seed "$TAIL_SEED" --threads "$JEM_THREADS" \
     --ckpt-every 200 --log-every 50 --eval-every 1000
   ship "$jem" "$dir" "$dir/model.safetensors" "$TAIL_ITERS"
+}
+
+# wise_average LAST: LAST's final model interpolated with the JEM stages' warm
+# start (WISE_WEIGHTS), then buffer, calibration and publication.
+wise_average() {
+  local dir=runs/$WISE_RUN-jem jem
+  jem=$(stage_bin jem "$WISE_RUN")
+  log "WiSE-FT $WISE_RUN: runs/$1-jem/model.safetensors and runs/$RUN-jem-warmstart.safetensors," \
+      "weights $WISE_WEIGHTS"
+  [ -f "$dir/calibrated-0.safetensors" ] && return 0 # done in an earlier call
+  mkdir -p "$dir"
+  "$jem" average "runs/$1-jem/model.safetensors" "runs/$RUN-jem-warmstart.safetensors" \
+    --weights "$WISE_WEIGHTS" --out "$dir/model.safetensors"
+  ship "$jem" "$dir" "$dir/model.safetensors" 0
 }
 
 # One cosine cycle of JEM training in segments of JEM_SEGMENT iterations,

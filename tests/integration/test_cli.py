@@ -595,6 +595,25 @@ def test_average(jem, tmp):
           "average: temperature 1, no OOD statistics")
     check([e["path"] for e in info.get("provenance", {}).get("averaged_from", [])]
           == [first] + paths[1:], "average: provenance.averaged_from lists the inputs")
+    # --weights: a weighted mean (an interpolation of two models)
+    for bad in ("1", "1,2,3", "1,-1", "0,0", "1,x", "1,", ",1", "1,nan", "1,inf", "1;1"):
+        rc, _, err = run(jem, "average", paths[0], paths[1], "--weights", bad, "--out", out_m)
+        check(rc == 2 and "--weights" in err, "average --weights %r -> 2: %s" % (bad, err.strip()))
+    rc, _, err = run(jem, "average", paths[0], paths[1], "--weights", "3,1", "--out", out_m)
+    check(rc == 0 and "weighted mean" in err, "average --weights 3,1: " + err)
+    got = tensors(out_m)
+    worst = max(abs(g - (0.75 * a + 0.25 * b))
+                for k in got for g, a, b in zip(got[k], ins[0][k], ins[1][k]))
+    check(worst < 1e-6, "average --weights 3,1 = 0.75 A + 0.25 B (%.2g)" % worst)
+    rc, out, _ = run(jem, "info", out_m, "--json")
+    info = json.loads(out) if rc == 0 else {}
+    prov = info.get("provenance", {})
+    check([e.get("weight") for e in prov.get("averaged_from", [])] == [0.75, 0.25],
+          "average: provenance records the normalised weights")
+    check(prov.get("command", "").startswith("jem average " + paths[0] + " " + paths[1])
+          and "seed" not in prov
+          and [e.get("provenance", {}).get("seed") for e in prov.get("averaged_from", [])] == [1, 2],
+          "average: a provenance of its own (command as typed), the inputs' nested: %s" % prov)
 
 
 if __name__ == "__main__":
