@@ -177,7 +177,7 @@ int main(int argc, char **argv) {
   float *logits = malloc(sizeof(float) * (size_t)a->num_classes * (size_t)maxb);
   float *energy = malloc(sizeof(float) * (size_t)maxb);
   float *gnorm = malloc(sizeof(float) * (size_t)maxb);
-  jem_ws *ws = jem_ws_create(m, maxb, 0);
+  jem_ws *ws = jem_ws_create(m, maxb, JEM_WS_FIXED_WEIGHTS); /* as jemd's workers */
   if (!x || !logits || !energy || !gnorm || !ws) {
     fprintf(stderr, "bench_core: out of memory\n");
     return 1;

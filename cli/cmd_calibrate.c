@@ -350,7 +350,7 @@ int cmd_calibrate(int argc, char **argv) {
     goto done;
   }
   const int K = m->arch.num_classes, S = m->arch.image_size;
-  if (!(ws = jem_ws_create(m, o.batch, 0))) {
+  if (!(ws = jem_ws_create(m, o.batch, JEM_WS_FIXED_WEIGHTS))) {
     fprintf(stderr, "jem calibrate: cannot allocate a workspace for batch %d\n", o.batch);
     goto done;
   }

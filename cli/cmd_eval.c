@@ -499,7 +499,7 @@ int cmd_eval(int argc, char **argv) {
   }
   const int K = m->arch.num_classes, C = m->arch.in_channels, S = m->arch.image_size;
   const size_t chw = (size_t)C * S * S;
-  if (!(ws = jem_ws_create(m, o.batch, 0))) {
+  if (!(ws = jem_ws_create(m, o.batch, JEM_WS_FIXED_WEIGHTS))) {
     fprintf(stderr, "jem eval: cannot allocate a workspace for batch %d\n", o.batch);
     goto done;
   }
@@ -546,7 +546,7 @@ int cmd_eval(int argc, char **argv) {
               ref_model->arch.num_classes, C, S, S, K);
       goto done;
     }
-    if (!(ref_ws = jem_ws_create(ref_model, o.batch, 0)) ||
+    if (!(ref_ws = jem_ws_create(ref_model, o.batch, JEM_WS_FIXED_WEIGHTS)) ||
         jem_eval_score_set(ref_ws, ref_model, test.x, nt, 0, 1, o.data_noise, o.seed * 16 + 1,
                            &ref_test, err, sizeof err)) {
       fprintf(stderr, "jem eval: --fid-model: %s\n", ref_ws ? err : "out of memory");

@@ -185,7 +185,7 @@ int cmd_sample(int argc, char **argv) {
   conf = malloc((size_t)n * sizeof(float));
   label = malloc((size_t)n * sizeof(int));
   ys = y >= 0 ? malloc((size_t)n * sizeof(int)) : NULL;
-  ws = jem_ws_create(m, batch, 0);
+  ws = jem_ws_create(m, batch, JEM_WS_FIXED_WEIGHTS);
   if (!x || !rngs || !logits || !energy || !conf || !label || (y >= 0 && !ys) || !ws) {
     fprintf(stderr, "jem sample: out of memory for %d chains\n", n);
     goto done;

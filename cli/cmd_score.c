@@ -241,7 +241,7 @@ int cmd_score(int argc, char **argv) {
   s.tpr = isnan(tpr) ? (m->ood.default_tpr > 0 ? m->ood.default_tpr : 0.95f) : tpr;
   s.k = m->arch.num_classes;
   s.chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
-  s.ws = jem_ws_create(m, batch, 0);
+  s.ws = jem_ws_create(m, batch, JEM_WS_FIXED_WEIGHTS);
   s.x = malloc((size_t)batch * s.chw * sizeof(float));
   s.who = malloc((size_t)batch * sizeof(pending));
   size_t bk = (size_t)batch * (size_t)s.k;

@@ -863,19 +863,25 @@ wino_output(float *out, const float *M, const float *b, int cout, int n,
 }
 
 /* out[cout, n, H, W] (+)= b + conv3x3(f(in)), f as in pad_image_s2, on
- * Winograd F(2x2, 3x3); scratch: wino_scratch(cin, cout, H, W, n) floats. */
+ * Winograd F(2x2, 3x3); scratch: wino_scratch(cin, cout, H, W, n) floats.
+ * wu: w already transformed (jem__conv_wino_weights), or NULL to transform
+ * it here. */
 __attribute__((target("avx2,fma"))) static void
 conv3x3_wino(float *out, const float *in, const float *gate, const float *w,
-             const float *b, int cin, int cout, int H, int W, int n, int mode,
-             float leak, int accumulate, float *scratch) {
+             const float *wu, const float *b, int cin, int cout, int H, int W,
+             int n, int mode, float leak, int accumulate, float *scratch) {
   const wino_plan p = wino_make_plan(cin, cout, H, W, n);
   float *pad = align16f(scratch);
-  float *U = align16f(pad + p.pad);
-  float *V = align16f(U + p.u);
+  float *Ubuf = align16f(pad + p.pad);
+  float *V = align16f(Ubuf + p.u);
   float *M = align16f(V + p.v);
   const size_t tb = (size_t)p.rb * p.tw, hw = (size_t)H * W;
   const size_t plane = (size_t)cin * (H + 2) * (W + 2);
-  wino_weights(U, w, cin, cout);
+  const float *U = wu;
+  if (!U) {
+    wino_weights(Ubuf, w, cin, cout);
+    U = Ubuf;
+  }
   const int total = n * p.tr;
   for (int r0 = 0; r0 < total; r0 += p.rb) {
     const int img = r0 / p.tr, ty0 = r0 % p.tr;
@@ -898,10 +904,10 @@ conv3x3_wino(float *out, const float *in, const float *gate, const float *w,
 
 #else
 static void conv3x3_wino(float *out, const float *in, const float *gate,
-                         const float *w, const float *b, int cin, int cout,
-                         int H, int W, int n, int mode, float leak,
-                         int accumulate, float *scratch) {
-  (void)out; (void)in; (void)gate; (void)w; (void)b; (void)cin; (void)cout;
+                         const float *w, const float *wu, const float *b,
+                         int cin, int cout, int H, int W, int n, int mode,
+                         float leak, int accumulate, float *scratch) {
+  (void)out; (void)in; (void)gate; (void)w; (void)wu; (void)b; (void)cin; (void)cout;
   (void)H; (void)W; (void)n; (void)mode; (void)leak; (void)accumulate;
   (void)scratch;
   JEM_ASSERT(!"Winograd kernel not built for this CPU");
@@ -920,10 +926,29 @@ static int wino_pays(int cin, int cout, int H, int W, int n) {
   return cin >= 8 && cout >= 8 && (size_t)n * (H / 2) * (W / 2) >= 32;
 }
 
+size_t jem__conv_wino_floats(const jem__conv *c) {
+  /* by shape alone, not jem__conv_set_fast's mode: workspaces are planned
+   * with it */
+  if (c->k != 3 || c->pad != 1 || c->stride != 1 || !wino_shape_ok(c->hout, c->wout) ||
+      (size_t)c->cin * c->cout * 9 > FAST_MAX_WEIGHTS || !cpu_has_avx2_fma())
+    return 0;
+  return (size_t)16 * c->cin * c->cout;
+}
+
+void jem__conv_wino_weights(float *wu, const float *w, int cin, int cout) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  wino_weights(wu, w, cin, cout);
+#else
+  (void)wu; (void)w; (void)cin; (void)cout;
+  JEM_ASSERT(!"Winograd kernel not built for this CPU");
+#endif
+}
+
 /* out[cout, n, H, W] (+)= b + conv(f(in)) image by image through the direct
- * kernel; pad holds one padded image. */
+ * kernel, or on Winograd where that pays (wu: w's transform, or NULL); pad
+ * holds one padded image. */
 static void conv3x3_direct(float *out, const float *in, const float *gate,
-                           const float *w,
+                           const float *w, const float *wu,
                            const float *b, int cin, int cout, const jem__conv *c,
                            int n, int mode, float leak, int accumulate,
                            float *pad, size_t cap) {
@@ -933,7 +958,7 @@ static void conv3x3_direct(float *out, const float *in, const float *gate,
   const size_t hwo = (size_t)Ho * Wo, ocs = (size_t)n * hwo;
   if (c->stride == 1 && wino_use(cin, cout, Ho, Wo, n)) {
     JEM_ASSERT(wino_scratch(cin, cout, Ho, Wo, n) <= cap);
-    conv3x3_wino(out, in, gate, w, b, cin, cout, Ho, Wo, n, mode, leak,
+    conv3x3_wino(out, in, gate, w, wu, b, cin, cout, Ho, Wo, n, mode, leak,
                  accumulate, pad);
     return;
   }
@@ -1204,14 +1229,15 @@ void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
 }
 
 void jem__conv_forward(float *out, const float *in, const float *w,
-                       const float *b, const jem__conv *c, int n, int act,
-                       float leak, int accumulate, float *col, size_t col_cap) {
+                       const float *wu, const float *b, const jem__conv *c,
+                       int n, int act, float leak, int accumulate, float *col,
+                       size_t col_cap) {
   const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)n * hwo;
   JEM_ASSERT(n >= 1);
   if (jem__conv_fast(c)) {
     JEM_ASSERT(pad_size(c, c->cin) <= col_cap);
-    conv3x3_direct(out, in, NULL, w, b, c->cin, c->cout, c, n,
+    conv3x3_direct(out, in, NULL, w, wu, b, c->cin, c->cout, c, n,
                    act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, col, col_cap);
     return;
   }
@@ -1254,7 +1280,7 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
       /* the input gradient of a 3x3 stride-1 convolution is the convolution
        * of dout with the flipped, transposed weights */
       JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
-      conv3x3_direct(din, dout, NULL, wf, NULL, c->cout, c->cin, c, n,
+      conv3x3_direct(din, dout, NULL, wf, NULL, NULL, c->cout, c->cin, c, n,
                      PAD_PLAIN, leak, 1, col, col_cap);
     } else {
       JEM_ASSERT(s2_grad_scratch(c) <= col_cap);
@@ -1310,13 +1336,13 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
 }
 
 void jem__conv_input_grad(float *din, const float *dout, const float *gate,
-                          float leak, const float *wf, const jem__conv *c,
-                          int n, float *col, size_t col_cap) {
+                          float leak, const float *wf, const float *wuf,
+                          const jem__conv *c, int n, float *col, size_t col_cap) {
   JEM_ASSERT(jem__conv_fast(c) && wf && n >= 1);
   const int mode = gate ? PAD_GATE : PAD_PLAIN;
   if (c->stride == 1) {
     JEM_ASSERT(pad_size(c, c->cout) <= col_cap);
-    conv3x3_direct(din, dout, gate, wf, NULL, c->cout, c->cin, c, n, mode,
+    conv3x3_direct(din, dout, gate, wf, wuf, NULL, c->cout, c->cin, c, n, mode,
                    leak, 0, col, col_cap);
   } else {
     JEM_ASSERT(s2_grad_scratch(c) <= col_cap);

@@ -22,6 +22,8 @@ typedef struct jem__conv {
   int hin, win, hout, wout;
   size_t w_off, b_off; /* in floats, into the model's weights */
   size_t wf_off;        /* into the transposed-weight scratch (3x3 only) */
+  size_t wu_off;        /* into a workspace's Winograd transforms (see
+                         * jem__conv_wino_floats) */
 } jem__conv;
 
 /* Rows of the im2col matrix (Cin*k*k) and output pixels per image. */
@@ -61,10 +63,13 @@ void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
 
 /* out[Cout, n, Ho, Wo] = (accumulate ? out : 0) + b + W * act(in).
  * act: 0 none, 1 LeakyReLU(leak) applied to the input on the fly.
+ * wu: W's Winograd transform (jem__conv_wino_weights) when the caller keeps
+ * one, else NULL (a layer that runs on Winograd then derives it per call).
  * col: scratch of col_cap floats (>= jem__conv_col_need(c, 1, ...)). */
 void jem__conv_forward(float *out, const float *in, const float *w,
-                       const float *b, const jem__conv *c, int n, int act,
-                       float leak, int accumulate, float *col, size_t col_cap);
+                       const float *wu, const float *b, const jem__conv *c,
+                       int n, int act, float leak, int accumulate, float *col,
+                       size_t col_cap);
 
 /* Backward of jem__conv_forward given dout [Cout, n, Ho, Wo]:
  * dw [Cout, rows] += dout x col^T, db += row sums, din [Cin, n, Hi, Wi] +=
@@ -78,13 +83,24 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
                         float *col, size_t col_cap);
 
 /* Input gradient on the direct kernel (requires jem__conv_fast(c) and wf
- * from jem__conv_flip): din [Cin, n, Hi, Wi] = (OVERWRITTEN) gradient with
- * respect to act(in) given dout [Cout, n, Ho, Wo] multiplied by
- * LeakyReLU'(gate) when gate (laid out like dout) is not NULL.  Fuses the
- * activation's backward and skips zeroing din on the input-gradient path. */
+ * from jem__conv_flip; wuf: wf's Winograd transform, or NULL): din [Cin, n,
+ * Hi, Wi] = (OVERWRITTEN) gradient with respect to act(in) given dout [Cout,
+ * n, Ho, Wo] multiplied by LeakyReLU'(gate) when gate (laid out like dout) is
+ * not NULL.  Fuses the activation's backward and skips zeroing din on the
+ * input-gradient path. */
 void jem__conv_input_grad(float *din, const float *dout, const float *gate,
-                          float leak, const float *wf, const jem__conv *c,
-                          int n, float *col, size_t col_cap);
+                          float leak, const float *wf, const float *wuf,
+                          const jem__conv *c, int n, float *col, size_t col_cap);
+
+/* Floats of a layer's Winograd weight transform when the layer (stride-1 3x3
+ * on the direct kernel, a map Winograd tiles) may run on Winograd, forward
+ * or as its input gradient; else 0.  Whether a call does depends on its
+ * image count. */
+size_t jem__conv_wino_floats(const jem__conv *c);
+/* wu (16*cin*cout floats) = the Winograd transform of 3x3 weights
+ * w[cout][cin][3][3]; for the input gradient, pass the flipped weights with
+ * cin and cout swapped.  Only where jem__conv_wino_floats > 0. */
+void jem__conv_wino_weights(float *wu, const float *w, int cin, int cout);
 
 /* g[i] *= (a[i] > 0 ? 1 : leak) for i < len (PyTorch's LeakyReLU backward). */
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak);

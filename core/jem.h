@@ -242,6 +242,7 @@ typedef struct jem_model {
   int *replay_first;       /* [num_classes + 1] */
 
   jem_net *net;            /* private plan */
+  uint64_t uid;            /* unique in the process, set at creation (workspace caches) */
 } jem_model;
 
 /* A model with the architecture's parameters zeroed and default metadata. */
@@ -274,7 +275,14 @@ int jem_model_save(const jem_model *m, const char *path, char *err, size_t errle
 
 typedef struct jem_ws jem_ws;
 
-enum { JEM_WS_TRAIN = 1 };  /* also plan parameter-gradient scratch */
+enum {
+  JEM_WS_TRAIN = 1,         /* also plan parameter-gradient scratch */
+  /* The caller promises that a model's weights do not change while it is
+   * used with this workspace (serving, sampling, evaluation; not training).
+   * The workspace then derives the transposed and Winograd-transformed
+   * weights once per model (by jem_model.uid) instead of in every call. */
+  JEM_WS_FIXED_WEIGHTS = 2
+};
 
 /* Plans and allocates all scratch for batches up to max_batch. */
 jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags);

@@ -5,6 +5,7 @@
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -186,6 +187,8 @@ int jem_model_create(jem_model **out, const jem_arch *a, char *err, size_t errle
 
   jem_model *m = calloc(1, sizeof *m);
   if (!m) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
+  static atomic_uint_fast64_t next_uid = 1;
+  m->uid = atomic_fetch_add(&next_uid, 1);
   m->arch = *a;
   m->params = calloc((size_t)n, sizeof *m->params);
   if (!m->params) goto oom;

@@ -121,6 +121,7 @@ struct jem_net {
   size_t lin_w, lin_b;
   int last_hw;             /* pixels of the last map (64) */
   size_t wf_total;         /* transposed-weight floats of the 3x3 convs */
+  size_t wu_total;         /* Winograd-transform floats (forward + input grad) */
   size_t max_act;          /* largest activation per image, floats */
 };
 
@@ -248,6 +249,9 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
           c->wf_off = wf;
           wf += (size_t)c->cin * c->cout * 9;
         }
+        /* the Winograd transforms of w, then of the flipped weights */
+        c->wu_off = net->wu_total;
+        net->wu_total += 2 * jem__conv_wino_floats(c);
       }
     }
     net->wf_total = wf;
@@ -361,6 +365,10 @@ struct jem_ws {
   float *logits, *dlogits, *probs; /* [N, K] */
   float *dx;             /* [N, C, S, S] for jem_score_batch */
   float *wflip;          /* transposed 3x3 weights, refreshed by every backward */
+  /* JEM_WS_FIXED_WEIGHTS: wflip and the Winograd transforms (wino) derived
+   * once per model, the one whose uid is derived_uid (0: none yet) */
+  float *wino;
+  uint64_t derived_uid;
   int nsub;
   jem_sub *sub;
 
@@ -540,6 +548,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   total += 3 * al16((size_t)net->k * N);
   total += al16(css * N);
   total += al16(net->wf_total);
+  if (flags & JEM_WS_FIXED_WEIGHTS) total += al16(net->wu_total);
   ws->mem = jem__falloc(total);
   if (!ws->mem) {
     free(ws);
@@ -561,6 +570,10 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   ws->probs = p; p += al16((size_t)net->k * N);
   ws->dx = p; p += al16(css * N);
   ws->wflip = p; p += al16(net->wf_total);
+  if (flags & JEM_WS_FIXED_WEIGHTS) {
+    ws->wino = p;
+    p += al16(net->wu_total);
+  }
   JEM_ASSERT((size_t)(p - ws->mem) == total);
 
   if (nthr > 1) {
@@ -621,6 +634,36 @@ static void check_ws(const jem_ws *ws, const jem_model *m) {
 /* ------------------------------------------------------------------------ */
 /* Forward and backward                                                     */
 
+/* A layer's cached Winograd transform (of its weights, or with flipped != 0
+ * of its input gradient's flipped weights), or NULL: none kept. */
+static const float *wino_of(const jem_ws *ws, const jem__conv *c, int flipped) {
+  const size_t nu = ws->wino ? jem__conv_wino_floats(c) : 0;
+  return nu ? ws->wino + c->wu_off + (flipped ? nu : 0) : NULL;
+}
+
+/* Weights derived from m's: the flipped, transposed 3x3 weights of the input
+ * gradients (all: the direct kernel may be switched on later) and the
+ * Winograd transforms.  For JEM_WS_FIXED_WEIGHTS, once per model. */
+static void derive_fixed(jem_ws *ws, const jem_model *m) {
+  const jem_net *net = m->net;
+  for (int i = -1; i < net->nblocks; i++) {
+    const jem__conv *cs[2] = {i < 0 ? &net->stem : &net->blocks[i].c1,
+                              i < 0 ? NULL : &net->blocks[i].c2};
+    for (int j = 0; j < 2; j++) {
+      const jem__conv *c = cs[j];
+      if (!c || c->k != 3) continue;
+      float *wf = ws->wflip + c->wf_off;
+      jem__conv_flip(wf, m->weights + c->w_off, c);
+      const size_t nu = jem__conv_wino_floats(c);
+      if (nu) {
+        jem__conv_wino_weights(ws->wino + c->wu_off, m->weights + c->w_off, c->cin, c->cout);
+        jem__conv_wino_weights(ws->wino + c->wu_off + nu, wf, c->cout, c->cin);
+      }
+    }
+  }
+  ws->derived_uid = m->uid;
+}
+
 static void sub_forward(jem_ws *ws, jem_sub *s) {
   const int n = s->n;
   if (n == 0) return;
@@ -631,23 +674,25 @@ static void sub_forward(jem_ws *ws, jem_sub *s) {
   const int hw = net->size * net->size;
   const size_t css = (size_t)net->in_c * hw;
   jem__to_cnhw(s->x, ws->jx + (size_t)s->n0 * css, n, net->in_c, hw);
-  jem__conv_forward(s->a[0], s->x, W + net->stem.w_off, W + net->stem.b_off,
+#define WU(c) wino_of(ws, c, 0)
+  jem__conv_forward(s->a[0], s->x, W + net->stem.w_off, WU(&net->stem), W + net->stem.b_off,
                     &net->stem, n, 0, leak, 0, s->col, s->col_cap);
   for (int b = 0; b < net->nblocks; b++) {
     const jem__block *B = &net->blocks[b];
-    jem__conv_forward(s->u[b], s->a[b], W + B->c1.w_off, W + B->c1.b_off,
+    jem__conv_forward(s->u[b], s->a[b], W + B->c1.w_off, WU(&B->c1), W + B->c1.b_off,
                       &B->c1, n, 1, leak, 0, s->col, s->col_cap);
     if (B->has_sc) {
-      jem__conv_forward(s->a[b + 1], s->a[b], W + B->sc.w_off,
+      jem__conv_forward(s->a[b + 1], s->a[b], W + B->sc.w_off, NULL,
                         W + B->sc.b_off, &B->sc, n, 0, leak, 0, s->col,
                         s->col_cap);
     } else {
       memcpy(s->a[b + 1], s->a[b],
              sizeof(float) * (size_t)B->c1.cin * B->c1.hin * B->c1.win * n);
     }
-    jem__conv_forward(s->a[b + 1], s->u[b], W + B->c2.w_off, W + B->c2.b_off,
+    jem__conv_forward(s->a[b + 1], s->u[b], W + B->c2.w_off, WU(&B->c2), W + B->c2.b_off,
                       &B->c2, n, 1, leak, 1, s->col, s->col_cap);
   }
+#undef WU
   float *feat = ws->feat + (size_t)s->n0 * net->feat;
   jem__pool_forward(feat, s->a[net->nblocks], net->feat, n, net->last_hw, leak);
   jem__linear_forward(ws->jlogits + (size_t)s->n0 * net->k, feat,
@@ -701,10 +746,10 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
     if (!dW && jem__conv_fast(&B->c2) && jem__conv_fast(&B->c1)) {
       /* input gradient only, on the direct kernel: the LeakyReLU'(u) gate
        * rides along with conv1's padded copy and nothing is zeroed */
-      jem__conv_input_grad(gv, gcur, NULL, leak, WF(&B->c2), &B->c2, n,
-                           s->col, s->col_cap);
-      jem__conv_input_grad(ga, gv, s->u[b], leak, WF(&B->c1), &B->c1, n,
-                           s->col, s->col_cap);
+      jem__conv_input_grad(gv, gcur, NULL, leak, WF(&B->c2), wino_of(ws, &B->c2, 1),
+                           &B->c2, n, s->col, s->col_cap);
+      jem__conv_input_grad(ga, gv, s->u[b], leak, WF(&B->c1), wino_of(ws, &B->c1, 1),
+                           &B->c1, n, s->col, s->col_cap);
       if (B->has_sc) {
         jem__lrelu_backward(ga, s->a[b], alen, leak);
         jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0,
@@ -739,8 +784,8 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
   float *gx = NULL;
   if (ws->jdx) gx = gcur == s->g[0] ? s->g[1] : s->g[0];
   if (gx && !dW && jem__conv_fast(&net->stem)) {
-    jem__conv_input_grad(gx, gcur, NULL, leak, WF(&net->stem), &net->stem, n,
-                         s->col, s->col_cap);
+    jem__conv_input_grad(gx, gcur, NULL, leak, WF(&net->stem), wino_of(ws, &net->stem, 1),
+                         &net->stem, n, s->col, s->col_cap);
   } else {
     if (gx) memset(gx, 0, sizeof(float) * css * n);
     jem__conv_backward(gcur, s->x, W + net->stem.w_off, WF(&net->stem),
@@ -763,6 +808,7 @@ void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
                  float *logits) {
   check_ws(ws, m);
   JEM_ASSERT(x && logits && n >= 1 && n <= ws->max_batch);
+  if ((ws->flags & JEM_WS_FIXED_WEIGHTS) && ws->derived_uid != m->uid) derive_fixed(ws, m);
   ws->n = n;
   ws->m = m;
   /* ceil(n / SLICE_IMAGES) balanced contiguous slices, the first n % used
@@ -793,9 +839,10 @@ void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
   ws->jdlogits = dlogits;
   ws->jdw = dweights;
   ws->jdx = dx;
-  /* weights of the transposed convolutions, from the current weights */
+  /* weights of the transposed convolutions, from the current weights
+   * (derived by jem_forward for JEM_WS_FIXED_WEIGHTS) */
   const jem_net *net = m->net;
-  for (int i = -1; i < net->nblocks; i++) {
+  for (int i = -1; !(ws->flags & JEM_WS_FIXED_WEIGHTS) && i < net->nblocks; i++) {
     const jem__conv *cs[2] = {i < 0 ? &net->stem : &net->blocks[i].c1,
                               i < 0 ? NULL : &net->blocks[i].c2};
     for (int j = 0; j < 2; j++)

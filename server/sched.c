@@ -159,7 +159,7 @@ void srv_task_free(srv_task *t) {
 jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm) {
   if (wk->ws && wk->ws_gen == sm->gen) return wk->ws;
   jem_ws_free(wk->ws);
-  wk->ws = jem_ws_create(sm->m, srv_cfg.max_batch, 0);
+  wk->ws = jem_ws_create(sm->m, srv_cfg.max_batch, JEM_WS_FIXED_WEIGHTS);
   wk->ws_gen = wk->ws ? sm->gen : 0;
   return wk->ws;
 }

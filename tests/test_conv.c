@@ -100,7 +100,7 @@ static void conv_forward_vs_direct(void) {
         size_t need = jem__conv_col_need(&cv, n, caps[ci]);
         assert_true(need <= caps[ci] || jem__conv_fast(&cv)); /* padded image */
         float *col = malloc(sizeof(float) * (need ? need : 1));
-        jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, 0, col, need);
+        jem__conv_forward(out, xc, w, NULL, b, &cv, n, act, 0.2f, 0, col, need);
         memset(back, 0, sizeof(float) * xo);
         jem__from_cnhw_acc(back, out, n, c->cout, ho * ho);
         for (size_t i = 0; i < xo; i++)
@@ -108,7 +108,7 @@ static void conv_forward_vs_direct(void) {
             fail_msg("cfg %zu act %d cap %d: out[%zu] %g vs %g", t, act, ci, i,
                      (double)back[i], ref[i]);
         /* accumulate = 1 adds onto what is there */
-        jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, 1, col, need);
+        jem__conv_forward(out, xc, w, NULL, b, &cv, n, act, 0.2f, 1, col, need);
         memset(back, 0, sizeof(float) * xo);
         jem__from_cnhw_acc(back, out, n, c->cout, ho * ho);
         for (size_t i = 0; i < xo; i++)
@@ -274,9 +274,9 @@ static void test_fast_matches_im2col(void **state) {
     ref_fill(b, (size_t)c->cout, &st, -1, 1);
     size_t need = jem__conv_col_need(&cv, n, (size_t)1 << 20);
     float *col = malloc(sizeof(float) * need);
-    jem__conv_forward(o1, x, w, b, &cv, n, 1, 0.2f, 0, col, need);
+    jem__conv_forward(o1, x, w, NULL, b, &cv, n, 1, 0.2f, 0, col, need);
     jem__conv_set_fast(0);
-    jem__conv_forward(o2, x, w, b, &cv, n, 1, 0.2f, 0, col, need);
+    jem__conv_forward(o2, x, w, NULL, b, &cv, n, 1, 0.2f, 0, col, need);
     jem__conv_set_fast(1);
     for (size_t i = 0; i < xo; i++)
       if (fabs(o1[i] - o2[i]) > 1e-5 * (1 + fabs(o2[i])))
@@ -435,7 +435,7 @@ static void test_input_grad_fused(void **state) {
     jem__conv_flip(wf, w, &cv);
     size_t need = jem__conv_col_need(&cv, n, (size_t)1 << 20);
     float *col = malloc(sizeof(float) * need);
-    jem__conv_input_grad(d1, g, gate, 0.2f, wf, &cv, n, col, need);
+    jem__conv_input_grad(d1, g, gate, 0.2f, wf, NULL, &cv, n, col, need);
     memcpy(gg, g, sizeof(float) * xo);
     jem__lrelu_backward(gg, gate, xo, 0.2f);
     jem__conv_set_fast(0);
@@ -525,7 +525,7 @@ static void test_winograd_vs_naive(void **state) {
         ref_conv_act(ref, xd, wd, bd, &c, act, 0.2);
         for (int acc = 0; acc < 2; acc++) {
           if (!acc) ref_fill(out, xo, &st, 5, 6); /* garbage: overwritten */
-          jem__conv_forward(out, xc, w, b, &cv, n, act, 0.2f, acc, col, need);
+          jem__conv_forward(out, xc, w, NULL, b, &cv, n, act, 0.2f, acc, col, need);
           memset(back, 0, sizeof(float) * xo);
           jem__from_cnhw_acc(back, out, n, cout, (int)hw);
           double err = 0.0, mag = 0.0;
@@ -545,7 +545,7 @@ static void test_winograd_vs_naive(void **state) {
           ref_input_grad(ref, g, gated ? gate : NULL, w, n, cin, cout, h, 0.2);
           if (gated) {
             ref_fill(din, xin, &st, 5, 6); /* garbage: overwritten */
-            jem__conv_input_grad(din, gc, gatec, 0.2f, wf, &cv, n, col, need);
+            jem__conv_input_grad(din, gc, gatec, 0.2f, wf, NULL, &cv, n, col, need);
           } else {
             /* accumulates onto x */
             memcpy(din, xc, sizeof(float) * xin);

@@ -534,6 +534,40 @@ static void test_threads(void **state) {
   jem_model_free(m);
 }
 
+/* A JEM_WS_FIXED_WEIGHTS workspace (derived weights kept per model) gives
+ * the logits and input gradients of a plain one bit for bit, also when a
+ * second model, then the first again, runs on it. */
+static void test_fixed_weights(void **state) {
+  (void)state;
+  jem_model *ms[2] = {make_model(&ARCH_10_2, 95), make_model(&ARCH_10_2, 96)};
+  const int n = 12, K = ms[0]->arch.num_classes; /* slices of 6: Winograd on 32x32, 16x16 */
+  const size_t css = input_size(ms[0]);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 8;
+  ref_fill(x, css * n, &st, -1, 1);
+  float *dx = malloc(sizeof(float) * css * n), *dxf = malloc(sizeof(float) * css * n);
+  float *lg = malloc(sizeof(float) * n * K), *lgf = malloc(sizeof(float) * n * K);
+  jem_ws *plain = jem_ws_create(ms[0], n, 0);
+  jem_ws *fixed = jem_ws_create(ms[0], n, JEM_WS_FIXED_WEIGHTS);
+  assert_true(jem_ws_bytes(fixed) > jem_ws_bytes(plain)); /* room for the transforms */
+  const int order[] = {0, 1, 0};
+  for (int r = 0; r < 3; r++) {
+    const jem_model *m = ms[order[r]];
+    for (int nb = 1; nb <= n; nb += n - 1) { /* one image, then all */
+      int y[12];
+      for (int i = 0; i < nb; i++) y[i] = (i * 7 + r) % K;
+      jem_input_grad(plain, m, x, nb, r == 1 ? y : NULL, lg, dx);
+      jem_input_grad(fixed, m, x, nb, r == 1 ? y : NULL, lgf, dxf);
+      for (int i = 0; i < nb * K; i++) assert_true(lg[i] == lgf[i]);
+      for (size_t i = 0; i < css * nb; i++) assert_true(dx[i] == dxf[i]);
+    }
+  }
+  assert_true(ms[0]->uid != ms[1]->uid);
+  free(x); free(dx); free(dxf); free(lg); free(lgf);
+  jem_ws_free(plain); jem_ws_free(fixed);
+  jem_model_free(ms[0]); jem_model_free(ms[1]);
+}
+
 /* The general im2col + sgemm path (CPUs without AVX2+FMA) on the whole
  * model: forward against the reference, gradients by finite differences,
  * and agreement with the direct kernel. */
@@ -585,6 +619,7 @@ int main(void) {
       cmocka_unit_test(test_features_and_helpers),
       cmocka_unit_test(test_threads),
       cmocka_unit_test(test_im2col_path),
+      cmocka_unit_test(test_fixed_weights),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
