@@ -88,6 +88,22 @@ json_t *args_json_text(const char *s) {
   return j ? j : json_null();
 }
 
+char *args_command_line(int argc, char **argv, const char *skip) {
+  size_t len = 4;
+  for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 1;
+  char *cmd = malloc(len);
+  if (!cmd) return NULL;
+  strcpy(cmd, "jem");
+  for (int i = 0; i < argc; i++) {
+    if (skip && !strcmp(argv[i], skip) && i + 1 < argc) {
+      i++;
+      continue;
+    }
+    strcat(strcat(cmd, " "), argv[i]);
+  }
+  return cmd;
+}
+
 char *args_git_commit(void) {
   FILE *p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
   if (!p) return NULL;

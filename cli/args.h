@@ -39,6 +39,10 @@ json_t *args_json_text(const char *s);
  * round-trips exactly.  NaN and infinities are returned unchanged. */
 double args_f2d(float v);
 
+/* "jem ARGV..." for provenance, leaving out the option `skip` and its value
+ * (NULL: none), or NULL when out of memory.  Free it. */
+char *args_command_line(int argc, char **argv, const char *skip);
+
 /* The short commit of the git checkout the process runs in (for provenance:
  * which code made a model), or NULL outside one.  Free it. */
 char *args_git_commit(void);

@@ -103,17 +103,6 @@ static int note_provenance(jem_model *out, jem_model **ms, const char *cmdline, 
   return json_object_set_new(out->meta, "provenance", prov);
 }
 
-/* "jem average ARGS..." as typed (getopt_long permutes argv later). */
-static char *command_line(int argc, char **argv) {
-  size_t len = 4;
-  for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 1;
-  char *cmd = malloc(len);
-  if (!cmd) return NULL;
-  strcpy(cmd, "jem");
-  for (int i = 0; i < argc; i++) strcat(strcat(cmd, " "), argv[i]);
-  return cmd;
-}
-
 static int average(int argc, char **argv, const char *cmdline) {
   static const struct option opts[] = {
     {"out", required_argument, 0, 'o'}, {"weights", required_argument, 0, 'w'},
@@ -183,7 +172,8 @@ done:
 }
 
 int cmd_average(int argc, char **argv) {
-  char *cmdline = command_line(argc, argv);
+  /* as typed: getopt_long permutes argv */
+  char *cmdline = args_command_line(argc, argv, NULL);
   int status = average(argc, argv, cmdline);
   free(cmdline);
   return status;

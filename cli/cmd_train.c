@@ -317,20 +317,10 @@ int cmd_train(int argc, char **argv) {
   json_object_set_new(m->meta, "temperature", json_real(1.0));
   prov = json_object();
   {
-    size_t len = 4;
-    for (int i = 0; i < argc; i++) len += strlen(argv[i]) + 1;
-    char *cmd = malloc(len);
-    if (cmd) {
-      /* --stop-at only splits a run into segments: leave it out. */
-      strcpy(cmd, "jem");
-      for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--stop-at") && i + 1 < argc) { i++; continue; }
-        strcat(cmd, " ");
-        strcat(cmd, argv[i]);
-      }
-      json_object_set_new(prov, "command", json_string(cmd));
-      free(cmd);
-    }
+    /* --stop-at only splits a run into segments: leave it out. */
+    char *cmd = args_command_line(argc, argv, "--stop-at");
+    if (cmd) json_object_set_new(prov, "command", json_string(cmd));
+    free(cmd);
     json_object_set_new(prov, "seed", json_integer(seed_i));
     char *gc = args_git_commit();
     if (gc) { json_object_set_new(prov, "git_commit", json_string(gc)); free(gc); }

@@ -76,15 +76,19 @@ static int cpu_has_avx2_fma(void) {
 #endif
 }
 
-int jem__conv_fast(const jem__conv *c) {
-  if (!atomic_load_explicit(&g_fast, memory_order_relaxed) || c->k != 3 || c->pad != 1)
-    return 0;
+/* The layers the direct kernel handles, whatever jem__conv_set_fast says. */
+static int fast_shape(const jem__conv *c) {
+  if (c->k != 3 || c->pad != 1) return 0;
   if (c->stride != 1 && c->stride != 2) return 0;
   if (c->wout != 8 && c->wout != 16 && c->wout != 32) return 0;
   if (c->hout % (32 / c->wout) != 0) return 0;
   if (c->hin != c->stride * c->hout || c->win != c->stride * c->wout) return 0;
   if ((size_t)c->cin * c->cout * 9 > FAST_MAX_WEIGHTS) return 0;
   return cpu_has_avx2_fma();
+}
+
+int jem__conv_fast(const jem__conv *c) {
+  return atomic_load_explicit(&g_fast, memory_order_relaxed) && fast_shape(c);
 }
 
 void jem__conv_flip(float *wf, const float *w, const jem__conv *c) {
@@ -929,9 +933,7 @@ static int wino_pays(int cin, int cout, int H, int W, int n) {
 size_t jem__conv_wino_floats(const jem__conv *c) {
   /* by shape alone, not jem__conv_set_fast's mode: workspaces are planned
    * with it */
-  if (c->k != 3 || c->pad != 1 || c->stride != 1 || !wino_shape_ok(c->hout, c->wout) ||
-      (size_t)c->cin * c->cout * 9 > FAST_MAX_WEIGHTS || !cpu_has_avx2_fma())
-    return 0;
+  if (c->stride != 1 || !fast_shape(c) || !wino_shape_ok(c->hout, c->wout)) return 0;
   return (size_t)16 * c->cin * c->cout;
 }
 

@@ -364,7 +364,7 @@ struct jem_ws {
   float *feat;           /* [N, F] */
   float *logits, *dlogits, *probs; /* [N, K] */
   float *dx;             /* [N, C, S, S] for jem_score_batch */
-  float *wflip;          /* transposed 3x3 weights, refreshed by every backward */
+  float *wflip;          /* transposed 3x3 weights (derive_weights) */
   /* JEM_WS_FIXED_WEIGHTS: wflip and the Winograd transforms (wino) derived
    * once per model, the one whose uid is derived_uid (0: none yet) */
   float *wino;
@@ -641,27 +641,31 @@ static const float *wino_of(const jem_ws *ws, const jem__conv *c, int flipped) {
   return nu ? ws->wino + c->wu_off + (flipped ? nu : 0) : NULL;
 }
 
-/* Weights derived from m's: the flipped, transposed 3x3 weights of the input
- * gradients (all: the direct kernel may be switched on later) and the
- * Winograd transforms.  For JEM_WS_FIXED_WEIGHTS, once per model. */
-static void derive_fixed(jem_ws *ws, const jem_model *m) {
+/* Weights derived from m's for the direct kernel: the flipped, transposed 3x3
+ * weights of the input gradients and, where the workspace keeps them, the
+ * Winograd transforms.  A plain workspace flips the layers now on the direct
+ * kernel in every jem_backward (the weights may have changed since); a
+ * JEM_WS_FIXED_WEIGHTS one derives all 3x3 layers (the direct kernel may be
+ * switched on later) once per model, in jem_forward. */
+static void derive_weights(jem_ws *ws, const jem_model *m) {
+  const int fixed = (ws->flags & JEM_WS_FIXED_WEIGHTS) != 0;
   const jem_net *net = m->net;
   for (int i = -1; i < net->nblocks; i++) {
     const jem__conv *cs[2] = {i < 0 ? &net->stem : &net->blocks[i].c1,
                               i < 0 ? NULL : &net->blocks[i].c2};
     for (int j = 0; j < 2; j++) {
       const jem__conv *c = cs[j];
-      if (!c || c->k != 3) continue;
+      if (!c || c->k != 3 || (!fixed && !jem__conv_fast(c))) continue;
       float *wf = ws->wflip + c->wf_off;
       jem__conv_flip(wf, m->weights + c->w_off, c);
-      const size_t nu = jem__conv_wino_floats(c);
+      const size_t nu = ws->wino ? jem__conv_wino_floats(c) : 0;
       if (nu) {
         jem__conv_wino_weights(ws->wino + c->wu_off, m->weights + c->w_off, c->cin, c->cout);
         jem__conv_wino_weights(ws->wino + c->wu_off + nu, wf, c->cout, c->cin);
       }
     }
   }
-  ws->derived_uid = m->uid;
+  if (fixed) ws->derived_uid = m->uid;
 }
 
 static void sub_forward(jem_ws *ws, jem_sub *s) {
@@ -808,7 +812,7 @@ void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
                  float *logits) {
   check_ws(ws, m);
   JEM_ASSERT(x && logits && n >= 1 && n <= ws->max_batch);
-  if ((ws->flags & JEM_WS_FIXED_WEIGHTS) && ws->derived_uid != m->uid) derive_fixed(ws, m);
+  if ((ws->flags & JEM_WS_FIXED_WEIGHTS) && ws->derived_uid != m->uid) derive_weights(ws, m);
   ws->n = n;
   ws->m = m;
   /* ceil(n / SLICE_IMAGES) balanced contiguous slices, the first n % used
@@ -839,16 +843,7 @@ void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
   ws->jdlogits = dlogits;
   ws->jdw = dweights;
   ws->jdx = dx;
-  /* weights of the transposed convolutions, from the current weights
-   * (derived by jem_forward for JEM_WS_FIXED_WEIGHTS) */
-  const jem_net *net = m->net;
-  for (int i = -1; !(ws->flags & JEM_WS_FIXED_WEIGHTS) && i < net->nblocks; i++) {
-    const jem__conv *cs[2] = {i < 0 ? &net->stem : &net->blocks[i].c1,
-                              i < 0 ? NULL : &net->blocks[i].c2};
-    for (int j = 0; j < 2; j++)
-      if (cs[j] && cs[j]->k == 3 && jem__conv_fast(cs[j]))
-        jem__conv_flip(ws->wflip + cs[j]->wf_off, m->weights + cs[j]->w_off, cs[j]);
-  }
+  if (!(ws->flags & JEM_WS_FIXED_WEIGHTS)) derive_weights(ws, m);
   for (int i = 0; i < ws->nhelpers; i++) ws->helpers[i].dw_used = 0;
   run_job(ws, JOB_BACKWARD, jem__threads());
   if (dweights)
