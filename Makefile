@@ -120,6 +120,14 @@ deps:
 deps-bench: deps
 	$(call apt_ensure,$(DEPS_BENCH))
 
+# The OOD corpus of `jem eval` and `jem calibrate` (scripts/make_ood_sets.py):
+# the photo, illustration and icon families come from these packages.
+DEPS_OOD := python3-skimage plasma-workspace-wallpapers desktop-base \
+            gnome-backgrounds oxygen-icon-theme adwaita-icon-theme
+ood-sets: deps
+	$(call apt_ensure,$(DEPS_OOD))
+	$(PYTHON) scripts/make_ood_sets.py --out data/ood
+
 # ---------------------------------------------------------------------------
 run: deps all
 	./build/jemd $(ARGS)
@@ -190,5 +198,5 @@ clean:
 
 -include $(shell find build -name '*.d' 2>/dev/null)
 
-.PHONY: FORCE all deps deps-bench run unit integration check test asan bench \
+.PHONY: FORCE all deps deps-bench ood-sets run unit integration check test asan bench \
         bench-server fuzz fuzzers install container clean

@@ -65,7 +65,7 @@ typedef struct result {
 static result measure(jem_ws *ws, const jem_model *m, const float *x, int batch,
                       int grad, double seconds, float *logits, float *energy,
                       float *gnorm) {
-  jem_scores s = {.logits = logits, .energy = energy, .grad_norm = grad ? gnorm : NULL};
+  jem_scores s = {.logits = logits, .score[JEM_SCORE_ENERGY] = energy, .score[JEM_SCORE_GRAD_NORM] = grad ? gnorm : NULL};
   double t0 = now();
   for (int i = 0; i < 3 || now() - t0 < 0.3; i++) jem_score_batch(ws, m, x, batch, grad, &s);
   long it = 0;

@@ -49,7 +49,7 @@ static void *worker(void *arg) {
   jem_image_limits lim;
   jem_image_limits_default(&lim);
   char err[256];
-  jem_scores s = {lg, pr, en, gn, ms, lb, cf, NULL};
+  jem_scores s = {lg, pr, lb, cf, {[JEM_SCORE_ENERGY] = en, [JEM_SCORE_GRAD_NORM] = gn, [JEM_SCORE_MAX_SOFTMAX] = ms}};
   while (now() < w->until) {
     for (int i = 0; i < w->batch; i++)
       if (jem_image_to_input(w->img, w->img_len, &m->pre, m->arch.image_size, &lim,

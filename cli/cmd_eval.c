@@ -59,8 +59,9 @@ static void usage(FILE *f) {
     "accuracy, for choosing among checkpoints), ECE (20 bins) before and after\n"
     "temperature scaling (T fitted on the 5k validation split), a\n"
     "reliability diagram, OOD AUROC/AUPR/FPR95 for each score (energy, grad_norm,\n"
-    "max_softmax, and energy_complexity when the model has its weight) on each\n"
-    "OOD set one- and two-sided, class-conditional and\n"
+    "max_softmax, energy_complexity when the model has its weight, mahalanobis\n"
+    "when it has its feature Gaussian) on each OOD set one- and two-sided, and\n"
+    "the share of each set the model's verdict flags, class-conditional and\n"
     "unconditional SGLD sample grids, the Frechet distance between test and sample\n"
     "features, and accuracy under PGD L-inf/L2 attacks.  Writes report.md,\n"
     "report.json and PNGs into --out-dir.\n"
@@ -362,8 +363,9 @@ static json_t *metrics_json(const jem_ood_metrics *mm) {
 
 /* The conventional direction of each score (jem.md): low energy, low
  * gradient norm and high max-softmax are in-distribution; energy_complexity
- * points like the energy (Serra et al.: high = OOD). */
-static const int conventional[JEM_NUM_SCORES] = {V_HIGH, V_HIGH, V_LOW, V_HIGH};
+ * points like the energy (Serra et al.: high = OOD); a large mahalanobis
+ * distance is OOD (Lee et al.). */
+static const int conventional[JEM_NUM_SCORES] = {V_HIGH, V_HIGH, V_LOW, V_HIGH, V_HIGH};
 
 /* ------------------------------------------------------------------------ */
 /* Main                                                                     */
@@ -606,6 +608,7 @@ int cmd_eval(int argc, char **argv) {
   for (int s = 0; s < JEM_NUM_SCORES; s++) {
     if (s == JEM_SCORE_GRAD_NORM && !want_grad) continue;
     if (s == JEM_SCORE_ENERGY_COMPLEXITY && isnan(m->ood.complexity_weight)) continue;
+    if (s == JEM_SCORE_MAHALANOBIS && !m->feat_mean) continue;
     if (!(vq[s] = malloc(sizeof(float) * 1001)) ||
         jem_quantiles(sv.score[s], nv, 1001, vq[s], err, sizeof err)) {
       fprintf(stderr, "jem eval: validation quantiles of %s: %s\n", jem_score_names[s],
@@ -638,7 +641,7 @@ int cmd_eval(int argc, char **argv) {
     jem_dataset od = {0};
     int olim = o.ood_limit ? o.ood_limit : o.limit;
     if (o.ood_limit && o.limit && o.limit < olim) olim = o.limit;
-    int lrc = jem_ood_set_load(o.ood_dir, jem_ood_set_names[k], S, olim, &od, err, sizeof err);
+    int lrc = jem_ood_set_load(o.ood_dir, jem_ood_set_names[k], m, olim, &od, err, sizeof err);
     if (lrc == JEM_EIO && strstr(err, "missing")) {
       fprintf(stderr, "  skipping OOD set %s: %s\n", jem_ood_set_names[k], err);
       size_t l = strlen(missing);
@@ -694,10 +697,10 @@ int cmd_eval(int argc, char **argv) {
     free(neg);
     jem_set_scores_free(&so);
     jem_dataset_free(&od);
-    fprintf(stderr, "  OOD %-8s AUROC energy %.3f  grad_norm %.3f  max_softmax %.3f  "
-            "energy_complexity %.3f (conventional one-sided)\n", R->name,
-            R->mt[0][conventional[0]].auroc, R->mt[1][conventional[1]].auroc,
-            R->mt[2][conventional[2]].auroc, R->mt[3][conventional[3]].auroc);
+    fprintf(stderr, "  OOD %-17s AUROC", R->name);
+    for (int s = 0; s < JEM_NUM_SCORES; s++)
+      fprintf(stderr, " %s %.3f", jem_score_names[s], R->mt[s][conventional[s]].auroc);
+    fprintf(stderr, " (conventional one-sided); verdict %.2f%%\n", 100 * R->rule_detect);
   }
   free(pos);
   free(rule_pos);
@@ -1045,14 +1048,18 @@ int cmd_eval(int argc, char **argv) {
             "`low`: low values are OOD, `two`: two-sided on the validation percentile.  "
             "Conventional directions: energy high, grad_norm high, max_softmax low, "
             "energy_complexity high (the energy minus the model's complexity_weight, "
-            "in nats per bit, times the input's deflate length; Serra et al., ICLR 2020).");
+            "in nats per bit, times the input's deflate length; Serra et al., ICLR 2020), "
+            "mahalanobis high (squared distance of the penultimate features to the nearest "
+            "class mean under the training features' shared covariance; Lee et al., "
+            "NeurIPS 2018).");
     if (isnan(m->ood.complexity_weight))
       fprintf(md, "  This model has no complexity_weight: energy_complexity is not scored.\n\n");
     else
       fprintf(md, "  complexity_weight: %.3g.\n\n", (double)m->ood.complexity_weight);
-    fprintf(md, "Mean test scores: energy %.4g, grad_norm %.4g, max_softmax %.4g, "
-            "energy_complexity %.4g.\n\n", mean_f(st.score[0], nt), mean_f(st.score[1], nt),
-            mean_f(st.score[2], nt), mean_f(st.score[3], nt));
+    fprintf(md, "Mean test scores:");
+    for (int s = 0; s < JEM_NUM_SCORES; s++)
+      fprintf(md, "%s %s %.4g", s ? "," : "", jem_score_names[s], mean_f(st.score[s], nt));
+    fprintf(md, ".\n\n");
     fprintf(md, "| set | n | score | mean | AUROC high | AUROC low | AUROC two | AUPR-in "
             "(conv.) | FPR95 (conv.) | FPR95 two |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (int r = 0; r < n_ood; r++)

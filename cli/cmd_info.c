@@ -65,6 +65,7 @@ static json_t *info_json(const jem_model *m, const char *path) {
     if (m->ood.has_nograd) json_object_set_new(oj, "rule_nograd", json_string(m->ood.rule_nograd));
     if (!isnan(m->ood.complexity_weight))
       json_object_set_new(oj, "complexity_weight", json_real(args_f2d(m->ood.complexity_weight)));
+    json_object_set_new(oj, "feature_gaussian", json_boolean(m->feat_mean != NULL));
     json_t *sc = json_object();
     for (int i = 0; i < JEM_NUM_SCORES; i++) {
       json_t *e = json_pack("{s:i,s:s}", "quantiles", m->ood.nq[i], "side",
@@ -110,6 +111,9 @@ static void info_text(const jem_model *m, const char *path) {
     if (!isnan(m->ood.complexity_weight))
       printf("              energy_complexity = energy - %g nats/bit x deflate bits\n",
              (double)m->ood.complexity_weight);
+    if (m->feat_mean)
+      printf("              mahalanobis: feature Gaussian of %d classes x %d features\n",
+             m->arch.num_classes, 64 * m->arch.widen);
     for (int i = 0; i < JEM_NUM_SCORES; i++) {
       printf("              %-17s %4d quantiles, side %s", jem_score_names[i], m->ood.nq[i],
              jem_ood_side_name(m->ood.side[i]));

@@ -208,7 +208,7 @@ int cmd_sample(int argc, char **argv) {
   jem_scores sc;
   memset(&sc, 0, sizeof sc);
   sc.logits = logits;
-  sc.energy = energy;
+  sc.score[JEM_SCORE_ENERGY] = energy;
   sc.label = label;
   sc.confidence = conf;
   jem_score_batch(ws, m, x, n, 0, &sc);

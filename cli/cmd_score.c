@@ -22,9 +22,12 @@ static void score_help(FILE *f) {
           "  energy (-logsumexp of the logits), grad_norm (L2 norm of d logsumexp / dx over\n"
           "  the whole model input; null with --no-grad), max_softmax (untempered),\n"
           "  energy_complexity (energy minus the model's complexity_weight times the\n"
-          "  input's deflate length in bits; null when the model has no weight), and\n"
-          "  ood {is_ood, tpr, rule, scores: {energy|grad_norm|max_softmax|\n"
-          "  energy_complexity: {value, percentile}}} when the model has OOD statistics.\n\n"
+          "  input's deflate length in bits; null when the model has no weight),\n"
+          "  mahalanobis (squared distance of the penultimate features to the nearest\n"
+          "  class mean under the training features' covariance; null when the model has\n"
+          "  no feature Gaussian), and ood {is_ood, tpr, rule, scores: {energy|grad_norm|\n"
+          "  max_softmax|energy_complexity|mahalanobis: {value, percentile}}} when the\n"
+          "  model has OOD statistics.\n\n"
           "INPUT is a PNG or JPEG (recognised by content, not by name), preprocessed as the\n"
           "model's metadata says, or a NumPy .npy float32/float64 array of shape [C,H,W] or\n"
           "[N,C,H,W] already in model space.  A bad input is reported on stderr with its\n"
@@ -54,7 +57,8 @@ typedef struct scorer {
   float *x;          /* [batch, C, S, S] */
   pending *who;      /* [batch] */
   int n;             /* filled */
-  float *logits, *probs, *energy, *grad, *maxsm, *conf, *ecx;
+  float *logits, *probs, *conf;
+  float *score[JEM_NUM_SCORES];
   int *label;
   int failed_out;    /* output (JSON) failures */
 } scorer;
@@ -69,8 +73,8 @@ static json_t *jarray(const float *v, int k) {
 
 static void flush(scorer *s) {
   if (s->n == 0) return;
-  jem_scores out = {s->logits, s->probs, s->energy, s->grad, s->maxsm, s->label, s->conf,
-                    s->ecx};
+  jem_scores out = {s->logits, s->probs, s->label, s->conf, {0}};
+  memcpy(out.score, s->score, sizeof out.score);
   jem_score_batch(s->ws, s->m, s->x, s->n, s->want_grad, &out);
   const jem_model *m = s->m;
   for (int i = 0; i < s->n; i++) {
@@ -83,16 +87,12 @@ static void flush(scorer *s) {
     json_object_set_new(o, "confidence", jreal(s->conf[i]));
     json_object_set_new(o, "probs", jarray(s->probs + (size_t)i * k, k));
     json_object_set_new(o, "logits", jarray(s->logits + (size_t)i * k, k));
-    json_object_set_new(o, "energy", jreal(s->energy[i]));
-    json_object_set_new(o, "grad_norm", jreal(s->grad[i]));
-    json_object_set_new(o, "max_softmax", jreal(s->maxsm[i]));
-    json_object_set_new(o, "energy_complexity", jreal(s->ecx[i]));
+    float v[JEM_NUM_SCORES];
+    for (int j = 0; j < JEM_NUM_SCORES; j++) {
+      v[j] = s->score[j][i];
+      json_object_set_new(o, jem_score_names[j], jreal(v[j]));
+    }
     if (m->ood.present) {
-      float v[JEM_NUM_SCORES];
-      v[JEM_SCORE_ENERGY] = s->energy[i];
-      v[JEM_SCORE_GRAD_NORM] = s->want_grad ? s->grad[i] : NAN;
-      v[JEM_SCORE_MAX_SOFTMAX] = s->maxsm[i];
-      v[JEM_SCORE_ENERGY_COMPLEXITY] = s->ecx[i];
       jem_ood_result r;
       jem_ood_eval(&m->ood, v, s->tpr, &r);
       json_t *ood = json_object();
@@ -247,15 +247,13 @@ int cmd_score(int argc, char **argv) {
   size_t bk = (size_t)batch * (size_t)s.k;
   s.logits = malloc(bk * sizeof(float));
   s.probs = malloc(bk * sizeof(float));
-  s.energy = malloc((size_t)batch * sizeof(float));
-  s.grad = malloc((size_t)batch * sizeof(float));
-  s.maxsm = malloc((size_t)batch * sizeof(float));
   s.conf = malloc((size_t)batch * sizeof(float));
-  s.ecx = malloc((size_t)batch * sizeof(float));
   s.label = malloc((size_t)batch * sizeof(int));
+  int oom = 0;
+  for (int j = 0; j < JEM_NUM_SCORES; j++)
+    oom |= !(s.score[j] = malloc((size_t)batch * sizeof(float)));
   int status = 0;
-  if (!s.ws || !s.x || !s.who || !s.logits || !s.probs || !s.energy || !s.grad || !s.maxsm ||
-      !s.conf || !s.ecx || !s.label) {
+  if (oom || !s.ws || !s.x || !s.who || !s.logits || !s.probs || !s.conf || !s.label) {
     fprintf(stderr, "jem score: out of memory for batch size %d\n", batch);
     status = 1;
   } else {
@@ -273,11 +271,8 @@ int cmd_score(int argc, char **argv) {
   free(s.who);
   free(s.logits);
   free(s.probs);
-  free(s.energy);
-  free(s.grad);
-  free(s.maxsm);
+  for (int j = 0; j < JEM_NUM_SCORES; j++) free(s.score[j]);
   free(s.conf);
-  free(s.ecx);
   free(s.label);
   jem_ws_free(s.ws);
   jem_model_free(m);

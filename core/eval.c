@@ -3,6 +3,7 @@
 #include "internal.h"
 #include "metrics.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -180,10 +181,7 @@ int jem_eval_score_set(jem_ws *ws, const jem_model *m, const float *x, int n,
     }
     jem_scores sc = {0};
     sc.logits = out->logits + (size_t)i0 * k;
-    sc.energy = out->score[JEM_SCORE_ENERGY] + i0;
-    sc.grad_norm = out->score[JEM_SCORE_GRAD_NORM] + i0;
-    sc.max_softmax = out->score[JEM_SCORE_MAX_SOFTMAX] + i0;
-    sc.energy_complexity = out->score[JEM_SCORE_ENERGY_COMPLEXITY] + i0;
+    for (int s = 0; s < JEM_NUM_SCORES; s++) sc.score[s] = out->score[s] + i0;
     jem_score_batch(ws, m, xc, b, want_grad, &sc);
     if (want_feat) {
       /* features are defined after a plain forward pass on this ws */
@@ -206,23 +204,90 @@ int jem_eval_score_set(jem_ws *ws, const jem_model *m, const float *x, int n,
 /* ------------------------------------------------------------------------ */
 /* OOD sets                                                                 */
 
-const char *const jem_ood_set_names[JEM_OOD_NSETS] = {"mnist", "uniform", "gaussian",
-                                                      "vflip", "interp", "constant",
-                                                      "letters"};
+const char *const jem_ood_set_names[JEM_OOD_NSETS] = {
+    "mnist", "uniform", "gaussian", "vflip", "interp", "constant", "letters",
+    "photos-skimage", "photos-wallpapers", "illustrations", "icons", "procedural", "text"};
 
-int jem_ood_set_load(const char *dir, const char *name, int image_size,
+static int by_name(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* A folder of PNG/JPEG files, each decoded and preprocessed exactly as a
+ * request body is (jem_image_to_input with the model's preprocessing and the
+ * default limits), in file-name order. */
+static int load_image_dir(const char *dir, const jem_model *m, int max_items,
+                          jem_dataset *out, char *err, size_t errlen) {
+  DIR *d = opendir(dir);
+  if (!d) return jem__errf(err, errlen, JEM_EIO, "%s: cannot open", dir);
+  char **names = NULL;
+  int n = 0, cap = 0, rc = 0;
+  for (struct dirent *e; (e = readdir(d));) {
+    const char *dot = strrchr(e->d_name, '.');
+    if (e->d_name[0] == '.' || !dot ||
+        (strcmp(dot, ".png") && strcmp(dot, ".jpg") && strcmp(dot, ".jpeg")))
+      continue;
+    if (n == cap) {
+      cap = cap ? 2 * cap : 256;
+      char **grown = realloc(names, (size_t)cap * sizeof *names);
+      if (!grown) { rc = JEM_ENOMEM; break; }
+      names = grown;
+    }
+    if (!(names[n] = strdup(e->d_name))) { rc = JEM_ENOMEM; break; }
+    n++;
+  }
+  closedir(d);
+  if (!rc && n == 0) rc = jem__errf(err, errlen, JEM_EFORMAT, "%s: no .png or .jpg files", dir);
+  else if (rc) jem__errf(err, errlen, rc, "%s: out of memory listing files", dir);
+  if (!rc) {
+    qsort(names, (size_t)n, sizeof *names, by_name);
+    const int keep = max_items > 0 && max_items < n ? max_items : n;
+    const int C = m->arch.in_channels, S = m->arch.image_size;
+    const size_t chw = (size_t)C * S * S;
+    memset(out, 0, sizeof *out);
+    out->x = jem__falloc((size_t)keep * chw);
+    if (!out->x) rc = jem__errf(err, errlen, JEM_ENOMEM, "%s: out of memory", dir);
+    jem_image_limits lim;
+    jem_image_limits_default(&lim);
+    for (int i = 0; !rc && i < keep; i++) {
+      char path[4096], why[256];
+      unsigned char *buf = NULL;
+      size_t len = 0;
+      int pl = snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+      rc = pl < 0 || (size_t)pl >= sizeof path
+               ? jem__errf(why, sizeof why, JEM_EINVAL, "path too long")
+               : jem_read_file(path, lim.max_bytes, &buf, &len, why, sizeof why);
+      if (!rc) rc = jem_image_to_input(buf, len, &m->pre, S, &lim, out->x + (size_t)i * chw,
+                                       why, sizeof why);
+      free(buf);
+      if (rc) jem__errf(err, errlen, rc, "%s: %s", path, why);
+    }
+    out->n = keep;
+    out->c = C;
+    out->s = S;
+    out->src_s = S;
+    if (rc) jem_dataset_free(out);
+  }
+  for (int i = 0; i < n; i++) free(names[i]);
+  free(names);
+  return rc;
+}
+
+int jem_ood_set_load(const char *dir, const char *name, const jem_model *m,
                      int max_items, jem_dataset *out, char *err, size_t errlen) {
-  if (!dir || !name || !out)
+  if (!dir || !name || !m || !out)
     return jem__errf(err, errlen, JEM_EINVAL, "ood set: NULL argument");
   char path[4096];
   int len = snprintf(path, sizeof path, "%s/%s-images-idx3-ubyte.gz", dir, name);
   if (len < 0 || (size_t)len >= sizeof path)
     return jem__errf(err, errlen, JEM_EINVAL, "ood set: path too long");
   struct stat st;
-  if (stat(path, &st) != 0)
-    return jem__errf(err, errlen, JEM_EIO, "%s: missing (build it with "
-                     "scripts/make_ood_sets.py)", path);
-  return jem_dataset_load(out, path, NULL, image_size, max_items, err, errlen);
+  if (stat(path, &st) == 0)
+    return jem_dataset_load(out, path, NULL, m->arch.image_size, max_items, err, errlen);
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+    return load_image_dir(path, m, max_items, out, err, errlen);
+  return jem__errf(err, errlen, JEM_EIO, "%s: missing (build the OOD sets with `make "
+                   "ood-sets`, or scripts/make_ood_sets.py)", path);
 }
 
 double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORES]) {

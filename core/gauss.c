@@ -128,3 +128,84 @@ void jem_class_gauss_sample(const jem_class_gauss *g, int cls, float *out, jem_r
     out[ii] = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
   }
 }
+
+/* ------------------------------------------------------------------------ */
+/* The feature Gaussian of the mahalanobis score (Lee et al., NeurIPS 2018):
+ * class means of the penultimate features and one covariance shared by the
+ * classes, whose inverse is stored as W^T W with W = L^-1, L its lower
+ * Cholesky factor, so a distance is |W (f - mean)|^2. */
+
+/* Ridge, relative to the mean feature variance: keeps the covariance
+ * invertible when some features never fire (dead LeakyReLU channels). */
+#define FEATURE_RIDGE 1e-6
+
+int jem_model_fit_feature_gauss(jem_model *m, const float *feat, const int *y, int n,
+                                char *err, size_t errlen) {
+  if (!m || !feat || !y || n < 2)
+    return jem__errf(err, errlen, JEM_EINVAL, "feature Gaussian: need at least 2 labelled images");
+  const int K = m->arch.num_classes;
+  const size_t F = (size_t)64 * m->arch.widen;
+  double *mean = calloc((size_t)K * F, sizeof *mean);
+  double *cov = calloc(F * F, sizeof *cov);
+  double *dev = malloc(F * sizeof *dev);
+  int *count = calloc((size_t)K, sizeof *count);
+  float *fmean = jem__falloc((size_t)K * F), *fw = jem__falloc(F * F);
+  int rc = 0;
+  if (!mean || !cov || !dev || !count || !fmean || !fw) {
+    rc = jem__errf(err, errlen, JEM_ENOMEM, "feature Gaussian: out of memory");
+    goto done;
+  }
+  for (int i = 0; i < n; i++) {
+    if (y[i] < 0 || y[i] >= K) {
+      rc = jem__errf(err, errlen, JEM_EINVAL, "feature Gaussian: label %d of image %d "
+                     "outside 0..%d", y[i], i, K - 1);
+      goto done;
+    }
+    count[y[i]]++;
+    for (size_t j = 0; j < F; j++) mean[(size_t)y[i] * F + j] += feat[(size_t)i * F + j];
+  }
+  for (int k = 0; k < K; k++) {
+    if (!count[k]) {
+      rc = jem__errf(err, errlen, JEM_EINVAL, "feature Gaussian: no image of class %d", k);
+      goto done;
+    }
+    for (size_t j = 0; j < F; j++) mean[(size_t)k * F + j] /= count[k];
+  }
+  for (int i = 0; i < n; i++) { /* lower triangle of sum dev dev^T */
+    for (size_t j = 0; j < F; j++) dev[j] = feat[(size_t)i * F + j] - mean[(size_t)y[i] * F + j];
+    for (size_t r = 0; r < F; r++)
+      for (size_t c = 0; c <= r; c++) cov[r * F + c] += dev[r] * dev[c];
+  }
+  double trace = 0.0;
+  for (size_t r = 0; r < F; r++) trace += cov[r * F + r] / n;
+  const double ridge = FEATURE_RIDGE * (trace > 0 ? trace / (double)F : 1.0);
+  for (size_t r = 0; r < F; r++) {
+    for (size_t c = 0; c <= r; c++) cov[r * F + c] /= n;
+    cov[r * F + r] += ridge;
+  }
+  if (cholesky(cov, F)) {
+    rc = jem__errf(err, errlen, JEM_EFORMAT, "feature Gaussian: covariance not positive definite");
+    goto done;
+  }
+  /* W = L^-1 by forward substitution, one column of the identity at a time;
+   * column c of W depends only on its own entries above, kept in dev. */
+  memset(fw, 0, F * F * sizeof *fw);
+  for (size_t c = 0; c < F; c++) {
+    for (size_t r = c; r < F; r++) {
+      double s = r == c ? 1.0 : 0.0;
+      for (size_t k = c; k < r; k++) s -= cov[r * F + k] * dev[k];
+      dev[r] = s / cov[r * F + r];
+      fw[r * F + c] = (float)dev[r];
+    }
+  }
+  for (size_t i = 0; i < (size_t)K * F; i++) fmean[i] = (float)mean[i];
+  rc = jem_model_set_feature_gauss(m, fmean, fw, err, errlen);
+done:
+  free(mean);
+  free(cov);
+  free(dev);
+  free(count);
+  free(fmean);
+  free(fw);
+  return rc;
+}

@@ -163,11 +163,15 @@ typedef struct jem_preprocess {
  * ICLR 2019: FashionMNIST models and MNIST), and subtracting a generic
  * compressor's code length cancels that bias.  A JEM's energy is not a
  * normalised likelihood, so the weight is fitted by jem calibrate (never on
- * MNIST); without it the score is NaN.  For each score the
+ * MNIST); without it the score is NaN.  mahalanobis is the squared
+ * distance of the input's penultimate features to the nearest class mean
+ * under the shared covariance of the training features (Lee et al.,
+ * NeurIPS 2018), NaN when the model has no feature Gaussian
+ * (jem_model.feat_mean).  For each score the
  * metadata stores quantiles of its in-distribution validation values; the
  * percentile of a value is the empirical CDF (interpolated), in [0,1]. */
 enum { JEM_SCORE_ENERGY = 0, JEM_SCORE_GRAD_NORM, JEM_SCORE_MAX_SOFTMAX,
-       JEM_SCORE_ENERGY_COMPLEXITY, JEM_NUM_SCORES };
+       JEM_SCORE_ENERGY_COMPLEXITY, JEM_SCORE_MAHALANOBIS, JEM_NUM_SCORES };
 extern const char *const jem_score_names[JEM_NUM_SCORES];
 
 #define JEM_OOD_MAX_QUANTILES 1001
@@ -187,8 +191,8 @@ typedef struct jem_ood_stats {
   int side_nograd[JEM_NUM_SCORES];
   float complexity_weight;         /* nats per bit for energy_complexity; NaN: none */
   float default_tpr;               /* 0.95 */
-  char rule[256];                  /* human-readable description */
-  char rule_nograd[256];
+  char rule[512];                  /* human-readable description */
+  char rule_nograd[512];
 } jem_ood_stats;
 
 typedef struct jem_ood_result {
@@ -241,6 +245,15 @@ typedef struct jem_model {
   int *replay_order;
   int *replay_first;       /* [num_classes + 1] */
 
+  /* Class-conditional Gaussian of the penultimate features with a shared
+   * covariance, fitted by jem calibrate on the training split (the
+   * mahalanobis score), or NULL: class means [K, F] and the whitener W
+   * [F, F], lower triangular with W^T W = inverse covariance, so the
+   * distance is |W (f - mean_k)|^2.  Set with jem_model_set_feature_gauss;
+   * stored as tensors ood.feature_mean and ood.feature_whitener. */
+  float *feat_mean, *feat_whiten;
+  float *feat_wmean;       /* W mean_k, [K, F], derived */
+
   jem_net *net;            /* private plan */
   uint64_t uid;            /* unique in the process, set at creation (workspace caches) */
 } jem_model;
@@ -252,6 +265,16 @@ int jem_model_create(jem_model **out, const jem_arch *a, char *err, size_t errle
 void jem_model_init_random(jem_model *m, uint64_t seed);
 void jem_model_free(jem_model *m);              /* NULL ok */
 const jem_param *jem_model_param(const jem_model *m, const char *name);
+/* Copies a feature Gaussian (mean [K,F], whiten [F,F] as in jem_model, F =
+ * 64*widen) into m, or removes it when mean is NULL.  Values must be finite
+ * and the whitener lower triangular with a positive diagonal. */
+int jem_model_set_feature_gauss(jem_model *m, const float *mean, const float *whiten,
+                                char *err, size_t errlen);
+/* Fits the feature Gaussian to features feat [n, F] of labelled images y
+ * (each in 0..K-1) and sets it on m: per-class means and one covariance of
+ * the deviations from them, plus a small ridge (core/gauss.c). */
+int jem_model_fit_feature_gauss(jem_model *m, const float *feat, const int *y, int n,
+                                char *err, size_t errlen);
 /* Re-derive name/classes/temperature/pre/ood from m->meta after editing it. */
 int jem_model_apply_meta(jem_model *m, char *err, size_t errlen);
 /* The metadata's "arch" object <-> jem_arch (core/meta.c).  from_json wants
@@ -314,22 +337,19 @@ float jem_input_complexity_bits(const jem_model *m, const float *x);
 /* energy - weight * bits, or NaN when the model has no weight. */
 float jem_energy_complexity(const jem_model *m, float energy, float bits);
 
-/* Per-image quantities.  Any output pointer may be NULL.  With want_grad=0
- * only a forward pass runs and grad_norm (if given) is filled with NaN.
- * probs = softmax(logits / T); energy = -logsumexp(logits);
- * max_softmax = max softmax(logits) (untempered); energy_complexity as
- * jem_energy_complexity of jem_input_complexity_bits (the one output that
- * allocates, zlib's state, and only when the model has a weight).  n may
- * exceed max_batch (processed in chunks). */
+/* Per-image quantities.  Any output pointer may be NULL.
+ * probs = softmax(logits / T); score[JEM_SCORE_*], the OOD scores as the
+ * statistics above define them: energy = -logsumexp(logits); grad_norm
+ * (NaN with want_grad=0, when only a forward pass runs); max_softmax =
+ * max softmax(logits) (untempered); energy_complexity (the one output that
+ * allocates, zlib's state, and only when the model has a weight);
+ * mahalanobis.  n may exceed max_batch (processed in chunks). */
 typedef struct jem_scores {
   float *logits;      /* [n,K] */
   float *probs;       /* [n,K] tempered */
-  float *energy;      /* [n] */
-  float *grad_norm;   /* [n] */
-  float *max_softmax; /* [n] */
   int *label;         /* [n] argmax */
   float *confidence;  /* [n] max tempered prob */
-  float *energy_complexity; /* [n] NaN without the model's weight */
+  float *score[JEM_NUM_SCORES]; /* [n] each */
 } jem_scores;
 void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
                      int want_grad, const jem_scores *out);

@@ -250,8 +250,57 @@ void jem_model_free(jem_model *m) {
   free(m->replay);
   free(m->replay_order);
   free(m->replay_first);
+  free(m->feat_mean);
+  free(m->feat_whiten);
+  free(m->feat_wmean);
   json_decref(m->meta);
   free(m);
+}
+
+int jem_model_set_feature_gauss(jem_model *m, const float *mean, const float *whiten,
+                                char *err, size_t errlen) {
+  if (!m) return jem__errf(err, errlen, JEM_EINVAL, "feature Gaussian: NULL model");
+  const size_t K = (size_t)m->arch.num_classes, F = (size_t)64 * m->arch.widen;
+  float *nm = NULL, *nw = NULL, *nwm = NULL;
+  if (mean) {
+    if (!whiten) return jem__errf(err, errlen, JEM_EINVAL, "feature Gaussian: whitener missing");
+    for (size_t i = 0; i < K * F; i++)
+      if (!isfinite(mean[i]))
+        return jem__errf(err, errlen, JEM_EFORMAT, "feature Gaussian: mean[%zu] is not finite", i);
+    for (size_t r = 0; r < F; r++)
+      for (size_t c = 0; c < F; c++) {
+        const float w = whiten[r * F + c];
+        if (!isfinite(w) || (c > r && w != 0.0f) || (c == r && !(w > 0.0f)))
+          return jem__errf(err, errlen, JEM_EFORMAT,
+                           "feature Gaussian: the whitener must be lower triangular with a "
+                           "positive diagonal and finite (element [%zu,%zu] = %g)",
+                           r, c, (double)w);
+      }
+    nm = jem__falloc(K * F);
+    nw = jem__falloc(F * F);
+    nwm = jem__falloc(K * F);
+    if (!nm || !nw || !nwm) {
+      free(nm);
+      free(nw);
+      free(nwm);
+      return jem__errf(err, errlen, JEM_ENOMEM, "feature Gaussian: out of memory");
+    }
+    memcpy(nm, mean, K * F * sizeof *nm);
+    memcpy(nw, whiten, F * F * sizeof *nw);
+    for (size_t k = 0; k < K; k++) /* W mean_k, once, so a score costs one GEMM */
+      for (size_t r = 0; r < F; r++) {
+        double acc = 0.0;
+        for (size_t c = 0; c <= r; c++) acc += (double)nw[r * F + c] * nm[k * F + c];
+        nwm[k * F + r] = (float)acc;
+      }
+  }
+  free(m->feat_mean);
+  free(m->feat_whiten);
+  free(m->feat_wmean);
+  m->feat_mean = nm;
+  m->feat_whiten = nw;
+  m->feat_wmean = nwm;
+  return 0;
 }
 
 const jem_param *jem_model_param(const jem_model *m, const char *name) {
@@ -488,7 +537,7 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
     if (idx < 0)
       return jem__errf(err, errlen, JEM_EFORMAT,
                        "ood.scores: unknown score '%.64s' (known: energy, grad_norm, "
-                       "max_softmax, energy_complexity)",
+                       "max_softmax, energy_complexity, mahalanobis)",
                        key);
     snprintf(path, sizeof path, "ood.scores.%s", key);
     if (!json_is_object(sv)) return jem__errf(err, errlen, JEM_EFORMAT, "%s must be an object", path);
@@ -617,6 +666,9 @@ static int meta_parse(const jem_model *m, meta_parsed *p, char *err, size_t errl
   p->ood->complexity_weight = NAN;
   if ((e = json_object_get(meta, "ood")) && (rc = parse_ood(e, p->ood, why, sizeof why)))
     return jem__errf(err, errlen, rc, "metadata: %s", why);
+  if (p->ood->nq[JEM_SCORE_MAHALANOBIS] && !m->feat_mean)
+    return jem__errf(err, errlen, JEM_EFORMAT, "metadata: ood.scores.mahalanobis needs the "
+                     "tensors ood.feature_mean and ood.feature_whitener");
 
   if ((e = json_object_get(meta, "classes")))
     rc = parse_classes(e, m->arch.num_classes, &p->classes, why, sizeof why);

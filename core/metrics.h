@@ -180,13 +180,16 @@ double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORE
 
 /* mnist, uniform, gaussian, vflip, interp, constant, letters: files
  * DIR/<name>-images-idx3-ubyte.gz (uint8 28x28, preprocessed like the
- * Fashion-MNIST test set). */
-#define JEM_OOD_NSETS 7
+ * Fashion-MNIST test set).  The image-file families (photos-skimage,
+ * photos-wallpapers, illustrations, icons, procedural, text): folders
+ * DIR/<name>/ of PNG and JPEG files of any size, each decoded and
+ * preprocessed as a request body is. */
+#define JEM_OOD_NSETS 13
 extern const char *const jem_ood_set_names[JEM_OOD_NSETS];
-/* Loads set `name` from dir (first max_items images, 0 = all), padded to
- * image_size.  Returns JEM_EIO with "missing" in err when the file does not
- * exist, so callers can skip it. */
-int jem_ood_set_load(const char *dir, const char *name, int image_size,
+/* Loads set `name` from dir for model m (first max_items images in file
+ * order, 0 = all).  Returns JEM_EIO with "missing" in err when neither the
+ * file nor the folder exists, so callers can skip it. */
+int jem_ood_set_load(const char *dir, const char *name, const jem_model *m,
                      int max_items, jem_dataset *out, char *err, size_t errlen);
 
 #ifdef __cplusplus

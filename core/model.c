@@ -3,6 +3,7 @@
 #include "conv.h"
 #include "internal.h"
 
+#include <cblas.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -362,6 +363,7 @@ struct jem_ws {
   size_t bytes;
   float *mem;            /* the one scratch block */
   float *feat;           /* [N, F] */
+  float *fwhite;         /* [N, F] whitened features (mahalanobis) */
   float *logits, *dlogits, *probs; /* [N, K] */
   float *dx;             /* [N, C, S, S] for jem_score_batch */
   float *wflip;          /* transposed 3x3 weights (derive_weights) */
@@ -544,7 +546,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   /* helpers' private parameter gradients */
   const int with_dw = (flags & JEM_WS_TRAIN) && nthr > 1;
   if (with_dw) total += (size_t)(nthr - 1) * al16(m->n_weights);
-  total += al16((size_t)net->feat * N);
+  total += 2 * al16((size_t)net->feat * N);
   total += 3 * al16((size_t)net->k * N);
   total += al16(css * N);
   total += al16(net->wf_total);
@@ -565,6 +567,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
     p += al16(m->n_weights);
   }
   ws->feat = p; p += al16((size_t)net->feat * N);
+  ws->fwhite = p; p += al16((size_t)net->feat * N);
   ws->logits = p; p += al16((size_t)net->k * N);
   ws->dlogits = p; p += al16((size_t)net->k * N);
   ws->probs = p; p += al16((size_t)net->k * N);
@@ -923,6 +926,28 @@ void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
     memcpy(logits, ws->logits, sizeof(float) * (size_t)n * k);
 }
 
+/* out[i] = min_k |W f_i - W mean_k|^2 for the c images of the last forward. */
+static void mahalanobis(jem_ws *ws, const jem_model *m, int c, float *out) {
+  const int F = m->net->feat, K = m->net->k;
+  if (!m->feat_whiten) {
+    for (int i = 0; i < c; i++) out[i] = NAN;
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, F, F, 1.0f, ws->feat, F,
+              m->feat_whiten, F, 0.0f, ws->fwhite, F);
+  for (int i = 0; i < c; i++) {
+    const float *u = ws->fwhite + (size_t)i * F;
+    double best = INFINITY;
+    for (int k = 0; k < K; k++) {
+      const float *w = m->feat_wmean + (size_t)k * F;
+      double d = 0.0;
+      for (int j = 0; j < F; j++) d += (double)(u[j] - w[j]) * (u[j] - w[j]);
+      if (d < best) best = d;
+    }
+    out[i] = (float)best;
+  }
+}
+
 void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
                      int want_grad, const jem_scores *out) {
   check_ws(ws, m);
@@ -937,6 +962,8 @@ void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
       jem_input_grad(ws, m, xc, c, NULL, ws->logits, ws->dx);
     else
       jem_forward(ws, m, xc, c, ws->logits);
+    float *const *sc = out->score;
+    if (sc[JEM_SCORE_MAHALANOBIS]) mahalanobis(ws, m, c, sc[JEM_SCORE_MAHALANOBIS] + off);
     for (int i = 0; i < c; i++) {
       const size_t r = (size_t)off + i;
       const float *z = ws->logits + (size_t)i * k;
@@ -948,24 +975,20 @@ void jem_score_batch(jem_ws *ws, const jem_model *m, const float *x, int n,
       jem_softmax(p, z, k, T);
       if (out->logits) memcpy(out->logits + r * k, z, sizeof(float) * (size_t)k);
       if (out->probs) memcpy(out->probs + r * k, p, sizeof(float) * (size_t)k);
-      if (out->energy) out->energy[r] = -lse;
-      if (out->max_softmax) out->max_softmax[r] = expf(z[best] - lse);
       if (out->label) out->label[r] = best;
       if (out->confidence) out->confidence[r] = p[best];
-      if (out->energy_complexity) /* deflate only when the model has a weight */
-        out->energy_complexity[r] =
+      if (sc[JEM_SCORE_ENERGY]) sc[JEM_SCORE_ENERGY][r] = -lse;
+      if (sc[JEM_SCORE_MAX_SOFTMAX]) sc[JEM_SCORE_MAX_SOFTMAX][r] = expf(z[best] - lse);
+      if (sc[JEM_SCORE_ENERGY_COMPLEXITY]) /* deflate only when the model has a weight */
+        sc[JEM_SCORE_ENERGY_COMPLEXITY][r] =
             isnan(m->ood.complexity_weight)
                 ? NAN
                 : jem_energy_complexity(m, -lse, jem_input_complexity_bits(m, xc + (size_t)i * css));
-      if (out->grad_norm) {
-        if (want_grad) {
-          const float *g = ws->dx + (size_t)i * css;
-          double s = 0.0;
-          for (size_t j = 0; j < css; j++) s += (double)g[j] * g[j];
-          out->grad_norm[r] = (float)sqrt(s);
-        } else {
-          out->grad_norm[r] = NAN;
-        }
+      if (sc[JEM_SCORE_GRAD_NORM]) {
+        double s = 0.0;
+        const float *g = ws->dx + (size_t)i * css;
+        for (size_t j = 0; want_grad && j < css; j++) s += (double)g[j] * g[j];
+        sc[JEM_SCORE_GRAD_NORM][r] = want_grad ? (float)sqrt(s) : NAN;
       }
     }
   }

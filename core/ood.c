@@ -5,8 +5,8 @@
 #include <string.h>
 #include <zlib.h>
 
-const char *const jem_score_names[JEM_NUM_SCORES] = {"energy", "grad_norm",
-                                                     "max_softmax", "energy_complexity"};
+const char *const jem_score_names[JEM_NUM_SCORES] = {"energy", "grad_norm", "max_softmax",
+                                                     "energy_complexity", "mahalanobis"};
 
 /* Empirical CDF from quantiles at probabilities 0, 1/m, ..., 1 (m = nq-1),
  * linearly interpolated.  A value equal to a run of tied quantiles q[a..b]

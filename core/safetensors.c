@@ -437,7 +437,8 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char 
     goto done;
   }
   for (int i = 0; i < cap; i++) json_object_set_new(expected, params[i].name, json_true());
-  const st_tensor *replay = NULL;
+  const st_tensor *replay = NULL, *fmean = NULL, *fwhite = NULL;
+  const uint64_t K = (uint64_t)arch.num_classes, F = (uint64_t)64 * arch.widen;
   for (size_t i = 0; i < nt && !rc; i++) {
     const char *name = ts[i].name;
     if (json_object_get(expected, name) || is_ignored(name)) continue;
@@ -454,11 +455,27 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char 
       replay = t;
       continue;
     }
+    const int is_mean = strcmp(name, "ood.feature_mean") == 0;
+    if (is_mean || strcmp(name, "ood.feature_whitener") == 0) {
+      const st_tensor *t = &ts[i];
+      const uint64_t rows = is_mean ? K : F;
+      if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != F) {
+        shape_str(t->shape, t->ndim, sb, sizeof sb);
+        rc = jem__errf(err, errlen, JEM_ESHAPE, "tensor '%s': shape [%llu,%llu] expected, "
+                       "file has %s", name, (unsigned long long)rows, (unsigned long long)F, sb);
+      }
+      *(is_mean ? &fmean : &fwhite) = t;
+      continue;
+    }
     rc = jem__errf(err, errlen, JEM_EFORMAT,
                    "tensor '%s' is not part of a JEM WRN-%d-%d model (unknown name)",
                    pn(name, nb), arch.depth, arch.widen);
   }
   json_decref(expected);
+  if (!rc && !fmean != !fwhite)
+    rc = jem__errf(err, errlen, JEM_EFORMAT, "tensors 'ood.feature_mean' and "
+                   "'ood.feature_whitener' come together; the file has only '%s'",
+                   fmean ? "ood.feature_mean" : "ood.feature_whitener");
   if (rc) goto done;
 
   /* --- build the model and copy the weights --- */
@@ -486,6 +503,19 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char 
       goto done;
     }
     m->replay_n = (int)replay->shape[0];
+  }
+  if (fmean) {
+    float *mean = jem__falloc((size_t)fmean->numel), *white = jem__falloc((size_t)fwhite->numel);
+    if (!mean || !white)
+      rc = jem__errf(err, errlen, JEM_ENOMEM, "out of memory for the feature Gaussian");
+    else if (convert(mean, data + fmean->begin, (size_t)fmean->numel, fmean->dtype) != fmean->numel ||
+             convert(white, data + fwhite->begin, (size_t)fwhite->numel, fwhite->dtype) != fwhite->numel)
+      rc = jem__errf(err, errlen, JEM_EFORMAT, "the feature Gaussian has a value that is not finite");
+    else
+      rc = jem_model_set_feature_gauss(m, mean, white, err, errlen);
+    free(mean);
+    free(white);
+    if (rc) goto done;
   }
 
   /* --- metadata with defaults --- */
@@ -615,6 +645,12 @@ int jem_model_save(const jem_model *m, const char *path, char *err, size_t errle
     int rs[4] = {m->replay_n, m->arch.in_channels, m->arch.image_size, m->arch.image_size};
     bad = add_tensor(hdr, "replay_buffer", rs, 4, &off, rn);
   }
+  const int K = m->arch.num_classes, F = 64 * m->arch.widen;
+  if (m->feat_mean && !bad) {
+    int ms[2] = {K, F}, ws[2] = {F, F};
+    bad = add_tensor(hdr, "ood.feature_mean", ms, 2, &off, (size_t)K * F) ||
+          add_tensor(hdr, "ood.feature_whitener", ws, 2, &off, (size_t)F * F);
+  }
   char *hs = bad ? NULL : json_dumps(hdr, JSON_COMPACT);
   json_decref(hdr);
   if (!hs) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory building the header");
@@ -646,6 +682,9 @@ int jem_model_save(const jem_model *m, const char *path, char *err, size_t errle
   for (int i = 0; i < m->n_params && !werr; i++)
     werr = write_floats(fd, m->weights + m->params[i].offset, m->params[i].numel);
   if (rn && !werr) werr = write_floats(fd, m->replay, rn);
+  if (m->feat_mean && !werr)
+    werr = write_floats(fd, m->feat_mean, (size_t)K * F) ||
+           write_floats(fd, m->feat_whiten, (size_t)F * F);
   if (!werr) werr = fsync(fd);
   int e = errno;
   if (close(fd) && !werr) {

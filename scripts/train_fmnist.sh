@@ -35,7 +35,7 @@
 # Outputs: runs/<stage>/{ckpt-*,log.csv,best,latest,model}.safetensors;
 # models/fmnist-baseline.safetensors and models/fmnist-jem.safetensors are
 # refreshed as the stages progress (JEM snapshots only once calibrated, which
-# needs the OOD sets of scripts/make_ood_sets.py in data/ood/).
+# needs the OOD sets of `make ood-sets` in data/ood/).
 
 # Everything lives in functions called from the last line, so editing this
 # file never changes a run that is already going (bash reads as it executes).
@@ -335,7 +335,7 @@ ship() {
   local jem=$1 dir=$2
   if "$jem" buffer "$3" --size "$SHIP_BUFFER" --out "$dir/shipped.safetensors" \
       --threads "$JEM_THREADS" > "$dir/calibrate.log" 2>&1 &&
-     "$jem" calibrate "$dir/shipped.safetensors" \
+     "$jem" calibrate "$dir/shipped.safetensors" --leave-one-out \
       --out "$dir/calibrated.safetensors" --threads "$JEM_THREADS" \
       >> "$dir/calibrate.log" 2>&1; then
     cp "$dir/calibrated.safetensors" "$dir/calibrated-$4.safetensors"

@@ -148,17 +148,11 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
     json_object_set_new(o, "top_k", tk);
   }
   json_object_set_new(o, "logits", farr(t->logits + (size_t)i * (size_t)k, k));
-  json_object_set_new(o, "energy", srv_jreal(t->energy[i]));
-  float g = t->want_grad ? t->grad_norm[i] : NAN;
-  json_object_set_new(o, "grad_norm", srv_jreal(g));
-  json_object_set_new(o, "max_softmax", srv_jreal(t->max_softmax[i]));
-  json_object_set_new(o, "energy_complexity", srv_jreal(t->energy_complexity[i]));
-
   float vals[JEM_NUM_SCORES];
-  vals[JEM_SCORE_ENERGY] = t->energy[i];
-  vals[JEM_SCORE_GRAD_NORM] = g;
-  vals[JEM_SCORE_MAX_SOFTMAX] = t->max_softmax[i];
-  vals[JEM_SCORE_ENERGY_COMPLEXITY] = t->energy_complexity[i];
+  for (int s = 0; s < JEM_NUM_SCORES; s++) {
+    vals[s] = t->score[s][i];
+    json_object_set_new(o, jem_score_names[s], srv_jreal(vals[s]));
+  }
   jem_ood_result res;
   jem_ood_eval(&m->ood, vals, tpr, &res);
   json_t *scores = json_object();
@@ -172,7 +166,7 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
   json_object_set_new(ood, "rule", res.rule ? json_string(res.rule) : json_null());
   json_object_set_new(ood, "scores", scores);
   json_object_set_new(o, "ood", ood);
-  srv_metrics_scores(t->energy[i], res.percentile);
+  srv_metrics_scores(vals[JEM_SCORE_ENERGY], res.percentile);
   return o;
 }
 

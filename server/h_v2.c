@@ -126,13 +126,13 @@ static enum MHD_Result infer_respond(srv_req *r) {
   const srv_v2_req *q = &c->q;
   if (q->want[0]) json_array_append_new(outs, tensor("logits", t->logits, t->n, k, q->binary[0], &bb));
   if (q->want[1]) json_array_append_new(outs, tensor("probs", t->probs, t->n, k, q->binary[1], &bb));
-  if (q->want[2]) json_array_append_new(outs, tensor("energy", t->energy, t->n, 1, q->binary[2], &bb));
+  if (q->want[2]) json_array_append_new(outs, tensor("energy", t->score[JEM_SCORE_ENERGY], t->n, 1, q->binary[2], &bb));
   if (q->want[3])
-    json_array_append_new(outs, tensor("grad_norm", t->grad_norm, t->n, 1, q->binary[3], &bb));
+    json_array_append_new(outs, tensor("grad_norm", t->score[JEM_SCORE_GRAD_NORM], t->n, 1, q->binary[3], &bb));
   for (int i = 0; i < t->n; i++) {
     float pct[JEM_NUM_SCORES];
     for (int s = 0; s < JEM_NUM_SCORES; s++) pct[s] = NAN;
-    srv_metrics_scores(t->energy[i], pct);
+    srv_metrics_scores(t->score[JEM_SCORE_ENERGY][i], pct);
   }
   json_t *o = json_pack("{s:s,s:s,s:o}", "model_name", m->name, "model_version", "1",
                         "outputs", outs);

@@ -668,7 +668,7 @@ static void job_finalize(job *j, jem_ws *ws, const jem_model *m) {
   if (!j->energy || !j->conf || !j->label || !j->png || !j->png_len) goto oom;
   jem_scores sc;
   memset(&sc, 0, sizeof sc);
-  sc.energy = j->energy;
+  sc.score[JEM_SCORE_ENERGY] = j->energy;
   sc.label = j->label;
   sc.confidence = j->conf;
   jem_score_batch(ws, m, j->x, n, 0, &sc);

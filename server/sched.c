@@ -91,7 +91,8 @@ typedef struct slot {
   uint64_t t_start, t_end;
   /* per-slot outputs for the gathered batch */
   int out_k;
-  float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence, *energy_complexity;
+  float *logits, *probs, *confidence;
+  float *score[JEM_NUM_SCORES];
   int *label;
 } slot;
 
@@ -124,17 +125,14 @@ int srv_task_alloc(srv_task *t, const jem_model *m, int n) {
   t->x = malloc(sizeof(float) * chw * (size_t)n);
   t->logits = malloc(sizeof(float) * k * (size_t)n);
   t->probs = malloc(sizeof(float) * k * (size_t)n);
-  t->energy = malloc(sizeof(float) * (size_t)n);
-  t->grad_norm = malloc(sizeof(float) * (size_t)n);
-  t->max_softmax = malloc(sizeof(float) * (size_t)n);
   t->confidence = malloc(sizeof(float) * (size_t)n);
-  t->energy_complexity = malloc(sizeof(float) * (size_t)n);
   t->label = malloc(sizeof(int) * (size_t)n);
+  int oom = 0;
+  for (int s = 0; s < JEM_NUM_SCORES; s++)
+    oom |= !(t->score[s] = malloc(sizeof(float) * (size_t)n));
   atomic_init(&t->state, SRV_TASK_QUEUED);
   t->conn_fd = -1;
-  if (!t->x || !t->logits || !t->probs || !t->energy || !t->grad_norm ||
-      !t->max_softmax || !t->confidence || !t->energy_complexity || !t->label)
-    return -1;
+  if (oom || !t->x || !t->logits || !t->probs || !t->confidence || !t->label) return -1;
   return 0;
 }
 
@@ -143,11 +141,8 @@ void srv_task_free(srv_task *t) {
   free(t->x);
   free(t->logits);
   free(t->probs);
-  free(t->energy);
-  free(t->grad_norm);
-  free(t->max_softmax);
+  for (int s = 0; s < JEM_NUM_SCORES; s++) free(t->score[s]);
   free(t->confidence);
-  free(t->energy_complexity);
   free(t->label);
   srv_model_put(t->model);
   free(t);
@@ -183,18 +178,14 @@ static int slot_buffers(slot *s, const jem_model *m) {
     s->out_k = (s->logits && s->probs) ? (int)k : 0;
     if (!s->out_k) return -1;
   }
-  if (!s->energy) {
-    s->energy = malloc(sizeof(float) * mb);
-    s->grad_norm = malloc(sizeof(float) * mb);
-    s->max_softmax = malloc(sizeof(float) * mb);
+  if (!s->label) {
     s->confidence = malloc(sizeof(float) * mb);
-    s->energy_complexity = malloc(sizeof(float) * mb);
     s->label = malloc(sizeof(int) * mb);
+    for (int i = 0; i < JEM_NUM_SCORES; i++) s->score[i] = malloc(sizeof(float) * mb);
   }
-  if (!s->energy || !s->grad_norm || !s->max_softmax || !s->confidence ||
-      !s->energy_complexity || !s->label)
-    return -1;
-  return 0;
+  int oom = !s->confidence || !s->label;
+  for (int i = 0; i < JEM_NUM_SCORES; i++) oom |= !s->score[i];
+  return oom ? -1 : 0;
 }
 
 /* Pool thread: gather, one jem_score_batch, scatter. */
@@ -218,8 +209,8 @@ static void score_work(uv_work_t *req) {
            sizeof(float) * chw * (size_t)g->cnt);
     pos += g->cnt;
   }
-  jem_scores sc = {s->logits, s->probs, s->energy, s->grad_norm, s->max_softmax,
-                   s->label, s->confidence, s->energy_complexity};
+  jem_scores sc = {s->logits, s->probs, s->label, s->confidence, {0}};
+  memcpy(sc.score, s->score, sizeof sc.score);
   jem_score_batch(ws, m, s->wk.xbuf, s->n, s->want_grad, &sc);
   pos = 0;
   for (int i = 0; i < s->nseg; i++) {
@@ -228,11 +219,9 @@ static void score_work(uv_work_t *req) {
     size_t c = (size_t)g->cnt, o = (size_t)g->off, p = (size_t)pos;
     memcpy(t->logits + o * k, s->logits + p * k, sizeof(float) * c * k);
     memcpy(t->probs + o * k, s->probs + p * k, sizeof(float) * c * k);
-    memcpy(t->energy + o, s->energy + p, sizeof(float) * c);
-    memcpy(t->grad_norm + o, s->grad_norm + p, sizeof(float) * c);
-    memcpy(t->max_softmax + o, s->max_softmax + p, sizeof(float) * c);
     memcpy(t->confidence + o, s->confidence + p, sizeof(float) * c);
-    memcpy(t->energy_complexity + o, s->energy_complexity + p, sizeof(float) * c);
+    for (int j = 0; j < JEM_NUM_SCORES; j++)
+      memcpy(t->score[j] + o, s->score[j] + p, sizeof(float) * c);
     memcpy(t->label + o, s->label + p, sizeof(int) * c);
     pos += g->cnt;
   }
@@ -640,11 +629,8 @@ void srv_sched_stop(void) {
     free(s->segs);
     free(s->logits);
     free(s->probs);
-    free(s->energy);
-    free(s->grad_norm);
-    free(s->max_softmax);
+    for (int j = 0; j < JEM_NUM_SCORES; j++) free(s->score[j]);
     free(s->confidence);
-    free(s->energy_complexity);
     free(s->label);
   }
   free(S.slots);

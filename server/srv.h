@@ -151,8 +151,8 @@ struct srv_task {
   int want_grad;
   float *x;                     /* [n, C, S, S] model input */
   /* outputs, [n,K] or [n] */
-  float *logits, *probs, *energy, *grad_norm, *max_softmax, *confidence;
-  float *energy_complexity;     /* NaN when the model has no complexity weight */
+  float *logits, *probs, *confidence;
+  float *score[JEM_NUM_SCORES]; /* as jem_scores: NaN where not computed */
   int *label;
   /* progress (loop thread only) */
   int next_img, done_img, running;

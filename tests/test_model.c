@@ -362,7 +362,7 @@ static void test_score_batch(void **state) {
   ref_fill(x, css * n, &st, -1, 1);
   float logits[25], probs[25], energy[5], gn[5], ms[5], conf[5];
   int label[5];
-  jem_scores s = {logits, probs, energy, gn, ms, label, conf, NULL};
+  jem_scores s = {logits, probs, label, conf, {[JEM_SCORE_ENERGY] = energy, [JEM_SCORE_GRAD_NORM] = gn, [JEM_SCORE_MAX_SOFTMAX] = ms}};
   jem_ws *ws = jem_ws_create(m, 2, 0); /* forces chunks of 2, 2, 1 */
   jem_score_batch(ws, m, x, n, 1, &s);
   float *dx = malloc(sizeof(float) * css);
@@ -399,7 +399,7 @@ static void test_score_batch(void **state) {
   }
   /* without the gradient: same forward scores, NaN grad_norm */
   float logits2[25], gn2[5];
-  jem_scores s2 = {logits2, NULL, NULL, gn2, NULL, NULL, NULL, NULL};
+  jem_scores s2 = {.logits = logits2, .score[JEM_SCORE_GRAD_NORM] = gn2};
   jem_score_batch(ws, m, x, n, 0, &s2);
   for (int i = 0; i < n; i++) assert_true(isnan(gn2[i]));
   for (int i = 0; i < n * K; i++) assert_float_equal(logits[i], logits2[i], 1e-6);
@@ -419,7 +419,7 @@ static void test_batch_independence(void **state) {
   ref_fill(x, css * n, &st, -1, 1);
   float *lg = malloc(sizeof(float) * n * K), *gn = malloc(sizeof(float) * n);
   float *en = malloc(sizeof(float) * n);
-  jem_scores s = {.logits = lg, .energy = en, .grad_norm = gn};
+  jem_scores s = {.logits = lg, .score[JEM_SCORE_ENERGY] = en, .score[JEM_SCORE_GRAD_NORM] = gn};
   jem_ws *ws = jem_ws_create(m, 64, 0); /* 70 = 64 + 6 */
   jem_score_batch(ws, m, x, n, 1, &s);
   jem_ws *ws1 = jem_ws_create(m, 1, 0);
@@ -427,7 +427,7 @@ static void test_batch_independence(void **state) {
   for (size_t t = 0; t < sizeof pick / sizeof *pick; t++) {
     int i = pick[t];
     float l1[10], e1, g1;
-    jem_scores s1 = {.logits = l1, .energy = &e1, .grad_norm = &g1};
+    jem_scores s1 = {.logits = l1, .score[JEM_SCORE_ENERGY] = &e1, .score[JEM_SCORE_GRAD_NORM] = &g1};
     jem_score_batch(ws1, m, x + i * css, 1, 1, &s1);
     for (int j = 0; j < K; j++)
       assert_true(fabs(l1[j] - lg[i * K + j]) <= 1e-5 * fmax(1, fabs(l1[j])));

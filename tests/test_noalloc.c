@@ -100,7 +100,7 @@ static void run_all(const jem_arch *a) {
   int *label = malloc(sizeof(int) * n), *y = malloc(sizeof(int) * n);
   for (size_t i = 0; i < css * n; i++) x[i] = (float)((i * 37) % 200) / 100.0f - 1.0f;
   for (int i = 0; i < n; i++) { y[i] = i % K; dl[(size_t)i * K + i % K] = 1.0f; }
-  jem_scores s = {lg, probs, en, gn, ms, label, conf, NULL};
+  jem_scores s = {lg, probs, label, conf, {[JEM_SCORE_ENERGY] = en, [JEM_SCORE_GRAD_NORM] = gn, [JEM_SCORE_MAX_SOFTMAX] = ms}};
   jem_ws *ws = jem_ws_create(m, nmax, JEM_WS_TRAIN);
   assert_non_null(ws);
   /* warm up once: OpenBLAS may set itself up on first use */

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "jem.h"
 #include "metrics.h"
@@ -370,7 +371,7 @@ static void test_complexity(void **state) {
   memcpy(x2, flat, sizeof flat);
   memcpy(x2 + N, noise, sizeof noise);
   float en[2], ec[2];
-  jem_scores sc = {.energy = en, .energy_complexity = ec};
+  jem_scores sc = {.score[JEM_SCORE_ENERGY] = en, .score[JEM_SCORE_ENERGY_COMPLEXITY] = ec};
   jem_score_batch(ws, m, x2, 2, 0, &sc);
   assert_true(fabs((double)ec[0] - ((double)en[0] - 0.01 * bf)) < 1e-3);
   assert_true(fabs((double)ec[1] - ((double)en[1] - 0.01 * bn)) < 1e-3);
@@ -387,6 +388,151 @@ static void test_complexity(void **state) {
   jem_model_free(m);
 }
 
+/* The feature Gaussian: jem_model_fit_feature_gauss against a direct
+ * double-precision fit (W Sigma W^T = I, W lower triangular, the distances
+ * equal (f - mean_k)^T Sigma^-1 (f - mean_k) by an independent solve); the
+ * score is the nearest class's distance, the same with and without the
+ * gradient, NaN without a Gaussian; it survives a save and load; bad
+ * tensors and metadata are refused by name. */
+static void test_feature_gauss(void **state) {
+  (void)state;
+  jem_arch a = {10, 1, 1, 32, 3, 0.2f};
+  jem_model *m = NULL;
+  char err[256];
+  assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
+  jem_model_init_random(m, 5);
+  enum { F = 64, K = 3, N = 600 };
+  static float feat[N * F];
+  static int y[N];
+  uint64_t r = 99;
+  for (int i = 0; i < N; i++) {
+    y[i] = i % K;
+    double common = 0;
+    for (int j = 0; j < F; j++) {
+      r = r * 6364136223846793005ull + 1442695040888963407ull;
+      double u = (double)((r >> 40) & 0xffff) / 65536.0 - 0.5;
+      if (j == 0) common = u;
+      feat[i * F + j] = (float)(u * (1 + j % 5) + 0.7 * common + (j == y[i]) * 2.0);
+    }
+  }
+  assert_int_equal(jem_model_fit_feature_gauss(m, feat, y, N, err, sizeof err), 0);
+  /* the reference covariance, with the same relative ridge */
+  static double mean[K][F], cov[F][F];
+  int cnt[K] = {0};
+  for (int i = 0; i < N; i++) {
+    cnt[y[i]]++;
+    for (int j = 0; j < F; j++) mean[y[i]][j] += feat[i * F + j];
+  }
+  for (int k = 0; k < K; k++)
+    for (int j = 0; j < F; j++) mean[k][j] /= cnt[k];
+  for (int i = 0; i < N; i++)
+    for (int p = 0; p < F; p++)
+      for (int q = 0; q < F; q++)
+        cov[p][q] += (feat[i * F + p] - mean[y[i]][p]) * (feat[i * F + q] - mean[y[i]][q]) / N;
+  double tr = 0;
+  for (int p = 0; p < F; p++) tr += cov[p][p];
+  for (int p = 0; p < F; p++) cov[p][p] += 1e-6 * tr / F;
+  for (int k = 0; k < K; k++)
+    for (int j = 0; j < F; j++) assert_true(fabs(m->feat_mean[k * F + j] - mean[k][j]) < 1e-5);
+  const float *W = m->feat_whiten;
+  for (int p = 0; p < F; p++) {
+    assert_true(W[p * F + p] > 0);
+    for (int q = p + 1; q < F; q++) assert_true(W[p * F + q] == 0.0f);
+  }
+  double worst = 0; /* W Sigma W^T = I */
+  for (int p = 0; p < F; p++)
+    for (int q = 0; q < F; q++) {
+      double v = 0;
+      for (int i = 0; i < F; i++)
+        for (int j = 0; j < F; j++) v += W[p * F + i] * cov[i][j] * W[q * F + j];
+      worst = fmax(worst, fabs(v - (p == q)));
+    }
+  assert_true(worst < 1e-3);
+
+  /* scores of random inputs: the nearest class mean under Sigma^-1, by
+   * Gaussian elimination on Sigma (no whitener involved) */
+  enum { B = 3 };
+  const size_t css = 32 * 32;
+  static float x[B * 32 * 32];
+  for (size_t i = 0; i < B * css; i++) {
+    r = r * 6364136223846793005ull + 1442695040888963407ull;
+    x[i] = (float)((r >> 40) & 0xffff) / 32768.0f - 1.0f;
+  }
+  jem_ws *ws = jem_ws_create(m, B, 0);
+  float lg[B * K], d0[B], d1[B];
+  jem_forward(ws, m, x, B, lg);
+  static float f[B * F];
+  memcpy(f, jem_ws_features(ws), sizeof f);
+  jem_scores sc = {.score[JEM_SCORE_MAHALANOBIS] = d0};
+  jem_score_batch(ws, m, x, B, 0, &sc);
+  sc.score[JEM_SCORE_MAHALANOBIS] = d1;
+  jem_score_batch(ws, m, x, B, 1, &sc);
+  for (int i = 0; i < B; i++) {
+    double best = INFINITY;
+    for (int k = 0; k < K; k++) {
+      static double A[F][F + 1];
+      for (int p = 0; p < F; p++) {
+        for (int q = 0; q < F; q++) A[p][q] = cov[p][q];
+        A[p][F] = f[i * F + p] - mean[k][p];
+      }
+      for (int c = 0; c < F; c++) /* no pivoting needed: SPD */
+        for (int p = c + 1; p < F; p++) {
+          double t = A[p][c] / A[c][c];
+          for (int q = c; q <= F; q++) A[p][q] -= t * A[c][q];
+        }
+      double sol[F], d = 0;
+      for (int p = F - 1; p >= 0; p--) {
+        double v = A[p][F];
+        for (int q = p + 1; q < F; q++) v -= A[p][q] * sol[q];
+        sol[p] = v / A[p][p];
+        d += sol[p] * (f[i * F + p] - mean[k][p]);
+      }
+      best = fmin(best, d);
+    }
+    assert_true(fabs(d0[i] - best) <= 1e-3 * fmax(1.0, best));
+    assert_true(d0[i] == d1[i]);
+  }
+
+  /* a save and a load keep it bit for bit */
+  char path[] = "/tmp/jem-test-fgXXXXXX";
+  int fd = mkstemp(path);
+  assert_true(fd >= 0);
+  close(fd);
+  assert_int_equal(jem_model_save(m, path, err, sizeof err), 0);
+  jem_model *m2 = NULL;
+  assert_int_equal(jem_model_load(&m2, path, err, sizeof err), 0);
+  assert_memory_equal(m2->feat_mean, m->feat_mean, sizeof(float) * K * F);
+  assert_memory_equal(m2->feat_whiten, m->feat_whiten, sizeof(float) * F * F);
+  jem_model_free(m2);
+
+  /* metadata with a mahalanobis band needs the tensors */
+  json_object_set_new(m->meta, "ood", json_loads(
+      "{\"scores\": {\"mahalanobis\": {\"quantiles\": [1, 2, 3], \"side\": \"high\"}}}", 0, NULL));
+  assert_int_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(m->ood.rule, "mahalanobis high"));
+  assert_int_equal(jem_model_set_feature_gauss(m, NULL, NULL, err, sizeof err), 0);
+  assert_int_not_equal(jem_model_apply_meta(m, err, sizeof err), 0);
+  assert_non_null(strstr(err, "ood.feature_mean"));
+  /* without a Gaussian the score is NaN */
+  jem_score_batch(ws, m, x, B, 0, &sc);
+  for (int i = 0; i < B; i++) assert_true(isnan(d1[i]));
+  /* a whitener that is not lower triangular, and fits that cannot work */
+  static float bad[F * F];
+  for (int p = 0; p < F; p++) bad[p * F + p] = 1.0f;
+  bad[1] = 0.5f;
+  assert_int_not_equal(jem_model_set_feature_gauss(m, feat, bad, err, sizeof err), 0);
+  assert_non_null(strstr(err, "lower triangular"));
+  y[0] = K;
+  assert_int_not_equal(jem_model_fit_feature_gauss(m, feat, y, N, err, sizeof err), 0);
+  assert_non_null(strstr(err, "label"));
+  for (int i = 0; i < N; i++) y[i] = 0;
+  assert_int_not_equal(jem_model_fit_feature_gauss(m, feat, y, N, err, sizeof err), 0);
+  assert_non_null(strstr(err, "no image of class 1"));
+  jem_ws_free(ws);
+  jem_model_free(m);
+  unlink(path);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_score_names),
@@ -398,6 +544,7 @@ int main(void) {
       cmocka_unit_test(test_verdict_nograd_rule),
       cmocka_unit_test(test_meta_ood),
       cmocka_unit_test(test_complexity),
+      cmocka_unit_test(test_feature_gauss),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

