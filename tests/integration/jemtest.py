@@ -179,9 +179,11 @@ class Daemon:
         except ValueError:
             return st, h, data
 
-    def raw(self, data, timeout=5.0, shut=True, read=True):
-        """Sends raw bytes; returns whatever comes back before close/timeout."""
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    def raw(self, data, timeout=5.0, shut=True, read=True, port=None):
+        """Sends raw bytes; returns whatever comes back before close/timeout.
+        self.closed tells which of the two ended it."""
+        s = socket.create_connection(("127.0.0.1", port or self.port), timeout=timeout)
+        self.closed = False
         try:
             try:
                 s.sendall(data)
@@ -200,8 +202,10 @@ class Daemon:
                 try:
                     d = s.recv(65536)
                 except (ConnectionResetError, OSError):
+                    self.closed = True
                     break
                 if not d:
+                    self.closed = True
                     break
                 out += d
             return out
