@@ -246,14 +246,15 @@ int main(int argc, char **argv) {
           jem_blas_core() ? jem_blas_core() : "unknown", srv_cfg.http_threads,
           srv_cfg.max_batch, srv_cfg.max_delay_us, srv_cfg.queue_size,
           srv_auth_enabled() ? (srv_cfg.protect_scoring ? "jobs+scoring" : "jobs") : "off");
-  /* a fixed, parseable line for scripts and tests (--port 0) */
+  /* fixed, parseable lines for scripts and tests (--port 0), the probe
+   * port's first: "listening" tells them both are known */
   const char *shown = srv_cfg.host;
   int v6 = strchr(shown, ':') != NULL;
-  fprintf(stderr, "jemd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", shown, v6 ? "]" : "",
-          port);
   if (probe_port >= 0)
     fprintf(stderr, "jemd: probes on http://%s%s%s:%d\n", v6 ? "[" : "", shown, v6 ? "]" : "",
             probe_port);
+  fprintf(stderr, "jemd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", shown, v6 ? "]" : "",
+          port);
   fflush(stderr);
   char ready[64];
   snprintf(ready, sizeof ready, "READY=1\nMAINPID=%ld", (long)getpid());

@@ -45,7 +45,38 @@ int srv_json_depth_ok(const char *buf, size_t len, int max_depth) {
   return srv_json_scan(buf, len, max_depth, LLONG_MAX) == -1 ? -1 : 0;
 }
 
+static _Thread_local struct {
+  const char *buf;
+  size_t len;
+  json_t *j;
+  int status;
+  char err[256];
+} ahead;
+
+void srv_json_ahead(const char *buf, size_t len, json_t *j, int status, const char *err) {
+  srv_json_ahead_clear();
+  ahead.buf = buf;
+  ahead.len = len;
+  ahead.j = j;
+  ahead.status = status;
+  snprintf(ahead.err, sizeof ahead.err, "%s", err ? err : "");
+}
+
+void srv_json_ahead_clear(void) {
+  json_decref(ahead.j);
+  ahead.j = NULL;
+  ahead.buf = NULL;
+}
+
 json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size_t errlen) {
+  if (buf && buf == ahead.buf && len == ahead.len) { /* parsed on a worker already */
+    json_t *j = ahead.j;
+    *status = ahead.status;
+    if (!j) snprintf(err, errlen, "%s", ahead.err);
+    ahead.j = NULL;
+    ahead.buf = NULL;
+    return j;
+  }
   *status = 400; /* for every failure but a number too large */
   if (len == 0) {
     snprintf(err, errlen, "empty body; expected JSON");

@@ -261,6 +261,7 @@ struct srv_req {
   int body_refused;             /* 413 (too large) or 503 (budget), once seen */
   int uri_error;                /* found by the URI callback, answered first */
   int probe;                    /* arrived on --probe-port */
+  struct json_ahead *ahead;     /* a large JSON body's parse on a worker */
   /* path parameters, in pattern order */
   char params[SRV_MAX_PARAMS][SRV_PARAM_MAX];
   int n_params;
@@ -370,6 +371,15 @@ enum MHD_Result srv_h_v2_infer(srv_req *r);
  * '[' or '{' SRV_JSON_CONTAINER_WEIGHT) <= max_elements; -1 too deep, -2 too
  * many values.  A cheap pass before parsing; does not validate the JSON. */
 int srv_json_scan(const char *buf, size_t len, int max_depth, long long max_elements);
+/* A JSON body at least this large is parsed on a worker before its
+ * handler runs (http.c), not on an HTTP thread. */
+#define SRV_JSON_AHEAD_BYTES (256 * 1024)
+/* Hands a parse done ahead (tree or failure, with srv_json_parse's status
+ * and err) to the next srv_json_parse of exactly (buf, len) on this thread;
+ * srv_json_ahead_clear drops it if no handler asked.  j is stolen. */
+void srv_json_ahead(const char *buf, size_t len, json_t *j, int status, const char *err);
+void srv_json_ahead_clear(void);
+
 /* srv_json_scan's depth check alone: 0 or -1. */
 int srv_json_depth_ok(const char *buf, size_t len, int max_depth);
 /* json_loadb with the daemon's flags after srv_json_scan (--max-json-depth

@@ -78,6 +78,23 @@ def one_refusal(d, what, req, expect=400, ours=True):
               f"{what}: {expect} from libmicrohttpd and closed ({st}, closed={closed})")
 
 
+SANITIZER = re.compile(r"ERROR: (Address|Leak)Sanitizer|runtime error:")
+
+
+def stop(d, what):
+    """SIGTERM: the daemon drains and exits 0, with no sanitizer report."""
+    if d.proc.poll() is None:
+        d.signal(signal.SIGTERM)
+        try:
+            d.wait(30)
+        except Exception:  # noqa: BLE001
+            d.kill()
+    check(d.proc.returncode == 0 and not SANITIZER.search(d.log()),
+          f"{what}: exit {d.proc.returncode}, sanitizer report: "
+          f"{(SANITIZER.search(d.log()) or [None])[0]}")
+    d.kill()
+
+
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -201,7 +218,7 @@ def image_reason(jemd, model):
         check(all(g == (413, "image_too_large", 400, "invalid_image") for g in got),
               f"inflation bomb 413, then the corrupt PNG 400 every time ({got})")
     finally:
-        d.kill()
+        stop(d, "image daemon")
 
 
 def json_bombs(d, asan):
@@ -228,8 +245,30 @@ def json_bombs(d, asan):
         for _ in range(3):
             st, _, js = d.json("POST", "/v1/samples", nums, J)
             check(st == 400, f"a parsed 900k-number array is refused after parsing ({st})")
+        # parsed on a worker, not on an HTTP thread: /healthz keeps answering
+        stop_flag, lat = [], []
+
+        def hammer():
+            while not stop_flag:
+                d.request("POST", "/v1/samples", nums, J)
+        ts = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for _ in range(30):
+            t0 = time.time()
+            d.request("GET", "/healthz")
+            lat.append(time.time() - t0)
+            time.sleep(0.03)
+        stop_flag.append(1)
+        for t in ts:
+            t.join()
+        lat.sort()
+        check(lat[len(lat) // 2] < 0.15, f"/healthz while 7 MB JSON bodies parse: median "
+              f"{lat[len(lat) // 2] * 1e3:.0f} ms, max {lat[-1] * 1e3:.0f} ms")
         time.sleep(0.6)  # the main thread's tick trims the heap
         rss2 = rss_kb(d.proc.pid)
+        print(f"  JSON: resident {rss0} kB at start, {rss1} kB after 6 bombs (slowest refusal "
+              f"{worst * 1e3:.0f} ms), {rss2} kB after 3 parsed 900k-number bodies", flush=True)
         check(rss2 - rss0 < 40 * 1024,
               f"resident size returns after large parsed bodies: {rss0} -> {rss2} kB")
 
@@ -278,6 +317,8 @@ def budget(jemd, model, asan):
               "rejections counted as body_budget")
         if not asan:
             rss1 = rss_kb(d.proc.pid)
+            print(f"  budget: resident {rss0} kB before, {rss1} kB with 4 bodies held and 8 "
+                  f"refused", flush=True)
             check(rss1 - rss0 < 4 * cap // 1024 + 48 * 1024,
                   f"resident size bounded by the budget: {rss0} -> {rss1} kB")
         # a chunked body while the budget is full: 503 after it is read
@@ -302,7 +343,7 @@ def budget(jemd, model, asan):
     finally:
         for s in held:
             s.close()
-        d.kill()
+        stop(d, "budget daemon")
 
 
 def reload_fifo(jemd, tmp):
@@ -331,7 +372,7 @@ def reload_fifo(jemd, tmp):
         check(rc == 0 and time.time() - t0 < 8, f"SIGTERM drains and exits 0 ({rc}, "
               f"{time.time() - t0:.1f} s)")
     finally:
-        d.kill()
+        stop(d, "reload daemon")
 
 
 def probe_port(jemd, model):
@@ -365,7 +406,7 @@ def probe_port(jemd, model):
     finally:
         for s in socks:
             s.close()
-        d.kill()
+        stop(d, "probe daemon")
 
 
 def jobs_admission(jemd, model):
@@ -401,7 +442,7 @@ def jobs_admission(jemd, model):
         for r in ok:
             d.request("DELETE", r[2]["url"])
     finally:
-        d.kill()
+        stop(d, "jobs daemon")
 
 
 def main():
@@ -428,12 +469,12 @@ def main():
             st, _, _ = d.json("GET", "/readyz")
             check(st == 200, "ready after the framing cases")
         finally:
-            d.kill()
+            stop(d, "framing daemon")
         d = jemtest.Daemon(jemd, model)
         try:
             json_bombs(d, asan)
         finally:
-            d.kill()
+            stop(d, "JSON daemon")
         image_reason(jemd, model)
         budget(jemd, model, asan)
         reload_fifo(jemd, tmp)
