@@ -23,12 +23,10 @@ import random
 import re
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -121,13 +119,6 @@ def statuses(out):
     return [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", out)]
 
 
-def bomb_png():
-    def chunk(t, b):
-        return struct.pack(">I", len(b)) + t + b + struct.pack(">I", zlib.crc32(t + b))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)) +
-            chunk(b"IDAT", zlib.compress(b"\0" * (64 * MiB), 9)) + chunk(b"IEND", b""))
-
-
 def hold_phase(d, stats, n=300, body=8 * MiB):
     """n connections each hold all but the last byte of a `body`-byte body."""
     J = {"Content-Type": "application/json"}
@@ -190,7 +181,7 @@ def mix_phase(d, pp, stats, seconds, hostile_clients=3):
     imgs = jemtest.test_images(16, seed=3)
     png = imgs[0]
     corrupt = png[:41] + b"\xff" * 20 + png[61:]
-    bomb = bomb_png()
+    bomb = jemtest.png_inflation_bomb()
     json_bomb = b"[" + b",".join([b"{}"] * 2_000_000) + b"]"
     v2 = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 32, 32],
                                  "data": [0.1] * 2048}]})
@@ -262,21 +253,7 @@ def mix_phase(d, pp, stats, seconds, hostile_clients=3):
                        (400,))
             elif r == 4:
                 def chunked():
-                    s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
-                    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
-                              b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-                    c = b"%x\r\n" % MiB + b"a" * MiB + b"\r\n"
-                    for _ in range(10):
-                        s.sendall(c)
-                    s.sendall(b"0\r\n\r\n")
-                    out = b""
-                    while True:
-                        b = s.recv(65536)
-                        if not b:
-                            break
-                        out += b
-                    s.close()
-                    return statuses(out)
+                    return statuses(jemtest.chunked_post(d.port, 10 * MiB, chunk=MiB))
                 expect("chunked_over", chunked, ([413], [503]))
             elif r == 5:
                 def held():

@@ -17,12 +17,10 @@ import shutil
 import signal
 import subprocess
 import socket
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -173,25 +171,8 @@ def paths_and_queries(d):
 def chunked_over(d, cap):
     """A chunked body past --max-body-bytes: one 413 after the body, not a
     silent close (it used to close past about twice the limit)."""
-    s = socket.create_connection(("127.0.0.1", d.port), timeout=20)
-    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-              b"Transfer-Encoding: chunked\r\n\r\n")
-    chunk = b"a" * 65536
-    n = 0
-    try:
-        while n < 3 * cap + 2 * MiB:
-            s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-            n += len(chunk)
-        s.sendall(b"0\r\n\r\n")
-        out = b""
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            out += b
-    except OSError as e:
-        out = repr(e).encode()
-    s.close()
+    n = 3 * cap + 2 * MiB
+    out = jemtest.chunked_post(d.port, n)
     js = json_body(out)
     check(statuses(out) == [413] and isinstance(js, dict) and
           js["error"]["code"] == "body_too_large",
@@ -202,11 +183,7 @@ def image_reason(jemd, model):
     """The same corrupt PNG is a 400 whatever the HTTP thread decoded before."""
     d = jemtest.Daemon(jemd, model, "--http-threads", "1")
     try:
-        # 1x1 PNG whose IDAT inflates to 64 MiB: the decoder's budget refuses it
-        def chunk(t, b):
-            return struct.pack(">I", len(b)) + t + b + struct.pack(">I", zlib.crc32(t + b))
-        bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(b"\0" * (64 * MiB), 9)) + chunk(b"IEND", b""))
+        bomb = jemtest.png_inflation_bomb()
         png = jemtest.test_images(1)[0]
         corrupt = png[:41] + b"\xff" * 20 + png[61:]
         H = {"Content-Type": "image/png"}
