@@ -365,9 +365,10 @@ static enum MHD_Result framing_iter(void *cls, enum MHD_ValueKind kind, const ch
   static const size_t cl_len = sizeof "Content-Length" - 1, te_len = sizeof "Transfer-Encoding" - 1;
   if (!is_token(key, key_size))
     f->bad = 1;
-  else if (key_size >= cl_len && !strncasecmp(key, "Content-Length", cl_len))
-    key_size == cl_len ? (void)f->n_cl++ : (void)(f->bad = 1);
-  else if (key_size >= te_len && !strncasecmp(key, "Transfer-Encoding", te_len)) {
+  else if (key_size >= cl_len && !strncasecmp(key, "Content-Length", cl_len)) {
+    if (key_size != cl_len) f->bad = 1;
+    f->n_cl++;
+  } else if (key_size >= te_len && !strncasecmp(key, "Transfer-Encoding", te_len)) {
     if (key_size != te_len) f->bad = 1;
     f->n_te++;
     f->te = value;
