@@ -145,7 +145,7 @@ asan: deps
 # A few minutes of mixed good and hostile traffic against a loopback daemon
 # (tests/soak.py): errors, p99, resident size at start, peak and end.
 soak: all
-	$(PYTHON) tests/soak.py --build $(B) $(if $(SECONDS),--seconds $(SECONDS))
+	$(PYTHON) tests/soak.py --build $(B) $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS))
 
 # Each bench/bench_*.py runs its C benchmark binaries and the PyTorch
 # reference in the same run and prints both with their ratio.
