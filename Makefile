@@ -150,6 +150,11 @@ asan: deps
 	$(MAKE) MODE=asan all
 	$(MAKE) MODE=asan check
 
+# A few minutes of mixed good and hostile traffic against a loopback daemon
+# (tests/soak.py): errors, p99, resident size at start, peak and end.
+soak: all
+	$(PYTHON) tests/soak.py --build $(B) $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS))
+
 # Each bench/bench_*.py runs its C benchmark binaries and the PyTorch
 # reference in the same run and prints both with their ratio.
 bench: deps-bench all $(BENCHES)
@@ -198,5 +203,5 @@ clean:
 
 -include $(shell find build -name '*.d' 2>/dev/null)
 
-.PHONY: FORCE all deps deps-bench ood-sets run unit integration check test asan bench \
+.PHONY: FORCE all deps deps-bench ood-sets run unit integration check test asan soak bench \
         bench-server fuzz fuzzers install container clean

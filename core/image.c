@@ -19,9 +19,16 @@ typedef struct img_hdr { size_t size; size_t pad; } img_hdr; /* keeps 16-byte al
 
 static _Thread_local size_t img_used;
 static _Thread_local size_t img_cap;
+/* Set when the budget refused a block; reset before each decode, so that a
+ * failure is blamed on the budget only when this image hit it (stb's own
+ * failure reason outlives the decode that set it). */
+static _Thread_local int img_refused;
 
 static void *img_malloc(size_t n) {
-  if (n > img_cap - img_used || n > SIZE_MAX - sizeof(img_hdr)) return NULL;
+  if (n > img_cap - img_used || n > SIZE_MAX - sizeof(img_hdr)) {
+    img_refused = 1;
+    return NULL;
+  }
   img_hdr *h = calloc(1, sizeof(img_hdr) + n);
   if (!h) return NULL;
   h->size = n;
@@ -40,8 +47,10 @@ static void *img_realloc(void *p, size_t n) {
   if (!p) return img_malloc(n);
   img_hdr *h = (img_hdr *)p - 1;
   size_t old = h->size;
-  if (n > old && (n - old > img_cap - img_used || n > SIZE_MAX - sizeof(img_hdr)))
+  if (n > old && (n - old > img_cap - img_used || n > SIZE_MAX - sizeof(img_hdr))) {
+    img_refused = 1;
     return NULL;
+  }
   img_hdr *nh = realloc(h, sizeof(img_hdr) + n);
   if (!nh) return NULL;
   if (n > old) memset((unsigned char *)(nh + 1) + old, 0, n - old);
@@ -659,6 +668,7 @@ int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int
    * at up to 8 bytes per sample, plus the compressed data copies. */
   size_t area = (size_t)info.w * (size_t)info.h;
   img_used = 0;
+  img_refused = 0;
   img_cap = area * 48 + 4 * len + ((size_t)8 << 20);
 
   int w = 0, h = 0, n = 0;
@@ -674,8 +684,7 @@ int jem_image_to_input(const void *buf, size_t len, const jem_preprocess *p, int
     data = stbi_load_from_memory(b, (int)len, &w, &h, &n, 4);
   if (!data) {
     /* stb's own reasons ("bad png sig", ...) are not for clients (security.md) */
-    const char *why = stbi_failure_reason();
-    int budget = why && !strcmp(why, "outofmem");
+    int budget = img_refused;
     img_cap = 0;
     if (budget)
       return jem__errf(err, errlen, JEM_ETOOBIG,

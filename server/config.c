@@ -51,6 +51,9 @@ static const opt opts[] = {
    "images waiting for a worker before new requests get 503 (/readyz: 503 from 90%)"},
   {"max-body-bytes", "JEMD_MAX_BODY_BYTES", OPT_LL, F(max_body_bytes), "8388608", 1,
    1ll << 32, "BYTES", "largest request body (413 above it)"},
+  {"max-buffered-bytes", "JEMD_MAX_BUFFERED_BYTES", OPT_LL, F(max_buffered_bytes), "536870912",
+   1024, 1ll << 40, "BYTES", "request bodies of all connections together; past it new bodies "
+   "get 503 with Retry-After before they are read (default: a quarter of deploy/'s 2 GiB)"},
   {"max-image-pixels", "JEMD_MAX_IMAGE_PIXELS", OPT_LL, F(max_image_pixels), "4194304",
    1, 1ll << 28, "N", "largest decoded image area, checked before decoding"},
   {"max-image-side", "JEMD_MAX_IMAGE_SIDE", OPT_INT, F(max_image_side), "8192", 1,
@@ -63,15 +66,24 @@ static const opt opts[] = {
    "batches, not on an HTTP thread"},
   {"max-json-depth", "JEMD_MAX_JSON_DEPTH", OPT_INT, F(max_json_depth), "64", 1, 1024, "N",
    "deepest nesting of arrays and objects in a JSON body"},
+  {"max-json-elements", "JEMD_MAX_JSON_ELEMENTS", OPT_LL, F(max_json_elements), "1048576", 16,
+   1ll << 32, "N", "most values in a JSON body, counted before parsing; an object or array "
+   "counts 8 (parsed, it costs that much more memory)"},
   {"max-connections", "JEMD_MAX_CONNECTIONS", OPT_INT, F(max_connections), "1024", 1,
    1000000, "N", "open connections in total"},
   {"max-connections-per-ip", "JEMD_MAX_CONNECTIONS_PER_IP", OPT_INT,
-   F(max_connections_per_ip), "1024", 0, 1000000, "N",
+   F(max_connections_per_ip), "128", 0, 1000000, "N",
    "open connections per client address (0 = no limit)"},
+  {"probe-port", "JEMD_PROBE_PORT", OPT_INT, F(probe_port), "-1", -1, 65535, "N",
+   "also serve /healthz, /readyz, /metrics and /v2/health/* (only) on this port, with "
+   "connections of its own, so probes answer when the main port's are all taken; -1 = off, "
+   "0 picks a free one and logs it"},
   {"timeout", "JEMD_TIMEOUT", OPT_INT, F(timeout), "30", 1, 86400, "S",
    "close a connection idle for this long"},
   {"request-deadline", "JEMD_REQUEST_DEADLINE", OPT_INT, F(request_deadline), "60", 1,
    86400, "S", "longest time a client may take to send one request"},
+  {"reload-timeout", "JEMD_RELOAD_TIMEOUT", OPT_INT, F(reload_timeout), "60", 1, 3600, "S",
+   "a SIGHUP reload (on its own thread) taking longer is given up as failed"},
   {"drain-seconds", "JEMD_DRAIN_SECONDS", OPT_INT, F(drain_seconds), "30", 0, 86400, "S",
    "on SIGTERM, after the delay, wait this long for admitted work and jobs (new work gets 503)"},
   {"drain-delay", "JEMD_DRAIN_DELAY", OPT_INT, F(drain_delay), "0", 0, 3600, "S",
@@ -265,6 +277,13 @@ int srv_config_parse(int argc, char **argv, int *status) {
     fprintf(stderr, "jemd: --queue-size %d is below --max-images %d; a request of %d images "
                     "would always get 503\n", srv_cfg.queue_size, srv_cfg.max_images,
             srv_cfg.max_images);
+    *status = 2;
+    return 1;
+  }
+  if (srv_cfg.max_buffered_bytes <= srv_cfg.max_body_bytes) {
+    fprintf(stderr, "jemd: --max-buffered-bytes %lld must be above --max-body-bytes %lld, or "
+                    "a body of the largest size would always get 503\n",
+            srv_cfg.max_buffered_bytes, srv_cfg.max_body_bytes);
     *status = 2;
     return 1;
   }

@@ -4,15 +4,18 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-static struct MHD_Daemon *D;
+static struct MHD_Daemon *D, *P; /* P: the probe port's daemon (--probe-port) */
 static atomic_int draining;
 static atomic_ullong req_counter;
 static unsigned int id_prefix;
@@ -29,6 +32,44 @@ typedef struct conn_rec {
 
 static pthread_mutex_t conns_mu = PTHREAD_MUTEX_INITIALIZER;
 static conn_rec *conns;
+
+/* Request bodies buffered by all connections together, bounded by
+ * --max-buffered-bytes: without it the ceiling was max-connections x
+ * max-body-bytes (8 GiB with the defaults), far past deploy/'s memory limit.
+ * A request takes its share before its body is read (all of Content-Length,
+ * or each growth of a chunked body's buffer) and returns it when it ends. */
+static atomic_llong body_bytes;
+/* Set when a large body was freed; the main thread's tick then gives the
+ * freed heap back to the system (glibc keeps it otherwise). */
+static atomic_int trim_wanted;
+
+static int budget_take(srv_req *r, size_t n) {
+  long long cur = atomic_load(&body_bytes);
+  do {
+    if (cur + (long long)n > srv_cfg.max_buffered_bytes) return -1;
+  } while (!atomic_compare_exchange_weak(&body_bytes, &cur, cur + (long long)n));
+  r->budget += n;
+  return 0;
+}
+
+static void body_free(srv_req *r) {
+  if (r->body_cap >= (1u << 20)) atomic_store(&trim_wanted, 1);
+  free(r->body);
+  r->body = NULL;
+  r->body_len = r->body_cap = 0;
+  atomic_fetch_sub(&body_bytes, (long long)r->budget);
+  r->budget = 0;
+}
+
+static char *render_body_bytes(void) {
+  char *s = malloc(256);
+  if (s)
+    snprintf(s, 256,
+             "# HELP jem_request_body_bytes Request body bytes buffered by all connections "
+             "(limit: --max-buffered-bytes).\n# TYPE jem_request_body_bytes gauge\n"
+             "jem_request_body_bytes %lld\n", (long long)atomic_load(&body_bytes));
+  return s;
+}
 
 /* 0 serving; SRV_DRAIN_DELAY after SIGTERM (readiness 503, new jobs 503);
  * SRV_DRAIN_CLOSING once the delay is over (new work of any kind 503). */
@@ -94,6 +135,7 @@ void srv_http_tick(void) {
     }
   }
   pthread_mutex_unlock(&conns_mu);
+  if (atomic_exchange(&trim_wanted, 0)) malloc_trim(0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -261,6 +303,102 @@ int srv_req_check_query(srv_req *r, const char *const *allowed) {
 /* ------------------------------------------------------------------------ */
 /* The access handler */
 
+/* A query with more pairs than this is refused: MHD stores every pair in the
+ * connection's 64 KiB memory pool and, once the pool is full (about 1,000
+ * pairs), drops the connection without any answer. */
+#define MAX_QUERY_PAIRS 100
+
+enum { URI_OK = 0, URI_TOO_MANY_PARAMS, URI_ENCODED_SLASH };
+
+/* MHD's URI log callback: the first look at a request, before MHD splits
+ * and unescapes its query.  Returns the request record (MHD stores it as
+ * the request's context). */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c) {
+  (void)cls;
+  (void)c;
+  srv_req *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->route_idx = -1;
+  r->t_start = srv_now_ns();
+  const char *q = strchr(uri, '?');
+  size_t plen = q ? (size_t)(q - uri) : strlen(uri);
+  /* %2F would be decoded into a '/' that routing then splits on: a proxy's
+   * path rules and jemd would disagree about which route this is */
+  for (size_t i = 0; i + 2 < plen; i++)
+    if (uri[i] == '%' && uri[i + 1] == '2' && (uri[i + 2] == 'f' || uri[i + 2] == 'F'))
+      r->uri_error = URI_ENCODED_SLASH;
+  if (q) {
+    size_t pairs = 1;
+    for (const char *p = q; *p; p++) pairs += *p == '&';
+    if (pairs > MAX_QUERY_PAIRS) {
+      /* cut the query before MHD parses it; uri points into MHD's own
+       * (writable) read buffer, and first_call answers 400 */
+      ((char *)q)[1] = '\0';
+      r->uri_error = URI_TOO_MANY_PARAMS;
+    }
+  }
+  return r;
+}
+
+/* RFC 9110 token characters only.  MHD 0.9.75 appends an obs-fold
+ * continuation line to the previous header's *name*, so a folded header
+ * shows up as a name with a space or colon in it, or as "Content-Length3". */
+static int is_token(const char *s, size_t n) {
+  if (!n) return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c <= 32 || c >= 127 || strchr("\"(),/:;<=>?@[\\]{}", c)) return 0;
+  }
+  return 1;
+}
+
+typedef struct framing {
+  int n_cl, n_te, n_host, bad;
+  const char *te;
+} framing;
+
+static enum MHD_Result framing_iter(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    size_t key_size, const char *value, size_t value_size) {
+  (void)kind;
+  (void)value_size;
+  framing *f = cls;
+  static const size_t cl_len = sizeof "Content-Length" - 1, te_len = sizeof "Transfer-Encoding" - 1;
+  if (!is_token(key, key_size))
+    f->bad = 1;
+  else if (key_size >= cl_len && !strncasecmp(key, "Content-Length", cl_len)) {
+    if (key_size != cl_len) f->bad = 1;
+    f->n_cl++;
+  } else if (key_size >= te_len && !strncasecmp(key, "Transfer-Encoding", te_len)) {
+    if (key_size != te_len) f->bad = 1;
+    f->n_te++;
+    f->te = value;
+  } else if (key_size == 4 && !strncasecmp(key, "Host", 4))
+    f->n_host++;
+  return MHD_YES;
+}
+
+/* RFC 9112 sections 3.2, 6.1 and 6.3: message framing two parties could read
+ * differently (a proxy in front and jemd) is refused, and the connection
+ * closed, so that no second request can hide in a body.  MHD itself answers
+ * a malformed Content-Length value ("+3", "3, 3") with its own 400. */
+static const char *framing_error(srv_req *r, const char *version, int *status) {
+  framing f = {0, 0, 0, 0, NULL};
+  MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, framing_iter, &f);
+  int http11 = version && !strcmp(version, MHD_HTTP_VERSION_1_1);
+  *status = 400;
+  if (f.bad) return "malformed header line (a folded line or a bad header name)";
+  if (f.n_te && f.n_cl) return "both Content-Length and Transfer-Encoding are given";
+  if (f.n_cl > 1) return "Content-Length is given more than once";
+  if (f.n_te && !http11) return "Transfer-Encoding needs HTTP/1.1";
+  if (f.n_te > 1 || (f.n_te && strcasecmp(f.te, "chunked"))) {
+    *status = 501;
+    return "the only transfer coding accepted is 'chunked'";
+  }
+  if (http11 && f.n_host != 1)
+    return f.n_host ? "more than one Host header" : "an HTTP/1.1 request needs a Host header";
+  return NULL;
+}
+
 static int valid_id(const char *s) {
   size_t n = strlen(s);
   if (n == 0 || n > 40) return 0;
@@ -273,15 +411,55 @@ static int valid_id(const char *s) {
   return 1;
 }
 
-static enum MHD_Result first_call(srv_req *r) {
+static enum MHD_Result refuse_closing(srv_req *r, int status, int reason, const char *code,
+                                      const char *retry_after, const char *msg) {
+  srv_metrics_reject(reason);
+  r->close_conn = 1;
+  const char *h[] = {"Retry-After", retry_after, NULL};
+  return srv_respond_error_h(r, status, code, retry_after ? h : NULL, "%s", msg);
+}
+
+static enum MHD_Result body_too_large(srv_req *r) {
+  char msg[128];
+  snprintf(msg, sizeof msg, "request body exceeds the limit of %lld bytes",
+           srv_cfg.max_body_bytes);
+  return refuse_closing(r, 413, SRV_REJ_TOO_LARGE, "body_too_large", NULL, msg);
+}
+
+static enum MHD_Result budget_full(srv_req *r) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "the server holds too many request bodies (--max-buffered-bytes "
+           "%lld); retry later", srv_cfg.max_buffered_bytes);
+  return refuse_closing(r, 503, SRV_REJ_BODY_BUDGET, "server_busy", "1", msg);
+}
+
+static enum MHD_Result first_call(srv_req *r, const char *version) {
   const char *rid = srv_req_header(r, "X-Request-Id");
   if (rid && valid_id(rid))
     snprintf(r->id, sizeof r->id, "%s", rid);
   else
     snprintf(r->id, sizeof r->id, "%08x-%llu", id_prefix,
              (unsigned long long)atomic_fetch_add(&req_counter, 1) + 1);
+  int fst;
+  const char *why = framing_error(r, version, &fst);
+  if (why)
+    return refuse_closing(r, fst, SRV_REJ_BAD_REQUEST,
+                          fst == 501 ? "not_implemented" : "bad_request", NULL, why);
+  if (r->uri_error == URI_TOO_MANY_PARAMS) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "more than %d query parameters", MAX_QUERY_PAIRS);
+    return refuse_closing(r, 400, SRV_REJ_BAD_REQUEST, "invalid_parameter", NULL, msg);
+  }
+  if (r->uri_error == URI_ENCODED_SLASH) {
+    srv_metrics_reject(SRV_REJ_BAD_REQUEST);
+    return srv_respond_error(r, 400, "invalid_path",
+                             "an encoded '/' (%%2F) in the path is not accepted");
+  }
   char allow[128];
   int idx = srv_route_match(r->method, r->url, r, allow, sizeof allow);
+  if (idx >= 0 && r->probe && !(srv_routes[idx].flags & SRV_R_PROBE))
+    return srv_respond_error(r, 404, "not_found", "the probe port serves only /healthz, "
+                             "/readyz, /metrics and /v2/health/*, not %.200s", r->url);
   if (idx == -1)
     return srv_respond_error(r, 404, "not_found", "no such route: %.200s", r->url);
   if (idx == -2) {
@@ -310,12 +488,12 @@ static enum MHD_Result first_call(srv_req *r) {
     char *end;
     errno = 0;
     unsigned long long n = strtoull(cl, &end, 10);
-    if (errno || end == cl || (*end && *end != ' ') || n > (unsigned long long)srv_cfg.max_body_bytes) {
-      srv_metrics_reject(SRV_REJ_TOO_LARGE);
-      r->close_conn = 1;
-      return srv_respond_error(r, 413, "body_too_large",
-                               "request body exceeds the limit of %lld bytes",
-                               srv_cfg.max_body_bytes);
+    if (errno || end == cl || (*end && *end != ' ') || n > (unsigned long long)srv_cfg.max_body_bytes)
+      return body_too_large(r);
+    /* the whole body's share of the budget, before any of it is read */
+    if (n > 0 && (r->route->flags & SRV_R_BODY)) {
+      if (budget_take(r, (size_t)n + 1)) return budget_full(r);
+      r->body_expect = (size_t)n + 1;
     }
   }
   r->state = SRV_REQ_BODY;
@@ -329,22 +507,28 @@ static enum MHD_Result take_body(srv_req *r, const char *data, size_t n) {
     return MHD_NO;
   }
   r->body_seen += n;
+  /* A refused body (and any body of a route that takes none) is read and
+   * dropped so that the answer can follow it; the request deadline bounds
+   * how long that may take. */
+  if (r->body_refused || !(r->route->flags & SRV_R_BODY)) return MHD_YES;
   size_t cap = (size_t)srv_cfg.max_body_bytes;
-  if (r->body_too_big) {
-    /* drain so that a 413 can be sent, but not forever */
-    return r->body_seen > cap * 2 + (1u << 20) ? MHD_NO : MHD_YES;
-  }
   if (r->body_len + n > cap) {
-    r->body_too_big = 1;
-    free(r->body);
-    r->body = NULL;
-    r->body_len = r->body_cap = 0;
+    r->body_refused = 413;
+    body_free(r);
     return MHD_YES;
   }
   if (r->body_len + n + 1 > r->body_cap) {
-    size_t nc = r->body_cap ? r->body_cap : 16384;
-    while (nc < r->body_len + n + 1) nc *= 2;
-    if (nc > cap + 1) nc = cap + 1;
+    size_t nc = r->body_expect; /* Content-Length + 1, taken from the budget already */
+    if (nc < r->body_len + n + 1) {
+      nc = r->body_cap ? r->body_cap : 16384;
+      while (nc < r->body_len + n + 1) nc *= 2;
+      if (nc > cap + 1) nc = cap + 1;
+    }
+    if (nc > r->budget && budget_take(r, nc - r->budget)) { /* a chunked body grows */
+      r->body_refused = 503;
+      body_free(r);
+      return MHD_YES;
+    }
     char *nb = realloc(r->body, nc);
     if (!nb) return MHD_NO;
     r->body = nb;
@@ -356,24 +540,73 @@ static enum MHD_Result take_body(srv_req *r, const char *data, size_t n) {
   return MHD_YES;
 }
 
+/* A large JSON body is parsed on a worker (background work, between scoring
+ * batches) while the connection is suspended: parsing 7 MB of numbers takes
+ * about half a second, which on an HTTP thread would stall every other
+ * connection it serves.  The handler then runs as usual and its
+ * srv_json_parse receives the finished tree. */
+typedef struct json_ahead {
+  srv_work work;
+  srv_req *r;
+  json_t *j;
+  int ran, status;
+  char err[256];
+} json_ahead;
+
+static void ahead_run(srv_work *w, srv_worker *wk) {
+  (void)wk;
+  json_ahead *a = (json_ahead *)w;
+  a->j = srv_json_parse(a->r->body, a->r->body_len, &a->status, a->err, sizeof a->err);
+  a->ran = 1;
+}
+
+static void ahead_done(srv_work *w, int canceled) {
+  (void)canceled; /* then the handler parses (and answers 503: no scheduler) */
+  srv_req_resume(((json_ahead *)w)->r);
+}
+
+static enum MHD_Result ahead_resume(srv_req *r) {
+  json_ahead *a = r->ahead;
+  r->ahead = NULL;
+  if (a->ran) srv_json_ahead(r->body, r->body_len, a->j, a->status, a->err);
+  free(a);
+  enum MHD_Result res = r->route->fn(r);
+  srv_json_ahead_clear(); /* a handler that did not ask (wrong media type, ...) */
+  return res;
+}
+
+/* 1 when r's body is parsed ahead on a worker (r is suspended). */
+static int parse_ahead(srv_req *r) {
+  const char *p = r->body;
+  if (r->body_len < SRV_JSON_AHEAD_BYTES) return 0;
+  while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
+  if (*p != '{' && *p != '[') return 0;
+  json_ahead *a = calloc(1, sizeof *a);
+  if (!a) return 0;
+  a->work.kind = SRV_WORK_JOB;
+  a->work.run = ahead_run;
+  a->work.done = ahead_done;
+  a->r = r;
+  r->ahead = a;
+  r->on_resume = ahead_resume;
+  srv_req_suspend(r);
+  if (srv_sched_submit(&a->work)) srv_req_resume(r); /* stopping: parse inline */
+  return 1;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
-  (void)cls;
-  (void)version;
   srv_req *r = *con_cls;
-  if (!r) {
-    r = calloc(1, sizeof *r);
-    if (!r) return MHD_NO;
-    *con_cls = r;
+  if (!r) return MHD_NO; /* on_uri could not allocate it */
+  if (!r->conn) { /* the headers are in */
+    atomic_fetch_add(srv_metrics_inflight(), 1);
     r->conn = conn;
     r->method = method;
     r->url = url;
-    r->route_idx = -1;
-    r->t_start = srv_now_ns();
-    atomic_fetch_add(srv_metrics_inflight(), 1);
-    return first_call(r);
+    r->probe = cls != NULL;
+    return first_call(r, version);
   }
   if (r->state == SRV_REQ_RESPONDED) {
     /* a response was queued early (413, 404, ...): discard the body */
@@ -386,14 +619,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     return take_body(r, upload_data, n);
   }
   if (r->state == SRV_REQ_BODY) {
-    if (r->body_too_big) {
-      srv_metrics_reject(SRV_REJ_TOO_LARGE);
-      r->close_conn = 1;
-      return srv_respond_error(r, 413, "body_too_large",
-                               "request body exceeds the limit of %lld bytes",
-                               srv_cfg.max_body_bytes);
-    }
+    if (r->body_refused == 413) return body_too_large(r);
+    if (r->body_refused) return budget_full(r);
     r->state = SRV_REQ_RESPONDED;
+    if (parse_ahead(r)) return MHD_YES;
     return r->route->fn(r);
   }
   if (r->state == SRV_REQ_RESUMED) {
@@ -416,6 +645,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   }
   if (!r) return;
   *con_cls = NULL;
+  if (!r->conn) { /* closed before its headers were in: never a request */
+    free(r);
+    return;
+  }
   double lat = (double)(srv_now_ns() - r->t_start) * 1e-9;
   int status = r->status;
   if (!status || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) {
@@ -447,7 +680,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
              r->body_seen, r->bytes_out);
   }
   if (r->data_free) r->data_free(r->data);
-  free(r->body);
+  free(r->ahead);
+  body_free(r);
   free(r);
 }
 
@@ -495,15 +729,47 @@ static size_t unescape_no_nul(void *cls, struct MHD_Connection *c, char *s) {
   return (size_t)(w - s);
 }
 
-int srv_http_start(int *port) {
+/* One MHD daemon on ss with port; the probe daemon (probe=1) is small and
+ * apart, so that /healthz and /readyz answer while the main port's
+ * connections are all taken. */
+static struct MHD_Daemon *start_daemon(const struct sockaddr_storage *ss, int v6, int port,
+                                       int probe) {
+  struct sockaddr_storage a = *ss;
+  if (v6)
+    ((struct sockaddr_in6 *)&a)->sin6_port = htons((uint16_t)port);
+  else
+    ((struct sockaddr_in *)&a)->sin_port = htons((uint16_t)port);
+  unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+  if (v6) flags |= MHD_USE_IPv6;
+  return MHD_start_daemon(
+      flags, 0, NULL, NULL, on_request, probe ? (void *)&P : NULL,
+      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&a,
+      MHD_OPTION_THREAD_POOL_SIZE, probe ? 1u : (unsigned)srv_cfg.http_threads,
+      MHD_OPTION_CONNECTION_LIMIT, probe ? 32u : (unsigned)srv_cfg.max_connections,
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT, probe ? 0u : (unsigned)srv_cfg.max_connections_per_ip,
+      MHD_OPTION_CONNECTION_TIMEOUT, probe ? 5u : (unsigned)srv_cfg.timeout,
+      MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536,
+      MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
+      MHD_OPTION_URI_LOG_CALLBACK, on_uri, NULL,
+      MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
+      MHD_OPTION_NOTIFY_CONNECTION, on_connection, NULL,
+      MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
+      MHD_OPTION_UNESCAPE_CALLBACK, unescape_no_nul, NULL,
+      MHD_OPTION_END);
+}
+
+static int bound_port(struct MHD_Daemon *d, int asked) {
+  const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+  return di ? di->port : asked;
+}
+
+int srv_http_start(int *port, int *probe_port) {
   struct addrinfo hints, *ai = NULL;
   memset(&hints, 0, sizeof hints);
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE;
-  char portstr[16];
-  snprintf(portstr, sizeof portstr, "%d", srv_cfg.port);
-  int gai = getaddrinfo(srv_cfg.host, portstr, &hints, &ai);
+  int gai = getaddrinfo(srv_cfg.host, NULL, &hints, &ai);
   if (gai || !ai) {
     srv_log(SRV_LOG_ERROR, "msg=\"cannot resolve --host\" host=%s error=\"%s\"", srv_cfg.host,
             gai_strerror(gai));
@@ -515,35 +781,53 @@ int srv_http_start(int *port) {
   int v6 = ai->ai_family == AF_INET6;
   freeaddrinfo(ai);
   id_prefix = (unsigned)getpid() ^ (unsigned)(srv_now_ns() & 0xffffffffu);
-  unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-  if (v6) flags |= MHD_USE_IPv6;
-  D = MHD_start_daemon(
-      flags, 0, NULL, NULL, on_request, NULL,
-      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-      MHD_OPTION_THREAD_POOL_SIZE, (unsigned)srv_cfg.http_threads,
-      MHD_OPTION_CONNECTION_LIMIT, (unsigned)srv_cfg.max_connections,
-      MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)srv_cfg.max_connections_per_ip,
-      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)srv_cfg.timeout,
-      MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536,
-      MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
-      MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
-      MHD_OPTION_NOTIFY_CONNECTION, on_connection, NULL,
-      MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
-      MHD_OPTION_UNESCAPE_CALLBACK, unescape_no_nul, NULL,
-      MHD_OPTION_END);
+  /* Every connection holds a socket: make room for --max-connections plus
+   * the probe port and the files jemd opens, as far as the hard limit lets. */
+  struct rlimit rl;
+  rlim_t want = (rlim_t)srv_cfg.max_connections + 128;
+  if (!getrlimit(RLIMIT_NOFILE, &rl) && rl.rlim_cur < want) {
+    rl.rlim_cur = rl.rlim_max < want ? rl.rlim_max : want;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < want)
+      srv_log(SRV_LOG_WARN, "msg=\"the open-file limit is below --max-connections + 128\" "
+              "limit=%llu max_connections=%d", (unsigned long long)rl.rlim_cur,
+              srv_cfg.max_connections);
+  }
+  /* Large blocks (request bodies, decoded images) from mmap, so that free()
+   * returns them to the system at once; glibc would otherwise raise this
+   * threshold after the first such free and keep them in the heap.  One
+   * arena: malloc_trim gives back the main arena's free top, not that of
+   * the per-thread arenas, where a JSON tree parsed on a worker and freed on
+   * an HTTP thread stayed resident (64 MB after three 900k-value bodies,
+   * 9 MB with one arena).  Hot paths do not allocate (workspaces), and the
+   * per-thread caches keep most small allocations off the arena lock. */
+  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+  mallopt(M_ARENA_MAX, 1);
+  srv_metrics_register(render_body_bytes);
+  D = start_daemon(&ss, v6, srv_cfg.port, 0);
+  if (D && srv_cfg.probe_port >= 0) {
+    P = start_daemon(&ss, v6, srv_cfg.probe_port, 1);
+    if (!P) {
+      int e = errno;
+      MHD_stop_daemon(D);
+      D = NULL;
+      errno = e;
+    }
+  }
   if (!D) {
-    srv_log(SRV_LOG_ERROR, "msg=\"cannot start the HTTP server\" host=%s port=%d error=\"%s\"",
-            srv_cfg.host, srv_cfg.port, strerror(errno));
+    srv_log(SRV_LOG_ERROR, "msg=\"cannot start the HTTP server\" host=%s port=%d probe_port=%d "
+            "error=\"%s\"", srv_cfg.host, srv_cfg.port, srv_cfg.probe_port, strerror(errno));
     return -1;
   }
-  const union MHD_DaemonInfo *di = MHD_get_daemon_info(D, MHD_DAEMON_INFO_BIND_PORT);
-  *port = di ? di->port : srv_cfg.port;
+  *port = bound_port(D, srv_cfg.port);
+  *probe_port = P ? bound_port(P, srv_cfg.probe_port) : -1;
   return 0;
 }
 
 void srv_http_stop(void) {
   if (D) MHD_stop_daemon(D);
-  D = NULL;
+  if (P) MHD_stop_daemon(P);
+  D = P = NULL;
   pthread_mutex_lock(&conns_mu);
   while (conns) {
     conn_rec *n = conns->next;

@@ -189,7 +189,9 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
   if (i == len) return 0; /* no body: every default */
   int st = 0;
   json_t *j = srv_json_parse(body, len, &st, err, errlen);
-  if (!j) return fail(code, st == 422 ? "out_of_range" : "invalid_json", st);
+  if (!j)
+    return fail(code, st == 422 ? "out_of_range" : st == 413 ? "json_too_large" : "invalid_json",
+                st);
   json_t *imgs = NULL;
   const char *key;
   json_t *v;
@@ -443,6 +445,7 @@ static struct {
   pthread_mutex_t mu;
   job *head, *tail;
   int count, active;
+  int decoding;                 /* admitted requests whose init images decode on a worker */
   size_t bytes;
   unsigned long long created, finished[J_NSTATES], chain_steps, rejected[REJ_N];
   unsigned long long dur_counts[J_NSTATES][N_DUR + 1];
@@ -943,7 +946,7 @@ static enum MHD_Result refuse_request(srv_req *r, int st, const char *code, cons
   return srv_respond_error_h(r, st, code, st == 503 ? h : NULL, "%s", err);
 }
 
-static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q);
+static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q, int admitted);
 
 /* Large init images, decoded on a worker while the request is suspended. */
 typedef struct init_decode {
@@ -954,12 +957,22 @@ typedef struct init_decode {
   jem_image_limits lim;
   int conn_fd;
   int canceled, client_gone, st;
+  int admitted;                 /* holds a place in J.decoding */
   const char *code;
   char err[512];
 } init_decode;
 
+/* Gives back a place in J.decoding (admitted = 1) that no job will take. */
+static void decoding_end(int admitted) {
+  if (!admitted) return;
+  pthread_mutex_lock(&J.mu);
+  J.decoding--;
+  pthread_mutex_unlock(&J.mu);
+}
+
 static void init_decode_free(void *p) {
   init_decode *d = p;
+  decoding_end(d->admitted);
   srv_samples_req_free(&d->q);
   srv_model_put(d->sm);
   free(d);
@@ -1001,9 +1014,10 @@ static enum MHD_Result init_decode_resume(srv_req *r) {
   if (d->st) return refuse_request(r, d->st, d->code, d->err);
   srv_model *sm = d->sm;
   srv_samples_req q = d->q;
-  d->sm = NULL; /* create_job owns both now */
+  d->sm = NULL; /* create_job owns both, and the place in J.decoding, now */
   memset(&d->q, 0, sizeof d->q);
-  return create_job(r, sm, q);
+  d->admitted = 0;
+  return create_job(r, sm, q, 1);
 }
 
 enum MHD_Result srv_h_samples_create(srv_req *r) {
@@ -1041,18 +1055,25 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     return refuse_request(r, st, code, err);
   }
   if (q.pixels > SRV_DECODE_INLINE_PIXELS) { /* as in h_classify.c */
+    /* the queue check and the place it grants are one step: concurrent
+     * requests cannot all pass it and be refused only after decoding */
     pthread_mutex_lock(&J.mu);
-    int active = J.active, full = active >= srv_cfg.max_queued_jobs;
-    if (full) J.rejected[REJ_QUEUE_FULL]++;
+    int active = J.active + J.decoding, full = active >= srv_cfg.max_queued_jobs;
+    if (full)
+      J.rejected[REJ_QUEUE_FULL]++;
+    else
+      J.decoding++;
     pthread_mutex_unlock(&J.mu);
-    if (full) { /* no use decoding: answer now (create_job checks again) */
+    if (full) { /* no use decoding: answer now */
       srv_samples_req_free(&q);
       srv_model_put(sm);
       srv_metrics_reject(SRV_REJ_QUEUE_FULL);
       return jobs_queue_full(r, active);
     }
     init_decode *d = calloc(1, sizeof *d);
+    if (d) d->admitted = 1;
     if (!d) {
+      decoding_end(1);
       srv_samples_req_free(&q);
       srv_model_put(sm);
       const char *h[] = {"Retry-After", "1", NULL};
@@ -1080,12 +1101,12 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     srv_model_put(sm);
     return refuse_request(r, st, code, err);
   }
-  return create_job(r, sm, q);
+  return create_job(r, sm, q, 0);
 }
 
 /* Creates, stores and queues the job of a parsed and decoded request; owns
- * sm and q. */
-static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q) {
+ * sm and q, and with admitted, the request's place in J.decoding. */
+static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q, int admitted) {
   const jem_model *m = sm->m;
   if (!q.has_seed) {
     uint64_t s = 0;
@@ -1095,6 +1116,7 @@ static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q) 
   job *j = calloc(1, sizeof *j);
   char id[33];
   if (!j || srv_job_new_id(id)) {
+    decoding_end(admitted);
     free(j);
     srv_samples_req_free(&q);
     srv_model_put(sm);
@@ -1127,12 +1149,14 @@ static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q) 
       for (int i = 0; i < q.n; i++) j->ys[i] = q.y;
   }
   if (!j->x || !j->rngs || (q.y >= 0 && (!j->ys || !j->class_name))) {
+    decoding_end(admitted);
     job_free(j);
     const char *h[] = {"Retry-After", "1", NULL};
     return srv_respond_error_h(r, 503, "out_of_memory", h, "out of memory for %d chains", q.n);
   }
   size_t need = job_estimate(m, q.n);
   if (need > (size_t)srv_cfg.max_job_bytes) {
+    decoding_end(admitted);
     job_free(j);
     reject(REJ_INVALID);
     srv_metrics_reject(SRV_REJ_TOO_LARGE);
@@ -1145,7 +1169,8 @@ static enum MHD_Result create_job(srv_req *r, srv_model *sm, srv_samples_req q) 
   double now = srv_wall_s();
   sweep_locked(srv_now_ns(), &fl);
   int why = -1;
-  if (J.active >= srv_cfg.max_queued_jobs)
+  J.decoding -= admitted; /* its place becomes the job's, in this same step */
+  if (J.active + J.decoding >= srv_cfg.max_queued_jobs)
     why = REJ_QUEUE_FULL;
   else if (make_room_locked(need, &fl))
     why = REJ_STORE_FULL;

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,36 +41,101 @@ static void wait_signal(int ms) {
 }
 
 static uint64_t wd_interval, wd_last;
+static void reload_check(void);
 
 /* Periodic duties of the main thread: the request deadline sweep and the
  * systemd watchdog ping. */
 static void housekeeping(void) {
   srv_http_tick();
+  reload_check();
   if (wd_interval && srv_now_ns() - wd_last >= wd_interval) {
     srv_sd_notify("WATCHDOG=1");
     wd_last = srv_now_ns();
   }
 }
 
-static void reload(void) {
+/* SIGHUP's reload runs on a thread of its own: reading the model file can
+ * block (a FIFO, a hung network mount), and this thread must stay free to
+ * drain on SIGTERM, sweep request deadlines and ping the watchdog.  A reload
+ * past --reload-timeout is reported as failed and its thread left behind
+ * (it frees its record when it ends). */
+typedef struct reload_job {
+  atomic_int state;             /* RL_RUNNING, RL_DONE, RL_ABANDONED */
+  int rc;
   char err[512];
+  uint64_t t0;
+} reload_job;
+enum { RL_RUNNING = 0, RL_DONE, RL_ABANDONED };
+static reload_job *reloading;
+
+static void *reload_thread(void *p) {
+  reload_job *j = p;
+  j->rc = srv_model_load(srv_cfg.model, j->err, sizeof j->err);
+  int expect = RL_RUNNING;
+  if (!atomic_compare_exchange_strong(&j->state, &expect, RL_DONE)) {
+    srv_log(SRV_LOG_WARN, "msg=\"a reload given up earlier has ended\" ok=%s seconds=%.3f",
+            j->rc ? "false" : "true", (double)(srv_now_ns() - j->t0) * 1e-9);
+    free(j);
+  }
+  return NULL;
+}
+
+static void reload_start(void) {
+  if (reloading) {
+    srv_log(SRV_LOG_WARN, "msg=\"SIGHUP ignored: a reload is still running\"");
+    return;
+  }
+  reload_job *j = calloc(1, sizeof *j);
+  pthread_attr_t at;
+  pthread_t th;
+  int ok = j && !pthread_attr_init(&at);
+  if (ok) {
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    atomic_init(&j->state, RL_RUNNING);
+    j->t0 = srv_now_ns();
+    ok = !pthread_create(&th, &at, reload_thread, j);
+    pthread_attr_destroy(&at);
+  }
+  if (!ok) {
+    free(j);
+    srv_log(SRV_LOG_ERROR, "msg=\"model reload failed: cannot start its thread\"");
+    srv_metrics_reload(0);
+    return;
+  }
   srv_sd_notify("RELOADING=1");
   srv_log(SRV_LOG_INFO, "msg=\"SIGHUP: reloading the model\" path=\"%s\"", srv_cfg.model);
-  uint64_t t0 = srv_now_ns();
-  if (srv_model_load(srv_cfg.model, err, sizeof err)) {
-    char q[600];
-    srv_log_quote(q, sizeof q, err);
-    srv_log(SRV_LOG_ERROR, "msg=\"model reload failed; still serving the previous model\" "
-            "error=%s", q);
+  reloading = j;
+}
+
+/* Reports a reload that ended or ran out of time. */
+static void reload_check(void) {
+  reload_job *j = reloading;
+  if (!j) return;
+  double secs = (double)(srv_now_ns() - j->t0) * 1e-9;
+  int expect = RL_RUNNING;
+  if (secs > srv_cfg.reload_timeout &&
+      atomic_compare_exchange_strong(&j->state, &expect, RL_ABANDONED)) {
+    srv_log(SRV_LOG_ERROR, "msg=\"model reload timed out; still serving the previous model\" "
+            "path=\"%s\" reload_timeout=%d", srv_cfg.model, srv_cfg.reload_timeout);
     srv_metrics_reload(0);
+  } else if (atomic_load(&j->state) == RL_DONE) {
+    if (j->rc) {
+      char q[600];
+      srv_log_quote(q, sizeof q, j->err);
+      srv_log(SRV_LOG_ERROR, "msg=\"model reload failed; still serving the previous model\" "
+              "error=%s", q);
+    } else {
+      srv_model *sm = srv_model_get();
+      srv_log(SRV_LOG_INFO, "msg=\"model reloaded\" name=\"%s\" generation=%llu seconds=%.3f",
+              sm ? sm->m->name : "?", sm ? (unsigned long long)sm->gen : 0ull, secs);
+      srv_model_put(sm);
+    }
+    srv_metrics_reload(!j->rc);
+    free(j);
   } else {
-    srv_model *sm = srv_model_get();
-    srv_log(SRV_LOG_INFO, "msg=\"model reloaded\" name=\"%s\" generation=%llu seconds=%.3f",
-            sm ? sm->m->name : "?", sm ? (unsigned long long)sm->gen : 0ull,
-            (double)(srv_now_ns() - t0) * 1e-9);
-    srv_model_put(sm);
-    srv_metrics_reload(1);
+    return; /* still running */
   }
+  reloading = NULL;
   srv_sd_notify("READY=1");
 }
 
@@ -167,8 +233,8 @@ int main(int argc, char **argv) {
     srv_sched_stop();
     return 1;
   }
-  int port = 0;
-  if (srv_http_start(&port)) {
+  int port = 0, probe_port = -1;
+  if (srv_http_start(&port, &probe_port)) {
     srv_sched_stop();
     srv_model_shutdown();
     return 1;
@@ -180,9 +246,13 @@ int main(int argc, char **argv) {
           jem_blas_core() ? jem_blas_core() : "unknown", srv_cfg.http_threads,
           srv_cfg.max_batch, srv_cfg.max_delay_us, srv_cfg.queue_size,
           srv_auth_enabled() ? (srv_cfg.protect_scoring ? "jobs+scoring" : "jobs") : "off");
-  /* a fixed, parseable line for scripts and tests (--port 0) */
+  /* fixed, parseable lines for scripts and tests (--port 0), the probe
+   * port's first: "listening" tells them both are known */
   const char *shown = srv_cfg.host;
   int v6 = strchr(shown, ':') != NULL;
+  if (probe_port >= 0)
+    fprintf(stderr, "jemd: probes on http://%s%s%s:%d\n", v6 ? "[" : "", shown, v6 ? "]" : "",
+            probe_port);
   fprintf(stderr, "jemd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", shown, v6 ? "]" : "",
           port);
   fflush(stderr);
@@ -198,7 +268,7 @@ int main(int argc, char **argv) {
     housekeeping();
     if (got_hup) {
       got_hup = 0;
-      reload();
+      reload_start();
     }
   }
   srv_log(SRV_LOG_INFO, "msg=\"signal received, shutting down\"");

@@ -42,7 +42,7 @@ static struct {
 
 static const char *const rej_names[SRV_REJ_COUNT] = {
     "queue_full", "too_large", "unauthorized", "bad_request", "unsupported_media_type",
-    "client_gone", "deadline", "draining", "store_full"};
+    "client_gone", "deadline", "draining", "store_full", "body_budget"};
 
 static void hist_init(hist *h, const double *le, int nb) {
   h->le = le;

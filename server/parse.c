@@ -3,13 +3,20 @@
  * Inference Protocol infer body. */
 #include "srv.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-int srv_json_depth_ok(const char *buf, size_t len, int max_depth) {
+/* One pass over the raw bytes, before jansson allocates anything: nesting
+ * depth, and a weight for what the parse tree would cost, each ',' 1 (one
+ * more value) and each '[' or '{' 8 (a container costs about eight times a
+ * number once parsed: two million "{}" in 8 MB became ~900 MB).  Strings
+ * are skipped.  0 when both stay within bounds, else -1 (depth) or -2. */
+int srv_json_scan(const char *buf, size_t len, int max_depth, long long max_elements) {
   int depth = 0, in_str = 0;
+  long long weight = 1;
   for (size_t i = 0; i < len; i++) {
     char c = buf[i];
     if (in_str) {
@@ -23,22 +30,70 @@ int srv_json_depth_ok(const char *buf, size_t len, int max_depth) {
       in_str = 1;
     } else if (c == '[' || c == '{') {
       if (++depth > max_depth) return -1;
+      weight += SRV_JSON_CONTAINER_WEIGHT;
     } else if (c == ']' || c == '}') {
       depth--;
+    } else if (c == ',') {
+      weight++;
     }
+    if (weight > max_elements) return -2;
   }
   return 0;
 }
 
+int srv_json_depth_ok(const char *buf, size_t len, int max_depth) {
+  return srv_json_scan(buf, len, max_depth, LLONG_MAX) == -1 ? -1 : 0;
+}
+
+static _Thread_local struct {
+  const char *buf;
+  size_t len;
+  json_t *j;
+  int status;
+  char err[256];
+} ahead;
+
+void srv_json_ahead(const char *buf, size_t len, json_t *j, int status, const char *err) {
+  srv_json_ahead_clear();
+  ahead.buf = buf;
+  ahead.len = len;
+  ahead.j = j;
+  ahead.status = status;
+  snprintf(ahead.err, sizeof ahead.err, "%s", err ? err : "");
+}
+
+void srv_json_ahead_clear(void) {
+  json_decref(ahead.j);
+  ahead.j = NULL;
+  ahead.buf = NULL;
+}
+
 json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size_t errlen) {
+  if (buf && buf == ahead.buf && len == ahead.len) { /* parsed on a worker already */
+    json_t *j = ahead.j;
+    *status = ahead.status;
+    if (!j) snprintf(err, errlen, "%s", ahead.err);
+    ahead.j = NULL;
+    ahead.buf = NULL;
+    return j;
+  }
   *status = 400; /* for every failure but a number too large */
   if (len == 0) {
     snprintf(err, errlen, "empty body; expected JSON");
     return NULL;
   }
   int max_depth = srv_cfg.max_json_depth > 0 ? srv_cfg.max_json_depth : SRV_JSON_MAX_DEPTH;
-  if (srv_json_depth_ok(buf, len, max_depth)) {
+  long long max_el = srv_cfg.max_json_elements > 0 ? srv_cfg.max_json_elements
+                                                   : SRV_JSON_MAX_ELEMENTS;
+  int sc = srv_json_scan(buf, len, max_depth, max_el);
+  if (sc == -1) {
     snprintf(err, errlen, "JSON nested deeper than %d levels (--max-json-depth)", max_depth);
+    return NULL;
+  }
+  if (sc == -2) {
+    *status = 413;
+    snprintf(err, errlen, "JSON with more than %lld values (--max-json-elements; an object "
+             "or array counts %d)", max_el, SRV_JSON_CONTAINER_WEIGHT);
     return NULL;
   }
   json_error_t je;
@@ -130,7 +185,7 @@ int srv_classify_parse_json(const char *body, size_t len, int max_images, srv_bl
   int st = 0;
   json_t *j = srv_json_parse(body, len, &st, err, errlen);
   if (!j) {
-    *code = st == 422 ? "out_of_range" : "invalid_json";
+    *code = st == 422 ? "out_of_range" : st == 413 ? "json_too_large" : "invalid_json";
     return st;
   }
   /* well-formed JSON with the wrong content is 422 invalid_request (openapi) */

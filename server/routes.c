@@ -7,13 +7,13 @@
 #include <string.h>
 
 const srv_route srv_routes[] = {
-  {"GET", "/healthz", 0, srv_h_healthz},
-  {"GET", "/readyz", 0, srv_h_readyz},
-  {"GET", "/metrics", 0, srv_h_metrics},
+  {"GET", "/healthz", SRV_R_PROBE, srv_h_healthz},
+  {"GET", "/readyz", SRV_R_PROBE, srv_h_readyz},
+  {"GET", "/metrics", SRV_R_PROBE, srv_h_metrics},
   {"GET", "/v1/models", SRV_R_SCORING, srv_h_models},
   {"POST", "/v1/classify", SRV_R_BODY | SRV_R_SCORING, srv_h_classify},
-  {"GET", "/v2/health/live", SRV_R_V2, srv_h_v2_live},
-  {"GET", "/v2/health/ready", SRV_R_V2, srv_h_v2_ready},
+  {"GET", "/v2/health/live", SRV_R_V2 | SRV_R_PROBE, srv_h_v2_live},
+  {"GET", "/v2/health/ready", SRV_R_V2 | SRV_R_PROBE, srv_h_v2_ready},
   {"GET", "/v2", SRV_R_V2, srv_h_v2_server},
   {"GET", "/v2/models/{name}", SRV_R_V2 | SRV_R_SCORING, srv_h_v2_model},
   {"GET", "/v2/models/{name}/ready", SRV_R_V2 | SRV_R_SCORING, srv_h_v2_model_ready},

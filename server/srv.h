@@ -30,6 +30,8 @@ typedef struct srv_config {
   int max_delay_us;             /* how long a partial batch may wait */
   int queue_size;               /* queued images before 503 */
   long long max_body_bytes;
+  long long max_buffered_bytes; /* request bodies of all connections together */
+  long long max_json_elements;  /* values in one JSON body (containers weigh more) */
   long long max_image_pixels;
   int max_image_side;
   int max_images;               /* images in one request */
@@ -37,6 +39,8 @@ typedef struct srv_config {
   int max_json_depth;           /* nesting of JSON arrays/objects */
   int max_connections;
   int max_connections_per_ip;
+  int probe_port;               /* -1 = none */
+  int reload_timeout;           /* seconds a SIGHUP reload may take */
   int timeout;                  /* inactivity timeout, seconds */
   int request_deadline;         /* whole-request wall clock, seconds */
   int drain_seconds;
@@ -191,7 +195,8 @@ void srv_task_free(srv_task *t);
 
 enum { SRV_REJ_QUEUE_FULL = 0, SRV_REJ_TOO_LARGE, SRV_REJ_UNAUTHORIZED,
        SRV_REJ_BAD_REQUEST, SRV_REJ_UNSUPPORTED, SRV_REJ_CLIENT_GONE,
-       SRV_REJ_DEADLINE, SRV_REJ_DRAINING, SRV_REJ_STORE_FULL, SRV_REJ_COUNT };
+       SRV_REJ_DEADLINE, SRV_REJ_DRAINING, SRV_REJ_STORE_FULL, SRV_REJ_BODY_BUDGET,
+       SRV_REJ_COUNT };
 
 void srv_metrics_init(void);
 void srv_metrics_request(int route_idx, int status, double seconds);
@@ -219,6 +224,7 @@ enum {
   SRV_R_BODY = 2,       /* collects a request body */
   SRV_R_SCORING = 4,    /* needs the API key under --protect-scoring */
   SRV_R_AUTH = 8,       /* always needs the API key when one is configured */
+  SRV_R_PROBE = 16,     /* also served on --probe-port */
 };
 
 typedef struct srv_route {
@@ -250,7 +256,12 @@ struct srv_req {
   char *body;
   size_t body_len, body_cap;
   size_t body_seen;             /* including discarded bytes */
-  int body_too_big;
+  size_t body_expect;           /* Content-Length + 1, 0 when chunked */
+  size_t budget;                /* bytes taken from --max-buffered-bytes */
+  int body_refused;             /* 413 (too large) or 503 (budget), once seen */
+  int uri_error;                /* found by the URI callback, answered first */
+  int probe;                    /* arrived on --probe-port */
+  struct json_ahead *ahead;     /* a large JSON body's parse on a worker */
   /* path parameters, in pattern order */
   char params[SRV_MAX_PARAMS][SRV_PARAM_MAX];
   int n_params;
@@ -264,8 +275,9 @@ struct srv_req {
   void (*data_free)(void *data);
 };
 
-/* Starts MHD; returns 0 and fills *port with the bound port. */
-int srv_http_start(int *port);
+/* Starts MHD; returns 0 and fills *port with the bound port, and
+ * *probe_port with --probe-port's (-1 when there is none). */
+int srv_http_start(int *port, int *probe_port);
 void srv_http_stop(void);
 /* SIGTERM's two phases: during the delay every route but job creation is
  * served; while closing, requests with a body (scoring, new jobs) get 503. */
@@ -312,7 +324,9 @@ int srv_auth_enabled(void);
 int srv_route_match(const char *method, const char *path, srv_req *r,
                     char *allow, size_t allow_cap);
 
-void srv_http_tick(void);   /* request deadline sweep, called by main() */
+/* Request deadline sweep and giving freed heap back, called by main()
+ * about every 250 ms. */
+void srv_http_tick(void);
 
 /* ------------------------------------------------------------------------ */
 /* Handlers */
@@ -350,14 +364,28 @@ enum MHD_Result srv_h_v2_infer(srv_req *r);
 /* Request parsing, exposed for the fuzzers (no daemon needed). */
 
 #define SRV_JSON_MAX_DEPTH 64 /* the default of --max-json-depth */
+#define SRV_JSON_MAX_ELEMENTS (1ll << 20) /* the default of --max-json-elements */
+#define SRV_JSON_CONTAINER_WEIGHT 8
 
-/* 0 when the nesting of arrays/objects in buf stays <= max_depth (strings
- * are skipped).  Does not validate the JSON otherwise. */
+/* 0 when buf's nesting stays <= max_depth and its weight (each ',' 1, each
+ * '[' or '{' SRV_JSON_CONTAINER_WEIGHT) <= max_elements; -1 too deep, -2 too
+ * many values.  A cheap pass before parsing; does not validate the JSON. */
+int srv_json_scan(const char *buf, size_t len, int max_depth, long long max_elements);
+/* A JSON body at least this large is parsed on a worker before its
+ * handler runs (http.c), not on an HTTP thread. */
+#define SRV_JSON_AHEAD_BYTES (256 * 1024)
+/* Hands a parse done ahead (tree or failure, with srv_json_parse's status
+ * and err) to the next srv_json_parse of exactly (buf, len) on this thread;
+ * srv_json_ahead_clear drops it if no handler asked.  j is stolen. */
+void srv_json_ahead(const char *buf, size_t len, json_t *j, int status, const char *err);
+void srv_json_ahead_clear(void);
+
+/* srv_json_scan's depth check alone: 0 or -1. */
 int srv_json_depth_ok(const char *buf, size_t len, int max_depth);
-/* json_loadb with the daemon's flags after the depth check (--max-json-depth,
- * SRV_JSON_MAX_DEPTH when unset).  NULL and err on
- * failure, with *status 400 (malformed, too deep) or 422 (valid JSON with a
- * number beyond int64/double); *status 0 on success. */
+/* json_loadb with the daemon's flags after srv_json_scan (--max-json-depth
+ * and --max-json-elements, the SRV_JSON_ defaults when unset).  NULL and err
+ * on failure, with *status 400 (malformed, too deep), 413 (too many values)
+ * or 422 (valid JSON with a number beyond int64/double); 0 on success. */
 json_t *srv_json_parse(const char *buf, size_t len, int *status, char *err, size_t errlen);
 
 /* Strict base64 (standard alphabet, optional padding, optional

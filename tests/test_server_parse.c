@@ -56,6 +56,28 @@ static void test_json_depth(void **state) {
   json_decref(j);
 }
 
+/* The pre-parse weight: each ',' 1, each container SRV_JSON_CONTAINER_WEIGHT,
+ * nothing inside strings; and srv_json_parse's 413 past the limit. */
+static void test_json_elements(void **state) {
+  (void)state;
+  const char *s = "[{},{},\"a,b,[{\"]"; /* 1 + 3 containers x 8 + 2 commas */
+  long long w = 1 + 3 * SRV_JSON_CONTAINER_WEIGHT + 2;
+  assert_int_equal(srv_json_scan(s, strlen(s), 64, w), 0);
+  assert_int_equal(srv_json_scan(s, strlen(s), 64, w - 1), -2);
+  assert_int_equal(srv_json_scan(s, strlen(s), 1, w), -1);
+  size_t n = 300000; /* 300,000 "{}" weigh about 2.7 million */
+  char *bomb = malloc(3 * n + 2);
+  assert_non_null(bomb);
+  bomb[0] = '[';
+  for (size_t i = 0; i < n; i++) memcpy(bomb + 1 + 3 * i, i + 1 < n ? "{}," : "{}]", 3);
+  char err[256];
+  int st = 0;
+  assert_null(srv_json_parse(bomb, 3 * n + 1, &st, err, sizeof err));
+  assert_int_equal(st, 413);
+  assert_non_null(strstr(err, "--max-json-elements"));
+  free(bomb);
+}
+
 static void test_b64(void **state) {
   (void)state;
   size_t n = 0;
@@ -189,6 +211,7 @@ int main(void) {
   json_object_seed(1);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_routes),     cmocka_unit_test(test_json_depth),
+      cmocka_unit_test(test_json_elements),
       cmocka_unit_test(test_b64),        cmocka_unit_test(test_classify_json),
       cmocka_unit_test(test_multipart),  cmocka_unit_test(test_v2),
   };

@@ -2,8 +2,9 @@
 /*
  * The runtime image carries no curl or wget; this is the one probe it needs.
  * Usage: jemd-healthcheck [http://IPV4:PORT/PATH]
- * Default: http://127.0.0.1:$JEMD_PORT/healthz (port 8080 when JEMD_PORT is unset),
- * so the check follows the port the daemon was configured with.
+ * Default: http://127.0.0.1:$JEMD_PROBE_PORT/healthz, or $JEMD_PORT's when there is
+ * no probe port (8080 when neither is set), so the check follows the daemon's
+ * configuration.
  * Only numeric IPv4 hosts: no resolver, nothing to configure, nothing to hang on.
  */
 #include <arpa/inet.h>
@@ -75,13 +76,15 @@ int main(int argc, char **argv) {
   if (argc > 2 || (argc == 2 && (strcmp(argv[1], "-h") == 0 ||
                                  strcmp(argv[1], "--help") == 0))) {
     fprintf(stderr, "usage: jemd-healthcheck [http://IPV4:PORT/PATH]\n"
-                    "default: http://127.0.0.1:$JEMD_PORT/healthz (8080)\n");
+                    "default: http://127.0.0.1:$JEMD_PROBE_PORT/healthz, else "
+                    "$JEMD_PORT (8080)\n");
     return 2;
   }
   if (argc == 2) {
     url = argv[1];
   } else {
-    const char *port = getenv("JEMD_PORT");
+    const char *port = getenv("JEMD_PROBE_PORT");
+    if (!port || !*port || !strcmp(port, "-1")) port = getenv("JEMD_PORT");
     if (!port || !*port) port = "8080";
     snprintf(urlbuf, sizeof urlbuf, "http://127.0.0.1:%s/healthz", port);
     url = urlbuf;

@@ -117,6 +117,41 @@ def png_header_only(w, h):
             chunk(b"IEND", b""))
 
 
+def png_inflation_bomb(inflated=64 << 20):
+    """A 1x1 PNG whose IDAT inflates to `inflated` bytes (the decoder's
+    memory budget refuses it)."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+            chunk(b"IDAT", zlib.compress(b"\0" * inflated, 9)) + chunk(b"IEND", b""))
+
+
+def chunked_post(port, total, chunk=65536, path=b"/v1/classify", timeout=30):
+    """POSTs at least `total` bytes as a chunked image/png body; returns all
+    the server sent until it closed."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n" % path)
+    c = b"%x\r\n" % chunk + b"a" * chunk + b"\r\n"
+    out, n = b"", 0
+    try:
+        while n < total:
+            s.sendall(c)
+            n += chunk
+        s.sendall(b"0\r\n\r\n")
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+    except OSError as e:
+        out += repr(e).encode()
+    finally:
+        s.close()
+    return out
+
+
 def test_images(n, seed=1, size=28):
     rng = np.random.default_rng(seed)
     out = []
@@ -179,9 +214,11 @@ class Daemon:
         except ValueError:
             return st, h, data
 
-    def raw(self, data, timeout=5.0, shut=True, read=True):
-        """Sends raw bytes; returns whatever comes back before close/timeout."""
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    def raw(self, data, timeout=5.0, shut=True, read=True, port=None):
+        """Sends raw bytes; returns whatever comes back before close/timeout.
+        self.closed tells which of the two ended it."""
+        s = socket.create_connection(("127.0.0.1", port or self.port), timeout=timeout)
+        self.closed = False
         try:
             try:
                 s.sendall(data)
@@ -200,8 +237,10 @@ class Daemon:
                 try:
                     d = s.recv(65536)
                 except (ConnectionResetError, OSError):
+                    self.closed = True
                     break
                 if not d:
+                    self.closed = True
                     break
                 out += d
             return out

@@ -333,6 +333,11 @@ def test_k8s(help_, routes):
     port = int(flag_value(args, "--port") or env.get("JEMD_PORT")
                or (help_.envs.get("JEMD_PORT") if help_.real() else 8080) or 8080)
     check(port in ports.values(), f"Deployment: containerPort {sorted(ports.values())} != jemd port {port}")
+    # probes go to --probe-port when there is one (it answers under connection exhaustion)
+    pport = int(flag_value(args, "--probe-port") or env.get("JEMD_PROBE_PORT") or -1)
+    check(pport < 0 or pport in ports.values(),
+          f"Deployment: containerPort {sorted(ports.values())} lacks the probe port {pport}")
+    probe_target = pport if pport >= 0 else port
 
     def probe(kind):
         p = c.get(kind)
@@ -340,7 +345,8 @@ def test_k8s(help_, routes):
             return None
         g = p["httpGet"]
         pp = ports.get(g["port"], g["port"]) if isinstance(g["port"], str) else g["port"]
-        check(pp == port, f"Deployment: {kind} port {g['port']} is not jemd's port {port}")
+        check(pp == probe_target,
+              f"Deployment: {kind} port {g['port']} is not jemd's probe port {probe_target}")
         path = g["path"]
         check(path in routes and "get" in routes[path],
               f"Deployment: {kind} path {path} is not a GET route in openapi.yaml")
@@ -495,7 +501,10 @@ def test_dockerfile(help_, build):
         check(hcmd[0] == "/usr/bin/jemd-healthcheck", "HEALTHCHECK uses the image's jemd-healthcheck (no curl)")
     check(any("healthcheck.c" in a for op, a in ins if op == "RUN"), "Dockerfile builds deploy/container/healthcheck.c")
     port = int(env.get("JEMD_PORT") or flag_value(args, "--port") or 8080)
-    check([str(port)] == [p.split("/")[0] for p in ops.get("EXPOSE", [])], f"Dockerfile: EXPOSE {port}")
+    pport = int(env.get("JEMD_PROBE_PORT") or flag_value(args, "--probe-port") or -1)
+    want = [str(port)] + ([str(pport)] if pport >= 0 else [])
+    exposed = [p.split("/")[0] for a in ops.get("EXPOSE", []) for p in a.split()]
+    check(want == exposed, f"Dockerfile: EXPOSE {' '.join(want)} (got {exposed})")
     check(any("fmnist-jem.safetensors" in a for op, a in ins if op in ("COPY", "RUN")),
           "Dockerfile bakes in the default model")
     if help_.real():
@@ -556,7 +565,10 @@ def test_daemon(build, routes):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         s.bind(nsock)
         s.settimeout(10)
-        d = jemtest.Daemon(str(build / "jemd"), model, env={"NOTIFY_SOCKET": nsock})
+        d = jemtest.Daemon(str(build / "jemd"), model, "--probe-port", "0",
+                           env={"NOTIFY_SOCKET": nsock})
+        pport = next((int(m.group(1)) for m in (re.match(r"jemd: probes on http://\S+:(\d+)", ln)
+                                                 for ln in d.lines) if m), None)
         try:
             msgs = []
             try:
@@ -569,11 +581,15 @@ def test_daemon(build, routes):
                 st, _, _ = d.request("GET", path)
                 check(st == 200, f"GET {path} -> {st} on a running daemon")
                 check(path in routes, f"{path} is not in openapi.yaml")
+                out = d.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(), port=pport)
+                check(out.startswith(b"HTTP/1.1 200"), f"GET {path} on the probe port: {out[:20]!r}")
             if r.returncode == 0:
                 def hc(*a, env=None):
                     return subprocess.run([str(hcbin), *a], env=env or {}, capture_output=True,
                                           text=True, timeout=10).returncode
                 check(hc(env={"JEMD_PORT": str(d.port)}) == 0, "jemd-healthcheck ($JEMD_PORT) fails on a healthy daemon")
+                check(hc(env={"JEMD_PORT": "1", "JEMD_PROBE_PORT": str(pport)}) == 0,
+                      "jemd-healthcheck does not use $JEMD_PROBE_PORT")
                 check(hc(f"http://127.0.0.1:{d.port}/readyz") == 0, "jemd-healthcheck /readyz fails")
                 check(hc(f"http://127.0.0.1:{d.port}/no-such-route") == 1,
                       "jemd-healthcheck passes on a 404")
