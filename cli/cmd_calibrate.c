@@ -22,6 +22,7 @@ typedef struct cal_opts {
   const char *tune[MAX_TUNE];
   int n_tune;
   int limit, tune_limit, nq, batch, threads, leave_one_out;
+  int rule_mask;     /* the rule's scores; 0: chosen among all subsets */
   float tpr;
 } cal_opts;
 
@@ -42,10 +43,12 @@ static void usage(FILE *f) {
     "     length in bits), Serra et al. (ICLR 2020): the w on a log grid from\n"
     "     1e-4 to 0.1 (or 0) with the best mean AUROC, high values OOD;\n"
     "  1. per score, the side (high, low, two-sided) with the best mean AUROC;\n"
-    "  2. the subset of scores whose combined verdict (OOD when any used score\n"
-    "     leaves its band at level 1-(1-tpr)/n_used) flags the largest share of\n"
-    "     the worst-caught tuning set at the target TPR; then the larger mean,\n"
-    "     then fewer scores;\n"
+    "  2. the rule: OOD when any of its scores leaves its band at level\n"
+    "     1-(1-tpr)/n_used.  By default its scores are fixed, energy_complexity\n"
+    "     and mahalanobis, each high (--rule), so that no OOD family chooses them;\n"
+    "     with --rule auto, the subset of scores that flags the largest share of\n"
+    "     the worst-caught tuning set at the target TPR (then the larger mean,\n"
+    "     then fewer scores), on the sides of step 1;\n"
     "  3. the same choice without grad_norm: the rule for inputs scored without\n"
     "     the gradient (jemd's grad=false, jem score --no-grad).\n"
     "With --leave-one-out, first runs steps 0 to 2 once per tuning set without\n"
@@ -62,6 +65,8 @@ static void usage(FILE *f) {
     "  --ood-dir DIR      tuning sets from scripts/make_ood_sets.py (default data/ood)\n"
     "  --tune-sets LIST   comma-separated tuning sets (default above)\n"
     "  --leave-one-out    report each tuning set against a rule chosen without it\n"
+    "  --rule SCORES      the rule's scores, comma-separated, or auto (default\n"
+    "                     energy_complexity,mahalanobis)\n"
     "  --tpr P            target true-positive rate of the rule (default 0.95)\n"
     "  --quantiles N      stored quantiles per score, 2..%d (default %d)\n"
     "  --limit N          only the first N validation and tuning images, and the\n"
@@ -100,12 +105,37 @@ static int parse_sets(const char *v, cal_opts *o) {
   return 0;
 }
 
+/* --rule: "auto" or a comma-separated list of score names. */
+static int parse_rule(const char *v, cal_opts *o) {
+  if (!strcmp(v, "auto")) {
+    o->rule_mask = 0;
+    return 0;
+  }
+  char buf[256];
+  if (strlen(v) >= sizeof buf) return args_usage("calibrate", "--rule is too long");
+  strcpy(buf, v);
+  int mask = 0;
+  for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+    int k = -1;
+    for (int i = 0; i < JEM_NUM_SCORES; i++)
+      if (!strcmp(tok, jem_score_names[i])) k = i;
+    if (k < 0)
+      return args_usage("calibrate", "--rule: unknown score '%s' (energy, grad_norm, "
+                        "max_softmax, energy_complexity, mahalanobis, or auto)", tok);
+    mask |= 1 << k;
+  }
+  if (!mask) return args_usage("calibrate", "--rule is empty");
+  o->rule_mask = mask;
+  return 0;
+}
+
 static int parse_opts(int argc, char **argv, cal_opts *o) {
   memset(o, 0, sizeof *o);
   o->ood_dir = "data/ood";
   o->nq = JEM_OOD_MAX_QUANTILES;
   o->batch = 100;
   o->tpr = 0.95f;
+  o->rule_mask = 1 << JEM_SCORE_ENERGY_COMPLEXITY | 1 << JEM_SCORE_MAHALANOBIS;
   static const char *const def[] = {"uniform", "gaussian", "constant", "letters",
                                     "photos-skimage", "photos-wallpapers", "illustrations",
                                     "icons", "procedural", "text"};
@@ -138,6 +168,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     else if (!strcmp(a, "--data-dir")) o->data_dir = v;
     else if (!strcmp(a, "--ood-dir")) o->ood_dir = v;
     else if (!strcmp(a, "--tune-sets")) rc = parse_sets(v, o);
+    else if (!strcmp(a, "--rule")) rc = parse_rule(v, o);
     else if (!strcmp(a, "--limit")) rc = args_int("calibrate", a, v, 10, 1 << 30, &o->limit);
     else if (!strcmp(a, "--tune-limit")) rc = args_int("calibrate", a, v, 10, 1 << 30, &o->tune_limit);
     else if (!strcmp(a, "--quantiles")) rc = args_int("calibrate", a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
@@ -286,14 +317,14 @@ typedef struct rule_choice {
  * point the larger mean wins, then the rule with fewer scores.  Appends
  * every candidate to cands when it is not NULL.  Uses st as scratch. */
 static void choose_subset(jem_ood_stats *st, const int side[JEM_NUM_SCORES], int allowed,
-                          const score_rows *id, const score_rows *sets, int nsets, float tpr,
-                          json_t *cands, rule_choice *best) {
+                          int exact, const score_rows *id, const score_rows *sets, int nsets,
+                          float tpr, json_t *cands, rule_choice *best) {
   best->mask = 0;
   best->obj = -1;
   best->min = best->tpr = NAN;
   st->has_nograd = 0;
   for (int mask = 1; mask < (1 << JEM_NUM_SCORES); mask++) {
-    if (mask & ~allowed) continue;
+    if ((mask & ~allowed) || (exact && mask != allowed)) continue;
     int used = 0, best_used = 0;
     for (int k = 0; k < JEM_NUM_SCORES; k++) {
       st->side[k] = (mask >> k & 1) ? side[k] : 0;
@@ -337,8 +368,8 @@ typedef struct selection {
   rule_choice main_rule, nograd_rule;
 } selection;
 
-static int select_rule(jem_ood_stats *st, score_rows *id, const score_rows *all, int nall,
-                       int skip, float tpr, int nq, json_t *cfit, json_t *cands, int verbose,
+static int select_rule(jem_ood_stats *st, score_rows *id, score_rows *all, int nall, int skip,
+                       int fixed, float tpr, int nq, json_t *cfit, json_t *cands, int verbose,
                        selection *sel) {
   score_rows sets[MAX_TUNE];
   int nsets = 0;
@@ -347,7 +378,7 @@ static int select_rule(jem_ood_stats *st, score_rows *id, const score_rows *all,
   json_t *fit = cfit ? cfit : json_array();
   sel->weight = fit_complexity_weight(id, sets, nsets, fit);
   if (!cfit) json_decref(fit);
-  for (int t = 0; t < nall; t++) rows_set_complexity((score_rows *)&all[t], sel->weight);
+  for (int t = 0; t < nall; t++) rows_set_complexity(&all[t], sel->weight);
   float *ec = malloc(sizeof(float) * (size_t)id->n);
   for (int i = 0; ec && i < id->n; i++) ec[i] = id->v[i][JEM_SCORE_ENERGY_COMPLEXITY];
   char err[128];
@@ -371,14 +402,18 @@ static int select_rule(jem_ood_stats *st, score_rows *id, const score_rows *all,
         sel->side[k] = sides[j];
       }
     }
+    if (fixed) /* a fixed rule reads each score on its defined side */
+      sel->side[k] = jem_score_conventional_side[k];
     if (verbose)
       fprintf(stderr, "  %-17s mean AUROC high %.4f  low %.4f  two-sided %.4f -> %s\n",
               jem_score_names[k], sel->side_auc[k][0], sel->side_auc[k][1],
               sel->side_auc[k][2], jem_ood_side_name(sel->side[k]));
   }
-  const int all_scores = (1 << JEM_NUM_SCORES) - 1;
-  choose_subset(st, sel->side, all_scores, id, sets, nsets, tpr, cands, &sel->main_rule);
-  choose_subset(st, sel->side, all_scores & ~(1 << JEM_SCORE_GRAD_NORM), id, sets, nsets, tpr,
+  const int all_scores = fixed ? fixed : (1 << JEM_NUM_SCORES) - 1;
+  const int nograd = all_scores & ~(1 << JEM_SCORE_GRAD_NORM);
+  choose_subset(st, sel->side, all_scores, fixed != 0, id, sets, nsets, tpr, cands,
+                &sel->main_rule);
+  choose_subset(st, sel->side, nograd ? nograd : all_scores, fixed != 0, id, sets, nsets, tpr,
                 NULL, &sel->nograd_rule);
   return 0;
 }
@@ -386,7 +421,8 @@ static int select_rule(jem_ood_stats *st, score_rows *id, const score_rows *all,
 /* The rule's description, stored in the metadata and served with verdicts;
  * a long list of tuning sets may be cut short. */
 static void describe_rule(char *buf, size_t size, const char *prefix,
-                          const int side[JEM_NUM_SCORES], const char *tune_txt, int has_mnist) {
+                          const int side[JEM_NUM_SCORES], int fixed, const char *tune_txt,
+                          int has_mnist) {
   char used_txt[192] = "";
   int n_used = 0;
   for (int k = 0; k < JEM_NUM_SCORES; k++) {
@@ -398,7 +434,9 @@ static void describe_rule(char *buf, size_t size, const char *prefix,
   }
   int len = snprintf(buf, size,
                      "%sOOD if any of [%s] leaves its validation band at level 1-(1-tpr)/%d; "
-                     "sides and scores chosen on validation vs %s%s", prefix, used_txt, n_used,
+                     "%s on validation vs %s%s", prefix, used_txt, n_used,
+                     fixed ? "scores and sides fixed, energy_complexity's weight fitted"
+                           : "sides and scores chosen",
                      tune_txt, has_mnist ? "" : " (not MNIST)");
   if (len >= (int)size) fprintf(stderr, "jem calibrate: note: a rule description was shortened\n");
 }
@@ -532,7 +570,8 @@ int cmd_calibrate(int argc, char **argv) {
     fprintf(stderr, "jem calibrate: leave-one-out, each set flagged by the rule chosen "
             "without it (tpr %.2f):\n", (double)o.tpr);
     for (int f = 0; f < nsets; f++) {
-      if (select_rule(st, &id, sets, nsets, f, o.tpr, o.nq, NULL, NULL, 0, &sel)) goto oom;
+      if (select_rule(st, &id, sets, nsets, f, o.rule_mask, o.tpr, o.nq, NULL, NULL, 0, &sel))
+        goto oom;
       for (int k = 0; k < JEM_NUM_SCORES; k++)
         st->side[k] = (sel.main_rule.mask >> k & 1) ? sel.side[k] : 0;
       st->has_nograd = 0;
@@ -556,7 +595,7 @@ int cmd_calibrate(int argc, char **argv) {
 
   /* ---- the rule, chosen on every tuning set ---- */
   json_t *cfit = json_array(), *cands = json_array();
-  if (select_rule(st, &id, sets, nsets, -1, o.tpr, o.nq, cfit, cands, 1, &sel)) {
+  if (select_rule(st, &id, sets, nsets, -1, o.rule_mask, o.tpr, o.nq, cfit, cands, 1, &sel)) {
     json_decref(cfit);
     json_decref(cands);
     goto oom;
@@ -582,9 +621,9 @@ int cmd_calibrate(int argc, char **argv) {
   if (has_mnist)
     fprintf(stderr, "jem calibrate: warning: the rule is tuned on the MNIST set; MNIST "
             "figures from jem eval will overstate it\n");
-  describe_rule(best->rule, sizeof best->rule, "", best->side, tune_txt, has_mnist);
+  describe_rule(best->rule, sizeof best->rule, "", best->side, o.rule_mask, tune_txt, has_mnist);
   describe_rule(best->rule_nograd, sizeof best->rule_nograd, "without the gradient score: ",
-                best->side_nograd, tune_txt, has_mnist);
+                best->side_nograd, o.rule_mask, tune_txt, has_mnist);
   fprintf(stderr, "jem calibrate: rule: %s\n  tuning sets flagged at tpr %.2f: mean %.2f%%, "
           "min %.2f%%; validation accepted %.2f%%\n", best->rule, (double)o.tpr,
           100 * main_rule.obj, 100 * main_rule.min, 100 * main_rule.tpr);

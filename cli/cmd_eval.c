@@ -361,11 +361,8 @@ static json_t *metrics_json(const jem_ood_metrics *mm) {
   return o;
 }
 
-/* The conventional direction of each score (jem.md): low energy, low
- * gradient norm and high max-softmax are in-distribution; energy_complexity
- * points like the energy (Serra et al.: high = OOD); a large mahalanobis
- * distance is OOD (Lee et al.). */
-static const int conventional[JEM_NUM_SCORES] = {V_HIGH, V_HIGH, V_LOW, V_HIGH, V_HIGH};
+/* The conventional direction of each score (jem_score_conventional_side). */
+static int conventional[JEM_NUM_SCORES];
 
 /* ------------------------------------------------------------------------ */
 /* Main                                                                     */
@@ -469,6 +466,8 @@ int cmd_eval(int argc, char **argv) {
   int rc = parse_opts(argc, argv, &o);
   if (rc) return rc < 0 ? 0 : rc;
   if (o.threads) jem_blas_set_threads(o.threads);
+  for (int s = 0; s < JEM_NUM_SCORES; s++)
+    conventional[s] = jem_score_conventional_side[s] > 0 ? V_HIGH : V_LOW;
   const double t_start = now_s();
   char err[512];
   int status = 1;

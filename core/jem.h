@@ -173,6 +173,10 @@ typedef struct jem_preprocess {
 enum { JEM_SCORE_ENERGY = 0, JEM_SCORE_GRAD_NORM, JEM_SCORE_MAX_SOFTMAX,
        JEM_SCORE_ENERGY_COMPLEXITY, JEM_SCORE_MAHALANOBIS, JEM_NUM_SCORES };
 extern const char *const jem_score_names[JEM_NUM_SCORES];
+/* The side on which each score marks OOD by its definition: +1 (high
+ * energy, gradient norm, energy_complexity, mahalanobis) or -1 (low
+ * max_softmax). */
+extern const int jem_score_conventional_side[JEM_NUM_SCORES];
 
 #define JEM_OOD_MAX_QUANTILES 1001
 typedef struct jem_ood_stats {

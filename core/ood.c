@@ -7,6 +7,7 @@
 
 const char *const jem_score_names[JEM_NUM_SCORES] = {"energy", "grad_norm", "max_softmax",
                                                      "energy_complexity", "mahalanobis"};
+const int jem_score_conventional_side[JEM_NUM_SCORES] = {1, 1, -1, 1, 1};
 
 /* Empirical CDF from quantiles at probabilities 0, 1/m, ..., 1 (m = nq-1),
  * linearly interpolated.  A value equal to a run of tied quantiles q[a..b]

@@ -209,7 +209,10 @@ def main():
       check(len(q) == 1001 and all(q[i] <= q[i + 1] for i in range(len(q) - 1)),
             f"{s}: 1001 ascending quantiles")
       check(e["side"] in ("high", "low", "two-sided", "unused"), f"{s}: side")
-    check(any(e["side"] != "unused" for e in o.get("scores", {}).values()), "rule uses a score")
+    used = {k: e["side"] for k, e in o.get("scores", {}).items() if e["side"] != "unused"}
+    check(used == {"energy_complexity": "high", "mahalanobis": "high"},
+          f"the default rule: energy_complexity and mahalanobis, both high ({used})")
+    check("scores and sides fixed" in o.get("rule", ""), "the rule says it is fixed")
     check("not MNIST" in o.get("rule", ""), "rule says it was not tuned on MNIST")
     check("letters,procedural,text" in o.get("rule", ""), "rule names its tuning sets")
     sn = {k: e.get("side_nograd") for k, e in o.get("scores", {}).items()}
@@ -255,6 +258,12 @@ def main():
     r = run([jem, "eval", model, "--sample-init", "bogus"], expect=2)
     check("gaussian" in r.stderr, "--sample-init error lists the modes")
     run([jem, "calibrate", model, "--tune-sets", "bogus"], expect=2)
+    r = run([jem, "calibrate", model, "--rule", "energy,bogus"], expect=2)
+    check("bogus" in r.stderr, "an unknown --rule score is named")
+    r = run([jem, "calibrate", model, "--out", cal, "--limit", "32", "--ood-dir", ood,
+             "--rule", "auto", "--tune-sets", "uniform,procedural"])
+    check("sides and scores chosen" in safetensors_meta(cal)["ood"]["rule"],
+          "--rule auto chooses the subset")
     run([jem, "calibrate", model, "--tpr", "1.5"], expect=2)
     r = run([jem, "eval", os.path.join(tmp, "nope.safetensors"), "--out-dir", out], expect=1)
     check("nope.safetensors" in r.stderr, "missing model named in the error")
