@@ -32,7 +32,8 @@ static void import_help(FILE *f) {
     "(depth, widen, input channels, classes) is read from the tensor shapes, and so\n"
     "is the normalisation where the tensors tell it: running statistics mean batch,\n"
     "loc/scale mean act, none means none.  InstanceNorm and GroupNorm(1) (\"layer\")\n"
-    "leave identical tensors: give --norm then.  The model's input is the official\n"
+    "leave identical tensors: give --norm then.  Norms run as in PyTorch's eval mode\n"
+    "(BatchNorm on its running statistics).  The model's input is the official\n"
     "CIFAR transform, (x - 0.5) / 0.5 on pixel values in [0, 1].\n"
     "\n"
     "  --out MODEL        the model file to write (safetensors)\n"
@@ -182,7 +183,7 @@ static int copy_params(jem_model *m, sd_entry *e, int n, const char *ckpt) {
       return 1;
     }
     int same = s->t->numel == pp->numel;
-    for (int d = 0; same && !is_norm_key(pp->name) && d < pp->ndim; d++)
+    for (int d = 0; same && d < pp->ndim; d++)
       same = s->t->ndim == pp->ndim && s->t->shape[d] == pp->shape[d];
     if (!same) {
       char sh[96];
@@ -362,11 +363,7 @@ int cmd_import(int argc, char **argv) {
             norm, affine ? "instance or layer norm" : seen);
     goto done;
   }
-  if (strcmp(norm, "none")) {
-    fprintf(stderr, "jem import: %s: the model uses norm '%s'; this jem evaluates only models "
-            "without normalisation (norm none, the JEM default)\n", ckpt, norm);
-    goto done;
-  }
+  a.norm = jem_norm_from_name(norm);
   if (jem_model_create(&m, &a, err, sizeof err)) {
     fprintf(stderr, "jem import: %s\n", err);
     goto done;
@@ -374,6 +371,18 @@ int cmd_import(int argc, char **argv) {
   if (copy_params(m, e, n, ckpt)) goto done;
   for (int i = 0; i < n; i++) {
     if (e[i].used) continue;
+    /* BatchNorm's step counter and ActNorm's init flag are not parameters */
+    if (is_norm_key(e[i].name) && a.norm == JEM_NORM_BATCH &&
+        has_suffix(e[i].name, ".num_batches_tracked"))
+      continue;
+    if (is_norm_key(e[i].name) && a.norm == JEM_NORM_ACT && has_suffix(e[i].name, ".initialized")) {
+      if (e[i].t->numel != 1 || e[i].t->data[0] != 1.0f) {
+        fprintf(stderr, "jem import: %s: ActNorm layer %s was never initialised (its loc and "
+                "scale are the defaults, not fitted to data)\n", ckpt, e[i].name);
+        goto done;
+      }
+      continue;
+    }
     if (strncmp(e[i].name, "f.linear.", 9) && strncmp(e[i].name, "energy_output.", 14)) {
       fprintf(stderr, "jem import: %s: unexpected tensor %s in the state_dict (not part of "
               "WRN-%d-%d with norm %s)\n", ckpt, e[i].name, a.depth, a.widen, norm);

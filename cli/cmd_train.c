@@ -273,7 +273,7 @@ int cmd_train(int argc, char **argv) {
   }
 
   /* ---- model ---- */
-  jem_arch arch = {depth, widen, train.c, 32, k, 0.2f};
+  jem_arch arch = {depth, widen, train.c, 32, k, 0.2f, JEM_NORM_NONE};
   if (warm) {
     if (jem_model_load(&wm, warm, err, sizeof err)) {
       fprintf(stderr, "jem train: --warm-start: %s\n", err);

@@ -238,7 +238,7 @@ static void test_verdict_nograd_rule(void **state) {
 /* The metadata parser fills jem_ood_stats, which then drives verdicts. */
 static void test_meta_ood(void **state) {
   (void)state;
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
@@ -325,7 +325,7 @@ static void test_meta_ood(void **state) {
  * checked when the metadata is applied. */
 static void test_complexity(void **state) {
   (void)state;
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);

@@ -123,12 +123,15 @@ def main():
     try:
         x = unzip("x.npy", tmp)
         print("parity with PyTorch (eval mode):")
-        for case in ("none-zip", "none-legacy", "dp-legacy", "bare-zip"):
+        for case, norm_arg in (("none-zip", None), ("none-legacy", None), ("dp-legacy", None),
+                               ("bare-zip", None), ("batch-zip", None), ("act-zip", None),
+                               ("instance-zip", "instance"), ("layer-zip", "layer")):
             ckpt = unzip(case + ".pt", tmp)
             with gzip.open(os.path.join(REF, case + ".json.gz")) as f:
                 ref = json.load(f)
             model = os.path.join(tmp, case + ".safetensors")
-            rc, _, err = run(jem, "import", ckpt, "--out", model)
+            rc, _, err = run(jem, "import", ckpt, "--out", model,
+                             *(["--norm", norm_arg] if norm_arg else []))
             check(rc == 0, "%s: import failed: %s" % (case, err))
             check("dropped 4 tensors" in err, "%s: no note on the dropped tensors: %s" % (case, err))
             if rc:
@@ -166,12 +169,14 @@ def main():
                           os.path.join(tmp, "none-zip.safetensors"), tmp)
 
         # norms: inferred where the tensors tell, asked for where they do not
-        for case, want_rc, want in (("batch-zip", 1, "norm 'batch'"), ("act-zip", 1, "norm 'act'"),
+        for case, want_rc, want in (("batch-zip", 0, "norm batch"), ("act-zip", 0, "norm act"),
                                     ("instance-zip", 2, "--norm instance or --norm layer"),
                                     ("layer-zip", 2, "--norm instance or --norm layer")):
-            ckpt_n = unzip(case + ".pt", tmp)
-            rc, _, err = run(jem, "import", ckpt_n, "--out", a)
+            rc, _, err = run(jem, "import", os.path.join(tmp, case + ".pt"), "--out", a)
             check(rc == want_rc and want in err, "%s: rc %d, %s" % (case, rc, err.strip()))
+        rc, _, err = run(jem, "import", os.path.join(tmp, "batch-zip.pt"), "--out", a,
+                         "--norm", "layer")
+        check(rc == 1 and "contradicts" in err, "--norm layer on a BatchNorm file: %s" % err)
         rc, _, err = run(jem, "import", ckpt, "--out", a, "--norm", "batch")
         check(rc == 1 and "contradicts" in err, "--norm batch on a norm-free file: %s" % err)
         rc, _, err = run(jem, "import", os.path.join(tmp, "layer-zip.pt"), "--out", a, "--norm", "none")

@@ -23,7 +23,13 @@ LeakyReLU 0.2) and writes, under tests/ref/torch/ (every file gzip-compressed):
   <case>.json        for each case: "arch" (depth, widen, in_channels,
                      num_classes, norm), the expected inputs' scores of the
                      module in eval mode: "logits" [N][K], "energy" [N]
-                     (-logsumexp) and "grad_norm" [N] (||d logsumexp / dx||)
+                     (-logsumexp) and "grad_norm" [N] (||d logsumexp / dx||),
+                     "pgrad": {name: flat list}, the gradients of
+                     CrossEntropy(logits, i % K) (mean) for every norm tensor
+                     and a few biases, in float64, with "pgrad_f32_err":
+                     PyTorch's own float32 relative error on each, and "gx0":
+                     d logsumexp f / dx of image 0 (float32, as PyTorch runs);
+                     these three only for none-zip and the norm cases
   x.npy              the shared input batch [N,3,32,32] float32 in [-1,1]
 
 Models are WRN-10-1 with 3 input channels and 4 classes, weights rounded to
@@ -33,6 +39,7 @@ the files compress; both sides still compute in float32.
 Run with Debian's Python (torch 1.13):  /usr/bin/python3 tests/ref/make_torch_ckpt.py
 The tests use the committed files and do not need torch.
 """
+import copy
 import gzip
 import io
 import json
@@ -167,19 +174,49 @@ def build(norm, seed):
             for name, p in m.named_parameters():
                 if name.endswith(".loc") or name.endswith(".scale"):
                     p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                if name.endswith(".scale"):  # channels the sparse weights left
+                    p.clamp_(-4, 4)          # constant get 1/(0+1e-6): tame them
         for p in list(m.parameters()) + [b for b in m.buffers() if b.dtype == torch.float32]:
             p.copy_(grid(p))
     m.eval()
     return m
 
 
-def scores(m, x):
+def scores(m, x, grads):
     x = x.clone().requires_grad_(True)
     logits = m(x)
     lse = logits.logsumexp(1)
     (g,) = torch.autograd.grad(lse.sum(), x)
-    return {"logits": logits.detach().tolist(), "energy": (-lse).detach().tolist(),
-            "grad_norm": g.flatten(1).norm(dim=1).tolist()}
+    out = {"logits": logits.detach().tolist(), "energy": (-lse).detach().tolist(),
+           "grad_norm": g.flatten(1).norm(dim=1).tolist()}
+    if not grads:
+        return out
+    # parameter gradients of CrossEntropy(logits, i % K) (mean over the batch)
+    # for the norm layers and a few biases, in eval mode
+    # computed in float64 (a copy of the module): the exact value both float32
+    # implementations approximate
+    # implementations approximate; "pgrad_f32_err" holds PyTorch's own float32
+    # relative error for each, as some sums cancel (and some are exactly 0)
+    m64 = copy.deepcopy(m).double()
+    y = torch.arange(x.shape[0]) % CLASSES
+    F.cross_entropy(m64(x.detach().double()), y).backward()
+    m.zero_grad()
+    F.cross_entropy(m(x.detach()), y).backward()
+    g32 = dict(m.named_parameters())
+    keep = [k for k, _ in m64.named_parameters()
+            if ".bn" in k or k in ("class_output.bias", "f.conv1.bias",
+                                   "f.layer1.0.conv1.bias", "f.layer3.0.conv2.bias")]
+    p64 = dict(m64.named_parameters())
+    out["pgrad"] = {k: p64[k].grad.flatten().tolist() for k in keep}
+    out["pgrad_f32_err"] = {
+        k: ((g32[k].grad.double() - p64[k].grad).norm() / p64[k].grad.norm().clamp_min(1e-30)).item()
+        for k in keep}
+    # d logsumexp f / dx of image 0, as PyTorch computes it (float32: the
+    # float64 value differs by up to 8e-3 here, for PyTorch as for jem)
+    x0 = x.detach()[:1].clone().requires_grad_(True)
+    (g0,) = torch.autograd.grad(m(x0).logsumexp(1).sum(), x0)
+    out["gx0"] = g0.flatten().tolist()
+    return out
 
 
 def npy_bytes(a):
@@ -243,7 +280,7 @@ def main():
     for name, norm, model in cases:
         out = {"arch": {"depth": DEPTH, "widen": WIDEN, "in_channels": CHANNELS,
                         "num_classes": CLASSES, "norm": norm}}
-        out.update(scores(model, x))
+        out.update(scores(model, x, name == "none-zip" or norm != "none"))
         write_gz(name + ".json", json.dumps(out).encode())
     print("wrote", OUT)
 
