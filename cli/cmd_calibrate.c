@@ -48,7 +48,8 @@ static void usage(FILE *f) {
     "\n"
     "options:\n"
     "  --out PATH         write here instead of overwriting MODEL\n"
-    "  --data-dir DIR     Fashion-MNIST IDX files (default $JEM_FMNIST_DIR or\n"
+    "  --data-dir DIR     Fashion-MNIST IDX files, or CIFAR-10 binary files\n"
+    "                     (data_batch_N.bin, test_batch.bin) (default $JEM_FMNIST_DIR or\n"
     "                     " JEM_FMNIST_DIR_DEFAULT ")\n"
     "  --ood-dir DIR      tuning sets from scripts/make_ood_sets.py (default data/ood)\n"
     "  --tune-sets LIST   comma-separated tuning sets (default\n"
@@ -400,7 +401,7 @@ int cmd_calibrate(int argc, char **argv) {
     jem_set_scores so = {0};
     int tl = o.tune_limit ? o.tune_limit : o.limit;
     if (o.tune_limit && o.limit && o.limit < tl) tl = o.limit;
-    if (jem_ood_set_load(o.ood_dir, o.tune[t], S, tl, &od, err, sizeof err)) {
+    if (jem_ood_set_load(o.ood_dir, o.tune[t], m->arch.in_channels, S, tl, &od, err, sizeof err)) {
       fprintf(stderr, "jem calibrate: tuning set %s: %s\n", o.tune[t], err);
       goto done;
     }

@@ -66,7 +66,8 @@ static void usage(FILE *f) {
     "report.json and PNGs into --out-dir.\n"
     "\n"
     "options:\n"
-    "  --data-dir DIR        Fashion-MNIST IDX files (default $JEM_FMNIST_DIR or\n"
+    "  --data-dir DIR        Fashion-MNIST IDX files, or CIFAR-10 binary files\n"
+    "                        (data_batch_N.bin, test_batch.bin) (default $JEM_FMNIST_DIR or\n"
     "                        " JEM_FMNIST_DIR_DEFAULT ")\n"
     "  --ood-dir DIR         OOD sets from scripts/make_ood_sets.py (default data/ood);\n"
     "                        missing sets are skipped and listed in the report\n"
@@ -638,7 +639,7 @@ int cmd_eval(int argc, char **argv) {
     jem_dataset od = {0};
     int olim = o.ood_limit ? o.ood_limit : o.limit;
     if (o.ood_limit && o.limit && o.limit < olim) olim = o.limit;
-    int lrc = jem_ood_set_load(o.ood_dir, jem_ood_set_names[k], S, olim, &od, err, sizeof err);
+    int lrc = jem_ood_set_load(o.ood_dir, jem_ood_set_names[k], C, S, olim, &od, err, sizeof err);
     if (lrc == JEM_EIO && strstr(err, "missing")) {
       fprintf(stderr, "  skipping OOD set %s: %s\n", jem_ood_set_names[k], err);
       size_t l = strlen(missing);

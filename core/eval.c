@@ -210,7 +210,7 @@ const char *const jem_ood_set_names[JEM_OOD_NSETS] = {"mnist", "uniform", "gauss
                                                       "vflip", "interp", "constant",
                                                       "letters"};
 
-int jem_ood_set_load(const char *dir, const char *name, int image_size,
+int jem_ood_set_load(const char *dir, const char *name, int channels, int image_size,
                      int max_items, jem_dataset *out, char *err, size_t errlen) {
   if (!dir || !name || !out)
     return jem__errf(err, errlen, JEM_EINVAL, "ood set: NULL argument");
@@ -222,7 +222,22 @@ int jem_ood_set_load(const char *dir, const char *name, int image_size,
   if (stat(path, &st) != 0)
     return jem__errf(err, errlen, JEM_EIO, "%s: missing (build it with "
                      "scripts/make_ood_sets.py)", path);
-  return jem_dataset_load(out, path, NULL, image_size, max_items, err, errlen);
+  int rc = jem_dataset_load(out, path, NULL, image_size, max_items, err, errlen);
+  if (rc || out->c != 1 || channels <= 1) return rc;
+  /* grey to colour: each image's plane repeated */
+  const size_t hw = (size_t)out->s * out->s;
+  float *x = jem__falloc((size_t)out->n * channels * hw);
+  if (!x) {
+    jem_dataset_free(out);
+    return jem__errf(err, errlen, JEM_ENOMEM, "ood set %s: out of memory", name);
+  }
+  for (int i = 0; i < out->n; i++)
+    for (int c = 0; c < channels; c++)
+      memcpy(x + ((size_t)i * channels + c) * hw, out->x + (size_t)i * hw, hw * sizeof(float));
+  free(out->x);
+  out->x = x;
+  out->c = channels;
+  return 0;
 }
 
 double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORES]) {

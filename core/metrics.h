@@ -184,9 +184,10 @@ double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORE
 #define JEM_OOD_NSETS 7
 extern const char *const jem_ood_set_names[JEM_OOD_NSETS];
 /* Loads set `name` from dir (first max_items images, 0 = all), padded to
- * image_size.  Returns JEM_EIO with "missing" in err when the file does not
- * exist, so callers can skip it. */
-int jem_ood_set_load(const char *dir, const char *name, int image_size,
+ * image_size, grey images repeated over `channels` (a colour model's sets
+ * are the grey ones in colour).  Returns JEM_EIO with "missing" in err when
+ * the file does not exist, so callers can skip it. */
+int jem_ood_set_load(const char *dir, const char *name, int channels, int image_size,
                      int max_items, jem_dataset *out, char *err, size_t errlen);
 
 #ifdef __cplusplus

@@ -102,6 +102,52 @@ def colour_end_to_end(jem, jemd, model, tmp):
         d.kill()
 
 
+def cifar_end_to_end(jem, model, tmp):
+    """The CIFAR-10 binary format (one label byte, 3,072 pixel bytes) read by
+    jem calibrate, jem eval and jem train from small files written here;
+    model: a 3-channel, 10-class model."""
+    np = jemtest.np
+    rng = np.random.RandomState(5)
+    data, ood = os.path.join(tmp, "cifar"), os.path.join(tmp, "ood")
+    os.makedirs(data)
+
+    def write(name, n):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        px = rng.randint(0, 256, size=(n, 3072)).astype(np.uint8)
+        px[:, :1024] //= (1 + y[:, None] % 3)  # a little class signal in the red plane
+        with open(os.path.join(data, name), "wb") as f:
+            f.write(np.concatenate([y[:, None], px], axis=1).tobytes())
+    write("data_batch_1.bin", 2600)
+    write("data_batch_2.bin", 2600)  # 5,200 training images: 5,000 validation + 200
+    write("test_batch.bin", 120)
+    run(sys.executable, os.path.join(ROOT, "scripts", "make_ood_sets.py"), "--out", ood,
+        "--n", "64", "--seed", "0", "--no-npm")
+    cal = os.path.join(tmp, "cal.safetensors")
+    rc, _, err = run(jem, "calibrate", model, "--out", cal, "--data-dir", data, "--ood-dir", ood,
+                     "--limit", "64", "--batch", "32")
+    m = info(jem, cal) if rc == 0 else {}
+    check(rc == 0 and m.get("ood", {}).get("present") is True,
+          "calibrate a colour model on CIFAR-10 files (grey OOD sets in colour): %s" % err[-300:])
+    out = os.path.join(tmp, "eval")
+    rc, _, err = run(jem, "eval", model, "--data-dir", data, "--out-dir", out, "--ood-dir", ood,
+                     "--limit", "64", "--sample-steps", "2", "--samples-per-class", "1",
+                     "--fid-samples", "20", "--no-attack", "--batch", "32")
+    rep = json.load(open(os.path.join(out, "report.json"))) if rc == 0 else {}
+    check(rc == 0 and "classification" in rep, "eval on CIFAR-10 files: %s" % err[-300:])
+    run_dir = os.path.join(tmp, "train")
+    rc, _, err = run(jem, "train", "--run-dir", run_dir, "--data", data, "--baseline",
+                     "--iterations", "2", "--batch", "8", "--warmup", "1", "--eval-every", "2",
+                     "--valid-limit", "16", "--ckpt-every", "2")
+    m = info(jem, os.path.join(run_dir, "model.safetensors")) if rc == 0 else {}
+    check(rc == 0 and m.get("arch", {}).get("in_channels") == 3 and
+          (m.get("classes") or [None])[0] == "airplane" and m.get("name") == "cifar10-jem",
+          "train on CIFAR-10 files: a 3-channel model with CIFAR-10's classes: %s" % err[-300:])
+    with open(os.path.join(data, "test_batch.bin"), "ab") as f:
+        f.write(b"\x00" * 10)  # a torn record
+    rc, _, err = run(jem, "eval", model, "--data-dir", data, "--out-dir", out, "--limit", "8")
+    check(rc == 1 and "multiple of 3073" in err, "a torn CIFAR-10 file is refused: %s" % err[-200:])
+
+
 def legacy_file(obj_pickle):
     """A legacy torch.save file around one object pickle (no storages)."""
     return (pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2) + pickle.dumps(1001, protocol=2) +
@@ -167,6 +213,11 @@ def main():
 
         colour_end_to_end(jem, os.path.join(os.path.dirname(jem), "jemd"),
                           os.path.join(tmp, "none-zip.safetensors"), tmp)
+
+        m10 = os.path.join(tmp, "c10.safetensors")
+        rc, _, err = run(jem, "init", m10, "--in-channels", 3, "--classes", 10, "--seed", 2)
+        check(rc == 0, "init a 10-class colour model: %s" % err)
+        cifar_end_to_end(jem, m10, tmp)
 
         # norms: inferred where the tensors tell, asked for where they do not
         for case, want_rc, want in (("batch-zip", 0, "norm batch"), ("act-zip", 0, "norm act"),
