@@ -626,10 +626,13 @@ static int emit(walk *w, const val *v, size_t plen) {
     return jem__errf(t->err, t->errlen, JEM_EFORMAT, "tensor '%s': its storage's data is missing", w->path);
   size_t numel = 1;
   for (int d = 0; d < v->ndim; d++) numel *= (size_t)v->shape[d]; /* bounded at rebuild */
-  if (numel > w->max_floats - w->floats)
+  /* the budget counts each tensor's name and bookkeeping too, so shared
+   * references to tiny tensors cannot multiply memory either */
+  const size_t cost = numel + plen / 4 + 32;
+  if (cost > w->max_floats - w->floats)
     return jem__errf(t->err, t->errlen, JEM_ETOOBIG,
                      "tensor '%s': the tensors' total size exceeds the file's (shared storages)", w->path);
-  w->floats += numel;
+  w->floats += cost;
   if (w->f->n == (int)w->cap) {
     size_t nc = w->cap ? 2 * w->cap : 64;
     jem_tl_tensor *nt = realloc(w->f->t, nc * sizeof *nt);
@@ -670,7 +673,8 @@ static int collect(walk *w, const val *v, size_t plen, int depth) {
   tl *t = w->t;
   if (++w->visits > 4 * t->nvals + 1024 || depth > MAX_DEPTH)
     return jem__errf(t->err, t->errlen, JEM_EFORMAT,
-                     "the object is nested too deeply or refers to itself (at '%s')", w->path);
+                     "the object is nested too deeply, refers to itself or repeats an object too "
+                     "often (at '%s')", w->path);
   if (v->kind == V_TENSOR) return emit(w, v, plen);
   if (v->kind != V_DICT && v->kind != V_LIST && v->kind != V_TUPLE) return 0;
   int dict = v->kind == V_DICT;

@@ -135,7 +135,7 @@ static void test_norm_buffers(void **state) {
 /* ------------------------------------------------------------------------ */
 /* Hand-built legacy files                                                  */
 
-typedef struct bytes { unsigned char b[4096]; size_t n; } bytes;
+typedef struct bytes { unsigned char b[1 << 18]; size_t n; } bytes;
 
 static void put(bytes *o, const void *p, size_t n) {
   assert_true(o->n + n <= sizeof o->b);
@@ -170,10 +170,11 @@ typedef struct spec {
   int offset, ndim, size[2], stride[2];
   int stored_numel;                     /* floats actually written */
   int extra_op;                         /* an opcode inserted before STOP (0: none) */
+  int repeat;                           /* > 0: "w" is a list of the tensor this often */
 } spec;
 
 static const spec GOOD = {"torch._utils", "_rebuild_tensor_v2", "FloatStorage", 4, 0, 2,
-                          {2, 2}, {2, 1}, 4, 0};
+                          {2, 2}, {2, 1}, 4, 0, 0};
 
 /* A legacy torch.save file of {"w": tensor} as the spec says. */
 static size_t build(const spec *s, bytes *o) {
@@ -188,6 +189,10 @@ static size_t build(const spec *s, bytes *o) {
   op(o, 0x80); op(o, 2);
   op(o, '}');
   str(o, "w");
+  if (s->repeat) {
+    op(o, ']');
+    op(o, '(');
+  }
   glob(o, s->global_mod, s->global_name);
   op(o, '(');
   op(o, '(');
@@ -212,6 +217,15 @@ static size_t build(const spec *s, bytes *o) {
   op(o, 'R');
   op(o, 't');
   op(o, 'R');
+  if (s->repeat) { /* the same tensor again and again, through the memo */
+    op(o, 'q');
+    op(o, 0);
+    for (int i = 1; i < s->repeat; i++) {
+      op(o, 'h');
+      op(o, 0);
+    }
+    op(o, 'e');
+  }
   op(o, 's');
   if (s->extra_op) op(o, s->extra_op);
   op(o, '.');
@@ -306,6 +320,16 @@ static void test_hostile(void **state) {
   jem_tl_file *f = load_ok(o.b, o.n);
   assert_int_equal(f->t[0].numel, 100);
   jem_torch_free(f);
+
+  s = GOOD; s.repeat = 3; /* a tensor shared three times is three tensors */
+  build(&s, &o);
+  f = load_ok(o.b, o.n);
+  assert_int_equal(f->n, 3);
+  assert_string_equal(f->t[2].name, "w/2");
+  jem_torch_free(f);
+  s = GOOD; s.repeat = 100000; /* ... but cannot multiply memory past the file's size */
+  build(&s, &o);
+  load_bad(o.b, o.n, "too often");
 
   /* every truncation of a good file */
   build(&GOOD, &o);
