@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_cli  # noqa: E402  (its check/run helpers and pass/fail counts)
@@ -228,6 +229,18 @@ def main():
         rc, _, err = run(jem, "import", os.path.join(tmp, "batch-zip.pt"), "--out", a,
                          "--norm", "layer")
         check(rc == 1 and "contradicts" in err, "--norm layer on a BatchNorm file: %s" % err)
+        # an ActNorm never initialised on data: its 1-byte `initialized` flags set to 0
+        src, dst = os.path.join(tmp, "act-zip.pt"), os.path.join(tmp, "act-uninit.pt")
+        with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zo:
+            flags = 0
+            for e in zi.infolist():
+                data = zi.read(e)
+                if "/data/" in e.filename and len(data) == 1:
+                    data, flags = b"\x00", flags + 1
+                zo.writestr(e.filename, data)
+        check(flags == 7, "act-zip has 7 ActNorm flags (%d)" % flags)
+        rc, _, err = run(jem, "import", dst, "--out", a)
+        check(rc == 1 and "never initialised" in err, "uninitialised ActNorm refused: %s" % err)
         rc, _, err = run(jem, "import", ckpt, "--out", a, "--norm", "batch")
         check(rc == 1 and "contradicts" in err, "--norm batch on a norm-free file: %s" % err)
         rc, _, err = run(jem, "import", os.path.join(tmp, "layer-zip.pt"), "--out", a, "--norm", "none")
