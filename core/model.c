@@ -785,15 +785,20 @@ static void sub_forward(jem_ws *ws, jem_sub *s) {
 /* Backward of out = conv(lrelu(t)) with t = norm(in) (as the forward kept
  * it), given dout: din = dL/din (overwritten; din may be dout), tmp (in's
  * size) gets dL/dt on the way; the conv's and the norm's parameter
- * gradients accumulate into dW when it is not NULL. */
+ * gradients accumulate into dW when it is not NULL.  wf, wuf: the flipped
+ * weights and their Winograd transform (or NULL), for the direct kernel. */
 static void conv_norm_backward(float *din, float *tmp, const float *dout, const float *in,
                                const float *t, const jem__conv *c, const jem__norm *nm,
-                               const float *W, const float *wf, float *dW, float leak, int n,
-                               float *col, size_t col_cap) {
+                               const float *W, const float *wf, const float *wuf, float *dW,
+                               float leak, int n, float *col, size_t col_cap) {
   const size_t len = (size_t)c->cin * c->hin * c->win * n;
-  memset(tmp, 0, sizeof(float) * len);
-  jem__conv_backward(dout, t, W + c->w_off, wf, c, n, 1, leak, dW ? dW + c->w_off : NULL,
-                     dW ? dW + c->b_off : NULL, tmp, col, col_cap);
+  if (!dW && jem__conv_fast(c)) { /* input gradient only: the direct kernel */
+    jem__conv_input_grad(tmp, dout, NULL, leak, wf, wuf, c, n, col, col_cap);
+  } else {
+    memset(tmp, 0, sizeof(float) * len);
+    jem__conv_backward(dout, t, W + c->w_off, wf, c, n, 1, leak, dW ? dW + c->w_off : NULL,
+                       dW ? dW + c->b_off : NULL, tmp, col, col_cap);
+  }
   jem__lrelu_backward(tmp, t, len, leak);
   memset(din, 0, sizeof(float) * len);
   jem__norm_backward(din, tmp, in, nm, W, n, c->hin * c->win, dW);
@@ -851,10 +856,10 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
     const size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
     if (net->norm) {
       /* back through conv2 to u, then conv1 to a; plus the shortcut's share */
-      conv_norm_backward(ga, gv, gcur, s->u[b], s->t2[b], &B->c2, &B->n2, W, WF(&B->c2), dW,
-                         leak, n, s->col, s->col_cap);
-      conv_norm_backward(ga, gv, ga, s->a[b], s->t1[b], &B->c1, &B->n1, W, WF(&B->c1), dW,
-                         leak, n, s->col, s->col_cap);
+      conv_norm_backward(ga, gv, gcur, s->u[b], s->t2[b], &B->c2, &B->n2, W, WF(&B->c2),
+                         wino_of(ws, &B->c2, 1), dW, leak, n, s->col, s->col_cap);
+      conv_norm_backward(ga, gv, ga, s->a[b], s->t1[b], &B->c1, &B->n1, W, WF(&B->c1),
+                         wino_of(ws, &B->c1, 1), dW, leak, n, s->col, s->col_cap);
       if (B->has_sc)
         jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0, leak,
                            DW(B->sc.w_off), DW(B->sc.b_off), ga, s->col, s->col_cap);
