@@ -272,7 +272,8 @@ const jem_param *jem_model_param(const jem_model *m, const char *name);
 int jem_model_apply_meta(jem_model *m, char *err, size_t errlen);
 /* The metadata's "arch" object <-> jem_arch (core/meta.c).  from_json wants
  * every key (family "wrn", depth, widen, in_channels, image_size, num_classes
- * as JSON integers, norm one of jem_norm_names, leak a number), rejects unknown keys and
+ * as JSON integers, leak a number; norm, one of jem_norm_names, may be left
+ * out for "none"), rejects unknown keys and
  * runs jem_arch_validate.  to_json returns a new reference (NULL on OOM). */
 int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen);
 json_t *jem_arch_to_json(const jem_arch *a);

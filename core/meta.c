@@ -77,8 +77,8 @@ int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen) {
   if (!json_is_object(j)) return jem__errf(err, errlen, JEM_EFORMAT, "arch must be an object");
   int rc = check_keys(j, "arch", keys, err, errlen);
   if (rc) return rc;
-  for (int i = 0; keys[i]; i++)
-    if (!json_object_get(j, keys[i]))
+  for (int i = 0; keys[i]; i++) /* norm may be left out: none */
+    if (!json_object_get(j, keys[i]) && strcmp(keys[i], "norm"))
       return jem__errf(err, errlen, JEM_EFORMAT, "arch.%s is missing", keys[i]);
 
   const json_t *fam = json_object_get(j, "family");
@@ -92,9 +92,10 @@ int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen) {
   const json_t *norm = json_object_get(j, "norm");
   jem_arch t;
   memset(&t, 0, sizeof t);
-  t.norm = json_is_string(norm) && strlen(json_string_value(norm)) == json_string_length(norm)
-               ? jem_norm_from_name(json_string_value(norm))
-               : -1;
+  t.norm = !norm ? JEM_NORM_NONE
+          : json_is_string(norm) && strlen(json_string_value(norm)) == json_string_length(norm)
+              ? jem_norm_from_name(json_string_value(norm))
+              : -1;
   if (t.norm < 0)
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "arch.norm must be \"none\", \"batch\", \"instance\", \"layer\" or \"act\", got %s%.32s%s",

@@ -882,6 +882,13 @@ static void test_bad_metadata(void **state) {
   EXPECT_FAIL(with_arch_key("image_size", "28"), "arch.image_size 28");
   EXPECT_FAIL(with_arch_key("norm", "\"group\""), "arch.norm must be \"none\", \"batch\"");
   EXPECT_FAIL(with_arch_key("norm", "1"), "arch.norm must be");
+  {
+    buf b = with_arch_key("norm", NULL); /* left out: none */
+    jem_model *m = load_ok(b.p, b.n);
+    assert_int_equal(m->arch.norm, JEM_NORM_NONE);
+    jem_model_free(m);
+    free(b.p);
+  }
   /* a norm whose tensors the file lacks */
   EXPECT_FAIL(with_arch_key("norm", "\"batch\""), "tensor 'f.layer1.0.bn1.weight' is missing");
   EXPECT_FAIL(with_arch_key("leak", "\"0.2\""), "arch.leak must be a number");
