@@ -5,7 +5,7 @@
  *
  * usage: bench_core [MODEL.safetensors] [--arch D-K-C-N] [--seconds S]
  *                   [--batches 1,64] [--threads 1,2]
- *                   [--figures forward,energy_grad]
+ *                   [--figures forward,energy_grad] [--warmup N]
  * Without MODEL or --arch: models/fmnist-jem.safetensors if it exists, else
  * a random WRN-10-1 on 1x32x32 with 10 classes (seed 1). */
 #include "jem.h"
@@ -30,10 +30,11 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: bench_core [MODEL.safetensors] [--arch DEPTH-WIDEN-CHANNELS-CLASSES]\n"
           "                  [--seconds S] [--batches 1,64] [--threads 1,2]\n"
-          "                  [--figures forward,energy_grad]\n"
+          "                  [--figures forward,energy_grad] [--warmup N]\n"
 
           "Measures forward and energy-gradient images/s of the core.  Without a\n"
           "model: " DEFAULT_MODEL " if present, else a random WRN-10-1-1-10.\n"
+          "Warm-up: 3 runs and 0.3 s, or N runs with --warmup N (0: none).\n"
 
           "Prints one JSON object per line.\n");
 }
@@ -60,14 +61,16 @@ typedef struct result {
   double secs;
 } result;
 
-/* Runs the figure repeatedly: warm-up (at least 3 runs and 0.3 s), then as
- * many runs as fit in `seconds`. */
+/* Runs the figure repeatedly: warm-up (at least warm_runs runs and
+ * warm_secs s), then as many runs as fit in `seconds` (at least one). */
 static result measure(jem_ws *ws, const jem_model *m, const float *x, int batch,
-                      int grad, double seconds, float *logits, float *energy,
-                      float *gnorm) {
-  jem_scores s = {.logits = logits, .score[JEM_SCORE_ENERGY] = energy, .score[JEM_SCORE_GRAD_NORM] = grad ? gnorm : NULL};
+                      int grad, double seconds, int warm_runs, double warm_secs,
+                      float *logits, float *energy, float *gnorm) {
+  jem_scores s = {.logits = logits, .score[JEM_SCORE_ENERGY] = energy,
+                  .score[JEM_SCORE_GRAD_NORM] = grad ? gnorm : NULL};
   double t0 = now();
-  for (int i = 0; i < 3 || now() - t0 < 0.3; i++) jem_score_batch(ws, m, x, batch, grad, &s);
+  for (int i = 0; i < warm_runs || now() - t0 < warm_secs; i++)
+    jem_score_batch(ws, m, x, batch, grad, &s);
   long it = 0;
   t0 = now();
   double t;
@@ -88,6 +91,8 @@ int main(int argc, char **argv) {
   int batches[MAX_LIST] = {1, 64}, nb = 2;
   int threads[MAX_LIST] = {1, 2}, nt = 2;
   int want_fig[2] = {1, 1};
+  int warm_runs = 3;
+  double warm_secs = 0.3;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -95,11 +100,20 @@ int main(int argc, char **argv) {
       return 0;
     } else if (!strcmp(a, "--arch") && i + 1 < argc) {
       arch_spec = argv[++i];
+    } else if (!strcmp(a, "--warmup") && i + 1 < argc) {
+      char *end;
+      long v = strtol(argv[++i], &end, 10);
+      if (*end || v < 0 || v > 1000) {
+        fprintf(stderr, "bench_core: --warmup wants 0..1000 runs\n");
+        return 2;
+      }
+      warm_runs = (int)v;
+      warm_secs = 0.0;
     } else if (!strcmp(a, "--seconds") && i + 1 < argc) {
       char *end;
       seconds = strtod(argv[++i], &end);
-      if (*end || !(seconds > 0 && seconds <= 600)) {
-        fprintf(stderr, "bench_core: --seconds wants a number in (0, 600]\n");
+      if (*end || !(seconds >= 0 && seconds <= 600)) {
+        fprintf(stderr, "bench_core: --seconds wants a number in [0, 600]\n");
         return 2;
       }
     } else if (!strcmp(a, "--batches") && i + 1 < argc) {
@@ -203,7 +217,8 @@ int main(int argc, char **argv) {
       int best_t = 0;
       for (int ti = 0; ti < nt; ti++) {
         jem_blas_set_threads(threads[ti]);
-        result res = measure(ws, m, x, batches[bi], g, seconds, logits, energy, gnorm);
+        result res = measure(ws, m, x, batches[bi], g, seconds, warm_runs, warm_secs, logits,
+                             energy, gnorm);
         printf("{\"kind\": \"measure\", \"figure\": \"%s\", \"batch\": %d, "
                "\"threads\": %d, \"img_s\": %.2f, \"iters\": %ld, \"seconds\": %.3f}\n",
                fig[g], batches[bi], threads[ti], res.img_s, res.iters, res.secs);

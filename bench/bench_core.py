@@ -10,15 +10,19 @@ iteration is compared by bench_train.py.)
 
 The model: --model, else models/fmnist-jem.safetensors, else a random
 WRN-10-1 (1x32x32, 10 classes, PyTorch default init, seed 0) written to a
-temporary file with tests/ref/make_golden.py's writer.  Without torch only the
-core's figures are printed.
+temporary file with tests/ref/make_golden.py's writer.  Then the same table
+for the paper's WRN-28-10 (3x32x32, 10 classes, 36.5M parameters, random
+PyTorch default init, seed 0; --no-wrn28 skips it: it takes minutes).
+Without torch only the core's figures are printed.  --quick runs every
+figure once without warm-up: a check that everything runs, not a
+measurement.
 
 A running `jem train` (any jem binary) would make the figures meaningless:
 by default it is paused (SIGSTOP) for the run and resumed (SIGCONT)
 afterwards, whatever happens; --no-pause refuses instead, --force measures
 anyway.
 
-usage: /usr/bin/python3 bench/bench_core.py --build build [--seconds 2]
+usage: /usr/bin/python3 bench/bench_core.py --build build [--seconds 2] [--no-wrn28] [--quick]
 """
 import argparse
 import importlib.util
@@ -103,6 +107,8 @@ def run_core(args, model, fig, batch):
         sys.exit(f"bench_core.py: {exe} not found; build it with `make {exe}`")
     cmd = [exe, "--seconds", str(args.seconds), "--figures", fig, "--batches", str(batch),
            "--threads", ",".join(map(str, THREADS))]
+    if args.quick:
+        cmd += ["--warmup", "0"]
     if model:
         cmd.append(model)
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -120,10 +126,10 @@ def run_core(args, model, fig, batch):
     return info, best
 
 
-def timed(fn, seconds):
+def timed(fn, seconds, warm=True):
     t0 = time.perf_counter()
     i = 0
-    while i < 3 or time.perf_counter() - t0 < 0.3:  # warm-up
+    while warm and (i < 3 or time.perf_counter() - t0 < 0.3):  # warm-up
         fn()
         i += 1
     it, t0 = 0, time.perf_counter()
@@ -175,7 +181,7 @@ def torch_bench(args, model_path):
         best = (0.0, 0)
         for t in THREADS:
             torch.set_num_threads(t)
-            it, secs = timed(lambda: fns[fig](xs[b]), args.seconds)
+            it, secs = timed(lambda: fns[fig](xs[b]), args.seconds, not args.quick)
             ips = it * b / secs
             if ips > best[0]:
                 best = (ips, t)
@@ -184,6 +190,85 @@ def torch_bench(args, model_path):
 
 
 # --------------------------------------------------------------------------
+
+def wrn28_model(args, tmpdir, use_torch):
+    """The paper's WRN-28-10 on 3x32x32 with 10 classes, random weights."""
+    path = os.path.join(tmpdir, "wrn28-10-random.safetensors")
+    if use_torch:
+        g = golden_module()
+        torch.manual_seed(0)
+        g.write_model(path, g.CCF(28, 10, 10, 3), g.arch_dict(28, 10, 3, 10), "wrn28-10-random")
+    else:
+        subprocess.run([os.path.join(args.build, "jem"), "init", path, "--depth", "28",
+                        "--widen", "10", "--in-channels", "3", "--classes", "10"], check=True,
+                       capture_output=True)
+    return path
+
+
+def report(args, model, use_torch):
+    """Measures every figure of the model, the core then PyTorch, and prints
+    the table."""
+    tmeasure = torch_bench(args, model) if use_torch else None
+    # Row by row, the core then PyTorch, each under a watch on the rest of
+    # the machine; a row measured while other work ran is redone (up to
+    # --retries times) and the least disturbed attempt is kept.
+    rows, info = {}, {}
+    for fig, b in FIGURES:
+        kept = None
+        for attempt in range(1 + args.retries):
+            with OtherLoad() as lc:
+                info, cb = run_core(args, model, fig, b)
+            tb, lt = None, 0.0
+            if tmeasure:
+                with OtherLoad() as ltw:
+                    tb = tmeasure(fig, b)
+                lt = ltw.cores
+            load = max(lc.cores, lt)
+            if kept is None or load < kept[2]:
+                kept = (cb, tb, load)
+            if load <= LOAD_LIMIT:
+                break
+        rows[(fig, b)] = kept
+
+    a = info.get("arch", {})
+    what = (f"WRN-{a.get('depth')}-{a.get('widen')}, {a.get('in_channels')}x"
+            f"{a.get('image_size')}x{a.get('image_size')}, {a.get('num_classes')} classes, "
+            f"{info.get('params')} parameters")
+    print(f"model: {model or 'random (core init)'} ({what})")
+    print(f"BLAS core: {info.get('blas_core')}; {args.seconds:g} s per measurement; "
+          f"best of {', '.join(map(str, THREADS))} threads per figure")
+    if use_torch:
+        print(f"PyTorch {torch.__version__}, same weights")
+    elif torch is None:
+        print("PyTorch not installed: core figures only (Debian: python3-torch)")
+    print()
+    hdr = (f"{'figure':<22} {'jem img/s':>16} {'torch img/s':>16} {'ratio':>7} "
+           f"{'target':>7}  met  other load")
+    print(hdr)
+    print("-" * len(hdr))
+    all_met, disturbed = True, False
+    for fig, b in FIGURES:
+        (ci, ct), tb, load = rows[(fig, b)]
+        disturbed |= load > LOAD_LIMIT
+        label = f"{fig} batch {b}"
+        if tb:
+            ti, tt = tb
+            ratio = ci / ti
+            met = ratio >= TARGET[b]
+            all_met &= met
+            print(f"{label:<22} {ci:>9.1f} ({ct} th) {ti:>9.1f} ({tt} th) {ratio:>6.2f}x "
+                  f"{TARGET[b]:>6.1f}x  {'yes' if met else 'NO ':<3}  {load:.2f} cores")
+        else:
+            print(f"{label:<22} {ci:>9.1f} ({ct} th) {'-':>16} {'-':>7} {TARGET[b]:>6.1f}x"
+                  f"  -    {load:.2f} cores")
+    tbest = use_torch
+    if disturbed:
+        print(f"\nWARNING: other processes used more than {LOAD_LIMIT} cores during "
+              "some rows (last column): those figures are not reliable")
+    if tbest:
+        print("\nall targets met" if all_met else "\nsome targets NOT met")
+    return all_met
+
 
 def main():
     ap = argparse.ArgumentParser(description="core vs PyTorch images/s")
@@ -197,6 +282,9 @@ def main():
     ap.add_argument("--no-pause", action="store_true",
                     help="refuse instead of pausing a running `jem train`")
     ap.add_argument("--no-torch", action="store_true", help="only the core's figures")
+    ap.add_argument("--no-wrn28", action="store_true", help="skip the WRN-28-10 table")
+    ap.add_argument("--quick", action="store_true",
+                    help="each figure once, no warm-up: checks that it runs (no real figures)")
     ap.add_argument("--retries", type=int, default=2,
                     help="re-measure a row disturbed by other work up to N times (default 2)")
     args = ap.parse_args()
@@ -243,65 +331,12 @@ def main():
             torch.manual_seed(0)
             net = g.CCF(10, 1, 10, 1)
             g.write_model(model, net, g.arch_dict(10, 1, 1, 10), "wrn10-1-random")
-        tmeasure = torch_bench(args, model) if use_torch else None
-        # Row by row, the core then PyTorch, each under a watch on the rest of
-        # the machine; a row measured while other work ran is redone (up to
-        # --retries times) and the least disturbed attempt is kept.
-        rows, info = {}, {}
-        for fig, b in FIGURES:
-            kept = None
-            for attempt in range(1 + args.retries):
-                with OtherLoad() as lc:
-                    info, cb = run_core(args, model, fig, b)
-                tb, lt = None, 0.0
-                if tmeasure:
-                    with OtherLoad() as ltw:
-                        tb = tmeasure(fig, b)
-                    lt = ltw.cores
-                load = max(lc.cores, lt)
-                if kept is None or load < kept[2]:
-                    kept = (cb, tb, load)
-                if load <= LOAD_LIMIT:
-                    break
-            rows[(fig, b)] = kept
-
-        a = info.get("arch", {})
-        what = (f"WRN-{a.get('depth')}-{a.get('widen')}, {a.get('in_channels')}x"
-                f"{a.get('image_size')}x{a.get('image_size')}, {a.get('num_classes')} classes, "
-                f"{info.get('params')} parameters")
-        print(f"model: {model or 'random (core init)'} ({what})")
-        print(f"BLAS core: {info.get('blas_core')}; {args.seconds:g} s per measurement; "
-              f"best of {', '.join(map(str, THREADS))} threads per figure")
-        if use_torch:
-            print(f"PyTorch {torch.__version__}, same weights")
-        elif torch is None:
-            print("PyTorch not installed: core figures only (Debian: python3-torch)")
-        print()
-        hdr = (f"{'figure':<22} {'jem img/s':>16} {'torch img/s':>16} {'ratio':>7} "
-               f"{'target':>7}  met  other load")
-        print(hdr)
-        print("-" * len(hdr))
-        all_met, disturbed = True, False
-        for fig, b in FIGURES:
-            (ci, ct), tb, load = rows[(fig, b)]
-            disturbed |= load > LOAD_LIMIT
-            label = f"{fig} batch {b}"
-            if tb:
-                ti, tt = tb
-                ratio = ci / ti
-                met = ratio >= TARGET[b]
-                all_met &= met
-                print(f"{label:<22} {ci:>9.1f} ({ct} th) {ti:>9.1f} ({tt} th) {ratio:>6.2f}x "
-                      f"{TARGET[b]:>6.1f}x  {'yes' if met else 'NO ':<3}  {load:.2f} cores")
-            else:
-                print(f"{label:<22} {ci:>9.1f} ({ct} th) {'-':>16} {'-':>7} {TARGET[b]:>6.1f}x"
-                      f"  -    {load:.2f} cores")
-        tbest = use_torch
-        if disturbed:
-            print(f"\nWARNING: other processes used more than {LOAD_LIMIT} cores during "
-                  "some rows (last column): those figures are not reliable")
-        if tbest:
-            print("\nall targets met" if all_met else "\nsome targets NOT met")
+        report(args, model, use_torch)
+        if not args.no_wrn28:
+            print()
+            if tmpdir is None:
+                tmpdir = tempfile.mkdtemp(prefix="jem-bench-")
+            report(args, wrn28_model(args, tmpdir, use_torch), use_torch)
         return 0
     finally:
         resume(paused)

@@ -103,7 +103,7 @@ int main(int argc, char **argv) {
   if (model) {
     if (jem_model_load(&m, model, err, sizeof err)) { fprintf(stderr, "bench_train: %s\n", err); return 1; }
   } else {
-    jem_arch a = {depth, widen, 1, 32, 10, 0.2f};
+    jem_arch a = {depth, widen, 1, 32, 10, 0.2f, JEM_NORM_NONE};
     if (jem_model_create(&m, &a, err, sizeof err)) { fprintf(stderr, "bench_train: %s\n", err); return 1; }
     jem_model_init_random(m, 0);
   }

@@ -114,3 +114,37 @@ char *args_git_commit(void) {
   if (r && !*r) { free(r); r = NULL; }
   return r;
 }
+
+/* The names of a comma-separated list, or NULL with the reason in why:
+ * names must be non-empty, distinct and UTF-8 (they become JSON strings). */
+json_t *args_split_names(const char *s, int *count, const char **why) {
+  json_t *a = json_array();
+  const char *p = s;
+  for (;;) {
+    const char *q = strchr(p, ',');
+    size_t len = q ? (size_t)(q - p) : strlen(p);
+    json_t *name = len ? json_stringn(p, len) : NULL;
+    *why = !len ? "an empty name" : !name ? "a name that is not UTF-8" : NULL;
+    for (size_t i = 0; name && i < json_array_size(a); i++)
+      if (json_equal(json_array_get(a, i), name)) *why = "a repeated name";
+    if (*why) {
+      json_decref(name);
+      json_decref(a);
+      return NULL;
+    }
+    json_array_append_new(a, name);
+    if (!q) break;
+    p = q + 1;
+  }
+  *count = (int)json_array_size(a);
+  return a;
+}
+
+/* The file name without directories and extension. */
+void args_default_name(const char *path, char *out, size_t cap) {
+  const char *b = strrchr(path, '/');
+  b = b ? b + 1 : path;
+  snprintf(out, cap, "%s", b);
+  char *dot = strrchr(out, '.');
+  if (dot && dot != out) *dot = 0;
+}

@@ -13,6 +13,7 @@
 #ifndef JEM_CLI_ARGS_H
 #define JEM_CLI_ARGS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include <jansson.h>
@@ -46,5 +47,13 @@ char *args_command_line(int argc, char **argv, const char *skip);
 /* The short commit of the git checkout the process runs in (for provenance:
  * which code made a model), or NULL outside one.  Free it. */
 char *args_git_commit(void);
+
+/* The names of a comma-separated list as a JSON array (*count of them), or
+ * NULL with the reason in why: names must be non-empty, distinct and UTF-8
+ * (they become JSON strings). */
+json_t *args_split_names(const char *s, int *count, const char **why);
+
+/* The file name of path without directories and extension. */
+void args_default_name(const char *path, char *out, size_t cap);
 
 #endif

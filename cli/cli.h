@@ -12,5 +12,6 @@ int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 int cmd_buffer(int argc, char **argv);
 int cmd_average(int argc, char **argv);
+int cmd_import(int argc, char **argv);
 
 #endif

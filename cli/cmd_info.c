@@ -38,7 +38,7 @@ static json_t *info_json(const jem_model *m, const char *path) {
   json_object_set_new(a, "in_channels", json_integer(m->arch.in_channels));
   json_object_set_new(a, "image_size", json_integer(m->arch.image_size));
   json_object_set_new(a, "num_classes", json_integer(m->arch.num_classes));
-  json_object_set_new(a, "norm", json_string("none"));
+  json_object_set_new(a, "norm", json_string(jem_norm_names[m->arch.norm]));
   json_object_set_new(a, "leak", json_real(args_f2d(m->arch.leak)));
   json_object_set_new(o, "arch", a);
   json_object_set_new(o, "parameters", json_integer((json_int_t)count_params(m)));
@@ -92,8 +92,9 @@ static void info_text(const jem_model *m, const char *path) {
   const jem_arch *a = &m->arch;
   printf("file:         %s\n", path);
   printf("name:         %s\n", m->name);
-  printf("architecture: WRN-%d-%d (Wide-ResNet, depth %d, widen %d, norm none, "
-         "LeakyReLU %g)\n", a->depth, a->widen, a->depth, a->widen, (double)a->leak);
+  printf("architecture: WRN-%d-%d (Wide-ResNet, depth %d, widen %d, norm %s, "
+         "LeakyReLU %g)\n", a->depth, a->widen, a->depth, a->widen, jem_norm_names[a->norm],
+         (double)a->leak);
   printf("input:        %d x %d x %d (channels x height x width)\n", a->in_channels,
          a->image_size, a->image_size);
   printf("parameters:   %zu in %d tensors\n", count_params(m), m->n_params);

@@ -26,40 +26,6 @@ static void init_help(FILE *f) {
           "  -h, --help         this text\n");
 }
 
-/* The names of a comma-separated list, or NULL with the reason in why:
- * names must be non-empty, distinct and UTF-8 (they become JSON strings). */
-static json_t *split_names(const char *s, int *count, const char **why) {
-  json_t *a = json_array();
-  const char *p = s;
-  for (;;) {
-    const char *q = strchr(p, ',');
-    size_t len = q ? (size_t)(q - p) : strlen(p);
-    json_t *name = len ? json_stringn(p, len) : NULL;
-    *why = !len ? "an empty name" : !name ? "a name that is not UTF-8" : NULL;
-    for (size_t i = 0; name && i < json_array_size(a); i++)
-      if (json_equal(json_array_get(a, i), name)) *why = "a repeated name";
-    if (*why) {
-      json_decref(name);
-      json_decref(a);
-      return NULL;
-    }
-    json_array_append_new(a, name);
-    if (!q) break;
-    p = q + 1;
-  }
-  *count = (int)json_array_size(a);
-  return a;
-}
-
-/* The file name without directories and extension. */
-static void default_name(const char *path, char *out, size_t cap) {
-  const char *b = strrchr(path, '/');
-  b = b ? b + 1 : path;
-  snprintf(out, cap, "%s", b);
-  char *dot = strrchr(out, '.');
-  if (dot && dot != out) *dot = 0;
-}
-
 int cmd_init(int argc, char **argv) {
   static const struct option opts[] = {
     {"depth", required_argument, NULL, 'd'},
@@ -106,7 +72,7 @@ int cmd_init(int argc, char **argv) {
   if (names_arg) {
     int k = 0;
     const char *why = NULL;
-    names = split_names(names_arg, &k, &why);
+    names = args_split_names(names_arg, &k, &why);
     if (!names) return args_usage("init", "--class-names has %s in '%s'", why, names_arg);
     if (classes && classes != k) {
       json_decref(names);
@@ -130,7 +96,7 @@ int cmd_init(int argc, char **argv) {
   }
   char nm[128];
   if (name) snprintf(nm, sizeof nm, "%s", name);
-  else default_name(out, nm, sizeof nm);
+  else args_default_name(out, nm, sizeof nm);
   json_object_set_new(m->meta, "name", json_string(nm));
   if (names) json_object_set_new(m->meta, "classes", names);
   json_object_set_new(m->meta, "temperature", json_real(1.0));

@@ -28,17 +28,20 @@ static void usage(FILE *f) {
 "last checkpoint left it (the other flags must describe the same run).\n"
 "\n"
 "Data (default: Fashion-MNIST from $JEM_FMNIST_DIR or " JEM_FMNIST_DIR_DEFAULT "):\n"
-"  --data DIR             directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz\n"
+"  --data DIR             directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz,\n"
+"                         or with CIFAR-10's data_batch_{1..5}.bin (the binary format)\n"
 "  --train-images FILE    other IDX images ([N,H,W] or [N,C,H,W], gzip or raw)\n"
 "  --train-labels FILE    its IDX labels\n"
-"  --classes A,B,...      class names (default: Fashion-MNIST's with --data, else 0..K-1)\n"
+"  --classes A,B,...      class names (default: Fashion-MNIST's or CIFAR-10's with --data,\n"
+"                         else 0..K-1)\n"
 "  --valid N              images split off for validation (default 5000, fixed seed 1234)\n"
 "  --limit N              use only the first N training images\n"
 "  --valid-limit N        validate on only the first N validation images\n"
 "Model:\n"
 "  --depth D --widen K    WRN-D-K (default 10, 1); D = 6n+4\n"
 "  --warm-start MODEL     start from these weights (e.g. a cross-entropy model)\n"
-"  --name NAME            model name in the metadata (default fmnist-jem / model)\n"
+"  --name NAME            model name in the metadata (default fmnist-jem, cifar10-jem\n"
+"                         or model)\n"
 "  --out FILE             final model (default DIR/model.safetensors)\n"
 "  --replay-keep N        replay-buffer images kept in the final file (default 500)\n"
 "Objective:\n"
@@ -215,20 +218,23 @@ int cmd_train(int argc, char **argv) {
   if (threads > 0) jem_blas_set_threads(threads);
 
   /* ---- data ---- */
-  int fmnist = !timg;
+  int fmnist = !timg, cifar = 0;
   char ip[1024], lp[1024];
+  const char *d = NULL;
   if (fmnist) {
-    const char *d = data_dir ? data_dir : getenv("JEM_FMNIST_DIR");
+    d = data_dir ? data_dir : getenv("JEM_FMNIST_DIR");
     if (!d || !*d) d = JEM_FMNIST_DIR_DEFAULT;
-    snprintf(ip, sizeof ip, "%s/train-images-idx3-ubyte.gz", d);
-    snprintf(lp, sizeof lp, "%s/train-labels-idx1-ubyte.gz", d);
+    cifar = jem_cifar10_dir(d);
+    snprintf(ip, sizeof ip, cifar ? "%s/data_batch_N.bin" : "%s/train-images-idx3-ubyte.gz", d);
+    snprintf(lp, sizeof lp, cifar ? "%s/data_batch_N.bin" : "%s/train-labels-idx1-ubyte.gz", d);
     timg = ip;
     tlab = lp;
   }
   jem_dataset all, train, valid;
   memset(&train, 0, sizeof train);
   memset(&valid, 0, sizeof valid);
-  if (jem_dataset_load(&all, timg, tlab, 32, 0, err, sizeof err)) {
+  if (cifar ? jem_fmnist_load(d, JEM_SPLIT_TRAIN_ALL, &all, err, sizeof err)
+            : jem_dataset_load(&all, timg, tlab, 32, 0, err, sizeof err)) {
     fprintf(stderr, "jem train: %s\n", err);
     return 1;
   }
@@ -273,7 +279,7 @@ int cmd_train(int argc, char **argv) {
   }
 
   /* ---- model ---- */
-  jem_arch arch = {depth, widen, train.c, 32, k, 0.2f};
+  jem_arch arch = {depth, widen, train.c, 32, k, 0.2f, JEM_NORM_NONE};
   if (warm) {
     if (jem_model_load(&wm, warm, err, sizeof err)) {
       fprintf(stderr, "jem train: --warm-start: %s\n", err);
@@ -304,10 +310,10 @@ int cmd_train(int argc, char **argv) {
   for (int i = 0; i < k; i++) {
     char num[16];
     snprintf(num, sizeof num, "%d", i);
-    const char *nm = cls ? cls[i] : fmnist ? jem_fmnist_classes[i] : num;
+    const char *nm = cls ? cls[i] : cifar ? jem_cifar10_classes[i] : fmnist ? jem_fmnist_classes[i] : num;
     json_array_append_new(jc, json_string(nm));
   }
-  json_object_set_new(m->meta, "name", json_string(name ? name : fmnist ? "fmnist-jem" : "model"));
+  json_object_set_new(m->meta, "name", json_string(name ? name : cifar ? "cifar10-jem" : fmnist ? "fmnist-jem" : "model"));
   json_object_set_new(m->meta, "classes", jc);
   json_object_set_new(m->meta, "preprocess",
                       json_pack("{s:i,s:[i,i],s:i,s:f,s:f,s:[f,f],s:b}", "channels", train.c,

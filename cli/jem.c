@@ -21,6 +21,7 @@ static const command commands[] = {
   {"eval", cmd_eval, "evaluate accuracy, calibration, OOD detection, samples"},
   {"calibrate", cmd_calibrate, "fit temperature and OOD statistics into a model"},
   {"buffer", cmd_buffer, "replace a model's replay buffer with per-class Gaussian draws"},
+  {"import", cmd_import, "convert a checkpoint of the official PyTorch JEM code"},
   {"average", cmd_average, "average the parameters of checkpoints (weight averaging)"},
 };
 

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 const char *const jem_fmnist_classes[10] = {
@@ -353,11 +354,107 @@ done:
   return rc;
 }
 
+/* ------------------------------------------------------------------------ */
+/* CIFAR-10 binary files                                                    */
+
+const char *const jem_cifar10_classes[10] = {"airplane", "automobile", "bird", "cat", "deer",
+                                             "dog", "frog", "horse", "ship", "truck"};
+
+#define CIFAR_REC 3073 /* one label byte, then 3x32x32 pixel bytes, R, G, B planes */
+
+int jem_cifar10_parse(jem_dataset *out, const unsigned char *const *bufs, const size_t *lens,
+                      int nfiles, char *err, size_t errlen) {
+  memset(out, 0, sizeof *out);
+  size_t n = 0;
+  for (int f = 0; f < nfiles; f++) {
+    if (lens[f] == 0 || lens[f] % CIFAR_REC)
+      return jem__errf(err, errlen, JEM_EFORMAT,
+                       "CIFAR-10 file %d has %zu bytes, not a positive multiple of %d (one "
+                       "label byte and 3,072 pixel bytes per image)", f + 1, lens[f], CIFAR_REC);
+    n += lens[f] / CIFAR_REC;
+  }
+  if (n == 0 || n > (size_t)1 << 24)
+    return jem__errf(err, errlen, JEM_EFORMAT, "CIFAR-10: %zu images", n);
+  const size_t chw = 3 * 32 * 32;
+  out->x = jem__falloc(n * chw);
+  out->y = malloc(n * sizeof(int));
+  out->index = malloc(n * sizeof(int));
+  if (!out->x || !out->y || !out->index) {
+    jem_dataset_free(out);
+    return jem__errf(err, errlen, JEM_ENOMEM, "out of memory for %zu CIFAR-10 images", n);
+  }
+  size_t i = 0;
+  for (int f = 0; f < nfiles; f++)
+    for (size_t r = 0; r < lens[f] / CIFAR_REC; r++, i++) {
+      const unsigned char *rec = bufs[f] + r * CIFAR_REC;
+      if (rec[0] > 9) {
+        jem_dataset_free(out);
+        return jem__errf(err, errlen, JEM_EFORMAT,
+                         "CIFAR-10 file %d, image %zu: label %d is not 0..9 (a CIFAR-100 "
+                         "file has two label bytes)", f + 1, r, rec[0]);
+      }
+      out->y[i] = rec[0];
+      out->index[i] = (int)i;
+      for (size_t k = 0; k < chw; k++) out->x[i * chw + k] = (float)rec[1 + k] * (2.0f / 255.0f) - 1.0f;
+    }
+  out->n = (int)n;
+  out->c = 3;
+  out->s = 32;
+  out->src_s = 32;
+  out->num_classes = 10;
+  return 0;
+}
+
+/* The CIFAR-10 files of dir for a split: data_batch_1..5.bin (those
+ * present, at least one) or test_batch.bin.  Returns the count. */
+static int cifar_files(const char *dir, int split, char paths[5][1024]) {
+  int n = 0;
+  struct stat st;
+  if (split == JEM_SPLIT_TEST) {
+    snprintf(paths[0], 1024, "%s/test_batch.bin", dir);
+    return stat(paths[0], &st) == 0;
+  }
+  for (int b = 1; b <= 5; b++) {
+    snprintf(paths[n], 1024, "%s/data_batch_%d.bin", dir, b);
+    if (stat(paths[n], &st) == 0) n++;
+  }
+  return n;
+}
+
+int jem_cifar10_dir(const char *dir) {
+  char p[5][1024];
+  return dir && (cifar_files(dir, JEM_SPLIT_TRAIN, p) > 0 || cifar_files(dir, JEM_SPLIT_TEST, p) > 0);
+}
+
+static int cifar10_load(const char *dir, int split, jem_dataset *out, char *err, size_t errlen) {
+  char paths[5][1024];
+  unsigned char *bufs[5] = {0};
+  size_t lens[5] = {0};
+  const int nf = cifar_files(dir, split, paths);
+  if (nf == 0)
+    return jem__errf(err, errlen, JEM_EIO, "%s: no %s (CIFAR-10 binary files)", dir,
+                     split == JEM_SPLIT_TEST ? "test_batch.bin" : "data_batch_N.bin");
+  int rc = 0;
+  for (int f = 0; f < nf && !rc; f++)
+    rc = jem_read_file(paths[f], (size_t)1 << 30, &bufs[f], &lens[f], err, errlen);
+  if (!rc) {
+    rc = jem_cifar10_parse(out, (const unsigned char *const *)bufs, lens, nf, err, errlen);
+    if (rc && err && errlen) {
+      char tmp[512];
+      snprintf(tmp, sizeof tmp, "%s: %s", dir, err);
+      snprintf(err, errlen, "%s", tmp);
+    }
+  }
+  for (int f = 0; f < nf; f++) free(bufs[f]);
+  return rc;
+}
+
 int jem_fmnist_load(const char *dir, int split, jem_dataset *out, char *err,
                     size_t errlen) {
   memset(out, 0, sizeof *out);
   if (!dir) dir = getenv("JEM_FMNIST_DIR");
   if (!dir || !*dir) dir = JEM_FMNIST_DIR_DEFAULT;
+  const int cifar = jem_cifar10_dir(dir);
   const char *pre;
   switch (split) {
     case JEM_SPLIT_TRAIN: case JEM_SPLIT_VALID: case JEM_SPLIT_TRAIN_ALL:
@@ -369,8 +466,10 @@ int jem_fmnist_load(const char *dir, int split, jem_dataset *out, char *err,
   char ip[1024], lp[1024];
   snprintf(ip, sizeof ip, "%s/%s-images-idx3-ubyte.gz", dir, pre);
   snprintf(lp, sizeof lp, "%s/%s-labels-idx1-ubyte.gz", dir, pre);
+  if (cifar) snprintf(ip, sizeof ip, "%s/data_batch_N.bin", dir);
   jem_dataset all;
-  int rc = jem_dataset_load(&all, ip, lp, 32, 0, err, errlen);
+  int rc = cifar ? cifar10_load(dir, split, &all, err, errlen)
+                 : jem_dataset_load(&all, ip, lp, 32, 0, err, errlen);
   if (rc) return rc;
   if (all.num_classes > 10) {
     jem_dataset_free(&all);

@@ -208,6 +208,25 @@ const char *const jem_ood_set_names[JEM_OOD_NSETS] = {
     "mnist", "uniform", "gaussian", "vflip", "interp", "constant", "letters",
     "photos-skimage", "photos-wallpapers", "illustrations", "icons", "procedural", "text"};
 
+/* A grey IDX set for a colour model: each image's plane repeated. */
+static int grey_to_colour(jem_dataset *d, int channels, const char *name, char *err,
+                          size_t errlen) {
+  if (d->c != 1 || channels <= 1) return 0;
+  const size_t hw = (size_t)d->s * d->s;
+  float *x = jem__falloc((size_t)d->n * channels * hw);
+  if (!x) {
+    jem_dataset_free(d);
+    return jem__errf(err, errlen, JEM_ENOMEM, "ood set %s: out of memory", name);
+  }
+  for (int i = 0; i < d->n; i++)
+    for (int c = 0; c < channels; c++)
+      memcpy(x + ((size_t)i * channels + c) * hw, d->x + (size_t)i * hw, hw * sizeof(float));
+  free(d->x);
+  d->x = x;
+  d->c = channels;
+  return 0;
+}
+
 static int by_name(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -281,8 +300,10 @@ int jem_ood_set_load(const char *dir, const char *name, const jem_model *m,
   if (len < 0 || (size_t)len >= sizeof path)
     return jem__errf(err, errlen, JEM_EINVAL, "ood set: path too long");
   struct stat st;
-  if (stat(path, &st) == 0)
-    return jem_dataset_load(out, path, NULL, m->arch.image_size, max_items, err, errlen);
+  if (stat(path, &st) == 0) {
+    int rc = jem_dataset_load(out, path, NULL, m->arch.image_size, max_items, err, errlen);
+    return rc ? rc : grey_to_colour(out, m->arch.in_channels, name, err, errlen);
+  }
   snprintf(path, sizeof path, "%s/%s", dir, name);
   if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
     return load_image_dir(path, m, max_items, out, err, errlen);

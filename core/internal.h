@@ -20,6 +20,9 @@ int jem__meta_check(const jem_model *m, char *err, size_t errlen);
 int jem__errf(char *err, size_t errlen, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
+/* IEEE half-precision bits to float, exactly (core/safetensors.c). */
+float jem__half_to_float(uint16_t h);
+
 /* 64-byte-aligned allocation of n floats, zeroed; free with free(). */
 float *jem__falloc(size_t n);
 

@@ -3,7 +3,7 @@
  * A Joint Energy-based Model (Grathwohl et al., ICLR 2020) is a classifier whose
  * logits f(x) also define an energy: E(x) = -logsumexp_y f(x)[y].  This library
  * evaluates the official JEM Wide-ResNet (wgrathwohl/JEM wideresnet.py + CCF
- * head, norm=None) on the CPU: logits, energies, input and parameter gradients,
+ * head, with any of its norms) on the CPU: logits, energies, input and parameter gradients,
  * SGLD sampling, safetensors model files, image preprocessing and OOD scores.
  *
  * Usage, the short tour:
@@ -94,6 +94,16 @@ int jem_blas_threads(void);
 /* ------------------------------------------------------------------------ */
 /* Architecture and parameters (core/model.c)                               */
 
+/* Normalisation layers, the official get_norm (core/norm.c), evaluated
+ * with eval-mode semantics: none (the JEM default), BatchNorm2d with its
+ * running statistics, InstanceNorm2d(affine), GroupNorm(1, C) ("layer"),
+ * ActNorm (y = scale * (x + loc)). */
+enum { JEM_NORM_NONE = 0, JEM_NORM_BATCH, JEM_NORM_INSTANCE, JEM_NORM_LAYER, JEM_NORM_ACT,
+       JEM_NUM_NORMS };
+extern const char *const jem_norm_names[JEM_NUM_NORMS]; /* "none", "batch", ... */
+/* JEM_NORM_* of a name, or -1. */
+int jem_norm_from_name(const char *name);
+
 typedef struct jem_arch {
   int depth;        /* 6n+4 */
   int widen;        /* k >= 1 */
@@ -101,6 +111,7 @@ typedef struct jem_arch {
   int image_size;   /* 32 (must make the last map 8x8) */
   int num_classes;  /* >= 1 */
   float leak;       /* LeakyReLU slope, 0.2 in JEM */
+  int norm;         /* JEM_NORM_*, 0 (none) when left out of an initialiser */
 } jem_arch;
 
 /* Checks every field; writes why not into err. */
@@ -118,10 +129,15 @@ typedef struct jem_param {
 /* Canonical parameter table for an architecture, in this order:
  *   f.conv1.{weight,bias}
  *   for L in 1..3, i in 0..n-1:
- *     f.layerL.i.conv1.{weight,bias}, f.layerL.i.conv2.{weight,bias},
+ *     f.layerL.i.bn1.*, f.layerL.i.conv1.{weight,bias},
+ *     f.layerL.i.bn2.*, f.layerL.i.conv2.{weight,bias},
  *     f.layerL.i.shortcut.0.{weight,bias}   (when stride!=1 or in!=out)
+ *   f.bn1.*
  *   class_output.{weight,bias}
  * Conv weights are [out,in,kh,kw]; class_output.weight is [K, 64*widen].
+ * The norm tensors (bn*.*) exist only with a norm: {weight, bias,
+ * running_mean, running_var} [C] for batch, {weight, bias} [C] for instance
+ * and layer, {scale, loc} [1,C,1,1] for act.
  * Returns the count; fills up to `cap` entries of `out` (out may be NULL). */
 int jem_arch_params(const jem_arch *a, jem_param *out, int cap);
 
@@ -283,7 +299,8 @@ int jem_model_fit_feature_gauss(jem_model *m, const float *feat, const int *y, i
 int jem_model_apply_meta(jem_model *m, char *err, size_t errlen);
 /* The metadata's "arch" object <-> jem_arch (core/meta.c).  from_json wants
  * every key (family "wrn", depth, widen, in_channels, image_size, num_classes
- * as JSON integers, norm "none", leak a number), rejects unknown keys and
+ * as JSON integers, leak a number; norm, one of jem_norm_names, may be left
+ * out for "none"), rejects unknown keys and
  * runs jem_arch_validate.  to_json returns a new reference (NULL on OOM). */
 int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen);
 json_t *jem_arch_to_json(const jem_arch *a);

@@ -77,8 +77,8 @@ int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen) {
   if (!json_is_object(j)) return jem__errf(err, errlen, JEM_EFORMAT, "arch must be an object");
   int rc = check_keys(j, "arch", keys, err, errlen);
   if (rc) return rc;
-  for (int i = 0; keys[i]; i++)
-    if (!json_object_get(j, keys[i]))
+  for (int i = 0; keys[i]; i++) /* norm may be left out: none */
+    if (!json_object_get(j, keys[i]) && strcmp(keys[i], "norm"))
       return jem__errf(err, errlen, JEM_EFORMAT, "arch.%s is missing", keys[i]);
 
   const json_t *fam = json_object_get(j, "family");
@@ -90,16 +90,19 @@ int jem_arch_from_json(const json_t *j, jem_arch *a, char *err, size_t errlen) {
                      json_is_string(fam) ? json_string_value(fam) : "a non-string",
                      json_is_string(fam) ? "\"" : "");
   const json_t *norm = json_object_get(j, "norm");
-  if (!json_is_string(norm) || strcmp(json_string_value(norm), "none") != 0 ||
-      json_string_length(norm) != 4)
+  jem_arch t;
+  memset(&t, 0, sizeof t);
+  t.norm = !norm ? JEM_NORM_NONE
+          : json_is_string(norm) && strlen(json_string_value(norm)) == json_string_length(norm)
+              ? jem_norm_from_name(json_string_value(norm))
+              : -1;
+  if (t.norm < 0)
     return jem__errf(err, errlen, JEM_EFORMAT,
-                     "arch.norm must be \"none\" (no other normalisation is supported), got %s%.32s%s",
+                     "arch.norm must be \"none\", \"batch\", \"instance\", \"layer\" or \"act\", got %s%.32s%s",
                      json_is_string(norm) ? "\"" : "",
                      json_is_string(norm) ? json_string_value(norm) : "a non-string",
                      json_is_string(norm) ? "\"" : "");
 
-  jem_arch t;
-  memset(&t, 0, sizeof t);
   if ((rc = get_int(json_object_get(j, "depth"), "arch.depth", 1, INT_MAX, &t.depth, err, errlen)) ||
       (rc = get_int(json_object_get(j, "widen"), "arch.widen", 1, INT_MAX, &t.widen, err, errlen)) ||
       (rc = get_int(json_object_get(j, "in_channels"), "arch.in_channels", 1, INT_MAX,
@@ -131,7 +134,7 @@ json_t *jem_arch_to_json(const jem_arch *a) {
   bad |= json_object_set_new(o, "in_channels", json_integer(a->in_channels));
   bad |= json_object_set_new(o, "image_size", json_integer(a->image_size));
   bad |= json_object_set_new(o, "num_classes", json_integer(a->num_classes));
-  bad |= json_object_set_new(o, "norm", json_string("none"));
+  bad |= json_object_set_new(o, "norm", json_string(jem_norm_names[a->norm]));
   bad |= json_object_set_new(o, "leak", float_real(a->leak));
   if (bad) {
     json_decref(o);
@@ -636,7 +639,7 @@ static int meta_parse(const jem_model *m, meta_parsed *p, char *err, size_t errl
     return jem__errf(err, errlen, rc, "metadata: %s", why);
   if (a.depth != m->arch.depth || a.widen != m->arch.widen ||
       a.in_channels != m->arch.in_channels || a.image_size != m->arch.image_size ||
-      a.num_classes != m->arch.num_classes || a.leak != m->arch.leak)
+      a.num_classes != m->arch.num_classes || a.leak != m->arch.leak || a.norm != m->arch.norm)
     return jem__errf(err, errlen, JEM_EINVAL,
                      "metadata: arch differs from the model's architecture");
 

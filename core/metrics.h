@@ -187,7 +187,8 @@ double jem_ood_rule_stat(const jem_ood_stats *s, const float value[JEM_NUM_SCORE
 #define JEM_OOD_NSETS 13
 extern const char *const jem_ood_set_names[JEM_OOD_NSETS];
 /* Loads set `name` from dir for model m (first max_items images in file
- * order, 0 = all).  Returns JEM_EIO with "missing" in err when neither the
+ * order, 0 = all); a colour model gets the grey IDX sets with each image's
+ * plane repeated.  Returns JEM_EIO with "missing" in err when neither the
  * file nor the folder exists, so callers can skip it. */
 int jem_ood_set_load(const char *dir, const char *name, const jem_model *m,
                      int max_items, jem_dataset *out, char *err, size_t errlen);

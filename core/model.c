@@ -2,6 +2,7 @@
  * plan, random init, workspaces, forward/backward passes and per-image scores. */
 #include "conv.h"
 #include "internal.h"
+#include "norm.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -41,6 +42,8 @@ int jem_arch_validate(const jem_arch *a, char *err, size_t errlen) {
   if (!(a->leak >= 0.0f && a->leak <= 1.0f))
     return jem__errf(err, errlen, JEM_EINVAL,
                      "arch.leak %g is not a slope in [0, 1]", (double)a->leak);
+  if (a->norm < 0 || a->norm >= JEM_NUM_NORMS)
+    return jem__errf(err, errlen, JEM_EINVAL, "arch.norm %d is not a known norm", a->norm);
   return 0;
 }
 
@@ -75,6 +78,20 @@ static int add_conv(jem_param *out, int cap, int count, size_t *off,
   return add_param(out, cap, count, off, name, 1, cout, 0, 0, 0);
 }
 
+/* The tensors of a norm layer over c channels (none without a norm). */
+static int add_norm(jem_param *out, int cap, int count, size_t *off, const char *prefix,
+                    int kind, int c) {
+  const char *const *suf;
+  const int nt = jem__norm_tensors(kind, &suf);
+  char name[JEM_PARAM_NAME_MAX];
+  for (int t = 0; t < nt; t++) {
+    snprintf(name, sizeof name, "%s.%s", prefix, suf[t]);
+    count = kind == JEM_NORM_ACT ? add_param(out, cap, count, off, name, 4, 1, c, 1, 1)
+                                 : add_param(out, cap, count, off, name, 1, c, 0, 0, 0);
+  }
+  return count;
+}
+
 int jem_arch_params(const jem_arch *a, jem_param *out, int cap) {
   if (jem_arch_validate(a, NULL, 0)) return 0;
   const int n = (a->depth - 4) / 6, k = a->widen;
@@ -87,8 +104,12 @@ int jem_arch_params(const jem_arch *a, jem_param *out, int cap) {
   for (int L = 1; L <= 3; L++) {
     for (int i = 0; i < n; i++) {
       int o = widths[L], stride = (L > 1 && i == 0) ? 2 : 1;
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.bn1", L, i);
+      count = add_norm(out, cap, count, &off, prefix, a->norm, in);
       snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv1", L, i);
       count = add_conv(out, cap, count, &off, prefix, o, in, 3);
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.bn2", L, i);
+      count = add_norm(out, cap, count, &off, prefix, a->norm, o);
       snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv2", L, i);
       count = add_conv(out, cap, count, &off, prefix, o, o, 3);
       if (stride != 1 || in != o) {
@@ -98,6 +119,7 @@ int jem_arch_params(const jem_arch *a, jem_param *out, int cap) {
       in = o;
     }
   }
+  count = add_norm(out, cap, count, &off, "f.bn1", a->norm, widths[3]);
   count = add_param(out, cap, count, &off, "class_output.weight", 2,
                     a->num_classes, widths[3], 0, 0);
   count = add_param(out, cap, count, &off, "class_output.bias", 1,
@@ -110,12 +132,15 @@ int jem_arch_params(const jem_arch *a, jem_param *out, int cap) {
 
 typedef struct jem__block {
   jem__conv c1, c2, sc;
+  jem__norm n1, n2;        /* before conv1 and conv2 (kind none: absent) */
   int has_sc;
 } jem__block;
 
 struct jem_net {
   int in_c, size, k, feat; /* input channels, image side, classes, 64*widen */
   float leak;
+  int norm;                /* JEM_NORM_* */
+  jem__norm head;          /* f.bn1, before the final LeakyReLU */
   jem__conv stem;
   int nblocks;
   jem__block *blocks;
@@ -161,6 +186,23 @@ static int bind_conv(const jem_model *m, jem__conv *c, const char *prefix,
   return bind(m, name, (size_t)c->cout, &c->b_off, err, errlen);
 }
 
+/* Binds a norm layer's tensors (nothing for none). */
+static int bind_norm(const jem_model *m, jem__norm *nm, const char *prefix, int c, char *err,
+                     size_t errlen) {
+  const char *const *suf;
+  const int nt = jem__norm_tensors(m->arch.norm, &suf);
+  size_t *offs[4] = {&nm->w_off, &nm->b_off, &nm->rm_off, &nm->rv_off};
+  char name[JEM_PARAM_NAME_MAX + 16];
+  nm->kind = m->arch.norm;
+  nm->c = c;
+  for (int t = 0; t < nt; t++) {
+    snprintf(name, sizeof name, "%s.%s", prefix, suf[t]);
+    int rc = bind(m, name, (size_t)c, offs[t], err, errlen);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 static jem__conv make_conv(int cin, int cout, int k, int stride, int hin) {
   jem__conv c;
   memset(&c, 0, sizeof c);
@@ -201,6 +243,7 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
   net->k = a->num_classes;
   net->feat = widths[3];
   net->leak = a->leak;
+  net->norm = a->norm;
 
   int s = a->image_size;
   net->stem = make_conv(a->in_channels, 16, 3, 1, s);
@@ -216,6 +259,10 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
       B->c2 = make_conv(o, o, 3, stride, s);
       B->has_sc = stride != 1 || in != o;
       if (B->has_sc) B->sc = make_conv(in, o, 1, stride, s);
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.bn1", L, i);
+      if ((rc = bind_norm(m, &B->n1, prefix, in, err, errlen))) goto fail;
+      snprintf(prefix, sizeof prefix, "f.layer%d.%d.bn2", L, i);
+      if ((rc = bind_norm(m, &B->n2, prefix, o, err, errlen))) goto fail;
       snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv1", L, i);
       if ((rc = bind_conv(m, &B->c1, prefix, err, errlen))) goto fail;
       snprintf(prefix, sizeof prefix, "f.layer%d.%d.conv2", L, i);
@@ -261,6 +308,7 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
     rc = jem__errf(err, errlen, JEM_EINVAL, "last feature map is %dx%d, not 8x8", s, s);
     goto fail;
   }
+  if ((rc = bind_norm(m, &net->head, "f.bn1", widths[3], err, errlen))) goto fail;
   if ((rc = bind(m, "class_output.weight", (size_t)a->num_classes * widths[3],
                  &net->lin_w, err, errlen)))
     goto fail;
@@ -305,6 +353,13 @@ void jem_model_init_random(jem_model *m, uint64_t seed) {
     /* kaiming_uniform(a=sqrt(5)) gives bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in) */
     float bound = fan_in ? 1.0f / sqrtf((float)fan_in) : 0.0f;
     float *w = m->weights + p->offset;
+    if (strstr(p->name, ".bn")) { /* norm layers start as the identity, as in PyTorch */
+      const char *suf = strrchr(p->name, '.') + 1;
+      const float v = !strcmp(suf, "weight") || !strcmp(suf, "running_var") ||
+                      !strcmp(suf, "scale");
+      for (size_t j = 0; j < p->numel; j++) w[j] = v;
+      continue;
+    }
     for (size_t j = 0; j < p->numel; j++) {
       float u = (float)(splitmix64(&st) >> 40) * (1.0f / 16777216.0f);
       w[j] = (2.0f * u - 1.0f) * bound;
@@ -337,6 +392,7 @@ typedef struct jem_sub {
   float *x;              /* [C, n, S, S] */
   float **a;             /* nblocks+1 block inputs / outputs, CNHW */
   float **u;             /* nblocks conv1 outputs (pre-activation), CNHW */
+  float **t1, **t2, *th; /* with a norm: norm1(a[b]), norm2(u[b]), f.bn1(a[nblocks]) */
   float *g[3];           /* gradient buffers, max_act * cap each */
   float *col;
   size_t col_cap;
@@ -358,7 +414,7 @@ struct jem_ws {
   int n;                 /* batch of the last forward, 0 = none */
   const jem_model *m;    /* model of the last forward */
   /* plan signature, checked against the model at every call */
-  int in_c, size, k, nfeat, nblocks;
+  int in_c, size, k, nfeat, nblocks, norm;
   size_t max_act, n_weights;
   size_t bytes;
   float *mem;            /* the one scratch block */
@@ -425,7 +481,12 @@ static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, float *base) {
     const jem__block *B = &net->blocks[b];
     TAKE(s->a[b + 1], (size_t)B->c2.cout * jem__conv_hwo(&B->c2) * N);
     TAKE(s->u[b], (size_t)B->c1.cout * jem__conv_hwo(&B->c1) * N);
+    if (net->norm) {
+      TAKE(s->t1[b], (size_t)B->c1.cin * B->c1.hin * B->c1.win * N);
+      TAKE(s->t2[b], (size_t)B->c2.cin * B->c2.hin * B->c2.win * N);
+    }
   }
+  if (net->norm) TAKE(s->th, (size_t)net->feat * net->last_hw * N);
   for (int i = 0; i < 3; i++) TAKE(s->g[i], net->max_act * N);
   const size_t cc = col_need(net, cap);
   TAKE(s->col, cc);
@@ -516,13 +577,13 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   const int nsub = (max_batch + SLICE_IMAGES - 1) / SLICE_IMAGES;
   /* one allocation for the struct, slices, pointer tables and helpers */
   size_t head = sizeof(jem_ws) + sizeof(jem_sub) * (size_t)nsub +
-                sizeof(float *) * (size_t)(2 * nb + 1) * (size_t)nsub +
+                sizeof(float *) * (size_t)(4 * nb + 1) * (size_t)nsub +
                 sizeof(jem_helper) * (size_t)nthr;
   jem_ws *ws = calloc(1, head);
   if (!ws) return NULL;
   ws->sub = (jem_sub *)(ws + 1);
   float **ptrs = (float **)(ws->sub + nsub);
-  ws->helpers = (jem_helper *)(ptrs + (size_t)(2 * nb + 1) * nsub);
+  ws->helpers = (jem_helper *)(ptrs + (size_t)(4 * nb + 1) * nsub);
   ws->max_batch = max_batch;
   ws->flags = flags;
   ws->in_c = net->in_c;
@@ -530,6 +591,7 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   ws->k = net->k;
   ws->nfeat = net->feat;
   ws->nblocks = nb;
+  ws->norm = net->norm;
   ws->max_act = net->max_act;
   ws->n_weights = m->n_weights;
   ws->nsub = nsub;
@@ -539,8 +601,10 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   size_t total = 0;
   for (int si = 0; si < nsub; si++) {
     jem_sub *s = &ws->sub[si];
-    s->a = ptrs + (size_t)(2 * nb + 1) * si;
+    s->a = ptrs + (size_t)(4 * nb + 1) * si;
     s->u = s->a + nb + 1;
+    s->t1 = s->u + nb;
+    s->t2 = s->t1 + nb;
     total += plan_sub(net, s, cap, NULL);
   }
   /* helpers' private parameter gradients */
@@ -630,7 +694,8 @@ static void check_ws(const jem_ws *ws, const jem_model *m) {
   const jem_net *net = m->net;
   JEM_ASSERT(ws->in_c == net->in_c && ws->size == net->size &&
              ws->k == net->k && ws->nfeat == net->feat &&
-             ws->nblocks == net->nblocks && ws->max_act == net->max_act &&
+             ws->nblocks == net->nblocks && ws->norm == net->norm &&
+             ws->max_act == net->max_act &&
              ws->n_weights == m->n_weights);
 }
 
@@ -686,8 +751,17 @@ static void sub_forward(jem_ws *ws, jem_sub *s) {
                     &net->stem, n, 0, leak, 0, s->col, s->col_cap);
   for (int b = 0; b < net->nblocks; b++) {
     const jem__block *B = &net->blocks[b];
-    jem__conv_forward(s->u[b], s->a[b], W + B->c1.w_off, WU(&B->c1), W + B->c1.b_off,
+    const float *in1 = s->a[b], *in2 = s->u[b]; /* what the LeakyReLUs see */
+    if (net->norm) {
+      jem__norm_forward(s->t1[b], s->a[b], &B->n1, W, n, B->c1.hin * B->c1.win);
+      in1 = s->t1[b];
+    }
+    jem__conv_forward(s->u[b], in1, W + B->c1.w_off, WU(&B->c1), W + B->c1.b_off,
                       &B->c1, n, 1, leak, 0, s->col, s->col_cap);
+    if (net->norm) {
+      jem__norm_forward(s->t2[b], s->u[b], &B->n2, W, n, B->c2.hin * B->c2.win);
+      in2 = s->t2[b];
+    }
     if (B->has_sc) {
       jem__conv_forward(s->a[b + 1], s->a[b], W + B->sc.w_off, NULL,
                         W + B->sc.b_off, &B->sc, n, 0, leak, 0, s->col,
@@ -696,14 +770,41 @@ static void sub_forward(jem_ws *ws, jem_sub *s) {
       memcpy(s->a[b + 1], s->a[b],
              sizeof(float) * (size_t)B->c1.cin * B->c1.hin * B->c1.win * n);
     }
-    jem__conv_forward(s->a[b + 1], s->u[b], W + B->c2.w_off, WU(&B->c2), W + B->c2.b_off,
+    jem__conv_forward(s->a[b + 1], in2, W + B->c2.w_off, WU(&B->c2), W + B->c2.b_off,
                       &B->c2, n, 1, leak, 1, s->col, s->col_cap);
   }
 #undef WU
   float *feat = ws->feat + (size_t)s->n0 * net->feat;
-  jem__pool_forward(feat, s->a[net->nblocks], net->feat, n, net->last_hw, leak);
+  const float *last = s->a[net->nblocks];
+  if (net->norm) {
+    jem__norm_forward(s->th, last, &net->head, W, n, net->last_hw);
+    last = s->th;
+  }
+  jem__pool_forward(feat, last, net->feat, n, net->last_hw, leak);
   jem__linear_forward(ws->jlogits + (size_t)s->n0 * net->k, feat,
                       W + net->lin_w, W + net->lin_b, n, net->feat, net->k);
+}
+
+/* Backward of out = conv(lrelu(t)) with t = norm(in) (as the forward kept
+ * it), given dout: din = dL/din (overwritten; din may be dout), tmp (in's
+ * size) gets dL/dt on the way; the conv's and the norm's parameter
+ * gradients accumulate into dW when it is not NULL.  wf, wuf: the flipped
+ * weights and their Winograd transform (or NULL), for the direct kernel. */
+static void conv_norm_backward(float *din, float *tmp, const float *dout, const float *in,
+                               const float *t, const jem__conv *c, const jem__norm *nm,
+                               const float *W, const float *wf, const float *wuf, float *dW,
+                               float leak, int n, float *col, size_t col_cap) {
+  const size_t len = (size_t)c->cin * c->hin * c->win * n;
+  if (!dW && jem__conv_fast(c)) { /* input gradient only: the direct kernel */
+    jem__conv_input_grad(tmp, dout, NULL, leak, wf, wuf, c, n, col, col_cap);
+  } else {
+    memset(tmp, 0, sizeof(float) * len);
+    jem__conv_backward(dout, t, W + c->w_off, wf, c, n, 1, leak, dW ? dW + c->w_off : NULL,
+                       dW ? dW + c->b_off : NULL, tmp, col, col_cap);
+  }
+  jem__lrelu_backward(tmp, t, len, leak);
+  memset(din, 0, sizeof(float) * len);
+  jem__norm_backward(din, tmp, in, nm, W, n, c->hin * c->win, dW);
 }
 
 static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
@@ -740,7 +841,13 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
                        DW(net->lin_w), DW(net->lin_b), s->dfeat);
   float *gcur = s->g[0];
   memset(gcur, 0, sizeof(float) * (size_t)net->feat * net->last_hw * n);
-  jem__pool_backward(gcur, s->dfeat, s->a[nb], net->feat, n, net->last_hw, leak);
+  jem__pool_backward(gcur, s->dfeat, net->norm ? s->th : s->a[nb], net->feat, n,
+                     net->last_hw, leak);
+  if (net->norm) {
+    memset(s->g[1], 0, sizeof(float) * (size_t)net->feat * net->last_hw * n);
+    jem__norm_backward(s->g[1], gcur, s->a[nb], &net->head, W, n, net->last_hw, dW);
+    gcur = s->g[1];
+  }
   for (int b = nb - 1; b >= 0; b--) {
     const jem__block *B = &net->blocks[b];
     float *gv = NULL, *ga = NULL;
@@ -750,6 +857,20 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
     }
     const size_t ulen = (size_t)B->c2.cin * B->c2.hin * B->c2.win * n;
     const size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
+    if (net->norm) {
+      /* back through conv2 to u, then conv1 to a; plus the shortcut's share */
+      conv_norm_backward(ga, gv, gcur, s->u[b], s->t2[b], &B->c2, &B->n2, W, WF(&B->c2),
+                         wino_of(ws, &B->c2, 1), dW, leak, n, s->col, s->col_cap);
+      conv_norm_backward(ga, gv, ga, s->a[b], s->t1[b], &B->c1, &B->n1, W, WF(&B->c1),
+                         wino_of(ws, &B->c1, 1), dW, leak, n, s->col, s->col_cap);
+      if (B->has_sc)
+        jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0, leak,
+                           DW(B->sc.w_off), DW(B->sc.b_off), ga, s->col, s->col_cap);
+      else
+        for (size_t i = 0; i < alen; i++) ga[i] += gcur[i];
+      gcur = ga;
+      continue;
+    }
     if (!dW && jem__conv_fast(&B->c2) && jem__conv_fast(&B->c1)) {
       /* input gradient only, on the direct kernel: the LeakyReLU'(u) gate
        * rides along with conv1's padded copy and nothing is zeroed */

@@ -56,7 +56,7 @@ static uint64_t rd_le64(const unsigned char *p) {
   return v;
 }
 
-static float half_to_float(uint16_t h) {
+float jem__half_to_float(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   uint32_t ex = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
   float f;
@@ -87,7 +87,7 @@ static size_t convert(float *dst, const unsigned char *src, size_t n, int dt) {
     } else {
       uint16_t h = (uint16_t)(src[2 * i] | src[2 * i + 1] << 8);
       if (dt == DT_F16) {
-        f = half_to_float(h);
+        f = jem__half_to_float(h);
       } else {
         bits = (uint32_t)h << 16;
         memcpy(&f, &bits, 4);

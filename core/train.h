@@ -120,15 +120,26 @@ void jem_class_gauss_free(jem_class_gauss *g); /* NULL ok; zeroes the struct */
 
 /* Fashion-MNIST as Debian's dataset-fashion-mnist ships it:
  *   DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+ * or, when DIR holds them (jem_cifar10_dir), the CIFAR-10 binary files:
+ *   DIR/data_batch_{1..5}.bin (those present) and DIR/test_batch.bin.
  * dir NULL -> $JEM_FMNIST_DIR, else JEM_FMNIST_DIR_DEFAULT.
- * JEM_SPLIT_TRAIN = 55k (train minus the validation split),
- * JEM_SPLIT_VALID = the 5k validation split, JEM_SPLIT_TRAIN_ALL = all 60k,
- * JEM_SPLIT_TEST = the 10k test set.  Images padded 28 -> 32. */
+ * JEM_SPLIT_TRAIN = the training images minus the validation split (55k),
+ * JEM_SPLIT_VALID = the 5k validation split, JEM_SPLIT_TRAIN_ALL = all of
+ * them (60k), JEM_SPLIT_TEST = the test set (10k).  Fashion-MNIST images
+ * are padded 28 -> 32. */
 #define JEM_FMNIST_DIR_DEFAULT "/usr/share/datasets/fashion-mnist"
 enum { JEM_SPLIT_TRAIN = 0, JEM_SPLIT_VALID, JEM_SPLIT_TRAIN_ALL,
        JEM_SPLIT_TEST };
 int jem_fmnist_load(const char *dir, int split, jem_dataset *out, char *err,
                     size_t errlen);
+/* CIFAR-10 binary format: records of one label byte (0..9) and 3,072 pixel
+ * bytes (the R, G and B 32x32 planes).  Parses nfiles buffers, in order,
+ * into one dataset [n, 3, 32, 32] in [-1,1], the official (x-0.5)/0.5. */
+int jem_cifar10_parse(jem_dataset *out, const unsigned char *const *bufs, const size_t *lens,
+                      int nfiles, char *err, size_t errlen);
+/* Whether dir holds data_batch_N.bin or test_batch.bin. */
+int jem_cifar10_dir(const char *dir);
+extern const char *const jem_cifar10_classes[10];
 /* The ten Fashion-MNIST class names, in label order. */
 extern const char *const jem_fmnist_classes[10];
 

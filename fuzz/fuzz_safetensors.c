@@ -19,7 +19,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static size_t weights_bytes(void) {
   static size_t bytes;
   if (!bytes) {
-    jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+    jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
     jem_param p[64];
     int n = jem_arch_params(&a, p, 64);
     for (int i = 0; i < n && i < 64; i++) bytes += p[i].numel * sizeof(float);

@@ -72,7 +72,7 @@ enum MHD_Result srv_h_models(srv_req *r) {
   json_t *arch = json_pack("{s:s,s:i,s:i,s:i,s:i,s:i,s:s,s:o}", "family", "wrn", "depth",
                            a->depth, "widen", a->widen, "in_channels", a->in_channels,
                            "image_size", a->image_size, "num_classes", a->num_classes, "norm",
-                           "none", "leak", srv_jreal(a->leak));
+                           jem_norm_names[a->norm], "leak", srv_jreal(a->leak));
   json_t *mo = json_pack("{s:s,s:o,s:o,s:[i,i,i],s:o,s:o,s:o,s:I,s:I,s:i}", "name", m->name,
                          "architecture", arch, "classes", classes, "input_shape",
                          a->in_channels, a->image_size, a->image_size, "temperature",

@@ -292,6 +292,45 @@ static void test_split_deterministic(void **state) {
 
 /* The real Fashion-MNIST files (skipped when the package is missing): only
  * the cheap test set plus a check of the split's sizes on the train set. */
+/* CIFAR-10 binary records: label byte, then the R, G, B planes. */
+static void test_cifar10(void **state) {
+  (void)state;
+  enum { REC = 3073 };
+  static unsigned char a[2 * REC], b[REC];
+  for (int r = 0; r < 2; r++) {
+    a[r * REC] = (unsigned char)(r ? 9 : 3);
+    for (int k = 0; k < 3072; k++) a[r * REC + 1 + k] = (unsigned char)((k / 1024) * 100 + r);
+  }
+  b[0] = 0;
+  memset(b + 1, 255, 3072);
+  const unsigned char *bufs[2] = {a, b};
+  size_t lens[2] = {sizeof a, sizeof b};
+  jem_dataset d;
+  char err[256];
+  assert_int_equal(jem_cifar10_parse(&d, bufs, lens, 2, err, sizeof err), 0);
+  assert_int_equal(d.n, 3);
+  assert_int_equal(d.c, 3);
+  assert_int_equal(d.s, 32);
+  assert_int_equal(d.num_classes, 10);
+  assert_int_equal(d.y[0], 3);
+  assert_int_equal(d.y[1], 9);
+  assert_int_equal(d.y[2], 0);
+  /* (p / 255 - 0.5) / 0.5; channel c of image 1 is 100 c + 1 */
+  for (int c = 0; c < 3; c++)
+    assert_float_equal(d.x[3072 + c * 1024 + 77], (100.0f * c + 1) / 127.5f - 1.0f, 1e-6);
+  assert_float_equal(d.x[2 * 3072 + 5], 1.0f, 1e-6);
+  jem_dataset_free(&d);
+
+  lens[1] = REC - 1; /* a torn record */
+  assert_int_equal(jem_cifar10_parse(&d, bufs, lens, 2, err, sizeof err), JEM_EFORMAT);
+  assert_non_null(strstr(err, "multiple of 3073"));
+  lens[1] = REC;
+  b[0] = 10; /* CIFAR-100's coarse label byte */
+  assert_int_equal(jem_cifar10_parse(&d, bufs, lens, 2, err, sizeof err), JEM_EFORMAT);
+  assert_non_null(strstr(err, "label 10"));
+  assert_null(d.x);
+}
+
 static void test_fmnist(void **state) {
   (void)state;
   char err[256];
@@ -327,6 +366,7 @@ static void test_fmnist(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_parse_valid),
+    cmocka_unit_test(test_cifar10),
     cmocka_unit_test(test_parse_malformed),
     cmocka_unit_test(test_load_gz_raw_truncated),
     cmocka_unit_test(test_dataset_padding_and_layouts),

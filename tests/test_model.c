@@ -19,8 +19,8 @@
 #ifndef FD_H
 #define FD_H 1e-5 /* the net is piecewise linear: a larger step crosses LeakyReLU kinks */
 #endif
-static const jem_arch ARCH_10_1 = {10, 1, 1, 32, 10, 0.2f};
-static const jem_arch ARCH_10_2 = {10, 2, 3, 32, 5, 0.2f};
+static const jem_arch ARCH_10_1 = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
+static const jem_arch ARCH_10_2 = {10, 2, 3, 32, 5, 0.2f, JEM_NORM_NONE};
 
 static jem_model *make_model(const jem_arch *a, uint64_t seed) {
   jem_model *m = NULL;
@@ -100,7 +100,7 @@ static void test_arch_params(void **state) {
   assert_string_equal(q[6].name, "f.layer1.0.shortcut.0.weight");
   assert_int_equal(q[0].shape[1], 3);
   /* WRN-28-10: the JEM paper's net */
-  jem_arch big = {28, 10, 3, 32, 10, 0.2f};
+  jem_arch big = {28, 10, 3, 32, 10, 0.2f, JEM_NORM_NONE};
   int nb = jem_arch_params(&big, NULL, 0);
   jem_param *bp = calloc((size_t)nb, sizeof *bp);
   assert_int_equal(jem_arch_params(&big, bp, nb), nb);

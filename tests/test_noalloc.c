@@ -71,7 +71,7 @@ static void test_counter_sees_allocations(void **state) {
   c = disarm();
   free(f);
   assert_true(c >= 1);
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
@@ -146,14 +146,22 @@ static void run_all(const jem_arch *a) {
 
 static void test_no_alloc_wrn10_1(void **state) {
   (void)state;
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   run_all(&a);
 }
 
 static void test_no_alloc_wrn10_2_rgb(void **state) {
   (void)state;
-  jem_arch a = {10, 2, 3, 32, 5, 0.2f};
+  jem_arch a = {10, 2, 3, 32, 5, 0.2f, JEM_NORM_NONE};
   run_all(&a);
+}
+
+static void test_no_alloc_norms(void **state) {
+  (void)state;
+  for (int norm = JEM_NORM_BATCH; norm < JEM_NUM_NORMS; norm++) {
+    jem_arch a = {10, 1, 3, 32, 4, 0.2f, norm};
+    run_all(&a);
+  }
 }
 
 int main(void) {
@@ -161,6 +169,7 @@ int main(void) {
       cmocka_unit_test(test_counter_sees_allocations),
       cmocka_unit_test(test_no_alloc_wrn10_1),
       cmocka_unit_test(test_no_alloc_wrn10_2_rgb),
+      cmocka_unit_test(test_no_alloc_norms),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

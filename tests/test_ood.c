@@ -239,7 +239,7 @@ static void test_verdict_nograd_rule(void **state) {
 /* The metadata parser fills jem_ood_stats, which then drives verdicts. */
 static void test_meta_ood(void **state) {
   (void)state;
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
@@ -326,7 +326,7 @@ static void test_meta_ood(void **state) {
  * checked when the metadata is applied. */
 static void test_complexity(void **state) {
   (void)state;
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
@@ -396,7 +396,7 @@ static void test_complexity(void **state) {
  * tensors and metadata are refused by name. */
 static void test_feature_gauss(void **state) {
   (void)state;
-  jem_arch a = {10, 1, 1, 32, 3, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 3, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);

@@ -20,6 +20,7 @@
 #include <zlib.h>
 
 #include "jem.h"
+#include "testutil.h"
 
 #define REF_DIR "tests/ref"
 #define TOL_VALUE 1e-4
@@ -40,32 +41,6 @@ static const gold_case CASES[] = {
 /* ------------------------------------------------------------------------ */
 /* reading the golden files                                                 */
 
-/* Whole (optionally gzip-compressed) file into a malloc'd buffer. */
-static unsigned char *read_gz(const char *path, size_t *len) {
-  gzFile f = gzopen(path, "rb");
-  if (!f) {
-    char cwd[512];
-    fail_msg("cannot open %s (cwd %s): run the tests from the repository root",
-             path, getcwd(cwd, sizeof cwd) ? cwd : "?");
-  }
-  size_t cap = 1 << 16, n = 0;
-  unsigned char *buf = malloc(cap);
-  assert_non_null(buf);
-  for (;;) {
-    if (n == cap) {
-      cap *= 2;
-      buf = realloc(buf, cap);
-      assert_non_null(buf);
-    }
-    int got = gzread(f, buf + n, (unsigned)(cap - n));
-    if (got < 0) fail_msg("%s: gzip read error", path);
-    if (got == 0) break;
-    n += (size_t)got;
-  }
-  gzclose(f);
-  *len = n;
-  return buf;
-}
 
 /* Minimal .npy reader for the files make_golden.py writes: little-endian
  * <f4 or <i4, C order.  Returns the data (malloc'd), fills shape/ndim. */

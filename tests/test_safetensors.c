@@ -48,7 +48,7 @@ static int group_setup(void **state) {
   (void)state;
   snprintf(g_dir, sizeof g_dir, "/tmp/jem_st_XXXXXX");
   if (!mkdtemp(g_dir)) return -1;
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   char err[256];
   if (jem_model_create(&g_model, &a, err, sizeof err)) {
     fprintf(stderr, "create: %s\n", err);
@@ -422,7 +422,7 @@ static void test_defaults_when_only_arch(void **state) {
 
 static void test_create_defaults(void **state) {
   (void)state;
-  jem_arch a = {16, 2, 3, 32, 4, 0.2f};
+  jem_arch a = {16, 2, 3, 32, 4, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
@@ -880,7 +880,17 @@ static void test_bad_metadata(void **state) {
   EXPECT_FAIL(with_arch_key("family", "\"resnet\""), "arch.family must be \"wrn\"");
   EXPECT_FAIL(with_arch_key("in_channels", "2"), "arch.in_channels 2");
   EXPECT_FAIL(with_arch_key("image_size", "28"), "arch.image_size 28");
-  EXPECT_FAIL(with_arch_key("norm", "\"batch\""), "arch.norm must be \"none\"");
+  EXPECT_FAIL(with_arch_key("norm", "\"group\""), "arch.norm must be \"none\", \"batch\"");
+  EXPECT_FAIL(with_arch_key("norm", "1"), "arch.norm must be");
+  {
+    buf b = with_arch_key("norm", NULL); /* left out: none */
+    jem_model *m = load_ok(b.p, b.n);
+    assert_int_equal(m->arch.norm, JEM_NORM_NONE);
+    jem_model_free(m);
+    free(b.p);
+  }
+  /* a norm whose tensors the file lacks */
+  EXPECT_FAIL(with_arch_key("norm", "\"batch\""), "tensor 'f.layer1.0.bn1.weight' is missing");
   EXPECT_FAIL(with_arch_key("leak", "\"0.2\""), "arch.leak must be a number");
   EXPECT_FAIL(with_arch_key("leak", "1e300"), "arch.leak must be a finite number");
   EXPECT_FAIL(with_arch_key("num_classes", "0"), "arch.num_classes");

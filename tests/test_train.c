@@ -43,7 +43,7 @@ static void make_data(jem_dataset *d, int n, uint64_t seed) {
 }
 
 static jem_model *make_model(void) {
-  jem_arch a = {10, 1, 1, 32, 10, 0.2f};
+  jem_arch a = {10, 1, 1, 32, 10, 0.2f, JEM_NORM_NONE};
   jem_model *m = NULL;
   char err[256];
   assert_int_equal(jem_model_create(&m, &a, err, sizeof err), 0);
