@@ -101,7 +101,7 @@ DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
               libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
               dataset-fashion-mnist python3 python3-yaml python3-numpy \
               python3-pil fonts-dejavu-core fonts-dejavu-extra prometheus \
-              systemd clang libclang-rt-14-dev
+              systemd procps clang libclang-rt-14-dev
 DEPS_BENCH := python3-torch python3-numpy wrk
 
 define apt_ensure
