@@ -258,6 +258,12 @@ def test_all(jem, tmp):
         rc, _, err = run(jem, *args)
         check(rc == 2 and "Try 'jem" in err and says in err,
               "%s -> usage error 2 naming it (%d: %s)" % (what, rc, err.strip()[:80]))
+    # a newcomer's slips: arguments swapped, a text file as the model
+    for args in (["score", img("fmnist0.png"), model], ["info", os.path.join(ROOT, "README.md")]):
+        rc, out, err = run(jem, *args)
+        check(rc == 1 and "not a safetensors model file" in err and "exceeds" not in err,
+              "jem %s %s -> 'not a safetensors model file' (%d: %s)"
+              % (args[0], os.path.basename(args[1]), rc, err.strip()[:120]))
 
     # --- score ---------------------------------------------------------------
     files = ["fmnist0.png", "rgb.png", "baseline.jpg", "progressive.jpg", "grey16.png",
