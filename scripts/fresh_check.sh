@@ -3,9 +3,9 @@
 #
 # usage: scripts/fresh_check.sh [REPO]      (as root; needs debootstrap)
 #
-# Builds a bookworm root with debootstrap (variant minbase plus build-essential,
-# git, pkg-config, curl, python3, nodejs and npm: what the debian:12 image and a
-# newcomer's first `apt-get install` give), clones REPO (default: this
+# Builds a bookworm root with debootstrap (variant minbase, as the debian:12
+# image) and installs build-essential, git, pkg-config, curl, python3, nodejs
+# and npm in it (a newcomer's first `apt-get install`), clones REPO (default: this
 # checkout; a clone takes its committed HEAD) into it, and runs the README's two
 # commands inside it with chroot: `make test`, then `make run` in the background
 # until /readyz answers 200.  Exits non-zero on the first failure.  The mounts
@@ -16,7 +16,7 @@ set -euo pipefail
 
 REPO=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 SUITE=bookworm
-BASE_PKGS=build-essential,git,pkg-config,curl,python3,nodejs,npm,ca-certificates
+BASE_PKGS=build-essential,git,pkg-config,curl,python3,nodejs,npm
 T0=$(date +%s)
 
 say() { printf 'fresh_check [%4ds] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
@@ -71,10 +71,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say "debootstrap $SUITE (minbase + $BASE_PKGS) from $MIRROR into $ROOT"
-debootstrap --variant=minbase --include="$BASE_PKGS" "$SUITE" "$ROOT" "$MIRROR" \
-  > "$ROOT.debootstrap.log" 2>&1 || { tail -n 30 "$ROOT.debootstrap.log" >&2; die "debootstrap"; }
-rm -f "$ROOT.debootstrap.log"
+say "debootstrap $SUITE (minbase) from $MIRROR into $ROOT"
+debootstrap --variant=minbase "$SUITE" "$ROOT" "$MIRROR" > "$ROOT.log" 2>&1 ||
+  { tail -n 30 "$ROOT.log" >&2; die "debootstrap (log: $ROOT.log)"; }
 
 # Sources like the debian:12 image's: the suite, its updates and security.
 {
@@ -86,35 +85,43 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 for f in /etc/apt/apt.conf.d/*; do  # the host's apt settings (proxies, mirror quirks)
   [ -f "$f" ] && cp "$f" "$ROOT/etc/apt/apt.conf.d/"
 done
+# No package may start its service in the root (prometheus would, from
+# `make deps`): the usual policy for chroots and container builds.
+printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
 
 mount -t proc proc "$ROOT/proc"
 mount -t sysfs sys "$ROOT/sys"
 mount --rbind /dev "$ROOT/dev"
 mount --make-rslave "$ROOT/dev"
 
-say "clone $REPO ($(git -C "$REPO" rev-parse --short HEAD))"
-git clone -q --no-local "$REPO" "$ROOT/root/jemd"
-
-in_root() {  # a login-like environment, as a newcomer's shell would have
+in_root() {  # $1 in a login-like environment, as a newcomer's shell would have
   chroot "$ROOT" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    /bin/bash -c "cd /root/jemd && $1"
+    DEBIAN_FRONTEND=noninteractive /bin/bash -c "cd /root/jemd 2>/dev/null; $1"
 }
+
+say "apt-get install $BASE_PKGS"
+in_root "apt-get update -qq && apt-get install -y -qq ${BASE_PKGS//,/ }" >> "$ROOT.log" 2>&1 ||
+  { tail -n 30 "$ROOT.log" >&2; die "installing the base packages (log: $ROOT.log)"; }
+rm -f "$ROOT.log"
+
+say "clone $REPO ($(git -C "$REPO" rev-parse --short HEAD))"
+git clone -q --no-local "$REPO" "$ROOT/root/jemd"
 
 say "make test"
 in_root 'make test' > "$ROOT.test.log" 2>&1 || {
   tail -n 60 "$ROOT.test.log" >&2; die "make test (log: $ROOT.test.log)"; }
-grep -E '^(== |[0-9]+ passed|.*tests? (passed|failed))' "$ROOT.test.log" | tail -n 20 || true
+grep -E '^(== |\[  PASSED|[0-9]+ passed)' "$ROOT.test.log" | tail -n 40 || true
 rm -f "$ROOT.test.log"
 say "make test passed"
 
 # `make run` on a free port (8080 may be taken on a shared machine), in its own
 # process group so that cleanup stops make and jemd together.
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(in_root "python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'")
 say "make run ARGS='--port $PORT' in the background"
-setsid chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
-  PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  /bin/bash -c "cd /root/jemd && exec make run ARGS='--port $PORT'" > "$ROOT/run.log" 2>&1 &
+setsid bash -c "$(declare -f in_root); ROOT='$ROOT'; in_root \"exec make run ARGS='--port $PORT'\"" \
+  > "$ROOT/run.log" 2>&1 &
 RUN_PID=$!
 ready=""
 for _ in $(seq 1 120); do
