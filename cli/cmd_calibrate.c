@@ -21,6 +21,7 @@ typedef struct cal_opts {
   const char *tune[MAX_TUNE];
   int n_tune;
   int limit, tune_limit, nq, batch, threads;
+  int sampler_only, sampler_chains;
   float tpr;
 } cal_opts;
 
@@ -43,7 +44,13 @@ static void usage(FILE *f) {
     "     images on average at the target TPR; ties go to fewer scores;\n"
     "  3. the same choice without grad_norm: the rule for inputs scored without\n"
     "     the gradient (jemd's grad=false, jem score --no-grad).\n"
-    "Writes \"temperature\", \"ood\" (with complexity_weight) and\n"
+    "Then the sampler settings that sample jobs and `jem sample` default to: for\n"
+    "step sizes 1, 0.3, 0.1 and 0.03 (noise 0.01, 100 steps, clamped), class-\n"
+    "conditional chains run as jobs run them and the step size with the best score\n"
+    "wins: score = (fraction of samples the model classifies as their class with\n"
+    "confidence >= 0.9) * min(r, 1/r), r = the samples' high-frequency energy (mean\n"
+    "squared adjacent-pixel difference) over the validation images'.\n"
+    "Writes \"temperature\", \"ood\" (with complexity_weight), \"sampler\" and\n"
     "provenance.calibration into the metadata.\n"
     "\n"
     "options:\n"
@@ -57,6 +64,8 @@ static void usage(FILE *f) {
     "  --quantiles N      stored quantiles per score, 2..%d (default %d)\n"
     "  --limit N          only the first N validation and tuning images\n"
     "  --tune-limit N     only the first N images of each tuning set\n"
+    "  --sampler-only     choose the sampler settings only; leave everything else\n"
+    "  --sampler-chains C chains per class and step size (default 4)\n"
     "  --batch B          batch size (default 100)\n"
     "  --threads N        OpenBLAS threads\n"
     "  -h, --help         this text\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
@@ -93,6 +102,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
   o->ood_dir = "data/ood";
   o->nq = JEM_OOD_MAX_QUANTILES;
   o->batch = 100;
+  o->sampler_chains = 4;
   o->tpr = 0.95f;
   static const char *const def[] = {"uniform", "gaussian", "constant", "vflip", "interp",
                                     "letters"};
@@ -105,6 +115,10 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
       usage(stdout);
       return -1;
+    }
+    if (!strcmp(a, "--sampler-only")) {
+      o->sampler_only = 1;
+      continue;
     }
     if (a[0] != '-' || !a[1]) {
       if (o->model) {
@@ -126,6 +140,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     else if (!strcmp(a, "--quantiles")) rc = args_int("calibrate", a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
     else if (!strcmp(a, "--batch")) rc = args_int("calibrate", a, v, 1, 4096, &o->batch);
     else if (!strcmp(a, "--threads")) rc = args_int("calibrate", a, v, 1, 256, &o->threads);
+    else if (!strcmp(a, "--sampler-chains")) rc = args_int("calibrate", a, v, 1, 64, &o->sampler_chains);
     else if (!strcmp(a, "--tpr")) {
       rc = args_float("calibrate", a, v, 0.5, 1.0, &o->tpr);
       if (!rc && !(o->tpr > 0.5f && o->tpr < 1.0f))
@@ -363,6 +378,7 @@ int cmd_calibrate(int argc, char **argv) {
     goto done;
   }
   const int nv = o.limit && o.limit < valid.n ? o.limit : valid.n;
+  if (o.sampler_only) goto sampler; /* the rest of the metadata stays as it is */
 
   /* ---- temperature ---- */
   if (jem_eval_score_set(ws, m, valid.x, nv, 1, 0, 0.0f, 0, &sv, err, sizeof err) ||
@@ -559,6 +575,13 @@ int cmd_calibrate(int argc, char **argv) {
   json_decref(cfit);
   if (jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem calibrate: the new metadata does not apply: %s\n", err);
+    goto done;
+  }
+
+sampler: /* ---- sampler settings, judged with the temperature just fitted ---- */
+  if (cli_fit_sampler(m, ws, valid.x, nv, o.sampler_chains, err, sizeof err) ||
+      jem_model_apply_meta(m, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: sampler settings: %s\n", err);
     goto done;
   }
   if (jem_model_save(m, o.out, err, sizeof err)) {

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -407,6 +408,24 @@ def test_all(jem, tmp):
     with open(c_png, "rb") as f:
         pc = f.read()
     check(pa == pb, "sample: same seed -> identical PNG bytes")
+    # an output that cannot be written fails before the sampling (which would take
+    # minutes on a real model), and leaves nothing behind
+    for flag in ("--out", "--npy"):
+        t0 = time.time()
+        rc, out, err = run(jem, "sample", model, "--n", "64", "--steps", "100000", flag,
+                           "/nonexistent/x.png")
+        check(rc == 1 and "cannot write '/nonexistent/x.png'" in err and not out and
+              time.time() - t0 < 10, "sample %s /nonexistent/x.png fails at once (%d, %.1f s: %s)"
+              % (flag, rc, time.time() - t0, err.strip()))
+    fresh = os.path.join(tmp, "fresh.png")
+    rc, _, _ = run(jem, "sample", model, "--n", "1", "--steps", "1", "--out", fresh,
+                   "--npy", "/nonexistent/x.npy")
+    check(rc == 1 and not os.path.exists(fresh),
+          "the writability check of a good --out leaves no file when --npy is bad")
+    rc, _, _ = run(jem, "sample", model, "--n", "1", "--steps", "1", "--npy", c_png + ".npy",
+                   "--out", os.path.join(tmp, "nodir", "probe.png"))
+    check(rc == 1 and not os.path.exists(c_png + ".npy"),
+          "a bad --out with a good --npy writes neither")
     check(pa != pc, "sample: different seed -> different PNG")
     check(out_a == out_b and out_a != out_c, "sample JSON deterministic")
     check(pa[:8] == b"\x89PNG\r\n\x1a\n", "sample writes a PNG")
