@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -130,10 +131,47 @@ def main():
         test_buffer(jem, tmp, os.path.join(tmp, "m.safetensors"))
         test_average(jem, tmp)
         test_shipped_ood(jem, tmp)
+        test_readme_usage(jem)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
+
+
+def help_text(binary, *cmd):
+    p = subprocess.run([binary, *cmd, "--help"], capture_output=True, text=True, timeout=60)
+    return p.stdout
+
+
+def test_readme_usage(jem):
+    """The README's usage lines are --help's, and every option its commands use exists."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    tool = text[text.index("## The `jem` tool"):]
+    block = tool[tool.index("```\n") + 4:tool.index("```", tool.index("```\n") + 4)]
+    usages = [l for l in block.splitlines() if l.startswith("jem ")]
+    check(len(usages) >= 9, "README lists the jem commands (%d)" % len(usages))
+    for line in usages:
+        helped = help_text(jem, line.split()[1]).split("\n\n")[0]
+        check(" ".join(helped.replace("usage:", "", 1).split()) == " ".join(line.split()),
+              "README usage line == `%s --help`: %s" % (" ".join(line.split()[:2]), line[:60]))
+    # commands in the README's code blocks: their options exist
+    jemd = os.path.join(os.path.dirname(jem), "jemd")
+    helps = {}
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    for m in re.finditer(r"(?:build/|\./build/|^|\s)(jemd|jem (\w+))((?: [^#|>\n]*)?)", code, re.M):
+        prog, sub = (jemd, ()) if m.group(1) == "jemd" else (jem, (m.group(2),))
+        if sub and sub[0] not in ("info", "score", "sample", "init", "train", "eval",
+                                   "calibrate", "buffer", "average"):
+            continue
+        key = (prog, sub)
+        if key not in helps:
+            helps[key] = help_text(prog, *sub)
+        for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(3)):
+            check(opt in helps[key], "README: `%s %s` has no option %s"
+                  % (os.path.basename(prog), " ".join(sub), opt))
+    args = re.search(r"make run ARGS='([^']*)'", text)
+    for opt in re.findall(r"--[a-z-]+", args.group(1) if args else ""):
+        check(opt in help_text(jemd), "README: make run ARGS: jemd has %s" % opt)
 
 
 def digit_pngs(tmp):
