@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FIT_CONFIDENCE 0.9f
+#define FIT_CONFIDENCE 0.9
 #define FIT_SEED 1u
 static const double fit_step_sizes[] = {1.0, 0.3, 0.1, 0.03};
 #define FIT_NCAND ((int)(sizeof fit_step_sizes / sizeof fit_step_sizes[0]))
@@ -80,7 +80,7 @@ int cli_fit_sampler(jem_model *m, jem_ws *ws, const float *ref, int n_ref, int p
     const jem_scores sc = {.logits = logits, .label = label, .confidence = conf};
     jem_score_batch(ws, m, x, n, 0, &sc);
     int ok = 0;
-    for (int i = 0; i < n; i++) ok += label[i] == ys[i] && conf[i] >= FIT_CONFIDENCE;
+    for (int i = 0; i < n; i++) ok += label[i] == ys[i] && conf[i] >= (float)FIT_CONFIDENCE;
     const double confident = (double)ok / n, r = hf_energy(x, n, C, S) / h_ref;
     const double score = isfinite(r) && r > 0 ? confident * fmin(r, 1.0 / r) : 0.0;
     fprintf(stderr, "jem calibrate: sampler step size %g: %.1f%% confident, high-frequency "
@@ -102,7 +102,7 @@ int cli_fit_sampler(jem_model *m, jem_ws *ws, const float *ref, int n_ref, int p
       "score = (fraction of class-conditional samples the model classifies as their class "
       "with confidence >= 0.9) * min(r, 1/r), r = high-frequency energy (mean squared "
       "adjacent-pixel difference) of the samples over the validation images'; highest wins",
-      "chains_per_class", per_class, "seed", (int)FIT_SEED, "confidence", (double)FIT_CONFIDENCE,
+      "chains_per_class", per_class, "seed", (int)FIT_SEED, "confidence", FIT_CONFIDENCE,
       "hf_validation", h_ref, "candidates", cands);
   cands = NULL;
   if (!block || !cal) {
