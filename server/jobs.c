@@ -168,23 +168,33 @@ static int num_field(json_t *v, const char *name, double lo, double hi, double *
   return 0;
 }
 
-/* "'class' Q is not a class name of this model; its classes: "a", "b", ..."
+/* s in double quotes, escaped as srv_log_quote does (which quotes only when needed). */
+static void dquote(char *out, size_t cap, const char *s) {
+  char t[100];
+  srv_log_quote(t, sizeof t, s);
+  if (t[0] == '"')
+    snprintf(out, cap, "%s", t);
+  else
+    snprintf(out, cap, "\"%s\"", t);
+}
+
+/* "'class' "x" is not a class name of this model (...); its classes: "a", ..."
  * (cut short with "..." when they do not fit), so a client can correct a
  * guessed name such as "trouser" without another request. */
-static void unknown_class(const jem_model *m, const char *q, char *err, size_t errlen) {
-  size_t used = (size_t)snprintf(err, errlen, "'class' \"%s\" is not a class name of this model "
-                                 "(or use an index from 0 to %d); its classes:", q,
+static void unknown_class(const jem_model *m, const char *s, char *err, size_t errlen) {
+  char name[104];
+  dquote(name, sizeof name, s);
+  size_t used = (size_t)snprintf(err, errlen, "'class' %s is not a class name of this model "
+                                 "(or use an index from 0 to %d); its classes:", name,
                                  m->arch.num_classes - 1);
   for (int k = 0; k < m->arch.num_classes && used < errlen; k++) {
-    char name[96];
-    srv_log_quote(name, sizeof name, m->classes[k]);
+    dquote(name, sizeof name, m->classes[k]);
     size_t room = errlen - used;
-    size_t need = strlen(name) + 5; /* ", " or " " before, the quotes and the NUL */
-    if (need + 5 > room) {          /* keep room for " ..." */
+    if (strlen(name) + 3 + 5 > room) { /* ", ", the NUL, and room for " ..." */
       snprintf(err + used, room, " ...");
       return;
     }
-    used += (size_t)snprintf(err + used, room, "%s\"%s\"", k ? ", " : " ", name);
+    used += (size_t)snprintf(err + used, room, "%s%s", k ? ", " : " ", name);
   }
 }
 
@@ -258,9 +268,7 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
         if (strlen(m->classes[k]) == json_string_length(v) && !strcmp(m->classes[k], s))
           out->y = k;
       if (out->y < 0) {
-        char q[96];
-        srv_log_quote(q, sizeof q, s);
-        unknown_class(m, q, err, errlen);
+        unknown_class(m, s, err, errlen);
         st = fail(code, "unknown_class", 422);
         goto out;
       }

@@ -483,6 +483,11 @@ def test_class_conditional(ctx):
                           "classified as that class" % (os.path.basename(fm), y,
                                                         names[y] if names else y, steps, 100 * r))
             ctx.report["class_rate_fmnist"] = rates
+            st, _, o = post_job(dm, {"class": "trouser"})
+            msg = o["error"]["message"] if is_error(o) else ""
+            check(st == 422 and '"trouser" is not' in msg and '"Trouser", "Pullover"' in msg and
+                  msg.endswith('"Bag", "Ankle boot"'),
+                  "a lower-case class name -> the model's names, each quoted once: %s" % msg)
         finally:
             stop(ctx, dm)
     else:
