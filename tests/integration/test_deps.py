@@ -11,8 +11,8 @@ the package is one a newcomer's machine has or `make deps` brings: Debian 12's
 required packages, the README's base (build-essential, git, pkg-config, curl,
 python3, nodejs, npm), the Makefile's DEPS_BUILD, or a dependency of those
 (closure over the installed packages' Depends and Pre-Depends).  A command a
-test looks up with `if shutil.which(...)` and that no Debian package ships
-(kubectl) is optional and skipped when absent.  scripts/fresh_check.sh is the
+test looks up in a condition (`if shutil.which(...)`: kubectl, which no Debian
+package ships) is optional and not checked.  scripts/fresh_check.sh is the
 end-to-end version of this check, on a real minimal root.
 """
 import argparse
@@ -120,7 +120,9 @@ def used_commands():
         text = open(path).read()
         need |= set(re.findall(r"subprocess\.\w+\(\s*\[\s*\"([\w.+-]+)\"", text))
         need |= set(re.findall(r"shutil\.which\(\"([\w.+-]+)\"\)", text))
-        optional |= set(re.findall(r"if\s+shutil\.which\(\"([\w.+-]+)\"\)", text))
+        # looked up in a condition: the test adapts when it is absent
+        optional |= set(re.findall(r"\b(?:if|and|or|not)\s+shutil\.which\(\"([\w.+-]+)\"\)",
+                                   text))
     return need - optional, optional
 
 
@@ -164,6 +166,14 @@ def main():
         check(pkg_of[path] in have, "Python module %s (%s, package %s) is not brought by "
               "`make deps`" % (mod, path, pkg_of[path]))
     print("optional, not checked: %s" % ", ".join(sorted(optional)))
+    # a missing package, without root and without sudo: a sentence, not apt's lock error
+    if os.getuid() == 0 and shutil.which("runuser") and not shutil.which("sudo"):
+        r = subprocess.run(["runuser", "-u", "nobody", "--", "make", "-s", "-C", ROOT, "deps",
+                            "DEPS_BUILD=jemd-no-such-package"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        check(r.returncode != 0 and "needs root (or sudo): jemd-no-such-package" in r.stderr,
+              "make deps as a user without sudo names the packages it needs root for: %s"
+              % r.stderr.strip()[-200:])
     print("%d passed, %d failed" % (len(RESULTS[True]), len(RESULTS[False])))
     return 1 if RESULTS[False] else 0
 
