@@ -381,7 +381,6 @@ uint32_t jem_rng_u32(jem_rng *r);
 float jem_rng_uniform(jem_rng *r);      /* [0,1) */
 float jem_rng_normal(jem_rng *r);       /* N(0,1) */
 
-
 /* Chain initialisation, chain i drawing from rngs[i]. */
 void jem_sgld_init_noise(float *x, int n, size_t chw, jem_rng *rngs);
 /* From m->replay: each chain takes a random buffer image, or fresh U(-1,1)
