@@ -21,7 +21,7 @@ typedef struct cal_opts {
   const char *tune[MAX_TUNE];
   int n_tune;
   int limit, tune_limit, nq, batch, threads;
-  int sampler_only, sampler_chains;
+  int sampler_only, sampler_chains, sampler_steps;
   float tpr;
 } cal_opts;
 
@@ -66,6 +66,8 @@ static void usage(FILE *f) {
     "  --tune-limit N     only the first N images of each tuning set\n"
     "  --sampler-only     choose the sampler settings only; leave everything else\n"
     "  --sampler-chains C chains per class and step size (default 4)\n"
+    "  --sampler-steps K  SGLD steps of those chains, stored as the model's\n"
+    "                     default number of steps (default 100)\n"
     "  --batch B          batch size (default 100)\n"
     "  --threads N        OpenBLAS threads\n"
     "  -h, --help         this text\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
@@ -103,6 +105,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
   o->nq = JEM_OOD_MAX_QUANTILES;
   o->batch = 100;
   o->sampler_chains = 4;
+  o->sampler_steps = JEM_SAMPLER_STEPS;
   o->tpr = 0.95f;
   static const char *const def[] = {"uniform", "gaussian", "constant", "vflip", "interp",
                                     "letters"};
@@ -141,6 +144,7 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     else if (!strcmp(a, "--batch")) rc = args_int("calibrate", a, v, 1, 4096, &o->batch);
     else if (!strcmp(a, "--threads")) rc = args_int("calibrate", a, v, 1, 256, &o->threads);
     else if (!strcmp(a, "--sampler-chains")) rc = args_int("calibrate", a, v, 1, 64, &o->sampler_chains);
+    else if (!strcmp(a, "--sampler-steps")) rc = args_int("calibrate", a, v, 1, 2000, &o->sampler_steps);
     else if (!strcmp(a, "--tpr")) {
       rc = args_float("calibrate", a, v, 0.5, 1.0, &o->tpr);
       if (!rc && !(o->tpr > 0.5f && o->tpr < 1.0f))
@@ -579,7 +583,7 @@ int cmd_calibrate(int argc, char **argv) {
   }
 
 sampler: /* ---- sampler settings, judged with the temperature just fitted ---- */
-  if (cli_fit_sampler(m, ws, valid.x, nv, o.sampler_chains, err, sizeof err) ||
+  if (cli_fit_sampler(m, ws, valid.x, nv, o.sampler_chains, o.sampler_steps, err, sizeof err) ||
       jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem calibrate: sampler settings: %s\n", err);
     goto done;

@@ -3,7 +3,8 @@
  * and `jem sample`).
  *
  * Criterion.  For each candidate step size (1, 0.3, 0.1, 0.03; noise 0.01,
- * 100 steps, clamped, as a job would run them) K x c class-conditional chains
+ * 100 steps unless --sampler-steps says otherwise, clamped, as a job would
+ * run them) K x c class-conditional chains
  * start as jobs start them and run; then
  *   confident = the fraction of samples the model itself classifies as the
  *               requested class with tempered confidence >= 0.9;
@@ -45,7 +46,7 @@ static double hf_energy(const float *x, int n, int C, int S) {
 }
 
 int cli_fit_sampler(jem_model *m, jem_ws *ws, const float *ref, int n_ref, int per_class,
-                    char *err, size_t errlen) {
+                    int steps, char *err, size_t errlen) {
   const int K = m->arch.num_classes, C = m->arch.in_channels, S = m->arch.image_size;
   const int n = K * per_class;
   const size_t chw = (size_t)C * S * S;
@@ -76,7 +77,7 @@ int cli_fit_sampler(jem_model *m, jem_ws *ws, const float *ref, int n_ref, int p
     jem_sgld_defaults(&p);
     p.step_size = (float)fit_step_sizes[c];
     jem_sample_init(m, x, n, init, ys, FIT_SEED, rngs);
-    jem_sgld_run(ws, m, x, n, ys, JEM_SAMPLER_STEPS, &p, rngs);
+    jem_sgld_run(ws, m, x, n, ys, steps, &p, rngs);
     const jem_scores sc = {.logits = logits, .label = label, .confidence = conf};
     jem_score_batch(ws, m, x, n, 0, &sc);
     int ok = 0;
@@ -94,7 +95,7 @@ int cli_fit_sampler(jem_model *m, jem_ws *ws, const float *ref, int n_ref, int p
       best = p;
     }
   }
-  jem_sampler s = {.from_model = 1, .sgld = best, .steps = JEM_SAMPLER_STEPS};
+  jem_sampler s = {.from_model = 1, .sgld = best, .steps = steps};
   json_t *block = jem_sampler_to_json(&s);
   json_object_del(block, "source");
   json_t *cal = json_pack(
@@ -117,7 +118,7 @@ int cli_fit_sampler(jem_model *m, jem_ws *ws, const float *ref, int n_ref, int p
     goto done;
   }
   fprintf(stderr, "jem calibrate: sampler: step size %g, noise %g, %d steps, clamp on\n",
-          (double)best.step_size, (double)best.noise, JEM_SAMPLER_STEPS);
+          (double)best.step_size, (double)best.noise, steps);
   rc = 0;
 done:
   json_decref(cands);
