@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = {"build-essential", "git", "pkg-config", "curl", "python3", "nodejs", "npm", "apt"}
@@ -166,11 +167,16 @@ def main():
         check(pkg_of[path] in have, "Python module %s (%s, package %s) is not brought by "
               "`make deps`" % (mod, path, pkg_of[path]))
     print("optional, not checked: %s" % ", ".join(sorted(optional)))
-    # a missing package, without root and without sudo: a sentence, not apt's lock error
-    if os.getuid() == 0 and shutil.which("runuser") and not shutil.which("sudo"):
-        r = subprocess.run(["runuser", "-u", "nobody", "--", "make", "-s", "-C", ROOT, "deps",
-                            "DEPS_BUILD=jemd-no-such-package"], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=60)
+    # a missing package, without root and without sudo: a sentence, not apt's lock error.
+    # The Makefile is copied where any user may read it (a checkout under /root is not).
+    if os.getuid() == 0 and shutil.which("setpriv") and not shutil.which("sudo"):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chmod(tmp, 0o755)
+            shutil.copy(os.path.join(ROOT, "Makefile"), tmp)
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                shutil.which("make"), "-s", "deps",
+                                "DEPS_BUILD=jemd-no-such-package"], cwd=tmp, capture_output=True,
+                               text=True, stdin=subprocess.DEVNULL, timeout=60)
         check(r.returncode != 0 and "needs root (or sudo): jemd-no-such-package" in r.stderr,
               "make deps as a user without sudo names the packages it needs root for: %s"
               % r.stderr.strip()[-200:])
