@@ -47,6 +47,7 @@ SECURITY=$(host_mirror "$SUITE-security")
 [ -n "$MIRROR" ] || die "no $SUITE mirror in /etc/apt/sources.list*; set FRESH_MIRROR"
 
 ROOT=$(mktemp -d /var/tmp/jemd-fresh.XXXXXX)
+chmod 0755 "$ROOT"  # it becomes /: mktemp's 0700 would lock every other user out
 RUN_PID=""
 cleanup() {
   local rc=$?

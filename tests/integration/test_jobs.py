@@ -679,10 +679,14 @@ def test_cancel_and_queue(ctx):
     check(st == 200 and o["status"] == "canceled" and o["error"]["reason"] == "canceled",
           "DELETE a running job -> 200 canceled, reason canceled (%s)" % (o.get("error"),))
     check(o["finished_at"] is not None and o["result"] is None, "finished_at set, no result")
-    time.sleep(0.3)  # more than one slice: the slice that saw the cancel has ended
-    s1 = chain_steps(d)
-    time.sleep(0.3)
-    check(chain_steps(d) == s1, "no more SGLD steps after the cancel")
+    # the slice that saw the cancel ends (a step can take long under ASan), then no
+    # more steps: the counter settles, which it would not for minutes if the job ran on
+    end, prev, settled = time.time() + 20, chain_steps(d), False
+    while time.time() < end and not settled:
+        time.sleep(0.5)
+        cur = chain_steps(d)
+        settled, prev = cur == prev, cur
+    check(settled, "no more SGLD steps after the cancel")
     # DELETE removes the job: it and its results are gone, a second DELETE is 404
     for path in ("", "/grid.png", "/samples.npy", "/samples/0.png"):
         st, _, o = d.json("GET", "/v1/jobs/" + jid + path)
