@@ -101,7 +101,7 @@ DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
               libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
               dataset-fashion-mnist python3 python3-yaml python3-numpy \
               python3-pil fonts-dejavu-core fonts-dejavu-extra prometheus \
-              systemd clang libclang-rt-14-dev
+              systemd procps clang libclang-rt-14-dev
 DEPS_BENCH := python3-torch python3-numpy wrk
 
 define apt_ensure
@@ -110,7 +110,13 @@ define apt_ensure
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  if [ -n "$$sudo" ] && ! command -v sudo >/dev/null; then \
+	    echo "make: installing these Debian packages needs root (or sudo):$$missing" >&2; \
+	    exit 1; \
+	  fi; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 endef
 

@@ -137,6 +137,7 @@ int main(int argc, char **argv) {
     jem_blas_set_threads(threads[ti]);
     jem_sgld_params sp;
     jem_sgld_defaults(&sp);
+    sp.clamp = 0; /* as training (official JEM) and the PyTorch reference run it */
     /* warm-up, then timed */
     for (int i = 0; i < B; i++) jem_rng_seed(&chains[i], 1, (uint64_t)i);
     memcpy(x, d.x, sizeof(float) * chw * 3 * B);

@@ -23,6 +23,7 @@ typedef struct cal_opts {
   int n_tune;
   int limit, tune_limit, nq, batch, threads, leave_one_out;
   int rule_mask;     /* the rule's scores; 0: chosen among all subsets */
+  int sampler_only, sampler_chains, sampler_steps;
   float tpr;
 } cal_opts;
 
@@ -54,9 +55,15 @@ static void usage(FILE *f) {
     "With --leave-one-out, first runs steps 0 to 2 once per tuning set without\n"
     "it and reports the share of that set the resulting rule flags: the figure\n"
     "for a family that played no part in choosing its rule.\n"
+    "Then the sampler settings that sample jobs and `jem sample` default to: for\n"
+    "step sizes 1, 0.3, 0.1 and 0.03 (noise 0.01, 100 steps, clamped), class-\n"
+    "conditional chains run as jobs run them and the step size with the best score\n"
+    "wins: score = (fraction of samples the model classifies as their class with\n"
+    "confidence >= 0.9) * min(r, 1/r), r = the samples' high-frequency energy (mean\n"
+    "squared adjacent-pixel difference) over the validation images'.\n"
     "Writes the feature Gaussian (tensors ood.feature_mean, ood.feature_whitener),\n"
-    "\"temperature\", \"ood\" (with complexity_weight) and provenance.calibration\n"
-    "(with the leave-one-out table) into the model.\n"
+    "\"temperature\", \"ood\" (with complexity_weight), \"sampler\" and\n"
+    "provenance.calibration (with the leave-one-out table) into the model.\n"
     "\n"
     "options:\n"
     "  --out PATH         write here instead of overwriting MODEL\n"
@@ -73,6 +80,10 @@ static void usage(FILE *f) {
     "  --limit N          only the first N validation and tuning images, and the\n"
     "                     first max(N, 2000) training images\n"
     "  --tune-limit N     only the first N images of each tuning set\n"
+    "  --sampler-only     choose the sampler settings only; leave everything else\n"
+    "  --sampler-chains C chains per class and step size (default 4)\n"
+    "  --sampler-steps K  SGLD steps of those chains, stored as the model's\n"
+    "                     default number of steps (default 100)\n"
     "  --batch B          batch size (default 100)\n"
     "  --threads N        OpenBLAS threads\n"
     "  -h, --help         this text\n", JEM_OOD_MAX_QUANTILES, JEM_OOD_MAX_QUANTILES);
@@ -135,6 +146,8 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
   o->ood_dir = "data/ood";
   o->nq = JEM_OOD_MAX_QUANTILES;
   o->batch = 100;
+  o->sampler_chains = 4;
+  o->sampler_steps = JEM_SAMPLER_STEPS;
   o->tpr = 0.95f;
   o->rule_mask = 1 << JEM_SCORE_ENERGY_COMPLEXITY | 1 << JEM_SCORE_MAHALANOBIS;
   static const char *const def[] = {"uniform", "gaussian", "constant", "letters",
@@ -152,6 +165,10 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     }
     if (!strcmp(a, "--leave-one-out")) {
       o->leave_one_out = 1;
+      continue;
+    }
+    if (!strcmp(a, "--sampler-only")) {
+      o->sampler_only = 1;
       continue;
     }
     if (a[0] != '-' || !a[1]) {
@@ -175,6 +192,8 @@ static int parse_opts(int argc, char **argv, cal_opts *o) {
     else if (!strcmp(a, "--quantiles")) rc = args_int("calibrate", a, v, 2, JEM_OOD_MAX_QUANTILES, &o->nq);
     else if (!strcmp(a, "--batch")) rc = args_int("calibrate", a, v, 1, 4096, &o->batch);
     else if (!strcmp(a, "--threads")) rc = args_int("calibrate", a, v, 1, 256, &o->threads);
+    else if (!strcmp(a, "--sampler-chains")) rc = args_int("calibrate", a, v, 1, 64, &o->sampler_chains);
+    else if (!strcmp(a, "--sampler-steps")) rc = args_int("calibrate", a, v, 1, 2000, &o->sampler_steps);
     else if (!strcmp(a, "--tpr")) {
       rc = args_float("calibrate", a, v, 0.5, 1.0, &o->tpr);
       if (!rc && !(o->tpr > 0.5f && o->tpr < 1.0f))
@@ -481,6 +500,8 @@ int cmd_calibrate(int argc, char **argv) {
     goto done;
   }
   const int nv = o.limit && o.limit < valid.n ? o.limit : valid.n;
+  if (o.sampler_only) goto sampler; /* the rest of the metadata stays as it is */
+
   for (int t = 0; t < o.n_tune; t++) { /* fail before the slow part: one image of each */
     jem_dataset probe = {0};
     int bad = jem_ood_set_load(o.ood_dir, o.tune[t], m, 1, &probe, err, sizeof err);
@@ -705,6 +726,13 @@ int cmd_calibrate(int argc, char **argv) {
   loo = NULL;
   if (jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem calibrate: the new metadata does not apply: %s\n", err);
+    goto done;
+  }
+
+sampler: /* ---- sampler settings, judged with the temperature just fitted ---- */
+  if (cli_fit_sampler(m, ws, valid.x, nv, o.sampler_chains, o.sampler_steps, err, sizeof err) ||
+      jem_model_apply_meta(m, err, sizeof err)) {
+    fprintf(stderr, "jem calibrate: sampler settings: %s\n", err);
     goto done;
   }
   if (jem_model_save(m, o.out, err, sizeof err)) {

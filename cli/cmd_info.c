@@ -78,6 +78,7 @@ static json_t *info_json(const jem_model *m, const char *path) {
     json_object_set_new(oj, "scores", sc);
   }
   json_object_set_new(o, "ood", oj);
+  json_object_set_new(o, "sampler", jem_sampler_to_json(&m->sampler));
   json_object_set_new(o, "replay_buffer",
                       json_pack("{s:b,s:i}", "present", m->replay && m->replay_n > 0, "size",
                                 m->replay ? m->replay_n : 0));
@@ -127,6 +128,11 @@ static void info_text(const jem_model *m, const char *path) {
   } else {
     printf("ood:          no statistics (run `jem calibrate`)\n");
   }
+  const jem_sampler *sp = &m->sampler;
+  printf("sampler:      step size %g, noise %g, %d steps, clamp %s (%s)\n",
+         (double)sp->sgld.step_size, (double)sp->sgld.noise, sp->steps,
+         sp->sgld.clamp ? "on" : "off",
+         sp->from_model ? "the model's, from jem calibrate" : "defaults; run `jem calibrate`");
   if (m->replay && m->replay_n > 0)
     printf("replay:       %d images\n", m->replay_n);
   else

@@ -17,25 +17,27 @@
 
 static void sample_help(FILE *f) {
   fprintf(f,
-          "usage: jem sample MODEL --n N --steps K [--class C] [--seed S] [--step-size A]\n"
+          "usage: jem sample MODEL [--n N] [--steps K] [--class C] [--seed S] [--step-size A]\n"
           "                  [--noise S] [--init noise|buffer] [--clamp|--no-clamp]\n"
           "                  [--out grid.png] [--npy out.npy] [--batch B] [--threads N]\n\n"
           "Runs N SGLD chains for K steps, x <- x + A * d f~(x)/dx + S * N(0,1), with\n"
           "f~ = logsumexp f (unconditional) or f[C] (class-conditional), and prints one JSON\n"
           "object per sample: {index, energy, label, class, confidence}.  Chain i draws\n"
           "from its own random stream (seed, i), so the same seed gives the same samples\n"
-          "(byte-identical PNG) here and in a jemd job with that seed.\n\n"
+          "(byte-identical PNG) here and in a jemd job with that seed.  --steps,\n"
+          "--step-size, --noise and clamping default to the model's sampler settings\n"
+          "(chosen by `jem calibrate`, shown by `jem info`), else to 100, 1.0, 0.01, on.\n\n"
           "  --n N           number of chains (1..4096, default 16)\n"
-          "  --steps K       SGLD steps (0..100000, default 100)\n"
+          "  --steps K       SGLD steps (0..100000)\n"
           "  --class C       class index or name (default: unconditional)\n"
           "  --seed S        random seed, 0 to 2^63-1 (default: random, printed on stderr)\n"
-          "  --step-size A   default 1.0\n"
-          "  --noise S       default 0.01\n"
+          "  --step-size A   step size of the gradient term\n"
+          "  --noise S       standard deviation of the noise term\n"
           "  --init I        noise (uniform in [-1,1]) or buffer (the model's replay buffer;\n"
           "                  the default when it has one, else noise; with --class, an\n"
           "                  image the model classifies as C when the buffer has one;\n"
           "                  each chain starts from noise with probability 0.05)\n"
-          "  --clamp         clamp to [-1,1] after every step (default)\n"
+          "  --clamp         clamp to [-1,1] after every step\n"
           "  --no-clamp      do not clamp (as JEM's own training does)\n"
           "  --out FILE      write the samples as a PNG grid (ceil(sqrt(N)) columns)\n"
           "  --npy FILE      write the samples as a float32 [N,C,H,W] .npy array\n"
@@ -58,6 +60,24 @@ static int write_all(const char *path, const unsigned char *buf, size_t len, cha
     snprintf(err, errlen, "cannot write '%s': %s", path, strerror(errno));
     return 1;
   }
+  return 0;
+}
+
+/* Fails before the sampling, not after it, when `path` cannot be written;
+ * leaves no file behind that was not there. */
+static int check_writable(const char *path, char *err, size_t errlen) {
+  int created = 1;
+  int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0 && errno == EEXIST) {
+    created = 0;
+    fd = open(path, O_WRONLY | O_CLOEXEC);
+  }
+  if (fd < 0) {
+    snprintf(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+    return 1;
+  }
+  close(fd);
+  if (created) unlink(path);
   return 0;
 }
 
@@ -107,14 +127,10 @@ int cmd_sample(int argc, char **argv) {
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
   };
-  int n = 16, steps = 100, batch = 0, threads = 0, init = -1, have_seed = 0, c;
+  int n = 16, steps = -1, batch = 0, threads = 0, init = -1, have_seed = 0, clamp = -1, c;
+  float step_size = -1.0f, noise = -1.0f; /* < 0: the model's */
   const char *class_arg = NULL, *out_png = NULL, *out_npy = NULL;
   uint64_t seed = 0;
-  jem_sgld_params p;
-  jem_sgld_defaults(&p);
-  p.step_size = 1.0f;
-  p.noise = 0.01f;
-  p.clamp = 1; /* the job API's default */
   opterr = 0;
   optind = 1;
   while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -130,16 +146,16 @@ int cmd_sample(int argc, char **argv) {
         have_seed = 1;
         break;
       case 'a':
-        if (args_float("sample", "--step-size", optarg, 0, 1e6, &p.step_size)) return 2;
+        if (args_float("sample", "--step-size", optarg, 0, 1e6, &step_size)) return 2;
         break;
-      case 'z': if (args_float("sample", "--noise", optarg, 0, 1e3, &p.noise)) return 2; break;
+      case 'z': if (args_float("sample", "--noise", optarg, 0, 1e3, &noise)) return 2; break;
       case 'i':
         if (!strcmp(optarg, "noise")) init = JEM_SAMPLE_INIT_NOISE;
         else if (!strcmp(optarg, "buffer")) init = JEM_SAMPLE_INIT_BUFFER;
         else return args_usage("sample", "--init expects 'noise' or 'buffer', not '%s'", optarg);
         break;
-      case 'C': p.clamp = 1; break;
-      case 'N': p.clamp = 0; break;
+      case 'C': clamp = 1; break;
+      case 'N': clamp = 0; break;
       case 'o': out_png = optarg; break;
       case 'y': out_npy = optarg; break;
       case 'b': if (args_int("sample", "--batch", optarg, 1, 4096, &batch)) return 2; break;
@@ -152,12 +168,25 @@ int cmd_sample(int argc, char **argv) {
     return args_usage("sample", "expects exactly one MODEL file, got %d arguments", argc - optind);
   if (threads) jem_blas_set_threads(threads);
 
-  jem_model *m = NULL;
   char err[512];
+  const char *outs[2] = {out_png, out_npy};
+  for (int i = 0; i < 2; i++)
+    if (outs[i] && check_writable(outs[i], err, sizeof err)) {
+      fprintf(stderr, "jem sample: %s\n", err);
+      return 1;
+    }
+  jem_model *m = NULL;
   if (jem_model_load(&m, argv[optind], err, sizeof err)) {
     fprintf(stderr, "jem sample: %s\n", err);
     return 1;
   }
+  /* the model's sampler settings (jem calibrate's, else the defaults) fill in
+   * what the command line leaves out */
+  jem_sgld_params p = m->sampler.sgld;
+  if (steps < 0) steps = m->sampler.steps;
+  if (step_size >= 0.0f) p.step_size = step_size;
+  if (noise >= 0.0f) p.noise = noise;
+  if (clamp >= 0) p.clamp = clamp;
   int status = 1, y = -1;
   int *ys = NULL;
   float *x = NULL, *logits = NULL, *energy = NULL, *conf = NULL;

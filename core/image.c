@@ -123,6 +123,10 @@ static int starts(const unsigned char *b, size_t len, const char *magic, size_t 
 
 /* Names what a non-PNG/JPEG buffer looks like, for the error message. */
 static const char *guess_format(const unsigned char *b, size_t len) {
+  /* the PNG signature holds CR LF and LF to catch exactly this */
+  if (starts(b, len, "\x89PNG", 4))
+    return "a PNG whose CR and LF bytes were stripped, as by curl -d: send the file with "
+           "--data-binary and Content-Type image/png";
   if (starts(b, len, "GIF87a", 6) || starts(b, len, "GIF89a", 6)) return "a GIF image";
   if (starts(b, len, "BM", 2)) return "a BMP image";
   if (len >= 12 && starts(b, len, "RIFF", 4) && !memcmp(b + 8, "WEBP", 4)) return "a WebP image";

@@ -242,6 +242,33 @@ float jem_ood_percentile(const float *q, int nq, float value);
 typedef struct jem_net jem_net; /* layer plan derived from the arch (private) */
 typedef struct json_t json_t;   /* jansson */
 
+/* SGLD settings (core/sgld.c, core/meta.c); jem_sgld_run is below. */
+typedef struct jem_sgld_params {
+  float step_size;  /* alpha */
+  float noise;      /* sigma */
+  int clamp;        /* clamp x to [-1,1] after each step */
+} jem_sgld_params;
+/* The sampling defaults of contracts.md (step size 1.0, noise 0.01, clamp on,
+ * 100 steps): what jobs and `jem sample` use for a model without sampler
+ * settings of its own (jem_model.sampler).  Training's chains have theirs. */
+#define JEM_SAMPLER_STEPS 100
+void jem_sgld_defaults(jem_sgld_params *p);
+
+/* Sampler settings that suit a model, metadata "sampler" (written by `jem
+ * calibrate`, which chooses them by measurement):
+ *   {"step_size": 0.1, "noise": 0.01, "steps": 100, "clamp": true,
+ *    "calibration": {...free form: how they were chosen...}}
+ * Every key but "calibration" is required.  Without the block: the defaults
+ * above, from_model = 0. */
+typedef struct jem_sampler {
+  int from_model;       /* 1: read from the metadata */
+  jem_sgld_params sgld;
+  int steps;
+} jem_sampler;
+/* {"step_size", "noise", "steps", "clamp", "source": "model"|"default"}, as
+ * jemd's /v1/models and `jem info --json` show it (new reference). */
+json_t *jem_sampler_to_json(const jem_sampler *s);
+
 typedef struct jem_model {
   jem_arch arch;
   int n_params;
@@ -255,6 +282,7 @@ typedef struct jem_model {
   float temperature;       /* > 0 */
   jem_preprocess pre;
   jem_ood_stats ood;
+  jem_sampler sampler;     /* the defaults when the metadata has none */
   json_t *meta;            /* the whole "jem" metadata object (owned) */
 
   float *replay;           /* optional replay buffer [replay_n, C, S, S] */
@@ -393,13 +421,6 @@ void jem_rng_seed(jem_rng *r, uint64_t seed, uint64_t stream);
 uint32_t jem_rng_u32(jem_rng *r);
 float jem_rng_uniform(jem_rng *r);      /* [0,1) */
 float jem_rng_normal(jem_rng *r);       /* N(0,1) */
-
-typedef struct jem_sgld_params {
-  float step_size;  /* alpha, default 1.0 */
-  float noise;      /* sigma, default 0.01 */
-  int clamp;        /* clamp x to [-1,1] after each step */
-} jem_sgld_params;
-void jem_sgld_defaults(jem_sgld_params *p);
 
 /* Chain initialisation, chain i drawing from rngs[i]. */
 void jem_sgld_init_noise(float *x, int n, size_t chw, jem_rng *rngs);

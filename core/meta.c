@@ -152,6 +152,12 @@ static void free_classes(char **classes, int k) {
   free(classes);
 }
 
+static void default_sampler(jem_sampler *s) {
+  memset(s, 0, sizeof *s);
+  jem_sgld_defaults(&s->sgld);
+  s->steps = JEM_SAMPLER_STEPS;
+}
+
 static void default_preprocess(const jem_arch *a, jem_preprocess *p) {
   memset(p, 0, sizeof *p);
   p->channels = a->in_channels;
@@ -225,6 +231,7 @@ int jem_model_create(jem_model **out, const jem_arch *a, char *err, size_t errle
   memset(&m->ood, 0, sizeof m->ood);
   m->ood.default_tpr = 0.95f;
   m->ood.complexity_weight = NAN;
+  default_sampler(&m->sampler);
 
   m->meta = json_object();
   if (!m->meta) goto oom;
@@ -614,10 +621,46 @@ static int parse_ood(const json_t *v, jem_ood_stats *s, char *err, size_t errlen
   return 0;
 }
 
+/* The ranges are the job API's (POST /v1/samples) so that a model's own
+ * settings are always a valid request. */
+static int parse_sampler(const json_t *v, jem_sampler *s, char *err, size_t errlen) {
+  static const char *const keys[] = {"step_size", "noise", "steps", "clamp", "calibration",
+                                     NULL};
+  if (!json_is_object(v)) return jem__errf(err, errlen, JEM_EFORMAT, "sampler must be an object");
+  int rc = check_keys(v, "sampler", keys, err, errlen);
+  if (rc) return rc;
+  const json_t *e;
+  if (!(e = json_object_get(v, "step_size")) ||
+      (rc = get_float(e, "sampler.step_size", &s->sgld.step_size, err, errlen)))
+    return rc ? rc : jem__errf(err, errlen, JEM_EFORMAT, "sampler.step_size is missing");
+  if (!(e = json_object_get(v, "noise")) ||
+      (rc = get_float(e, "sampler.noise", &s->sgld.noise, err, errlen)))
+    return rc ? rc : jem__errf(err, errlen, JEM_EFORMAT, "sampler.noise is missing");
+  if (!(s->sgld.step_size >= 0.0f && s->sgld.step_size <= 1e6f) ||
+      !(s->sgld.noise >= 0.0f && s->sgld.noise <= 1e3f))
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "sampler: step_size must be in [0, 1e6] and noise in [0, 1000]");
+  if (!(e = json_object_get(v, "steps")) ||
+      (rc = get_int(e, "sampler.steps", 1, 100000, &s->steps, err, errlen)))
+    return rc ? rc : jem__errf(err, errlen, JEM_EFORMAT, "sampler.steps is missing");
+  if (!json_is_boolean(e = json_object_get(v, "clamp")))
+    return jem__errf(err, errlen, JEM_EFORMAT, "sampler.clamp must be true or false");
+  s->sgld.clamp = json_is_true(e);
+  s->from_model = 1;
+  return 0;
+}
+
+json_t *jem_sampler_to_json(const jem_sampler *s) {
+  return json_pack("{s:o,s:o,s:i,s:b,s:s}", "step_size", float_real(s->sgld.step_size), "noise",
+                   float_real(s->sgld.noise), "steps", s->steps, "clamp", s->sgld.clamp,
+                   "source", s->from_model ? "model" : "default");
+}
+
 /* Everything apply_meta derives, parsed but not yet committed. */
 typedef struct meta_parsed {
   char name[sizeof(((jem_model *)0)->name)];
   float temperature;
+  jem_sampler sampler;
   jem_preprocess pre;
   jem_ood_stats *ood; /* ~12 KB: keep it off the stack */
   char **classes;
@@ -673,6 +716,11 @@ static int meta_parse(const jem_model *m, meta_parsed *p, char *err, size_t errl
     return jem__errf(err, errlen, JEM_EFORMAT, "metadata: ood.scores.mahalanobis needs the "
                      "tensors ood.feature_mean and ood.feature_whitener");
 
+  default_sampler(&p->sampler);
+  if ((e = json_object_get(meta, "sampler")) &&
+      (rc = parse_sampler(e, &p->sampler, why, sizeof why)))
+    return jem__errf(err, errlen, rc, "metadata: %s", why);
+
   if ((e = json_object_get(meta, "classes")))
     rc = parse_classes(e, m->arch.num_classes, &p->classes, why, sizeof why);
   else if (!(p->classes = default_classes(m->arch.num_classes)))
@@ -711,6 +759,7 @@ int jem_model_apply_meta(jem_model *m, char *err, size_t errlen) {
   m->temperature = p.temperature;
   m->pre = p.pre;
   m->ood = *p.ood;
+  m->sampler = p.sampler;
   meta_parsed_free(&p, m->arch.num_classes);
   return 0;
 }

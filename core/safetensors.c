@@ -280,6 +280,15 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char 
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "file is too short (%zu bytes) to hold the 8-byte header length", len);
   uint64_t n = rd_le64(b);
+  /* An image or a text file given in the model's place reads as an absurd
+   * header length: say what it is before judging the length. */
+  if (len > 8 && b[8] != '{')
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "not a safetensors model file (its JSON header does not start with '{')");
+  if (n > JEM_MAX_HEADER_BYTES && n > (uint64_t)(len - 8))
+    return jem__errf(err, errlen, JEM_EFORMAT,
+                     "not a safetensors model file (header length %llu, file %zu bytes)",
+                     (unsigned long long)n, len);
   if (n > JEM_MAX_HEADER_BYTES)
     return jem__errf(err, errlen, JEM_ETOOBIG,
                      "header length %llu exceeds the limit of %u bytes",
@@ -291,8 +300,6 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char 
   if (n < 2)
     return jem__errf(err, errlen, JEM_EFORMAT, "header length %llu is too small for a JSON object",
                      (unsigned long long)n);
-  if (b[8] != '{')
-    return jem__errf(err, errlen, JEM_EFORMAT, "header does not start with '{'");
   /* JSON text never holds a raw NUL, and jansson 2.14 takes '{"a": 1\0 }'
    * for {"a": 1}: refuse rather than read what other parsers would not. */
   if (memchr(b + 8, 0, (size_t)n))

@@ -7,7 +7,7 @@ void jem_sgld_defaults(jem_sgld_params *p) {
   JEM_ASSERT(p);
   p->step_size = 1.0f;
   p->noise = 0.01f;
-  p->clamp = 0; /* JEM itself never clamps its chains */
+  p->clamp = 1; /* samples are images: keep them in the model's input range */
 }
 
 static size_t model_chw(const jem_model *m) {

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +40,14 @@ def wait_ready(url, timeout=60):
 def wait_job(job, timeout=120):
     end = time.time() + timeout
     while time.time() < end:
-        with urllib.request.urlopen(f"http://localhost:8080/v1/jobs/{job}", timeout=5) as r:
-            if b'"succeeded"' in r.read():
+        try:
+            with urllib.request.urlopen(f"http://localhost:8080/v1/jobs/{job}", timeout=5) as r:
+                if b'"succeeded"' in r.read():
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # deleted by an earlier example
                 return
+            raise
         time.sleep(0.3)
     sys.exit(f"readme_examples.py: job {job} did not finish")
 
@@ -69,7 +75,7 @@ def main():
         def rerun(m):
             nonlocal old_id, new_id
             cmd = m.group(1)
-            if old_id and new_id:
+            if old_id and new_id and old_id in cmd:
                 cmd = cmd.replace(old_id, new_id)
                 wait_job(new_id)
             out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True,

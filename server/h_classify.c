@@ -380,11 +380,17 @@ enum MHD_Result srv_h_classify(srv_req *r) {
       goto reject;
     }
   } else {
+    /* `curl -d @image.png` sends form data, and drops the file's CR and LF
+     * bytes on the way: name the fix, not just the type. */
+    const char *hint = !strcmp(mt, "application/x-www-form-urlencoded")
+                           ? " (curl -d sends that and strips CR/LF bytes from the file: use "
+                             "--data-binary @FILE -H 'Content-Type: image/png')"
+                           : "";
     srv_metrics_reject(SRV_REJ_UNSUPPORTED);
     res = srv_respond_error(r, 415, "unsupported_media_type",
-                            "Content-Type '%.64s' is not accepted; send image/png, image/jpeg, "
+                            "Content-Type '%.64s' is not accepted%s; send image/png, image/jpeg, "
                             "multipart/form-data or application/json",
-                            mt);
+                            mt, hint);
     goto out;
   }
   c = calloc(1, sizeof *c);

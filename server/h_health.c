@@ -73,11 +73,12 @@ enum MHD_Result srv_h_models(srv_req *r) {
                            a->depth, "widen", a->widen, "in_channels", a->in_channels,
                            "image_size", a->image_size, "num_classes", a->num_classes, "norm",
                            jem_norm_names[a->norm], "leak", srv_jreal(a->leak));
-  json_t *mo = json_pack("{s:s,s:o,s:o,s:[i,i,i],s:o,s:o,s:o,s:I,s:I,s:i}", "name", m->name,
-                         "architecture", arch, "classes", classes, "input_shape",
+  json_t *mo = json_pack("{s:s,s:o,s:o,s:[i,i,i],s:o,s:o,s:o,s:o,s:I,s:I,s:i}", "name",
+                         m->name, "architecture", arch, "classes", classes, "input_shape",
                          a->in_channels, a->image_size, a->image_size, "temperature",
                          srv_jreal(m->temperature), "preprocess", preprocess_json(&m->pre),
-                         "ood", ood, "parameters", (json_int_t)m->n_weights, "generation",
+                         "ood", ood, "sampler", jem_sampler_to_json(&m->sampler),
+                         "parameters", (json_int_t)m->n_weights, "generation",
                          (json_int_t)sm->gen, "max_batch", srv_cfg.max_batch);
   srv_model_put(sm);
   return srv_respond_json(r, 200, json_pack("{s:[o]}", "models", mo));

@@ -168,6 +168,36 @@ static int num_field(json_t *v, const char *name, double lo, double hi, double *
   return 0;
 }
 
+/* s in double quotes, escaped as srv_log_quote does (which quotes only when needed). */
+static void dquote(char *out, size_t cap, const char *s) {
+  char t[100];
+  srv_log_quote(t, sizeof t, s);
+  if (t[0] == '"')
+    snprintf(out, cap, "%s", t);
+  else
+    snprintf(out, cap, "\"%s\"", t);
+}
+
+/* "'class' "x" is not a class name of this model (...); its classes: "a", ..."
+ * (cut short with "..." when they do not fit), so a client can correct a
+ * guessed name such as "trouser" without another request. */
+static void unknown_class(const jem_model *m, const char *s, char *err, size_t errlen) {
+  char name[104];
+  dquote(name, sizeof name, s);
+  size_t used = (size_t)snprintf(err, errlen, "'class' %s is not a class name of this model "
+                                 "(or use an index from 0 to %d); its classes:", name,
+                                 m->arch.num_classes - 1);
+  for (int k = 0; k < m->arch.num_classes && used < errlen; k++) {
+    dquote(name, sizeof name, m->classes[k]);
+    size_t room = errlen - used;
+    if (strlen(name) + 3 + 5 > room) { /* ", ", the NUL, and room for " ..." */
+      snprintf(err + used, room, " ...");
+      return;
+    }
+    used += (size_t)snprintf(err + used, room, "%s%s", k ? ", " : " ", name);
+  }
+}
+
 int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_n,
                       int max_steps, const jem_image_limits *lim, srv_samples_req *out,
                       const char **code, char *err, size_t errlen) {
@@ -175,12 +205,14 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
                                       "init", "clamp", "seed", NULL};
   memset(out, 0, sizeof *out);
   out->n = 16 < max_n ? 16 : max_n;
-  out->steps = 100 < max_steps ? 100 : max_steps;
+  /* the model's own sampler settings (jem calibrate), else contracts.md's */
+  const jem_sampler *sp = &m->sampler;
+  out->steps = sp->steps < max_steps ? sp->steps : max_steps;
   out->y = -1;
-  out->step_size = 1.0;
-  out->noise = 0.01;
+  out->step_size = sp->sgld.step_size;
+  out->noise = sp->sgld.noise;
   out->init = jem_sample_default_init(m);
-  out->clamp = 1;
+  out->clamp = sp->sgld.clamp;
   *code = "ok";
   err[0] = '\0';
   size_t i = 0;
@@ -238,9 +270,7 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
         if (strlen(m->classes[k]) == json_string_length(v) && !strcmp(m->classes[k], s))
           out->y = k;
       if (out->y < 0) {
-        char q[96];
-        srv_log_quote(q, sizeof q, s);
-        snprintf(err, errlen, "'class' %s is not a class name of this model", q);
+        unknown_class(m, s, err, errlen);
         st = fail(code, "unknown_class", 422);
         goto out;
       }
@@ -835,8 +865,8 @@ static json_t *job_json(const job *j, int with_result) {
   json_object_set_new(params, "class", j->y >= 0 ? json_integer(j->y) : json_null());
   json_object_set_new(params, "class_name", j->class_name ? json_string(j->class_name)
                                                          : json_null());
-  json_object_set_new(params, "step_size", json_real(j->step_size));
-  json_object_set_new(params, "noise", json_real(j->noise));
+  json_object_set_new(params, "step_size", srv_jreal(j->step_size)); /* a model's float: 0.1 */
+  json_object_set_new(params, "noise", srv_jreal(j->noise));
   json_object_set_new(params, "init", json_string(init_name(j->init)));
   json_object_set_new(params, "clamp", json_boolean(j->clamp));
   json_object_set_new(params, "seed", json_integer((json_int_t)j->seed));
@@ -1035,7 +1065,9 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
     reject(REJ_INVALID);
     srv_metrics_reject(SRV_REJ_UNSUPPORTED);
     return srv_respond_error(r, 415, "unsupported_media_type",
-                             "Content-Type '%.64s' is not accepted; send application/json", ct);
+                             "Content-Type '%.64s' is not accepted; send application/json%s", ct,
+                             strncasecmp(ct, "application/x-www-form-urlencoded", 33) ? ""
+                             : " (curl -d sends form data: add -H 'Content-Type: application/json')");
   }
   srv_model *sm = srv_model_get();
   if (!sm) {
@@ -1278,7 +1310,10 @@ enum MHD_Result srv_h_job_delete(srv_req *r) {
       atomic_store(&j->cancel, 1);
       finish_locked(j, J_CANCELED, "canceled", "canceled by a DELETE request");
     }
+    /* DELETE removes the resource, finished or not: the answer is its last
+     * state, and later requests for it or its results get 404 */
     o = job_json(j, 1);
+    if (remove_locked(j)) defer_free(&fl, j);
   }
   pthread_mutex_unlock(&J.mu);
   run_frees(&fl);

@@ -607,15 +607,29 @@ static void test_bad_framing(void **state) {
   uint64_t n = g_len - 7;
   for (int i = 0; i < 8; i++) c[i] = (unsigned char)(n >> (8 * i));
   expect_fail_buf(c, g_len, "runs past the end of the file", __LINE__);
-  /* huge header lengths */
+  /* huge header lengths, larger than the file: not safetensors at all */
   memset(c, 0xff, 8);
-  expect_fail_buf(c, g_len, "exceeds the limit", __LINE__);
+  expect_fail_buf(c, g_len, "not a safetensors model file", __LINE__);
   n = (uint64_t)JEM_MAX_HEADER_BYTES + 1;
   for (int i = 0; i < 8; i++) c[i] = (unsigned char)(n >> (8 * i));
-  expect_fail_buf(c, g_len, "exceeds the limit", __LINE__);
+  expect_fail_buf(c, g_len, "not a safetensors model file", __LINE__);
   n = 100000001; /* the reference reader's limit + 1 */
   for (int i = 0; i < 8; i++) c[i] = (unsigned char)(n >> (8 * i));
-  expect_fail_buf(c, g_len, "exceeds the limit", __LINE__);
+  expect_fail_buf(c, g_len, "not a safetensors model file", __LINE__);
+  /* a header over the limit in a file large enough to hold it */
+  size_t big_len = (size_t)JEM_MAX_HEADER_BYTES + 64;
+  unsigned char *big = calloc(1, big_len);
+  assert_non_null(big);
+  n = (uint64_t)JEM_MAX_HEADER_BYTES + 1;
+  for (int i = 0; i < 8; i++) big[i] = (unsigned char)(n >> (8 * i));
+  big[8] = '{';
+  expect_fail_buf(big, big_len, "exceeds the limit", __LINE__);
+  free(big);
+  /* what a newcomer passes by mistake: an image, a README */
+  static const unsigned char png[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13};
+  expect_fail_buf(png, sizeof png, "not a safetensors model file", __LINE__);
+  static const char readme[] = "# jemd \xe2\x80\x94 serve a Joint Energy-based Model";
+  expect_fail_buf(readme, sizeof readme - 1, "not a safetensors model file", __LINE__);
   n = 0;
   memset(c, 0, 8);
   expect_fail_buf(c, g_len, "too small", __LINE__);

@@ -420,7 +420,7 @@ static void test_sgld_defaults(void **state) {
   jem_sgld_defaults(&p);
   assert_true(p.step_size == 1.0f);
   assert_true(p.noise == 0.01f);
-  assert_int_equal(p.clamp, 0);
+  assert_int_equal(p.clamp, 1); /* sampling images: kept in range */
 }
 
 static void test_sgld_deterministic(void **state) {

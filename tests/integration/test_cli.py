@@ -10,11 +10,13 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,10 +131,64 @@ def main():
         test_buffer(jem, tmp, os.path.join(tmp, "m.safetensors"))
         test_average(jem, tmp)
         test_shipped_ood(jem, tmp)
+        test_readme_usage(jem)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
+
+
+def help_text(binary, *cmd):
+    p = subprocess.run([binary, *cmd, "--help"], capture_output=True, text=True, timeout=60)
+    return p.stdout
+
+
+def test_readme_usage(jem):
+    """The README's usage lines are --help's, and every option its commands use exists."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    tool = text[text.index("## The `jem` tool"):]
+    block = tool[tool.index("```\n") + 4:tool.index("```", tool.index("```\n") + 4)]
+    usages = [l for l in block.splitlines() if l.startswith("jem ")]
+    check(len(usages) >= 9, "README lists the jem commands (%d)" % len(usages))
+    for line in usages:
+        helped = help_text(jem, line.split()[1]).split("\n\n")[0]
+        check(" ".join(helped.replace("usage:", "", 1).split()) == " ".join(line.split()),
+              "README usage line == `%s --help`: %s" % (" ".join(line.split()[:2]), line[:60]))
+    # commands in the README's code blocks: their options exist
+    jemd = os.path.join(os.path.dirname(jem), "jemd")
+    helps = {}
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    for m in re.finditer(r"(?:build/|\./build/|^|\s)(jemd|jem (\w+))((?: [^#|>\n]*)?)", code, re.M):
+        prog, sub = (jemd, ()) if m.group(1) == "jemd" else (jem, (m.group(2),))
+        if sub and sub[0] not in ("info", "score", "sample", "init", "train", "eval",
+                                   "calibrate", "buffer", "average"):
+            continue
+        key = (prog, sub)
+        if key not in helps:
+            helps[key] = help_text(prog, *sub)
+        for opt in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(3)):
+            check(opt in helps[key], "README: `%s %s` has no option %s"
+                  % (os.path.basename(prog), " ".join(sub), opt))
+    # the Configuration table: jemd --help's flags, variables, defaults and meanings
+    # (the data directory in --model's text follows the PREFIX jemd was built with)
+    jh = re.sub(r"/\S*/share/jemd/models/", "PREFIX/share/jemd/models/", help_text(jemd))
+    helped = {m.group(1): (m.group(2).strip(), m.group(4), m.group(5), m.group(3).strip())
+              for m in re.finditer(r"^  (--[a-z-]+)((?: [A-Z]+)?)\s+(.*)\n\s+"
+                                   r"\[(JEMD_[A-Z0-9_]+); default: (.*)\]$", jh, re.M)}
+    rows = {m.group(1): (m.group(2).strip(), m.group(3), m.group(4).strip(), m.group(5).strip())
+            for m in re.finditer(r"^\| `(--[a-z-]+)((?: [A-Z]+)?)` \| `(JEMD_[A-Z0-9_]+)` \| "
+                                 r"([^|]*) \| (.*) \|$",
+                                 re.sub(r"/\S*/share/jemd/models/", "PREFIX/share/jemd/models/",
+                                        text), re.M)}
+    check(len(helped) >= 30 and set(rows) == set(helped),
+          "README's configuration table has jemd's flags (only in help: %s; only in README: %s)"
+          % (sorted(set(helped) - set(rows)), sorted(set(rows) - set(helped))))
+    for flag in sorted(set(rows) & set(helped)):
+        check(rows[flag] == helped[flag], "README table row %s == jemd --help: %s vs %s"
+              % (flag, rows[flag], helped[flag]))
+    args = re.search(r"make run ARGS='([^']*)'", text)
+    for opt in re.findall(r"--[a-z-]+", args.group(1) if args else ""):
+        check(opt in help_text(jemd), "README: make run ARGS: jemd has %s" % opt)
 
 
 def digit_pngs(tmp):
@@ -258,6 +314,12 @@ def test_all(jem, tmp):
         rc, _, err = run(jem, *args)
         check(rc == 2 and "Try 'jem" in err and says in err,
               "%s -> usage error 2 naming it (%d: %s)" % (what, rc, err.strip()[:80]))
+    # a newcomer's slips: arguments swapped, a text file as the model
+    for args in (["score", img("fmnist0.png"), model], ["info", os.path.join(ROOT, "README.md")]):
+        rc, out, err = run(jem, *args)
+        check(rc == 1 and "not a safetensors model file" in err and "exceeds" not in err,
+              "jem %s %s -> 'not a safetensors model file' (%d: %s)"
+              % (args[0], os.path.basename(args[1]), rc, err.strip()[:120]))
 
     # --- score ---------------------------------------------------------------
     files = ["fmnist0.png", "rgb.png", "baseline.jpg", "progressive.jpg", "grey16.png",
@@ -403,6 +465,24 @@ def test_all(jem, tmp):
     with open(c_png, "rb") as f:
         pc = f.read()
     check(pa == pb, "sample: same seed -> identical PNG bytes")
+    # an output that cannot be written fails before the sampling (which would take
+    # minutes on a real model), and leaves nothing behind
+    for flag in ("--out", "--npy"):
+        t0 = time.time()
+        rc, out, err = run(jem, "sample", model, "--n", "64", "--steps", "100000", flag,
+                           "/nonexistent/x.png")
+        check(rc == 1 and "cannot write '/nonexistent/x.png'" in err and not out and
+              time.time() - t0 < 10, "sample %s /nonexistent/x.png fails at once (%d, %.1f s: %s)"
+              % (flag, rc, time.time() - t0, err.strip()))
+    fresh = os.path.join(tmp, "fresh.png")
+    rc, _, _ = run(jem, "sample", model, "--n", "1", "--steps", "1", "--out", fresh,
+                   "--npy", "/nonexistent/x.npy")
+    check(rc == 1 and not os.path.exists(fresh),
+          "the writability check of a good --out leaves no file when --npy is bad")
+    rc, _, _ = run(jem, "sample", model, "--n", "1", "--steps", "1", "--npy", c_png + ".npy",
+                   "--out", os.path.join(tmp, "nodir", "probe.png"))
+    check(rc == 1 and not os.path.exists(c_png + ".npy"),
+          "a bad --out with a good --npy writes neither")
     check(pa != pc, "sample: different seed -> different PNG")
     check(out_a == out_b and out_a != out_c, "sample JSON deterministic")
     check(pa[:8] == b"\x89PNG\r\n\x1a\n", "sample writes a PNG")

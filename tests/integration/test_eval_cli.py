@@ -183,7 +183,8 @@ def main():
 
     # calibrate -> temperature + OOD statistics + a rule not tuned on MNIST
     r = run([jem, "calibrate", model, "--out", cal, "--limit", "64", "--ood-dir", ood,
-             "--batch", "32", "--leave-one-out"] + tune)
+             "--batch", "32", "--leave-one-out", "--sampler-chains", "1", "--sampler-steps",
+             "5"] + tune)
     meta = safetensors_meta(cal)
     hdr = safetensors_header(cal)
     check(hdr.get("ood.feature_mean", {}).get("shape") == [10, 64] and
@@ -196,6 +197,33 @@ def main():
           "a leave-one-out row per tuning set, each with its own rule")
     check("leave-one-out" in r.stderr, "calibrate prints the leave-one-out table")
     check(meta.get("temperature", 0) > 0, "calibrated temperature > 0")
+    # ... + the sampler settings, chosen by the stated score
+    sp = meta.get("sampler", {})
+    cands = sp.get("calibration", {}).get("candidates", [])
+    best = max(cands, key=lambda c: c["score"]) if cands else {}
+    check(sorted(sp) == ["calibration", "clamp", "noise", "step_size", "steps"] and
+          sp["noise"] == 0.01 and sp["steps"] == 5 and sp["clamp"] is True and
+          [c["step_size"] for c in cands] == [1.0, 0.3, 0.1, 0.03] and
+          sp["step_size"] == best.get("step_size") and
+          all(abs(c["score"] - c["confident"] * min(c["hf_ratio"], 1 / c["hf_ratio"])) < 1e-9
+              for c in cands),
+          f"calibrate stores the sampler settings with the best score: {sp}")
+    # --sampler-only: the same block, everything else untouched
+    cal2 = os.path.join(tmp, "cal2.safetensors")
+    with open(cal, "rb") as f:
+      cal_bytes = f.read()
+    run([jem, "calibrate", cal, "--out", cal2, "--limit", "64", "--sampler-only",
+         "--sampler-chains", "1", "--sampler-steps", "5"])
+    with open(cal2, "rb") as f:
+      cal2_bytes = f.read()
+    n1, n2 = (struct.unpack("<Q", b[:8])[0] for b in (cal_bytes, cal2_bytes))
+    h1, h2 = json.loads(cal_bytes[8:8 + n1]), json.loads(cal2_bytes[8:8 + n2])
+    m1, m2 = (json.loads(h["__metadata__"].pop("jem")) for h in (h1, h2))
+    s1, s2 = m1.pop("sampler", None), m2.pop("sampler", None)
+    check(cal2_bytes[8 + n2:] == cal_bytes[8 + n1:] and h1 == h2 and m1 == m2 and
+          s1["step_size"] == s2["step_size"] and
+          s1["calibration"]["candidates"] == s2["calibration"]["candidates"],
+          "--sampler-only rewrites the sampler block alone (tensors, other metadata equal)")
     o = meta.get("ood", {})
     check(set(o.get("scores", {})) == {"energy", "grad_norm", "max_softmax", "energy_complexity",
                                        "mahalanobis"}, "5 scores stored")
@@ -241,7 +269,7 @@ def main():
     # tuning on MNIST is refused silently? no: allowed, but flagged in the rule
     if have_mnist:
       r = run([jem, "calibrate", model, "--out", cal, "--limit", "32", "--ood-dir", ood,
-               "--tune-sets", "mnist"])
+               "--tune-sets", "mnist", "--sampler-chains", "1", "--sampler-steps", "5"])
       check("warning" in r.stderr and "not MNIST" not in safetensors_meta(cal)["ood"]["rule"],
             "tuning on MNIST is flagged")
 

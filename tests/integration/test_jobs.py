@@ -483,6 +483,11 @@ def test_class_conditional(ctx):
                           "classified as that class" % (os.path.basename(fm), y,
                                                         names[y] if names else y, steps, 100 * r))
             ctx.report["class_rate_fmnist"] = rates
+            st, _, o = post_job(dm, {"class": "trouser"})
+            msg = o["error"]["message"] if is_error(o) else ""
+            check(st == 422 and '"trouser" is not' in msg and '"Trouser", "Pullover"' in msg and
+                  msg.endswith('"Bag", "Ankle boot"'),
+                  "a lower-case class name -> the model's names, each quoted once: %s" % msg)
         finally:
             stop(ctx, dm)
     else:
@@ -512,6 +517,65 @@ def test_buffer_default(ctx):
         d.json("DELETE", "/v1/jobs/" + o["id"])
 
 
+def test_sampler(ctx):
+    print("== sampler settings: the model's (jem calibrate) or contracts.md's defaults")
+    st, _, o = ctx.main.json("GET", "/v1/models")
+    check(st == 200 and o["models"][0]["sampler"] == {"step_size": 1.0, "noise": 0.01,
+                                                       "steps": 100, "clamp": True,
+                                                       "source": "default"},
+          "/v1/models: a model without settings shows the defaults: %s"
+          % o["models"][0].get("sampler"))
+    path = os.path.join(ctx.tmp, "sampler.safetensors")
+    shutil.copy(ctx.model_a, path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    hl = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + hl])
+    meta = json.loads(header["__metadata__"]["jem"])
+    meta["sampler"] = {"step_size": 0.05, "noise": 0.002, "steps": 7, "clamp": False,
+                       "calibration": {"criterion": "set by the test"}}
+    header["__metadata__"]["jem"] = json.dumps(meta)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + blob[8 + hl:])
+    d = start(ctx, path)
+    st, _, o = d.json("GET", "/v1/models")
+    check(st == 200 and o["models"][0]["sampler"] == {"step_size": 0.05, "noise": 0.002,
+                                                       "steps": 7, "clamp": False,
+                                                       "source": "model"},
+          "/v1/models shows the model's sampler settings: %s" % o["models"][0].get("sampler"))
+    st, _, o = post_job(d, {"n": 3, "seed": 21})
+    p = o.get("params", {})
+    check(st == 202 and (p.get("step_size"), p.get("noise"), p.get("steps"), p.get("clamp")) ==
+          (0.05, 0.002, 7, False), "a job without settings takes the model's: %s" % p)
+    st, _, o = wait_job(d, o["id"])
+    st, _, npy = d.request("GET", "/v1/jobs/%s/samples.npy" % o["id"])
+    out_npy = os.path.join(ctx.tmp, "sampler.npy")
+    run_cli(ctx, "sample", path, "--n", "3", "--seed", "21", "--npy", out_npy, "--threads", "1")
+    with open(out_npy, "rb") as f:
+        check(st == 200 and f.read() == npy,
+              "`jem sample MODEL` defaults to the same settings: .npy == the job's")
+    st, _, o = post_job(d, {"n": 1, "steps": 2, "step_size": 0.5, "clamp": True})
+    p = o.get("params", {})
+    check(st == 202 and (p.get("step_size"), p.get("noise"), p.get("steps"), p.get("clamp")) ==
+          (0.5, 0.002, 2, True), "given fields win over the model's: %s" % p)
+    wait_job(d, o["id"])
+    stop(ctx, d)
+    info = json.loads(run_cli(ctx, "info", path, "--json"))
+    check(info.get("sampler", {}).get("source") == "model" and info["sampler"]["steps"] == 7,
+          "jem info --json shows the sampler settings: %s" % info.get("sampler"))
+    meta["sampler"] = {"step_size": 0.05, "noise": 0.002, "steps": 7}
+    header["__metadata__"]["jem"] = json.dumps(meta)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + blob[8 + hl:])
+    p = subprocess.run([ctx.jem, "info", path], capture_output=True, text=True, timeout=60)
+    check(p.returncode == 1 and "sampler.clamp" in p.stderr,
+          "a sampler block without clamp is refused, naming it: %s" % p.stderr.strip()[:100])
+
+
 def test_bad_params(ctx):
     print("== bad parameters and ids")
     d = ctx.main
@@ -525,6 +589,7 @@ def test_bad_params(ctx):
         ({"step_size": 1e300}, 422), ({"noise": -0.1}, 422), ({"noise": "Infinity"}, 400),
         ({"noise": {}}, 400),
         ({"class": 10}, 422), ({"class": -1}, 422), ({"class": "nope"}, 422),
+        ({"class": "x" * 5000}, 422),
         ({"class": ""}, 422), ({"class": 1.5}, 400), ({"class": [1]}, 400),
         ({"class": True}, 400),
         ({"init": "zeros"}, 422), ({"init": 5}, 400), ({"init": None}, 400),
@@ -558,6 +623,16 @@ def test_bad_params(ctx):
         check(st == want and is_error(o), "%s -> %d (got %s)" % (what, want, st))
     st, _, o = d.json("POST", "/v1/samples", b'{"n": 2}', {"Content-Type": "text/plain"})
     check(st == 415 and is_error(o), "Content-Type text/plain -> 415 (got %s)" % st)
+    st, _, o = d.json("POST", "/v1/samples", b'{"n": 2}',
+                      {"Content-Type": "application/x-www-form-urlencoded"})
+    check(st == 415 and is_error(o) and "-H 'Content-Type: application/json'" in
+          o["error"]["message"], "curl -d without -H -> 415 naming the fix: %s"
+          % (o["error"]["message"] if is_error(o) else o))
+    # a guessed class name: the message lists the model's classes
+    st, _, o = post_job(d, {"class": "class01"})
+    msg = o["error"]["message"] if is_error(o) else ""
+    check(st == 422 and is_error(o, "unknown_class") and '"class0", "class1"' in msg and
+          '"class9"' in msg, "unknown class name -> the valid names in the message: %s" % msg)
     st, _, o = d.json("POST", "/v1/samples?n=3", b'{"n": 2}', JSON)
     check(st == 400 and is_error(o), "unknown query parameter -> 400")
     fake = "0123456789abcdef" * 2
@@ -580,6 +655,12 @@ def test_bad_params(ctx):
     check(st == 200, "/readyz 200 after all the bad requests")
 
 
+def chain_steps(d):
+    st, _, text = d.request("GET", "/metrics")
+    m = re.search(rb"^jem_sgld_chain_steps_total (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
 def test_cancel_and_queue(ctx):
     print("== cancel, queue full (429), cancel a queued job")
     d = ctx.main
@@ -598,16 +679,32 @@ def test_cancel_and_queue(ctx):
     check(st == 200 and o["status"] == "canceled" and o["error"]["reason"] == "canceled",
           "DELETE a running job -> 200 canceled, reason canceled (%s)" % (o.get("error"),))
     check(o["finished_at"] is not None and o["result"] is None, "finished_at set, no result")
-    time.sleep(0.3)  # more than one slice
-    st, _, o1 = d.json("GET", "/v1/jobs/" + jid)
-    time.sleep(0.3)
-    st, _, o2 = d.json("GET", "/v1/jobs/" + jid)
-    check(o1["progress"]["step"] == o2["progress"]["step"] < 2000,
-          "no more steps after the cancel (step %d)" % o2["progress"]["step"])
+    # the slice that saw the cancel ends (a step can take long under ASan), then no
+    # more steps: the counter settles, which it would not for minutes if the job ran on
+    end, prev, settled = time.time() + 20, chain_steps(d), False
+    while time.time() < end and not settled:
+        time.sleep(0.5)
+        cur = chain_steps(d)
+        settled, prev = cur == prev, cur
+    check(settled, "no more SGLD steps after the cancel")
+    # DELETE removes the job: it and its results are gone, a second DELETE is 404
+    for path in ("", "/grid.png", "/samples.npy", "/samples/0.png"):
+        st, _, o = d.json("GET", "/v1/jobs/" + jid + path)
+        check(st == 404 and is_error(o, "job_not_found"),
+              "GET%s of a deleted job -> 404 (got %s)" % (path or " job", st))
     st, _, o3 = d.json("DELETE", "/v1/jobs/" + jid)
-    check(st == 200 and o3["status"] == "canceled", "DELETE again is idempotent")
-    st, _, o = d.json("GET", "/v1/jobs/%s/grid.png" % jid)
-    check(st == 409 and is_error(o), "grid of a canceled job -> 409")
+    check(st == 404 and is_error(o3, "job_not_found"), "DELETE again -> 404 (got %s)" % st)
+    # a finished job, with its results: removed too
+    st, _, o = post_job(d, {"n": 2, "steps": 2, "seed": 5})
+    fid = o["id"]
+    st, _, o = wait_job(d, fid)
+    st, _, o = d.json("DELETE", "/v1/jobs/" + fid)
+    check(st == 200 and o["status"] == "succeeded" and o["result"] is not None,
+          "DELETE a finished job -> 200 with its final state (%s)" % o.get("status"))
+    for path in ("", "/grid.png", "/samples.npy", "/samples/1.png"):
+        st, _, o = d.json("GET", "/v1/jobs/" + fid + path)
+        check(st == 404 and is_error(o, "job_not_found"),
+              "GET%s of a deleted finished job -> 404 (got %s)" % (path or " job", st))
     # fill the queue: --max-queued-jobs 3
     ids = []
     for _ in range(3):
@@ -832,7 +929,8 @@ def main():
         ctx.dbuf = start(ctx, ctx.model_b, *caps)
         tests = [("life", test_life), ("given", test_given_images),
                  ("determinism", test_determinism), ("buffer", test_buffer_default),
-                 ("class", test_class_conditional), ("bad", test_bad_params),
+                 ("class", test_class_conditional), ("sampler", test_sampler),
+                 ("bad", test_bad_params),
                  ("cancel", test_cancel_and_queue), ("reload", test_reload),
                  ("ttl", test_ttl), ("auth", test_auth),
                  ("metrics", test_metrics), ("shutdown", test_shutdown),

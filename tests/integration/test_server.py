@@ -443,6 +443,15 @@ def bad_inputs(c, d, imgs, model_name):
     case("wrong content type", lambda: post("/v1/classify", png, {"Content-Type": "text/plain"},
                                             415, "text/plain", "unsupported_media_type"))
     case("missing content type", lambda: post("/v1/classify", png, {}, 415, "no content type"))
+
+    def curl_d(ct, want):  # what `curl -d @image.png` sends: form data, CR and LF removed
+        body = png.replace(b"\r", b"").replace(b"\n", b"")
+        st, _, js = post("/v1/classify", body, {"Content-Type": ct}, 415, "curl -d " + ct)
+        msg = js.get("error", {}).get("message", "") if isinstance(js, dict) else ""
+        check("--data-binary" in msg and want in msg,
+              f"curl -d ({ct}): the 415 names the cause and the fix: {msg}")
+    case("curl -d @image.png", lambda: curl_d("application/x-www-form-urlencoded", "curl -d"))
+    case("curl -d @image.png -H image/png", lambda: curl_d("image/png", "CR and LF"))
     case("malformed JSON", lambda: post("/v1/classify", b'{"images": [', J, 400, "malformed",
                                         "invalid_json"))
     case("deep JSON (100k)", lambda: post("/v1/classify", b"[" * 100000 + b"]" * 100000, J, 400,
