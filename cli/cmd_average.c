@@ -151,8 +151,10 @@ static int average(int argc, char **argv, const char *cmdline) {
     for (size_t j = 0; j < m->n_weights; j++) sum[j] += w[i] * ms[i]->weights[j];
   for (size_t j = 0; j < m->n_weights; j++) m->weights[j] = (float)(sum[j] / total);
 
+  /* the first model's calibration describes its weights, not the mean's */
   json_object_del(m->meta, "ood");
-  if (json_object_set_new(m->meta, "temperature", json_real(1.0)) ||
+  if (jem_model_set_feature_gauss(m, NULL, NULL, err, sizeof err) ||
+      json_object_set_new(m->meta, "temperature", json_real(1.0)) ||
       note_provenance(m, ms, cmdline, argv + optind, w, total, n) ||
       jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem average: metadata: %s\n", err[0] ? err : "out of memory");

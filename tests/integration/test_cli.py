@@ -667,6 +667,13 @@ def test_average(jem, tmp):
     check(rc == 0 and json.loads(out)["ood"]["present"], "fixture: first model has OOD statistics")
     rc, _, err = run(jem, "average", first, paths[1], paths[2], "--out", out_m)
     check(rc == 0, "average of 3 models: " + err)
+    # nor does the shipped model's feature Gaussian
+    avg_s = os.path.join(tmp, "avg_shipped.safetensors")
+    rc, _, err = run(jem, "average", os.path.join(ROOT, "models", "fmnist-jem.safetensors"),
+                     os.path.join(ROOT, "models", "fmnist-baseline.safetensors"), "--out", avg_s)
+    hdr, _ = read_safetensors(avg_s) if rc == 0 else ({}, b"")
+    check(rc == 0 and "ood.feature_mean" not in hdr and "ood.feature_whitener" not in hdr,
+          "average drops the first model's feature Gaussian: " + err)
     ins = [tensors(p) for p in paths]
     got = tensors(out_m)
     worst = max(abs(g - (a + b + c) / 3)
