@@ -15,7 +15,7 @@
 #include <time.h>
 
 #define MAX_TUNE JEM_OOD_NSETS
-#define FIT_MIN 2000 /* training images of the feature Gaussian with --limit */
+#define FIT_MIN 1000 /* training images of the feature Gaussian with --limit */
 
 typedef struct cal_opts {
   const char *model, *out, *data_dir, *ood_dir;
@@ -78,7 +78,7 @@ static void usage(FILE *f) {
     "  --tpr P            target true-positive rate of the rule (default 0.95)\n"
     "  --quantiles N      stored quantiles per score, 2..%d (default %d)\n"
     "  --limit N          only the first N validation and tuning images, and the\n"
-    "                     first max(N, 2000) training images\n"
+    "                     first max(N, 1000) training images\n"
     "  --tune-limit N     only the first N images of each tuning set\n"
     "  --sampler-only     choose the sampler settings only; leave everything else\n"
     "  --sampler-chains C chains per class and step size (default 4)\n"

@@ -289,7 +289,8 @@ def main():
     r = run([jem, "calibrate", model, "--rule", "energy,bogus"], expect=2)
     check("bogus" in r.stderr, "an unknown --rule score is named")
     r = run([jem, "calibrate", model, "--out", cal, "--limit", "32", "--ood-dir", ood,
-             "--rule", "auto", "--tune-sets", "uniform,procedural"])
+             "--rule", "auto", "--tune-sets", "uniform,procedural", "--sampler-chains", "1",
+             "--sampler-steps", "5"])
     check("sides and scores chosen" in safetensors_meta(cal)["ood"]["rule"],
           "--rule auto chooses the subset")
     run([jem, "calibrate", model, "--tpr", "1.5"], expect=2)
