@@ -1,21 +1,18 @@
 /* train.c - the JEM trainer: cross-entropy + persistent-SGLD energy loss with a
- * replay buffer, Adam, checkpoints with exact resume and a divergence guard. */
+ * replay buffer, Adam, and the run: logging, validation, checkpoints at
+ * intervals and a divergence guard that rolls back to the last one.  The
+ * files (checkpoints, state, provenance) live in train_ckpt.c. */
 #include "train.h"
 #include "internal.h"
+#include "trainer.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
-#include <unistd.h>
-
-#define STATE_MAGIC "JEMTRN01"
-#define STATE_VERSION 1u
 
 void jem_train_defaults(jem_train_config *c) {
   memset(c, 0, sizeof *c);
@@ -91,44 +88,10 @@ int jem_train_config_check(const jem_train_config *c, char *err,
 }
 
 /* ------------------------------------------------------------------------ */
-/* Trainer state                                                            */
-
-typedef struct loader {
-  int epoch, pos; /* position in the epoch's permutation */
-  int *perm;      /* [n] */
-} loader;
-
-typedef struct trainer {
-  jem_model *m;
-  const jem_dataset *tr, *va;
-  jem_train_config c;
-  int B, K, C, S, rows;
-  size_t chw, nw;
-  jem_ws *ws;
-  float *grad, *am, *av;      /* [nw] gradient and Adam moments */
-  float *buf;                 /* replay buffer [buffer_size, chw] */
-  jem_class_gauss gauss;      /* JEM_BUFFER_GAUSSIAN: chain starts */
-  float *x;                   /* [3B, chw]: labelled, data, samples */
-  float *logits, *dlogits;    /* [3B, K] */
-  int *ylab, *bidx;           /* [B] */
-  jem_rng *chain;             /* [B] SGLD noise streams */
-  loader ld[2];               /* 0: labelled batch, 1: unlabelled batch */
-  /* persisted scalars */
-  int iter;
-  int64_t adam_t;
-  jem_rng aug, brng;
-  uint64_t seed_eff;
-  float lr_scale;
-  int rollbacks;
-  double wall_s;
-  float best_val, last_val;
-  /* runtime */
-  int injected;
-  int resumes;
-} trainer;
+/* Trainer helpers                                                          */
 
 /* A class for a restarted chain: uniform over the classes. */
-static int random_class(const trainer *t, jem_rng *r) {
+static int random_class(const jem__trainer *t, jem_rng *r) {
   return (int)(((uint64_t)jem_rng_u32(r) * (uint64_t)t->gauss.classes) >> 32);
 }
 
@@ -139,8 +102,8 @@ static uint64_t mix(uint64_t a, uint64_t b) {
 
 /* The epoch's order of the training set for loader `which`, a pure function
  * of (seed_eff, which, epoch), so resume only needs (epoch, pos). */
-static void make_perm(trainer *t, int which) {
-  loader *l = &t->ld[which];
+void jem__train_make_perm(jem__trainer *t, int which) {
+  jem__train_loader *l = &t->ld[which];
   int n = t->tr->n;
   for (int i = 0; i < n; i++) l->perm[i] = i;
   uint64_t st = mix(mix(t->seed_eff, 101 + (uint64_t)which), (uint64_t)l->epoch);
@@ -150,19 +113,19 @@ static void make_perm(trainer *t, int which) {
   }
 }
 
-static void reseed_streams(trainer *t) {
+static void reseed_streams(jem__trainer *t) {
   jem_rng_seed(&t->aug, t->seed_eff, 1);
   jem_rng_seed(&t->brng, t->seed_eff, 2);
   for (int i = 0; i < t->B; i++) jem_rng_seed(&t->chain[i], t->seed_eff, 1000 + (uint64_t)i);
 }
 
 /* Next index of loader `which`; batches never straddle epochs (drop_last). */
-static void next_batch(trainer *t, int which, int *idx) {
-  loader *l = &t->ld[which];
+static void next_batch(jem__trainer *t, int which, int *idx) {
+  jem__train_loader *l = &t->ld[which];
   if (l->pos + t->B > t->tr->n) {
     l->epoch++;
     l->pos = 0;
-    make_perm(t, which);
+    jem__train_make_perm(t, which);
   }
   for (int i = 0; i < t->B; i++) idx[i] = l->perm[l->pos + i];
   l->pos += t->B;
@@ -170,7 +133,7 @@ static void next_batch(trainer *t, int which, int *idx) {
 
 /* dst = noise(flip(shift(src))): shift by (dy, dx) with background (-1)
  * filling, optional horizontal flip, plus sigma * N(0,1). */
-static void augment(trainer *t, float *dst, const float *src) {
+static void augment(jem__trainer *t, float *dst, const float *src) {
   const int S = t->S, P = t->c.crop_pad;
   jem_rng *r = &t->aug;
   int dy = 0, dx = 0, f = 0;
@@ -195,7 +158,7 @@ static void augment(trainer *t, float *dst, const float *src) {
     for (size_t k = 0; k < t->chw; k++) dst[k] += t->c.sigma * jem_rng_normal(r);
 }
 
-static float lr_at(const trainer *t, int it) {
+static float lr_at(const jem__trainer *t, int it) {
   const jem_train_config *c = &t->c;
   double lr = c->lr * (double)t->lr_scale;
   if (c->warmup > 0 && it < c->warmup) lr *= (double)(it + 1) / c->warmup;
@@ -213,381 +176,13 @@ static float lr_at(const trainer *t, int it) {
   return (float)lr;
 }
 
-static void trainer_free(trainer *t) {
+static void trainer_free(jem__trainer *t) {
   jem_ws_free(t->ws);
   free(t->grad); free(t->am); free(t->av); free(t->buf); free(t->x);
   free(t->logits); free(t->dlogits); free(t->ylab); free(t->bidx);
   free(t->chain); free(t->ld[0].perm); free(t->ld[1].perm);
   jem_class_gauss_free(&t->gauss);
 }
-
-/* ------------------------------------------------------------------------ */
-/* Files                                                                    */
-
-static void path_in(const trainer *t, char *out, size_t cap, const char *name) {
-  snprintf(out, cap, "%s/%s", t->c.run_dir, name);
-}
-
-/* Writes `len` bytes to path atomically: path.tmp, fsync, rename. */
-static int write_atomic(const char *path, const void *data, size_t len,
-                        char *err, size_t errlen) {
-  char tmp[1100];
-  snprintf(tmp, sizeof tmp, "%s.tmp", path);
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0)
-    return jem__errf(err, errlen, JEM_EIO, "cannot write %s: %s", tmp, strerror(errno));
-  const unsigned char *p = data;
-  size_t done = 0;
-  while (done < len) {
-    ssize_t w = write(fd, p + done, len - done);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      int e = errno;
-      close(fd);
-      unlink(tmp);
-      return jem__errf(err, errlen, JEM_EIO, "writing %s: %s", tmp, strerror(e));
-    }
-    done += (size_t)w;
-  }
-  if (fsync(fd) || close(fd)) {
-    unlink(tmp);
-    return jem__errf(err, errlen, JEM_EIO, "writing %s: %s", tmp, strerror(errno));
-  }
-  if (rename(tmp, path)) {
-    int e = errno;
-    unlink(tmp);
-    return jem__errf(err, errlen, JEM_EIO, "renaming %s: %s", tmp, strerror(e));
-  }
-  return 0;
-}
-
-/* A growable byte buffer for the state file. */
-typedef struct bytes { unsigned char *p; size_t n, cap; int oom; } bytes;
-
-static void put(bytes *b, const void *d, size_t n) {
-  if (b->oom) return;
-  if (b->n + n > b->cap) {
-    size_t nc = b->cap ? b->cap : 4096;
-    while (nc < b->n + n) nc *= 2;
-    unsigned char *np = realloc(b->p, nc);
-    if (!np) { b->oom = 1; return; }
-    b->p = np;
-    b->cap = nc;
-  }
-  memcpy(b->p + b->n, d, n);
-  b->n += n;
-}
-static void put_u64(bytes *b, uint64_t v) { put(b, &v, 8); }
-static void put_f64(bytes *b, double v) { put(b, &v, 8); }
-static void put_rng(bytes *b, const jem_rng *r) {
-  put_u64(b, r->state); put_u64(b, r->inc);
-  put_u64(b, (uint64_t)r->has_spare);
-  uint32_t s; memcpy(&s, &r->spare, 4); put_u64(b, s);
-}
-
-typedef struct reader { const unsigned char *p; size_t n, off; int bad; } reader;
-static void get(reader *r, void *d, size_t n) {
-  if (r->bad || r->n - r->off < n) { r->bad = 1; memset(d, 0, n); return; }
-  memcpy(d, r->p + r->off, n);
-  r->off += n;
-}
-static uint64_t get_u64(reader *r) { uint64_t v; get(r, &v, 8); return v; }
-static double get_f64(reader *r) { double v; get(r, &v, 8); return v; }
-static void get_rng(reader *r, jem_rng *g) {
-  g->state = get_u64(r); g->inc = get_u64(r);
-  g->has_spare = (int)get_u64(r);
-  uint32_t s = (uint32_t)get_u64(r); memcpy(&g->spare, &s, 4);
-}
-
-static uint64_t fnv1a(const unsigned char *p, size_t n) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ull; }
-  return h;
-}
-
-static uint64_t weights_hash(const trainer *t) {
-  return fnv1a((const unsigned char *)t->m->weights, t->nw * sizeof(float));
-}
-
-/* Structural settings a checkpoint must agree with to be resumed. */
-static void put_fingerprint(bytes *b, const trainer *t) {
-  put_u64(b, (uint64_t)t->c.baseline);
-  put_u64(b, (uint64_t)t->B);
-  put_u64(b, (uint64_t)t->nw);
-  put_u64(b, (uint64_t)(t->c.baseline ? 0 : t->c.buffer_size));
-  put_u64(b, (uint64_t)t->tr->n);
-}
-
-static int write_state(trainer *t, const char *path, char *err, size_t errlen) {
-  bytes b = {0};
-  put(&b, STATE_MAGIC, 8);
-  put_u64(&b, STATE_VERSION);
-  put_fingerprint(&b, t);
-  put_u64(&b, (uint64_t)t->iter);
-  put_u64(&b, (uint64_t)t->adam_t);
-  for (int i = 0; i < 2; i++) { put_u64(&b, (uint64_t)t->ld[i].epoch); put_u64(&b, (uint64_t)t->ld[i].pos); }
-  put_u64(&b, t->seed_eff);
-  put_f64(&b, t->lr_scale);
-  put_u64(&b, (uint64_t)t->rollbacks);
-  put_f64(&b, t->wall_s);
-  put_f64(&b, t->best_val);
-  put_f64(&b, t->last_val);
-  put_u64(&b, (uint64_t)t->resumes);
-  put_u64(&b, weights_hash(t));
-  put_rng(&b, &t->aug);
-  put_rng(&b, &t->brng);
-  for (int i = 0; i < t->B; i++) put_rng(&b, &t->chain[i]);
-  put(&b, t->am, t->nw * sizeof(float));
-  put(&b, t->av, t->nw * sizeof(float));
-  put_u64(&b, fnv1a(b.p, b.n));
-  if (b.oom) { free(b.p); return jem__errf(err, errlen, JEM_ENOMEM, "out of memory writing the trainer state"); }
-  int rc = write_atomic(path, b.p, b.n, err, errlen);
-  free(b.p);
-  return rc;
-}
-
-static int read_state(trainer *t, const char *path, char *err, size_t errlen) {
-  unsigned char *data = NULL;
-  size_t len = 0;
-  int rc = jem_read_file(path, (size_t)1 << 31, &data, &len, err, errlen);
-  if (rc) return rc;
-  if (len < 16 || memcmp(data, STATE_MAGIC, 8)) {
-    free(data);
-    return jem__errf(err, errlen, JEM_EFORMAT, "%s is not a jem trainer state file", path);
-  }
-  uint64_t sum;
-  memcpy(&sum, data + len - 8, 8);
-  if (fnv1a(data, len - 8) != sum) {
-    free(data);
-    return jem__errf(err, errlen, JEM_EFORMAT, "%s: checksum mismatch (corrupt file)", path);
-  }
-  reader r = {data, len - 8, 8, 0};
-  if (get_u64(&r) != STATE_VERSION) {
-    free(data);
-    return jem__errf(err, errlen, JEM_EUNSUPPORTED, "%s: unsupported state version", path);
-  }
-  bytes fp = {0};
-  put_fingerprint(&fp, t);
-  unsigned char *have = malloc(fp.n ? fp.n : 1);
-  if (have) get(&r, have, fp.n);
-  int same = have && !fp.oom && !r.bad && !memcmp(have, fp.p, fp.n);
-  free(have);
-  free(fp.p);
-  if (!same) {
-    free(data);
-    return jem__errf(err, errlen, JEM_EINVAL,
-                     "%s was written by a different setup (baseline flag, batch, "
-                     "architecture, buffer size or training-set size differ)", path);
-  }
-  t->iter = (int)get_u64(&r);
-  t->adam_t = (int64_t)get_u64(&r);
-  for (int i = 0; i < 2; i++) { t->ld[i].epoch = (int)get_u64(&r); t->ld[i].pos = (int)get_u64(&r); }
-  t->seed_eff = get_u64(&r);
-  t->lr_scale = (float)get_f64(&r);
-  t->rollbacks = (int)get_u64(&r);
-  t->wall_s = get_f64(&r);
-  t->best_val = (float)get_f64(&r);
-  t->last_val = (float)get_f64(&r);
-  t->resumes = (int)get_u64(&r);
-  uint64_t wh = get_u64(&r);
-  get_rng(&r, &t->aug);
-  get_rng(&r, &t->brng);
-  for (int i = 0; i < t->B; i++) get_rng(&r, &t->chain[i]);
-  get(&r, t->am, t->nw * sizeof(float));
-  get(&r, t->av, t->nw * sizeof(float));
-  int bad = r.bad || r.off != r.n;
-  free(data);
-  if (bad) return jem__errf(err, errlen, JEM_EFORMAT, "%s: truncated or oversized state", path);
-  if (wh != weights_hash(t))
-    return jem__errf(err, errlen, JEM_EFORMAT,
-                     "%s does not belong to the model checkpoint next to it", path);
-  for (int i = 0; i < 2; i++) {
-    if (t->ld[i].pos < 0 || t->ld[i].pos > t->tr->n || t->ld[i].epoch < 0)
-      return jem__errf(err, errlen, JEM_EFORMAT, "%s: bad data position", path);
-    make_perm(t, i);
-  }
-  return 0;
-}
-
-static json_t *provenance(jem_model *m) {
-  json_t *p = json_object_get(m->meta, "provenance");
-  if (!json_is_object(p)) {
-    p = json_object();
-    if (!p || json_object_set_new(m->meta, "provenance", p)) return NULL;
-  }
-  return p;
-}
-
-static json_t *config_json(const trainer *t) {
-  const jem_train_config *c = &t->c;
-  static const char *const sched[] = {"const", "step", "cosine"};
-  json_t *o = json_object();
-  if (!o) return NULL;
-  json_object_set_new(o, "objective", json_string(c->baseline ? "cross-entropy" : "jem"));
-  json_object_set_new(o, "batch", json_integer(c->batch));
-  json_object_set_new(o, "iterations", json_integer(c->iterations));
-  json_object_set_new(o, "lr", json_real(c->lr));
-  json_object_set_new(o, "warmup", json_integer(c->warmup));
-  json_object_set_new(o, "schedule", json_string(sched[c->schedule]));
-  if (c->schedule == JEM_LR_STEP) json_object_set_new(o, "decay_rate", json_real(c->decay_rate));
-  json_object_set_new(o, "adam_betas", json_pack("[f,f]", (double)c->beta1, (double)c->beta2));
-  json_object_set_new(o, "sigma", json_real(c->sigma));
-  json_object_set_new(o, "crop_pad", json_integer(c->crop_pad));
-  json_object_set_new(o, "flip", json_boolean(c->flip));
-  json_object_set_new(o, "seed", json_integer((json_int_t)c->seed));
-  json_object_set_new(o, "train_images", json_integer(t->tr->n));
-  if (!c->baseline) {
-    json_object_set_new(o, "sgld_steps", json_integer(c->sgld_steps));
-    json_object_set_new(o, "sgld_step_size", json_real(c->sgld_step));
-    json_object_set_new(o, "sgld_noise", json_real(c->sgld_noise));
-    json_object_set_new(o, "sgld_clamp", json_boolean(c->sgld_clamp));
-    json_object_set_new(o, "buffer_size", json_integer(c->buffer_size));
-    json_object_set_new(o, "reinit", json_real(c->reinit));
-    json_object_set_new(o, "px_weight", json_real(c->px_weight));
-    json_object_set_new(o, "energy_l2", json_real(c->energy_l2));
-    json_object_set_new(o, "buffer_init",
-                        json_string(c->buffer_init == JEM_BUFFER_DATA       ? "data"
-                                    : c->buffer_init == JEM_BUFFER_GAUSSIAN ? "gaussian"
-                                                                            : "uniform"));
-    if (c->px_ramp) json_object_set_new(o, "px_ramp", json_integer(c->px_ramp));
-  }
-  return o;
-}
-
-static void update_provenance(trainer *t) {
-  json_t *p = provenance(t->m);
-  if (!p) return;
-  json_object_set_new(p, "train", config_json(t));
-  json_object_set_new(p, "iterations", json_integer(t->iter));
-  json_object_set_new(p, "wall_seconds", json_real(floor(t->wall_s)));
-  json_object_set_new(p, "rollbacks", json_integer(t->rollbacks));
-  json_object_set_new(p, "resumes", json_integer(t->resumes));
-  if (isfinite(t->last_val)) json_object_set_new(p, "val_acc", json_real(t->last_val));
-  if (isfinite(t->best_val)) json_object_set_new(p, "best_val_acc", json_real(t->best_val));
-}
-
-/* Saves the model with a replay buffer of `keep` images (evenly spaced
- * through the training buffer), or the whole buffer when keep < 0. */
-static int save_model(trainer *t, const char *path, int keep, char *err, size_t errlen) {
-  jem_model *m = t->m;
-  float *old = m->replay;
-  int old_n = m->replay_n;
-  float *small = NULL;
-  if (t->buf && keep < 0) {
-    m->replay = t->buf;
-    m->replay_n = t->c.buffer_size;
-  } else if (t->buf && keep > 0) {
-    small = jem__falloc((size_t)keep * t->chw);
-    if (!small) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
-    for (int i = 0; i < keep; i++) {
-      size_t j = (size_t)i * (size_t)t->c.buffer_size / (size_t)keep;
-      memcpy(small + (size_t)i * t->chw, t->buf + j * t->chw, t->chw * sizeof(float));
-    }
-    m->replay = small;
-    m->replay_n = keep;
-  } else if (t->buf) {
-    m->replay = NULL;
-    m->replay_n = 0;
-  }
-  update_provenance(t);
-  int rc = jem_model_save(m, path, err, errlen);
-  m->replay = old;
-  m->replay_n = old_n;
-  free(small);
-  return rc;
-}
-
-static int checkpoint(trainer *t, char *err, size_t errlen) {
-  char name[64], mp[1024], sp[1024], ptr[1024];
-  snprintf(name, sizeof name, "ckpt-%08d", t->iter);
-  char f[128];
-  snprintf(f, sizeof f, "%s.safetensors", name);
-  path_in(t, mp, sizeof mp, f);
-  snprintf(f, sizeof f, "%s.state", name);
-  path_in(t, sp, sizeof sp, f);
-  int rc = save_model(t, mp, -1, err, errlen);
-  if (!rc) rc = write_state(t, sp, err, errlen);
-  if (rc) return rc;
-  /* The pointer names a complete pair; it is replaced last. */
-  char prev[64] = "";
-  path_in(t, ptr, sizeof ptr, "checkpoint");
-  FILE *pf = fopen(ptr, "r");
-  if (pf) {
-    if (!fgets(prev, sizeof prev, pf)) prev[0] = 0;
-    fclose(pf);
-    prev[strcspn(prev, "\n")] = 0;
-  }
-  char line[80];
-  int ln = snprintf(line, sizeof line, "%s\n", name);
-  if ((rc = write_atomic(ptr, line, (size_t)ln, err, errlen))) return rc;
-  /* Keep the previous pair as a fallback; remove older ones. */
-  if (prev[0] && strcmp(prev, name)) {
-    char keep_ptr[1024];
-    path_in(t, keep_ptr, sizeof keep_ptr, "checkpoint.prev");
-    char old[80] = "";
-    FILE *kf = fopen(keep_ptr, "r");
-    if (kf) {
-      if (!fgets(old, sizeof old, kf)) old[0] = 0;
-      fclose(kf);
-      old[strcspn(old, "\n")] = 0;
-    }
-    if (old[0] && strcmp(old, name) && strcmp(old, prev) && !strncmp(old, "ckpt-", 5)) {
-      snprintf(f, sizeof f, "%s.safetensors", old);
-      path_in(t, mp, sizeof mp, f);
-      unlink(mp);
-      snprintf(f, sizeof f, "%s.state", old);
-      path_in(t, sp, sizeof sp, f);
-      unlink(sp);
-    }
-    ln = snprintf(line, sizeof line, "%s\n", prev);
-    write_atomic(keep_ptr, line, (size_t)ln, NULL, 0);
-  }
-  return 0;
-}
-
-/* Loads the latest checkpoint of the run directory into t.  Returns 1 when
- * there is none, 0 on success, negative on error. */
-static int load_checkpoint(trainer *t, char *err, size_t errlen) {
-  char ptr[1024], name[80] = "";
-  path_in(t, ptr, sizeof ptr, "checkpoint");
-  FILE *pf = fopen(ptr, "r");
-  if (!pf) return 1;
-  if (!fgets(name, sizeof name, pf)) name[0] = 0;
-  fclose(pf);
-  name[strcspn(name, "\n")] = 0;
-  if (strncmp(name, "ckpt-", 5) || strchr(name, '/'))
-    return jem__errf(err, errlen, JEM_EFORMAT, "%s: bad checkpoint name '%s'", ptr, name);
-  char f[128], mp[1024], sp[1024];
-  snprintf(f, sizeof f, "%s.safetensors", name);
-  path_in(t, mp, sizeof mp, f);
-  snprintf(f, sizeof f, "%s.state", name);
-  path_in(t, sp, sizeof sp, f);
-  jem_model *ck = NULL;
-  int rc = jem_model_load(&ck, mp, err, errlen);
-  if (rc) return rc;
-  const jem_arch *a = &ck->arch, *b = &t->m->arch;
-  if (a->depth != b->depth || a->widen != b->widen || a->in_channels != b->in_channels ||
-      a->image_size != b->image_size || a->num_classes != b->num_classes || a->leak != b->leak) {
-    jem_model_free(ck);
-    return jem__errf(err, errlen, JEM_ESHAPE, "%s has a different architecture", mp);
-  }
-  if (t->buf && (ck->replay_n != t->c.buffer_size || !ck->replay)) {
-    jem_model_free(ck);
-    return jem__errf(err, errlen, JEM_ESHAPE, "%s: replay buffer has %d images, expected %d",
-                     mp, ck->replay_n, t->c.buffer_size);
-  }
-  memcpy(t->m->weights, ck->weights, t->nw * sizeof(float));
-  if (t->buf) memcpy(t->buf, ck->replay, (size_t)t->c.buffer_size * t->chw * sizeof(float));
-  json_t *meta = json_deep_copy(ck->meta);
-  jem_model_free(ck);
-  if (meta) {
-    json_decref(t->m->meta);
-    t->m->meta = meta;
-    jem_model_apply_meta(t->m, NULL, 0);
-  }
-  return read_state(t, sp, err, errlen);
-}
-
 /* ------------------------------------------------------------------------ */
 /* One iteration                                                            */
 
@@ -596,7 +191,7 @@ typedef struct step_stats {
 } step_stats;
 
 /* Returns 0, or 1 when the iteration diverged (nothing was updated). */
-static int step(trainer *t, step_stats *ss) {
+static int step(jem__trainer *t, step_stats *ss) {
   const int B = t->B, K = t->K;
   const size_t chw = t->chw;
   const jem_train_config *c = &t->c;
@@ -756,9 +351,9 @@ static void fmt_dur(char *out, size_t cap, double s) {
   else snprintf(out, cap, "%lds", v);
 }
 
-static FILE *open_csv(const trainer *t) {
+static FILE *open_csv(const jem__trainer *t) {
   char p[1024];
-  path_in(t, p, sizeof p, "log.csv");
+  jem__train_path(t, p, sizeof p, "log.csv");
   struct stat sb;
   int fresh = stat(p, &sb) != 0 || sb.st_size == 0;
   FILE *f = fopen(p, "a");
@@ -777,7 +372,7 @@ static int make_dir(const char *d, char *err, size_t errlen) {
   return 0;
 }
 
-static int run_validation(trainer *t, FILE *csv, char *err, size_t errlen) {
+static int run_validation(jem__trainer *t, FILE *csv, char *err, size_t errlen) {
   if (!t->va || !t->va->y) return 0;
   float nll;
   float acc = jem_eval_accuracy(t->ws, t->m, t->va, &nll);
@@ -793,8 +388,8 @@ static int run_validation(trainer *t, FILE *csv, char *err, size_t errlen) {
   }
   if (best) {
     char bp[1024];
-    path_in(t, bp, sizeof bp, "best.safetensors");
-    return save_model(t, bp, t->c.replay_keep, err, errlen);
+    jem__train_path(t, bp, sizeof bp, "best.safetensors");
+    return jem__train_save_model(t, bp, t->c.replay_keep, err, errlen);
   }
   return 0;
 }
@@ -822,7 +417,7 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     return jem__errf(err, errlen, JEM_EUNSUPPORTED, "more than 1024 classes");
   if ((rc = make_dir(cfg->run_dir, err, errlen))) return rc;
 
-  trainer T, *t = &T;
+  jem__trainer T, *t = &T;
   memset(t, 0, sizeof *t);
   t->m = m;
   t->tr = train;
@@ -865,16 +460,14 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
   t->last_val = NAN;
   int resumed_from = -1;
   if (cfg->resume) {
-    rc = load_checkpoint(t, err, errlen);
+    rc = jem__train_load_checkpoint(t, err, errlen);
     if (rc < 0) { trainer_free(t); return rc; }
     if (rc == 0) {
       resumed_from = t->iter;
       t->resumes++;
     }
   } else {
-    char ptr[1024];
-    path_in(t, ptr, sizeof ptr, "checkpoint");
-    if (access(ptr, F_OK) == 0) {
+    if (jem__train_ckpt_exists(t)) {
       trainer_free(t);
       return jem__errf(err, errlen, JEM_EINVAL,
                        "%s already holds a checkpoint: resume it or use another run directory",
@@ -883,7 +476,7 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
   }
   if (resumed_from < 0) {
     reseed_streams(t);
-    for (int i = 0; i < 2; i++) make_perm(t, i);
+    for (int i = 0; i < 2; i++) jem__train_make_perm(t, i);
     if (t->buf) {
       jem_rng r;
       jem_rng_seed(&r, t->seed_eff, 3);
@@ -919,7 +512,7 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     fflush(out);
   }
   /* Always have a checkpoint to roll back to. */
-  if (resumed_from < 0 && (rc = checkpoint(t, err, errlen))) goto fail;
+  if (resumed_from < 0 && (rc = jem__train_checkpoint(t, err, errlen))) goto fail;
 
   int target = cfg->iterations;
   if (cfg->stop_at > 0 && cfg->stop_at < target) target = cfg->stop_at;
@@ -951,7 +544,7 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
       uint64_t seed = mix(t->seed_eff, 0xB0BA + (uint64_t)rb);
       double wall = t->wall_s;
       int resumes = t->resumes;
-      if ((rc = load_checkpoint(t, err, errlen)) != 0) {
+      if ((rc = jem__train_load_checkpoint(t, err, errlen)) != 0) {
         if (rc > 0) rc = jem__errf(err, errlen, JEM_EINTERNAL, "no checkpoint to roll back to");
         goto fail;
       }
@@ -961,7 +554,7 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
       t->wall_s = wall;
       t->resumes = resumes;
       reseed_streams(t);
-      for (int i = 0; i < 2; i++) make_perm(t, i);
+      for (int i = 0; i < 2; i++) jem__train_make_perm(t, i);
       if (out) {
         fprintf(out, "DIVERGED at iteration %d (loss %g, E_data %g, E_sample %g): rollback %d/%d "
                 "to iteration %d, lr scale now %g, new seed\n", at, ss.loss, ss.e_data,
@@ -972,7 +565,7 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
               ss.e_sample, t->wall_s, t->iter);
       fflush(csv);
       /* Persist the new guard state at once. */
-      if ((rc = checkpoint(t, err, errlen))) goto fail;
+      if ((rc = jem__train_checkpoint(t, err, errlen))) goto fail;
       memset(acc, 0, sizeof acc);
       nacc = 0;
       t_window = now_s();
@@ -1010,28 +603,22 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     int do_eval = cfg->eval_every > 0 && t->iter % cfg->eval_every == 0 && t->iter < cfg->iterations;
     if (do_eval && (rc = run_validation(t, csv, err, errlen))) goto fail;
     if (t->iter % cfg->ckpt_every == 0 && t->iter < cfg->iterations &&
-        (rc = checkpoint(t, err, errlen)))
+        (rc = jem__train_checkpoint(t, err, errlen)))
       goto fail;
     if (do_eval) t_window = now_s(); /* keep eval time out of it/s */
   }
 
   {
     /* Stopped or finished: make sure the state on disk is this one. */
-    char ptr[1024], name[80] = "", want[64];
-    path_in(t, ptr, sizeof ptr, "checkpoint");
-    FILE *pf = fopen(ptr, "r");
-    if (pf) { if (!fgets(name, sizeof name, pf)) name[0] = 0; fclose(pf); }
-    name[strcspn(name, "\n")] = 0;
-    snprintf(want, sizeof want, "ckpt-%08d", t->iter);
     int finished = t->iter >= cfg->iterations;
     if (finished && (rc = run_validation(t, csv, err, errlen))) goto fail;
-    if (strcmp(name, want) && (rc = checkpoint(t, err, errlen))) goto fail;
+    if (!jem__train_ckpt_current(t) && (rc = jem__train_checkpoint(t, err, errlen))) goto fail;
     if (st) memset(st, 0, sizeof *st);
     if (finished) {
       char fp[1024];
       if (cfg->out) snprintf(fp, sizeof fp, "%s", cfg->out);
-      else path_in(t, fp, sizeof fp, "model.safetensors");
-      if ((rc = save_model(t, fp, cfg->replay_keep, err, errlen))) goto fail;
+      else jem__train_path(t, fp, sizeof fp, "model.safetensors");
+      if ((rc = jem__train_save_model(t, fp, cfg->replay_keep, err, errlen))) goto fail;
       if (st) snprintf(st->final_path, sizeof st->final_path, "%s", fp);
       if (out) {
         char ws[32];
@@ -1042,8 +629,8 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     } else {
       /* A usable snapshot (small buffer, full metadata) of where it stands. */
       char lp[1024];
-      path_in(t, lp, sizeof lp, "latest.safetensors");
-      if ((rc = save_model(t, lp, cfg->baseline ? 0 : cfg->replay_keep, err, errlen))) goto fail;
+      jem__train_path(t, lp, sizeof lp, "latest.safetensors");
+      if ((rc = jem__train_save_model(t, lp, cfg->baseline ? 0 : cfg->replay_keep, err, errlen))) goto fail;
       if (out)
         fprintf(out, "stopped at iteration %d; checkpoint in %s (resume with --resume), "
                 "snapshot %s\n", t->iter, cfg->run_dir, lp);

@@ -20,7 +20,8 @@
  * kept in ascending index order.  The split depends only on (N, n_valid,
  * seed), never on the platform or thread count.
  *
- * Trainer (core/train.c): see the second half of this header.
+ * Trainer (core/train.c, its files in core/train_ckpt.c): see the second
+ * half of this header.
  */
 #ifndef JEM_TRAIN_H
 #define JEM_TRAIN_H
