@@ -116,23 +116,32 @@ static int split_classes(const char *s, char ***names, char **store) {
   return i == k ? k : -1; /* empty names are refused */
 }
 
-int cmd_train(int argc, char **argv) {
+/* What the command line asks for besides the trainer's own config. */
+typedef struct train_opts {
   jem_train_config c;
-  jem_train_defaults(&c);
-  const char *data_dir = NULL, *timg = NULL, *tlab = NULL, *classes_arg = NULL;
-  const char *warm = NULL, *name = NULL;
-  int n_valid = JEM_VALID_N, limit = 0, valid_limit = 0, depth = 10, widen = 1;
-  int depth_set = 0, widen_set = 0, threads = 0;
-  int seed_i = 1;
+  const char *data_dir, *timg, *tlab, *classes_arg, *warm, *name;
+  int n_valid, limit, valid_limit, depth, widen;
+  int depth_set, widen_set, threads;
+  int seed_i;
+} train_opts;
 
+/* 0, -1 after --help, or 2 (reported). */
+static int parse_opts(int argc, char **argv, train_opts *o) {
+  memset(o, 0, sizeof *o);
+  jem_train_config *c = &o->c;
+  jem_train_defaults(c);
+  o->n_valid = JEM_VALID_N;
+  o->depth = 10;
+  o->widen = 1;
+  o->seed_i = 1;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
-    if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return -1; }
     /* flags without a value */
-    if (!strcmp(a, "--baseline")) { c.baseline = 1; continue; }
-    if (!strcmp(a, "--no-flip")) { c.flip = 0; continue; }
-    if (!strcmp(a, "--resume")) { c.resume = 1; continue; }
-    if (!strcmp(a, "--sgld-clamp")) { c.sgld_clamp = 1; continue; }
+    if (!strcmp(a, "--baseline")) { c->baseline = 1; continue; }
+    if (!strcmp(a, "--no-flip")) { c->flip = 0; continue; }
+    if (!strcmp(a, "--resume")) { c->resume = 1; continue; }
+    if (!strcmp(a, "--sgld-clamp")) { c->sgld_clamp = 1; continue; }
     if (strncmp(a, "--", 2)) {
       return args_usage("train", "unexpected argument '%s'", a);
     }
@@ -141,236 +150,300 @@ int cmd_train(int argc, char **argv) {
     }
     const char *v = argv[++i];
     int bad = 0;
-    if (!strcmp(a, "--run-dir")) c.run_dir = v;
-    else if (!strcmp(a, "--data")) data_dir = v;
-    else if (!strcmp(a, "--train-images")) timg = v;
-    else if (!strcmp(a, "--train-labels")) tlab = v;
-    else if (!strcmp(a, "--classes")) classes_arg = v;
-    else if (!strcmp(a, "--valid")) bad = parse_int(a, v, 0, INT_MAX, &n_valid);
-    else if (!strcmp(a, "--limit")) bad = parse_int(a, v, 1, INT_MAX, &limit);
-    else if (!strcmp(a, "--valid-limit")) bad = parse_int(a, v, 1, INT_MAX, &valid_limit);
-    else if (!strcmp(a, "--depth")) { bad = parse_int(a, v, 10, 1000, &depth); depth_set = 1; }
-    else if (!strcmp(a, "--widen")) { bad = parse_int(a, v, 1, 64, &widen); widen_set = 1; }
-    else if (!strcmp(a, "--warm-start")) warm = v;
-    else if (!strcmp(a, "--name")) name = v;
-    else if (!strcmp(a, "--out")) c.out = v;
-    else if (!strcmp(a, "--replay-keep")) bad = parse_int(a, v, 0, 1000000, &c.replay_keep);
-    else if (!strcmp(a, "--px-weight")) bad = parse_float(a, v, &c.px_weight);
-    else if (!strcmp(a, "--energy-l2")) bad = parse_float(a, v, &c.energy_l2);
-    else if (!strcmp(a, "--sigma")) bad = parse_float(a, v, &c.sigma);
-    else if (!strcmp(a, "--crop")) bad = parse_int(a, v, 0, 8, &c.crop_pad);
-    else if (!strcmp(a, "--sgld-steps")) bad = parse_int(a, v, 1, 10000, &c.sgld_steps);
-    else if (!strcmp(a, "--sgld-step-size")) bad = parse_float(a, v, &c.sgld_step);
-    else if (!strcmp(a, "--sgld-noise")) bad = parse_float(a, v, &c.sgld_noise);
-    else if (!strcmp(a, "--buffer-size")) bad = parse_int(a, v, 1, 1000000, &c.buffer_size);
-    else if (!strcmp(a, "--reinit")) bad = parse_float(a, v, &c.reinit);
+    if (!strcmp(a, "--run-dir")) c->run_dir = v;
+    else if (!strcmp(a, "--data")) o->data_dir = v;
+    else if (!strcmp(a, "--train-images")) o->timg = v;
+    else if (!strcmp(a, "--train-labels")) o->tlab = v;
+    else if (!strcmp(a, "--classes")) o->classes_arg = v;
+    else if (!strcmp(a, "--valid")) bad = parse_int(a, v, 0, INT_MAX, &o->n_valid);
+    else if (!strcmp(a, "--limit")) bad = parse_int(a, v, 1, INT_MAX, &o->limit);
+    else if (!strcmp(a, "--valid-limit")) bad = parse_int(a, v, 1, INT_MAX, &o->valid_limit);
+    else if (!strcmp(a, "--depth")) { bad = parse_int(a, v, 10, 1000, &o->depth); o->depth_set = 1; }
+    else if (!strcmp(a, "--widen")) { bad = parse_int(a, v, 1, 64, &o->widen); o->widen_set = 1; }
+    else if (!strcmp(a, "--warm-start")) o->warm = v;
+    else if (!strcmp(a, "--name")) o->name = v;
+    else if (!strcmp(a, "--out")) c->out = v;
+    else if (!strcmp(a, "--replay-keep")) bad = parse_int(a, v, 0, 1000000, &c->replay_keep);
+    else if (!strcmp(a, "--px-weight")) bad = parse_float(a, v, &c->px_weight);
+    else if (!strcmp(a, "--energy-l2")) bad = parse_float(a, v, &c->energy_l2);
+    else if (!strcmp(a, "--sigma")) bad = parse_float(a, v, &c->sigma);
+    else if (!strcmp(a, "--crop")) bad = parse_int(a, v, 0, 8, &c->crop_pad);
+    else if (!strcmp(a, "--sgld-steps")) bad = parse_int(a, v, 1, 10000, &c->sgld_steps);
+    else if (!strcmp(a, "--sgld-step-size")) bad = parse_float(a, v, &c->sgld_step);
+    else if (!strcmp(a, "--sgld-noise")) bad = parse_float(a, v, &c->sgld_noise);
+    else if (!strcmp(a, "--buffer-size")) bad = parse_int(a, v, 1, 1000000, &c->buffer_size);
+    else if (!strcmp(a, "--reinit")) bad = parse_float(a, v, &c->reinit);
     else if (!strcmp(a, "--buffer-init")) {
-      if (!strcmp(v, "uniform")) c.buffer_init = JEM_BUFFER_UNIFORM;
-      else if (!strcmp(v, "data")) c.buffer_init = JEM_BUFFER_DATA;
-      else if (!strcmp(v, "gaussian")) c.buffer_init = JEM_BUFFER_GAUSSIAN;
+      if (!strcmp(v, "uniform")) c->buffer_init = JEM_BUFFER_UNIFORM;
+      else if (!strcmp(v, "data")) c->buffer_init = JEM_BUFFER_DATA;
+      else if (!strcmp(v, "gaussian")) c->buffer_init = JEM_BUFFER_GAUSSIAN;
       else {
         bad = args_usage("train", "--buffer-init expects uniform, data or gaussian, not '%s'", v);
       }
     }
-    else if (!strcmp(a, "--px-ramp")) bad = parse_int(a, v, 0, INT_MAX, &c.px_ramp);
-    else if (!strcmp(a, "--iterations")) bad = parse_int(a, v, 1, INT_MAX, &c.iterations);
-    else if (!strcmp(a, "--batch")) bad = parse_int(a, v, 1, 4096, &c.batch);
-    else if (!strcmp(a, "--lr")) bad = parse_float(a, v, &c.lr);
-    else if (!strcmp(a, "--warmup")) bad = parse_int(a, v, 0, INT_MAX, &c.warmup);
+    else if (!strcmp(a, "--px-ramp")) bad = parse_int(a, v, 0, INT_MAX, &c->px_ramp);
+    else if (!strcmp(a, "--iterations")) bad = parse_int(a, v, 1, INT_MAX, &c->iterations);
+    else if (!strcmp(a, "--batch")) bad = parse_int(a, v, 1, 4096, &c->batch);
+    else if (!strcmp(a, "--lr")) bad = parse_float(a, v, &c->lr);
+    else if (!strcmp(a, "--warmup")) bad = parse_int(a, v, 0, INT_MAX, &c->warmup);
     else if (!strcmp(a, "--schedule")) {
-      if (!strcmp(v, "cosine")) c.schedule = JEM_LR_COSINE;
-      else if (!strcmp(v, "step")) c.schedule = JEM_LR_STEP;
-      else if (!strcmp(v, "const")) c.schedule = JEM_LR_CONST;
+      if (!strcmp(v, "cosine")) c->schedule = JEM_LR_COSINE;
+      else if (!strcmp(v, "step")) c->schedule = JEM_LR_STEP;
+      else if (!strcmp(v, "const")) c->schedule = JEM_LR_CONST;
       else {
         bad = args_usage("train", "--schedule expects cosine, step or const, not '%s'", v);
       }
     }
-    else if (!strcmp(a, "--decay-rate")) bad = parse_float(a, v, &c.decay_rate);
-    else if (!strcmp(a, "--seed")) bad = parse_int(a, v, 0, INT_MAX, &seed_i);
-    else if (!strcmp(a, "--threads")) bad = parse_int(a, v, 1, 256, &threads);
-    else if (!strcmp(a, "--ckpt-every")) bad = parse_int(a, v, 1, INT_MAX, &c.ckpt_every);
-    else if (!strcmp(a, "--log-every")) bad = parse_int(a, v, 1, INT_MAX, &c.log_every);
-    else if (!strcmp(a, "--eval-every")) bad = parse_int(a, v, 0, INT_MAX, &c.eval_every);
-    else if (!strcmp(a, "--stop-at")) bad = parse_int(a, v, 1, INT_MAX, &c.stop_at);
-    else if (!strcmp(a, "--max-rollbacks")) bad = parse_int(a, v, 0, 100, &c.max_rollbacks);
+    else if (!strcmp(a, "--decay-rate")) bad = parse_float(a, v, &c->decay_rate);
+    else if (!strcmp(a, "--seed")) bad = parse_int(a, v, 0, INT_MAX, &o->seed_i);
+    else if (!strcmp(a, "--threads")) bad = parse_int(a, v, 1, 256, &o->threads);
+    else if (!strcmp(a, "--ckpt-every")) bad = parse_int(a, v, 1, INT_MAX, &c->ckpt_every);
+    else if (!strcmp(a, "--log-every")) bad = parse_int(a, v, 1, INT_MAX, &c->log_every);
+    else if (!strcmp(a, "--eval-every")) bad = parse_int(a, v, 0, INT_MAX, &c->eval_every);
+    else if (!strcmp(a, "--stop-at")) bad = parse_int(a, v, 1, INT_MAX, &c->stop_at);
+    else if (!strcmp(a, "--max-rollbacks")) bad = parse_int(a, v, 0, 100, &c->max_rollbacks);
     else {
       return args_usage("train", "unknown option, or option without its value: '%s'", a);
     }
     if (bad) return 2;
   }
-  if ((depth - 4) % 6 != 0)
-    return args_usage("train", "--depth %d is not of the form 6n+4 (10, 16, 22, ...)", depth);
-  c.seed = (uint64_t)seed_i;
-  if (!c.run_dir) {
+  if ((o->depth - 4) % 6 != 0)
+    return args_usage("train", "--depth %d is not of the form 6n+4 (10, 16, 22, ...)", o->depth);
+  c->seed = (uint64_t)o->seed_i;
+  if (!c->run_dir) {
     return args_usage("train", "--run-dir DIR is required");
   }
-  if ((timg != NULL) != (tlab != NULL)) {
+  if ((o->timg != NULL) != (o->tlab != NULL)) {
     return args_usage("train", "--train-images and --train-labels go together");
   }
-  if (timg && data_dir) {
+  if (o->timg && o->data_dir) {
     return args_usage("train", "give either --data or --train-images/--train-labels");
   }
-  if (c.baseline) c.replay_keep = 0;
+  if (c->baseline) c->replay_keep = 0;
   char err[512];
-  if (jem_train_config_check(&c, err, sizeof err)) {
+  if (jem_train_config_check(c, err, sizeof err)) {
     return args_usage("train", "%s", err);
   }
-  if (threads > 0) jem_blas_set_threads(threads);
+  return 0;
+}
 
-  /* ---- data ---- */
-  int fmnist = !timg, cifar = 0;
+/* The training data and what it is: the files read (for the provenance),
+ * and whether they are Fashion-MNIST or CIFAR-10 (for the class names). */
+typedef struct train_data {
+  jem_dataset train, valid;
+  const char *timg, *tlab;
   char ip[1024], lp[1024];
+  int fmnist, cifar;
+} train_data;
+
+/* Loads and splits the data (--valid, --limit, --valid-limit).  0 or 1
+ * (reported). */
+static int load_data(const train_opts *o, train_data *td) {
+  char err[512];
   const char *d = NULL;
-  if (fmnist) {
-    d = data_dir ? data_dir : getenv("JEM_FMNIST_DIR");
+  td->timg = o->timg;
+  td->tlab = o->tlab;
+  td->fmnist = !o->timg;
+  if (td->fmnist) {
+    d = o->data_dir ? o->data_dir : getenv("JEM_FMNIST_DIR");
     if (!d || !*d) d = JEM_FMNIST_DIR_DEFAULT;
-    cifar = jem_cifar10_dir(d);
-    snprintf(ip, sizeof ip, cifar ? "%s/data_batch_N.bin" : "%s/train-images-idx3-ubyte.gz", d);
-    snprintf(lp, sizeof lp, cifar ? "%s/data_batch_N.bin" : "%s/train-labels-idx1-ubyte.gz", d);
-    timg = ip;
-    tlab = lp;
+    td->cifar = jem_cifar10_dir(d);
+    snprintf(td->ip, sizeof td->ip,
+             td->cifar ? "%s/data_batch_N.bin" : "%s/train-images-idx3-ubyte.gz", d);
+    snprintf(td->lp, sizeof td->lp,
+             td->cifar ? "%s/data_batch_N.bin" : "%s/train-labels-idx1-ubyte.gz", d);
+    td->timg = td->ip;
+    td->tlab = td->lp;
   }
-  jem_dataset all, train, valid;
-  memset(&train, 0, sizeof train);
-  memset(&valid, 0, sizeof valid);
-  if (cifar ? jem_fmnist_load(d, JEM_SPLIT_TRAIN_ALL, &all, err, sizeof err)
-            : jem_dataset_load(&all, timg, tlab, 32, 0, err, sizeof err)) {
+  jem_dataset all;
+  if (td->cifar ? jem_fmnist_load(d, JEM_SPLIT_TRAIN_ALL, &all, err, sizeof err)
+                : jem_dataset_load(&all, td->timg, td->tlab, 32, 0, err, sizeof err)) {
     fprintf(stderr, "jem train: %s\n", err);
     return 1;
   }
-  int rc = 1;
-  jem_model *m = NULL, *wm = NULL;
-  char **cls = NULL, *cls_store = NULL;
-  json_t *prov = NULL;
-  if (n_valid > 0) {
-    if (n_valid >= all.n) {
-      fprintf(stderr, "jem train: --valid %d leaves no training images (%d in all)\n", n_valid, all.n);
-      goto out;
+  if (o->n_valid > 0) {
+    if (o->n_valid >= all.n) {
+      fprintf(stderr, "jem train: --valid %d leaves no training images (%d in all)\n",
+              o->n_valid, all.n);
+      jem_dataset_free(&all);
+      return 1;
     }
-    if (jem_dataset_split(&all, n_valid, JEM_VALID_SEED, &train, &valid, err, sizeof err)) {
-      fprintf(stderr, "jem train: %s\n", err);
-      goto out;
-    }
+    int bad = jem_dataset_split(&all, o->n_valid, JEM_VALID_SEED, &td->train, &td->valid, err,
+                                sizeof err);
     jem_dataset_free(&all);
+    if (bad) {
+      fprintf(stderr, "jem train: %s\n", err);
+      return 1;
+    }
   } else {
-    train = all;
-    memset(&all, 0, sizeof all);
+    td->train = all;
   }
-  if (limit && limit < train.n) train.n = limit; /* first N; buffers stay as allocated */
-  if (valid_limit && valid_limit < valid.n) valid.n = valid_limit;
+  jem_dataset *train = &td->train, *valid = &td->valid;
+  if (o->limit && o->limit < train->n) train->n = o->limit; /* first N; buffers stay as allocated */
+  if (o->valid_limit && o->valid_limit < valid->n) valid->n = o->valid_limit;
+  return 0;
+}
 
-  int k = fmnist ? 10 : train.num_classes;
-  if (classes_arg) {
-    int nk = split_classes(classes_arg, &cls, &cls_store);
+/* The number of classes: --classes (split into *cls), else Fashion-MNIST's
+ * ten or the labels'.  -1 (reported) when unusable. */
+static int class_count(const train_opts *o, const train_data *td, char ***cls,
+                       char **cls_store) {
+  int k = td->fmnist ? 10 : td->train.num_classes;
+  if (o->classes_arg) {
+    int nk = split_classes(o->classes_arg, cls, cls_store);
     if (nk < 0) {
       fprintf(stderr, "jem train: --classes has an empty name\n");
-      goto out;
+      return -1;
     }
-    if (nk < train.num_classes) {
+    if (nk < td->train.num_classes) {
       fprintf(stderr, "jem train: --classes names %d classes but the labels go up to %d\n", nk,
-              train.num_classes - 1);
-      goto out;
+              td->train.num_classes - 1);
+      return -1;
     }
     k = nk;
   }
   if (k < 2) {
     fprintf(stderr, "jem train: the labels name only %d class\n", k);
-    goto out;
+    return -1;
   }
+  return k;
+}
 
-  /* ---- model ---- */
-  jem_arch arch = {depth, widen, train.c, 32, k, 0.2f, JEM_NORM_NONE};
-  if (warm) {
-    if (jem_model_load(&wm, warm, err, sizeof err)) {
+/* The model to train: WRN-depth-widen with random weights, or a copy of
+ * the --warm-start model (*wm, kept for its provenance).  0 or 1 (reported). */
+static int make_model(const train_opts *o, const jem_dataset *train, int k, jem_model **m,
+                      jem_model **wm) {
+  char err[512];
+  jem_arch arch = {o->depth, o->widen, train->c, 32, k, 0.2f, JEM_NORM_NONE};
+  if (o->warm) {
+    if (jem_model_load(wm, o->warm, err, sizeof err)) {
       fprintf(stderr, "jem train: --warm-start: %s\n", err);
-      goto out;
+      return 1;
     }
-    if ((depth_set && wm->arch.depth != depth) || (widen_set && wm->arch.widen != widen)) {
+    const jem_arch *wa = &(*wm)->arch;
+    if ((o->depth_set && wa->depth != o->depth) || (o->widen_set && wa->widen != o->widen)) {
       fprintf(stderr, "jem train: --warm-start model is WRN-%d-%d, not WRN-%d-%d\n",
-              wm->arch.depth, wm->arch.widen, depth, widen);
-      goto out;
+              wa->depth, wa->widen, o->depth, o->widen);
+      return 1;
     }
-    arch = wm->arch;
-    if (arch.in_channels != train.c || arch.num_classes != k || arch.image_size != 32) {
+    arch = *wa;
+    if (arch.in_channels != train->c || arch.num_classes != k || arch.image_size != 32) {
       fprintf(stderr, "jem train: --warm-start model takes %d channels and %d classes; "
               "the data has %d channels and %d classes\n", arch.in_channels, arch.num_classes,
-              train.c, k);
-      goto out;
+              train->c, k);
+      return 1;
     }
   }
-  if (jem_model_create(&m, &arch, err, sizeof err)) {
+  if (jem_model_create(m, &arch, err, sizeof err)) {
     fprintf(stderr, "jem train: %s\n", err);
-    goto out;
+    return 1;
   }
-  if (wm) memcpy(m->weights, wm->weights, m->n_weights * sizeof(float));
-  else jem_model_init_random(m, c.seed);
+  if (*wm) memcpy((*m)->weights, (*wm)->weights, (*m)->n_weights * sizeof(float));
+  else jem_model_init_random(*m, o->c.seed);
+  return 0;
+}
 
-  /* ---- metadata ---- */
+/* Where the model comes from: the command, seed, commit, start time, BLAS,
+ * data and the warm start's own provenance.  The trainer adds its config
+ * and progress (core/train_ckpt.c). */
+static json_t *provenance_json(int argc, char **argv, const train_opts *o,
+                               const train_data *td, const jem_model *wm) {
+  json_t *prov = json_object();
+  /* --stop-at only splits a run into segments: leave it out. */
+  char *cmd = args_command_line(argc, argv, "--stop-at");
+  if (cmd) json_object_set_new(prov, "command", json_string(cmd));
+  free(cmd);
+  json_object_set_new(prov, "seed", json_integer(o->seed_i));
+  char *gc = args_git_commit();
+  if (gc) { json_object_set_new(prov, "git_commit", json_string(gc)); free(gc); }
+  char ts[32];
+  time_t now = time(NULL);
+  strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+  json_object_set_new(prov, "started_at", json_string(ts));
+  json_object_set_new(prov, "trainer", json_string("jem train " JEM_VERSION " (C, OpenBLAS)"));
+  json_object_set_new(prov, "blas_core", json_string(jem_blas_core()));
+  json_object_set_new(prov, "blas_threads", json_integer(jem_blas_threads()));
+  json_object_set_new(prov, "data",
+                      json_pack("{s:s,s:s,s:i,s:i,s:i}", "images", td->timg, "labels", td->tlab,
+                                "train_images", td->train.n, "valid_images", td->valid.n,
+                                "valid_seed", (int)JEM_VALID_SEED));
+  if (wm) {
+    json_t *w = json_pack("{s:s}", "path", o->warm);
+    json_t *wp = json_object_get(wm->meta, "provenance");
+    if (wp) json_object_set(w, "provenance", wp);
+    json_object_set_new(prov, "warm_start", w);
+  }
+  return prov;
+}
+
+/* The model's metadata: name, class names, preprocessing, temperature 1
+ * and the provenance.  0 or 1 (reported). */
+static int set_meta(jem_model *m, const train_opts *o, const train_data *td, int k,
+                    char **cls, json_t *prov) {
+  const jem_dataset *train = &td->train;
   json_t *jc = json_array();
   for (int i = 0; i < k; i++) {
     char num[16];
     snprintf(num, sizeof num, "%d", i);
-    const char *nm = cls ? cls[i] : cifar ? jem_cifar10_classes[i] : fmnist ? jem_fmnist_classes[i] : num;
+    const char *nm = cls ? cls[i] : td->cifar ? jem_cifar10_classes[i]
+                                  : td->fmnist ? jem_fmnist_classes[i] : num;
     json_array_append_new(jc, json_string(nm));
   }
-  json_object_set_new(m->meta, "name", json_string(name ? name : cifar ? "cifar10-jem" : fmnist ? "fmnist-jem" : "model"));
+  const char *name = o->name ? o->name : td->cifar ? "cifar10-jem"
+                                       : td->fmnist ? "fmnist-jem" : "model";
+  json_object_set_new(m->meta, "name", json_string(name));
   json_object_set_new(m->meta, "classes", jc);
   json_object_set_new(m->meta, "preprocess",
-                      json_pack("{s:i,s:[i,i],s:i,s:f,s:f,s:[f,f],s:b}", "channels", train.c,
-                                "resize", train.src_s, train.src_s, "pad", (32 - train.src_s) / 2,
-                                "pad_value", 0.0, "background", 0.0, "range", -1.0, 1.0,
-                                "invert", 0));
+                      json_pack("{s:i,s:[i,i],s:i,s:f,s:f,s:[f,f],s:b}", "channels", train->c,
+                                "resize", train->src_s, train->src_s, "pad",
+                                (32 - train->src_s) / 2, "pad_value", 0.0, "background", 0.0,
+                                "range", -1.0, 1.0, "invert", 0));
   json_object_set_new(m->meta, "temperature", json_real(1.0));
-  prov = json_object();
-  {
-    /* --stop-at only splits a run into segments: leave it out. */
-    char *cmd = args_command_line(argc, argv, "--stop-at");
-    if (cmd) json_object_set_new(prov, "command", json_string(cmd));
-    free(cmd);
-    json_object_set_new(prov, "seed", json_integer(seed_i));
-    char *gc = args_git_commit();
-    if (gc) { json_object_set_new(prov, "git_commit", json_string(gc)); free(gc); }
-    char ts[32];
-    time_t now = time(NULL);
-    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    json_object_set_new(prov, "started_at", json_string(ts));
-    json_object_set_new(prov, "trainer", json_string("jem train " JEM_VERSION " (C, OpenBLAS)"));
-    json_object_set_new(prov, "blas_core", json_string(jem_blas_core()));
-    json_object_set_new(prov, "blas_threads", json_integer(jem_blas_threads()));
-    json_object_set_new(prov, "data",
-                        json_pack("{s:s,s:s,s:i,s:i,s:i}", "images", timg, "labels", tlab,
-                                  "train_images", train.n, "valid_images", valid.n,
-                                  "valid_seed", (int)JEM_VALID_SEED));
-    if (wm) {
-      json_t *w = json_pack("{s:s}", "path", warm);
-      json_t *wp = json_object_get(wm->meta, "provenance");
-      if (wp) json_object_set(w, "provenance", wp);
-      json_object_set_new(prov, "warm_start", w);
-    }
-  }
   json_object_set(m->meta, "provenance", prov);
+  char err[512];
   if (jem_model_apply_meta(m, err, sizeof err)) {
     fprintf(stderr, "jem train: metadata: %s\n", err);
-    goto out;
+    return 1;
   }
+  return 0;
+}
 
-  /* ---- run ---- */
+int cmd_train(int argc, char **argv) {
+  train_opts o;
+  int rc = parse_opts(argc, argv, &o);
+  if (rc) return rc < 0 ? 0 : rc;
+  if (o.threads > 0) jem_blas_set_threads(o.threads);
+  jem_train_config *c = &o.c;
+
+  train_data td;
+  memset(&td, 0, sizeof td);
+  if (load_data(&o, &td)) return 1;
+  rc = 1;
+  jem_model *m = NULL, *wm = NULL;
+  char **cls = NULL, *cls_store = NULL;
+  json_t *prov = NULL;
+  char err[512];
+  int k = class_count(&o, &td, &cls, &cls_store);
+  if (k < 0 || make_model(&o, &td.train, k, &m, &wm)) goto out;
+  prov = provenance_json(argc, argv, &o, &td, wm);
+  if (set_meta(m, &o, &td, k, cls, prov)) goto out;
+
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_signal;
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
-  c.stop = &stop_flag;
-  c.progress = stderr;
+  c->stop = &stop_flag;
+  c->progress = stderr;
   jem_train_status st;
-  if (jem_train_run(m, &train, valid.n ? &valid : NULL, &c, &st, err, sizeof err)) {
+  if (jem_train_run(m, &td.train, td.valid.n ? &td.valid : NULL, c, &st, err, sizeof err)) {
     fprintf(stderr, "jem train: %s\n", err);
     goto out;
   }
   if (st.finished) {
     printf("%s\n", st.final_path);
     rc = 0;
-  } else if (c.stop_at && st.iteration >= c.stop_at) {
+  } else if (c->stop_at && st.iteration >= c->stop_at) {
     rc = 0;
   } else {
     fprintf(stderr, "jem train: interrupted at iteration %d; resume with --resume\n", st.iteration);
@@ -383,8 +456,7 @@ out:
   free(cls_store);
   jem_model_free(m);
   jem_model_free(wm);
-  jem_dataset_free(&all);
-  jem_dataset_free(&train);
-  jem_dataset_free(&valid);
+  jem_dataset_free(&td.train);
+  jem_dataset_free(&td.valid);
   return rc;
 }
