@@ -18,7 +18,7 @@ CC       ?= cc
 WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
             -Wmissing-prototypes -Wvla -Wformat=2
 CFLAGS   := -std=c11 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE $(WARN) \
-            -Icore -MMD -MP -pthread $(shell pkg-config --cflags $(PKGS))
+            -Icore -Icore/internal -MMD -MP -pthread $(shell pkg-config --cflags $(PKGS))
 LDLIBS   := $(shell pkg-config --libs $(PKGS)) -lm -lpthread
 LDFLAGS  :=
 

@@ -5,7 +5,7 @@
  * PNGs. */
 #include "args.h"
 #include "cli.h"
-#include "eval.h"
+#include "eval_report.h"
 #include "jem.h"
 #include "metrics.h"
 #include "train.h"

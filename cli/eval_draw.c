@@ -1,6 +1,6 @@
 /* eval_draw.c - `jem eval`'s pictures: the reliability diagram (drawn into
  * a float image, text with stb_easy_font) and the sample grids. */
-#include "eval.h"
+#include "eval_report.h"
 
 #include <errno.h>
 #include <math.h>

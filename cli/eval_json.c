@@ -1,5 +1,5 @@
 /* eval_json.c - `jem eval`'s report.json, written from the eval_report. */
-#include "eval.h"
+#include "eval_report.h"
 
 #include <jansson.h>
 #include <math.h>

@@ -1,5 +1,5 @@
 /* eval_md.c - `jem eval`'s report.md, written from the eval_report. */
-#include "eval.h"
+#include "eval_report.h"
 
 #include <errno.h>
 #include <math.h>

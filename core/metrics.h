@@ -1,6 +1,6 @@
 /* metrics.h - evaluation metrics and attacks behind `jem eval` and
- * `jem calibrate` (core/metrics.c, core/eval.c).  Part of libjem.a but not of
- * the serving API in jem.h: the CLI and the tests include it.
+ * `jem calibrate` (core/eval_metrics.c, core/eval.c).  Part of libjem.a but
+ * not of the serving API in jem.h: the CLI and the tests include it.
  *
  * Conventions:
  * - Classification metrics take raw logits [n,K] and labels [n].
@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* ------------------------------------------------------------------------ */
-/* Classification and calibration (core/metrics.c)                          */
+/* Classification and calibration (core/eval_metrics.c)                     */
 
 /* Fraction of rows whose argmax (first maximum) equals y. */
 double jem_accuracy(const float *logits, const int *y, int n, int k);
@@ -63,7 +63,7 @@ int jem_ece(const float *logits, const int *y, int n, int k, double temperature,
 double jem_fit_temperature(const float *logits, const int *y, int n, int k);
 
 /* ------------------------------------------------------------------------ */
-/* OOD ranking metrics (core/metrics.c)                                     */
+/* OOD ranking metrics (core/eval_metrics.c)                                */
 
 /* Area under the ROC curve, P(s_pos > s_neg) + 1/2 P(s_pos == s_neg). */
 double jem_auroc(const double *pos, int npos, const double *neg, int nneg);
@@ -98,7 +98,7 @@ int jem_quantiles(const float *v, int n, int nq, float *q, char *err,
 double jem_median(const double *v, int n);
 
 /* ------------------------------------------------------------------------ */
-/* Gaussian fits and the Frechet distance (core/metrics.c; LAPACK dsyev)    */
+/* Gaussian fits and the Frechet distance (core/eval_metrics.c, dsyev)      */
 
 /* Mean [d] and unbiased covariance [d,d] (divided by n-1) of x [n,d]. */
 int jem_gaussian_fit(const float *x, int n, int d, double *mu, double *cov,

@@ -1,9 +1,9 @@
-/* eval.h - `jem eval`'s report.  cmd_eval.c runs the stages that fill an
+/* eval_report.h - `jem eval`'s report.  cmd_eval.c runs the stages that fill an
  * eval_report (classification, OOD, samples, attacks); eval_json.c and
  * eval_md.c write it out as report.json and report.md; eval_draw.c draws
  * the PNGs.  The writers only read the report. */
-#ifndef JEM_CLI_EVAL_H
-#define JEM_CLI_EVAL_H
+#ifndef JEM_CLI_EVAL_REPORT_H
+#define JEM_CLI_EVAL_REPORT_H
 
 #include "jem.h"
 #include "metrics.h"

@@ -1,4 +1,4 @@
-/* metrics.c - accuracy, NLL, ECE, temperature fitting, OOD ranking metrics,
+/* eval_metrics.c - accuracy, NLL, ECE, temperature fitting, OOD ranking metrics,
  * quantiles and the Frechet distance used by `jem eval` / `jem calibrate`. */
 #include "metrics.h"
 #include "internal.h"

@@ -1,4 +1,4 @@
-/* jem.c - the `jem` command-line tool: dispatch to subcommands. */
+/* main.c - the `jem` command-line tool: dispatch to subcommands. */
 #include "cli.h"
 #include "jem.h"
 

@@ -1,4 +1,6 @@
-/* internal.h - declarations shared between core/ files, not public API. */
+/* internal.h - declarations shared between core/ files, not public API.
+ * Headers in core/internal/ are for the core (and its white-box tests);
+ * the Makefile puts this directory on the include path. */
 #ifndef JEM_INTERNAL_H
 #define JEM_INTERNAL_H
 
