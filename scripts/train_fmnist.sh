@@ -43,7 +43,8 @@
 load_settings() {
   # Run 2 (session 2): WRN-10-2, because WRN-10-1 topped out at 86.8% with
   # cross-entropy alone (run 1, RUN=fmnist, whose settings are in the comments
-  # and in checkpoints/fmnist.tar).  The stages now run one after the other
+  # and in checkpoints/fmnist.tar, now in the git history: models/HISTORY.md).
+  # The stages now run one after the other
   # on both cores: JEM starts from the finished baseline.
   # Run 3 (session 3) keeps run 2's baseline and warm start and changes only
   # the JEM stage: chains start from per-class Gaussians fitted to the
