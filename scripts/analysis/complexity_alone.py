@@ -6,7 +6,7 @@ test set (positive) against the first 2,000 images of each OOD set in data/ood/
 (scripts/make_ood_sets.py).  Images are padded to 32x32 with background, as the
 model sees them, and compressed like jem_input_complexity_bits (zlib level 9).
 
-usage: /usr/bin/python3 scripts/complexity_alone.py
+usage: /usr/bin/python3 scripts/analysis/complexity_alone.py
 """
 import gzip
 import os
@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 SETS = ["mnist", "uniform", "gaussian", "vflip", "interp", "constant", "letters"]
 

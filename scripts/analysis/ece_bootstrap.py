@@ -9,7 +9,7 @@ of the paired difference A - B (the same resampled images for both models).
 Resampled ECEs sit above the point value (bin noise only adds), so read the
 difference's interval, not the two overlapping ones.
 
-usage: /usr/bin/python3 scripts/ece_bootstrap.py MODEL_A MODEL_B [--reps 2000]
+usage: /usr/bin/python3 scripts/analysis/ece_bootstrap.py MODEL_A MODEL_B [--reps 2000]
 The temperature is the one stored in each file by `jem calibrate`.
 """
 import argparse
@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.environ.get("JEM_FMNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
 
