@@ -190,49 +190,52 @@ typedef struct step_stats {
   double loss, ce, px, l2, acc, e_data, e_sample, lr;
 } step_stats;
 
-/* Returns 0, or 1 when the iteration diverged (nothing was updated). */
-static int step(jem__trainer *t, step_stats *ss) {
-  const int B = t->B, K = t->K;
+/* The rows of one iteration in t->x: the labelled batch (labels in
+ * t->ylab) and, for JEM, an independent unlabelled batch and the SGLD
+ * samples of B persistent chains (random buffer slots, some restarted),
+ * written back to the buffer.  Returns the number of rows. */
+static int draw_rows(jem__trainer *t) {
+  const int B = t->B;
   const size_t chw = t->chw;
   const jem_train_config *c = &t->c;
   int idx[4096];
-  memset(ss, 0, sizeof *ss);
-
-  /* Labelled batch and (JEM) an independent unlabelled batch. */
   next_batch(t, 0, idx);
   for (int i = 0; i < B; i++) {
     augment(t, t->x + (size_t)i * chw, t->tr->x + (size_t)idx[i] * chw);
     t->ylab[i] = t->tr->y[idx[i]];
   }
-  int rows = B;
-  if (!c->baseline) {
-    next_batch(t, 1, idx);
-    for (int i = 0; i < B; i++)
-      augment(t, t->x + (size_t)(B + i) * chw, t->tr->x + (size_t)idx[i] * chw);
-    /* Persistent chains: random buffer slots, some restarted from noise. */
-    float *xq = t->x + (size_t)2 * B * chw;
-    for (int i = 0; i < B; i++) {
-      int k = (int)(((uint64_t)jem_rng_u32(&t->brng) * (uint64_t)c->buffer_size) >> 32);
-      t->bidx[i] = k;
-      float *dst = xq + (size_t)i * chw;
-      if (jem_rng_uniform(&t->brng) < c->reinit) {
-        if (t->gauss.classes > 0)
-          jem_class_gauss_sample(&t->gauss, random_class(t, &t->brng), dst, &t->brng);
-        else
-          for (size_t j = 0; j < chw; j++) dst[j] = 2.0f * jem_rng_uniform(&t->brng) - 1.0f;
-      } else {
-        memcpy(dst, t->buf + (size_t)k * chw, chw * sizeof(float));
-      }
+  if (c->baseline) return B;
+  next_batch(t, 1, idx);
+  for (int i = 0; i < B; i++)
+    augment(t, t->x + (size_t)(B + i) * chw, t->tr->x + (size_t)idx[i] * chw);
+  /* Persistent chains: random buffer slots, some restarted from noise. */
+  float *xq = t->x + (size_t)2 * B * chw;
+  for (int i = 0; i < B; i++) {
+    int k = (int)(((uint64_t)jem_rng_u32(&t->brng) * (uint64_t)c->buffer_size) >> 32);
+    t->bidx[i] = k;
+    float *dst = xq + (size_t)i * chw;
+    if (jem_rng_uniform(&t->brng) < c->reinit) {
+      if (t->gauss.classes > 0)
+        jem_class_gauss_sample(&t->gauss, random_class(t, &t->brng), dst, &t->brng);
+      else
+        for (size_t j = 0; j < chw; j++) dst[j] = 2.0f * jem_rng_uniform(&t->brng) - 1.0f;
+    } else {
+      memcpy(dst, t->buf + (size_t)k * chw, chw * sizeof(float));
     }
-    jem_sgld_params sp = {c->sgld_step, c->sgld_noise, c->sgld_clamp ? 1 : 0};
-    jem_sgld_run(t->ws, t->m, xq, B, NULL, c->sgld_steps, &sp, t->chain);
-    for (int i = 0; i < B; i++)
-      memcpy(t->buf + (size_t)t->bidx[i] * chw, xq + (size_t)i * chw, chw * sizeof(float));
-    rows = 3 * B;
   }
+  jem_sgld_params sp = {c->sgld_step, c->sgld_noise, c->sgld_clamp ? 1 : 0};
+  jem_sgld_run(t->ws, t->m, xq, B, NULL, c->sgld_steps, &sp, t->chain);
+  for (int i = 0; i < B; i++)
+    memcpy(t->buf + (size_t)t->bidx[i] * chw, xq + (size_t)i * chw, chw * sizeof(float));
+  return 3 * B;
+}
 
-  /* One forward/backward over [labelled; data; samples]: no normalisation
-   * layers, so the loss gradient is the sum of per-row contributions. */
+/* One forward over the rows, the loss and its statistics into ss, and
+ * d loss / d logits into t->dlogits.  No normalisation layers, so the loss
+ * gradient is the sum of per-row contributions. */
+static void loss_and_dlogits(jem__trainer *t, int rows, step_stats *ss) {
+  const int B = t->B, K = t->K;
+  const jem_train_config *c = &t->c;
   jem_forward(t->ws, t->m, t->x, rows, t->logits);
   float p[1024];
   double ce = 0, ed = 0, eq = 0, ed2 = 0, eq2 = 0;
@@ -275,6 +278,32 @@ static int step(jem__trainer *t, step_stats *ss) {
     ss->e_data = ss->e_sample = NAN;
   }
   ss->loss = ss->ce + pxw * ss->px + ss->l2;
+}
+
+/* Adam (PyTorch's formulation) with learning rate lr on t->grad. */
+static void adam_update(jem__trainer *t, double lr) {
+  const jem_train_config *c = &t->c;
+  t->adam_t++;
+  const float b1 = c->beta1, b2 = c->beta2;
+  const double bc1 = 1.0 - pow(b1, (double)t->adam_t);
+  const double bc2 = 1.0 - pow(b2, (double)t->adam_t);
+  const float step_size = (float)(lr / bc1);
+  const float rbc2 = (float)(1.0 / sqrt(bc2));
+  float *w = t->m->weights, *am = t->am, *av = t->av;
+  const float *g = t->grad;
+  for (size_t i = 0; i < t->nw; i++) {
+    am[i] = b1 * am[i] + (1.0f - b1) * g[i];
+    av[i] = b2 * av[i] + (1.0f - b2) * g[i] * g[i];
+    float denom = sqrtf(av[i]) * rbc2 + c->adam_eps;
+    w[i] -= step_size * am[i] / denom;
+  }
+}
+
+/* One iteration.  Returns 0, or 1 when it diverged (nothing was updated). */
+static int step(jem__trainer *t, step_stats *ss) {
+  const jem_train_config *c = &t->c;
+  memset(ss, 0, sizeof *ss);
+  loss_and_dlogits(t, draw_rows(t), ss);
   ss->lr = lr_at(t, t->iter);
   if (c->inject_count > t->injected && t->iter == c->inject_at) {
     t->injected++;
@@ -290,22 +319,7 @@ static int step(jem__trainer *t, step_stats *ss) {
   double gs = 0;
   for (size_t i = 0; i < t->nw; i++) gs += t->grad[i];
   if (!isfinite(gs)) return 1;
-
-  /* Adam (PyTorch's formulation). */
-  t->adam_t++;
-  const float b1 = c->beta1, b2 = c->beta2;
-  const double bc1 = 1.0 - pow(b1, (double)t->adam_t);
-  const double bc2 = 1.0 - pow(b2, (double)t->adam_t);
-  const float step_size = (float)(ss->lr / bc1);
-  const float rbc2 = (float)(1.0 / sqrt(bc2));
-  float *w = t->m->weights, *am = t->am, *av = t->av;
-  const float *g = t->grad;
-  for (size_t i = 0; i < t->nw; i++) {
-    am[i] = b1 * am[i] + (1.0f - b1) * g[i];
-    av[i] = b2 * av[i] + (1.0f - b2) * g[i] * g[i];
-    float denom = sqrtf(av[i]) * rbc2 + c->adam_eps;
-    w[i] -= step_size * am[i] / denom;
-  }
+  adam_update(t, ss->lr);
   t->iter++;
   return 0;
 }
@@ -394,9 +408,10 @@ static int run_validation(jem__trainer *t, FILE *csv, char *err, size_t errlen) 
   return 0;
 }
 
-int jem_train_run(jem_model *m, const jem_dataset *train,
-                  const jem_dataset *valid, const jem_train_config *cfg,
-                  jem_train_status *st, char *err, size_t errlen) {
+/* The inputs jem_train_run accepts. */
+static int check_inputs(const jem_model *m, const jem_dataset *train,
+                        const jem_dataset *valid, const jem_train_config *cfg, char *err,
+                        size_t errlen) {
   int rc = jem_train_config_check(cfg, err, errlen);
   if (rc) return rc;
   if (!m || !train || !train->y || !train->x)
@@ -415,9 +430,14 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
                      train->n, cfg->batch);
   if (m->arch.num_classes > 1024)
     return jem__errf(err, errlen, JEM_EUNSUPPORTED, "more than 1024 classes");
-  if ((rc = make_dir(cfg->run_dir, err, errlen))) return rc;
+  return 0;
+}
 
-  jem__trainer T, *t = &T;
+/* Everything a trainer allocates, once, before the first iteration; the
+ * per-class Gaussians for JEM_BUFFER_GAUSSIAN.  On failure t is freed. */
+static int trainer_init(jem__trainer *t, jem_model *m, const jem_dataset *train,
+                        const jem_dataset *valid, const jem_train_config *cfg, char *err,
+                        size_t errlen) {
   memset(t, 0, sizeof *t);
   t->m = m;
   t->tr = train;
@@ -450,51 +470,255 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     return jem__errf(err, errlen, JEM_ENOMEM, "out of memory setting up training");
   }
   if (!cfg->baseline && cfg->buffer_init == JEM_BUFFER_GAUSSIAN) {
-    rc = jem_class_gauss_fit(&t->gauss, train, err, errlen);
+    int rc = jem_class_gauss_fit(&t->gauss, train, err, errlen);
     if (rc < 0) { trainer_free(t); return rc; }
   }
-
   t->seed_eff = mix(cfg->seed, 0x4A454D);
   t->lr_scale = 1.0f;
   t->best_val = NAN;
   t->last_val = NAN;
-  int resumed_from = -1;
-  if (cfg->resume) {
-    rc = jem__train_load_checkpoint(t, err, errlen);
-    if (rc < 0) { trainer_free(t); return rc; }
-    if (rc == 0) {
-      resumed_from = t->iter;
-      t->resumes++;
+  return 0;
+}
+
+/* A fresh run: random streams, data order and the replay buffer's first
+ * images (per-class Gaussian draws, noisy training images or uniform
+ * noise). */
+static void fresh_start(jem__trainer *t) {
+  const jem_train_config *cfg = &t->c;
+  reseed_streams(t);
+  for (int i = 0; i < 2; i++) jem__train_make_perm(t, i);
+  if (!t->buf) return;
+  jem_rng r;
+  jem_rng_seed(&r, t->seed_eff, 3);
+  size_t nb = (size_t)cfg->buffer_size * t->chw;
+  if (t->gauss.classes > 0) {
+    for (int i = 0; i < cfg->buffer_size; i++)
+      jem_class_gauss_sample(&t->gauss, random_class(t, &r), t->buf + (size_t)i * t->chw, &r);
+  } else if (cfg->buffer_init == JEM_BUFFER_DATA) {
+    for (int i = 0; i < cfg->buffer_size; i++) {
+      int k = (int)(((uint64_t)jem_rng_u32(&r) * (uint64_t)t->tr->n) >> 32);
+      float *dst = t->buf + (size_t)i * t->chw;
+      const float *src = t->tr->x + (size_t)k * t->chw;
+      for (size_t j = 0; j < t->chw; j++) dst[j] = src[j] + cfg->sigma * jem_rng_normal(&r);
     }
   } else {
-    if (jem__train_ckpt_exists(t)) {
-      trainer_free(t);
-      return jem__errf(err, errlen, JEM_EINVAL,
-                       "%s already holds a checkpoint: resume it or use another run directory",
-                       cfg->run_dir);
-    }
+    for (size_t i = 0; i < nb; i++) t->buf[i] = 2.0f * jem_rng_uniform(&r) - 1.0f;
   }
-  if (resumed_from < 0) {
-    reseed_streams(t);
-    for (int i = 0; i < 2; i++) jem__train_make_perm(t, i);
-    if (t->buf) {
-      jem_rng r;
-      jem_rng_seed(&r, t->seed_eff, 3);
-      size_t nb = (size_t)cfg->buffer_size * t->chw;
-      if (t->gauss.classes > 0) {
-        for (int i = 0; i < cfg->buffer_size; i++)
-          jem_class_gauss_sample(&t->gauss, random_class(t, &r), t->buf + (size_t)i * t->chw, &r);
-      } else if (cfg->buffer_init == JEM_BUFFER_DATA) {
-        for (int i = 0; i < cfg->buffer_size; i++) {
-          int k = (int)(((uint64_t)jem_rng_u32(&r) * (uint64_t)train->n) >> 32);
-          float *dst = t->buf + (size_t)i * t->chw;
-          const float *src = train->x + (size_t)k * t->chw;
-          for (size_t j = 0; j < t->chw; j++) dst[j] = src[j] + cfg->sigma * jem_rng_normal(&r);
-        }
-      } else {
-        for (size_t i = 0; i < nb; i++) t->buf[i] = 2.0f * jem_rng_uniform(&r) - 1.0f;
-      }
+}
+
+/* Resumes from the run directory's checkpoint (with cfg->resume, when it
+ * has one), else starts afresh in a directory that must have none.
+ * *resumed_from: the iteration resumed from, or -1. */
+static int start(jem__trainer *t, int *resumed_from, char *err, size_t errlen) {
+  *resumed_from = -1;
+  if (t->c.resume) {
+    int rc = jem__train_load_checkpoint(t, err, errlen);
+    if (rc < 0) return rc;
+    if (rc == 0) {
+      *resumed_from = t->iter;
+      t->resumes++;
     }
+  } else if (jem__train_ckpt_exists(t)) {
+    return jem__errf(err, errlen, JEM_EINVAL,
+                     "%s already holds a checkpoint: resume it or use another run directory",
+                     t->c.run_dir);
+  }
+  if (*resumed_from < 0) fresh_start(t);
+  return 0;
+}
+
+/* The divergence guard: back to the last checkpoint with half the learning
+ * rate and fresh random streams, the new guard state persisted at once.
+ * Gives up after cfg->max_rollbacks. */
+static int rollback(jem__trainer *t, const step_stats *ss, FILE *csv, char *err,
+                    size_t errlen) {
+  const jem_train_config *cfg = &t->c;
+  FILE *out = cfg->progress;
+  int at = t->iter, rc;
+  t->rollbacks++;
+  if (t->rollbacks > cfg->max_rollbacks) {
+    rc = jem__errf(err, errlen, JEM_EINTERNAL,
+                   "training diverged at iteration %d (loss %g, E_data %g, E_sample %g) "
+                   "after %d rollbacks; giving up", at, ss->loss, ss->e_data, ss->e_sample,
+                   cfg->max_rollbacks);
+    fprintf(csv, "%d,,,%g,,,,,%g,%g,,,,%.1f,gave_up\n", at, ss->loss, ss->e_data,
+            ss->e_sample, t->wall_s);
+    return rc;
+  }
+  int rb = t->rollbacks;
+  float scale = t->lr_scale * 0.5f;
+  uint64_t seed = mix(t->seed_eff, 0xB0BA + (uint64_t)rb);
+  double wall = t->wall_s;
+  int resumes = t->resumes;
+  if ((rc = jem__train_load_checkpoint(t, err, errlen)) != 0) {
+    if (rc > 0) rc = jem__errf(err, errlen, JEM_EINTERNAL, "no checkpoint to roll back to");
+    return rc;
+  }
+  t->rollbacks = rb;
+  t->lr_scale = scale;
+  t->seed_eff = seed;
+  t->wall_s = wall;
+  t->resumes = resumes;
+  reseed_streams(t);
+  for (int i = 0; i < 2; i++) jem__train_make_perm(t, i);
+  if (out) {
+    fprintf(out, "DIVERGED at iteration %d (loss %g, E_data %g, E_sample %g): rollback %d/%d "
+            "to iteration %d, lr scale now %g, new seed\n", at, ss->loss, ss->e_data,
+            ss->e_sample, rb, cfg->max_rollbacks, t->iter, (double)scale);
+    fflush(out);
+  }
+  fprintf(csv, "%d,,,%g,,,,,%g,%g,,,,%.1f,rollback_to_%d\n", at, ss->loss, ss->e_data,
+          ss->e_sample, t->wall_s, t->iter);
+  fflush(csv);
+  return jem__train_checkpoint(t, err, errlen);
+}
+
+/* Progress between log lines: the sums of the iterations' statistics (the
+ * last learning rate in sum[7]) and the iteration rate, smoothed. */
+typedef struct log_window {
+  double sum[8];
+  int n;
+  double t0;   /* start of the window */
+  double rate; /* it/s, exponentially smoothed; NaN before the first line */
+} log_window;
+
+static void window_reset(log_window *w) {
+  memset(w->sum, 0, sizeof w->sum);
+  w->n = 0;
+  w->t0 = now_s();
+}
+
+static void window_add(log_window *w, const step_stats *ss) {
+  w->sum[0] += ss->loss; w->sum[1] += ss->ce; w->sum[2] += ss->px; w->sum[3] += ss->l2;
+  w->sum[4] += ss->acc; w->sum[5] += ss->e_data; w->sum[6] += ss->e_sample; w->sum[7] = ss->lr;
+  w->n++;
+}
+
+/* One progress line and one log.csv row with the window's means; starts
+ * the next window. */
+static void window_log(jem__trainer *t, log_window *w, FILE *csv) {
+  const jem_train_config *cfg = &t->c;
+  FILE *out = cfg->progress;
+  double *acc = w->sum;
+  double tw = now_s();
+  double r = w->n / (tw - w->t0 > 1e-9 ? tw - w->t0 : 1e-9);
+  w->rate = isfinite(w->rate) ? 0.7 * w->rate + 0.3 * r : r;
+  w->t0 = tw;
+  double eta = (cfg->iterations - t->iter) / w->rate;
+  char es[32];
+  fmt_dur(es, sizeof es, eta);
+  const int iters_per_epoch = t->tr->n / t->B;
+  double ep = (double)t->iter / (iters_per_epoch > 0 ? iters_per_epoch : 1);
+  for (int k = 0; k < 7; k++) acc[k] /= w->n;
+  if (out) {
+    if (cfg->baseline)
+      fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f acc %.3f | %.2f it/s ETA %s\n", t->iter,
+              cfg->iterations, ep, acc[7], acc[0], acc[4], r, es);
+    else
+      fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f ce %.4f px %.4f l2 %.4f acc %.3f "
+              "E_data %.3f E_sample %.3f | %.3f it/s ETA %s\n", t->iter, cfg->iterations, ep,
+              acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, es);
+    fflush(out);
+  }
+  fprintf(csv, "%d,%.4f,%.4e,%.5f,%.5f,%.5f,%.5f,%.4f,%.4f,%.4f,%.4f,,,%.1f,\n", t->iter, ep,
+          acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, t->wall_s);
+  fflush(csv);
+  memset(w->sum, 0, sizeof w->sum);
+  w->n = 0;
+}
+
+/* Iterations up to cfg->iterations (or --stop-at, or *cfg->stop), with
+ * logging, validation, checkpoints and the divergence guard. */
+static int train_loop(jem__trainer *t, FILE *csv, char *err, size_t errlen) {
+  const jem_train_config *cfg = &t->c;
+  int rc;
+  int target = cfg->iterations;
+  if (cfg->stop_at > 0 && cfg->stop_at < target) target = cfg->stop_at;
+  log_window w;
+  window_reset(&w);
+  w.rate = NAN;
+  double t_last = w.t0;
+  while (t->iter < target) {
+    if (cfg->stop && *cfg->stop) break;
+    step_stats ss;
+    int diverged = step(t, &ss);
+    double tn = now_s();
+    t->wall_s += tn - t_last;
+    t_last = tn;
+    if (diverged) {
+      if ((rc = rollback(t, &ss, csv, err, errlen))) return rc;
+      window_reset(&w);
+      continue;
+    }
+    window_add(&w, &ss);
+    if (t->iter % cfg->log_every == 0 || t->iter == target) window_log(t, &w, csv);
+    int do_eval = cfg->eval_every > 0 && t->iter % cfg->eval_every == 0 && t->iter < cfg->iterations;
+    if (do_eval && (rc = run_validation(t, csv, err, errlen))) return rc;
+    if (t->iter % cfg->ckpt_every == 0 && t->iter < cfg->iterations &&
+        (rc = jem__train_checkpoint(t, err, errlen)))
+      return rc;
+    if (do_eval) w.t0 = now_s(); /* keep eval time out of it/s */
+  }
+  return 0;
+}
+
+/* Stopped or finished: the state on disk is this one, then the final model
+ * (finished) or a usable snapshot (stopped), and the status. */
+static int finish(jem__trainer *t, FILE *csv, int resumed_from, jem_train_status *st,
+                  char *err, size_t errlen) {
+  const jem_train_config *cfg = &t->c;
+  FILE *out = cfg->progress;
+  int rc;
+  int finished = t->iter >= cfg->iterations;
+  if (finished && (rc = run_validation(t, csv, err, errlen))) return rc;
+  if (!jem__train_ckpt_current(t) && (rc = jem__train_checkpoint(t, err, errlen))) return rc;
+  if (st) memset(st, 0, sizeof *st);
+  if (finished) {
+    char fp[1024];
+    if (cfg->out) snprintf(fp, sizeof fp, "%s", cfg->out);
+    else jem__train_path(t, fp, sizeof fp, "model.safetensors");
+    if ((rc = jem__train_save_model(t, fp, cfg->replay_keep, err, errlen))) return rc;
+    if (st) snprintf(st->final_path, sizeof st->final_path, "%s", fp);
+    if (out) {
+      char ws[32];
+      fmt_dur(ws, sizeof ws, t->wall_s);
+      fprintf(out, "finished %d iterations in %s (%d rollbacks); validation accuracy %.4f; "
+              "model written to %s\n", t->iter, ws, t->rollbacks, (double)t->last_val, fp);
+    }
+  } else {
+    /* A usable snapshot (small buffer, full metadata) of where it stands. */
+    char lp[1024];
+    jem__train_path(t, lp, sizeof lp, "latest.safetensors");
+    if ((rc = jem__train_save_model(t, lp, cfg->baseline ? 0 : cfg->replay_keep, err, errlen)))
+      return rc;
+    if (out)
+      fprintf(out, "stopped at iteration %d; checkpoint in %s (resume with --resume), "
+              "snapshot %s\n", t->iter, cfg->run_dir, lp);
+  }
+  if (st) {
+    st->iteration = t->iter;
+    st->finished = finished;
+    st->rollbacks = t->rollbacks;
+    st->resumed_from = resumed_from;
+    st->lr_scale = t->lr_scale;
+    st->val_acc = t->last_val;
+    st->best_val_acc = t->best_val;
+    st->wall_s = t->wall_s;
+  }
+  return 0;
+}
+
+int jem_train_run(jem_model *m, const jem_dataset *train,
+                  const jem_dataset *valid, const jem_train_config *cfg,
+                  jem_train_status *st, char *err, size_t errlen) {
+  int rc = check_inputs(m, train, valid, cfg, err, errlen);
+  if (rc || (rc = make_dir(cfg->run_dir, err, errlen))) return rc;
+  jem__trainer T, *t = &T;
+  if ((rc = trainer_init(t, m, train, valid, cfg, err, errlen))) return rc;
+  int resumed_from;
+  if ((rc = start(t, &resumed_from, err, errlen))) {
+    trainer_free(t);
+    return rc;
   }
   FILE *out = cfg->progress;
   FILE *csv = open_csv(t);
@@ -506,159 +730,27 @@ int jem_train_run(jem_model *m, const jem_dataset *train,
     if (resumed_from >= 0)
       fprintf(out, "resumed from iteration %d (rollbacks %d, lr scale %g, %.0f s trained)\n",
               resumed_from, t->rollbacks, (double)t->lr_scale, t->wall_s);
-    fprintf(out, "%s: %d training images, %d validation, %s, %d parameters, batch %d%s\n",
+    fprintf(out, "%s: %d training images, %d validation, %s, %d parameters, batch %d\n",
             cfg->baseline ? "cross-entropy baseline" : "JEM", train->n, valid ? valid->n : 0,
-            m->name, (int)t->nw, t->B, cfg->baseline ? "" : "");
+            m->name, (int)t->nw, t->B);
     fflush(out);
   }
   /* Always have a checkpoint to roll back to. */
-  if (resumed_from < 0 && (rc = jem__train_checkpoint(t, err, errlen))) goto fail;
-
-  int target = cfg->iterations;
-  if (cfg->stop_at > 0 && cfg->stop_at < target) target = cfg->stop_at;
-  double acc[8] = {0};
-  int nacc = 0;
-  double t_window = now_s(), t_last = t_window;
-  double rate = NAN;
-  const int iters_per_epoch = train->n / t->B;
-  while (t->iter < target) {
-    if (cfg->stop && *cfg->stop) break;
-    step_stats ss;
-    int diverged = step(t, &ss);
-    double tn = now_s();
-    t->wall_s += tn - t_last;
-    t_last = tn;
-    if (diverged) {
-      int at = t->iter;
-      t->rollbacks++;
-      if (t->rollbacks > cfg->max_rollbacks) {
-        rc = jem__errf(err, errlen, JEM_EINTERNAL,
-                       "training diverged at iteration %d (loss %g, E_data %g, E_sample %g) "
-                       "after %d rollbacks; giving up", at, ss.loss, ss.e_data, ss.e_sample,
-                       cfg->max_rollbacks);
-        fprintf(csv, "%d,,,%g,,,,,%g,%g,,,,%.1f,gave_up\n", at, ss.loss, ss.e_data, ss.e_sample, t->wall_s);
-        goto fail;
-      }
-      int rb = t->rollbacks;
-      float scale = t->lr_scale * 0.5f;
-      uint64_t seed = mix(t->seed_eff, 0xB0BA + (uint64_t)rb);
-      double wall = t->wall_s;
-      int resumes = t->resumes;
-      if ((rc = jem__train_load_checkpoint(t, err, errlen)) != 0) {
-        if (rc > 0) rc = jem__errf(err, errlen, JEM_EINTERNAL, "no checkpoint to roll back to");
-        goto fail;
-      }
-      t->rollbacks = rb;
-      t->lr_scale = scale;
-      t->seed_eff = seed;
-      t->wall_s = wall;
-      t->resumes = resumes;
-      reseed_streams(t);
-      for (int i = 0; i < 2; i++) jem__train_make_perm(t, i);
-      if (out) {
-        fprintf(out, "DIVERGED at iteration %d (loss %g, E_data %g, E_sample %g): rollback %d/%d "
-                "to iteration %d, lr scale now %g, new seed\n", at, ss.loss, ss.e_data,
-                ss.e_sample, rb, cfg->max_rollbacks, t->iter, (double)scale);
-        fflush(out);
-      }
-      fprintf(csv, "%d,,,%g,,,,,%g,%g,,,,%.1f,rollback_to_%d\n", at, ss.loss, ss.e_data,
-              ss.e_sample, t->wall_s, t->iter);
-      fflush(csv);
-      /* Persist the new guard state at once. */
-      if ((rc = jem__train_checkpoint(t, err, errlen))) goto fail;
-      memset(acc, 0, sizeof acc);
-      nacc = 0;
-      t_window = now_s();
-      continue;
-    }
-    acc[0] += ss.loss; acc[1] += ss.ce; acc[2] += ss.px; acc[3] += ss.l2;
-    acc[4] += ss.acc; acc[5] += ss.e_data; acc[6] += ss.e_sample; acc[7] = ss.lr;
-    nacc++;
-    if (t->iter % cfg->log_every == 0 || t->iter == target) {
-      double tw = now_s();
-      double r = nacc / (tw - t_window > 1e-9 ? tw - t_window : 1e-9);
-      rate = isfinite(rate) ? 0.7 * rate + 0.3 * r : r;
-      t_window = tw;
-      double eta = (cfg->iterations - t->iter) / rate;
-      char es[32];
-      fmt_dur(es, sizeof es, eta);
-      double ep = (double)t->iter / (iters_per_epoch > 0 ? iters_per_epoch : 1);
-      for (int k = 0; k < 7; k++) acc[k] /= nacc;
-      if (out) {
-        if (cfg->baseline)
-          fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f acc %.3f | %.2f it/s ETA %s\n", t->iter,
-                  cfg->iterations, ep, acc[7], acc[0], acc[4], r, es);
-        else
-          fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f ce %.4f px %.4f l2 %.4f acc %.3f "
-                  "E_data %.3f E_sample %.3f | %.3f it/s ETA %s\n", t->iter, cfg->iterations, ep,
-                  acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, es);
-        fflush(out);
-      }
-      fprintf(csv, "%d,%.4f,%.4e,%.5f,%.5f,%.5f,%.5f,%.4f,%.4f,%.4f,%.4f,,,%.1f,\n", t->iter, ep,
-              acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, t->wall_s);
-      fflush(csv);
-      memset(acc, 0, sizeof acc);
-      nacc = 0;
-    }
-    int do_eval = cfg->eval_every > 0 && t->iter % cfg->eval_every == 0 && t->iter < cfg->iterations;
-    if (do_eval && (rc = run_validation(t, csv, err, errlen))) goto fail;
-    if (t->iter % cfg->ckpt_every == 0 && t->iter < cfg->iterations &&
-        (rc = jem__train_checkpoint(t, err, errlen)))
-      goto fail;
-    if (do_eval) t_window = now_s(); /* keep eval time out of it/s */
-  }
-
-  {
-    /* Stopped or finished: make sure the state on disk is this one. */
-    int finished = t->iter >= cfg->iterations;
-    if (finished && (rc = run_validation(t, csv, err, errlen))) goto fail;
-    if (!jem__train_ckpt_current(t) && (rc = jem__train_checkpoint(t, err, errlen))) goto fail;
-    if (st) memset(st, 0, sizeof *st);
-    if (finished) {
-      char fp[1024];
-      if (cfg->out) snprintf(fp, sizeof fp, "%s", cfg->out);
-      else jem__train_path(t, fp, sizeof fp, "model.safetensors");
-      if ((rc = jem__train_save_model(t, fp, cfg->replay_keep, err, errlen))) goto fail;
-      if (st) snprintf(st->final_path, sizeof st->final_path, "%s", fp);
-      if (out) {
-        char ws[32];
-        fmt_dur(ws, sizeof ws, t->wall_s);
-        fprintf(out, "finished %d iterations in %s (%d rollbacks); validation accuracy %.4f; "
-                "model written to %s\n", t->iter, ws, t->rollbacks, (double)t->last_val, fp);
-      }
-    } else {
-      /* A usable snapshot (small buffer, full metadata) of where it stands. */
-      char lp[1024];
-      jem__train_path(t, lp, sizeof lp, "latest.safetensors");
-      if ((rc = jem__train_save_model(t, lp, cfg->baseline ? 0 : cfg->replay_keep, err, errlen))) goto fail;
-      if (out)
-        fprintf(out, "stopped at iteration %d; checkpoint in %s (resume with --resume), "
-                "snapshot %s\n", t->iter, cfg->run_dir, lp);
-    }
+  if ((resumed_from < 0 && (rc = jem__train_checkpoint(t, err, errlen))) ||
+      (rc = train_loop(t, csv, err, errlen)) ||
+      (rc = finish(t, csv, resumed_from, st, err, errlen))) {
+    if (out) fprintf(out, "training failed at iteration %d: %s\n", t->iter, err ? err : "");
+    fclose(csv);
     if (st) {
+      memset(st, 0, sizeof *st);
       st->iteration = t->iter;
-      st->finished = finished;
       st->rollbacks = t->rollbacks;
       st->resumed_from = resumed_from;
-      st->lr_scale = t->lr_scale;
-      st->val_acc = t->last_val;
-      st->best_val_acc = t->best_val;
-      st->wall_s = t->wall_s;
     }
+    trainer_free(t);
+    return rc;
   }
   fclose(csv);
   trainer_free(t);
   return 0;
-
-fail:
-  if (out) fprintf(out, "training failed at iteration %d: %s\n", t->iter, err ? err : "");
-  fclose(csv);
-  if (st) {
-    memset(st, 0, sizeof *st);
-    st->iteration = t->iter;
-    st->rollbacks = t->rollbacks;
-    st->resumed_from = resumed_from;
-  }
-  trainer_free(t);
-  return rc;
 }
