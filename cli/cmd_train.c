@@ -3,6 +3,7 @@
 #include "args.h"
 #include "cli.h"
 #include "jem.h"
+#include "metrics.h"
 #include "train.h"
 
 #include <errno.h>
@@ -61,6 +62,13 @@ static void usage(FILE *f) {
 "                         (draws of per-class Gaussians fitted to the training images,\n"
 "                         also for every restart: JEM++'s informative initialisation)\n"
 "  --px-ramp N            ramp the energy terms in linearly over N iterations (default 0)\n"
+"Outlier exposure (Liu et al. 2020's energy-bounded loss; also with --baseline):\n"
+"  --outliers SETS        comma-separated OOD sets (as jem calibrate's --tune-sets): each\n"
+"                         iteration adds a batch of them and W * (mean relu(E_in - IN)^2\n"
+"                         over the labelled batch + mean relu(OUT - E_out)^2 over them)\n"
+"  --outlier-dir DIR      where the sets are (default data/ood)\n"
+"  --oe-weight W          (default 0.1)  --oe-margins IN,OUT (default -10,-3; put IN\n"
+"                         near the data's median energy, as `jem score` prints it)\n"
 "Optimiser:\n"
 "  --iterations N         (default 10000)  --batch B (default 64)\n"
 "  --lr LR                peak Adam learning rate (default 1e-4)\n"
@@ -120,6 +128,7 @@ static int split_classes(const char *s, char ***names, char **store) {
 typedef struct train_opts {
   jem_train_config c;
   const char *data_dir, *timg, *tlab, *classes_arg, *warm, *name;
+  const char *outlier_dir;
   int n_valid, limit, valid_limit, depth, widen;
   int depth_set, widen_set, threads;
   int seed_i;
@@ -182,6 +191,21 @@ static int parse_opts(int argc, char **argv, train_opts *o) {
       }
     }
     else if (!strcmp(a, "--px-ramp")) bad = parse_int(a, v, 0, INT_MAX, &c->px_ramp);
+    else if (!strcmp(a, "--outliers")) c->outlier_sets = v;
+    else if (!strcmp(a, "--outlier-dir")) o->outlier_dir = v;
+    else if (!strcmp(a, "--oe-weight")) bad = parse_float(a, v, &c->oe_weight);
+    else if (!strcmp(a, "--oe-margins")) {
+      char *end;
+      errno = 0;
+      c->oe_margin_in = strtof(v, &end);
+      if (errno || end == v || *end != ',') bad = 1;
+      else {
+        const char *w = end + 1;
+        c->oe_margin_out = strtof(w, &end);
+        if (errno || end == w || *end) bad = 1;
+      }
+      if (bad) bad = args_usage("train", "--oe-margins expects IN,OUT (two numbers), not '%s'", v);
+    }
     else if (!strcmp(a, "--iterations")) bad = parse_int(a, v, 1, INT_MAX, &c->iterations);
     else if (!strcmp(a, "--batch")) bad = parse_int(a, v, 1, 4096, &c->batch);
     else if (!strcmp(a, "--lr")) bad = parse_float(a, v, &c->lr);
@@ -220,6 +244,8 @@ static int parse_opts(int argc, char **argv, train_opts *o) {
     return args_usage("train", "give either --data or --train-images/--train-labels");
   }
   if (c->baseline) c->replay_keep = 0;
+  if (o->outlier_dir && !c->outlier_sets)
+    return args_usage("train", "--outlier-dir needs --outliers");
   char err[512];
   if (jem_train_config_check(c, err, sizeof err)) {
     return args_usage("train", "%s", err);
@@ -408,6 +434,39 @@ static int set_meta(jem_model *m, const train_opts *o, const train_data *td, int
   return 0;
 }
 
+/* The --outliers sets, decoded for m and joined into one dataset.  0 or 1
+ * (reported). */
+static int load_outliers(const train_opts *o, const jem_model *m, jem_dataset *out) {
+  const char *dir = o->outlier_dir ? o->outlier_dir : "data/ood";
+  jem_dataset parts[JEM_OOD_NSETS];
+  int n = 0, rc = 1;
+  char err[512];
+  char *list = strdup(o->c.outlier_sets), *save = NULL;
+  if (!list) { fprintf(stderr, "jem train: out of memory\n"); return 1; }
+  for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+    if (n == JEM_OOD_NSETS) {
+      fprintf(stderr, "jem train: --outliers: more than %d sets\n", JEM_OOD_NSETS);
+      goto done;
+    }
+    if (jem_ood_set_load(dir, tok, m, 0, &parts[n], err, sizeof err)) {
+      fprintf(stderr, "jem train: --outliers %s: %s%s\n", tok, err,
+              strstr(err, "missing") ? " (make ood-sets builds them)" : "");
+      goto done;
+    }
+    n++;
+  }
+  if (jem_dataset_concat(parts, n, out, err, sizeof err)) {
+    fprintf(stderr, "jem train: --outliers: %s\n", err);
+    goto done;
+  }
+  fprintf(stderr, "outlier exposure: %d images from %s\n", out->n, o->c.outlier_sets);
+  rc = 0;
+done:
+  for (int i = 0; i < n; i++) jem_dataset_free(&parts[i]);
+  free(list);
+  return rc;
+}
+
 int cmd_train(int argc, char **argv) {
   train_opts o;
   int rc = parse_opts(argc, argv, &o);
@@ -422,11 +481,17 @@ int cmd_train(int argc, char **argv) {
   jem_model *m = NULL, *wm = NULL;
   char **cls = NULL, *cls_store = NULL;
   json_t *prov = NULL;
+  jem_dataset outliers;
+  memset(&outliers, 0, sizeof outliers);
   char err[512];
   int k = class_count(&o, &td, &cls, &cls_store);
   if (k < 0 || make_model(&o, &td.train, k, &m, &wm)) goto out;
   prov = provenance_json(argc, argv, &o, &td, wm);
   if (set_meta(m, &o, &td, k, cls, prov)) goto out;
+  if (c->outlier_sets) {
+    if (load_outliers(&o, m, &outliers)) goto out;
+    c->outliers = &outliers;
+  }
 
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
@@ -458,5 +523,6 @@ out:
   jem_model_free(wm);
   jem_dataset_free(&td.train);
   jem_dataset_free(&td.valid);
+  jem_dataset_free(&outliers);
   return rc;
 }

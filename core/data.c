@@ -274,6 +274,32 @@ int jem_dataset_load(jem_dataset *out, const char *images_path,
   return rc;
 }
 
+int jem_dataset_concat(const jem_dataset *parts, int nparts, jem_dataset *out,
+                       char *err, size_t errlen) {
+  memset(out, 0, sizeof *out);
+  long total = 0;
+  for (int p = 0; p < nparts; p++) {
+    if (parts[p].c != parts[0].c || parts[p].s != parts[0].s)
+      return jem__errf(err, errlen, JEM_ESHAPE, "images of different shapes cannot be joined");
+    total += parts[p].n;
+  }
+  if (nparts < 1 || total < 1 || total > INT_MAX)
+    return jem__errf(err, errlen, JEM_EINVAL, "nothing to join (%ld images)", total);
+  size_t chw = (size_t)parts[0].c * parts[0].s * parts[0].s;
+  out->x = jem__falloc((size_t)total * chw);
+  if (!out->x) return jem__errf(err, errlen, JEM_ENOMEM, "out of memory for %ld images", total);
+  out->n = (int)total;
+  out->c = parts[0].c;
+  out->s = parts[0].s;
+  out->src_s = parts[0].src_s;
+  size_t at = 0;
+  for (int p = 0; p < nparts; p++) {
+    memcpy(out->x + at, parts[p].x, (size_t)parts[p].n * chw * sizeof(float));
+    at += (size_t)parts[p].n * chw;
+  }
+  return 0;
+}
+
 int jem_dataset_subset(const jem_dataset *src, const int *idx, int n,
                        jem_dataset *out, char *err, size_t errlen) {
   memset(out, 0, sizeof *out);

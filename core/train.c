@@ -43,6 +43,9 @@ void jem_train_defaults(jem_train_config *c) {
   c->max_rollbacks = 3;
   c->loss_limit = 1e8f;
   c->energy_limit = 1e5f;
+  c->oe_weight = 0.1f;
+  c->oe_margin_in = -10.0f;
+  c->oe_margin_out = -3.0f;
 }
 
 int jem_train_config_check(const jem_train_config *c, char *err,
@@ -74,6 +77,14 @@ int jem_train_config_check(const jem_train_config *c, char *err,
     if (c->px_ramp < 0) BAD("energy-term ramp %d must be >= 0", c->px_ramp);
     if (c->replay_keep < 0 || c->replay_keep > c->buffer_size)
       BAD("replay images kept (%d) must be in 0..buffer size", c->replay_keep);
+  }
+  if (c->outliers || c->outlier_sets) {
+    if (c->outliers && c->outliers->n < 1) BAD("the outlier set is empty");
+    if (!(c->oe_weight >= 0) || !isfinite(c->oe_weight)) BAD("outlier weight must be finite and >= 0");
+    if (!isfinite(c->oe_margin_in) || !isfinite(c->oe_margin_out) ||
+        !(c->oe_margin_in < c->oe_margin_out))
+      BAD("outlier margins must be finite with in < out (%g, %g)", (double)c->oe_margin_in,
+          (double)c->oe_margin_out);
   }
   if (c->ckpt_every < 1) BAD("checkpoint interval must be >= 1");
   if (c->log_every < 1) BAD("log interval must be >= 1");
@@ -188,13 +199,14 @@ static void trainer_free(jem__trainer *t) {
 
 typedef struct step_stats {
   double loss, ce, px, l2, acc, e_data, e_sample, lr;
+  double oe, e_out; /* outlier-exposure term and mean outlier energy */
 } step_stats;
 
 /* The rows of one iteration in t->x: the labelled batch (labels in
  * t->ylab) and, for JEM, an independent unlabelled batch and the SGLD
  * samples of B persistent chains (random buffer slots, some restarted),
  * written back to the buffer.  Returns the number of rows. */
-static int draw_rows(jem__trainer *t) {
+static int draw_base_rows(jem__trainer *t) {
   const int B = t->B;
   const size_t chw = t->chw;
   const jem_train_config *c = &t->c;
@@ -230,6 +242,19 @@ static int draw_rows(jem__trainer *t) {
   return 3 * B;
 }
 
+/* The base rows, then (outlier exposure) B outlier images drawn with
+ * replacement, augmented like the data.  Returns the number of rows. */
+static int draw_rows(jem__trainer *t) {
+  int rows = draw_base_rows(t);
+  const jem_dataset *o = t->c.outliers;
+  if (!o) return rows;
+  for (int i = 0; i < t->B; i++) {
+    int k = (int)(((uint64_t)jem_rng_u32(&t->brng) * (uint64_t)o->n) >> 32);
+    augment(t, t->x + (size_t)(rows + i) * t->chw, o->x + (size_t)k * t->chw);
+  }
+  return rows + t->B;
+}
+
 /* One forward over the rows, the loss and its statistics into ss, and
  * d loss / d logits into t->dlogits.  No normalisation layers, so the loss
  * gradient is the sum of per-row contributions. */
@@ -238,16 +263,21 @@ static void loss_and_dlogits(jem__trainer *t, int rows, step_stats *ss) {
   const jem_train_config *c = &t->c;
   jem_forward(t->ws, t->m, t->x, rows, t->logits);
   float p[1024];
-  double ce = 0, ed = 0, eq = 0, ed2 = 0, eq2 = 0;
+  double ce = 0, ed = 0, eq = 0, ed2 = 0, eq2 = 0, oe = 0, eo = 0;
   /* Energy terms' weights, ramped in after a warm start. */
   float ramp = 1.0f;
   if (c->px_ramp > 0 && t->iter < c->px_ramp) ramp = (float)(t->iter + 1) / c->px_ramp;
   const float pxw = ramp * c->px_weight, l2w = ramp * c->energy_l2;
+  /* Outlier rows, when there are any, are the last B. */
+  const int oe0 = c->outliers ? rows - B : rows;
+  const float oew = c->outliers ? c->oe_weight : 0.0f;
   int correct = 0;
   for (int i = 0; i < rows; i++) {
     const float *z = t->logits + (size_t)i * K;
     float *dz = t->dlogits + (size_t)i * K;
     float lse = jem_logsumexp(z, K);
+    float e = -lse; /* E = -lse, dE/dz = -p */
+    float dLdE = 0.0f;
     jem_softmax(p, z, K, 1.0f);
     if (i < B) {
       int y = t->ylab[i];
@@ -256,16 +286,28 @@ static void loss_and_dlogits(jem__trainer *t, int rows, step_stats *ss) {
       for (int k = 1; k < K; k++) if (z[k] > z[am]) am = k;
       correct += am == y;
       for (int k = 0; k < K; k++) dz[k] = (p[k] - (k == y)) / B;
+      if (oew > 0) { /* outlier exposure: labelled energies below m_in */
+        float h = fmaxf(e - c->oe_margin_in, 0.0f);
+        oe += (double)h * h;
+        dLdE = 2.0f * oew * h / B;
+      }
+    } else if (i >= oe0) { /* outliers: energies above m_out */
+      float h = fmaxf(c->oe_margin_out - e, 0.0f);
+      oe += (double)h * h;
+      eo += e;
+      dLdE = -2.0f * oew * h / B;
+      for (int k = 0; k < K; k++) dz[k] = 0.0f;
     } else {
-      /* E = -lse, dE/dz = -p.  Data rows: px_w*E + l2*E^2; sample rows:
-       * -px_w*E + l2*E^2; all means over B. */
-      float e = -lse;
+      /* Data rows: px_w*E + l2*E^2; sample rows: -px_w*E + l2*E^2; all
+       * means over B. */
       float coef = i < 2 * B ? pxw : -pxw;
-      float dLdE = (coef + 2.0f * l2w * e) / B;
-      for (int k = 0; k < K; k++) dz[k] = -dLdE * p[k];
+      dLdE = (coef + 2.0f * l2w * e) / B;
+      for (int k = 0; k < K; k++) dz[k] = 0.0f;
       if (i < 2 * B) { ed += e; ed2 += (double)e * e; }
       else { eq += e; eq2 += (double)e * e; }
     }
+    if (dLdE != 0.0f)
+      for (int k = 0; k < K; k++) dz[k] -= dLdE * p[k];
   }
   ss->ce = ce / B;
   ss->acc = (double)correct / B;
@@ -277,7 +319,9 @@ static void loss_and_dlogits(jem__trainer *t, int rows, step_stats *ss) {
   } else {
     ss->e_data = ss->e_sample = NAN;
   }
-  ss->loss = ss->ce + pxw * ss->px + ss->l2;
+  ss->oe = oew * oe / B;
+  ss->e_out = c->outliers ? eo / B : NAN;
+  ss->loss = ss->ce + pxw * ss->px + ss->l2 + ss->oe;
 }
 
 /* Adam (PyTorch's formulation) with learning rate lr on t->grad. */
@@ -428,6 +472,8 @@ static int check_inputs(const jem_model *m, const jem_dataset *train,
   if (train->n < cfg->batch)
     return jem__errf(err, errlen, JEM_EINVAL, "%d training images, fewer than one batch (%d)",
                      train->n, cfg->batch);
+  if (cfg->outliers && (cfg->outliers->c != train->c || cfg->outliers->s != train->s))
+    return jem__errf(err, errlen, JEM_ESHAPE, "outlier images differ in shape from training images");
   if (m->arch.num_classes > 1024)
     return jem__errf(err, errlen, JEM_EUNSUPPORTED, "more than 1024 classes");
   return 0;
@@ -449,7 +495,7 @@ static int trainer_init(jem__trainer *t, jem_model *m, const jem_dataset *train,
   t->S = m->arch.image_size;
   t->chw = (size_t)t->C * t->S * t->S;
   t->nw = m->n_weights;
-  t->rows = cfg->baseline ? t->B : 3 * t->B;
+  t->rows = (cfg->baseline ? t->B : 3 * t->B) + (cfg->outliers ? t->B : 0);
   t->ws = jem_ws_create(m, t->rows, JEM_WS_TRAIN);
   t->grad = jem__falloc(t->nw);
   t->am = jem__falloc(t->nw);
@@ -576,7 +622,7 @@ static int rollback(jem__trainer *t, const step_stats *ss, FILE *csv, char *err,
 /* Progress between log lines: the sums of the iterations' statistics (the
  * last learning rate in sum[7]) and the iteration rate, smoothed. */
 typedef struct log_window {
-  double sum[8];
+  double sum[10]; /* loss ce px l2 acc e_data e_sample lr oe e_out */
   int n;
   double t0;   /* start of the window */
   double rate; /* it/s, exponentially smoothed; NaN before the first line */
@@ -591,6 +637,7 @@ static void window_reset(log_window *w) {
 static void window_add(log_window *w, const step_stats *ss) {
   w->sum[0] += ss->loss; w->sum[1] += ss->ce; w->sum[2] += ss->px; w->sum[3] += ss->l2;
   w->sum[4] += ss->acc; w->sum[5] += ss->e_data; w->sum[6] += ss->e_sample; w->sum[7] = ss->lr;
+  w->sum[8] += ss->oe; w->sum[9] += ss->e_out;
   w->n++;
 }
 
@@ -609,7 +656,8 @@ static void window_log(jem__trainer *t, log_window *w, FILE *csv) {
   fmt_dur(es, sizeof es, eta);
   const int iters_per_epoch = t->tr->n / t->B;
   double ep = (double)t->iter / (iters_per_epoch > 0 ? iters_per_epoch : 1);
-  for (int k = 0; k < 7; k++) acc[k] /= w->n;
+  for (int k = 0; k < 10; k++)
+    if (k != 7) acc[k] /= w->n;
   if (out) {
     if (cfg->baseline)
       fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f acc %.3f | %.2f it/s ETA %s\n", t->iter,
@@ -618,6 +666,8 @@ static void window_log(jem__trainer *t, log_window *w, FILE *csv) {
       fprintf(out, "it %d/%d ep %.2f lr %.2e loss %.4f ce %.4f px %.4f l2 %.4f acc %.3f "
               "E_data %.3f E_sample %.3f | %.3f it/s ETA %s\n", t->iter, cfg->iterations, ep,
               acc[7], acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], r, es);
+    if (cfg->outliers)
+      fprintf(out, "  outliers: oe %.4f E_out %.3f\n", acc[8], acc[9]);
     fflush(out);
   }
   fprintf(csv, "%d,%.4f,%.4e,%.5f,%.5f,%.5f,%.5f,%.4f,%.4f,%.4f,%.4f,,,%.1f,\n", t->iter, ep,

@@ -96,6 +96,9 @@ void jem_dataset_free(jem_dataset *d);   /* NULL ok; zeroes the struct */
 int jem_dataset_split(const jem_dataset *src, int n_valid, uint64_t seed,
                       jem_dataset *train, jem_dataset *valid, char *err,
                       size_t errlen);
+/* The images of nparts datasets of one shape, in order, without labels. */
+int jem_dataset_concat(const jem_dataset *parts, int nparts, jem_dataset *out,
+                       char *err, size_t errlen);
 /* Copies images [idx[0], idx[1], ...] of src into out. */
 int jem_dataset_subset(const jem_dataset *src, const int *idx, int n,
                        jem_dataset *out, char *err, size_t errlen);
@@ -182,6 +185,15 @@ typedef struct jem_train_config {
                         * for every restart (JEM++'s informative init) */
   int px_ramp;         /* 0, or ramp the energy terms' weights (px_weight and
                         * energy_l2) linearly from 0 over this many iterations */
+  /* Outlier exposure (Hendrycks et al., ICLR 2019) with the energy-bounded
+   * loss of Liu et al. (NeurIPS 2020): each iteration adds B images drawn
+   * from `outliers` and oe_weight * (mean relu(E_in - oe_margin_in)^2 over
+   * the labelled batch + mean relu(oe_margin_out - E_out)^2 over them). */
+  const jem_dataset *outliers; /* NULL: off (model space, labels unused) */
+  const char *outlier_sets;    /* their names, for the provenance */
+  float oe_weight;             /* 0.1 when outliers are given */
+  float oe_margin_in;          /* -10 (near the data's median energy) */
+  float oe_margin_out;         /* -3 */
   /* optimiser: Adam with linear warmup then a decay schedule */
   float lr;            /* 1e-4 (peak) */
   float beta1, beta2, adam_eps; /* .9 .999 1e-8 */

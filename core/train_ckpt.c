@@ -245,6 +245,13 @@ static json_t *config_json(const jem__trainer *t) {
                                                                             : "uniform"));
     if (c->px_ramp) json_object_set_new(o, "px_ramp", json_integer(c->px_ramp));
   }
+  if (c->outliers) {
+    json_object_set_new(o, "outliers", json_string(c->outlier_sets ? c->outlier_sets : "?"));
+    json_object_set_new(o, "outlier_images", json_integer(c->outliers->n));
+    json_object_set_new(o, "oe_weight", json_real(c->oe_weight));
+    json_object_set_new(o, "oe_margins", json_pack("[f,f]", (double)c->oe_margin_in,
+                                                  (double)c->oe_margin_out));
+  }
   return o;
 }
 
