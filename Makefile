@@ -60,9 +60,25 @@ $(B)/libjem.a: $(CORE_OBJ)
 	@rm -f $@
 	$(AR) rcs $@ $^
 
-$(B)/libjemsrv.a: $(SRV_OBJ)
+$(B)/libjemsrv.a: $(SRV_OBJ) $(B)/obj/gen/assets.o
 	@rm -f $@
 	$(AR) rcs $@ $^
+
+# Files jemd serves, built into it: the page at / (web/) and the spec.
+# scripts/embed.c turns them into a C file of byte arrays (no runtime paths).
+ASSETS := web/index.html / 'text/html; charset=utf-8' \
+          web/app.js /ui/app.js 'text/javascript; charset=utf-8' \
+          web/app.css /ui/app.css 'text/css; charset=utf-8' \
+          openapi.yaml /openapi.yaml 'application/yaml; charset=utf-8'
+$(B)/embed: scripts/embed.c
+	@mkdir -p $(@D)
+	$(CC) -std=c11 -O1 -Wall -Wextra -Werror $< -o $@
+$(B)/gen/assets.c: $(B)/embed web/index.html web/app.js web/app.css openapi.yaml
+	@mkdir -p $(@D)
+	$(B)/embed $@ $(ASSETS)
+$(B)/obj/gen/assets.o: $(B)/gen/assets.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Iserver -c $< -o $@
 
 $(B)/jem: $(CLI_OBJ) $(B)/libjem.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@

@@ -2,6 +2,7 @@
  * environment variable, default, range and help line (redis-style). */
 #include "srv.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -12,7 +13,9 @@
 
 srv_config srv_cfg;
 
-enum { OPT_STR, OPT_INT, OPT_LL, OPT_BOOL, OPT_LEVEL };
+/* OPT_LIST: a repeatable flag; the values are kept '\n'-separated, and its
+ * variable takes a comma- or space-separated list. */
+enum { OPT_STR, OPT_INT, OPT_LL, OPT_BOOL, OPT_LEVEL, OPT_LIST };
 
 typedef struct opt {
   const char *flag;     /* without "--" */
@@ -108,6 +111,9 @@ static const opt opts[] = {
    "SGLD time of one job slice before it yields the worker (>= 1 step)"},
   {"job-nice", "JEMD_JOB_NICE", OPT_INT, F(job_nice), "10", 0, 19, "N",
    "nice value added to a worker thread during a job slice (0 = off)"},
+  {"cors-origin", "JEMD_CORS_ORIGIN", OPT_LIST, F(cors_origins), "", 0, 0, "ORIGIN",
+   "let web pages from ORIGIN (scheme://host[:port], or * for any) call the API: OPTIONS "
+   "preflights get 204 and answers carry Access-Control-Allow-Origin; repeatable"},
   {"log-level", "JEMD_LOG_LEVEL", OPT_LEVEL, F(log_level_name), "info", 0, 0, "LEVEL",
    "error, warn, info or debug"},
 };
@@ -148,6 +154,43 @@ static int parse_bool(const char *v, int *out) {
     return 0;
   }
   return -1;
+}
+
+/* A --cors-origin value: "*" or scheme://host[:port] as browsers send it in
+ * Origin (no path, no trailing slash), so that matching is a string compare. */
+static int origin_ok(const char *v, size_t n) {
+  if (n == 1 && v[0] == '*') return 1;
+  size_t s = !strncmp(v, "http://", 7) ? 7 : !strncmp(v, "https://", 8) ? 8 : 0;
+  if (!s || n <= s) return 0;
+  for (size_t i = s; i < n; i++)
+    if (!(isalnum((unsigned char)v[i]) || strchr("-.:[]", v[i]))) return 0;
+  return 1;
+}
+
+/* Appends each comma- or space-separated item of v to o's list. */
+static int list_add(const opt *o, const char *v, char *err, size_t errlen) {
+  char *list = (char *)&srv_cfg + o->off;
+  for (const char *p = v; *p;) {
+    size_t n = strcspn(p, ", \t\n");
+    if (n) {
+      if (!origin_ok(p, n)) {
+        snprintf(err, errlen, "'%.*s' is not * or scheme://host[:port] (http or https, no "
+                 "path)", (int)(n > 200 ? 200 : n), p);
+        return -1;
+      }
+      size_t used = strlen(list);
+      if (used + n + 2 > o->size) {
+        snprintf(err, errlen, "too many values (at most %zu bytes in all)", o->size - 2);
+        return -1;
+      }
+      if (used) list[used++] = '\n';
+      memcpy(list + used, p, n);
+      list[used + n] = '\0';
+    }
+    p += n;
+    if (*p) p++;
+  }
+  return 0;
 }
 
 /* Stores value v for o; writes why not into err. */
@@ -193,6 +236,8 @@ static int set_opt(const opt *o, const char *v, char *err, size_t errlen) {
       *(long long *)(base + o->off) = x;
     return 0;
   }
+  case OPT_LIST:
+    return list_add(o, v, err, errlen);
   case OPT_BOOL: {
     int b;
     if (parse_bool(v, &b)) {
@@ -229,6 +274,7 @@ int srv_config_parse(int argc, char **argv, int *status) {
       return 1;
     }
   }
+  unsigned char flagged[N_OPTS] = {0}; /* a list flag replaces its variable's values */
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -267,6 +313,7 @@ int srv_config_parse(int argc, char **argv, int *status) {
       *status = 2;
       return 1;
     }
+    if (o->type == OPT_LIST && !flagged[o - opts]++) *((char *)&srv_cfg + o->off) = '\0';
     if (set_opt(o, v, err, sizeof err)) {
       fprintf(stderr, "jemd: --%s: %s\n", o->flag, err);
       *status = 2;

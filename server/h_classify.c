@@ -317,12 +317,14 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     }
   }
   if ((v = srv_req_query(r, "grad"))) {
-    if (!strcmp(v, "true") || !strcmp(v, "1")) {
+    /* the spellings clients send: JSON's, Python's str(bool), 1/0 */
+    if (!strcasecmp(v, "true") || !strcmp(v, "1")) {
       want_grad = 1;
-    } else if (!strcmp(v, "false") || !strcmp(v, "0")) {
+    } else if (!strcasecmp(v, "false") || !strcmp(v, "0")) {
       want_grad = 0;
     } else {
-      res = srv_respond_error(r, 400, "invalid_parameter", "grad must be true or false");
+      res = srv_respond_error(r, 400, "invalid_parameter",
+                              "grad must be true or false (any letter case) or 1 or 0");
       goto reject;
     }
   }

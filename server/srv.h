@@ -49,6 +49,7 @@ typedef struct srv_config {
   int protect_scoring;
   int log_level;
   char log_level_name[16];
+  char cors_origins[4096];      /* '\n'-separated; "" = no CORS headers */
   /* SGLD jobs (server/jobs.c) */
   int max_samples;              /* n per job */
   int max_steps;                /* steps per job */
@@ -359,6 +360,19 @@ enum MHD_Result srv_h_v2_server(srv_req *r);
 enum MHD_Result srv_h_v2_model(srv_req *r);
 enum MHD_Result srv_h_v2_model_ready(srv_req *r);
 enum MHD_Result srv_h_v2_infer(srv_req *r);
+/* GET of a file built into jemd (the page, its script and style, the spec) */
+enum MHD_Result srv_h_asset(srv_req *r);
+
+/* The files built into jemd: the table is generated at build time from
+ * openapi.yaml and web/ by scripts/embed.c (see the Makefile). */
+typedef struct srv_asset {
+  const char *url;              /* "/", "/ui/app.js", "/openapi.yaml" */
+  const char *ctype;
+  const unsigned char *data;
+  long len;
+} srv_asset;
+extern const srv_asset srv_assets[];
+extern const int srv_n_assets;
 
 /* ------------------------------------------------------------------------ */
 /* Request parsing, exposed for the fuzzers (no daemon needed). */

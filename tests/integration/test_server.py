@@ -230,6 +230,9 @@ def metric_value(text, name, labels=None):
 def test_routes(c, imgs, model_name):
     st, h, js = c.call("GET", "/healthz", expect=200)
     check(js == {"status": "ok"}, "healthz body")
+    # the files built into jemd (test_web.py checks them in depth)
+    for path in ("/", "/ui/app.js", "/openapi.yaml"):
+        c.call("GET", path, expect=200)
     c.call("GET", "/readyz", expect=200)
     st, h, text = c.call("GET", "/metrics", expect=200)
     check(h.get("content-type", "").startswith("text/plain; version=0.0.4"), "metrics content type")
