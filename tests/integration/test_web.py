@@ -140,6 +140,77 @@ def test_cors(jemd, model):
         d.kill()
 
 
+NODE_DIR = os.path.join(ROOT, "tests", "node")
+
+
+def node_ready():
+    """The npm tools `make node-deps` installs; a failed check names the fix."""
+    ok = os.path.isdir(os.path.join(NODE_DIR, "node_modules", "puppeteer-core"))
+    return check(ok, "tests/node/node_modules is missing: run `make node-deps` (make test does)")
+
+
+def pct(p):
+    return "—" if p is None else f"{100 * p:.1f}%"
+
+
+def test_page(jemd):
+    """The page in headless Chromium at phone size: pick a real PNG, read the
+    label and the scores, run a small job to the end."""
+    if not node_ready():
+        return
+    image = os.path.join(ROOT, "tests", "data", "images", "fmnist0.png")
+    d = jemtest.Daemon(jemd, os.path.join(ROOT, "models", "fmnist-jem.safetensors"))
+    try:
+        st, _, want = d.json("POST", "/v1/classify", open(image, "rb").read(),
+                             {"Content-Type": "image/png"})
+        _, _, models = d.json("GET", "/v1/models")
+        classes = models["models"][0]["classes"]
+        p = subprocess.run(["node", os.path.join(NODE_DIR, "page.mjs"),
+                            f"http://127.0.0.1:{d.port}/", image, "3", "5", "42"],
+                           capture_output=True, text=True, timeout=120, cwd=NODE_DIR)
+        try:
+            got = json.loads(p.stdout)
+        except ValueError:
+            check(False, f"page.mjs printed no JSON (rc {p.returncode}): {p.stderr[-800:]}")
+            return
+        check(got["errors"] == [], f"no script, console or network error on the page: "
+              f"{got['errors']}")
+        check(got.get("models") == [models["models"][0]["name"]], "the model chooser lists the model")
+        c = got.get("classify", {})
+        check(c.get("label") == want["label"] and c.get("class") == want["class"],
+              f"the page shows the label /v1/classify gives ({c.get('class')} vs {want['class']})")
+        bars = c.get("bars", [])
+        order = sorted(range(len(want["probs"])), key=lambda i: -want["probs"][i])[:10]
+        check([b["label"] for b in bars] == order and all(
+            b["text"] == classes[i] + pct(want["probs"][i]) for b, i in zip(bars, order)),
+            "the bar chart lists the calibrated probabilities, most probable first")
+        check(bars and bars[0]["width"] > 10 * max(b["width"] for b in bars[1:]),
+              "the top bar is drawn longest")
+        check(c.get("is_ood") == json.dumps(want["ood"]["is_ood"]),
+              f"the verdict is the API's ({c.get('is_ood')})")
+        rows = {r["score"]: r["cells"] for r in c.get("scores", [])}
+        check(set(rows) == set(want["ood"]["scores"]) and all(
+            rows[k][2] == pct(v["percentile"]) for k, v in want["ood"]["scores"].items()),
+            "each OOD score with its percentile")
+        j = got.get("job", {})
+        check(j.get("status") == "succeeded" and j.get("progress") == [5, 5],
+              f"the page ran the job to the end: {j.get('text')}")
+        st, _, job = d.json("GET", f"/v1/jobs/{j.get('id')}")
+        check(st == 200 and job["params"]["n"] == 4 and job["params"]["steps"] == 5 and
+              job["params"]["class"] == 3 and job["params"]["seed"] == 42,
+              f"the job has the form's class, steps and seed ({job and job.get('params')})")
+        check(j.get("grid", [0])[0] > 32 and len(j.get("samples", [])) == 4 and
+              all(w == 32 and alt.startswith(f"Sample {i + 1}: classified as ")
+                  for i, (w, alt) in enumerate(j["samples"])),
+              "the grid and each of the 4 samples are shown, with alt text")
+        a = got.get("a11y", {})
+        check(a.get("unlabeled") == [] and a.get("noAlt") == [] and a.get("lang") == "en" and
+              a.get("live", 0) >= 2, f"every control labelled, every image described: {a}")
+        check(a.get("overflow", 1) <= 0, "no horizontal scrolling at 390 CSS pixels")
+    finally:
+        d.kill()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
@@ -159,6 +230,7 @@ def main():
         finally:
             d.kill()
         test_cors(jemd, model)
+        test_page(jemd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"test_web: {PASSES[0]} checks passed, {len(FAILS)} failed, {time.time() - t0:.1f} s")
