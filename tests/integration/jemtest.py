@@ -257,3 +257,33 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class Checks:
+    """check(cond, what) for a test script: counts passes, prints each failure,
+    and report() prints the summary line and gives the exit status."""
+
+    def __init__(self, name):
+        self.name, self.passed, self.failed, self.t0 = name, 0, [], time.time()
+
+    def __call__(self, cond, what):
+        if cond:
+            self.passed += 1
+        else:
+            self.failed.append(what)
+            print("FAIL:", what, flush=True)
+        return cond
+
+    def report(self):
+        print(f"{self.name}: {self.passed} checks passed, {len(self.failed)} failed, "
+              f"{time.time() - self.t0:.1f} s")
+        return 1 if self.failed else 0
+
+
+def jemd_binary(root, argv=None):
+    """build/jemd (or --build DIR's) from a test script's command line."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    build = ap.parse_args(argv).build
+    return os.path.join(build if os.path.isabs(build) else os.path.join(root, build), "jemd")

@@ -5,31 +5,20 @@ send, and the page at / driven in headless Chromium (tests/node/page.mjs).
 
 usage: /usr/bin/python3 tests/integration/test_web.py --build build
 """
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import jemtest  # noqa: E402
 
-FAILS = []
-PASSES = [0]
+check = jemtest.Checks("test_web")
 
-
-def check(cond, what):
-    if cond:
-        PASSES[0] += 1
-    else:
-        FAILS.append(what)
-        print("FAIL:", what, flush=True)
-    return cond
 
 
 def test_spec(d):
@@ -212,13 +201,8 @@ def test_page(jemd):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--build", default="build")
-    args = ap.parse_args()
-    build = os.path.join(ROOT, args.build) if not os.path.isabs(args.build) else args.build
-    jemd = os.path.join(build, "jemd")
+    jemd = jemtest.jemd_binary(ROOT)
     tmp = tempfile.mkdtemp(prefix="jemd-web-")
-    t0 = time.time()
     try:
         model = os.path.join(tmp, "webnet.safetensors")
         jemtest.write_model(model, seed=3, name="webnet")
@@ -233,8 +217,7 @@ def main():
         test_page(jemd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"test_web: {PASSES[0]} checks passed, {len(FAILS)} failed, {time.time() - t0:.1f} s")
-    return 1 if FAILS else 0
+    return check.report()
 
 
 if __name__ == "__main__":
