@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <malloc.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -226,6 +227,20 @@ enum MHD_Result srv_respond_json_h(srv_req *r, int status, json_t *body,
   enum MHD_Result ok = srv_respond(r, status, "application/json", s, len, headers);
   free(s);
   return ok;
+}
+
+/* The shortest decimal that reads back as the same float, so 0.95f is sent
+ * as 0.95 and not 0.949999988079071; dumped with JSON_REAL_PRECISION(9). */
+json_t *srv_jreal(double v) {
+  if (!isfinite(v)) return json_null();
+  float f = (float)v;
+  if ((double)f != v) return json_real(v); /* a genuine double */
+  char buf[32];
+  for (int prec = 6; prec <= 9; prec++) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+    if (strtof(buf, NULL) == f) break;
+  }
+  return json_real(strtod(buf, NULL));
 }
 
 static enum MHD_Result verror(srv_req *r, int status, const char *code,

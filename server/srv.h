@@ -50,7 +50,7 @@ typedef struct srv_config {
   int log_level;
   char log_level_name[16];
   char cors_origins[4096];      /* '\n'-separated; "" = no CORS headers */
-  /* SGLD jobs (server/jobs.c) */
+  /* SGLD jobs (server/h_jobs.c, job_store.c, job_work.c) */
   int max_samples;              /* n per job */
   int max_steps;                /* steps per job */
   int max_queued_jobs;          /* queued + running jobs before 429 */
@@ -333,17 +333,19 @@ void srv_http_tick(void);
 /* Handlers */
 
 /* A request whose images declare more pixels than this in all is decoded on
- * a worker (background work), not on the HTTP thread (h_classify.c, jobs.c). */
+ * a worker (background work), not on the HTTP thread (h_classify.c, h_jobs.c). */
 #define SRV_DECODE_INLINE_PIXELS (1ll << 20)
 
 /* Scoring plumbing shared by /v1/classify and /v2 infer (h_classify.c):
  * reserve queue room (503 + Retry-After when full), suspend, queue; the
  * request owns ctx (freed with ctx_free_fn) and on_resume answers.  With
- * prepare (not NULL), that background work runs first and its done() queues
- * the task with srv_sched_score, or releases the reservation and resumes. */
+ * prepare (not NULL), that worker-side decode runs first and its finish()
+ * queues the task with srv_sched_score, or releases the reservation and
+ * resumes. */
+typedef struct srv_decode srv_decode;
 enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx,
                                  void (*ctx_free_fn)(void *),
-                                 enum MHD_Result (*on_resume)(srv_req *), srv_work *prepare);
+                                 enum MHD_Result (*on_resume)(srv_req *), srv_decode *prepare);
 /* Answers for a task that did not finish (client gone, shutdown, failure);
  * returns 1 when it answered, with *res set. */
 int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res);
@@ -451,5 +453,40 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
                        srv_v2_req *out, char *err, size_t errlen);
 void srv_v2_req_free(srv_v2_req *q);
 
+
+/* ------------------------------------------------------------------------ */
+/* Decoding a request's encoded images into a model input tensor
+ * (server/decode.c), shared by /v1/classify and job init images: all at once
+ * on the HTTP thread, or one image per slice on a worker for requests past
+ * SRV_DECODE_INLINE_PIXELS, so scoring batches run in between. */
+enum { SRV_DECODE_PLAIN = 0,    /* errors name no image (one raw image body) */
+       SRV_DECODE_IMAGE,        /* "image 3: ..." */
+       SRV_DECODE_INIT };       /* "init.images[3]: ..." */
+struct srv_decode {
+  srv_work work;                /* the worker-side decode */
+  const jem_model *m;
+  jem_image_limits lim;
+  srv_blob *imgs;               /* owned; freed once all are decoded */
+  int n_imgs, n_decoded;
+  float *x;                     /* [n_imgs, C, S, S], not owned */
+  int naming;                   /* SRV_DECODE_PLAIN, _IMAGE or _INIT */
+  int conn_fd;                  /* a worker stops once this client hung up */
+  /* outcome: status 0 while all is well, else the HTTP status of the
+   * answer (400 invalid_image, 413 image_too_large, 415 unsupported_image,
+   * 503 out_of_memory) with its code and message */
+  int status;
+  const char *code;
+  char err[600];
+  int client_gone, canceled;
+  /* Loop thread, once, after the worker-side decode ended: all decoded,
+   * failed, client gone, or canceled (the scheduler stopped). */
+  void (*finish)(srv_decode *d);
+};
+/* Decodes up to max more images (INT_MAX: the rest) on the calling thread:
+ * 0 when all are decoded (imgs freed), 1 when some remain, -1 on failure. */
+int srv_decode_run(srv_decode *d, int max);
+/* Decodes the rest on workers; -1 (nothing queued) when the scheduler stops. */
+int srv_decode_submit(srv_decode *d);
+void srv_decode_free(srv_decode *d); /* the encoded images */
 
 #endif
