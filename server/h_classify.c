@@ -181,6 +181,7 @@ static enum MHD_Result classify_respond(srv_req *r) {
   enum MHD_Result res;
   if (c->dec.status) return decode_error(r, &c->dec);
   if (srv_score_unfinished(r, t, &res)) return res;
+  srv_model_count_images(t->model, t->n);
   const jem_model *m = t->model->m;
   if (c->single) return srv_respond_json(r, 200, result_json(m, t, 0, c->top_k, c->tpr));
   json_t *arr = json_array();
@@ -208,20 +209,26 @@ static int parse_int(const char *s, long *out) {
 }
 
 enum MHD_Result srv_h_classify(srv_req *r) {
-  static const char *const allowed[] = {"top_k", "grad", "tpr", NULL};
+  static const char *const allowed[] = {"top_k", "grad", "tpr", "model", NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
-  srv_model *sm = srv_model_get();
-  if (!sm) {
-    const char *h[] = {"Retry-After", "5", NULL};
-    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  /* POST /v1/models/{name}/classify, or ?model=NAME, else the default */
+  const char *v, *name = srv_req_query(r, "model");
+  enum MHD_Result res;
+  if (r->n_params == 1) {
+    if (name) {
+      srv_metrics_reject(SRV_REJ_BAD_REQUEST);
+      return srv_respond_error(r, 400, "invalid_parameter",
+                               "the path names the model; leave out ?model=");
+    }
+    name = r->params[0];
   }
+  srv_model *sm = srv_model_for(r, name, &res);
+  if (!sm) return res;
   const jem_model *m = sm->m;
   char err[512];
   long top_k = 0;
   int want_grad = 1;
   float tpr = m->ood.present ? m->ood.default_tpr : 0.95f;
-  const char *v;
-  enum MHD_Result res;
   score_ctx *c = NULL;
   srv_blob *imgs = NULL;
   int n = 0;

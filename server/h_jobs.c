@@ -160,6 +160,28 @@ static enum MHD_Result decode_then_create(srv_req *r, srv_model *sm, srv_samples
   return MHD_YES;
 }
 
+/* The "model" a job body names ("" when none).  The model must be known
+ * before the body is parsed (its sampler settings are the defaults, its
+ * class names the valid classes), so a body that mentions "model" is parsed
+ * once more here.  -1 with the message in name when "model" is no string. */
+static int job_model_name(srv_req *r, char *name, size_t cap) {
+  name[0] = '\0';
+  if (!r->body_len || !strstr(r->body, "\"model\"")) return 0;
+  int st = 0;
+  char err[256];
+  json_t *j = srv_json_parse(r->body, r->body_len, &st, err, sizeof err);
+  json_t *v = json_is_object(j) ? json_object_get(j, "model") : NULL;
+  int rc = 0;
+  if (v && !json_is_string(v)) {
+    snprintf(name, cap, "'model' must be a string (a name from GET /v1/models)");
+    rc = -1;
+  } else if (v) {
+    snprintf(name, cap, "%s", json_string_value(v));
+  }
+  json_decref(j); /* a malformed body is srv_samples_parse's to report */
+  return rc;
+}
+
 enum MHD_Result srv_h_samples_create(srv_req *r) {
   static const char *const allowed[] = {NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
@@ -177,11 +199,11 @@ enum MHD_Result srv_h_samples_create(srv_req *r) {
                              strncasecmp(ct, "application/x-www-form-urlencoded", 33) ? ""
                              : " (curl -d sends form data: add -H 'Content-Type: application/json')");
   }
-  srv_model *sm = srv_model_get();
-  if (!sm) {
-    const char *h[] = {"Retry-After", "5", NULL};
-    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
-  }
+  char name[SRV_MODEL_NAME_MAX];
+  enum MHD_Result res;
+  if (job_model_name(r, name, sizeof name)) return refuse_request(r, 400, "invalid_type", name);
+  srv_model *sm = srv_model_for(r, name[0] ? name : NULL, &res);
+  if (!sm) return res;
   const jem_model *m = sm->m;
   jem_image_limits lim;
   srv_image_limits(&lim);

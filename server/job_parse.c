@@ -147,7 +147,7 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
                       int max_steps, const jem_image_limits *lim, srv_samples_req *out,
                       const char **code, char *err, size_t errlen) {
   static const char *const known[] = {"n", "steps", "class", "step_size", "noise",
-                                      "init", "clamp", "seed", NULL};
+                                      "init", "clamp", "seed", "model", NULL};
   memset(out, 0, sizeof *out);
   out->n = 16 < max_n ? 16 : max_n;
   /* the model's own sampler settings (jem calibrate), else contracts.md's */
@@ -185,7 +185,7 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
       char q[80];
       srv_log_quote(q, sizeof q, key);
       snprintf(err, errlen, "unknown field %s (accepted: n, steps, class, step_size, noise, "
-               "init, clamp, seed)", q);
+               "init, clamp, seed, model)", q);
       st = fail(code, "unknown_field", 400);
       goto out;
     }

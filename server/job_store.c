@@ -357,7 +357,7 @@ static void mem_create(srv_model *sm, srv_samples_req *q, int admitted, srv_job_
   j->e.begin = job_begin;
   memcpy(j->rec.id, id, sizeof id);
   j->rec.p = p;
-  snprintf(j->rec.model_name, sizeof j->rec.model_name, "%s", m->name);
+  snprintf(j->rec.model_name, sizeof j->rec.model_name, "%s", sm->name);
   if (p.y >= 0 && !(j->rec.class_name = strdup(m->classes[p.y]))) oom = 1;
   if (oom) {
     if (admitted) mem_unadmit();

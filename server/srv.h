@@ -22,7 +22,9 @@
 typedef struct srv_config {
   char host[256];
   int port;
-  char model[4096];             /* "" until resolved: see srv_config_model_path */
+  char model[16384];            /* --model paths, '\n'-separated; "" until resolved */
+  char model_dir[4096];         /* --model-dir */
+  char default_model[128];      /* --default-model */
   int workers;                  /* compute workers (libuv pool threads) */
   int blas_threads;             /* OpenBLAS threads per call, 0 = auto */
   int http_threads;             /* MHD epoll thread-pool size */
@@ -67,7 +69,7 @@ extern srv_config srv_cfg;
  * the process should exit with *status (--help, --version, usage error). */
 int srv_config_parse(int argc, char **argv, int *status);
 void srv_config_usage(FILE *f);
-/* Fills srv_cfg.model when empty: models/fmnist-jem.safetensors in the
+/* Fills srv_cfg.model when it and --model-dir are empty: models/fmnist-jem.safetensors in the
  * working directory, then JEMD_DATADIR/models/; -1 (with a message naming
  * both) when neither is readable. */
 int srv_config_resolve_model(void);
@@ -95,24 +97,55 @@ int srv_sd_notify(const char *state);
 uint64_t srv_sd_watchdog_ns(void);  /* 0 = no watchdog */
 
 /* ------------------------------------------------------------------------ */
-/* The served model (server/model.c): refcounted so SIGHUP can swap it while
- * batches still run on the old one. */
+/* The model repository (server/modelref.c): models by name, each
+ * refcounted so that SIGHUP or a repository load can swap it while batches
+ * still run on the old one. */
+
+#define SRV_MAX_MODELS 64
+#define SRV_MODEL_NAME_MAX 128
 
 typedef struct srv_model {
   jem_model *m;
   atomic_int refs;
-  uint64_t gen;                 /* 1, 2, ... per successful load */
+  uint64_t gen;                 /* 1, 2, ... per successful load, unique across models */
+  char name[SRV_MODEL_NAME_MAX]; /* what clients call it: the file stem, or with a
+                                    single --model its metadata name */
   char path[4096];
   double loaded_at;             /* wall clock */
 } srv_model;
 
-/* Loads path and makes it current.  On failure the current model stays and
- * err says why. */
-int srv_model_load(const char *path, char *err, size_t errlen);
-srv_model *srv_model_get(void);       /* new reference, NULL when none */
+/* Loads the models of --model / --model-dir (every one must load) and
+ * picks the default; -1 and err otherwise. */
+int srv_models_init(char *err, size_t errlen);
+/* SIGHUP: loads the --model files again and rescans --model-dir (new,
+ * changed and removed files).  Returns the number of failures (err: the
+ * last); a model whose file fails keeps serving its old version. */
+int srv_models_rescan(char *err, size_t errlen);
+/* POST /v2/repository/models/{name}/load: (re)loads a known model, or
+ * DIR/name.safetensors under --model-dir.  0, 1 unknown name, -1 failed. */
+int srv_model_repo_load(const char *name, char *err, size_t errlen);
+int srv_model_repo_unload(const char *name);          /* 0, or -1 unknown */
+srv_model *srv_model_find(const char *name);  /* new reference; NULL name = the default;
+                                                 NULL when unknown or unloaded */
+srv_model *srv_model_get(void);       /* the default model (new reference) or NULL */
 void srv_model_put(srv_model *sm);    /* NULL ok */
-void srv_model_shutdown(void);        /* drops the current model */
-int srv_model_ready(void);
+void srv_model_default(char *out, size_t cap);  /* the default model's name */
+/* New references to the loaded models, in repository order; their count. */
+int srv_models_list(srv_model **out, int cap);
+void srv_model_shutdown(void);        /* drops every model */
+int srv_model_ready(void);            /* 1 when any model is loaded */
+int srv_model_name_ok(const char *s); /* letters, digits, . _ - (not first .) */
+void srv_model_count_images(const srv_model *sm, int n);
+
+typedef struct srv_model_status {     /* one row of the repository index */
+  char name[SRV_MODEL_NAME_MAX];
+  char reason[256];
+  int ready, is_default;
+  uint64_t gen;
+  double loaded_at;
+  unsigned long long images;          /* scored, across reloads */
+} srv_model_status;
+int srv_models_index(srv_model_status *out, int cap);
 
 /* ------------------------------------------------------------------------ */
 /* Scheduler (server/sched.c).  See the comment at the top of sched.c. */
@@ -351,6 +384,11 @@ enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx,
 int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res);
 json_t *srv_jreal(double v);  /* null for NaN/inf */
 
+/* The model a request names (NULL: the default), or NULL after answering
+ * 404 model_not_found (503 model_not_loaded for the default) in the
+ * route's error shape. */
+srv_model *srv_model_for(srv_req *r, const char *name, enum MHD_Result *res);
+
 enum MHD_Result srv_h_healthz(srv_req *r);
 enum MHD_Result srv_h_readyz(srv_req *r);
 enum MHD_Result srv_h_metrics(srv_req *r);
@@ -362,6 +400,10 @@ enum MHD_Result srv_h_v2_server(srv_req *r);
 enum MHD_Result srv_h_v2_model(srv_req *r);
 enum MHD_Result srv_h_v2_model_ready(srv_req *r);
 enum MHD_Result srv_h_v2_infer(srv_req *r);
+enum MHD_Result srv_h_v2_repo_index(srv_req *r);
+enum MHD_Result srv_h_v2_repo_load(srv_req *r);
+enum MHD_Result srv_h_v2_repo_unload(srv_req *r);
+enum MHD_Result srv_h_model(srv_req *r);
 /* GET of a file built into jemd (the page, its script and style, the spec) */
 enum MHD_Result srv_h_asset(srv_req *r);
 

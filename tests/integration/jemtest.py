@@ -164,14 +164,16 @@ def test_images(n, seed=1, size=28):
 
 
 class Daemon:
-    """Runs build/jemd on a free port; collects stderr in a thread."""
+    """Runs build/jemd on a free port (with --model unless model is None);
+    collects stderr in a thread."""
 
     def __init__(self, binary, model, *args, env=None):
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)
         if env:
             e.update(env)
-        self.proc = subprocess.Popen([binary, "--model", model, "--port", "0", *args],
+        self.proc = subprocess.Popen([binary, *(["--model", model] if model else []),
+                                      "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
         self.lines = []
         self.port = None

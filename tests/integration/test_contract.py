@@ -143,16 +143,35 @@ def test_through_prism(p, d, png, name):
     via(p, "POST", "/v1/classify?grad=maybe", 400, json.dumps({"images": [b64]}), J,
         "grad=maybe is refused by both", d)
     via(p, "POST", "/v1/classify", 422, json.dumps({"images": []}), J, "no images", d)
+    # the model repository: named routes, versions, the index, load and unload
+    via(p, "GET", f"/v1/models/{name}", 200)
+    via(p, "GET", "/v1/models/nosuch", 404)
+    via(p, "POST", f"/v1/models/{name}/classify?grad=false", 200, json.dumps({"images": [b64]}), J)
+    via(p, "POST", f"/v1/classify?model={name}", 200, json.dumps({"images": [b64]}), J)
+    via(p, "POST", "/v1/classify?model=nosuch", 404, json.dumps({"images": [b64]}), J)
+    via(p, "GET", f"/v2/models/{name}/versions/1", 200)
+    via(p, "GET", f"/v2/models/{name}/versions/1/ready", 200)
+    via(p, "GET", f"/v2/models/{name}/versions/7", 404)
+    via(p, "POST", "/v2/repository/index", 200)
+    via(p, "POST", "/v2/repository/index", 200, json.dumps({"ready": True}), J)
+    via(p, "POST", f"/v2/repository/models/{name}/unload", 200)
+    via(p, "POST", f"/v2/models/{name}/infer", 404, json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32],
+                     "data": [0.0] * 1024}]}), J, "infer on an unloaded model")
+    via(p, "POST", f"/v2/repository/models/{name}/load", 200)
+    via(p, "POST", "/v2/repository/models/nosuch/load", 404)
+    via(p, "POST", "/v1/samples", 404, json.dumps({"model": "nosuch"}), J, "job, unknown model")
     x = [0.0] * (32 * 32)
     infer = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": x}]}
     via(p, "POST", f"/v2/models/{name}/infer", 200, json.dumps(infer), J)
     infer["outputs"] = [{"name": "energy"}]
     via(p, "POST", f"/v2/models/{name}/infer", 200, json.dumps(infer), J, "infer, one output")
+    via(p, "POST", f"/v2/models/{name}/versions/1/infer", 200, json.dumps(infer), J)
     infer["inputs"][0]["shape"] = [1, 1, 16, 16]
     via(p, "POST", f"/v2/models/{name}/infer", 422, json.dumps(infer), J, "infer, wrong shape")
     # jobs: class null (nullable inside oneOf), init images as a data: URL
-    job = via(p, "POST", "/v1/samples", 202,
-              json.dumps({"n": 2, "steps": 2, "seed": 3, "class": None}), J, "job, class null")
+    job = via(p, "POST", "/v1/samples", 202, json.dumps(
+        {"n": 2, "steps": 2, "seed": 3, "class": None, "model": name}), J, "job, class null")
     via(p, "POST", "/v1/samples", 202, json.dumps(
         {"steps": 1, "class": "class1", "init": {"images": ["data:image/png;base64," + b64]}}), J,
         "job from a data: URL image")
