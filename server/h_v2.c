@@ -260,6 +260,10 @@ enum MHD_Result srv_h_v2_repo_load(srv_req *r) {
   char err[512];
   int rc = srv_model_repo_load(r->params[0], err, sizeof err);
   if (rc > 0) return srv_respond_error(r, 404, "model_not_found", "%s", err);
+  if (rc == -2) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "busy", h, "%s", err);
+  }
   if (rc < 0)
     return srv_respond_error(r, 400, "load_failed", "cannot load model '%.100s': %s",
                              r->params[0], err);
@@ -269,7 +273,13 @@ enum MHD_Result srv_h_v2_repo_load(srv_req *r) {
 enum MHD_Result srv_h_v2_repo_unload(srv_req *r) {
   static const char *const allowed[] = {NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
-  if (srv_model_repo_unload(r->params[0]))
+  int rc = srv_model_repo_unload(r->params[0]);
+  if (rc == -2) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "busy", h, "another load has not ended within "
+                               "--reload-timeout");
+  }
+  if (rc)
     return srv_respond_error(r, 404, "model_not_found", "no model named '%.100s'", r->params[0]);
   return srv_respond_json(r, 200, json_object());
 }

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 /* One name in the repository.  Lookups take mu briefly; loads (slow: a
  * file read) run under load_mu only, so they never block lookups, and one
@@ -34,6 +35,7 @@ static entry *E[SRV_MAX_MODELS];
 static int nE;
 static char def_name[SRV_MODEL_NAME_MAX];
 static uint64_t next_gen = 1;   /* under mu; unique across models (workspaces key on it) */
+static int stopped;             /* under mu: srv_model_shutdown ran, loads are discarded */
 
 void srv_model_put(srv_model *sm) {
   if (!sm) return;
@@ -169,6 +171,11 @@ static srv_model *load_file(const char *name, const char *path, char *err, size_
 /* Makes sm (loaded from the file st describes) e's model. */
 static void install(entry *e, srv_model *sm, const struct stat *st) {
   pthread_mutex_lock(&mu);
+  if (stopped) { /* a reload that outlived the drain */
+    pthread_mutex_unlock(&mu);
+    srv_model_put(sm);
+    return;
+  }
   if (e->meta_name && strcmp(e->name, sm->name)) {
     if (!strcmp(def_name, e->name)) snprintf(def_name, sizeof def_name, "%s", sm->name);
     snprintf(e->name, sizeof e->name, "%s", sm->name);
@@ -445,8 +452,20 @@ int srv_models_rescan(char *err, size_t errlen) {
   return failed;
 }
 
+/* load_mu for a repository call: a reload stuck on its file (a FIFO, a hung
+ * mount) holds it, and an HTTP thread must not wait for that forever. */
+static int lock_for_call(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_sec += srv_cfg.reload_timeout;
+  return pthread_mutex_timedlock(&load_mu, &ts);
+}
+
 int srv_model_repo_load(const char *name, char *err, size_t errlen) {
-  pthread_mutex_lock(&load_mu);
+  if (lock_for_call()) {
+    snprintf(err, errlen, "another load has not ended within --reload-timeout");
+    return -2;
+  }
   int rc = -1;
   entry *e = find_locked(name);
   if (!e && srv_cfg.model_dir[0] && srv_model_name_ok(name)) {
@@ -466,7 +485,7 @@ int srv_model_repo_load(const char *name, char *err, size_t errlen) {
 }
 
 int srv_model_repo_unload(const char *name) {
-  pthread_mutex_lock(&load_mu);
+  if (lock_for_call()) return -2;
   pthread_mutex_lock(&mu);
   entry *e = find_locked(name);
   srv_model *old = NULL;
@@ -483,8 +502,18 @@ int srv_model_repo_unload(const char *name) {
   return e ? 0 : -1;
 }
 
+/* Drops every model without waiting for a load in progress (it may be stuck
+ * on its file): the entries stay allocated for it, and what it loads is
+ * discarded. */
 void srv_model_shutdown(void) {
-  pthread_mutex_lock(&load_mu);
-  while (nE) drop_entry(E[nE - 1]);
-  pthread_mutex_unlock(&load_mu);
+  srv_model *old[SRV_MAX_MODELS];
+  pthread_mutex_lock(&mu);
+  stopped = 1;
+  for (int i = 0; i < nE; i++) {
+    old[i] = E[i]->cur;
+    E[i]->cur = NULL;
+  }
+  int n = nE;
+  pthread_mutex_unlock(&mu);
+  for (int i = 0; i < n; i++) srv_model_put(old[i]);
 }

@@ -122,9 +122,10 @@ int srv_models_init(char *err, size_t errlen);
  * last); a model whose file fails keeps serving its old version. */
 int srv_models_rescan(char *err, size_t errlen);
 /* POST /v2/repository/models/{name}/load: (re)loads a known model, or
- * DIR/name.safetensors under --model-dir.  0, 1 unknown name, -1 failed. */
+ * DIR/name.safetensors under --model-dir.  0, 1 unknown name, -1 failed,
+ * -2 another load still running after --reload-timeout. */
 int srv_model_repo_load(const char *name, char *err, size_t errlen);
-int srv_model_repo_unload(const char *name);          /* 0, or -1 unknown */
+int srv_model_repo_unload(const char *name);          /* 0, -1 unknown, -2 as load */
 srv_model *srv_model_find(const char *name);  /* new reference; NULL name = the default;
                                                  NULL when unknown or unloaded */
 srv_model *srv_model_get(void);       /* the default model (new reference) or NULL */
@@ -132,7 +133,7 @@ void srv_model_put(srv_model *sm);    /* NULL ok */
 void srv_model_default(char *out, size_t cap);  /* the default model's name */
 /* New references to the loaded models, in repository order; their count. */
 int srv_models_list(srv_model **out, int cap);
-void srv_model_shutdown(void);        /* drops every model */
+void srv_model_shutdown(void);        /* drops every model (never waits for a load) */
 int srv_model_ready(void);            /* 1 when any model is loaded */
 int srv_model_name_ok(const char *s); /* letters, digits, . _ - (not first .) */
 void srv_model_count_images(const srv_model *sm, int n);

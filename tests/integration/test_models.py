@@ -115,6 +115,30 @@ def test_routes(d, jem, files, img):
     check("model_repository" in js["extensions"], "/v2 lists the repository extension")
 
 
+def test_page(d, img):
+    """The page's model chooser: beta chosen, its label and a job on it."""
+    node_dir = os.path.join(ROOT, "tests", "node")
+    if not check(os.path.isdir(os.path.join(node_dir, "node_modules", "puppeteer-core")),
+                 "tests/node/node_modules is missing: run `make node-deps` (make test does)"):
+        return
+    p = subprocess.run(["node", os.path.join(node_dir, "page.mjs"), f"http://127.0.0.1:{d.port}/",
+                        img, "1", "2", "5"], capture_output=True, text=True, timeout=120,
+                       cwd=node_dir, env=dict(os.environ, PAGE_MODEL="beta"))
+    try:
+        got = json.loads(p.stdout)
+    except ValueError:
+        check(False, f"page.mjs printed no JSON (rc {p.returncode}): {p.stderr[-800:]}")
+        return
+    _, _, want = d.json("POST", "/v1/classify?model=beta", open(img, "rb").read(), PNG)
+    check(got["errors"] == [] and got["models"] == ["alpha", "beta"],
+          f"the page lists both models ({got.get('models')}, {got['errors']})")
+    check(got["classify"]["label"] == want["label"] and len(got["classify"]["bars"]) == 5,
+          "with beta chosen, the page shows beta's label and its 5 classes")
+    st, _, job = d.json("GET", f"/v1/jobs/{got['job'].get('id')}")
+    check(st == 200 and job["model"] == "beta" and job["status"] == "succeeded",
+          f"the page's job ran on beta ({job.get('model') if job else st})")
+
+
 def test_repository(d):
     idx = index(d)
     check(set(idx) == {"alpha", "beta"} and all(m["state"] == "READY" for m in idx.values()),
@@ -262,6 +286,7 @@ def main():
         d = jemtest.Daemon(jemd, None, "--model-dir", mdir, "--workers", "1")
         try:
             test_routes(d, jem, files, img)
+            test_page(d, img)
             test_repository(d)
             test_rescan(d, jem, mdir, files, img)
         finally:

@@ -3,7 +3,7 @@
 // the label, run a sample job to the end.  Prints what the page showed as one
 // JSON object; tests/integration/test_web.py compares it with the API.
 //
-// usage: node page.mjs URL IMAGE CLASS STEPS SEED [SCREENSHOT.png]
+// usage: [PAGE_MODEL=NAME] node page.mjs URL IMAGE CLASS STEPS SEED [SCREENSHOT.png]
 import puppeteer from 'puppeteer-core';
 
 const [url, image, cls, steps, seed, shot] = process.argv.slice(2);
@@ -25,6 +25,8 @@ try {
   await page.goto(url, { waitUntil: 'load' });
   await page.waitForSelector('body[data-ready="1"]', { timeout: 15000 });
   out.models = await page.$$eval('#model option', (os) => os.map((o) => o.value));
+  // PAGE_MODEL: choose that model first, as a person would with the chooser
+  if (process.env.PAGE_MODEL) await page.select('#model', process.env.PAGE_MODEL);
 
   // classify: pick the file as a person would
   const input = await page.$('#file');
