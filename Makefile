@@ -60,9 +60,25 @@ $(B)/libjem.a: $(CORE_OBJ)
 	@rm -f $@
 	$(AR) rcs $@ $^
 
-$(B)/libjemsrv.a: $(SRV_OBJ)
+$(B)/libjemsrv.a: $(SRV_OBJ) $(B)/obj/gen/assets.o
 	@rm -f $@
 	$(AR) rcs $@ $^
+
+# Files jemd serves, built into it: the page at / (web/) and the spec.
+# scripts/embed.c turns them into a C file of byte arrays (no runtime paths).
+ASSETS := web/index.html / 'text/html; charset=utf-8' \
+          web/app.js /ui/app.js 'text/javascript; charset=utf-8' \
+          web/app.css /ui/app.css 'text/css; charset=utf-8' \
+          openapi.yaml /openapi.yaml 'application/yaml; charset=utf-8'
+$(B)/embed: scripts/embed.c
+	@mkdir -p $(@D)
+	$(CC) -std=c11 -O1 -Wall -Wextra -Werror $< -o $@
+$(B)/gen/assets.c: $(B)/embed web/index.html web/app.js web/app.css openapi.yaml
+	@mkdir -p $(@D)
+	$(B)/embed $@ $(ASSETS)
+$(B)/obj/gen/assets.o: $(B)/gen/assets.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Iserver -c $< -o $@
 
 $(B)/jem: $(CLI_OBJ) $(B)/libjem.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
@@ -101,7 +117,7 @@ DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
               libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
               dataset-fashion-mnist python3 python3-yaml python3-numpy \
               python3-pil fonts-dejavu-core fonts-dejavu-extra prometheus \
-              systemd procps clang libclang-rt-14-dev
+              systemd procps clang libclang-rt-14-dev chromium
 DEPS_BENCH := python3-torch python3-numpy wrk
 
 define apt_ensure
@@ -122,6 +138,15 @@ endef
 
 deps:
 	$(call apt_ensure,$(DEPS_BUILD))
+
+# npm tools of the tests (tests/node/package.json, versions pinned by its lock
+# file): puppeteer-core drives Debian's chromium through the page at /.
+# Installed into tests/node/node_modules (git-ignored) when the lock changes.
+NODE_DIR := tests/node
+$(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+node-deps: $(NODE_DIR)/node_modules/.installed
 
 deps-bench: deps
 	$(call apt_ensure,$(DEPS_BENCH))
@@ -148,11 +173,11 @@ integration: all
 
 check: unit integration
 
-test: deps
+test: deps node-deps
 	$(MAKE) all
 	$(MAKE) check
 
-asan: deps
+asan: deps node-deps
 	$(MAKE) MODE=asan all
 	$(MAKE) MODE=asan check
 
@@ -209,5 +234,5 @@ clean:
 
 -include $(shell find build -name '*.d' 2>/dev/null)
 
-.PHONY: FORCE all deps deps-bench ood-sets run unit integration check test asan soak bench \
+.PHONY: FORCE all deps node-deps deps-bench ood-sets run unit integration check test asan soak bench \
         bench-server fuzz fuzzers install container clean

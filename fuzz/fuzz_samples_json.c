@@ -1,5 +1,5 @@
 /* fuzz_samples_json.c - libFuzzer harness for the POST /v1/samples body parser
- * (srv_samples_parse, then srv_samples_decode, in server/jobs.c) against a
+ * (srv_samples_parse, then srv_samples_decode, in server/job_parse.c) against a
  * tiny random model, with and without a replay buffer; checks the documented
  * results and invariants. */
 #include "../server/jobs.h"
@@ -51,7 +51,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   const char *code = NULL;
   char err[512];
   int st = srv_samples_parse(buf, size, m, 64, 2000, &lim, &q, &code, err, sizeof err);
-  if (st == 0 && (q.init == JEM_SAMPLE_INIT_GIVEN) != (q.imgs != NULL)) __builtin_trap();
+  if (st == 0 && (q.init == JEM_SAMPLE_INIT_GIVEN) != (q.dec.imgs != NULL)) __builtin_trap();
   if (st == 0) st = srv_samples_decode(&q, m, &lim, INT_MAX, &code, err, sizeof err);
   if (st == 0) {
     if (q.n < 1 || q.n > 64 || q.steps < 1 || q.steps > 2000) __builtin_trap();
@@ -66,7 +66,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     srv_samples_req_free(&q);
   } else {
     if (st != 400 && st != 413 && st != 415 && st != 422 && st != 503) __builtin_trap();
-    if (!code || !err[0] || q.x || q.imgs) __builtin_trap();
+    if (!code || !err[0] || q.x || q.dec.imgs) __builtin_trap();
   }
   free(buf);
   return 0;

@@ -2,6 +2,7 @@
  * environment variable, default, range and help line (redis-style). */
 #include "srv.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -12,7 +13,10 @@
 
 srv_config srv_cfg;
 
-enum { OPT_STR, OPT_INT, OPT_LL, OPT_BOOL, OPT_LEVEL };
+/* Repeatable flags keep their values '\n'-separated: OPT_ORIGINS (its
+ * variable takes a comma- or space-separated list) and OPT_PATHS (its
+ * variable holds one path). */
+enum { OPT_STR, OPT_INT, OPT_LL, OPT_BOOL, OPT_LEVEL, OPT_ORIGINS, OPT_PATHS };
 
 typedef struct opt {
   const char *flag;     /* without "--" */
@@ -33,9 +37,16 @@ static const opt opts[] = {
    "address to listen on (0.0.0.0 or :: for every interface)"},
   {"port", "JEMD_PORT", OPT_INT, F(port), "8080", 0, 65535, "N",
    "TCP port; 0 picks a free one and logs it"},
-  {"model", "JEMD_MODEL", OPT_STR, F(model), "", 0, 0, "PATH",
-   "model file (default: models/fmnist-jem.safetensors, then "
-   JEMD_DATADIR "/models/)"},
+  {"model", "JEMD_MODEL", OPT_PATHS, F(model), "", 0, 0, "PATH",
+   "model file; repeatable (then each is named by its file name without .safetensors); "
+   "default when neither this nor --model-dir is given: models/fmnist-jem.safetensors, then "
+   JEMD_DATADIR "/models/"},
+  {"model-dir", "JEMD_MODEL_DIR", OPT_STR, F(model_dir), "", 0, 0, "DIR",
+   "serve every *.safetensors file in DIR, named by its file name without .safetensors; "
+   "SIGHUP rescans it (added, removed and changed files)"},
+  {"default-model", "JEMD_DEFAULT_MODEL", OPT_STR, F(default_model), "", 0, 0, "NAME",
+   "the model of routes that name none (default: the first --model, else the first file "
+   "of --model-dir by name)"},
   {"workers", "JEMD_WORKERS", OPT_INT, F(workers), "0", 0, 256, "N",
    "compute workers; 0 = number of CPUs"},
   {"blas-threads", "JEMD_BLAS_THREADS", OPT_INT, F(blas_threads), "0", 0, 256, "N",
@@ -108,6 +119,9 @@ static const opt opts[] = {
    "SGLD time of one job slice before it yields the worker (>= 1 step)"},
   {"job-nice", "JEMD_JOB_NICE", OPT_INT, F(job_nice), "10", 0, 19, "N",
    "nice value added to a worker thread during a job slice (0 = off)"},
+  {"cors-origin", "JEMD_CORS_ORIGIN", OPT_ORIGINS, F(cors_origins), "", 0, 0, "ORIGIN",
+   "let web pages from ORIGIN (scheme://host[:port], or * for any) call the API: OPTIONS "
+   "preflights get 204 and answers carry Access-Control-Allow-Origin; repeatable"},
   {"log-level", "JEMD_LOG_LEVEL", OPT_LEVEL, F(log_level_name), "info", 0, 0, "LEVEL",
    "error, warn, info or debug"},
 };
@@ -116,9 +130,9 @@ static const opt opts[] = {
 void srv_config_usage(FILE *f) {
   fprintf(f,
           "usage: jemd [OPTIONS]\n"
-          "Serves a JEM model over HTTP: /v1/classify, the Open Inference Protocol v2,\n"
-          "/healthz, /readyz and /metrics.  Every option can also be set with its\n"
-          "environment variable; a flag wins over the environment.\n\n");
+          "Serves JEM models over HTTP: /v1/classify, the Open Inference Protocol v2,\n"
+          "sample jobs, a page at /, /healthz, /readyz and /metrics.  Every option can\n"
+          "also be set with its environment variable; a flag wins over the environment.\n\n");
   for (int i = 0; i < N_OPTS; i++) {
     const opt *o = &opts[i];
     char left[64];
@@ -132,8 +146,8 @@ void srv_config_usage(FILE *f) {
   fprintf(f, "  %-30s %s\n  %-30s %s\n", "--version", "print the version and exit",
           "--help", "print this help and exit");
   fprintf(f,
-          "\nSignals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the model file\n"
-          "(the old model keeps serving if the new one fails to load).\n");
+          "\nSignals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the --model files and\n"
+          "rescans --model-dir (a model whose new file fails to load keeps serving the old).\n");
 }
 
 static int parse_bool(const char *v, int *out) {
@@ -148,6 +162,48 @@ static int parse_bool(const char *v, int *out) {
     return 0;
   }
   return -1;
+}
+
+/* A --cors-origin value: "*" or scheme://host[:port] as browsers send it in
+ * Origin (no path, no trailing slash), so that matching is a string compare. */
+static int origin_ok(const char *v, size_t n) {
+  if (n == 1 && v[0] == '*') return 1;
+  size_t s = !strncmp(v, "http://", 7) ? 7 : !strncmp(v, "https://", 8) ? 8 : 0;
+  if (!s || n <= s) return 0;
+  for (size_t i = s; i < n; i++)
+    if (!(isalnum((unsigned char)v[i]) || strchr("-.:[]", v[i]))) return 0;
+  return 1;
+}
+
+/* Appends v to o's list: each comma- or space-separated item for
+ * OPT_ORIGINS, v whole for OPT_PATHS. */
+static int list_add(const opt *o, const char *v, char *err, size_t errlen) {
+  char *list = (char *)&srv_cfg + o->off;
+  for (const char *p = v; *p;) {
+    size_t n = o->type == OPT_PATHS ? strlen(p) : strcspn(p, ", \t\n");
+    if (o->type == OPT_PATHS && strchr(p, '\n')) {
+      snprintf(err, errlen, "a path with a newline is not accepted");
+      return -1;
+    }
+    if (n) {
+      if (o->type == OPT_ORIGINS && !origin_ok(p, n)) {
+        snprintf(err, errlen, "'%.*s' is not * or scheme://host[:port] (http or https, no "
+                 "path)", (int)(n > 200 ? 200 : n), p);
+        return -1;
+      }
+      size_t used = strlen(list);
+      if (used + n + 2 > o->size) {
+        snprintf(err, errlen, "too many values (at most %zu bytes in all)", o->size - 2);
+        return -1;
+      }
+      if (used) list[used++] = '\n';
+      memcpy(list + used, p, n);
+      list[used + n] = '\0';
+    }
+    p += n;
+    if (*p) p++;
+  }
+  return 0;
 }
 
 /* Stores value v for o; writes why not into err. */
@@ -193,6 +249,9 @@ static int set_opt(const opt *o, const char *v, char *err, size_t errlen) {
       *(long long *)(base + o->off) = x;
     return 0;
   }
+  case OPT_ORIGINS:
+  case OPT_PATHS:
+    return list_add(o, v, err, errlen);
   case OPT_BOOL: {
     int b;
     if (parse_bool(v, &b)) {
@@ -229,6 +288,7 @@ int srv_config_parse(int argc, char **argv, int *status) {
       return 1;
     }
   }
+  unsigned char flagged[N_OPTS] = {0}; /* a list flag replaces its variable's values */
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -267,6 +327,8 @@ int srv_config_parse(int argc, char **argv, int *status) {
       *status = 2;
       return 1;
     }
+    if ((o->type == OPT_ORIGINS || o->type == OPT_PATHS) && !flagged[o - opts]++)
+      *((char *)&srv_cfg + o->off) = '\0';
     if (set_opt(o, v, err, sizeof err)) {
       fprintf(stderr, "jemd: --%s: %s\n", o->flag, err);
       *status = 2;
@@ -300,7 +362,7 @@ int srv_config_parse(int argc, char **argv, int *status) {
 static int readable(const char *p) { return access(p, R_OK) == 0; }
 
 int srv_config_resolve_model(void) {
-  if (srv_cfg.model[0]) return 0;
+  if (srv_cfg.model[0] || srv_cfg.model_dir[0]) return 0;
   const char *a = "models/fmnist-jem.safetensors";
   const char *b = JEMD_DATADIR "/models/fmnist-jem.safetensors";
   if (!readable(a) && !readable(b)) {

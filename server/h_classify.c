@@ -7,7 +7,7 @@
  * --max-request-pixels) can take seconds, and an HTTP thread serves many
  * connections, so it is decoded on a worker as background work instead; the
  * HTTP threads keep answering /healthz and small requests meanwhile.  Job
- * init images take the same two paths (jobs.c). */
+ * init images take the same two paths (h_jobs.c), through decode.c. */
 #include "srv.h"
 
 #include <ctype.h>
@@ -21,47 +21,20 @@
 #include <strings.h>
 
 typedef struct score_ctx {
+  srv_decode dec;       /* first member: its finish() gets the context back */
   srv_task *t;
   int single;           /* one raw image body: answer one object */
   int top_k;            /* 0 = not asked */
   float tpr;
-  srv_v2_req v2;        /* /v2 infer: ids and wanted outputs */
-  int is_v2;
-  /* decoding (possibly on a worker): the encoded images and, when it
-   * failed, the answer (status 0 = decoded) */
-  srv_blob *imgs;
-  int n_imgs;
-  int n_decoded;        /* images already in t->x */
-  jem_image_limits lim;
   srv_req *r;
-  srv_work decode;
-  int dec_status;
-  int client_gone;      /* hung up while its images waited to be decoded */
-  const char *dec_code;
-  char dec_err[600];
 } score_ctx;
 
 static void ctx_free(void *p) {
   score_ctx *c = p;
   if (!c) return;
   srv_task_free(c->t);
-  srv_v2_req_free(&c->v2);
-  srv_blobs_free(c->imgs, c->n_imgs);
+  srv_decode_free(&c->dec);
   free(c);
-}
-
-/* The shortest decimal that reads back as the same float, so 0.95f is sent
- * as 0.95 and not 0.949999988079071; dumped with JSON_REAL_PRECISION(9). */
-json_t *srv_jreal(double v) {
-  if (!isfinite(v)) return json_null();
-  float f = (float)v;
-  if ((double)f != v) return json_real(v); /* a genuine double */
-  char buf[32];
-  for (int prec = 6; prec <= 9; prec++) {
-    snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
-    if (strtof(buf, NULL) == f) break;
-  }
-  return json_real(strtod(buf, NULL));
 }
 
 static void task_complete(srv_task *t) { srv_req_resume((srv_req *)t->owner); }
@@ -69,7 +42,7 @@ static void task_complete(srv_task *t) { srv_req_resume((srv_req *)t->owner); }
 /* Shared tail of the scoring handlers: reserve room, suspend, queue the task
  * (or first the work that prepares it, which queues it when done). */
 enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx, void (*ctx_free_fn)(void *),
-                                 enum MHD_Result (*on_resume)(srv_req *), srv_work *prepare) {
+                                 enum MHD_Result (*on_resume)(srv_req *), srv_decode *prepare) {
   r->data = ctx;
   r->data_free = ctx_free_fn;
   if (srv_sched_reserve(t->n)) {
@@ -84,7 +57,7 @@ enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx, void (*ctx_
   t->complete = task_complete;
   r->on_resume = on_resume;
   srv_req_suspend(r);
-  if (prepare ? srv_sched_submit(prepare) : srv_sched_score(t)) {
+  if (prepare ? srv_decode_submit(prepare) : srv_sched_score(t)) {
     if (prepare) srv_sched_unreserve(t->n); /* srv_sched_score released it itself */
     atomic_store(&t->state, SRV_TASK_SHUTDOWN);
     srv_req_resume(r);
@@ -170,78 +143,24 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
   return o;
 }
 
-/* Decodes up to max more of c->imgs into the task's input tensor: all of
- * them on an HTTP thread, one per slice on a worker (so scoring batches run
- * between them).  0 when all are decoded, 1 when some remain, -1 on error
- * (c->dec_* set to the answer) or, with check_gone, once the client has hung
- * up (c->client_gone). */
-static int decode_images(score_ctx *c, int check_gone, int max) {
-  const jem_model *m = c->t->model->m;
-  size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
-  char err[512];
-  for (int done = 0; c->n_decoded < c->n_imgs; done++) {
-    if (done == max) return 1;
-    int i = c->n_decoded;
-    if (check_gone && srv_conn_gone(c->t->conn_fd)) {
-      c->client_gone = 1;
-      return -1;
-    }
-    int rc = jem_image_to_input(c->imgs[i].p, c->imgs[i].len, &m->pre, m->arch.image_size,
-                                &c->lim, c->t->x + (size_t)i * chw, err, sizeof err);
-    if (rc == 0) {
-      c->n_decoded++;
-      continue;
-    }
-    char where[32] = "";
-    if (!c->single) snprintf(where, sizeof where, "image %d: ", i);
-    snprintf(c->dec_err, sizeof c->dec_err, "%s%s", where, err);
-    if (rc == JEM_EUNSUPPORTED) {
-      srv_metrics_reject(SRV_REJ_UNSUPPORTED);
-      c->dec_status = 415;
-      c->dec_code = "unsupported_image";
-    } else if (rc == JEM_ETOOBIG) {
-      srv_metrics_reject(SRV_REJ_TOO_LARGE);
-      c->dec_status = 413;
-      c->dec_code = "image_too_large";
-    } else if (rc == JEM_ENOMEM) {
-      c->dec_status = 503;
-      c->dec_code = "out_of_memory";
-    } else {
-      srv_metrics_reject(SRV_REJ_BAD_REQUEST);
-      c->dec_status = 400;
-      c->dec_code = "invalid_image";
-    }
-    return -1;
-  }
-  return 0;
-}
-
-static enum MHD_Result decode_error(srv_req *r, const score_ctx *c) {
+static enum MHD_Result decode_error(srv_req *r, const srv_decode *d) {
+  srv_metrics_reject(d->status == 415 ? SRV_REJ_UNSUPPORTED
+                     : d->status == 413 ? SRV_REJ_TOO_LARGE
+                     : d->status == 503 ? -1 : SRV_REJ_BAD_REQUEST);
   const char *h[] = {"Retry-After", "1", NULL};
-  return srv_respond_error_h(r, c->dec_status, c->dec_code, c->dec_status == 503 ? h : NULL,
-                             "%s", c->dec_err);
+  return srv_respond_error_h(r, d->status, d->code, d->status == 503 ? h : NULL, "%s", d->err);
 }
 
-#define CTX_OF_DECODE(w) ((score_ctx *)((char *)(w) - offsetof(score_ctx, decode)))
-
-static void decode_run(srv_work *w, srv_worker *wk) {
-  (void)wk;
-  decode_images(CTX_OF_DECODE(w), 1, 1);
-}
-
-/* Loop thread: decode the next image, queue the decoded task for scoring,
- * or wake the request to answer the decoding error (or the shutdown). */
-static void decode_done(srv_work *w, int canceled) {
-  score_ctx *c = CTX_OF_DECODE(w);
+/* Loop thread, after the worker-side decode: queue the decoded task for
+ * scoring, or wake the request to answer the decoding error (or the
+ * shutdown). */
+static void decode_finish(srv_decode *d) {
+  score_ctx *c = (score_ctx *)d;
   srv_task *t = c->t;
-  if (!canceled && !c->dec_status && !c->client_gone && c->n_decoded < c->n_imgs) {
-    if (srv_sched_submit(w) == 0) return; /* the next image */
-    canceled = 1;                         /* the scheduler is stopping */
-  }
-  if (canceled || c->dec_status || c->client_gone) {
+  if (d->canceled || d->status || d->client_gone) {
     srv_sched_unreserve(t->n);
-    if (canceled) atomic_store(&t->state, SRV_TASK_SHUTDOWN);
-    if (c->client_gone) {
+    if (d->canceled) atomic_store(&t->state, SRV_TASK_SHUTDOWN);
+    if (d->client_gone) {
       srv_metrics_reject(SRV_REJ_CLIENT_GONE);
       srv_log(SRV_LOG_INFO, "msg=\"client gone, dropping work before it was decoded\" images=%d",
               t->n);
@@ -250,9 +169,6 @@ static void decode_done(srv_work *w, int canceled) {
     srv_req_resume(c->r);
     return;
   }
-  srv_blobs_free(c->imgs, c->n_imgs); /* all decoded: the encoded bytes can go */
-  c->imgs = NULL;
-  c->n_imgs = 0;
   if (srv_sched_score(t)) {
     atomic_store(&t->state, SRV_TASK_SHUTDOWN);
     srv_req_resume(c->r);
@@ -263,8 +179,9 @@ static enum MHD_Result classify_respond(srv_req *r) {
   score_ctx *c = r->data;
   srv_task *t = c->t;
   enum MHD_Result res;
-  if (c->dec_status) return decode_error(r, c);
+  if (c->dec.status) return decode_error(r, &c->dec);
   if (srv_score_unfinished(r, t, &res)) return res;
+  srv_model_count_images(t->model, t->n);
   const jem_model *m = t->model->m;
   if (c->single) return srv_respond_json(r, 200, result_json(m, t, 0, c->top_k, c->tpr));
   json_t *arr = json_array();
@@ -292,20 +209,26 @@ static int parse_int(const char *s, long *out) {
 }
 
 enum MHD_Result srv_h_classify(srv_req *r) {
-  static const char *const allowed[] = {"top_k", "grad", "tpr", NULL};
+  static const char *const allowed[] = {"top_k", "grad", "tpr", "model", NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
-  srv_model *sm = srv_model_get();
-  if (!sm) {
-    const char *h[] = {"Retry-After", "5", NULL};
-    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  /* POST /v1/models/{name}/classify, or ?model=NAME, else the default */
+  const char *v, *name = srv_req_query(r, "model");
+  enum MHD_Result res;
+  if (r->n_params == 1) {
+    if (name) {
+      srv_metrics_reject(SRV_REJ_BAD_REQUEST);
+      return srv_respond_error(r, 400, "invalid_parameter",
+                               "the path names the model; leave out ?model=");
+    }
+    name = r->params[0];
   }
+  srv_model *sm = srv_model_for(r, name, &res);
+  if (!sm) return res;
   const jem_model *m = sm->m;
   char err[512];
   long top_k = 0;
   int want_grad = 1;
   float tpr = m->ood.present ? m->ood.default_tpr : 0.95f;
-  const char *v;
-  enum MHD_Result res;
   score_ctx *c = NULL;
   srv_blob *imgs = NULL;
   int n = 0;
@@ -317,12 +240,14 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     }
   }
   if ((v = srv_req_query(r, "grad"))) {
-    if (!strcmp(v, "true") || !strcmp(v, "1")) {
+    /* the spellings clients send: JSON's, Python's str(bool), 1/0 */
+    if (!strcasecmp(v, "true") || !strcmp(v, "1")) {
       want_grad = 1;
-    } else if (!strcmp(v, "false") || !strcmp(v, "0")) {
+    } else if (!strcasecmp(v, "false") || !strcmp(v, "0")) {
       want_grad = 0;
     } else {
-      res = srv_respond_error(r, 400, "invalid_parameter", "grad must be true or false");
+      res = srv_respond_error(r, 400, "invalid_parameter",
+                              "grad must be true or false (any letter case) or 1 or 0");
       goto reject;
     }
   }
@@ -403,14 +328,18 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   c->single = single;
   c->top_k = (int)top_k;
   c->tpr = tpr;
-  c->imgs = imgs; /* the context owns them from here */
-  c->n_imgs = n;
+  c->dec.imgs = imgs; /* the context owns them from here */
+  c->dec.n_imgs = n;
   imgs = NULL;
+  c->dec.m = m;
+  c->dec.x = c->t->x;
+  c->dec.naming = single ? SRV_DECODE_PLAIN : SRV_DECODE_IMAGE;
+  c->dec.finish = decode_finish;
   c->r = r;
-  srv_image_limits(&c->lim);
+  srv_image_limits(&c->dec.lim);
   long long pixels = 0;
   for (int i = 0; i < n; i++) {
-    if (srv_request_pixels_add(&pixels, c->imgs[i].p, c->imgs[i].len, &c->lim, err,
+    if (srv_request_pixels_add(&pixels, c->dec.imgs[i].p, c->dec.imgs[i].len, &c->dec.lim, err,
                                sizeof err) == 0)
       continue;
     srv_metrics_reject(SRV_REJ_TOO_LARGE);
@@ -419,19 +348,15 @@ enum MHD_Result srv_h_classify(srv_req *r) {
     return res;
   }
   if (pixels > SRV_DECODE_INLINE_PIXELS) {
-    c->decode.kind = SRV_WORK_JOB;
-    c->decode.run = decode_run;
-    c->decode.done = decode_done;
-    return srv_score_submit(r, c->t, c, ctx_free, classify_respond, &c->decode);
+    c->dec.conn_fd = srv_req_fd(r);
+    return srv_score_submit(r, c->t, c, ctx_free, classify_respond, &c->dec);
   }
-  if (decode_images(c, 0, INT_MAX)) {
-    res = decode_error(r, c);
+  c->dec.conn_fd = -1;
+  if (srv_decode_run(&c->dec, INT_MAX)) {
+    res = decode_error(r, &c->dec);
     ctx_free(c);
     return res;
   }
-  srv_blobs_free(c->imgs, c->n_imgs); /* not needed any more */
-  c->imgs = NULL;
-  c->n_imgs = 0;
   return srv_score_submit(r, c->t, c, ctx_free, classify_respond, NULL);
 
 oom:

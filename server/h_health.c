@@ -1,4 +1,4 @@
-/* h_health.c - /healthz, /readyz, /metrics and /v1/models. */
+/* h_health.c - /healthz, /readyz, /metrics, /v1/models and /v1/models/{name}. */
 #include "srv.h"
 
 #include <math.h>
@@ -23,7 +23,7 @@ enum MHD_Result srv_h_readyz(srv_req *r) {
     const char *h1[] = {"Retry-After", "1", NULL};
     return srv_respond_error_h(r, 503, "queue_full", h1, "the scoring queue is nearly full");
   }
-  json_t *o = json_pack("{s:s,s:s}", "status", "ready", "model", sm->m->name);
+  json_t *o = json_pack("{s:s,s:s}", "status", "ready", "model", sm->name);
   srv_model_put(sm);
   return srv_respond_json(r, 200, o);
 }
@@ -45,12 +45,8 @@ static json_t *preprocess_json(const jem_preprocess *p) {
                    srv_jreal(p->range_hi), "invert", p->invert);
 }
 
-enum MHD_Result srv_h_models(srv_req *r) {
-  srv_model *sm = srv_model_get();
-  if (!sm) {
-    const char *h[] = {"Retry-After", "5", NULL};
-    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
-  }
+/* One model as GET /v1/models describes it. */
+static json_t *model_json(const srv_model *sm) {
   const jem_model *m = sm->m;
   const jem_arch *a = &m->arch;
   json_t *classes = json_array();
@@ -74,12 +70,40 @@ enum MHD_Result srv_h_models(srv_req *r) {
                            "image_size", a->image_size, "num_classes", a->num_classes, "norm",
                            jem_norm_names[a->norm], "leak", srv_jreal(a->leak));
   json_t *mo = json_pack("{s:s,s:o,s:o,s:[i,i,i],s:o,s:o,s:o,s:o,s:I,s:I,s:i}", "name",
-                         m->name, "architecture", arch, "classes", classes, "input_shape",
+                         sm->name, "architecture", arch, "classes", classes, "input_shape",
                          a->in_channels, a->image_size, a->image_size, "temperature",
                          srv_jreal(m->temperature), "preprocess", preprocess_json(&m->pre),
                          "ood", ood, "sampler", jem_sampler_to_json(&m->sampler),
                          "parameters", (json_int_t)m->n_weights, "generation",
                          (json_int_t)sm->gen, "max_batch", srv_cfg.max_batch);
+  char def[SRV_MODEL_NAME_MAX];
+  srv_model_default(def, sizeof def);
+  json_object_set_new(mo, "default", json_boolean(!strcmp(sm->name, def)));
+  return mo;
+}
+
+enum MHD_Result srv_h_models(srv_req *r) {
+  srv_model *all[SRV_MAX_MODELS];
+  int n = srv_models_list(all, SRV_MAX_MODELS);
+  if (!n) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "model_not_loaded", h, "no model is loaded");
+  }
+  json_t *arr = json_array();
+  for (int i = 0; i < n; i++) {
+    json_array_append_new(arr, model_json(all[i]));
+    srv_model_put(all[i]);
+  }
+  char def[SRV_MODEL_NAME_MAX];
+  srv_model_default(def, sizeof def);
+  return srv_respond_json(r, 200, json_pack("{s:o,s:s}", "models", arr, "default", def));
+}
+
+enum MHD_Result srv_h_model(srv_req *r) {
+  enum MHD_Result res;
+  srv_model *sm = srv_model_for(r, r->params[0], &res);
+  if (!sm) return res;
+  json_t *o = model_json(sm);
   srv_model_put(sm);
-  return srv_respond_json(r, 200, json_pack("{s:[o]}", "models", mo));
+  return srv_respond_json(r, 200, o);
 }

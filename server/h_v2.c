@@ -20,20 +20,15 @@ static void v2_ctx_free(void *p) {
   free(c);
 }
 
-/* The model named in the path, or NULL after answering 404/503. */
+/* The model named in the path (and its version, "1", when the route has
+ * /versions/{v}), or NULL after answering 404/503. */
 static srv_model *named_model(srv_req *r, enum MHD_Result *res) {
-  srv_model *sm = srv_model_get();
-  if (!sm) {
-    *res = srv_respond_error(r, 503, "model_not_loaded", "no model is loaded");
+  if (r->n_params > 1 && strcmp(r->params[1], "1") != 0) {
+    *res = srv_respond_error(r, 404, "model_not_found", "model '%.100s' has no version "
+                             "'%.20s' (its only version is 1)", r->params[0], r->params[1]);
     return NULL;
   }
-  if (strcmp(r->params[0], sm->m->name) != 0) {
-    *res = srv_respond_error(r, 404, "model_not_found", "unknown model '%.100s' (serving '%s')",
-                             r->params[0], sm->m->name);
-    srv_model_put(sm);
-    return NULL;
-  }
-  return sm;
+  return srv_model_for(r, r->params[0], res);
 }
 
 enum MHD_Result srv_h_v2_live(srv_req *r) {
@@ -46,8 +41,9 @@ enum MHD_Result srv_h_v2_ready(srv_req *r) {
 }
 
 enum MHD_Result srv_h_v2_server(srv_req *r) {
-  return srv_respond_json(r, 200, json_pack("{s:s,s:s,s:[s]}", "name", "jemd", "version",
-                                            JEM_VERSION, "extensions", "binary_tensor_data"));
+  return srv_respond_json(r, 200, json_pack("{s:s,s:s,s:[s,s]}", "name", "jemd", "version",
+                                            JEM_VERSION, "extensions", "binary_tensor_data",
+                                            "model_repository"));
 }
 
 enum MHD_Result srv_h_v2_model(srv_req *r) {
@@ -58,7 +54,7 @@ enum MHD_Result srv_h_v2_model(srv_req *r) {
   json_t *o = json_pack(
       "{s:s,s:[s],s:s,s:[{s:s,s:s,s:[i,i,i,i]}],"
       "s:[{s:s,s:s,s:[i,i]},{s:s,s:s,s:[i,i]},{s:s,s:s,s:[i]},{s:s,s:s,s:[i]}]}",
-      "name", sm->m->name, "versions", "1", "platform", "jemd_c",
+      "name", sm->name, "versions", "1", "platform", "jemd_c",
       "inputs", "name", "input", "datatype", "FP32", "shape", -1, a->in_channels,
       a->image_size, a->image_size,
       "outputs", "name", "logits", "datatype", "FP32", "shape", -1, a->num_classes,
@@ -74,7 +70,7 @@ enum MHD_Result srv_h_v2_model_ready(srv_req *r) {
   srv_model *sm = named_model(r, &res);
   if (!sm) return res;
   int ready = !srv_http_draining();
-  json_t *o = json_pack("{s:s,s:b}", "name", sm->m->name, "ready", ready);
+  json_t *o = json_pack("{s:s,s:b}", "name", sm->name, "ready", ready);
   srv_model_put(sm);
   return srv_respond_json(r, ready ? 200 : 503, o);
 }
@@ -119,6 +115,7 @@ static enum MHD_Result infer_respond(srv_req *r) {
   srv_task *t = c->t;
   enum MHD_Result res;
   if (srv_score_unfinished(r, t, &res)) return res;
+  srv_model_count_images(t->model, t->n);
   const jem_model *m = t->model->m;
   int k = m->arch.num_classes;
   json_t *outs = json_array();
@@ -134,7 +131,7 @@ static enum MHD_Result infer_respond(srv_req *r) {
     for (int s = 0; s < JEM_NUM_SCORES; s++) pct[s] = NAN;
     srv_metrics_scores(t->score[JEM_SCORE_ENERGY][i], pct);
   }
-  json_t *o = json_pack("{s:s,s:s,s:o}", "model_name", m->name, "model_version", "1",
+  json_t *o = json_pack("{s:s,s:s,s:o}", "model_name", t->model->name, "model_version", "1",
                         "outputs", outs);
   if (c->q.has_id) json_object_set_new(o, "id", json_string(c->q.id));
   if (!bb.p) return srv_respond_json(r, 200, o);
@@ -216,4 +213,73 @@ enum MHD_Result srv_h_v2_infer(srv_req *r) {
   c->t->model = sm;
   c->t->want_grad = c->q.want[3];
   return srv_score_submit(r, c->t, c, v2_ctx_free, infer_respond, NULL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Model repository extension */
+
+/* POST /v2/repository/index: every model the repository knows, loaded or
+ * not; a body {"ready": true} keeps the loaded ones only. */
+enum MHD_Result srv_h_v2_repo_index(srv_req *r) {
+  static const char *const allowed[] = {NULL};
+  if (srv_req_check_query(r, allowed)) return MHD_YES;
+  int only_ready = 0;
+  size_t i = 0;
+  while (i < r->body_len && strchr(" \t\r\n", r->body[i])) i++;
+  if (i < r->body_len) {
+    int st = 0;
+    char err[256];
+    json_t *j = srv_json_parse(r->body, r->body_len, &st, err, sizeof err);
+    if (!j) return srv_respond_error(r, st, "invalid_request", "%s", err);
+    json_t *rd = json_object_get(j, "ready");
+    int ok = json_is_object(j) && (!rd || json_is_boolean(rd)) &&
+             json_object_size(j) == (rd ? 1u : 0u);
+    only_ready = rd && json_is_true(rd);
+    json_decref(j);
+    if (!ok)
+      return srv_respond_error(r, 400, "invalid_request",
+                               "the body is empty or {\"ready\": true|false}");
+  }
+  srv_model_status *st = malloc(SRV_MAX_MODELS * sizeof *st);
+  if (!st) return srv_respond_error(r, 503, "out_of_memory", "out of memory");
+  int n = srv_models_index(st, SRV_MAX_MODELS);
+  json_t *arr = json_array();
+  for (int k = 0; k < n; k++)
+    if (st[k].ready || !only_ready)
+      json_array_append_new(arr, json_pack("{s:s,s:s,s:s,s:s}", "name", st[k].name, "version",
+                                           "1", "state", st[k].ready ? "READY" : "UNAVAILABLE",
+                                           "reason", st[k].reason));
+  free(st);
+  return srv_respond_json(r, 200, arr);
+}
+
+/* POST /v2/repository/models/{name}/load and .../unload */
+enum MHD_Result srv_h_v2_repo_load(srv_req *r) {
+  static const char *const allowed[] = {NULL};
+  if (srv_req_check_query(r, allowed)) return MHD_YES;
+  char err[512];
+  int rc = srv_model_repo_load(r->params[0], err, sizeof err);
+  if (rc > 0) return srv_respond_error(r, 404, "model_not_found", "%s", err);
+  if (rc == -2) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "busy", h, "%s", err);
+  }
+  if (rc < 0)
+    return srv_respond_error(r, 400, "load_failed", "cannot load model '%.100s': %s",
+                             r->params[0], err);
+  return srv_respond_json(r, 200, json_object());
+}
+
+enum MHD_Result srv_h_v2_repo_unload(srv_req *r) {
+  static const char *const allowed[] = {NULL};
+  if (srv_req_check_query(r, allowed)) return MHD_YES;
+  int rc = srv_model_repo_unload(r->params[0]);
+  if (rc == -2) {
+    const char *h[] = {"Retry-After", "5", NULL};
+    return srv_respond_error_h(r, 503, "busy", h, "another load has not ended within "
+                               "--reload-timeout");
+  }
+  if (rc)
+    return srv_respond_error(r, 404, "model_not_found", "no model named '%.100s'", r->params[0]);
+  return srv_respond_json(r, 200, json_object());
 }

@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <malloc.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -146,6 +147,40 @@ static int is_v2(const srv_req *r) {
   return r->url && !strncmp(r->url, "/v2", 3) && (r->url[3] == '\0' || r->url[3] == '/');
 }
 
+/* ------------------------------------------------------------------------ */
+/* CORS (--cors-origin) */
+
+/* The Access-Control-Allow-Origin value for the request's Origin: "*" when
+ * any origin is allowed, the origin itself when it is listed, else NULL. */
+static const char *cors_allow(srv_req *r) {
+  const char *list = srv_cfg.cors_origins;
+  if (!list[0] || !r->conn) return NULL;
+  const char *origin = srv_req_header(r, "Origin");
+  if (!origin) return NULL;
+  size_t olen = strlen(origin);
+  for (const char *p = list; *p;) {
+    size_t n = strcspn(p, "\n");
+    if (n == 1 && *p == '*') return "*";
+    if (n == olen && !memcmp(p, origin, n)) return origin;
+    p += n + (p[n] != '\0');
+  }
+  return NULL;
+}
+
+/* An OPTIONS preflight on a route (allow: its methods): 204 with the
+ * Access-Control-Allow-* headers, or 403 for an origin not allowed. */
+static enum MHD_Result preflight(srv_req *r, const char *allow) {
+  if (!cors_allow(r))
+    return srv_respond_error(r, 403, "origin_not_allowed",
+                             "cross-origin requests from this Origin are not allowed "
+                             "(jemd --cors-origin)");
+  const char *h[] = {"Access-Control-Allow-Methods", allow,
+                     "Access-Control-Allow-Headers",
+                     "Authorization, Content-Type, Inference-Header-Content-Length, X-Request-Id",
+                     "Access-Control-Max-Age", "600", NULL};
+  return srv_respond(r, 204, NULL, "", 0, h);
+}
+
 enum MHD_Result srv_respond(srv_req *r, int status, const char *ctype, const void *body,
                             size_t len, const char *const *headers) {
   struct MHD_Response *resp =
@@ -157,6 +192,14 @@ enum MHD_Result srv_respond(srv_req *r, int status, const char *ctype, const voi
   MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
   for (int i = 0; headers && headers[i] && headers[i + 1]; i += 2)
     MHD_add_response_header(resp, headers[i], headers[i + 1]);
+  const char *origin = cors_allow(r);
+  if (origin) {
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", origin);
+    MHD_add_response_header(resp, "Access-Control-Expose-Headers",
+                            "X-Request-Id, Location, Retry-After, WWW-Authenticate, "
+                            "Inference-Header-Content-Length");
+  }
+  if (srv_cfg.cors_origins[0]) MHD_add_response_header(resp, "Vary", "Origin");
   if (atomic_load(&draining) || r->close_conn)
     MHD_add_response_header(resp, "Connection", "close");
   enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)status, resp);
@@ -184,6 +227,20 @@ enum MHD_Result srv_respond_json_h(srv_req *r, int status, json_t *body,
   enum MHD_Result ok = srv_respond(r, status, "application/json", s, len, headers);
   free(s);
   return ok;
+}
+
+/* The shortest decimal that reads back as the same float, so 0.95f is sent
+ * as 0.95 and not 0.949999988079071; dumped with JSON_REAL_PRECISION(9). */
+json_t *srv_jreal(double v) {
+  if (!isfinite(v)) return json_null();
+  float f = (float)v;
+  if ((double)f != v) return json_real(v); /* a genuine double */
+  char buf[32];
+  for (int prec = 6; prec <= 9; prec++) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+    if (strtof(buf, NULL) == f) break;
+  }
+  return json_real(strtod(buf, NULL));
 }
 
 static enum MHD_Result verror(srv_req *r, int status, const char *code,
@@ -462,6 +519,9 @@ static enum MHD_Result first_call(srv_req *r, const char *version) {
                              "/readyz, /metrics and /v2/health/*, not %.200s", r->url);
   if (idx == -1)
     return srv_respond_error(r, 404, "not_found", "no such route: %.200s", r->url);
+  if (idx == -2 && !strcmp(r->method, "OPTIONS") && srv_cfg.cors_origins[0] &&
+      srv_req_header(r, "Origin") && srv_req_header(r, "Access-Control-Request-Method"))
+    return preflight(r, allow);
   if (idx == -2) {
     const char *h[] = {"Allow", allow, NULL};
     return srv_respond_error_h(r, 405, "method_not_allowed",

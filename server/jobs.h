@@ -1,6 +1,7 @@
-/* jobs.h - SGLD sampling jobs in jemd (server/jobs.c): request parsing (also
- * used by fuzz/fuzz_samples_json.c), the /v1/samples and /v1/jobs handlers,
- * and the store's lifecycle hooks used by main.c and metrics.c. */
+/* jobs.h - SGLD sampling jobs in jemd: request parsing (server/job_parse.c,
+ * also used by fuzz/fuzz_samples_json.c), the /v1/samples and /v1/jobs
+ * handlers (server/h_jobs.c) and the lifecycle hooks main.c calls.  The job
+ * store is behind server/job_store.h, the chains' work in server/job_work.h. */
 #ifndef JEM_SRV_JOBS_H
 #define JEM_SRV_JOBS_H
 
@@ -16,13 +17,11 @@ typedef struct srv_samples_req {
   int clamp;
   int has_seed;
   uint64_t seed;
-  /* _GIVEN: the encoded images and the pixels their headers declare, until
-   * srv_samples_decode turns them into x [n, C, S, S] (malloc'd) */
-  srv_blob *imgs;
-  int n_imgs;
+  /* _GIVEN: the encoded images (dec.imgs) and the pixels their headers
+   * declare, until srv_samples_decode turns them into x [n, C, S, S] */
+  srv_decode dec;
   long long pixels;
-  int n_decoded;        /* how many of imgs are already in x */
-  float *x;
+  float *x;             /* malloc'd */
 } srv_samples_req;
 
 /* Parses and validates a POST /v1/samples body against model m and the caps
@@ -37,8 +36,9 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
                       const char **code, char *err, size_t errlen);
 /* Decodes up to max_images more of a parsed request's init.images into q->x
  * (INT_MAX: all; nothing to do for other inits), so a worker can decode a
- * large request in slices; the encoded images are freed (q->imgs NULL) once
- * all are decoded.  0, or a status and code as above with q freed. */
+ * large request in slices (0: only set q->dec up for srv_decode_submit); the
+ * encoded images are freed (q->dec.imgs NULL) once all are decoded.  0, or a
+ * status and code as above with q freed. */
 int srv_samples_decode(srv_samples_req *q, const jem_model *m, const jem_image_limits *lim,
                        int max_images, const char **code, char *err, size_t errlen);
 void srv_samples_req_free(srv_samples_req *q);
@@ -47,6 +47,8 @@ void srv_samples_req_free(srv_samples_req *q);
 int srv_job_new_id(char out[33]);
 /* 1 when s has the shape of a job id (32 lowercase hex digits). */
 int srv_job_id_valid(const char *s);
+/* n random bytes from the kernel; 0 or -1. */
+int srv_rand_bytes(void *p, size_t n);
 
 /* Route handlers (server/routes.c). */
 enum MHD_Result srv_h_samples_create(srv_req *r);
@@ -58,11 +60,11 @@ enum MHD_Result srv_h_job_sample(srv_req *r);
 enum MHD_Result srv_h_job_npy(srv_req *r);
 
 /* Lifecycle, called by main() in this order:
- *   srv_jobs_start()     after the scheduler starts, before HTTP; non-zero
- *                        aborts startup.
- *   srv_jobs_active()    jobs queued or running; the drain waits (up to
- *                        --drain-seconds) while it or the in-flight request
- *                        count is > 0.
+ *   srv_jobs_start()     after the scheduler starts, before HTTP: opens the
+ *                        job store; non-zero aborts startup.
+ *   srv_jobs_active()    jobs this process queued or runs; the drain waits
+ *                        (up to --drain-seconds) while it or the in-flight
+ *                        request count is > 0.
  *   srv_jobs_shutdown()  at the drain deadline, before srv_sched_stop():
  *                        marks every unfinished job canceled with reason
  *                        "shutdown"; running slices stop at their next step.

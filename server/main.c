@@ -70,7 +70,7 @@ static reload_job *reloading;
 
 static void *reload_thread(void *p) {
   reload_job *j = p;
-  j->rc = srv_model_load(srv_cfg.model, j->err, sizeof j->err);
+  j->rc = srv_models_rescan(j->err, sizeof j->err);
   int expect = RL_RUNNING;
   if (!atomic_compare_exchange_strong(&j->state, &expect, RL_DONE)) {
     srv_log(SRV_LOG_WARN, "msg=\"a reload given up earlier has ended\" ok=%s seconds=%.3f",
@@ -103,7 +103,7 @@ static void reload_start(void) {
     return;
   }
   srv_sd_notify("RELOADING=1");
-  srv_log(SRV_LOG_INFO, "msg=\"SIGHUP: reloading the model\" path=\"%s\"", srv_cfg.model);
+  srv_log(SRV_LOG_INFO, "msg=\"SIGHUP: reloading the models\"");
   reloading = j;
 }
 
@@ -115,19 +115,19 @@ static void reload_check(void) {
   int expect = RL_RUNNING;
   if (secs > srv_cfg.reload_timeout &&
       atomic_compare_exchange_strong(&j->state, &expect, RL_ABANDONED)) {
-    srv_log(SRV_LOG_ERROR, "msg=\"model reload timed out; still serving the previous model\" "
-            "path=\"%s\" reload_timeout=%d", srv_cfg.model, srv_cfg.reload_timeout);
+    srv_log(SRV_LOG_ERROR, "msg=\"model reload timed out; still serving the previous models\" "
+            "reload_timeout=%d", srv_cfg.reload_timeout);
     srv_metrics_reload(0);
   } else if (atomic_load(&j->state) == RL_DONE) {
     if (j->rc) {
       char q[600];
       srv_log_quote(q, sizeof q, j->err);
       srv_log(SRV_LOG_ERROR, "msg=\"model reload failed; still serving the previous model\" "
-              "error=%s", q);
+              "failures=%d error=%s", j->rc, q);
     } else {
       srv_model *sm = srv_model_get();
       srv_log(SRV_LOG_INFO, "msg=\"model reloaded\" name=\"%s\" generation=%llu seconds=%.3f",
-              sm ? sm->m->name : "?", sm ? (unsigned long long)sm->gen : 0ull, secs);
+              sm ? sm->name : "?", sm ? (unsigned long long)sm->gen : 0ull, secs);
       srv_model_put(sm);
     }
     srv_metrics_reload(!j->rc);
@@ -212,18 +212,15 @@ int main(int argc, char **argv) {
   }
   if (srv_config_resolve_model()) return 1;
   uint64_t t0 = srv_now_ns();
-  if (srv_model_load(srv_cfg.model, err, sizeof err)) {
+  if (srv_models_init(err, sizeof err)) {
     fprintf(stderr, "jemd: cannot load the model: %s\n", err);
+    srv_model_shutdown();
     return 1;
   }
-  srv_model *sm = srv_model_get();
-  srv_log(SRV_LOG_INFO,
-          "msg=\"model loaded\" name=\"%s\" path=\"%s\" arch=wrn-%d-%d classes=%d "
-          "ood_stats=%s seconds=%.3f",
-          sm->m->name, srv_cfg.model, sm->m->arch.depth, sm->m->arch.widen,
-          sm->m->arch.num_classes, sm->m->ood.present ? "yes" : "no",
+  char def[SRV_MODEL_NAME_MAX];
+  srv_model_default(def, sizeof def);
+  srv_log(SRV_LOG_INFO, "msg=\"models loaded\" default=\"%s\" seconds=%.3f", def,
           (double)(srv_now_ns() - t0) * 1e-9);
-  srv_model_put(sm);
   if (srv_sched_start()) {
     fprintf(stderr, "jemd: cannot start the worker pool\n");
     return 1;

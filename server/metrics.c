@@ -242,20 +242,40 @@ char *srv_metrics_render(size_t *len) {
   esc(l2, sizeof l2, jem_blas_core() ? jem_blas_core() : "unknown");
   bprintf(&b, "jem_build_info{version=\"%s\",blas_core=\"%s\"} 1\n", l1, l2);
 
-  srv_model *sm = srv_model_get();
-  head(&b, "jem_model_info", "gauge", "The served model; the value is always 1.");
-  if (sm) {
+  /* one series per model of the repository, labelled model="NAME" */
+  srv_model_status *ms = malloc(SRV_MAX_MODELS * sizeof *ms);
+  int nm = ms ? srv_models_index(ms, SRV_MAX_MODELS) : 0;
+  head(&b, "jem_model_info", "gauge", "Each loaded model; the value is always 1.");
+  for (int i = 0; i < nm; i++) {
+    srv_model *sm = ms[i].ready ? srv_model_find(ms[i].name) : NULL;
+    if (!sm) continue;
     char arch[64];
     snprintf(arch, sizeof arch, "wrn-%d-%d", sm->m->arch.depth, sm->m->arch.widen);
-    esc(l1, sizeof l1, sm->m->name);
-    bprintf(&b, "jem_model_info{name=\"%s\",arch=\"%s\",generation=\"%llu\"} 1\n", l1, arch,
-            (unsigned long long)sm->gen);
+    esc(l1, sizeof l1, sm->name);
+    bprintf(&b, "jem_model_info{model=\"%s\",name=\"%s\",arch=\"%s\",generation=\"%llu\","
+            "default=\"%s\"} 1\n", l1, l1, arch, (unsigned long long)sm->gen,
+            ms[i].is_default ? "true" : "false");
+    srv_model_put(sm);
   }
-  head(&b, "jem_model_loaded", "gauge", "1 when a model is loaded.");
-  bprintf(&b, "jem_model_loaded %d\n", sm ? 1 : 0);
-  head(&b, "jem_model_load_timestamp_seconds", "gauge", "When the served model was loaded.");
-  bprintf(&b, "jem_model_load_timestamp_seconds %.3f\n", sm ? sm->loaded_at : 0.0);
-  srv_model_put(sm);
+  head(&b, "jem_model_loaded", "gauge", "1 when the model is loaded, 0 when the repository "
+       "knows it but it is not (unloaded, or its file failed to load).");
+  for (int i = 0; i < nm; i++) {
+    esc(l1, sizeof l1, ms[i].name);
+    bprintf(&b, "jem_model_loaded{model=\"%s\"} %d\n", l1, ms[i].ready);
+  }
+  head(&b, "jem_model_load_timestamp_seconds", "gauge", "When each loaded model was loaded.");
+  for (int i = 0; i < nm; i++) {
+    esc(l1, sizeof l1, ms[i].name);
+    if (ms[i].ready)
+      bprintf(&b, "jem_model_load_timestamp_seconds{model=\"%s\"} %.3f\n", l1, ms[i].loaded_at);
+  }
+  head(&b, "jem_model_scored_images_total", "counter",
+       "Images scored by each model (across reloads).");
+  for (int i = 0; i < nm; i++) {
+    esc(l1, sizeof l1, ms[i].name);
+    bprintf(&b, "jem_model_scored_images_total{model=\"%s\"} %llu\n", l1, ms[i].images);
+  }
+  free(ms);
   head(&b, "jem_model_reloads_total", "counter", "Model reloads (SIGHUP) by result.");
   bprintf(&b, "jem_model_reloads_total{result=\"ok\"} %llu\n",
           (unsigned long long)atomic_load(&M.reloads[0]));

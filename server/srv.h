@@ -22,7 +22,9 @@
 typedef struct srv_config {
   char host[256];
   int port;
-  char model[4096];             /* "" until resolved: see srv_config_model_path */
+  char model[16384];            /* --model paths, '\n'-separated; "" until resolved */
+  char model_dir[4096];         /* --model-dir */
+  char default_model[128];      /* --default-model */
   int workers;                  /* compute workers (libuv pool threads) */
   int blas_threads;             /* OpenBLAS threads per call, 0 = auto */
   int http_threads;             /* MHD epoll thread-pool size */
@@ -49,7 +51,8 @@ typedef struct srv_config {
   int protect_scoring;
   int log_level;
   char log_level_name[16];
-  /* SGLD jobs (server/jobs.c) */
+  char cors_origins[4096];      /* '\n'-separated; "" = no CORS headers */
+  /* SGLD jobs (server/h_jobs.c, job_store.c, job_work.c) */
   int max_samples;              /* n per job */
   int max_steps;                /* steps per job */
   int max_queued_jobs;          /* queued + running jobs before 429 */
@@ -66,7 +69,7 @@ extern srv_config srv_cfg;
  * the process should exit with *status (--help, --version, usage error). */
 int srv_config_parse(int argc, char **argv, int *status);
 void srv_config_usage(FILE *f);
-/* Fills srv_cfg.model when empty: models/fmnist-jem.safetensors in the
+/* Fills srv_cfg.model when it and --model-dir are empty: models/fmnist-jem.safetensors in the
  * working directory, then JEMD_DATADIR/models/; -1 (with a message naming
  * both) when neither is readable. */
 int srv_config_resolve_model(void);
@@ -94,24 +97,56 @@ int srv_sd_notify(const char *state);
 uint64_t srv_sd_watchdog_ns(void);  /* 0 = no watchdog */
 
 /* ------------------------------------------------------------------------ */
-/* The served model (server/model.c): refcounted so SIGHUP can swap it while
- * batches still run on the old one. */
+/* The model repository (server/modelref.c): models by name, each
+ * refcounted so that SIGHUP or a repository load can swap it while batches
+ * still run on the old one. */
+
+#define SRV_MAX_MODELS 64
+#define SRV_MODEL_NAME_MAX 128
 
 typedef struct srv_model {
   jem_model *m;
   atomic_int refs;
-  uint64_t gen;                 /* 1, 2, ... per successful load */
+  uint64_t gen;                 /* 1, 2, ... per successful load, unique across models */
+  char name[SRV_MODEL_NAME_MAX]; /* what clients call it: the file stem, or with a
+                                    single --model its metadata name */
   char path[4096];
   double loaded_at;             /* wall clock */
 } srv_model;
 
-/* Loads path and makes it current.  On failure the current model stays and
- * err says why. */
-int srv_model_load(const char *path, char *err, size_t errlen);
-srv_model *srv_model_get(void);       /* new reference, NULL when none */
+/* Loads the models of --model / --model-dir (every one must load) and
+ * picks the default; -1 and err otherwise. */
+int srv_models_init(char *err, size_t errlen);
+/* SIGHUP: loads the --model files again and rescans --model-dir (new,
+ * changed and removed files).  Returns the number of failures (err: the
+ * last); a model whose file fails keeps serving its old version. */
+int srv_models_rescan(char *err, size_t errlen);
+/* POST /v2/repository/models/{name}/load: (re)loads a known model, or
+ * DIR/name.safetensors under --model-dir.  0, 1 unknown name, -1 failed,
+ * -2 another load still running after --reload-timeout. */
+int srv_model_repo_load(const char *name, char *err, size_t errlen);
+int srv_model_repo_unload(const char *name);          /* 0, -1 unknown, -2 as load */
+srv_model *srv_model_find(const char *name);  /* new reference; NULL name = the default;
+                                                 NULL when unknown or unloaded */
+srv_model *srv_model_get(void);       /* the default model (new reference) or NULL */
 void srv_model_put(srv_model *sm);    /* NULL ok */
-void srv_model_shutdown(void);        /* drops the current model */
-int srv_model_ready(void);
+void srv_model_default(char *out, size_t cap);  /* the default model's name */
+/* New references to the loaded models, in repository order; their count. */
+int srv_models_list(srv_model **out, int cap);
+void srv_model_shutdown(void);        /* drops every model (never waits for a load) */
+int srv_model_ready(void);            /* 1 when any model is loaded */
+int srv_model_name_ok(const char *s); /* letters, digits, . _ - (not first .) */
+void srv_model_count_images(const srv_model *sm, int n);
+
+typedef struct srv_model_status {     /* one row of the repository index */
+  char name[SRV_MODEL_NAME_MAX];
+  char reason[256];
+  int ready, is_default;
+  uint64_t gen;
+  double loaded_at;
+  unsigned long long images;          /* scored, across reloads */
+} srv_model_status;
+int srv_models_index(srv_model_status *out, int cap);
 
 /* ------------------------------------------------------------------------ */
 /* Scheduler (server/sched.c).  See the comment at the top of sched.c. */
@@ -332,21 +367,28 @@ void srv_http_tick(void);
 /* Handlers */
 
 /* A request whose images declare more pixels than this in all is decoded on
- * a worker (background work), not on the HTTP thread (h_classify.c, jobs.c). */
+ * a worker (background work), not on the HTTP thread (h_classify.c, h_jobs.c). */
 #define SRV_DECODE_INLINE_PIXELS (1ll << 20)
 
 /* Scoring plumbing shared by /v1/classify and /v2 infer (h_classify.c):
  * reserve queue room (503 + Retry-After when full), suspend, queue; the
  * request owns ctx (freed with ctx_free_fn) and on_resume answers.  With
- * prepare (not NULL), that background work runs first and its done() queues
- * the task with srv_sched_score, or releases the reservation and resumes. */
+ * prepare (not NULL), that worker-side decode runs first and its finish()
+ * queues the task with srv_sched_score, or releases the reservation and
+ * resumes. */
+typedef struct srv_decode srv_decode;
 enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx,
                                  void (*ctx_free_fn)(void *),
-                                 enum MHD_Result (*on_resume)(srv_req *), srv_work *prepare);
+                                 enum MHD_Result (*on_resume)(srv_req *), srv_decode *prepare);
 /* Answers for a task that did not finish (client gone, shutdown, failure);
  * returns 1 when it answered, with *res set. */
 int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res);
 json_t *srv_jreal(double v);  /* null for NaN/inf */
+
+/* The model a request names (NULL: the default), or NULL after answering
+ * 404 model_not_found (503 model_not_loaded for the default) in the
+ * route's error shape. */
+srv_model *srv_model_for(srv_req *r, const char *name, enum MHD_Result *res);
 
 enum MHD_Result srv_h_healthz(srv_req *r);
 enum MHD_Result srv_h_readyz(srv_req *r);
@@ -359,6 +401,23 @@ enum MHD_Result srv_h_v2_server(srv_req *r);
 enum MHD_Result srv_h_v2_model(srv_req *r);
 enum MHD_Result srv_h_v2_model_ready(srv_req *r);
 enum MHD_Result srv_h_v2_infer(srv_req *r);
+enum MHD_Result srv_h_v2_repo_index(srv_req *r);
+enum MHD_Result srv_h_v2_repo_load(srv_req *r);
+enum MHD_Result srv_h_v2_repo_unload(srv_req *r);
+enum MHD_Result srv_h_model(srv_req *r);
+/* GET of a file built into jemd (the page, its script and style, the spec) */
+enum MHD_Result srv_h_asset(srv_req *r);
+
+/* The files built into jemd: the table is generated at build time from
+ * openapi.yaml and web/ by scripts/embed.c (see the Makefile). */
+typedef struct srv_asset {
+  const char *url;              /* "/", "/ui/app.js", "/openapi.yaml" */
+  const char *ctype;
+  const unsigned char *data;
+  long len;
+} srv_asset;
+extern const srv_asset srv_assets[];
+extern const int srv_n_assets;
 
 /* ------------------------------------------------------------------------ */
 /* Request parsing, exposed for the fuzzers (no daemon needed). */
@@ -437,5 +496,40 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
                        srv_v2_req *out, char *err, size_t errlen);
 void srv_v2_req_free(srv_v2_req *q);
 
+
+/* ------------------------------------------------------------------------ */
+/* Decoding a request's encoded images into a model input tensor
+ * (server/decode.c), shared by /v1/classify and job init images: all at once
+ * on the HTTP thread, or one image per slice on a worker for requests past
+ * SRV_DECODE_INLINE_PIXELS, so scoring batches run in between. */
+enum { SRV_DECODE_PLAIN = 0,    /* errors name no image (one raw image body) */
+       SRV_DECODE_IMAGE,        /* "image 3: ..." */
+       SRV_DECODE_INIT };       /* "init.images[3]: ..." */
+struct srv_decode {
+  srv_work work;                /* the worker-side decode */
+  const jem_model *m;
+  jem_image_limits lim;
+  srv_blob *imgs;               /* owned; freed once all are decoded */
+  int n_imgs, n_decoded;
+  float *x;                     /* [n_imgs, C, S, S], not owned */
+  int naming;                   /* SRV_DECODE_PLAIN, _IMAGE or _INIT */
+  int conn_fd;                  /* a worker stops once this client hung up */
+  /* outcome: status 0 while all is well, else the HTTP status of the
+   * answer (400 invalid_image, 413 image_too_large, 415 unsupported_image,
+   * 503 out_of_memory) with its code and message */
+  int status;
+  const char *code;
+  char err[600];
+  int client_gone, canceled;
+  /* Loop thread, once, after the worker-side decode ended: all decoded,
+   * failed, client gone, or canceled (the scheduler stopped). */
+  void (*finish)(srv_decode *d);
+};
+/* Decodes up to max more images (INT_MAX: the rest) on the calling thread:
+ * 0 when all are decoded (imgs freed), 1 when some remain, -1 on failure. */
+int srv_decode_run(srv_decode *d, int max);
+/* Decodes the rest on workers; -1 (nothing queued) when the scheduler stops. */
+int srv_decode_submit(srv_decode *d);
+void srv_decode_free(srv_decode *d); /* the encoded images */
 
 #endif

@@ -164,14 +164,16 @@ def test_images(n, seed=1, size=28):
 
 
 class Daemon:
-    """Runs build/jemd on a free port; collects stderr in a thread."""
+    """Runs build/jemd on a free port (with --model unless model is None);
+    collects stderr in a thread."""
 
     def __init__(self, binary, model, *args, env=None):
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)
         if env:
             e.update(env)
-        self.proc = subprocess.Popen([binary, "--model", model, "--port", "0", *args],
+        self.proc = subprocess.Popen([binary, *(["--model", model] if model else []),
+                                      "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
         self.lines = []
         self.port = None
@@ -257,3 +259,33 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class Checks:
+    """check(cond, what) for a test script: counts passes, prints each failure,
+    and report() prints the summary line and gives the exit status."""
+
+    def __init__(self, name):
+        self.name, self.passed, self.failed, self.t0 = name, 0, [], time.time()
+
+    def __call__(self, cond, what):
+        if cond:
+            self.passed += 1
+        else:
+            self.failed.append(what)
+            print("FAIL:", what, flush=True)
+        return cond
+
+    def report(self):
+        print(f"{self.name}: {self.passed} checks passed, {len(self.failed)} failed, "
+              f"{time.time() - self.t0:.1f} s")
+        return 1 if self.failed else 0
+
+
+def jemd_binary(root, argv=None):
+    """build/jemd (or --build DIR's) from a test script's command line."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    build = ap.parse_args(argv).build
+    return os.path.join(build if os.path.isabs(build) else os.path.join(root, build), "jemd")

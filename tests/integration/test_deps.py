@@ -132,7 +132,8 @@ def used_modules():
     for path in test_sources():
         for m in re.finditer(r"^\s*(?:import|from)\s+([A-Za-z_]\w*)", open(path).read(), re.M):
             mods.add(m.group(1))
-    local = {os.path.splitext(f)[0] for d in (("tests", "integration"), ("scripts",))
+    local = {os.path.splitext(f)[0]
+             for d in (("tests", "integration"), ("scripts",), ("clients", "python"))
              for f in os.listdir(os.path.join(ROOT, *d))}
     return sorted(m for m in mods - local if m not in sys.stdlib_module_names)
 

@@ -230,6 +230,9 @@ def metric_value(text, name, labels=None):
 def test_routes(c, imgs, model_name):
     st, h, js = c.call("GET", "/healthz", expect=200)
     check(js == {"status": "ok"}, "healthz body")
+    # the files built into jemd (test_web.py checks them in depth)
+    for path in ("/", "/ui/app.js", "/openapi.yaml"):
+        c.call("GET", path, expect=200)
     c.call("GET", "/readyz", expect=200)
     st, h, text = c.call("GET", "/metrics", expect=200)
     check(h.get("content-type", "").startswith("text/plain; version=0.0.4"), "metrics content type")
@@ -356,6 +359,28 @@ def test_routes(c, imgs, model_name):
            {"Content-Type": "application/octet-stream",
             "Inference-Header-Content-Length": str(len(hdr))}, 422, "binary size mismatch")
     c.call("HEAD", "/healthz", expect=200, what="HEAD on a GET route")
+    # the routes that name the model (test_models.py covers several models)
+    st, _, one = c.call("GET", f"/v1/models/{model_name}", expect=200)
+    check(one["name"] == model_name and one["default"] is True, "GET /v1/models/{name}")
+    st, _, r1 = c.call("POST", f"/v1/models/{model_name}/classify", imgs[0],
+                       {"Content-Type": "image/png"}, 200)
+    st, _, r2 = c.call("POST", f"/v1/classify?model={model_name}", imgs[0],
+                       {"Content-Type": "image/png"}, 200)
+    check(r1["logits"] == r2["logits"], "/v1/models/{name}/classify = /v1/classify?model=")
+    c.call("GET", f"/v2/models/{model_name}/versions/1", expect=200)
+    c.call("GET", f"/v2/models/{model_name}/versions/1/ready", expect=200)
+    c.call("GET", f"/v2/models/{model_name}/versions/2", expect=404)
+    c.call("POST", f"/v2/models/{model_name}/versions/1/infer", hdr + x.astype("<f4").tobytes(),
+           {"Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(hdr))}, 200, "versioned infer")
+    st, _, idx = c.call("POST", "/v2/repository/index", expect=200)
+    check(idx == [{"name": model_name, "version": "1", "state": "READY", "reason": ""}],
+          f"repository index: {idx}")
+    c.call("POST", f"/v2/repository/models/{model_name}/unload", expect=200)
+    c.call("POST", "/v1/classify", imgs[0], {"Content-Type": "image/png"}, 503,
+           "the default model unloaded: 503")
+    c.call("POST", f"/v2/repository/models/{model_name}/load", expect=200)
+    c.call("POST", "/v2/repository/models/nosuch/load", expect=404)
 
 
 def bad_inputs(c, d, imgs, model_name):

@@ -1,0 +1,300 @@
+#!/usr/bin/python3
+"""test_models.py - several models in one daemon: --model-dir, repeated
+--model, --default-model, the per-model routes, the OIP v2 repository
+extension, SIGHUP rescans (added, removed, changed and broken files, and a
+request in flight finishing on the old model), the `model` metric label and
+404 model_not_found.  Each model's answers are compared with `jem score` on
+its own file.
+
+usage: /usr/bin/python3 tests/integration/test_models.py --build build
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import jemtest  # noqa: E402
+
+check = jemtest.Checks("test_models")
+PNG = {"Content-Type": "image/png"}
+J = {"Content-Type": "application/json"}
+
+
+def close(a, b, tol=1e-4):
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def jem_logits(jem, model, image):
+    p = subprocess.run([jem, "score", model, image, "--no-grad"], capture_output=True, text=True,
+                       timeout=60)
+    return json.loads(p.stdout.splitlines()[0])["logits"] if p.returncode == 0 else None
+
+
+def index(d):
+    st, _, js = d.json("POST", "/v2/repository/index")
+    return {m["name"]: m for m in js} if st == 200 else {}
+
+
+def wait_for(cond, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_routes(d, jem, files, img):
+    """Two models side by side, each answering as jem score does on its file."""
+    st, _, js = d.json("GET", "/v1/models")
+    check(st == 200 and [m["name"] for m in js["models"]] == ["alpha", "beta"] and
+          js["default"] == "alpha" and [m["default"] for m in js["models"]] == [True, False],
+          f"/v1/models: both, named by file, alpha the default ({js})")
+    check(len(js["models"][1]["classes"]) == 5, "beta has its own 5 classes")
+    png = open(img, "rb").read()
+    want = {n: jem_logits(jem, files[n], img) for n in ("alpha", "beta")}
+    for n in ("alpha", "beta"):
+        for path in (f"/v1/classify?model={n}&grad=false", f"/v1/models/{n}/classify?grad=false"):
+            st, _, r = d.json("POST", path, png, PNG)
+            check(st == 200 and close(r["logits"], want[n]), f"POST {path}: {n}'s logits")
+        st, _, m = d.json("GET", f"/v1/models/{n}")
+        check(st == 200 and m["name"] == n, f"GET /v1/models/{n}")
+        st, _, r = d.json("POST", f"/v2/models/{n}/versions/1/infer", json.dumps(
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32],
+                         "data": [0.0] * 1024}], "outputs": [{"name": "logits"}]}), J)
+        check(st == 200 and r["model_name"] == n and
+              r["outputs"][0]["shape"] == [1, 10 if n == "alpha" else 5],
+              f"v2 infer on {n} (with /versions/1)")
+    st, _, r = d.json("POST", "/v1/classify?grad=false", png, PNG)
+    check(st == 200 and close(r["logits"], want["alpha"]), "no model named: the default")
+    # unknown models, every way of naming one
+    for method, path, body, hdr in (
+            ("POST", "/v1/classify?model=gamma", png, PNG),
+            ("POST", "/v1/models/gamma/classify", png, PNG),
+            ("GET", "/v1/models/gamma", None, None),
+            ("POST", "/v1/samples", json.dumps({"model": "gamma"}), J)):
+        st, _, js = d.json(method, path, body, hdr)
+        check(st == 404 and js["error"]["code"] == "model_not_found" and
+              "gamma" in js["error"]["message"], f"{method} {path}: 404 model_not_found")
+    for path in ("/v2/models/gamma", "/v2/models/gamma/ready", "/v2/models/alpha/versions/2"):
+        st, _, js = d.json("GET", path)
+        check(st == 404 and isinstance(js.get("error"), str), f"GET {path}: 404, v2 shape")
+    st, _, js = d.json("POST", "/v1/models/beta/classify?model=alpha", png, PNG)
+    check(st == 400 and js["error"]["code"] == "invalid_parameter", "model in path and query: 400")
+    st, _, js = d.json("POST", "/v1/samples", json.dumps({"model": 7}), J)
+    check(st == 400 and js["error"]["code"] == "invalid_type", "job model not a string: 400")
+    # a job on the second model, with one of its class names
+    st, _, job = d.json("POST", "/v1/samples",
+                        json.dumps({"model": "beta", "n": 2, "steps": 2, "class": "class4"}), J)
+    check(st == 202 and job["model"] == "beta" and job["params"]["class"] == 4,
+          f"a job on beta ({st}, {job})")
+    wait_for(lambda: d.json("GET", f"/v1/jobs/{job['id']}")[2]["status"] == "succeeded")
+    st, _, job = d.json("GET", f"/v1/jobs/{job['id']}")
+    check(job["status"] == "succeeded" and job["model"] == "beta" and
+          all(s["class"].startswith("class") and s["label"] < 5 for s in job["result"]["samples"]),
+          "the job ran on beta (its labels are beta's)")
+    st, _, job = d.json("POST", "/v1/samples", json.dumps({"n": 1, "steps": 1}), J)
+    check(st == 202 and job["model"] == "alpha", "a job naming no model: the default")
+    st, _, text = d.request("GET", "/metrics")
+    t = text.decode()
+    for n in ("alpha", "beta"):
+        check(re.search(r'jem_model_info\{model="%s",' % n, t) and
+              re.search(r'jem_model_loaded\{model="%s"\} 1' % n, t), f"metrics: {n}'s series")
+    m = re.search(r'jem_model_scored_images_total\{model="beta"\} (\d+)', t)
+    check(m and int(m.group(1)) == 3, f"beta's images counted: {m and m.group(1)}")
+    st, _, js = d.json("GET", "/v2")
+    check("model_repository" in js["extensions"], "/v2 lists the repository extension")
+
+
+def test_page(d, img):
+    """The page's model chooser: beta chosen, its label and a job on it."""
+    node_dir = os.path.join(ROOT, "tests", "node")
+    if not check(os.path.isdir(os.path.join(node_dir, "node_modules", "puppeteer-core")),
+                 "tests/node/node_modules is missing: run `make node-deps` (make test does)"):
+        return
+    p = subprocess.run(["node", os.path.join(node_dir, "page.mjs"), f"http://127.0.0.1:{d.port}/",
+                        img, "1", "2", "5"], capture_output=True, text=True, timeout=120,
+                       cwd=node_dir, env=dict(os.environ, PAGE_MODEL="beta"))
+    try:
+        got = json.loads(p.stdout)
+    except ValueError:
+        check(False, f"page.mjs printed no JSON (rc {p.returncode}): {p.stderr[-800:]}")
+        return
+    _, _, want = d.json("POST", "/v1/classify?model=beta", open(img, "rb").read(), PNG)
+    check(got["errors"] == [] and got["models"] == ["alpha", "beta"],
+          f"the page lists both models ({got.get('models')}, {got['errors']})")
+    check(got["classify"]["label"] == want["label"] and len(got["classify"]["bars"]) == 5,
+          "with beta chosen, the page shows beta's label and its 5 classes")
+    st, _, job = d.json("GET", f"/v1/jobs/{got['job'].get('id')}")
+    check(st == 200 and job["model"] == "beta" and job["status"] == "succeeded",
+          f"the page's job ran on beta ({job.get('model') if job else st})")
+
+
+def test_repository(d):
+    idx = index(d)
+    check(set(idx) == {"alpha", "beta"} and all(m["state"] == "READY" for m in idx.values()),
+          f"index: both READY ({idx})")
+    gen0 = d.json("GET", "/v1/models/beta")[2]["generation"]
+    st, _, js = d.json("POST", "/v2/repository/models/beta/unload")
+    check(st == 200 and js == {}, "unload beta")
+    idx = index(d)
+    check(idx["beta"]["state"] == "UNAVAILABLE" and idx["beta"]["reason"] == "unloaded",
+          f"index: beta UNAVAILABLE, unloaded ({idx.get('beta')})")
+    st, _, js = d.json("POST", "/v2/repository/index", json.dumps({"ready": True}), J)
+    check([m["name"] for m in js] == ["alpha"], "index {ready: true}: alpha only")
+    st, _, js = d.json("POST", "/v1/models/beta/classify", b"x", PNG)
+    check(st == 404 and "unloaded" in js["error"]["message"], "an unloaded model: 404")
+    st, _, js = d.json("GET", "/v1/models")
+    check([m["name"] for m in js["models"]] == ["alpha"], "/v1/models lists the loaded ones")
+    st, _, js = d.json("POST", "/v2/repository/models/beta/load")
+    check(st == 200, "load beta again")
+    check(d.json("GET", "/v1/models/beta")[2]["generation"] > gen0, "a new generation")
+    st, _, js = d.json("POST", "/v2/repository/models/nosuch/unload")
+    check(st == 404 and isinstance(js["error"], str), "unload of an unknown model: 404")
+    st, _, js = d.json("POST", "/v2/repository/index", b"[1]", J)
+    check(st == 400, "index with a body other than {ready}: 400")
+
+
+def test_rescan(d, jem, mdir, files, img):
+    """SIGHUP: gamma added, beta removed, alpha changed (a request in flight
+    finishes on the old alpha), then a broken file beside them."""
+    png = open(img, "rb").read()
+    old_alpha = jem_logits(jem, files["alpha"], img)
+    body, ctype = many_images(png, 250)
+    res = {}
+
+    def big():
+        res["r"] = d.json("POST", "/v1/classify?model=alpha", body, {"Content-Type": ctype},
+                          timeout=120)
+        res["t"] = time.time()
+    th = threading.Thread(target=big)
+    th.start()
+    wait_for(lambda: "alpha" in res or queued(d) > 0, 10)
+    new_alpha = os.path.join(mdir, "alpha.safetensors.new")
+    jemtest.write_model(new_alpha, seed=21, name="whatever")
+    os.replace(new_alpha, files["alpha"])
+    os.remove(files["beta"])
+    jemtest.write_model(os.path.join(mdir, "gamma.safetensors"), seed=22, name="g")
+    n_loaded = len(re.findall(r'msg="model loaded" model="alpha"', d.log()))
+    d.signal(signal.SIGHUP)
+    check(wait_for(lambda: len(re.findall(r'msg="model loaded" model="alpha"', d.log())) > n_loaded),
+          "SIGHUP loads the changed alpha")
+    t_swap = time.time()
+    in_flight = th.is_alive()
+    th.join()
+    st, _, r = res["r"]
+    check(in_flight, "the 250-image request was still in flight when alpha was swapped")
+    check(st == 200 and all(close(x["logits"], old_alpha) for x in r["results"]),
+          f"a request in flight when alpha was swapped finished on the old alpha "
+          f"(answered {res['t'] - t_swap:+.2f} s after the swap)")
+    wait_for(lambda: set(index(d)) == {"alpha", "gamma"} and
+             index(d)["gamma"]["state"] == "READY")
+    idx = index(d)
+    check(set(idx) == {"alpha", "gamma"} and all(m["state"] == "READY" for m in idx.values()),
+          f"after the rescan: alpha and gamma, beta gone ({idx})")
+    st, _, r = d.json("POST", "/v1/classify?model=alpha&grad=false", png, PNG)
+    check(st == 200 and close(r["logits"], jem_logits(jem, files["alpha"], img)),
+          "alpha answers with its new file")
+    st, _, r = d.json("POST", "/v1/models/gamma/classify?grad=false", png, PNG)
+    check(st == 200 and close(r["logits"], jem_logits(jem, os.path.join(mdir, "gamma.safetensors"),
+                                                      img)), "gamma, added, answers")
+    st, _, js = d.json("POST", "/v1/models/beta/classify", png, PNG)
+    check(st == 404 and js["error"]["code"] == "model_not_found", "beta, removed: 404")
+    # a broken file and a broken change: the others keep serving
+    with open(os.path.join(mdir, "delta.safetensors"), "wb") as f:
+        f.write(b"not a model")
+    gen_g = d.json("GET", "/v1/models/gamma")[2]["generation"]
+    with open(os.path.join(mdir, "gamma.safetensors"), "ab") as f:
+        f.write(b"trailing junk")
+    d.signal(signal.SIGHUP)
+    check(wait_for(lambda: "delta" in index(d) and index(d)["delta"]["reason"] not in
+                   ("", "loading")), "the broken delta is in the index")
+    wait_for(lambda: "model reload failed" in d.log())
+    idx = index(d)
+    check(idx["delta"]["state"] == "UNAVAILABLE" and idx["delta"]["reason"],
+          f"delta UNAVAILABLE with its reason ({idx['delta']})")
+    st, _, m = d.json("GET", "/v1/models/gamma")
+    check(st == 200 and m["generation"] == gen_g, "gamma's broken change: the old gamma serves on")
+    st, _, text = d.request("GET", "/metrics")
+    check('jem_model_loaded{model="delta"} 0' in text.decode(), "metrics: delta loaded 0")
+
+
+def many_images(png, n):
+    parts = b"".join(b"--mb\r\nContent-Disposition: form-data; name=\"f%d\"\r\n"
+                     b"Content-Type: image/png\r\n\r\n" % i + png + b"\r\n" for i in range(n))
+    return parts + b"--mb--\r\n", "multipart/form-data; boundary=mb"
+
+
+def queued(d):
+    st, _, text = d.request("GET", "/metrics")
+    m = re.search(r"^jem_queue_depth (\d+)", text.decode(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def test_flags(jemd, files, tmp):
+    def start(*args):
+        return subprocess.run([jemd, "--port", "0", *args], capture_output=True, text=True,
+                              timeout=30)
+    p = start("--model-dir", os.path.join(tmp, "nowhere"))
+    check(p.returncode == 1 and "nowhere" in p.stderr, f"--model-dir missing: exit 1 ({p.stderr})")
+    p = start("--model-dir", tmp, "--default-model", "zeta")
+    check(p.returncode == 1 and "zeta" in p.stderr and "alpha" in p.stderr,
+          f"--default-model unknown: exit 1 naming the models ({p.stderr.strip()})")
+    twin = os.path.join(tmp, "other", "alpha.safetensors")
+    os.makedirs(os.path.dirname(twin))
+    shutil.copy(files["alpha"], twin)
+    p = start("--model", files["alpha"], "--model", twin)
+    check(p.returncode == 1 and "two models named 'alpha'" in p.stderr,
+          f"two --model files of one name: exit 1 ({p.stderr.strip()})")
+    d = jemtest.Daemon(jemd, files["alpha"], "--model", files["beta"], "--default-model", "beta")
+    try:
+        st, _, js = d.json("GET", "/v1/models")
+        check([m["name"] for m in js["models"]] == ["alpha", "beta"] and js["default"] == "beta",
+              f"repeated --model, named by file; --default-model beta ({js.get('default')})")
+        st, _, js = d.json("GET", "/readyz")
+        check(js.get("model") == "beta", "readyz names the default model")
+    finally:
+        d.kill()
+
+
+def main():
+    jemd = jemtest.jemd_binary(ROOT)
+    jem = os.path.join(os.path.dirname(jemd), "jem")
+    tmp = tempfile.mkdtemp(prefix="jemd-models-")
+    try:
+        mdir = os.path.join(tmp, "models")
+        os.makedirs(mdir)
+        files = {"alpha": os.path.join(mdir, "alpha.safetensors"),
+                 "beta": os.path.join(mdir, "beta.safetensors")}
+        jemtest.write_model(files["alpha"], seed=11, name="meta-alpha")
+        jemtest.write_model(files["beta"], seed=12, name="meta-beta", k=5)
+        with open(os.path.join(mdir, "notes.txt"), "w") as f:
+            f.write("not a model file: skipped\n")
+        img = os.path.join(tmp, "x.png")
+        with open(img, "wb") as f:
+            f.write(jemtest.test_images(1, seed=13)[0])
+        test_flags(jemd, {k: v for k, v in files.items()}, mdir)
+        d = jemtest.Daemon(jemd, None, "--model-dir", mdir, "--workers", "1")
+        try:
+            test_routes(d, jem, files, img)
+            test_page(d, img)
+            test_repository(d)
+            test_rescan(d, jem, mdir, files, img)
+        finally:
+            d.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return check.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
