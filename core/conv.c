@@ -171,13 +171,14 @@ static void valid_range(int wo, int wi, int s, int p, int kx, int *lo, int *hi) 
   *hi = h;
 }
 
-void jem__im2col(float *col, const float *in, const jem__conv *c, int n,
-                 int n0, int nc, int act, float leak) {
+/* jem__im2col for the rows of input channels [ci0, ci1) only. */
+static void im2col_rows(float *col, const float *in, const jem__conv *c, int n,
+                        int n0, int nc, int act, float leak, int ci0, int ci1) {
   const int k = c->k, s = c->stride, p = c->pad;
   const int hi = c->hin, wi = c->win, ho = c->hout, wo = c->wout;
   const size_t hwi = (size_t)hi * wi, hwo = (size_t)ho * wo;
   const size_t ld = (size_t)nc * hwo;
-  for (int ci = 0; ci < c->cin; ci++) {
+  for (int ci = ci0; ci < ci1; ci++) {
     for (int ky = 0; ky < k; ky++) {
       for (int kx = 0; kx < k; kx++) {
         float *row = col + ((size_t)(ci * k + ky) * k + kx) * ld;
@@ -220,13 +221,20 @@ void jem__im2col(float *col, const float *in, const jem__conv *c, int n,
   }
 }
 
-void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
-                 int n0, int nc) {
+void jem__im2col(float *col, const float *in, const jem__conv *c, int n,
+                 int n0, int nc, int act, float leak) {
+  im2col_rows(col, in, c, n, n0, nc, act, leak, 0, c->cin);
+}
+
+/* jem__col2im for input channels [ci0, ci1) only: they read only their own
+ * rows of col and write only their own channels of in. */
+static void col2im_rows(float *in, const float *col, const jem__conv *c, int n,
+                        int n0, int nc, int ci0, int ci1) {
   const int k = c->k, s = c->stride, p = c->pad;
   const int hi = c->hin, wi = c->win, ho = c->hout, wo = c->wout;
   const size_t hwi = (size_t)hi * wi, hwo = (size_t)ho * wo;
   const size_t ld = (size_t)nc * hwo;
-  for (int ci = 0; ci < c->cin; ci++) {
+  for (int ci = ci0; ci < ci1; ci++) {
     for (int ky = 0; ky < k; ky++) {
       for (int kx = 0; kx < k; kx++) {
         const float *row = col + ((size_t)(ci * k + ky) * k + kx) * ld;
@@ -267,6 +275,111 @@ void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
   }
 }
 
+void jem__col2im(float *in, const float *col, const jem__conv *c, int n,
+                 int n0, int nc) {
+  col2im_rows(in, col, c, n, n0, nc, 0, c->cin);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The im2col + sgemm path in parts.  A layer's products are split along
+ * their rows (output channels forward, input channels for the input
+ * gradient) into parts that jem__par may run on several threads.  The split
+ * depends on the layer's shape alone, never on the threads: each part is the
+ * same sgemm call whoever runs it, so results do not depend on threads. */
+
+/* Parts of a product with `rows` rows and `flops` multiply-adds: big enough
+ * to be worth a thread's wake-up (about 10 us against 1 ms of work). */
+static int row_parts(int rows, double flops) {
+  if (flops < 4e6) return 1;
+  return rows >= 128 ? 4 : rows >= 64 ? 2 : 1;
+}
+
+/* [lo, hi) of part `part` of `parts` over total. */
+static void part_range(int total, int part, int parts, int *lo, int *hi) {
+  *lo = (int)((long long)total * part / parts);
+  *hi = (int)((long long)total * (part + 1) / parts);
+}
+
+typedef struct conv_job {
+  const jem__conv *c;
+  float *out;               /* forward: out; input gradient: din */
+  const float *in;          /* forward: in; input gradient: dout */
+  const float *w, *b;
+  float *col;
+  int n, n0, m, act, accumulate, bias;
+  float leak;
+} conv_job;
+
+/* Forward, part i: for its output channels the bias (on the first chunk),
+ * for its input channels the chunk's im2col rows. */
+static void fwd_prep_part(void *arg, int part, int parts) {
+  const conv_job *j = arg;
+  const jem__conv *c = j->c;
+  const size_t ldo = (size_t)j->n * jem__conv_hwo(c);
+  int lo, hi;
+  if (j->bias) {
+    part_range(c->cout, part, parts, &lo, &hi);
+    for (int co = lo; co < hi; co++) {
+      float *o = j->out + (size_t)co * ldo, bv = j->b ? j->b[co] : 0.0f;
+      if (j->accumulate) {
+        for (size_t i = 0; i < ldo; i++) o[i] += bv;
+      } else {
+        for (size_t i = 0; i < ldo; i++) o[i] = bv;
+      }
+    }
+  }
+  if (j->col) {
+    part_range(c->cin, part, parts, &lo, &hi);
+    im2col_rows(j->col, j->in, c, j->n, j->n0, j->m, j->act, j->leak, lo, hi);
+  }
+}
+
+/* Forward, part i: out[its channels, chunk] += W[its channels] x col (or x
+ * in for a 1x1 layer read in place). */
+static void fwd_gemm_part(void *arg, int part, int parts) {
+  const conv_job *j = arg;
+  const jem__conv *c = j->c;
+  const int hwo = jem__conv_hwo(c);
+  const size_t ldo = (size_t)j->n * hwo;
+  int lo, hi;
+  part_range(c->cout, part, parts, &lo, &hi);
+  if (hi == lo) return;
+  if (!j->col) { /* 1x1, in place */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, (int)ldo,
+                c->cin, 1.0f, j->w + (size_t)lo * c->cin, c->cin, j->in,
+                (int)ldo, 1.0f, j->out + (size_t)lo * ldo, (int)ldo);
+    return;
+  }
+  const int rows = jem__conv_rows(c), cols = j->m * hwo;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, cols, rows,
+              1.0f, j->w + (size_t)lo * rows, rows, j->col, cols, 1.0f,
+              j->out + (size_t)lo * ldo + (size_t)j->n0 * hwo, (int)ldo);
+}
+
+/* Input gradient, part i: for its input channels, col rows = W^T x dout and
+ * then their col2im (or din += W^T x dout for a 1x1 layer read in place). */
+static void din_part(void *arg, int part, int parts) {
+  const conv_job *j = arg;
+  const jem__conv *c = j->c;
+  const int hwo = jem__conv_hwo(c);
+  const size_t ldo = (size_t)j->n * hwo;
+  int lo, hi;
+  part_range(c->cin, part, parts, &lo, &hi);
+  if (hi == lo) return;
+  if (!j->col) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, (int)ldo,
+                c->cout, 1.0f, j->w + lo, c->cin, j->in, (int)ldo, 1.0f,
+                j->out + (size_t)lo * ldo, (int)ldo);
+    return;
+  }
+  const int kk = c->k * c->k, rows = jem__conv_rows(c), cols = j->m * hwo;
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (hi - lo) * kk, cols,
+              c->cout, 1.0f, j->w + (size_t)lo * kk, rows,
+              j->in + (size_t)j->n0 * hwo, (int)ldo, 0.0f,
+              j->col + (size_t)lo * kk * cols, cols);
+  col2im_rows(j->out, j->col, c, j->n, j->n0, j->m, lo, hi);
+}
+
 void jem__conv_forward(float *out, const float *in, const float *w,
                        const float *wu, const float *b, const jem__conv *c,
                        int n, int act, float leak, int accumulate, float *col,
@@ -280,27 +393,24 @@ void jem__conv_forward(float *out, const float *in, const float *w,
                    act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, col, col_cap);
     return;
   }
-  for (int co = 0; co < c->cout; co++) {
-    float *o = out + (size_t)co * ldo, bv = b ? b[co] : 0.0f;
-    if (accumulate) {
-      for (size_t i = 0; i < ldo; i++) o[i] += bv;
-    } else {
-      for (size_t i = 0; i < ldo; i++) o[i] = bv;
-    }
-  }
-  if (jem__conv_direct(c, act)) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, c->cout, (int)ldo,
-                c->cin, 1.0f, w, c->cin, in, (int)ldo, 1.0f, out, (int)ldo);
+  conv_job j = {.c = c, .out = out, .in = in, .w = w, .b = b, .n = n,
+                .act = act, .accumulate = accumulate, .bias = 1, .leak = leak};
+  if (jem__conv_direct(c, act)) { /* 1x1 read in place: one product */
+    const int parts = row_parts(c->cout, (double)c->cout * c->cin * ldo);
+    jem__par(fwd_prep_part, &j, parts);
+    jem__par(fwd_gemm_part, &j, parts);
     return;
   }
   const int nc = chunk_images(c, n, col_cap);
   JEM_ASSERT((size_t)nc * rows * hwo <= col_cap);
+  j.col = col;
   for (int n0 = 0; n0 < n; n0 += nc) {
-    int m = n - n0 < nc ? n - n0 : nc;
-    jem__im2col(col, in, c, n, n0, m, act, leak);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, c->cout, m * hwo,
-                rows, 1.0f, w, rows, col, m * hwo, 1.0f,
-                out + (size_t)n0 * hwo, (int)ldo);
+    j.n0 = n0;
+    j.m = n - n0 < nc ? n - n0 : nc;
+    const int parts = row_parts(c->cout, (double)c->cout * rows * j.m * hwo);
+    jem__par(fwd_prep_part, &j, parts);
+    jem__par(fwd_gemm_part, &j, parts);
+    j.bias = 0;
   }
 }
 
@@ -335,12 +445,12 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
     for (int i = 0; i < n; i++) {
       if (c->stride == 2)
         jem__pad_image_s2(col, in, NULL, c->cin, n, i, c->hin, c->win,
-                     act ? PAD_LRELU : PAD_PLAIN, leak);
+                          act ? PAD_LRELU : PAD_PLAIN, leak);
       else
         jem__pad_image(col, in, NULL, c->cin, n, i, c->hin, c->win,
-                  act ? PAD_LRELU : PAD_PLAIN, leak);
-      jem__conv3x3_dw_image(dw, dout + (size_t)i * hw, ldo, col, c->cin, c->cout,
-                       c->hout, c->wout, c->stride);
+                       act ? PAD_LRELU : PAD_PLAIN, leak);
+      jem__conv3x3_dw_image(dw, dout + (size_t)i * hw, ldo, col, c->cin,
+                            c->cout, c->hout, c->wout, c->stride);
     }
     dw = NULL;
     if (!din) return;
@@ -350,10 +460,10 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->cout, c->cin,
                   (int)ldo, 1.0f, dout, (int)ldo, in, (int)ldo, 1.0f, dw,
                   c->cin);
-    if (din)
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, c->cin, (int)ldo,
-                  c->cout, 1.0f, w, c->cin, dout, (int)ldo, 1.0f, din,
-                  (int)ldo);
+    if (din) {
+      conv_job j = {.c = c, .out = din, .in = dout, .w = w, .n = n};
+      jem__par(din_part, &j, row_parts(c->cin, (double)c->cin * c->cout * ldo));
+    }
     return;
   }
   const int nc = chunk_images(c, n, col_cap);
@@ -367,9 +477,9 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
                   m * hwo, 1.0f, g, (int)ldo, col, m * hwo, 1.0f, dw, rows);
     }
     if (din) {
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, m * hwo,
-                  c->cout, 1.0f, w, rows, g, (int)ldo, 0.0f, col, m * hwo);
-      jem__col2im(din, col, c, n, n0, m);
+      conv_job j = {.c = c, .out = din, .in = dout, .w = w, .col = col, .n = n,
+                    .n0 = n0, .m = m};
+      jem__par(din_part, &j, row_parts(c->cin, (double)rows * c->cout * m * hwo));
     }
   }
 }

@@ -52,8 +52,6 @@ static inline void gate_copy(float *d, const float *src, const float *g, size_t 
  * and FMA. */
 int jem__conv_mode(void);
 int jem__cpu_avx2_fma(void);
-/* The layers the direct kernel handles, whatever jem__conv_set_fast says. */
-int jem__conv_fast_shape(const jem__conv *c);
 
 /* Floats of the padded copy of one image with `ch` channels. */
 static inline size_t jem__pad_size(const jem__conv *c, int ch) {
