@@ -85,9 +85,12 @@ void jem__assert_fail(const char *expr, const char *file, int line);
 int jem_blas_setup(int argc, char **argv);
 const char *jem_blas_core(void);       /* openblas_get_corename() */
 /* Threads per core call (process-wide, default: the number of CPUs).  The
- * core splits a batch into slices run by helper threads that each workspace
- * starts at jem_ws_create (using the count set then), and keeps OpenBLAS
- * itself single-threaded so the two never oversubscribe the cores. */
+ * core splits a batch into slices of up to 8 images run by helper threads
+ * that each workspace starts at jem_ws_create (using the count set then),
+ * and keeps OpenBLAS itself single-threaded so the two never oversubscribe
+ * the cores.  A batch of one slice runs on the calling thread, which then
+ * splits the large matrix products of its im2col layers (WRN-28-10's) over
+ * the helpers; results never depend on the thread count. */
 void jem_blas_set_threads(int n);
 int jem_blas_threads(void);
 
@@ -361,6 +364,13 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags);
 void jem_ws_free(jem_ws *ws);                   /* NULL ok */
 int jem_ws_max_batch(const jem_ws *ws);
 size_t jem_ws_bytes(const jem_ws *ws);
+/* The largest batch, at most max_batch and at least 1, whose workspace
+ * (jem_ws_create with these flags, at the current thread count) takes at
+ * most `bytes` (jem_ws_bytes).  Whole slices of 8 images cost nothing in
+ * speed: a workspace runs batches as slices of up to 8 images anyway, so a
+ * big model can run large batches in chunks (jem_score_batch, jem_sgld_run
+ * take any n) in a fraction of the memory. */
+int jem_ws_batch_within(const jem_model *m, int max_batch, int flags, size_t bytes);
 
 /* Forward pass: logits [n,K].  Keeps the activations in ws for a following
  * jem_backward.  n <= max_batch. */

@@ -279,7 +279,8 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
   }
   net->last_hw = s * s;
   /* room for the transposed (for stride 1 also flipped) weights of every 3x3
-   * convolution, whose input gradient may run on the direct kernel */
+   * convolution whose input gradient may run on the direct kernel (the
+   * others never read them: 146 MB a workspace for WRN-28-10) */
   {
     size_t wf = 0;
     jem__conv *all[3];
@@ -293,7 +294,7 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
       }
       for (int j = 0; j < cnt; j++) {
         jem__conv *c = all[j];
-        if (c->k == 3) {
+        if (jem__conv_fast_shape(c)) {
           c->wf_off = wf;
           wf += (size_t)c->cin * c->cout * 9;
         }
@@ -399,7 +400,7 @@ typedef struct jem_sub {
   float *dfeat;          /* [cap, F] */
 } jem_sub;
 
-enum { JOB_FORWARD = 1, JOB_BACKWARD, JOB_STOP };
+enum { JOB_FORWARD = 1, JOB_BACKWARD, JOB_PARTS, JOB_STOP };
 
 typedef struct jem_helper {
   jem_ws *ws;
@@ -439,8 +440,12 @@ struct jem_ws {
   unsigned gen;          /* bumped for every job */
   int pending;           /* helpers still busy with the current job */
   int active;            /* threads taking part in the current job */
-  atomic_int next;       /* next slice to hand out */
+  atomic_int next;       /* next slice (or part) to hand out */
   int job;
+  /* JOB_PARTS: jem__par's parts of one layer of a lone slice */
+  jem__par_fn par_fn;
+  void *par_arg;
+  int par_parts;
   /* job arguments */
   const float *jx;
   float *jlogits;
@@ -501,13 +506,18 @@ static size_t plan_sub(const jem_net *net, jem_sub *s, int cap, float *base) {
 
 static void run_sub(jem_ws *ws, int si, int tid);
 
-/* Takes slices until none is left: a thread slowed down by other work on
- * its CPU simply ends up running fewer of them. */
-static void run_slices(jem_ws *ws, int tid) {
+/* Takes slices (or a layer's parts) until none is left: a thread slowed
+ * down by other work on its CPU simply ends up running fewer of them. */
+static void run_work(jem_ws *ws, int tid) {
   for (;;) {
-    int si = atomic_fetch_add_explicit(&ws->next, 1, memory_order_relaxed);
-    if (si >= ws->nsub) return;
-    run_sub(ws, si, tid);
+    int i = atomic_fetch_add_explicit(&ws->next, 1, memory_order_relaxed);
+    if (ws->job == JOB_PARTS) {
+      if (i >= ws->par_parts) return;
+      ws->par_fn(ws->par_arg, i, ws->par_parts);
+    } else {
+      if (i >= ws->nsub) return;
+      run_sub(ws, i, tid);
+    }
   }
 }
 
@@ -522,35 +532,65 @@ static void *helper_loop(void *arg) {
     const int job = ws->job, active = ws->active;
     pthread_mutex_unlock(&ws->mu);
     if (job == JOB_STOP) return NULL;
-    if (h->tid < active) run_slices(ws, h->tid);
+    if (h->tid < active) run_work(ws, h->tid);
     pthread_mutex_lock(&ws->mu);
     if (--ws->pending == 0) pthread_cond_signal(&ws->done);
     pthread_mutex_unlock(&ws->mu);
   }
 }
 
-/* Runs `job` on every slice with up to `threads` threads (the caller being
- * thread 0), which take slices first come, first served. */
-static void run_job(jem_ws *ws, int job, int threads) {
-  int active = threads < 1 ? 1 : threads;
-  if (active > ws->nhelpers + 1) active = ws->nhelpers + 1;
-  if (active > ws->nsub) active = ws->nsub;
-  ws->job = job;
-  if (active == 1) {
-    for (int si = 0; si < ws->nsub; si++) run_sub(ws, si, 0);
-    return;
-  }
+/* Runs `job` with `active` threads (the caller being thread 0), which take
+ * its slices or parts first come, first served. */
+static void dispatch(jem_ws *ws, int job, int active) {
   pthread_mutex_lock(&ws->mu);
+  ws->job = job;
   ws->active = active;
   ws->pending = ws->nhelpers;
   atomic_store_explicit(&ws->next, 0, memory_order_relaxed);
   ws->gen++;
   pthread_cond_broadcast(&ws->go);
   pthread_mutex_unlock(&ws->mu);
-  run_slices(ws, 0);
+  run_work(ws, 0);
   pthread_mutex_lock(&ws->mu);
   while (ws->pending > 0) pthread_cond_wait(&ws->done, &ws->mu);
   pthread_mutex_unlock(&ws->mu);
+}
+
+/* The workspace whose idle threads the calling thread may lend to its
+ * layers (jem__par), or NULL. */
+static _Thread_local jem_ws *tl_lender;
+
+void jem__par(jem__par_fn fn, void *arg, int parts) {
+  jem_ws *ws = tl_lender;
+  int active = ws ? ws->nhelpers + 1 : 1;
+  if (active > parts) active = parts;
+  if (active <= 1) {
+    for (int i = 0; i < parts; i++) fn(arg, i, parts);
+    return;
+  }
+  const int job = ws->job; /* the lone slice's, running on this thread */
+  ws->par_fn = fn;
+  ws->par_arg = arg;
+  ws->par_parts = parts;
+  dispatch(ws, JOB_PARTS, active);
+  ws->job = job;
+}
+
+/* Runs `job` on the `used` non-empty slices with up to `threads` threads.
+ * A lone slice runs on the caller's thread, which lends the other threads
+ * to its layers (jem__par): one image per thread would leave them idle. */
+static void run_job(jem_ws *ws, int job, int threads, int used) {
+  int active = threads < 1 ? 1 : threads;
+  if (active > ws->nhelpers + 1) active = ws->nhelpers + 1;
+  if (active > used) active = used;
+  if (active <= 1) {
+    ws->job = job;
+    if (used == 1 && threads > 1 && ws->nhelpers > 0) tl_lender = ws;
+    for (int si = 0; si < ws->nsub; si++) run_sub(ws, si, 0);
+    tl_lender = NULL;
+    return;
+  }
+  dispatch(ws, job, active);
 }
 
 static void stop_helpers(jem_ws *ws) {
@@ -565,20 +605,59 @@ static void stop_helpers(jem_ws *ws) {
   ws->nhelpers = 0;
 }
 
+/* Threads a workspace for max_batch images runs with. */
+static int ws_threads(int max_batch) {
+  int nthr = jem__threads();
+  if (nthr > 64) nthr = 64;
+  if (nthr > max_batch) nthr = max_batch;
+  return nthr < 1 ? 1 : nthr;
+}
+
+/* Floats of a workspace's scratch block (ws_bytes: plus its header). */
+static size_t ws_floats(const jem_model *m, int max_batch, int flags, int nthr,
+                        size_t *head) {
+  const jem_net *net = m->net;
+  const size_t N = (size_t)max_batch;
+  const int nb = net->nblocks;
+  const int nsub = (max_batch + SLICE_IMAGES - 1) / SLICE_IMAGES;
+  *head = sizeof(jem_ws) + sizeof(jem_sub) * (size_t)nsub +
+          sizeof(float *) * (size_t)(4 * nb + 1) * (size_t)nsub +
+          sizeof(jem_helper) * (size_t)nthr;
+  const size_t css = (size_t)net->in_c * net->size * net->size;
+  const int cap = max_batch < SLICE_IMAGES ? max_batch : SLICE_IMAGES;
+  jem_sub plan = {0};
+  size_t total = (size_t)nsub * plan_sub(net, &plan, cap, NULL);
+  /* helpers' private parameter gradients */
+  if ((flags & JEM_WS_TRAIN) && nthr > 1) total += (size_t)(nthr - 1) * al16(m->n_weights);
+  total += 2 * al16((size_t)net->feat * N);
+  total += 3 * al16((size_t)net->k * N);
+  total += al16(css * N);
+  total += al16(net->wf_total);
+  if (flags & JEM_WS_FIXED_WEIGHTS) total += al16(net->wu_total);
+  return total;
+}
+
+int jem_ws_batch_within(const jem_model *m, int max_batch, int flags, size_t bytes) {
+  JEM_ASSERT(m && m->net && max_batch >= 1);
+  int b = max_batch;
+  for (;;) {
+    size_t head, total = ws_floats(m, b, flags, ws_threads(b), &head);
+    if (b == 1 || total * sizeof(float) + head <= bytes) return b;
+    /* whole slices while there are several, then image by image */
+    b = b > SLICE_IMAGES ? (b - 1) / SLICE_IMAGES * SLICE_IMAGES : b - 1;
+  }
+}
+
 jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
   if (!m || !m->net || max_batch < 1) return NULL;
   const jem_net *net = m->net;
   const size_t N = (size_t)max_batch;
   const int nb = net->nblocks;
-  int nthr = jem__threads();
-  if (nthr > 64) nthr = 64;
-  if (nthr > max_batch) nthr = max_batch;
-  if (nthr < 1) nthr = 1;
+  const int nthr = ws_threads(max_batch);
   const int nsub = (max_batch + SLICE_IMAGES - 1) / SLICE_IMAGES;
+  size_t head;
+  const size_t total = ws_floats(m, max_batch, flags, nthr, &head);
   /* one allocation for the struct, slices, pointer tables and helpers */
-  size_t head = sizeof(jem_ws) + sizeof(jem_sub) * (size_t)nsub +
-                sizeof(float *) * (size_t)(4 * nb + 1) * (size_t)nsub +
-                sizeof(jem_helper) * (size_t)nthr;
   jem_ws *ws = calloc(1, head);
   if (!ws) return NULL;
   ws->sub = (jem_sub *)(ws + 1);
@@ -598,23 +677,14 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags) {
 
   const size_t css = (size_t)net->in_c * net->size * net->size;
   const int cap = max_batch < SLICE_IMAGES ? max_batch : SLICE_IMAGES;
-  size_t total = 0;
   for (int si = 0; si < nsub; si++) {
     jem_sub *s = &ws->sub[si];
     s->a = ptrs + (size_t)(4 * nb + 1) * si;
     s->u = s->a + nb + 1;
     s->t1 = s->u + nb;
     s->t2 = s->t1 + nb;
-    total += plan_sub(net, s, cap, NULL);
   }
-  /* helpers' private parameter gradients */
   const int with_dw = (flags & JEM_WS_TRAIN) && nthr > 1;
-  if (with_dw) total += (size_t)(nthr - 1) * al16(m->n_weights);
-  total += 2 * al16((size_t)net->feat * N);
-  total += 3 * al16((size_t)net->k * N);
-  total += al16(css * N);
-  total += al16(net->wf_total);
-  if (flags & JEM_WS_FIXED_WEIGHTS) total += al16(net->wu_total);
   ws->mem = jem__falloc(total);
   if (!ws->mem) {
     free(ws);
@@ -723,7 +793,7 @@ static void derive_weights(jem_ws *ws, const jem_model *m) {
                               i < 0 ? NULL : &net->blocks[i].c2};
     for (int j = 0; j < 2; j++) {
       const jem__conv *c = cs[j];
-      if (!c || c->k != 3 || (!fixed && !jem__conv_fast(c))) continue;
+      if (!c || !jem__conv_fast_shape(c) || (!fixed && !jem__conv_fast(c))) continue;
       float *wf = ws->wflip + c->wf_off;
       jem__conv_flip(wf, m->weights + c->w_off, c);
       const size_t nu = ws->wino ? jem__conv_wino_floats(c) : 0;
@@ -833,7 +903,7 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
     }
   }
 #define DW(off) (dW ? dW + (off) : NULL)
-#define WF(c) ((c)->k == 3 ? ws->wflip + (c)->wf_off : NULL)
+#define WF(c) (jem__conv_fast_shape(c) ? ws->wflip + (c)->wf_off : NULL)
   const float *dlogits = ws->jdlogits + (size_t)s->n0 * net->k;
   const float *feat = ws->feat + (size_t)s->n0 * net->feat;
   memset(s->dfeat, 0, sizeof(float) * (size_t)net->feat * n);
@@ -952,7 +1022,7 @@ void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
   }
   ws->jx = x;
   ws->jlogits = logits;
-  run_job(ws, JOB_FORWARD, jem__threads());
+  run_job(ws, JOB_FORWARD, jem__threads(), used);
   ws->jx = NULL;
   ws->jlogits = NULL;
 }
@@ -969,7 +1039,7 @@ void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
   ws->jdx = dx;
   if (!(ws->flags & JEM_WS_FIXED_WEIGHTS)) derive_weights(ws, m);
   for (int i = 0; i < ws->nhelpers; i++) ws->helpers[i].dw_used = 0;
-  run_job(ws, JOB_BACKWARD, jem__threads());
+  run_job(ws, JOB_BACKWARD, jem__threads(), (ws->n + SLICE_IMAGES - 1) / SLICE_IMAGES);
   if (dweights)
     for (int i = 0; i < ws->nhelpers; i++) {
       const jem_helper *h = &ws->helpers[i];

@@ -145,7 +145,8 @@ static srv_model *load_file(const char *name, const char *path, char *err, size_
   if (jem_model_load(&m, path, err, errlen)) return NULL;
   /* Class-conditional jobs start from buffer images of their class. */
   if (m->replay_n > 0) {
-    jem_ws *ws = jem_ws_create(m, 64, 0);
+    const int b = jem_ws_batch_within(m, 64, 0, (size_t)srv_cfg.workspace_bytes);
+    jem_ws *ws = jem_ws_create(m, b, 0);
     int rc = ws ? jem_replay_label(m, ws) : JEM_ENOMEM;
     jem_ws_free(ws);
     if (rc) {

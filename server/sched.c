@@ -154,7 +154,13 @@ void srv_task_free(srv_task *t) {
 jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm) {
   if (wk->ws && wk->ws_gen == sm->gen) return wk->ws;
   jem_ws_free(wk->ws);
-  wk->ws = jem_ws_create(sm->m, srv_cfg.max_batch, JEM_WS_FIXED_WEIGHTS);
+  /* a big model runs the batch in chunks rather than outgrow the memory */
+  const int b = jem_ws_batch_within(sm->m, srv_cfg.max_batch, JEM_WS_FIXED_WEIGHTS,
+                                    (size_t)srv_cfg.workspace_bytes);
+  wk->ws = jem_ws_create(sm->m, b, JEM_WS_FIXED_WEIGHTS);
+  if (wk->ws && b < srv_cfg.max_batch)
+    srv_log(SRV_LOG_INFO, "msg=\"workspace capped\" images=%d max_batch=%d bytes=%zu", b,
+            srv_cfg.max_batch, jem_ws_bytes(wk->ws));
   wk->ws_gen = wk->ws ? sm->gen : 0;
   return wk->ws;
 }

@@ -29,6 +29,7 @@ typedef struct srv_config {
   int blas_threads;             /* OpenBLAS threads per call, 0 = auto */
   int http_threads;             /* MHD epoll thread-pool size */
   int max_batch;                /* images per jem_score_batch call */
+  long long workspace_bytes;    /* scratch per worker: caps the workspace's batch */
   int max_delay_us;             /* how long a partial batch may wait */
   int queue_size;               /* queued images before 503 */
   long long max_body_bytes;

@@ -601,6 +601,81 @@ static void test_im2col_path(void **state) {
   jem_model_free(m);
 }
 
+/* A lone slice lends the workspace's idle threads to its im2col layers:
+ * logits and input gradients are those of one thread bit for bit (the parts
+ * of a product depend on the shape only), parameter gradients too. */
+static void test_lent_threads(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_2, 83);
+  const int n = 3, K = 5;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 7;
+  ref_fill(x, css * n, &st, -1, 1);
+  float lg[2][15], dl[15], *dx[2], *dw[2];
+  jem__conv_set_fast(0); /* every 3x3 layer on im2col + sgemm */
+  for (int r = 0; r < 2; r++) {
+    jem_blas_set_threads(r == 0 ? 1 : 2);
+    jem_ws *ws = jem_ws_create(m, n, JEM_WS_TRAIN);
+    dx[r] = calloc(css * n, sizeof(float));
+    dw[r] = jem__falloc(m->n_weights);
+    memset(dw[r], 0, sizeof(float) * m->n_weights);
+    jem_forward(ws, m, x, n, lg[r]);
+    for (int i = 0; i < n; i++) jem_softmax(dl + i * K, lg[r] + i * K, K, 1.0f);
+    jem_backward(ws, m, dl, dw[r], dx[r]);
+    jem_ws_free(ws);
+  }
+  jem__conv_set_fast(1);
+  jem_blas_set_threads(1);
+  for (int i = 0; i < n * K; i++) assert_true(lg[0][i] == lg[1][i]);
+  assert_memory_equal(dx[0], dx[1], sizeof(float) * css * n);
+  assert_memory_equal(dw[0], dw[1], sizeof(float) * m->n_weights);
+  for (int r = 0; r < 2; r++) { free(dx[r]); free(dw[r]); }
+  free(x);
+  jem_model_free(m);
+}
+
+/* jem_ws_batch_within: the whole batch when it fits, else whole slices of 8
+ * (then single images) that fit; a capped workspace scores any n in chunks
+ * with the results of an uncapped one. */
+static void test_batch_within(void **state) {
+  (void)state;
+  jem_model *m = make_model(&ARCH_10_2, 85);
+  const int n = 20, K = 5;
+  const size_t css = input_size(m);
+  jem_blas_set_threads(1);
+  jem_ws *full = jem_ws_create(m, 64, JEM_WS_FIXED_WEIGHTS);
+  jem_ws *eight = jem_ws_create(m, 8, JEM_WS_FIXED_WEIGHTS);
+  jem_ws *one = jem_ws_create(m, 1, JEM_WS_FIXED_WEIGHTS);
+  assert_int_equal(jem_ws_batch_within(m, 64, JEM_WS_FIXED_WEIGHTS, jem_ws_bytes(full)), 64);
+  assert_int_equal(jem_ws_batch_within(m, 64, JEM_WS_FIXED_WEIGHTS, jem_ws_bytes(full) - 1), 56);
+  assert_int_equal(jem_ws_batch_within(m, 64, JEM_WS_FIXED_WEIGHTS, jem_ws_bytes(eight)), 8);
+  assert_int_equal(jem_ws_batch_within(m, 64, JEM_WS_FIXED_WEIGHTS, jem_ws_bytes(eight) - 1), 7);
+  assert_int_equal(jem_ws_batch_within(m, 64, JEM_WS_FIXED_WEIGHTS, 0), 1);
+  assert_int_equal(jem_ws_batch_within(m, 5, JEM_WS_FIXED_WEIGHTS, jem_ws_bytes(full)), 5);
+  assert_true(jem_ws_bytes(one) < jem_ws_bytes(eight) && jem_ws_bytes(eight) < jem_ws_bytes(full));
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 11;
+  ref_fill(x, css * n, &st, -1, 1);
+  float lg[2][100], en[2][20], gn[2][20];
+  jem_ws *wss[2] = {full, eight};
+  for (int r = 0; r < 2; r++) {
+    jem_scores s = {.logits = lg[r]};
+    s.score[JEM_SCORE_ENERGY] = en[r];
+    s.score[JEM_SCORE_GRAD_NORM] = gn[r];
+    jem_score_batch(wss[r], m, x, n, 1, &s);
+  }
+  for (int i = 0; i < n * K; i++)
+    assert_true(fabs(lg[0][i] - lg[1][i]) <= 1e-5 * fmax(1, fabs(lg[0][i])));
+  for (int i = 0; i < n; i++) {
+    assert_true(fabs(en[0][i] - en[1][i]) <= 1e-5 * fmax(1, fabs(en[0][i])));
+    assert_true(fabs(gn[0][i] - gn[1][i]) <= 1e-4 * fmax(1e-3, fabs(gn[0][i])));
+  }
+  free(x);
+  jem_ws_free(full); jem_ws_free(eight); jem_ws_free(one);
+  jem_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_arch_params),
@@ -619,6 +694,8 @@ int main(void) {
       cmocka_unit_test(test_features_and_helpers),
       cmocka_unit_test(test_threads),
       cmocka_unit_test(test_im2col_path),
+      cmocka_unit_test(test_lent_threads),
+      cmocka_unit_test(test_batch_within),
       cmocka_unit_test(test_fixed_weights),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -39,6 +39,9 @@ int jem__conv_direct(const jem__conv *c, int act);
  * Its input gradient then also runs on it, given the weights from
  * jem__conv_flip. */
 int jem__conv_fast(const jem__conv *c);
+/* The layers the direct kernel handles, whatever jem__conv_set_fast says
+ * (the only ones whose flipped weights, jem__conv_flip, are ever read). */
+int jem__conv_fast_shape(const jem__conv *c);
 /* Tests and benchmarks: 0 forces the im2col path everywhere, 1 restores the
  * default (stride-1 layers on Winograd F(2x2,3x3) or the direct kernel,
  * whichever measured faster for the shape), 2 the direct kernel only (no
@@ -122,6 +125,15 @@ void jem__linear_forward(float *y, const float *x, const float *w,
  * Any of dw/db/dx may be NULL. */
 void jem__linear_backward(const float *dy, const float *x, const float *w,
                           int n, int f, int k, float *dw, float *db, float *dx);
+
+/* Threads lent to one layer (model.c): while a batch too small to keep the
+ * workspace's threads busy runs on the calling thread, jem__par(fn, arg,
+ * parts) runs fn(arg, i, parts) for every i < parts spread over the idle
+ * threads, and returns when all are done; otherwise (and outside a
+ * workspace) it runs them in order on the calling thread.  Parts must write
+ * disjoint memory. */
+typedef void (*jem__par_fn)(void *arg, int part, int parts);
+void jem__par(jem__par_fn fn, void *arg, int parts);
 
 /* Threads (core/blas.c): how many threads a workspace uses, that is the
  * jem_blas_set_threads value, or the number of CPUs when never set; and

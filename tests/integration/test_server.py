@@ -952,6 +952,30 @@ def main():
         finally:
             d1.kill()
 
+        # ---- --workspace-bytes: a batch larger than the workspace runs in
+        # chunks that fit, with the results of single images
+        dw = jemtest.Daemon(jemd, model, "--workers", "1", "--max-batch", "1024",
+                            "--max-delay-us", "200000", "--workspace-bytes", str(16 << 20))
+        try:
+            cw = Client(dw)
+            J = {"Content-Type": "application/json"}
+            pick = [imgs[i % len(imgs)] for i in range(40)]
+            st, _, js = cw.call("POST", "/v1/classify", json.dumps(
+                {"images": [base64.b64encode(p).decode() for p in pick]}), J, 200,
+                "40 images on a capped workspace")
+            batch = js.get("results", []) if isinstance(js, dict) else []
+            check(len(batch) == 40, "40 results")
+            check(re.search(r'msg="workspace capped" images=\d+ max_batch=1024', dw.log())
+                  is not None, "the capped workspace is logged")
+            for i in (0, 1, 39):
+                st, _, one = cw.call("POST", "/v1/classify", pick[i],
+                                     {"Content-Type": "image/png"}, 200)
+                check(len(batch) == 40 and rel_close(one["energy"], batch[i]["energy"]) and
+                      rel_close(one["grad_norm"], batch[i]["grad_norm"], 1e-4),
+                      f"image {i}: chunked batch == alone")
+        finally:
+            dw.kill()
+
         # ---- main daemon
         d = jemtest.Daemon(jemd, model, "--workers", "2", "--max-batch", "16",
                            "--max-delay-us", "3000", "--timeout", "3", "--request-deadline", "4",
