@@ -276,29 +276,21 @@ enum MHD_Result srv_h_job_npy(srv_req *r) { return send_result(r, SRV_JOB_RES_NP
 /* ------------------------------------------------------------------------ */
 /* Lifecycle and metrics */
 
+static void render_metrics(srv_mbuf *b) {
+  S->metrics(b);
+  srv_mhead(b, "jem_jobs_rejected_total", "counter",
+            "POST /v1/samples requests refused, by reason.");
+  for (int i = 0; i < SRV_JOB_REJ_N; i++)
+    srv_mprintf(b, "jem_jobs_rejected_total{reason=\"%s\"} %llu\n", rej_names[i],
+                (unsigned long long)atomic_load(&rejected[i]));
+}
+
 int srv_jobs_start(void) {
   srv_job_work_start();
+  srv_metrics_register(render_metrics);
   return S->start();
 }
 
 int srv_jobs_active(void) { return S->active(); }
 void srv_jobs_shutdown(void) { S->shutdown(); }
 void srv_jobs_free(void) { S->free(); }
-
-char *srv_jobs_metrics_render(void) {
-  char *p = NULL;
-  size_t len = 0;
-  FILE *f = open_memstream(&p, &len);
-  if (!f) return NULL;
-  S->metrics(f);
-  fprintf(f, "# HELP jem_jobs_rejected_total POST /v1/samples requests refused, by reason.\n"
-             "# TYPE jem_jobs_rejected_total counter\n");
-  for (int i = 0; i < SRV_JOB_REJ_N; i++)
-    fprintf(f, "jem_jobs_rejected_total{reason=\"%s\"} %llu\n", rej_names[i],
-            (unsigned long long)atomic_load(&rejected[i]));
-  if (fclose(f) != 0) {
-    free(p);
-    return NULL;
-  }
-  return p;
-}

@@ -75,8 +75,8 @@ typedef struct srv_job_store {
   int (*active)(void);
   void (*shutdown)(void);
   void (*free)(void);
-  /* its metric families, Prometheus text */
-  void (*metrics)(FILE *f);
+  /* its metric families */
+  void (*metrics)(srv_mbuf *b);
 } srv_job_store;
 
 extern const srv_job_store srv_job_store_memory;

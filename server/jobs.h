@@ -75,8 +75,4 @@ int srv_jobs_active(void);
 void srv_jobs_shutdown(void);
 void srv_jobs_free(void);
 
-/* The job metrics in Prometheus text format (malloc'd, NULL on OOM), for
- * srv_metrics_render. */
-char *srv_jobs_metrics_render(void);
-
 #endif

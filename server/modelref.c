@@ -10,6 +10,30 @@
 static pthread_mutex_t cur_mu = PTHREAD_MUTEX_INITIALIZER;
 static srv_model *cur;
 static uint64_t next_gen = 1;
+static atomic_ullong reloads[2]; /* ok, error */
+
+void srv_model_count_reload(int ok) { atomic_fetch_add(&reloads[ok ? 0 : 1], 1); }
+
+static void render_metrics(srv_mbuf *b) {
+  srv_model *sm = srv_model_get();
+  srv_mhead(b, "jem_model_info", "gauge", "The served model; the value is always 1.");
+  if (sm) {
+    char name[512];
+    srv_mlabel(name, sizeof name, sm->m->name);
+    srv_mprintf(b, "jem_model_info{name=\"%s\",arch=\"wrn-%d-%d\",generation=\"%llu\"} 1\n",
+                name, sm->m->arch.depth, sm->m->arch.widen, (unsigned long long)sm->gen);
+  }
+  srv_mhead(b, "jem_model_loaded", "gauge", "1 when a model is loaded.");
+  srv_mprintf(b, "jem_model_loaded %d\n", sm ? 1 : 0);
+  srv_mhead(b, "jem_model_load_timestamp_seconds", "gauge", "When the served model was loaded.");
+  srv_mprintf(b, "jem_model_load_timestamp_seconds %.3f\n", sm ? sm->loaded_at : 0.0);
+  srv_model_put(sm);
+  srv_mhead(b, "jem_model_reloads_total", "counter", "Model reloads (SIGHUP) by result.");
+  srv_mprintf(b, "jem_model_reloads_total{result=\"ok\"} %llu\n",
+              (unsigned long long)atomic_load(&reloads[0]));
+  srv_mprintf(b, "jem_model_reloads_total{result=\"error\"} %llu\n",
+              (unsigned long long)atomic_load(&reloads[1]));
+}
 
 srv_model *srv_model_get(void) {
   pthread_mutex_lock(&cur_mu);
@@ -38,6 +62,7 @@ int srv_model_ready(void) {
 
 /* Loads first and swaps only on success: the old model keeps serving. */
 int srv_model_load(const char *path, char *err, size_t errlen) {
+  srv_metrics_register(render_metrics);
   jem_model *m = NULL;
   int rc = jem_model_load(&m, path, err, errlen);
   if (rc) return rc;
