@@ -286,11 +286,24 @@ static void render_metrics(srv_mbuf *b) {
 }
 
 int srv_jobs_start(void) {
+  if (!strcmp(srv_cfg.job_store, "memory")) {
+    S = &srv_job_store_memory;
+  } else if (!strncmp(srv_cfg.job_store, "redis://", 8)) {
+    S = &srv_job_store_redis;
+  } else {
+    fprintf(stderr, "jemd: --job-store: expected memory or redis://[user:password@]host:port"
+            "[/db], not '%.100s'\n", srv_cfg.job_store);
+    return -1;
+  }
   srv_job_work_start();
   srv_metrics_register(render_metrics);
   return S->start();
 }
 
 int srv_jobs_active(void) { return S->active(); }
+const char *srv_jobs_store(const char **state) {
+  *state = S->state();
+  return S->name;
+}
 void srv_jobs_shutdown(void) { S->shutdown(); }
 void srv_jobs_free(void) { S->free(); }

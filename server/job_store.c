@@ -602,6 +602,8 @@ static void mem_metrics(srv_mbuf *b) {
   pthread_mutex_unlock(&J.mu);
 }
 
+static const char *mem_state(void) { return "ok"; }
+
 const srv_job_store srv_job_store_memory = {
     .name = "memory",
     .start = mem_start,
@@ -616,4 +618,5 @@ const srv_job_store srv_job_store_memory = {
     .shutdown = mem_shutdown,
     .free = mem_free,
     .metrics = mem_metrics,
+    .state = mem_state,
 };

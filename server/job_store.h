@@ -77,8 +77,11 @@ typedef struct srv_job_store {
   void (*free)(void);
   /* its metric families */
   void (*metrics)(srv_mbuf *b);
+  /* "ok", or "unavailable" while the store cannot be reached */
+  const char *(*state)(void);
 } srv_job_store;
 
 extern const srv_job_store srv_job_store_memory;
+extern const srv_job_store srv_job_store_redis; /* job_store_redis.c */
 
 #endif

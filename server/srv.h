@@ -59,6 +59,8 @@ typedef struct srv_config {
   int job_ttl;                  /* seconds a finished job is kept */
   int job_slice_ms;             /* SGLD time per scheduler slice */
   int job_nice;                 /* nice value added while a slice runs */
+  char job_store[1024];         /* "memory" or a redis:// URL */
+  int job_lease_ms;             /* Redis store: a running job's lease */
 } srv_config;
 
 extern srv_config srv_cfg;
