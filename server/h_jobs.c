@@ -96,7 +96,7 @@ typedef struct init_decode {
 
 static void init_decode_free(void *p) {
   init_decode *d = p;
-  if (d->admitted) S->unadmit();
+  if (d->admitted && S->unadmit) S->unadmit();
   srv_samples_req_free(&d->q);
   srv_model_put(d->sm);
   free(d);
@@ -126,14 +126,14 @@ static enum MHD_Result init_decode_resume(srv_req *r) {
 static enum MHD_Result decode_then_create(srv_req *r, srv_model *sm, srv_samples_req *q,
                                           const jem_image_limits *lim) {
   srv_job_ans a = ANS_INIT;
-  if (S->admit(&a)) { /* no use decoding: answer now */
+  if (S->admit && S->admit(&a)) { /* no use decoding: answer now */
     srv_samples_req_free(q);
     srv_model_put(sm);
     return send_answer(r, &a, NULL, NULL);
   }
   init_decode *d = calloc(1, sizeof *d);
   if (!d) {
-    S->unadmit();
+    if (S->unadmit) S->unadmit();
     srv_samples_req_free(q);
     srv_model_put(sm);
     const char *h[] = {"Retry-After", "1", NULL};

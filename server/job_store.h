@@ -61,7 +61,8 @@ typedef struct srv_job_store {
   const char *name;
   int (*start)(void);
   /* A place among the queued jobs for a request whose init images decode on
-   * a worker first: 0, or -1 with the 429 answer in a. */
+   * a worker first: 0, or -1 with the 429 answer in a.  NULL (with unadmit)
+   * when create checks the bound itself. */
   int (*admit)(srv_job_ans *a);
   void (*unadmit)(void);
   /* Stores and queues the job of a parsed, decoded request: 202 with the

@@ -236,13 +236,6 @@ static redisReply *http_cmd(srv_rargv *ra, char *err, size_t errlen) {
   return r;
 }
 
-static int r_admit(srv_job_ans *a) {
-  (void)a; /* the queue bound is checked atomically on create */
-  return 0;
-}
-
-static void r_unadmit(void) {}
-
 static void r_create(srv_model *sm, srv_samples_req *q, int admitted, srv_job_ans *a) {
   (void)admitted;
   const jem_model *m = sm->m;
@@ -654,7 +647,17 @@ static int claim(void) {
 /* One pass: results, leases and progress, then new work. */
 static void tick(void) {
   char err[400];
-  if (srv_rconn_ensure(&R.bg, err, sizeof err)) return;
+  static int was_down;
+  uint64_t tried = R.bg.next_try;
+  if (srv_rconn_ensure(&R.bg, err, sizeof err)) {
+    if (R.bg.next_try != tried) /* a real attempt, not the backoff: at most one per 5 s */
+      srv_log(SRV_LOG_WARN, "msg=\"job store unavailable\" error=\"%s\"", err);
+    was_down = 1;
+    return;
+  }
+  if (was_down) srv_log(SRV_LOG_INFO, "msg=\"job store reachable again\" at=\"%s:%d\"",
+                        R.to.host, R.to.port);
+  was_down = 0;
   for (rjob **pp = &R.local; *pp;) {
     rjob *j = *pp;
     if (atomic_load(&j->ended)) {
@@ -789,8 +792,8 @@ static void r_free(void) {
 static const char *r_state(void) { return atomic_load(&R.to.up) ? "ok" : "unavailable"; }
 
 const srv_job_store srv_job_store_redis = {
-    .name = "redis", .start = r_start, .admit = r_admit, .unadmit = r_unadmit,
-    .create = r_create, .get = r_get, .cancel = r_cancel, .list = r_list, .result = r_result,
+    /* no admit: the queue bound is checked atomically on create */
+    .name = "redis", .start = r_start, .create = r_create, .get = r_get, .cancel = r_cancel, .list = r_list, .result = r_result,
     .active = r_active, .shutdown = r_shutdown, .free = r_free, .metrics = r_metrics,
     .state = r_state,
 };

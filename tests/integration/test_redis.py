@@ -15,6 +15,7 @@ usage: /usr/bin/python3 tests/integration/test_redis.py [--build DIR]
 - a wrong password stops the daemon at start with a clear error
 """
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -167,6 +168,14 @@ def main():
         owner = redis.cli("TTL", "jemd:job:" + jid)
         check(owner.isdigit() and 0 < int(owner) <= 3600,
               "a finished job's key expires with --job-ttl (TTL %s)" % owner)
+        imgs = [base64.b64encode(x).decode() for x in jemtest.test_images(2, seed=5)]
+        body = {"steps": 5, "seed": 3, "init": {"images": imgs}}
+        st, _, o = create(db, body)
+        _, _, om = create(mem, body)
+        o, om = wait_done(da, o["id"]) if st == 202 else None, wait_done(mem, om["id"])
+        check(o and o["status"] == "succeeded" and same_job_json(o, om) and
+              results(da, o["id"], 2) == results(mem, om["id"], 2),
+              "a job from given init images (stored with it) gives the memory daemon's bytes")
         st, _, o = create(db, {"n": 2, "steps": 2000, "seed": 1})
         jid2 = o["id"]
         st, _, o = da.json("DELETE", "/v1/jobs/" + jid2)
