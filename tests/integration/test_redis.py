@@ -264,6 +264,9 @@ def main():
                 d.signal(signal.SIGTERM)
                 rc = d.wait(30)
                 check(rc == 0, "daemon exits 0 after SIGTERM (%s)" % rc)
+            d._t.join(5)
+            bad = [l for l in d.lines if "Sanitizer" in l or "runtime error:" in l]
+            check(not bad, "no sanitizer report in the daemon's stderr %s" % bad[:2])
     finally:
         for d in daemons:
             d.kill()
