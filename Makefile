@@ -2,7 +2,7 @@
 # serves the default model; `make test` builds and runs every test.
 # MODE=asan builds everything with ASan+UBSan under build/asan/.
 
-PKGS     := libmicrohttpd jansson libuv openblas zlib
+PKGS     := libmicrohttpd jansson libuv openblas zlib hiredis
 MODE     ?= release
 PYTHON   ?= /usr/bin/python3
 PREFIX   ?= /usr/local
@@ -117,7 +117,7 @@ DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
               libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
               dataset-fashion-mnist python3 python3-yaml python3-numpy \
               python3-pil fonts-dejavu-core fonts-dejavu-extra prometheus \
-              systemd procps clang libclang-rt-14-dev chromium
+              systemd procps clang libclang-rt-14-dev chromium libhiredis-dev redis-server
 DEPS_BENCH := python3-torch python3-numpy wrk
 
 define apt_ensure

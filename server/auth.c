@@ -57,12 +57,11 @@ static int ct_equal(const char *a, size_t alen, const char *b, size_t blen) {
   return d == 0;
 }
 
-int srv_auth_check(srv_req *r) {
-  if (!n_keys || !r->route) return 0;
-  int need = (r->route->flags & SRV_R_AUTH) ||
-             ((r->route->flags & SRV_R_SCORING) && srv_cfg.protect_scoring);
+int srv_auth_check(int route_flags, const char *h) {
+  if (!n_keys) return 0;
+  int need = (route_flags & SRV_R_AUTH) ||
+             ((route_flags & SRV_R_SCORING) && srv_cfg.protect_scoring);
   if (!need) return 0;
-  const char *h = srv_req_header(r, "Authorization");
   if (!h || strncasecmp(h, "Bearer ", 7) != 0) return -1; /* scheme: any case (RFC 7235) */
   const char *tok = h + 7;
   while (*tok == ' ') tok++;

@@ -123,6 +123,12 @@ static const opt opts[] = {
    "SGLD time of one job slice before it yields the worker (>= 1 step)"},
   {"job-nice", "JEMD_JOB_NICE", OPT_INT, F(job_nice), "10", 0, 19, "N",
    "nice value added to a worker thread during a job slice (0 = off)"},
+  {"job-store", "JEMD_JOB_STORE", OPT_STR, F(job_store), "memory", 0, 0, "URL",
+   "where jobs live: memory (this process) or redis://[user:password@]host:port[/db], "
+   "shared by every replica so that any of them answers for any job and runs the next"},
+  {"job-lease-ms", "JEMD_JOB_LEASE_MS", OPT_INT, F(job_lease_ms), "5000", 300, 600000, "MS",
+   "Redis store: a replica renews its running jobs' leases; another takes a job over once "
+   "its lease has lapsed this long"},
   {"cors-origin", "JEMD_CORS_ORIGIN", OPT_ORIGINS, F(cors_origins), "", 0, 0, "ORIGIN",
    "let web pages from ORIGIN (scheme://host[:port], or * for any) call the API: OPTIONS "
    "preflights get 204 and answers carry Access-Control-Allow-Origin; repeatable"},

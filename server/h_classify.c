@@ -92,7 +92,9 @@ static json_t *farr(const float *v, int n) {
   return a;
 }
 
-static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top_k, float tpr) {
+/* One image's answer, from the task's outputs and its verdict. */
+static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top_k,
+                           const jem_ood_result *res) {
   int k = m->arch.num_classes;
   const float *probs = t->probs + (size_t)i * (size_t)k;
   int label = t->label[i];
@@ -121,26 +123,59 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
     json_object_set_new(o, "top_k", tk);
   }
   json_object_set_new(o, "logits", farr(t->logits + (size_t)i * (size_t)k, k));
-  float vals[JEM_NUM_SCORES];
-  for (int s = 0; s < JEM_NUM_SCORES; s++) {
-    vals[s] = t->score[s][i];
-    json_object_set_new(o, jem_score_names[s], srv_jreal(vals[s]));
-  }
-  jem_ood_result res;
-  jem_ood_eval(&m->ood, vals, tpr, &res);
+  for (int s = 0; s < JEM_NUM_SCORES; s++)
+    json_object_set_new(o, jem_score_names[s], srv_jreal(t->score[s][i]));
   json_t *scores = json_object();
   for (int s = 0; s < JEM_NUM_SCORES; s++)
     json_object_set_new(scores, jem_score_names[s],
-                        json_pack("{s:o,s:o}", "value", srv_jreal(vals[s]), "percentile",
-                                  srv_jreal(res.percentile[s])));
+                        json_pack("{s:o,s:o}", "value", srv_jreal(t->score[s][i]), "percentile",
+                                  srv_jreal(res->percentile[s])));
   json_t *ood = json_object();
-  json_object_set_new(ood, "is_ood", res.is_ood < 0 ? json_null() : json_boolean(res.is_ood));
-  json_object_set_new(ood, "tpr", srv_jreal(res.tpr));
-  json_object_set_new(ood, "rule", res.rule ? json_string(res.rule) : json_null());
+  json_object_set_new(ood, "is_ood", res->is_ood < 0 ? json_null() : json_boolean(res->is_ood));
+  json_object_set_new(ood, "tpr", srv_jreal(res->tpr));
+  json_object_set_new(ood, "rule", res->rule ? json_string(res->rule) : json_null());
   json_object_set_new(ood, "scores", scores);
   json_object_set_new(o, "ood", ood);
-  srv_metrics_scores(vals[JEM_SCORE_ENERGY], res.percentile);
   return o;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Scoring metrics, recorded once per answered task */
+
+static const double energy_le[] = {-100, -50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100};
+static const double pct_le[] = {0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1};
+static srv_hist energy_hist, pct_hist[JEM_NUM_SCORES];
+static atomic_ullong scored_images;
+
+static void render_metrics(srv_mbuf *b) {
+  srv_mhead(b, "jem_scored_images_total", "counter", "Images scored and returned to clients.");
+  srv_mprintf(b, "jem_scored_images_total %llu\n",
+              (unsigned long long)atomic_load(&scored_images));
+  srv_mhead(b, "jem_energy", "histogram", "Energy (-logsumexp of the logits) of scored images.");
+  srv_mhist(b, "jem_energy", "", &energy_hist);
+  srv_mhead(b, "jem_ood_score", "histogram",
+            "In-distribution percentile of each OOD score of scored images (models with "
+            "statistics).");
+  for (int s = 0; s < JEM_NUM_SCORES; s++) {
+    char lab[64];
+    snprintf(lab, sizeof lab, "score=\"%s\"", jem_score_names[s]);
+    srv_mhist(b, "jem_ood_score", lab, &pct_hist[s]);
+  }
+}
+
+void srv_classify_start(void) {
+  srv_hist_init(&energy_hist, energy_le, SRV_NB(energy_le));
+  for (int s = 0; s < JEM_NUM_SCORES; s++) srv_hist_init(&pct_hist[s], pct_le, SRV_NB(pct_le));
+  srv_metrics_register(render_metrics);
+}
+
+void srv_score_observe(const srv_task *t, const jem_ood_result *ood) {
+  atomic_fetch_add(&scored_images, (unsigned long long)t->n);
+  for (int i = 0; i < t->n; i++) {
+    srv_hist_obs(&energy_hist, t->score[JEM_SCORE_ENERGY][i]);
+    if (ood) /* no statistics: NaN percentiles, left out */
+      for (int s = 0; s < JEM_NUM_SCORES; s++) srv_hist_obs(&pct_hist[s], ood[i].percentile[s]);
+  }
 }
 
 static enum MHD_Result decode_error(srv_req *r, const srv_decode *d) {
@@ -183,11 +218,29 @@ static enum MHD_Result classify_respond(srv_req *r) {
   if (srv_score_unfinished(r, t, &res)) return res;
   srv_model_count_images(t->model, t->n);
   const jem_model *m = t->model->m;
-  if (c->single) return srv_respond_json(r, 200, result_json(m, t, 0, c->top_k, c->tpr));
-  json_t *arr = json_array();
-  for (int i = 0; i < t->n; i++)
-    json_array_append_new(arr, result_json(m, t, i, c->top_k, c->tpr));
-  return srv_respond_json(r, 200, json_pack("{s:o}", "results", arr));
+  /* the verdicts and the metrics, once; then the answer is a pure function */
+  jem_ood_result *ood = calloc((size_t)t->n, sizeof *ood);
+  if (!ood) {
+    const char *h[] = {"Retry-After", "1", NULL};
+    return srv_respond_error_h(r, 503, "out_of_memory", h, "out of memory");
+  }
+  for (int i = 0; i < t->n; i++) {
+    float vals[JEM_NUM_SCORES];
+    for (int s = 0; s < JEM_NUM_SCORES; s++) vals[s] = t->score[s][i];
+    jem_ood_eval(&m->ood, vals, c->tpr, &ood[i]);
+  }
+  srv_score_observe(t, ood);
+  json_t *o;
+  if (c->single) {
+    o = result_json(m, t, 0, c->top_k, &ood[0]);
+  } else {
+    json_t *arr = json_array();
+    for (int i = 0; i < t->n; i++)
+      json_array_append_new(arr, result_json(m, t, i, c->top_k, &ood[i]));
+    o = json_pack("{s:o}", "results", arr);
+  }
+  free(ood);
+  return srv_respond_json(r, 200, o);
 }
 
 /* Media type of a Content-Type value, lowercased, without parameters. */

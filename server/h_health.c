@@ -1,5 +1,5 @@
 /* h_health.c - /healthz, /readyz, /metrics, /v1/models and /v1/models/{name}. */
-#include "srv.h"
+#include "jobs.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -23,7 +23,11 @@ enum MHD_Result srv_h_readyz(srv_req *r) {
     const char *h1[] = {"Retry-After", "1", NULL};
     return srv_respond_error_h(r, 503, "queue_full", h1, "the scoring queue is nearly full");
   }
-  json_t *o = json_pack("{s:s,s:s}", "status", "ready", "model", sm->name);
+  /* the job store does not decide readiness (scoring works without it),
+   * but says where it stands */
+  const char *store_state, *store = srv_jobs_store(&store_state);
+  json_t *o = json_pack("{s:s,s:s,s:{s:s,s:s}}", "status", "ready", "model", sm->name,
+                        "job_store", "kind", store, "state", store_state);
   srv_model_put(sm);
   return srv_respond_json(r, 200, o);
 }

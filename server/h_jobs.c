@@ -96,7 +96,7 @@ typedef struct init_decode {
 
 static void init_decode_free(void *p) {
   init_decode *d = p;
-  if (d->admitted) S->unadmit();
+  if (d->admitted && S->unadmit) S->unadmit();
   srv_samples_req_free(&d->q);
   srv_model_put(d->sm);
   free(d);
@@ -126,14 +126,14 @@ static enum MHD_Result init_decode_resume(srv_req *r) {
 static enum MHD_Result decode_then_create(srv_req *r, srv_model *sm, srv_samples_req *q,
                                           const jem_image_limits *lim) {
   srv_job_ans a = ANS_INIT;
-  if (S->admit(&a)) { /* no use decoding: answer now */
+  if (S->admit && S->admit(&a)) { /* no use decoding: answer now */
     srv_samples_req_free(q);
     srv_model_put(sm);
     return send_answer(r, &a, NULL, NULL);
   }
   init_decode *d = calloc(1, sizeof *d);
   if (!d) {
-    S->unadmit();
+    if (S->unadmit) S->unadmit();
     srv_samples_req_free(q);
     srv_model_put(sm);
     const char *h[] = {"Retry-After", "1", NULL};
@@ -298,29 +298,34 @@ enum MHD_Result srv_h_job_npy(srv_req *r) { return send_result(r, SRV_JOB_RES_NP
 /* ------------------------------------------------------------------------ */
 /* Lifecycle and metrics */
 
+static void render_metrics(srv_mbuf *b) {
+  S->metrics(b);
+  srv_mhead(b, "jem_jobs_rejected_total", "counter",
+            "POST /v1/samples requests refused, by reason.");
+  for (int i = 0; i < SRV_JOB_REJ_N; i++)
+    srv_mprintf(b, "jem_jobs_rejected_total{reason=\"%s\"} %llu\n", rej_names[i],
+                (unsigned long long)atomic_load(&rejected[i]));
+}
+
 int srv_jobs_start(void) {
+  if (!strcmp(srv_cfg.job_store, "memory")) {
+    S = &srv_job_store_memory;
+  } else if (!strncmp(srv_cfg.job_store, "redis://", 8)) {
+    S = &srv_job_store_redis;
+  } else {
+    fprintf(stderr, "jemd: --job-store: expected memory or redis://[user:password@]host:port"
+            "[/db], not '%.100s'\n", srv_cfg.job_store);
+    return -1;
+  }
   srv_job_work_start();
+  srv_metrics_register(render_metrics);
   return S->start();
 }
 
 int srv_jobs_active(void) { return S->active(); }
+const char *srv_jobs_store(const char **state) {
+  *state = S->state();
+  return S->name;
+}
 void srv_jobs_shutdown(void) { S->shutdown(); }
 void srv_jobs_free(void) { S->free(); }
-
-char *srv_jobs_metrics_render(void) {
-  char *p = NULL;
-  size_t len = 0;
-  FILE *f = open_memstream(&p, &len);
-  if (!f) return NULL;
-  S->metrics(f);
-  fprintf(f, "# HELP jem_jobs_rejected_total POST /v1/samples requests refused, by reason.\n"
-             "# TYPE jem_jobs_rejected_total counter\n");
-  for (int i = 0; i < SRV_JOB_REJ_N; i++)
-    fprintf(f, "jem_jobs_rejected_total{reason=\"%s\"} %llu\n", rej_names[i],
-            (unsigned long long)atomic_load(&rejected[i]));
-  if (fclose(f) != 0) {
-    free(p);
-    return NULL;
-  }
-  return p;
-}

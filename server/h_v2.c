@@ -126,11 +126,7 @@ static enum MHD_Result infer_respond(srv_req *r) {
   if (q->want[2]) json_array_append_new(outs, tensor("energy", t->score[JEM_SCORE_ENERGY], t->n, 1, q->binary[2], &bb));
   if (q->want[3])
     json_array_append_new(outs, tensor("grad_norm", t->score[JEM_SCORE_GRAD_NORM], t->n, 1, q->binary[3], &bb));
-  for (int i = 0; i < t->n; i++) {
-    float pct[JEM_NUM_SCORES];
-    for (int s = 0; s < JEM_NUM_SCORES; s++) pct[s] = NAN;
-    srv_metrics_scores(t->score[JEM_SCORE_ENERGY][i], pct);
-  }
+  srv_score_observe(t, NULL); /* no OOD verdicts on this route */
   json_t *o = json_pack("{s:s,s:s,s:o}", "model_name", t->model->name, "model_version", "1",
                         "outputs", outs);
   if (c->q.has_id) json_object_set_new(o, "id", json_string(c->q.id));

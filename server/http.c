@@ -1,5 +1,8 @@
 /* http.c - libmicrohttpd glue: daemon setup, limits, body collection,
- * suspend/resume, responses, the access log and the request deadline. */
+ * suspend/resume, responses (CORS headers and preflights included), the
+ * access log and the request deadline.  Slightly long because MHD's
+ * callbacks share per-request state and the drain flag that no other file
+ * should see (the pure request checks live in http_check.c). */
 #include "srv.h"
 
 #include <arpa/inet.h>
@@ -17,7 +20,10 @@
 #include <unistd.h>
 
 static struct MHD_Daemon *D, *P; /* P: the probe port's daemon (--probe-port) */
+static const srv_route *routes;   /* the table main() gave srv_http_start */
+static int n_routes;
 static atomic_int draining;
+static atomic_int inflight;       /* requests whose headers are in, not yet completed */
 static atomic_ullong req_counter;
 static unsigned int id_prefix;
 
@@ -62,15 +68,62 @@ static void body_free(srv_req *r) {
   r->budget = 0;
 }
 
-static char *render_body_bytes(void) {
-  char *s = malloc(256);
-  if (s)
-    snprintf(s, 256,
-             "# HELP jem_request_body_bytes Request body bytes buffered by all connections "
-             "(limit: --max-buffered-bytes).\n# TYPE jem_request_body_bytes gauge\n"
-             "jem_request_body_bytes %lld\n", (long long)atomic_load(&body_bytes));
-  return s;
+/* ------------------------------------------------------------------------ */
+/* Metrics: requests by route and status, their latency, and the gauges of
+ * this file */
+
+#define MAX_CODE 600
+static atomic_ullong *req_count;  /* [(n_routes+1) * MAX_CODE], row 0 = no route */
+static srv_hist *req_dur;         /* n_routes+1 */
+static const double lat_le[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+
+static void count_request(int route_idx, int status, double seconds) {
+  if (!req_count || !req_dur) return;
+  int row = route_idx < 0 || route_idx >= n_routes ? 0 : route_idx + 1;
+  if (status < 100 || status >= MAX_CODE) status = 500;
+  atomic_fetch_add(&req_count[(size_t)row * MAX_CODE + (size_t)status], 1);
+  srv_hist_obs(&req_dur[row], seconds);
 }
+
+/* One template can serve several methods (GET and DELETE /v1/jobs/{id}), so
+ * the method is part of every series' identity. */
+static void row_labels(int row, char *out, size_t cap) {
+  char route[512];
+  srv_mlabel(route, sizeof route, row == 0 ? "unmatched" : routes[row - 1].pattern);
+  snprintf(out, cap, "method=\"%s\",route=\"%s\"", row == 0 ? "other" : routes[row - 1].method,
+           route);
+}
+
+static void render_metrics(srv_mbuf *b) {
+  srv_mhead(b, "jem_draining", "gauge", "1 while the daemon drains after SIGTERM.");
+  srv_mprintf(b, "jem_draining %d\n", srv_http_draining());
+  srv_mhead(b, "jem_inflight_requests", "gauge", "HTTP requests being processed.");
+  srv_mprintf(b, "jem_inflight_requests %d\n", srv_http_inflight());
+  srv_mhead(b, "jem_request_body_bytes", "gauge",
+            "Request body bytes buffered by all connections (limit: --max-buffered-bytes).");
+  srv_mprintf(b, "jem_request_body_bytes %lld\n", (long long)atomic_load(&body_bytes));
+  if (!req_count || !req_dur) return;
+  char lab[640];
+  srv_mhead(b, "jem_http_requests_total", "counter",
+            "HTTP requests by method, route template and status code.");
+  for (int row = 0; row <= n_routes; row++) {
+    row_labels(row, lab, sizeof lab);
+    for (int c = 0; c < MAX_CODE; c++) {
+      unsigned long long v = atomic_load(&req_count[(size_t)row * MAX_CODE + (size_t)c]);
+      if (v) srv_mprintf(b, "jem_http_requests_total{%s,code=\"%d\"} %llu\n", lab, c, v);
+    }
+  }
+  srv_mhead(b, "jem_request_duration_seconds", "histogram",
+            "Time from request headers to response, by method and route template.");
+  for (int row = 0; row <= n_routes; row++) {
+    if (srv_hist_empty(&req_dur[row])) continue;
+    row_labels(row, lab, sizeof lab);
+    srv_mhist(b, "jem_request_duration_seconds", lab, &req_dur[row]);
+  }
+}
+
+int srv_http_inflight(void) { return atomic_load(&inflight); }
 
 /* 0 serving; SRV_DRAIN_DELAY after SIGTERM (readiness 503, new jobs 503);
  * SRV_DRAIN_CLOSING once the delay is over (new work of any kind 503). */
@@ -360,114 +413,6 @@ int srv_req_check_query(srv_req *r, const char *const *allowed) {
 /* ------------------------------------------------------------------------ */
 /* The access handler */
 
-/* A query with more pairs than this is refused: MHD stores every pair in the
- * connection's 64 KiB memory pool and, once the pool is full (about 1,000
- * pairs), drops the connection without any answer. */
-#define MAX_QUERY_PAIRS 100
-
-enum { URI_OK = 0, URI_TOO_MANY_PARAMS, URI_ENCODED_SLASH };
-
-/* MHD's URI log callback: the first look at a request, before MHD splits
- * and unescapes its query.  Returns the request record (MHD stores it as
- * the request's context). */
-static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c) {
-  (void)cls;
-  (void)c;
-  srv_req *r = calloc(1, sizeof *r);
-  if (!r) return NULL;
-  r->route_idx = -1;
-  r->t_start = srv_now_ns();
-  const char *q = strchr(uri, '?');
-  size_t plen = q ? (size_t)(q - uri) : strlen(uri);
-  /* %2F would be decoded into a '/' that routing then splits on: a proxy's
-   * path rules and jemd would disagree about which route this is */
-  for (size_t i = 0; i + 2 < plen; i++)
-    if (uri[i] == '%' && uri[i + 1] == '2' && (uri[i + 2] == 'f' || uri[i + 2] == 'F'))
-      r->uri_error = URI_ENCODED_SLASH;
-  if (q) {
-    size_t pairs = 1;
-    for (const char *p = q; *p; p++) pairs += *p == '&';
-    if (pairs > MAX_QUERY_PAIRS) {
-      /* cut the query before MHD parses it; uri points into MHD's own
-       * (writable) read buffer, and first_call answers 400 */
-      ((char *)q)[1] = '\0';
-      r->uri_error = URI_TOO_MANY_PARAMS;
-    }
-  }
-  return r;
-}
-
-/* RFC 9110 token characters only.  MHD 0.9.75 appends an obs-fold
- * continuation line to the previous header's *name*, so a folded header
- * shows up as a name with a space or colon in it, or as "Content-Length3". */
-static int is_token(const char *s, size_t n) {
-  if (!n) return 0;
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (c <= 32 || c >= 127 || strchr("\"(),/:;<=>?@[\\]{}", c)) return 0;
-  }
-  return 1;
-}
-
-typedef struct framing {
-  int n_cl, n_te, n_host, bad;
-  const char *te;
-} framing;
-
-static enum MHD_Result framing_iter(void *cls, enum MHD_ValueKind kind, const char *key,
-                                    size_t key_size, const char *value, size_t value_size) {
-  (void)kind;
-  (void)value_size;
-  framing *f = cls;
-  static const size_t cl_len = sizeof "Content-Length" - 1, te_len = sizeof "Transfer-Encoding" - 1;
-  if (!is_token(key, key_size))
-    f->bad = 1;
-  else if (key_size >= cl_len && !strncasecmp(key, "Content-Length", cl_len)) {
-    if (key_size != cl_len) f->bad = 1;
-    f->n_cl++;
-  } else if (key_size >= te_len && !strncasecmp(key, "Transfer-Encoding", te_len)) {
-    if (key_size != te_len) f->bad = 1;
-    f->n_te++;
-    f->te = value;
-  } else if (key_size == 4 && !strncasecmp(key, "Host", 4))
-    f->n_host++;
-  return MHD_YES;
-}
-
-/* RFC 9112 sections 3.2, 6.1 and 6.3: message framing two parties could read
- * differently (a proxy in front and jemd) is refused, and the connection
- * closed, so that no second request can hide in a body.  MHD itself answers
- * a malformed Content-Length value ("+3", "3, 3") with its own 400. */
-static const char *framing_error(srv_req *r, const char *version, int *status) {
-  framing f = {0, 0, 0, 0, NULL};
-  MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, framing_iter, &f);
-  int http11 = version && !strcmp(version, MHD_HTTP_VERSION_1_1);
-  *status = 400;
-  if (f.bad) return "malformed header line (a folded line or a bad header name)";
-  if (f.n_te && f.n_cl) return "both Content-Length and Transfer-Encoding are given";
-  if (f.n_cl > 1) return "Content-Length is given more than once";
-  if (f.n_te && !http11) return "Transfer-Encoding needs HTTP/1.1";
-  if (f.n_te > 1 || (f.n_te && strcasecmp(f.te, "chunked"))) {
-    *status = 501;
-    return "the only transfer coding accepted is 'chunked'";
-  }
-  if (http11 && f.n_host != 1)
-    return f.n_host ? "more than one Host header" : "an HTTP/1.1 request needs a Host header";
-  return NULL;
-}
-
-static int valid_id(const char *s) {
-  size_t n = strlen(s);
-  if (n == 0 || n > 40) return 0;
-  for (size_t i = 0; i < n; i++) {
-    char c = s[i];
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-          c == '-' || c == '_' || c == '.'))
-      return 0;
-  }
-  return 1;
-}
-
 static enum MHD_Result refuse_closing(srv_req *r, int status, int reason, const char *code,
                                       const char *retry_after, const char *msg) {
   srv_metrics_reject(reason);
@@ -492,29 +437,29 @@ static enum MHD_Result budget_full(srv_req *r) {
 
 static enum MHD_Result first_call(srv_req *r, const char *version) {
   const char *rid = srv_req_header(r, "X-Request-Id");
-  if (rid && valid_id(rid))
+  if (rid && srv_http_valid_id(rid))
     snprintf(r->id, sizeof r->id, "%s", rid);
   else
     snprintf(r->id, sizeof r->id, "%08x-%llu", id_prefix,
              (unsigned long long)atomic_fetch_add(&req_counter, 1) + 1);
   int fst;
-  const char *why = framing_error(r, version, &fst);
+  const char *why = srv_http_framing_error(r, version, &fst);
   if (why)
     return refuse_closing(r, fst, SRV_REJ_BAD_REQUEST,
                           fst == 501 ? "not_implemented" : "bad_request", NULL, why);
-  if (r->uri_error == URI_TOO_MANY_PARAMS) {
+  if (r->uri_error == SRV_URI_TOO_MANY_PARAMS) {
     char msg[96];
-    snprintf(msg, sizeof msg, "more than %d query parameters", MAX_QUERY_PAIRS);
+    snprintf(msg, sizeof msg, "more than %d query parameters", SRV_MAX_QUERY_PAIRS);
     return refuse_closing(r, 400, SRV_REJ_BAD_REQUEST, "invalid_parameter", NULL, msg);
   }
-  if (r->uri_error == URI_ENCODED_SLASH) {
+  if (r->uri_error == SRV_URI_ENCODED_SLASH) {
     srv_metrics_reject(SRV_REJ_BAD_REQUEST);
     return srv_respond_error(r, 400, "invalid_path",
                              "an encoded '/' (%%2F) in the path is not accepted");
   }
   char allow[128];
-  int idx = srv_route_match(r->method, r->url, r, allow, sizeof allow);
-  if (idx >= 0 && r->probe && !(srv_routes[idx].flags & SRV_R_PROBE))
+  int idx = srv_route_match(routes, n_routes, r->method, r->url, r, allow, sizeof allow);
+  if (idx >= 0 && r->probe && !(routes[idx].flags & SRV_R_PROBE))
     return srv_respond_error(r, 404, "not_found", "the probe port serves only /healthz, "
                              "/readyz, /metrics and /v2/health/*, not %.200s", r->url);
   if (idx == -1)
@@ -529,8 +474,8 @@ static enum MHD_Result first_call(srv_req *r, const char *version) {
                                r->url, allow);
   }
   r->route_idx = idx;
-  r->route = &srv_routes[idx];
-  if (srv_auth_check(r)) {
+  r->route = &routes[idx];
+  if (srv_auth_check(r->route->flags, srv_req_header(r, "Authorization"))) {
     srv_metrics_reject(SRV_REJ_UNAUTHORIZED);
     const char *h[] = {"WWW-Authenticate", "Bearer realm=\"jemd\"", NULL};
     return srv_respond_error_h(r, 401, "unauthorized", h,
@@ -659,9 +604,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                   const char *upload_data, size_t *upload_data_size,
                                   void **con_cls) {
   srv_req *r = *con_cls;
-  if (!r) return MHD_NO; /* on_uri could not allocate it */
+  if (!r) return MHD_NO; /* srv_http_on_uri could not allocate it */
   if (!r->conn) { /* the headers are in */
-    atomic_fetch_add(srv_metrics_inflight(), 1);
+    atomic_fetch_add(&inflight, 1);
     r->conn = conn;
     r->method = method;
     r->url = url;
@@ -717,8 +662,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         toe == MHD_REQUEST_TERMINATED_READ_ERROR)
       status = 499;
   }
-  srv_metrics_request(r->route_idx, status, lat);
-  atomic_fetch_sub(srv_metrics_inflight(), 1);
+  count_request(r->route_idx, status, lat);
+  atomic_fetch_sub(&inflight, 1);
   if (SRV_LOG_INFO <= srv_cfg.log_level) {
     char path[300], client[64] = "-";
     srv_log_quote(path, sizeof path, r->url ? r->url : "");
@@ -763,32 +708,6 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
 /* ------------------------------------------------------------------------ */
 /* Daemon lifecycle */
 
-/* MHD's own unescaping turns %00 into a NUL that silently cuts a path or a
- * query value short (/metrics%00 would serve /metrics).  This one decodes
- * every %HH but %00, which stays literal, so such a path matches no route
- * and such a value fails its parse. */
-static int hex_digit(char c) {
-  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
-static size_t unescape_no_nul(void *cls, struct MHD_Connection *c, char *s) {
-  (void)cls;
-  (void)c;
-  char *w = s;
-  for (const char *r = s; *r;) {
-    int hi = r[0] == '%' ? hex_digit(r[1]) : -1, lo = hi >= 0 ? hex_digit(r[2]) : -1;
-    if (hi >= 0 && lo >= 0 && (hi | lo) != 0) {
-      *w++ = (char)(hi << 4 | lo);
-      r += 3;
-    } else {
-      *w++ = *r++;
-    }
-  }
-  *w = '\0';
-  return (size_t)(w - s);
-}
-
 /* One MHD daemon on ss with port; the probe daemon (probe=1) is small and
  * apart, so that /healthz and /readyz answer while the main port's
  * connections are all taken. */
@@ -810,11 +729,11 @@ static struct MHD_Daemon *start_daemon(const struct sockaddr_storage *ss, int v6
       MHD_OPTION_CONNECTION_TIMEOUT, probe ? 5u : (unsigned)srv_cfg.timeout,
       MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536,
       MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
-      MHD_OPTION_URI_LOG_CALLBACK, on_uri, NULL,
+      MHD_OPTION_URI_LOG_CALLBACK, srv_http_on_uri, NULL,
       MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
       MHD_OPTION_NOTIFY_CONNECTION, on_connection, NULL,
       MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
-      MHD_OPTION_UNESCAPE_CALLBACK, unescape_no_nul, NULL,
+      MHD_OPTION_UNESCAPE_CALLBACK, srv_http_unescape, NULL,
       MHD_OPTION_END);
 }
 
@@ -823,7 +742,14 @@ static int bound_port(struct MHD_Daemon *d, int asked) {
   return di ? di->port : asked;
 }
 
-int srv_http_start(int *port, int *probe_port) {
+int srv_http_start(const srv_route *table, int n_table, int *port, int *probe_port) {
+  routes = table;
+  n_routes = n_table;
+  req_count = calloc((size_t)(n_routes + 1) * MAX_CODE, sizeof *req_count);
+  req_dur = calloc((size_t)n_routes + 1, sizeof *req_dur);
+  if (req_dur)
+    for (int i = 0; i <= n_routes; i++) srv_hist_init(&req_dur[i], lat_le, SRV_NB(lat_le));
+  srv_metrics_register(render_metrics);
   struct addrinfo hints, *ai = NULL;
   memset(&hints, 0, sizeof hints);
   hints.ai_family = AF_UNSPEC;
@@ -863,7 +789,6 @@ int srv_http_start(int *port, int *probe_port) {
    * per-thread caches keep most small allocations off the arena lock. */
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   mallopt(M_ARENA_MAX, 1);
-  srv_metrics_register(render_body_bytes);
   D = start_daemon(&ss, v6, srv_cfg.port, 0);
   if (D && srv_cfg.probe_port >= 0) {
     P = start_daemon(&ss, v6, srv_cfg.probe_port, 1);

@@ -125,7 +125,6 @@ typedef struct job {
 } job;
 
 static const double dur_le[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600};
-#define N_DUR ((int)(sizeof dur_le / sizeof dur_le[0]))
 
 static struct {
   pthread_mutex_t mu;
@@ -134,8 +133,7 @@ static struct {
   int decoding;                 /* admitted requests whose init images decode on a worker */
   size_t bytes;
   unsigned long long created, finished[SRV_JOB_NSTATES], chain_steps;
-  unsigned long long dur_counts[SRV_JOB_NSTATES][N_DUR + 1];
-  double dur_sum[SRV_JOB_NSTATES];
+  srv_hist dur[SRV_JOB_NSTATES]; /* creation to end, by final state */
 } J = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static size_t result_bytes(const job *j) { return sizeof(job) + srv_job_result_bytes(&j->e.res); }
@@ -164,10 +162,7 @@ static void finish_locked(job *j, int state, const char *reason, const char *mes
   J.active--;
   J.finished[state]++;
   double d = (double)(j->finished_ns - j->created_ns) * 1e-9;
-  int b = 0;
-  while (b < N_DUR && d > dur_le[b]) b++;
-  J.dur_counts[state][b]++;
-  J.dur_sum[state] += d;
+  srv_hist_obs(&J.dur[state], d);
   srv_log(SRV_LOG_INFO, "msg=\"job finished\" job=%s status=%s step=%d steps=%d seconds=%.3f%s%s",
           j->rec.id, srv_job_state_names[state], j->rec.step, j->rec.p.steps, d, reason ? " reason=" : "",
           reason ? reason : "");
@@ -536,7 +531,10 @@ static void mem_result(const char *id, int what, long k, srv_job_ans *a) {
 /* ------------------------------------------------------------------------ */
 /* Lifecycle and metrics */
 
-static int mem_start(void) { return 0; }
+static int mem_start(void) {
+  for (int s = 0; s < SRV_JOB_NSTATES; s++) srv_hist_init(&J.dur[s], dur_le, SRV_NB(dur_le));
+  return 0;
+}
 
 static int mem_active(void) {
   pthread_mutex_lock(&J.mu);
@@ -575,42 +573,36 @@ static void mem_free(void) {
   }
 }
 
-static void mem_metrics(FILE *f) {
+static void mem_metrics(srv_mbuf *b) {
   int by_state[SRV_JOB_NSTATES] = {0};
   pthread_mutex_lock(&J.mu);
   for (job *j = J.head; j; j = j->next) by_state[j->rec.state]++;
-  fprintf(f, "# HELP jem_jobs Stored SGLD jobs by state.\n# TYPE jem_jobs gauge\n");
+  srv_mprintf(b, "# HELP jem_jobs Stored SGLD jobs by state.\n# TYPE jem_jobs gauge\n");
   for (int s = 0; s < SRV_JOB_NSTATES; s++)
-    fprintf(f, "jem_jobs{state=\"%s\"} %d\n", srv_job_state_names[s], by_state[s]);
-  fprintf(f, "# HELP jem_job_store_bytes Memory charged to stored jobs (chains and results).\n"
+    srv_mprintf(b, "jem_jobs{state=\"%s\"} %d\n", srv_job_state_names[s], by_state[s]);
+  srv_mprintf(b, "# HELP jem_job_store_bytes Memory charged to stored jobs (chains and results).\n"
              "# TYPE jem_job_store_bytes gauge\njem_job_store_bytes %zu\n", J.bytes);
-  fprintf(f, "# HELP jem_jobs_created_total SGLD jobs accepted.\n"
+  srv_mprintf(b, "# HELP jem_jobs_created_total SGLD jobs accepted.\n"
              "# TYPE jem_jobs_created_total counter\njem_jobs_created_total %llu\n", J.created);
-  fprintf(f, "# HELP jem_jobs_finished_total SGLD jobs that ended, by final status.\n"
+  srv_mprintf(b, "# HELP jem_jobs_finished_total SGLD jobs that ended, by final status.\n"
              "# TYPE jem_jobs_finished_total counter\n");
   for (int s = SRV_JOB_SUCCEEDED; s < SRV_JOB_NSTATES; s++)
-    fprintf(f, "jem_jobs_finished_total{status=\"%s\"} %llu\n", srv_job_state_names[s],
+    srv_mprintf(b, "jem_jobs_finished_total{status=\"%s\"} %llu\n", srv_job_state_names[s],
             J.finished[s]);
-  fprintf(f, "# HELP jem_sgld_chain_steps_total SGLD steps run, summed over chains.\n"
+  srv_mprintf(b, "# HELP jem_sgld_chain_steps_total SGLD steps run, summed over chains.\n"
              "# TYPE jem_sgld_chain_steps_total counter\njem_sgld_chain_steps_total %llu\n",
           J.chain_steps);
-  fprintf(f, "# HELP jem_job_duration_seconds Time from creation to the end of a job, by "
+  srv_mprintf(b, "# HELP jem_job_duration_seconds Time from creation to the end of a job, by "
              "final status.\n# TYPE jem_job_duration_seconds histogram\n");
   for (int s = SRV_JOB_SUCCEEDED; s < SRV_JOB_NSTATES; s++) {
-    const char *sn = srv_job_state_names[s];
-    unsigned long long cum = 0;
-    for (int b = 0; b < N_DUR; b++) {
-      cum += J.dur_counts[s][b];
-      fprintf(f, "jem_job_duration_seconds_bucket{status=\"%s\",le=\"%g\"} %llu\n", sn,
-              dur_le[b], cum);
-    }
-    cum += J.dur_counts[s][N_DUR];
-    fprintf(f, "jem_job_duration_seconds_bucket{status=\"%s\",le=\"+Inf\"} %llu\n", sn, cum);
-    fprintf(f, "jem_job_duration_seconds_sum{status=\"%s\"} %.17g\n", sn, J.dur_sum[s]);
-    fprintf(f, "jem_job_duration_seconds_count{status=\"%s\"} %llu\n", sn, cum);
+    char lab[32];
+    snprintf(lab, sizeof lab, "status=\"%s\"", srv_job_state_names[s]);
+    srv_mhist(b, "jem_job_duration_seconds", lab, &J.dur[s]);
   }
   pthread_mutex_unlock(&J.mu);
 }
+
+static const char *mem_state(void) { return "ok"; }
 
 const srv_job_store srv_job_store_memory = {
     .name = "memory",
@@ -626,4 +618,5 @@ const srv_job_store srv_job_store_memory = {
     .shutdown = mem_shutdown,
     .free = mem_free,
     .metrics = mem_metrics,
+    .state = mem_state,
 };

@@ -61,7 +61,8 @@ typedef struct srv_job_store {
   const char *name;
   int (*start)(void);
   /* A place among the queued jobs for a request whose init images decode on
-   * a worker first: 0, or -1 with the 429 answer in a. */
+   * a worker first: 0, or -1 with the 429 answer in a.  NULL (with unadmit)
+   * when create checks the bound itself. */
   int (*admit)(srv_job_ans *a);
   void (*unadmit)(void);
   /* Stores and queues the job of a parsed, decoded request: 202 with the
@@ -75,10 +76,13 @@ typedef struct srv_job_store {
   int (*active)(void);
   void (*shutdown)(void);
   void (*free)(void);
-  /* its metric families, Prometheus text */
-  void (*metrics)(FILE *f);
+  /* its metric families */
+  void (*metrics)(srv_mbuf *b);
+  /* "ok", or "unavailable" while the store cannot be reached */
+  const char *(*state)(void);
 } srv_job_store;
 
 extern const srv_job_store srv_job_store_memory;
+extern const srv_job_store srv_job_store_redis; /* job_store_redis.c */
 
 #endif

@@ -72,11 +72,9 @@ enum MHD_Result srv_h_job_npy(srv_req *r);
  *                        stored job. */
 int srv_jobs_start(void);
 int srv_jobs_active(void);
+/* The job store's kind ("memory", "redis"); *state "ok" or "unavailable". */
+const char *srv_jobs_store(const char **state);
 void srv_jobs_shutdown(void);
 void srv_jobs_free(void);
-
-/* The job metrics in Prometheus text format (malloc'd, NULL on OOM), for
- * srv_metrics_render. */
-char *srv_jobs_metrics_render(void);
 
 #endif

@@ -99,7 +99,7 @@ static void reload_start(void) {
   if (!ok) {
     free(j);
     srv_log(SRV_LOG_ERROR, "msg=\"model reload failed: cannot start its thread\"");
-    srv_metrics_reload(0);
+    srv_model_count_reload(0);
     return;
   }
   srv_sd_notify("RELOADING=1");
@@ -117,7 +117,7 @@ static void reload_check(void) {
       atomic_compare_exchange_strong(&j->state, &expect, RL_ABANDONED)) {
     srv_log(SRV_LOG_ERROR, "msg=\"model reload timed out; still serving the previous models\" "
             "reload_timeout=%d", srv_cfg.reload_timeout);
-    srv_metrics_reload(0);
+    srv_model_count_reload(0);
   } else if (atomic_load(&j->state) == RL_DONE) {
     if (j->rc) {
       char q[600];
@@ -130,7 +130,7 @@ static void reload_check(void) {
               sm ? sm->name : "?", sm ? (unsigned long long)sm->gen : 0ull, secs);
       srv_model_put(sm);
     }
-    srv_metrics_reload(!j->rc);
+    srv_model_count_reload(!j->rc);
     free(j);
   } else {
     return; /* still running */
@@ -145,7 +145,7 @@ static void drain_and_stop(void) {
   int term0 = got_term;
   uint64_t t0 = srv_now_ns();
   srv_log(SRV_LOG_INFO, "msg=\"draining\" drain_seconds=%d drain_delay=%d inflight=%d",
-          srv_cfg.drain_seconds, srv_cfg.drain_delay, atomic_load(srv_metrics_inflight()));
+          srv_cfg.drain_seconds, srv_cfg.drain_delay, srv_http_inflight());
   /* keep serving (readiness 503) while load balancers catch up */
   uint64_t delay_end = t0 + (uint64_t)srv_cfg.drain_delay * 1000000000ull;
   while (srv_now_ns() < delay_end && got_term == term0) {
@@ -156,20 +156,20 @@ static void drain_and_stop(void) {
    * the two phases add up, as the deploy files budget them */
   srv_http_set_drain_phase(SRV_DRAIN_CLOSING);
   uint64_t deadline = srv_now_ns() + (uint64_t)srv_cfg.drain_seconds * 1000000000ull;
-  while ((atomic_load(srv_metrics_inflight()) > 0 ||
+  while ((srv_http_inflight() > 0 ||
           srv_jobs_active() > 0) &&
          srv_now_ns() < deadline && got_term == term0) {
     wait_signal(20);
     housekeeping();
   }
-  int left = atomic_load(srv_metrics_inflight());
+  int left = srv_http_inflight();
   if (left > 0)
     srv_log(SRV_LOG_WARN, "msg=\"drain time is up; cancelling queued work\" inflight=%d", left);
   srv_jobs_shutdown();
   srv_sched_stop();
   /* let the answers of cancelled requests go out */
   uint64_t grace = srv_now_ns() + 500000000ull;
-  while (atomic_load(srv_metrics_inflight()) > 0 && srv_now_ns() < grace) {
+  while (srv_http_inflight() > 0 && srv_now_ns() < grace) {
     wait_signal(10);
     housekeeping();
   }
@@ -230,8 +230,9 @@ int main(int argc, char **argv) {
     srv_sched_stop();
     return 1;
   }
+  srv_classify_start();
   int port = 0, probe_port = -1;
-  if (srv_http_start(&port, &probe_port)) {
+  if (srv_http_start(srv_routes, srv_n_routes, &port, &probe_port)) {
     srv_sched_stop();
     srv_model_shutdown();
     return 1;

@@ -64,26 +64,22 @@ srv_model *srv_model_find(const char *name) {
 
 srv_model *srv_model_get(void) { return srv_model_find(NULL); }
 
-srv_model *srv_model_for(srv_req *r, const char *name, enum MHD_Result *res) {
-  srv_model *sm = srv_model_find(name);
-  if (sm) return sm;
+int srv_model_missing(const char *name, char *msg, size_t cap) {
   pthread_mutex_lock(&mu);
   entry *e = find_locked(name ? name : def_name);
-  char why[256];
+  char why[256], def[SRV_MODEL_NAME_MAX];
   snprintf(why, sizeof why, "%s", e ? e->reason : "");
+  snprintf(def, sizeof def, "%s", def_name);
   pthread_mutex_unlock(&mu);
   if (!name) {
-    const char *h[] = {"Retry-After", "5", NULL};
-    *res = srv_respond_error_h(r, 503, "model_not_loaded", h, "the default model '%s' is not "
-                               "loaded%s%s", def_name, why[0] ? ": " : "", why);
-  } else if (e) {
-    *res = srv_respond_error(r, 404, "model_not_found", "model '%s' is not loaded: %s", name,
-                             why[0] ? why : "unloaded");
-  } else {
-    *res = srv_respond_error(r, 404, "model_not_found", "no model named '%.100s' (GET /v1/models "
-                             "lists them)", name);
+    snprintf(msg, cap, "the default model '%s' is not loaded%s%s", def, why[0] ? ": " : "", why);
+    return 503;
   }
-  return NULL;
+  if (e)
+    snprintf(msg, cap, "model '%s' is not loaded: %s", name, why[0] ? why : "unloaded");
+  else
+    snprintf(msg, cap, "no model named '%.100s' (GET /v1/models lists them)", name);
+  return 404;
 }
 
 int srv_models_list(srv_model **out, int cap) {
@@ -134,6 +130,54 @@ int srv_models_index(srv_model_status *out, int cap) {
   }
   pthread_mutex_unlock(&mu);
   return n;
+}
+
+static atomic_ullong reloads[2]; /* SIGHUP results: ok, error */
+
+void srv_model_count_reload(int ok) { atomic_fetch_add(&reloads[ok ? 0 : 1], 1); }
+
+/* The repository's families for /metrics: one series per model, labelled
+ * model="NAME". */
+static void render_metrics(srv_mbuf *b) {
+  srv_model_status *ms = malloc(SRV_MAX_MODELS * sizeof *ms);
+  int nm = ms ? srv_models_index(ms, SRV_MAX_MODELS) : 0;
+  char l[512];
+  srv_mhead(b, "jem_model_info", "gauge", "Each loaded model; the value is always 1.");
+  for (int i = 0; i < nm; i++) {
+    srv_model *sm = ms[i].ready ? srv_model_find(ms[i].name) : NULL;
+    if (!sm) continue;
+    srv_mlabel(l, sizeof l, sm->name);
+    srv_mprintf(b, "jem_model_info{model=\"%s\",name=\"%s\",arch=\"wrn-%d-%d\","
+                "generation=\"%llu\",default=\"%s\"} 1\n", l, l, sm->m->arch.depth,
+                sm->m->arch.widen, (unsigned long long)sm->gen,
+                ms[i].is_default ? "true" : "false");
+    srv_model_put(sm);
+  }
+  srv_mhead(b, "jem_model_loaded", "gauge", "1 when the model is loaded, 0 when the repository "
+            "knows it but it is not (unloaded, or its file failed to load).");
+  for (int i = 0; i < nm; i++) {
+    srv_mlabel(l, sizeof l, ms[i].name);
+    srv_mprintf(b, "jem_model_loaded{model=\"%s\"} %d\n", l, ms[i].ready);
+  }
+  srv_mhead(b, "jem_model_load_timestamp_seconds", "gauge", "When each loaded model was loaded.");
+  for (int i = 0; i < nm; i++) {
+    srv_mlabel(l, sizeof l, ms[i].name);
+    if (ms[i].ready)
+      srv_mprintf(b, "jem_model_load_timestamp_seconds{model=\"%s\"} %.3f\n", l,
+                  ms[i].loaded_at);
+  }
+  srv_mhead(b, "jem_model_scored_images_total", "counter",
+            "Images scored by each model (across reloads).");
+  for (int i = 0; i < nm; i++) {
+    srv_mlabel(l, sizeof l, ms[i].name);
+    srv_mprintf(b, "jem_model_scored_images_total{model=\"%s\"} %llu\n", l, ms[i].images);
+  }
+  free(ms);
+  srv_mhead(b, "jem_model_reloads_total", "counter", "Model reloads (SIGHUP) by result.");
+  srv_mprintf(b, "jem_model_reloads_total{result=\"ok\"} %llu\n",
+              (unsigned long long)atomic_load(&reloads[0]));
+  srv_mprintf(b, "jem_model_reloads_total{result=\"error\"} %llu\n",
+              (unsigned long long)atomic_load(&reloads[1]));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -302,6 +346,7 @@ static void dir_path(char *out, size_t cap, const char *name) {
 }
 
 int srv_models_init(char *err, size_t errlen) {
+  srv_metrics_register(render_metrics);
   pthread_mutex_lock(&load_mu);
   int rc = -1;
   /* one --model and no directory: the model keeps its own name (its

@@ -1,4 +1,4 @@
-/* parse.c - request body parsing shared by the handlers and the fuzzers:
+/* parse.c - request parsing shared by the handlers and the fuzzers: routes,
  * JSON with a depth cap, base64, the classify JSON body and the Open
  * Inference Protocol infer body. */
 #include "srv.h"
@@ -543,4 +543,61 @@ out:
   json_decref(j);
   if (st) srv_v2_req_free(out);
   return st;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Routes */
+
+/* Matches path against pattern segment by segment; {x} takes one non-empty
+ * segment, {x}.ext a segment ending in ".ext" (x = the part before it, non-empty).
+ * Fills r->params when r is given. */
+static int match(const char *pattern, const char *path, srv_req *r) {
+  const char *p = pattern, *u = path;
+  int np = 0;
+  while (*p && *u) {
+    if (*p != '/' || *u != '/') return 0;
+    p++;
+    u++;
+    const char *pe = strchr(p, '/'), *ue = strchr(u, '/');
+    size_t pl = pe ? (size_t)(pe - p) : strlen(p), ul = ue ? (size_t)(ue - u) : strlen(u);
+    const char *close = pl >= 2 && p[0] == '{' ? memchr(p, '}', pl) : NULL;
+    if (close) {
+      size_t sl = pl - (size_t)(close + 1 - p); /* literal suffix, e.g. ".png" */
+      if (ul <= sl || memcmp(u + ul - sl, close + 1, sl) != 0) return 0;
+      if (ul - sl >= SRV_PARAM_MAX || np >= SRV_MAX_PARAMS) return 0;
+      if (r) {
+        memcpy(r->params[np], u, ul - sl);
+        r->params[np][ul - sl] = '\0';
+      }
+      np++;
+    } else if (pl != ul || memcmp(p, u, pl) != 0) {
+      return 0;
+    }
+    p += pl;
+    u += ul;
+  }
+  if (*p || *u) return 0;
+  if (r) r->n_params = np;
+  return 1;
+}
+
+int srv_route_match(const srv_route *table, int n_table, const char *method, const char *path,
+                    srv_req *r, char *allow, size_t allow_cap) {
+  int any = 0;
+  const char *m = !strcmp(method, "HEAD") ? "GET" : method;
+  allow[0] = '\0';
+  size_t used = 0;
+  for (int i = 0; i < n_table; i++) {
+    if (!match(table[i].pattern, path, NULL)) continue;
+    if (!strcmp(table[i].method, m)) {
+      match(table[i].pattern, path, r);
+      return i;
+    }
+    any = 1;
+    const char *meth = table[i].method;
+    int n = snprintf(allow + used, allow_cap - used, "%s%s%s", used ? ", " : "", meth,
+                     !strcmp(meth, "GET") ? ", HEAD" : "");
+    if (n > 0 && (size_t)n < allow_cap - used) used += (size_t)n;
+  }
+  return any ? -2 : -1;
 }

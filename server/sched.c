@@ -116,6 +116,33 @@ static struct {
 } S;
 
 /* ------------------------------------------------------------------------ */
+/* Metrics */
+
+static const double lat_le[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+static const double batch_le[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+static srv_hist queue_dur, compute_dur, batch_hist;
+
+static void render_metrics(srv_mbuf *b) {
+  srv_mhead(b, "jem_workers", "gauge", "Compute workers.");
+  srv_mprintf(b, "jem_workers %d\n", srv_cfg.workers);
+  srv_mhead(b, "jem_queue_duration_seconds", "histogram",
+            "Time a scoring request waited in the queue before its first batch started.");
+  srv_mhist(b, "jem_queue_duration_seconds", "", &queue_dur);
+  srv_mhead(b, "jem_compute_duration_seconds", "histogram",
+            "Time from a scoring request's first batch start to its last batch end.");
+  srv_mhist(b, "jem_compute_duration_seconds", "", &compute_dur);
+  srv_mhead(b, "jem_batch_size", "histogram", "Images per dynamic batch.");
+  srv_mhist(b, "jem_batch_size", "", &batch_hist);
+  srv_mhead(b, "jem_queue_depth", "gauge",
+            "Images admitted and not yet in a batch (being decoded or queued).");
+  srv_mprintf(b, "jem_queue_depth %d\n", srv_sched_queued_images());
+  srv_mhead(b, "jem_running_work_items", "gauge",
+            "Batches, job slices and large decodes running on workers.");
+  srv_mprintf(b, "jem_running_work_items %d\n", srv_sched_running());
+}
+
+/* ------------------------------------------------------------------------ */
 /* Tasks */
 
 int srv_task_alloc(srv_task *t, const jem_model *m, int n) {
@@ -256,8 +283,8 @@ static void finish_lists(done_list *dl) {
     t->next_ = NULL;
     if (!t->t_done) t->t_done = srv_now_ns();
     if (atomic_load(&t->state) == SRV_TASK_DONE) {
-      srv_metrics_queue_time((double)(t->t_first - t->t_enq) * 1e-9);
-      srv_metrics_compute_time((double)(t->t_done - t->t_first) * 1e-9);
+      srv_hist_obs(&queue_dur, (double)(t->t_first - t->t_enq) * 1e-9);
+      srv_hist_obs(&compute_dur, (double)(t->t_done - t->t_first) * 1e-9);
     }
     t->complete(t);
   }
@@ -321,7 +348,7 @@ static void after_score(uv_work_t *req, int status) {
       dl.tasks = t;
     }
   }
-  srv_metrics_batch(s->n);
+  srv_hist_obs(&batch_hist, s->n);
   srv_model_put(s->model);
   s->model = NULL;
   s->busy = 0;
@@ -535,6 +562,10 @@ int srv_sched_start(void) {
   setenv("UV_THREADPOOL_SIZE", n, 1);
   memset(&S, 0, sizeof S);
   pthread_mutex_init(&S.mu, NULL);
+  srv_hist_init(&queue_dur, lat_le, SRV_NB(lat_le));
+  srv_hist_init(&compute_dur, lat_le, SRV_NB(lat_le));
+  srv_hist_init(&batch_hist, batch_le, SRV_NB(batch_le));
+  srv_metrics_register(render_metrics);
   atomic_init(&S.reserved, 0);
   S.n_slots = S.n_free = srv_cfg.workers;
   S.slots = calloc((size_t)S.n_slots, sizeof(slot));

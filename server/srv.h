@@ -6,6 +6,7 @@
 
 #include <jansson.h>
 #include <microhttpd.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -62,6 +63,8 @@ typedef struct srv_config {
   int job_ttl;                  /* seconds a finished job is kept */
   int job_slice_ms;             /* SGLD time per scheduler slice */
   int job_nice;                 /* nice value added while a slice runs */
+  char job_store[1024];         /* "memory" or a redis:// URL */
+  int job_lease_ms;             /* Redis store: a running job's lease */
 } srv_config;
 
 extern srv_config srv_cfg;
@@ -130,6 +133,9 @@ int srv_model_repo_unload(const char *name);          /* 0, -1 unknown, -2 as lo
 srv_model *srv_model_find(const char *name);  /* new reference; NULL name = the default;
                                                  NULL when unknown or unloaded */
 srv_model *srv_model_get(void);       /* the default model (new reference) or NULL */
+/* Why name (NULL: the default) has no loaded model, in msg; the status to
+ * answer: 503 for the default, 404 for a named one. */
+int srv_model_missing(const char *name, char *msg, size_t cap);
 void srv_model_put(srv_model *sm);    /* NULL ok */
 void srv_model_default(char *out, size_t cap);  /* the default model's name */
 /* New references to the loaded models, in repository order; their count. */
@@ -148,6 +154,8 @@ typedef struct srv_model_status {     /* one row of the repository index */
   unsigned long long images;          /* scored, across reloads */
 } srv_model_status;
 int srv_models_index(srv_model_status *out, int cap);
+/* Counts a SIGHUP reload's result (jem_model_reloads_total). */
+void srv_model_count_reload(int ok);
 
 /* ------------------------------------------------------------------------ */
 /* Scheduler (server/sched.c).  See the comment at the top of sched.c. */
@@ -227,7 +235,9 @@ int srv_task_alloc(srv_task *t, const jem_model *m, int n);
 void srv_task_free(srv_task *t);
 
 /* ------------------------------------------------------------------------ */
-/* Metrics (server/metrics.c) */
+/* Metrics (server/metrics.c): a registry of render functions, one per
+ * subsystem (http.c, sched.c, modelref.c, h_classify.c, h_jobs.c), each
+ * rendering its own families with these helpers. */
 
 enum { SRV_REJ_QUEUE_FULL = 0, SRV_REJ_TOO_LARGE, SRV_REJ_UNAUTHORIZED,
        SRV_REJ_BAD_REQUEST, SRV_REJ_UNSUPPORTED, SRV_REJ_CLIENT_GONE,
@@ -235,17 +245,34 @@ enum { SRV_REJ_QUEUE_FULL = 0, SRV_REJ_TOO_LARGE, SRV_REJ_UNAUTHORIZED,
        SRV_REJ_COUNT };
 
 void srv_metrics_init(void);
-void srv_metrics_request(int route_idx, int status, double seconds);
+/* Counts a request refused or dropped (jem_rejected_requests_total);
+ * out-of-range reasons are ignored. */
 void srv_metrics_reject(int reason);
-void srv_metrics_queue_time(double s);
-void srv_metrics_compute_time(double s);
-void srv_metrics_batch(int n);
-void srv_metrics_scores(float energy, const float pct[JEM_NUM_SCORES]);
-void srv_metrics_reload(int ok);
-atomic_int *srv_metrics_inflight(void);
-/* Extra exposition text (e.g. jobs metrics): render returns a malloc'd
- * chunk of complete metric families, appended to /metrics.  Up to 8. */
-void srv_metrics_register(char *(*render)(void));
+
+typedef struct srv_mbuf srv_mbuf;
+void srv_mprintf(srv_mbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void srv_mhead(srv_mbuf *b, const char *name, const char *type, const char *help);
+/* A label value with backslash, double quote and newline escaped. */
+void srv_mlabel(char *out, size_t cap, const char *s);
+
+#define SRV_HIST_MAX 24
+typedef struct srv_hist {
+  const double *le;             /* upper bounds, nb of them */
+  int nb;
+  uint64_t counts[SRV_HIST_MAX + 1]; /* the last is +Inf */
+  double sum;
+  pthread_mutex_t mu;
+} srv_hist;
+void srv_hist_init(srv_hist *h, const double *le, int nb);
+void srv_hist_obs(srv_hist *h, double v); /* NaN is not observed */
+int srv_hist_empty(srv_hist *h);
+/* One histogram's series; labels is "" or `a="x",b="y"`. */
+void srv_mhist(srv_mbuf *b, const char *name, const char *labels, srv_hist *h);
+#define SRV_NB(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+/* Adds a subsystem's families to /metrics, rendered in registration order
+ * (a function registered twice renders once; up to 16). */
+void srv_metrics_register(void (*render)(srv_mbuf *b));
 /* Prometheus text format 0.0.4; malloc'd. */
 char *srv_metrics_render(size_t *len);
 
@@ -311,9 +338,12 @@ struct srv_req {
   void (*data_free)(void *data);
 };
 
-/* Starts MHD; returns 0 and fills *port with the bound port, and
- * *probe_port with --probe-port's (-1 when there is none). */
-int srv_http_start(int *port, int *probe_port);
+/* Starts MHD serving the routes of table (n of them); returns 0 and fills
+ * *port with the bound port, and *probe_port with --probe-port's (-1 when
+ * there is none). */
+int srv_http_start(const srv_route *table, int n, int *port, int *probe_port);
+/* Requests whose headers are in and whose answer is not yet sent. */
+int srv_http_inflight(void);
 void srv_http_stop(void);
 /* SIGTERM's two phases: during the delay every route but job creation is
  * served; while closing, requests with a body (scoring, new jobs) get 503. */
@@ -348,17 +378,34 @@ const char *srv_req_header(srv_req *r, const char *name);
 const char *srv_req_query(srv_req *r, const char *name);
 /* Fails (and responds 400) when a query parameter is not in allowed. */
 int srv_req_check_query(srv_req *r, const char *const *allowed);
-/* API key check for routes with SRV_R_AUTH (or SRV_R_SCORING under
- * --protect-scoring); 0 when allowed. */
-int srv_auth_check(srv_req *r);
+/* API key check (server/auth.c) for a route with these flags: SRV_R_AUTH, or
+ * SRV_R_SCORING under --protect-scoring, needs authorization (the header's
+ * value, NULL when absent) to carry a key; 0 when allowed. */
+int srv_auth_check(int route_flags, const char *authorization);
 int srv_auth_load(const char *path, char *err, size_t errlen);
 int srv_auth_enabled(void);
 
-/* Route lookup: returns the index of the route for (method, path), -1 when
- * no pattern matches (404), -2 when the path matches with other methods
- * (405; allow gets "GET, HEAD"). */
-int srv_route_match(const char *method, const char *path, srv_req *r,
-                    char *allow, size_t allow_cap);
+/* Route lookup in table (server/parse.c): returns the index of the route
+ * for (method, path), filling r's parameters, -1 when no pattern matches
+ * (404), -2 when the path matches with other methods (405; allow gets
+ * "GET, HEAD"). */
+int srv_route_match(const srv_route *table, int n, const char *method, const char *path,
+                    srv_req *r, char *allow, size_t allow_cap);
+
+/* The first look at a request (server/http_check.c).  A query with more
+ * pairs than SRV_MAX_QUERY_PAIRS is refused: MHD stores every pair in the
+ * connection's 64 KiB memory pool and, once the pool is full (about 1,000
+ * pairs), drops the connection without any answer. */
+#define SRV_MAX_QUERY_PAIRS 100
+enum { SRV_URI_OK = 0, SRV_URI_TOO_MANY_PARAMS, SRV_URI_ENCODED_SLASH }; /* srv_req.uri_error */
+/* MHD's URI log callback: allocates the request record (NULL on OOM). */
+void *srv_http_on_uri(void *cls, const char *uri, struct MHD_Connection *c);
+/* Why r's framing is refused (and *status: 400 or 501), or NULL. */
+const char *srv_http_framing_error(srv_req *r, const char *version, int *status);
+/* 1 when a client's X-Request-Id may be echoed as ours. */
+int srv_http_valid_id(const char *s);
+/* MHD's unescape callback: every %HH but %00, which stays literal. */
+size_t srv_http_unescape(void *cls, struct MHD_Connection *c, char *s);
 
 /* Request deadline sweep and giving freed heap back, called by main()
  * about every 250 ms. */
@@ -384,12 +431,27 @@ enum MHD_Result srv_score_submit(srv_req *r, srv_task *t, void *ctx,
 /* Answers for a task that did not finish (client gone, shutdown, failure);
  * returns 1 when it answered, with *res set. */
 int srv_score_unfinished(srv_req *r, srv_task *t, enum MHD_Result *res);
+/* Records a scored task in the scoring metrics (jem_scored_images_total,
+ * jem_energy, and jem_ood_score from ood[t->n] unless NULL). */
+void srv_score_observe(const srv_task *t, const jem_ood_result *ood);
+/* Registers the scoring metrics; main() calls it before srv_http_start. */
+void srv_classify_start(void);
 json_t *srv_jreal(double v);  /* null for NaN/inf */
 
 /* The model a request names (NULL: the default), or NULL after answering
  * 404 model_not_found (503 model_not_loaded for the default) in the
- * route's error shape. */
-srv_model *srv_model_for(srv_req *r, const char *name, enum MHD_Result *res);
+ * route's error shape.  Inline so that the repository (modelref.c) never
+ * calls the HTTP layer: the handlers do (no call circle, test_layout). */
+static inline srv_model *srv_model_for(srv_req *r, const char *name, enum MHD_Result *res) {
+  srv_model *sm = srv_model_find(name);
+  if (sm) return sm;
+  char msg[512];
+  int status = srv_model_missing(name, msg, sizeof msg);
+  const char *h[] = {"Retry-After", "5", NULL};
+  *res = srv_respond_error_h(r, status, status == 503 ? "model_not_loaded" : "model_not_found",
+                             status == 503 ? h : NULL, "%s", msg);
+  return NULL;
+}
 
 enum MHD_Result srv_h_healthz(srv_req *r);
 enum MHD_Result srv_h_readyz(srv_req *r);

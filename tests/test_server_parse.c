@@ -18,17 +18,17 @@ static void test_routes(void **state) {
   srv_req r;
   char allow[128];
   memset(&r, 0, sizeof r);
-  int i = srv_route_match("POST", "/v2/models/fmnist/infer", &r, allow, sizeof allow);
+  int i = srv_route_match(srv_routes, srv_n_routes, "POST", "/v2/models/fmnist/infer", &r, allow, sizeof allow);
   assert_true(i >= 0);
   assert_string_equal(srv_routes[i].pattern, "/v2/models/{name}/infer");
   assert_int_equal(r.n_params, 1);
   assert_string_equal(r.params[0], "fmnist");
-  assert_true(srv_route_match("HEAD", "/healthz", &r, allow, sizeof allow) >= 0);
-  assert_int_equal(srv_route_match("GET", "/v1/classify", &r, allow, sizeof allow), -2);
+  assert_true(srv_route_match(srv_routes, srv_n_routes, "HEAD", "/healthz", &r, allow, sizeof allow) >= 0);
+  assert_int_equal(srv_route_match(srv_routes, srv_n_routes, "GET", "/v1/classify", &r, allow, sizeof allow), -2);
   assert_string_equal(allow, "POST");
-  assert_int_equal(srv_route_match("GET", "/v1/classify/x", &r, allow, sizeof allow), -1);
-  assert_int_equal(srv_route_match("GET", "/v2/models//ready", &r, allow, sizeof allow), -1);
-  assert_int_equal(srv_route_match("GET", "/healthz/", &r, allow, sizeof allow), -1);
+  assert_int_equal(srv_route_match(srv_routes, srv_n_routes, "GET", "/v1/classify/x", &r, allow, sizeof allow), -1);
+  assert_int_equal(srv_route_match(srv_routes, srv_n_routes, "GET", "/v2/models//ready", &r, allow, sizeof allow), -1);
+  assert_int_equal(srv_route_match(srv_routes, srv_n_routes, "GET", "/healthz/", &r, allow, sizeof allow), -1);
 }
 
 static void test_json_depth(void **state) {

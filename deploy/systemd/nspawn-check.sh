@@ -36,7 +36,7 @@ if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
   echo "debootstrap bookworm (systemd + jemd's runtime libraries) into $ROOT from $mirror"
   rm -rf "$ROOT"
   nice debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,curl,procps,libmicrohttpd12,libjansson4,libuv1,libopenblas0-pthread,zlib1g \
+    --include=systemd,systemd-sysv,dbus,curl,procps,libmicrohttpd12,libjansson4,libuv1,libopenblas0-pthread,zlib1g,libhiredis0.14 \
     bookworm "$ROOT" "$mirror" >/var/tmp/jemd-nspawn-debootstrap.log 2>&1
 fi
 

@@ -306,8 +306,9 @@ def load_k8s():
 def test_k8s(help_, routes):
     print("== Kubernetes manifests")
     docs = load_k8s()
-    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+    for kind in ("Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet"):
         check(len(docs.get(kind, [])) == 1, f"k8s: want exactly one {kind}")
+    check(len(docs.get("Service", [])) == 2, "k8s: want two Services (jemd and its Redis)")
     if not docs.get("Deployment"):
         return
     _, dep = docs["Deployment"][0]
@@ -400,12 +401,27 @@ def test_k8s(help_, routes):
     print(f"  probes {su and su['httpGet']['path']}/{rd and rd['httpGet']['path']}/"
           f"{lv and lv['httpGet']['path']} on port {port}; grace {grace} >= {pause}+{delay}+{drain}")
 
-    if docs.get("Service"):
-        _, svc = docs["Service"][0]
-        s = svc["spec"]
-        check(all(labels.get(k) == v for k, v in s["selector"].items()),
-              "Service selector does not match the pods")
-        check(s.get("sessionAffinity") == "ClientIP", "Service: sessionAffinity ClientIP (jobs live in one replica)")
+    # jobs live in Redis: the jemd Service needs no affinity, the Deployment
+    # points --job-store at the Redis StatefulSet's Service
+    svcs = {d["metadata"]["name"]: d for _, d in docs.get("Service", [])}
+    store = next((e.get("value", "") for e in c.get("env") or [] if e["name"] == "JEMD_JOB_STORE"), "")
+    m = re.match(r"redis://(?:[^@]*@)?([^:/]+):(\d+)", store)
+    check(m and m.group(1) in svcs, f"Deployment: JEMD_JOB_STORE {store!r} names a Redis Service")
+    if m and m.group(1) in svcs:
+        rs = svcs[m.group(1)]["spec"]
+        sts = [d for _, d in docs.get("StatefulSet", [])]
+        check(sts and all(sts[0]["spec"]["template"]["metadata"]["labels"].get(k) == v
+                          for k, v in rs["selector"].items()),
+              "the Redis Service selects the StatefulSet's pod")
+        check(any(int(p["port"]) == int(m.group(2)) for p in rs["ports"]),
+              "the Redis Service serves the URL's port")
+    jemd_svcs = [d for d in svcs.values()
+                 if all(labels.get(k) == v for k, v in d["spec"]["selector"].items())]
+    check(len(jemd_svcs) == 1, "one Service selects the jemd pods")
+    if jemd_svcs:
+        s = jemd_svcs[0]["spec"]
+        check(s.get("sessionAffinity", "None") == "None",
+              "Service: no sessionAffinity (jobs are shared through Redis)")
         for p in s["ports"]:
             t = p.get("targetPort", p["port"])
             t = ports.get(t) if isinstance(t, str) else t
@@ -452,6 +468,26 @@ def dockerfile_instructions(text):
         op, _, rest = line.partition(" ")
         out.append((op.upper(), rest.strip()))
     return out
+
+
+def test_compose(help_):
+    print("== compose file (two replicas and Redis)")
+    doc = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    svcs = doc.get("services", {})
+    jemds = {n: v for n, v in svcs.items() if "JEMD_JOB_STORE" in (v.get("environment") or {})}
+    check(len(jemds) == 2, f"compose: two jemd replicas ({sorted(jemds)})")
+    host_ports = set()
+    for n, v in jemds.items():
+        env = {k: str(x) for k, x in v["environment"].items()}
+        check_names(help_, f"compose {n}", [], env)
+        m = re.match(r"redis://(?:[^@]*@)?([^:/]+):(\d+)", env["JEMD_JOB_STORE"])
+        check(m and m.group(1) in svcs, f"compose {n}: the job store is the Redis service")
+        check(env.get("JEMD_HOST") == "0.0.0.0", f"compose {n}: listens on 0.0.0.0")
+        host_ports |= {p.rsplit(":", 2)[-2] for p in v.get("ports", [])}
+        if help_.real():
+            rc, err = help_.accepts([], env)
+            check(rc == 0, f"compose {n}: jemd rejects its environment: {err}")
+    check(len(host_ports) == 2, f"compose: each replica on its own host port ({host_ports})")
 
 
 def test_dockerfile(help_, build):
@@ -637,6 +673,7 @@ def main():
 
     test_unit_text(help_)
     test_k8s(help_, routes)
+    test_compose(help_)
     test_dockerfile(help_, build)
     test_install_and_systemd(build)
     if help_.real():
