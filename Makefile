@@ -117,7 +117,8 @@ DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
               libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
               dataset-fashion-mnist python3 python3-yaml python3-numpy \
               python3-pil fonts-dejavu-core fonts-dejavu-extra prometheus \
-              systemd procps clang libclang-rt-14-dev chromium libhiredis-dev redis-server
+              systemd procps clang libclang-rt-14-dev chromium libhiredis-dev redis-server \
+              nodejs npm
 DEPS_BENCH := python3-torch python3-numpy wrk
 
 define apt_ensure
