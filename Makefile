@@ -117,8 +117,7 @@ DEPS_BUILD := build-essential pkg-config libmicrohttpd-dev libjansson-dev \
               libopenblas-dev libuv1-dev libstb-dev libcmocka-dev zlib1g-dev \
               dataset-fashion-mnist python3 python3-yaml python3-numpy \
               python3-pil fonts-dejavu-core fonts-dejavu-extra prometheus \
-              systemd procps clang libclang-rt-14-dev chromium libhiredis-dev redis-server \
-              nodejs npm
+              systemd procps clang libclang-rt-14-dev chromium libhiredis-dev redis-server
 DEPS_BENCH := python3-torch python3-numpy wrk
 
 define apt_ensure
@@ -144,10 +143,15 @@ deps:
 # file): puppeteer-core drives Debian's chromium through the page at /.
 # Installed into tests/node/node_modules (git-ignored) when the lock changes.
 NODE_DIR := tests/node
+# Debian's npm only where no npm is on PATH: a machine with NodeSource's
+# nodejs has one, and Debian's npm would conflict with it.
 $(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory deps-npm
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 node-deps: $(NODE_DIR)/node_modules/.installed
+deps-npm:
+	$(call apt_ensure,nodejs npm)
 
 deps-bench: deps
 	$(call apt_ensure,$(DEPS_BENCH))
@@ -235,5 +239,5 @@ clean:
 
 -include $(shell find build -name '*.d' 2>/dev/null)
 
-.PHONY: FORCE all deps node-deps deps-bench ood-sets run unit integration check test asan soak bench \
+.PHONY: FORCE all deps node-deps deps-npm deps-bench ood-sets run unit integration check test asan soak bench \
         bench-server fuzz fuzzers install container clean

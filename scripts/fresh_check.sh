@@ -106,6 +106,14 @@ say "apt-get install $BASE_PKGS"
 in_root "apt-get update -qq && apt-get install -y -qq ${BASE_PKGS//,/ }" >> "$ROOT.log" 2>&1 ||
   { tail -n 30 "$ROOT.log" >&2; die "installing the base packages (log: $ROOT.log)"; }
 rm -f "$ROOT.log"
+# The host's trust settings, as every machine here has them: extra CA
+# certificates (the network's egress proxy) and npm's global settings (its
+# cafile), without which `npm ci` in make test cannot reach the registry.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+  in_root 'update-ca-certificates' > /dev/null 2>&1 || die "update-ca-certificates in the root"
+fi
+if [ -f /usr/etc/npmrc ]; then mkdir -p "$ROOT/usr/etc" && cp /usr/etc/npmrc "$ROOT/usr/etc/npmrc"; fi
 
 say "clone $REPO ($(git -C "$REPO" rev-parse --short HEAD))"
 git clone -q --no-local "$REPO" "$ROOT/root/jemd"
