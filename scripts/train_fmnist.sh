@@ -65,8 +65,10 @@ load_settings() {
   # session 11) is run 10 followed by a second cycle with K = 20 (JEM2_*
   # below).  Run 15 (session 11, shipped until session 12) adds run 14's
   # third cycle with SGLD step 0.1 (JEM3_*) and a cross-entropy tail
-  # (TAIL_*).  Run 16 (session 12, shipped) interpolates run 15's weights
-  # with the baseline's (WISE_*).
+  # (TAIL_*).  Run 16 (session 12, shipped until session 15) interpolates
+  # run 15's weights with the baseline's (WISE_*).  Run 18 (session 15,
+  # shipped) is run 16 fine-tuned with outlier exposure (run 17, OE_*) and
+  # interpolated with the baseline again (OE_WISE_*).
   RUN=${RUN:-fmnist10}               # JEM stage in runs/$RUN-jem (run 5: fmnist5, run 8: fmnist8)
   BASE1_RUN=${BASE1_RUN:-fmnist2}    # first baseline cycle in runs/$BASE1_RUN-baseline
   BASE_RUN=${BASE_RUN:-fmnist5}      # last baseline cycle (BASE1_RUN without a second)
@@ -143,6 +145,24 @@ load_settings() {
   # that order (empty: none; the tail's model is then the result).
   WISE_WEIGHTS=${WISE_WEIGHTS-3,1}
   WISE_RUN=${WISE_RUN:-fmnist16}        # in runs/$WISE_RUN-jem
+  # Outlier exposure (run 17, session 15): a cross-entropy fine-tune of the
+  # result so far with Liu et al.'s (NeurIPS 2020) energy-bounded loss on the
+  # OOD tuning sets of `make ood-sets` (OE_SETS; 0 iterations: none).  The
+  # model card's leave-one-group-out folds (scripts/oe_folds.sh) are this
+  # stage with one group of sets left out.
+  OE_ITERS=${OE_ITERS:-1500}
+  OE_RUN=${OE_RUN:-fmnist17}            # in runs/$OE_RUN-jem
+  OE_LR=${OE_LR:-2e-5}
+  OE_WARMUP=${OE_WARMUP:-50}
+  OE_SEED=${OE_SEED:-19}
+  OE_SETS=${OE_SETS:-uniform,gaussian,constant,letters,photos-skimage,photos-wallpapers,illustrations,icons,procedural,text}
+  OE_WEIGHT=${OE_WEIGHT:-0.1}
+  OE_MARGINS=${OE_MARGINS:--10,-3}
+  # ... then interpolated with the cross-entropy warm start like run 16
+  # (run 18: OE_WISE_WEIGHTS for the two, in that order; empty: none): the
+  # fine-tune alone costs half a point of accuracy and letters/MNIST margin.
+  OE_WISE_WEIGHTS=${OE_WISE_WEIGHTS-1,1}
+  OE_WISE_RUN=${OE_WISE_RUN:-fmnist18}  # in runs/$OE_WISE_RUN-jem
   # The shipped replay buffer (jemd's sample starts): this many per-class
   # Gaussian draws (`jem buffer`, since session 4; before, the last training
   # chains).
@@ -254,7 +274,17 @@ stage_jem() {
   fi
   load_settings
   if [ -n "$WISE_WEIGHTS" ]; then
-    wise_average "$last"
+    wise_average "$last" "$WISE_RUN" "$WISE_WEIGHTS"
+    last=$WISE_RUN
+  fi
+  load_settings
+  if [ "$OE_ITERS" -gt 0 ]; then
+    warm_copy "$last" "$OE_RUN"
+    oe_cycle
+    last=$OE_RUN
+    if [ -n "$OE_WISE_WEIGHTS" ]; then
+      wise_average "$last" "$OE_WISE_RUN" "$OE_WISE_WEIGHTS"
+    fi
   fi
   log "JEM finished"
 }
@@ -282,17 +312,34 @@ tail_cycle() {
   ship "$jem" "$dir" "$dir/model.safetensors" "$TAIL_ITERS"
 }
 
-# wise_average LAST: LAST's final model interpolated with the JEM stages' warm
-# start (WISE_WEIGHTS), then buffer, calibration and publication.
+# The outlier-exposure fine-tune (OE_*), then buffer, calibration and
+# publication as after a JEM cycle.
+oe_cycle() {
+  local dir=runs/$OE_RUN-jem jem
+  jem=$(stage_bin jem "$OE_RUN")
+  log "outlier exposure $OE_RUN: $OE_ITERS iterations, lr $OE_LR, sets $OE_SETS"
+  [ -f "$dir/calibrated-$OE_ITERS.safetensors" ] && return 0 # done in an earlier call
+  "$jem" train --run-dir "$dir" --resume --baseline \
+    --warm-start "runs/$OE_RUN-jem-warmstart.safetensors" --name fmnist-jem \
+    --iterations "$OE_ITERS" --lr "$OE_LR" --warmup "$OE_WARMUP" --schedule cosine \
+    --sigma "$SIGMA" --seed "$OE_SEED" --threads "$JEM_THREADS" \
+    --ckpt-every 100 --log-every 50 --eval-every 500 \
+    --outliers "$OE_SETS" --oe-weight "$OE_WEIGHT" --oe-margins "$OE_MARGINS"
+  ship "$jem" "$dir" "$dir/model.safetensors" "$OE_ITERS"
+}
+
+# wise_average LAST STAGE WEIGHTS: LAST's final model interpolated with the
+# JEM stages' warm start (the baseline's final model) into runs/STAGE-jem,
+# then buffer, calibration and publication.
 wise_average() {
-  local dir=runs/$WISE_RUN-jem jem
-  jem=$(stage_bin jem "$WISE_RUN")
-  log "WiSE-FT $WISE_RUN: runs/$1-jem/model.safetensors and runs/$RUN-jem-warmstart.safetensors," \
-      "weights $WISE_WEIGHTS"
+  local dir=runs/$2-jem jem
+  jem=$(stage_bin jem "$2")
+  log "WiSE-FT $2: runs/$1-jem/model.safetensors and runs/$RUN-jem-warmstart.safetensors," \
+      "weights $3"
   [ -f "$dir/calibrated-0.safetensors" ] && return 0 # done in an earlier call
   mkdir -p "$dir"
   "$jem" average "runs/$1-jem/model.safetensors" "runs/$RUN-jem-warmstart.safetensors" \
-    --weights "$WISE_WEIGHTS" --out "$dir/model.safetensors"
+    --weights "$3" --out "$dir/model.safetensors"
   ship "$jem" "$dir" "$dir/model.safetensors" 0
 }
 
@@ -314,6 +361,8 @@ jem_cycle() {
       [ "$stop" -ge "$3" ] && break
       continue
     fi
+    # a finished stage (unpacked from its archive): only its final model ships
+    [ "$stop" -lt "$3" ] && [ -f "$dir/model.safetensors" ] && continue
     "$jem" train --run-dir "$dir" --resume \
       --warm-start "$2" --name fmnist-jem \
       --iterations "$3" --stop-at "$stop" --lr "$4" --warmup "$5" \
@@ -360,9 +409,10 @@ restore_archive() {
     find runs -name '*.safetensors.gz' -exec gunzip -f {} +
   fi
   # each later stage has an archive of its own (checkpoints/fmnist12.tar,
-  # fmnist14.tar, fmnist15.tar)
+  # fmnist14.tar, fmnist15.tar, fmnist17.tar)
   local stage
-  for stage in "$JEM2_RUN:$JEM2_ITERS" "$JEM3_RUN:$JEM3_ITERS" "$TAIL_RUN:$TAIL_ITERS"; do
+  for stage in "$JEM2_RUN:$JEM2_ITERS" "$JEM3_RUN:$JEM3_ITERS" "$TAIL_RUN:$TAIL_ITERS" \
+      "$OE_RUN:$OE_ITERS"; do
     local name=${stage%%:*} iters=${stage#*:}
     if [ "$iters" -gt 0 ] && [ ! -e "runs/$name-jem/checkpoint" ] \
         && [ -f "checkpoints/$name.tar" ]; then
