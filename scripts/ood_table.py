@@ -1,17 +1,23 @@
 #!/usr/bin/python3
 """ood_table.py - the per-family OOD table of the README and the model card.
 
-Reads a calibrated model (its provenance.calibration.leave_one_out table,
-written by `jem calibrate --leave-one-out`) and a `jem eval` report.json of
-the same model, and prints one Markdown row per OOD set: the share the
-verdict flags when the set played no part in choosing the rule (leave one
-out; "held out" for sets that are never tuning sets, such as MNIST), the
-share the shipped rule flags, the best served score's AUROC (either
-direction) and the AUROC and FPR95 of energy, grad_norm and mahalanobis
-(their conventional side), and last the shipped rule's false alarms on the
-Fashion-MNIST test set.  The worst family comes first.
+Reads a `jem eval` report.json of the shipped model and, with --fold, the
+reports of leave-one-group-out fold models (scripts/oe_folds.sh: a model
+trained with outlier exposure on the other groups' sets, calibrated without
+its own).  Prints one Markdown row per OOD set: the share the verdict flags
+and the best served score's AUROC (either direction) where neither the
+model nor the rule saw the set (the fold that held it out; the shipped model
+for sets that are never used, such as MNIST), then the same for the shipped
+model and rule, and the shipped model's AUROC and FPR95 of mahalanobis,
+energy and grad_norm (their conventional side).  The worst held-out figure
+comes first; last, the false alarms and accuracy on the Fashion-MNIST test
+set of the shipped model and of each fold.
 
-Usage: /usr/bin/python3 scripts/ood_table.py MODEL REPORT_JSON
+Without --fold, the held-out column is the rule-level leave-one-out of
+`jem calibrate --leave-one-out`, read from MODEL's provenance (the model
+itself then saw every set, or none).
+
+Usage: /usr/bin/python3 scripts/ood_table.py MODEL REPORT_JSON [--fold SETS=REPORT_JSON]...
 """
 import json
 import struct
@@ -26,34 +32,64 @@ def meta(path):
     return json.loads(json.loads(f.read(n))["__metadata__"]["jem"])
 
 
+def best_auroc(entry):
+  """(AUROC, score) of the best served score on one set, either direction."""
+  return max((max(s["ood_high"]["auroc"], s["ood_low"]["auroc"]), k)
+             for k, s in entry["scores"].items() if s["ood_high"]["auroc"] is not None)
+
+
+def test_line(name, report):
+  acc = report["ood"]["rule"]["test_tpr_at_0.95"]
+  return (f"{name}: false alarms {100 * (1 - acc):.2f}%, "
+          f"accuracy {100 * report['classification']['accuracy']:.2f}%")
+
+
 def main():
-  if len(sys.argv) != 3:
+  args = sys.argv[1:]
+  folds = []  # (sets, report)
+  while "--fold" in args:
+    i = args.index("--fold")
+    sets, _, path = args[i + 1].partition("=")
+    folds.append((sets.split(","), json.load(open(path)), path))
+    del args[i:i + 2]
+  if len(args) != 2:
     sys.exit(__doc__.strip().splitlines()[-1])
-  cal = meta(sys.argv[1])["provenance"]["calibration"]
-  loo = {e["set"]: e["detected"] for e in cal.get("leave_one_out", [])}
-  rep = json.load(open(sys.argv[2]))["ood"]
+  report = json.load(open(args[1]))
+  held = {}  # set -> (flagged, best AUROC, score), from a model and rule that never saw it
+  for sets, rep, _ in folds:
+    for name in sets:
+      e = rep["ood"]["sets"][name]
+      held[name] = (e["rule"]["detected_at_tpr95"],) + best_auroc(e)
+  if not folds:
+    cal = meta(args[0])["provenance"]["calibration"]
+    for e in cal.get("leave_one_out", []):
+      held[e["set"]] = (e["detected"], None, None)
+  tuned = {e["set"] for e in meta(args[0])["provenance"]["calibration"].get("tuning_sets", [])}
   rows = []
-  for name, e in rep["sets"].items():
-    sc = e["scores"]
-    best = max((max(s["ood_high"]["auroc"], s["ood_low"]["auroc"]), k)
-               for k, s in sc.items() if s["ood_high"]["auroc"] is not None)
-    conv = {k: s[s["conventional"]] for k, s in sc.items()}
-    held = loo.get(name)
-    rows.append((name in NEAR, held if held is not None else e["rule"]["detected_at_tpr95"],
-                 name, held, e["rule"]["detected_at_tpr95"], best, conv))
+  for name, e in report["ood"]["sets"].items():
+    shipped = e["rule"]["detected_at_tpr95"]
+    best = best_auroc(e)
+    h = held.get(name)
+    if h is None and name not in tuned:  # never used: the shipped figures are held out
+      h = (shipped,) + best
+    conv = {k: s[s["conventional"]] for k, s in e["scores"].items()}
+    rows.append((name in NEAR, h[0] if h else shipped, name, h, shipped, best, conv))
   rows.sort(key=lambda r: (r[0], r[1]))
-  print("| family | flagged, rule chosen without it | flagged, shipped rule | best AUROC (score) "
-        "| mahalanobis AUROC / FPR95 | energy AUROC | grad_norm AUROC |")
-  print("|---|---|---|---|---|---|---|")
-  for near, _, name, held, shipped, best, conv in rows:
-    h = f"{100 * held:.2f}%" if held is not None else "held out"
+  print("| family | flagged, never seen | best AUROC, never seen (score) | flagged, shipped "
+        "| best AUROC, shipped (score) | mahalanobis AUROC / FPR95 | energy AUROC "
+        "| grad_norm AUROC |")
+  print("|---|---|---|---|---|---|---|---|")
+  for near, _, name, h, shipped, best, conv in rows:
+    hf = f"{100 * h[0]:.2f}%" if h else "n/a"
+    ha = f"{h[1]:.3f} ({h[2]})" if h and h[1] is not None else "n/a"
     label = f"{name} (near shift)" if near else name
-    print(f"| {label} | {h} | {100 * shipped:.2f}% | {best[0]:.3f} ({best[1]}) | "
+    print(f"| {label} | {hf} | {ha} | {100 * shipped:.2f}% | {best[0]:.3f} ({best[1]}) | "
           f"{conv['mahalanobis']['auroc']:.3f} / {conv['mahalanobis']['fpr95']:.3f} | "
           f"{conv['energy']['auroc']:.3f} | {conv['grad_norm']['auroc']:.3f} |")
-  acc = rep["rule"]["test_tpr_at_0.95"]
-  print(f"\nFalse alarms on the Fashion-MNIST test set: {100 * (1 - acc):.2f}% "
-        f"(the rule accepts {100 * acc:.2f}%).")
+  print()
+  lines = [test_line("shipped", report)]
+  lines += [test_line("fold without " + ",".join(s), r) for s, r, _ in folds]
+  print("Fashion-MNIST test set, " + "; ".join(lines) + ".")
 
 
 if __name__ == "__main__":
