@@ -312,7 +312,9 @@ static const char *opname(int op) {
   return "unknown";
 }
 
-/* Runs one pickle from u->p to its STOP; *out gets the result. */
+/* Runs one pickle from u->p to its STOP; *out gets the result.  One case
+ * per accepted opcode, kept in one switch so that it reads as the table of
+ * what the unpickler accepts (the longer steps are functions above). */
 static int unpickle(up *u, val **out) {
   tl *t = u->t;
   int rc;
