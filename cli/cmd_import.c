@@ -271,6 +271,60 @@ static int set_meta(jem_model *m, const char *name, json_t *classes, const char 
   return 0;
 }
 
+/* The norm: --norm (norm_arg) when given, else what the tensors show; an
+ * instance or layer norm (their tensors look alike) must be named.  0, or
+ * the exit status after saying why. */
+static int pick_norm(const sd_entry *e, int n, const char *norm_arg, const char *ckpt,
+                     const char **norm) {
+  const char *seen = norm_from_tensors(e, n);
+  *norm = norm_arg ? norm_arg : seen;
+  int affine = seen[0] == 'a' && seen[1] == 'f'; /* instance or layer */
+  if (!norm_arg && affine) {
+    fprintf(stderr, "jem import: %s: its norm layers hold only weight and bias, which "
+            "InstanceNorm and GroupNorm(1) both leave; say which with --norm instance or "
+            "--norm layer\n", ckpt);
+    return 2;
+  }
+  int fits = affine ? !strcmp(*norm, "instance") || !strcmp(*norm, "layer")
+                   : !strcmp(seen, *norm);
+  if (!fits) {
+    fprintf(stderr, "jem import: %s: --norm %s contradicts the tensors, which show %s\n", ckpt,
+            *norm, affine ? "instance or layer norm" : seen);
+    return 1;
+  }
+  return 0;
+}
+
+/* The state_dict's tensors no parameter took: a norm's bookkeeping is
+ * skipped, the CCF head's are listed in dropped, anything else is an
+ * error.  0 or 1. */
+static int leftover_tensors(const sd_entry *e, int n, const jem_arch *a, const char *norm,
+                            const char *ckpt, json_t *dropped) {
+  for (int i = 0; i < n; i++) {
+    if (e[i].used) continue;
+    /* BatchNorm's step counter and ActNorm's init flag are not parameters */
+    if (is_norm_key(e[i].name) && a->norm == JEM_NORM_BATCH &&
+        has_suffix(e[i].name, ".num_batches_tracked"))
+      continue;
+    if (is_norm_key(e[i].name) && a->norm == JEM_NORM_ACT &&
+        has_suffix(e[i].name, ".initialized")) {
+      if (e[i].t->numel != 1 || e[i].t->data[0] != 1.0f) {
+        fprintf(stderr, "jem import: %s: ActNorm layer %s was never initialised (its loc and "
+                "scale are the defaults, not fitted to data)\n", ckpt, e[i].name);
+        return 1;
+      }
+      continue;
+    }
+    if (strncmp(e[i].name, "f.linear.", 9) && strncmp(e[i].name, "energy_output.", 14)) {
+      fprintf(stderr, "jem import: %s: unexpected tensor %s in the state_dict (not part of "
+              "WRN-%d-%d with norm %s)\n", ckpt, e[i].name, a->depth, a->widen, norm);
+      return 1;
+    }
+    json_array_append_new(dropped, json_string(e[i].name));
+  }
+  return 0;
+}
+
 int cmd_import(int argc, char **argv) {
   static const struct option opts[] = {
     {"out", required_argument, 0, 'o'},      {"norm", required_argument, 0, 'N'},
@@ -348,48 +402,16 @@ int cmd_import(int argc, char **argv) {
     goto done;
   }
 
-  const char *seen = norm_from_tensors(e, n), *norm = norm_arg ? norm_arg : seen;
-  int affine = seen[0] == 'a' && seen[1] == 'f'; /* instance or layer */
-  if (!norm_arg && affine) {
-    fprintf(stderr, "jem import: %s: its norm layers hold only weight and bias, which "
-            "InstanceNorm and GroupNorm(1) both leave; say which with --norm instance or "
-            "--norm layer\n", ckpt);
-    status = 2;
-    goto done;
-  }
-  int fits = affine ? !strcmp(norm, "instance") || !strcmp(norm, "layer") : !strcmp(seen, norm);
-  if (!fits) {
-    fprintf(stderr, "jem import: %s: --norm %s contradicts the tensors, which show %s\n", ckpt,
-            norm, affine ? "instance or layer norm" : seen);
-    goto done;
-  }
+  const char *norm;
+  if ((status = pick_norm(e, n, norm_arg, ckpt, &norm))) goto done;
+  status = 1;
   a.norm = jem_norm_from_name(norm);
   if (jem_model_create(&m, &a, err, sizeof err)) {
     fprintf(stderr, "jem import: %s\n", err);
     goto done;
   }
   if (copy_params(m, e, n, ckpt)) goto done;
-  for (int i = 0; i < n; i++) {
-    if (e[i].used) continue;
-    /* BatchNorm's step counter and ActNorm's init flag are not parameters */
-    if (is_norm_key(e[i].name) && a.norm == JEM_NORM_BATCH &&
-        has_suffix(e[i].name, ".num_batches_tracked"))
-      continue;
-    if (is_norm_key(e[i].name) && a.norm == JEM_NORM_ACT && has_suffix(e[i].name, ".initialized")) {
-      if (e[i].t->numel != 1 || e[i].t->data[0] != 1.0f) {
-        fprintf(stderr, "jem import: %s: ActNorm layer %s was never initialised (its loc and "
-                "scale are the defaults, not fitted to data)\n", ckpt, e[i].name);
-        goto done;
-      }
-      continue;
-    }
-    if (strncmp(e[i].name, "f.linear.", 9) && strncmp(e[i].name, "energy_output.", 14)) {
-      fprintf(stderr, "jem import: %s: unexpected tensor %s in the state_dict (not part of "
-              "WRN-%d-%d with norm %s)\n", ckpt, e[i].name, a.depth, a.widen, norm);
-      goto done;
-    }
-    json_array_append_new(dropped, json_string(e[i].name));
-  }
+  if (leftover_tensors(e, n, &a, norm, ckpt, dropped)) goto done;
   if (json_array_size(dropped))
     fprintf(stderr, "jem import: note: dropped %zu tensors the CCF head never uses "
             "(f.linear.*, energy_output.*)\n", json_array_size(dropped));

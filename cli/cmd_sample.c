@@ -109,7 +109,16 @@ static int parse_class(const jem_model *m, const char *s, int *y) {
   return 1;
 }
 
-int cmd_sample(int argc, char **argv) {
+typedef struct sample_opts {
+  const char *model;
+  int n, steps, batch, threads, init, have_seed, clamp; /* steps, init, clamp < 0: the model's */
+  float step_size, noise;                               /* < 0: the model's */
+  const char *class_arg, *out_png, *out_npy;
+  uint64_t seed;
+} sample_opts;
+
+/* 0, or the exit status (-1: --help shown, exit 0). */
+static int parse_opts(int argc, char **argv, sample_opts *o) {
   static const struct option opts[] = {
     {"n", required_argument, NULL, 'n'},
     {"steps", required_argument, NULL, 'k'},
@@ -127,76 +136,139 @@ int cmd_sample(int argc, char **argv) {
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
   };
-  int n = 16, steps = -1, batch = 0, threads = 0, init = -1, have_seed = 0, clamp = -1, c;
-  float step_size = -1.0f, noise = -1.0f; /* < 0: the model's */
-  const char *class_arg = NULL, *out_png = NULL, *out_npy = NULL;
-  uint64_t seed = 0;
+  *o = (sample_opts){.n = 16, .steps = -1, .init = -1, .clamp = -1, .step_size = -1.0f,
+                     .noise = -1.0f};
+  int c;
   opterr = 0;
   optind = 1;
   while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
     switch (c) {
-      case 'n': if (args_int("sample", "--n", optarg, 1, 4096, &n)) return 2; break;
-      case 'k': if (args_int("sample", "--steps", optarg, 0, 100000, &steps)) return 2; break;
-      case 'c': class_arg = optarg; break;
+      case 'n': if (args_int("sample", "--n", optarg, 1, 4096, &o->n)) return 2; break;
+      case 'k': if (args_int("sample", "--steps", optarg, 0, 100000, &o->steps)) return 2; break;
+      case 'c': o->class_arg = optarg; break;
       case 's':
-        if (args_u64("sample", "--seed", optarg, &seed)) return 2;
-        if (seed > (uint64_t)INT64_MAX) /* a JSON integer, as jobs take it, is signed 64-bit */
+        if (args_u64("sample", "--seed", optarg, &o->seed)) return 2;
+        if (o->seed > (uint64_t)INT64_MAX) /* a JSON integer, as jobs take it, is signed 64-bit */
           return args_usage("sample", "--seed expects an integer from 0 to 2^63-1, not '%s'",
                             optarg);
-        have_seed = 1;
+        o->have_seed = 1;
         break;
       case 'a':
-        if (args_float("sample", "--step-size", optarg, 0, 1e6, &step_size)) return 2;
+        if (args_float("sample", "--step-size", optarg, 0, 1e6, &o->step_size)) return 2;
         break;
-      case 'z': if (args_float("sample", "--noise", optarg, 0, 1e3, &noise)) return 2; break;
+      case 'z': if (args_float("sample", "--noise", optarg, 0, 1e3, &o->noise)) return 2; break;
       case 'i':
-        if (!strcmp(optarg, "noise")) init = JEM_SAMPLE_INIT_NOISE;
-        else if (!strcmp(optarg, "buffer")) init = JEM_SAMPLE_INIT_BUFFER;
+        if (!strcmp(optarg, "noise")) o->init = JEM_SAMPLE_INIT_NOISE;
+        else if (!strcmp(optarg, "buffer")) o->init = JEM_SAMPLE_INIT_BUFFER;
         else return args_usage("sample", "--init expects 'noise' or 'buffer', not '%s'", optarg);
         break;
-      case 'C': clamp = 1; break;
-      case 'N': clamp = 0; break;
-      case 'o': out_png = optarg; break;
-      case 'y': out_npy = optarg; break;
-      case 'b': if (args_int("sample", "--batch", optarg, 1, 4096, &batch)) return 2; break;
-      case 'T': if (args_int("sample", "--threads", optarg, 1, 1024, &threads)) return 2; break;
-      case 'h': sample_help(stdout); return 0;
+      case 'C': o->clamp = 1; break;
+      case 'N': o->clamp = 0; break;
+      case 'o': o->out_png = optarg; break;
+      case 'y': o->out_npy = optarg; break;
+      case 'b': if (args_int("sample", "--batch", optarg, 1, 4096, &o->batch)) return 2; break;
+      case 'T': if (args_int("sample", "--threads", optarg, 1, 1024, &o->threads)) return 2; break;
+      case 'h': sample_help(stdout); return -1;
       default: return args_bad_option("sample", argc, argv);
     }
   }
   if (argc - optind != 1)
     return args_usage("sample", "expects exactly one MODEL file, got %d arguments", argc - optind);
-  if (threads) jem_blas_set_threads(threads);
+  o->model = argv[optind];
+  return 0;
+}
+
+/* The n samples x as --out's PNG grid and --npy's array. */
+static int write_outputs(const sample_opts *o, const jem_model *m, const float *x, int n) {
+  const int C = m->arch.in_channels, S = m->arch.image_size;
+  char err[512];
+  size_t len;
+  int rc = 1;
+  unsigned char *png = NULL, *npy = NULL;
+  if (o->out_png) {
+    int cols = (int)ceil(sqrt((double)n));
+    png = jem_png_grid(x, n, C, S, cols, m->pre.range_lo, m->pre.range_hi, &len);
+    if (!png) {
+      fprintf(stderr, "jem sample: could not encode the PNG grid\n");
+      goto done;
+    }
+    if (write_all(o->out_png, png, len, err, sizeof err)) {
+      fprintf(stderr, "jem sample: %s\n", err);
+      goto done;
+    }
+  }
+  if (o->out_npy) {
+    int shape[4] = {n, C, S, S};
+    npy = jem_npy_encode(x, 4, shape, &len);
+    if (!npy || write_all(o->out_npy, npy, len, err, sizeof err)) {
+      fprintf(stderr, "jem sample: %s\n", npy ? err : "could not encode the .npy array");
+      goto done;
+    }
+  }
+  rc = 0;
+done:
+  free(png);
+  free(npy);
+  return rc;
+}
+
+/* One JSON line per sample: {index, energy, label, class, confidence}. */
+static int print_samples(const jem_model *m, const float *energy, const int *label,
+                         const float *conf, int n) {
+  int status = 0;
+  for (int i = 0; i < n; i++) {
+    json_t *o = json_object();
+    json_object_set_new(o, "index", json_integer(i));
+    json_object_set_new(o, "energy", isfinite(energy[i]) ? json_real(args_f2d(energy[i])) : json_null());
+    json_object_set_new(o, "label", json_integer(label[i]));
+    json_object_set_new(o, "class", json_string(m->classes[label[i]]));
+    json_object_set_new(o, "confidence", isfinite(conf[i]) ? json_real(args_f2d(conf[i])) : json_null());
+    char *line = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(9));
+    json_decref(o);
+    if (!line) {
+      status = 1;
+      continue;
+    }
+    puts(line);
+    free(line);
+  }
+  return status;
+}
+
+int cmd_sample(int argc, char **argv) {
+  sample_opts o;
+  int rc = parse_opts(argc, argv, &o);
+  if (rc) return rc < 0 ? 0 : rc;
+  if (o.threads) jem_blas_set_threads(o.threads);
 
   char err[512];
-  const char *outs[2] = {out_png, out_npy};
+  const char *outs[2] = {o.out_png, o.out_npy};
   for (int i = 0; i < 2; i++)
     if (outs[i] && check_writable(outs[i], err, sizeof err)) {
       fprintf(stderr, "jem sample: %s\n", err);
       return 1;
     }
   jem_model *m = NULL;
-  if (jem_model_load(&m, argv[optind], err, sizeof err)) {
+  if (jem_model_load(&m, o.model, err, sizeof err)) {
     fprintf(stderr, "jem sample: %s\n", err);
     return 1;
   }
   /* the model's sampler settings (jem calibrate's, else the defaults) fill in
    * what the command line leaves out */
   jem_sgld_params p = m->sampler.sgld;
-  if (steps < 0) steps = m->sampler.steps;
-  if (step_size >= 0.0f) p.step_size = step_size;
-  if (noise >= 0.0f) p.noise = noise;
-  if (clamp >= 0) p.clamp = clamp;
-  int status = 1, y = -1;
+  const int n = o.n, steps = o.steps < 0 ? m->sampler.steps : o.steps;
+  if (o.step_size >= 0.0f) p.step_size = o.step_size;
+  if (o.noise >= 0.0f) p.noise = o.noise;
+  if (o.clamp >= 0) p.clamp = o.clamp;
+  int status = 1, y = -1, init = o.init;
   int *ys = NULL;
   float *x = NULL, *logits = NULL, *energy = NULL, *conf = NULL;
   int *label = NULL;
   jem_rng *rngs = NULL;
   jem_ws *ws = NULL;
-  unsigned char *png = NULL, *npy = NULL;
-  if (class_arg && parse_class(m, class_arg, &y)) {
+  if (o.class_arg && parse_class(m, o.class_arg, &y)) {
     status = args_usage("sample", "--class '%s' is neither a class name of this model nor an "
-                        "index from 0 to %d", class_arg, m->arch.num_classes - 1);
+                        "index from 0 to %d", o.class_arg, m->arch.num_classes - 1);
     goto done;
   }
   if (init < 0) init = jem_sample_default_init(m);
@@ -204,9 +276,9 @@ int cmd_sample(int argc, char **argv) {
     fprintf(stderr, "jem sample: --init buffer: the model has no replay buffer; use --init noise\n");
     goto done;
   }
-  if (!batch) batch = n < 64 ? n : 64;
-  int C = m->arch.in_channels, S = m->arch.image_size, K = m->arch.num_classes;
-  size_t chw = (size_t)C * S * S;
+  const int batch = o.batch ? o.batch : n < 64 ? n : 64;
+  const int K = m->arch.num_classes;
+  const size_t chw = (size_t)m->arch.in_channels * m->arch.image_size * m->arch.image_size;
   x = malloc((size_t)n * chw * sizeof(float));
   rngs = malloc((size_t)n * sizeof(jem_rng));
   logits = malloc((size_t)n * K * sizeof(float));
@@ -221,7 +293,8 @@ int cmd_sample(int argc, char **argv) {
   }
   if (ys)
     for (int i = 0; i < n; i++) ys[i] = y;
-  if (!have_seed) {
+  uint64_t seed = o.seed;
+  if (!o.have_seed) {
     seed = random_seed();
     fprintf(stderr, "jem sample: seed %llu\n", (unsigned long long)seed);
   }
@@ -241,50 +314,9 @@ int cmd_sample(int argc, char **argv) {
   sc.label = label;
   sc.confidence = conf;
   jem_score_batch(ws, m, x, n, 0, &sc);
-
-  if (out_png) {
-    size_t len;
-    int cols = (int)ceil(sqrt((double)n));
-    png = jem_png_grid(x, n, C, S, cols, m->pre.range_lo, m->pre.range_hi, &len);
-    if (!png) {
-      fprintf(stderr, "jem sample: could not encode the PNG grid\n");
-      goto done;
-    }
-    if (write_all(out_png, png, len, err, sizeof err)) {
-      fprintf(stderr, "jem sample: %s\n", err);
-      goto done;
-    }
-  }
-  if (out_npy) {
-    size_t len;
-    int shape[4] = {n, C, S, S};
-    npy = jem_npy_encode(x, 4, shape, &len);
-    if (!npy || write_all(out_npy, npy, len, err, sizeof err)) {
-      fprintf(stderr, "jem sample: %s\n", npy ? err : "could not encode the .npy array");
-      goto done;
-    }
-  }
-  status = 0;
-  for (int i = 0; i < n; i++) {
-    json_t *o = json_object();
-    json_object_set_new(o, "index", json_integer(i));
-    json_object_set_new(o, "energy", isfinite(energy[i]) ? json_real(args_f2d(energy[i])) : json_null());
-    json_object_set_new(o, "label", json_integer(label[i]));
-    json_object_set_new(o, "class", json_string(m->classes[label[i]]));
-    json_object_set_new(o, "confidence", isfinite(conf[i]) ? json_real(args_f2d(conf[i])) : json_null());
-    char *line = json_dumps(o, JSON_COMPACT | JSON_REAL_PRECISION(9));
-    json_decref(o);
-    if (!line) {
-      status = 1;
-      continue;
-    }
-    puts(line);
-    free(line);
-  }
+  if (!write_outputs(&o, m, x, n)) status = print_samples(m, energy, label, conf, n);
 
 done:
-  free(png);
-  free(npy);
   free(x);
   free(rngs);
   free(logits);

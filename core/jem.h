@@ -346,7 +346,7 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len,
 int jem_model_save(const jem_model *m, const char *path, char *err, size_t errlen);
 
 /* ------------------------------------------------------------------------ */
-/* Workspaces and compute (core/model.c, core/conv.c)                       */
+/* Workspaces and compute (core/workspace.c, core/forward.c, core/score.c)  */
 
 typedef struct jem_ws jem_ws;
 

@@ -270,247 +270,258 @@ static int shape_eq(const st_tensor *t, const jem_param *p) {
   return 1;
 }
 
-int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char *default_name,
-                       char *err, size_t errlen) {
-  if (!out) return jem__errf(err, errlen, JEM_EINVAL, "jem_model_load_mem: NULL output");
-  *out = NULL;
-  if (!buf && len) return jem__errf(err, errlen, JEM_EINVAL, "jem_model_load_mem: NULL buffer");
-  const unsigned char *b = buf;
+/* ------------------------------------------------------------------------ */
+/* Loading, in stages: the header length, the tensor table and the layout
+ * of the data section, the metadata and architecture, the tensors against
+ * the architecture, then the model with its weights.                       */
+
+/* What jem_model_load_mem has read so far. */
+typedef struct st_load {
+  const unsigned char *data;  /* the data section */
+  uint64_t data_len;
+  json_t *hdr;                /* the header JSON (owns the tensor names) */
+  st_tensor *ts;              /* its tensors, sorted by offset */
+  size_t nt;
+  json_t *index;              /* tensor name -> index into ts */
+  json_t *meta;               /* the "jem" metadata */
+  jem_arch arch;
+  const st_tensor *replay, *fmean, *fwhite; /* optional tensors, or NULL */
+  char *err;
+  size_t errlen;
+} st_load;
+
+/* The header length n of the file [b, b + len), checked against the file
+ * before anything is parsed. */
+static int read_header_len(const unsigned char *b, size_t len, uint64_t *n, char *err,
+                           size_t errlen) {
   if (len < 8)
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "file is too short (%zu bytes) to hold the 8-byte header length", len);
-  uint64_t n = rd_le64(b);
+  *n = rd_le64(b);
   /* An image or a text file given in the model's place reads as an absurd
    * header length: say what it is before judging the length. */
   if (len > 8 && b[8] != '{')
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "not a safetensors model file (its JSON header does not start with '{')");
-  if (n > JEM_MAX_HEADER_BYTES && n > (uint64_t)(len - 8))
+  if (*n > JEM_MAX_HEADER_BYTES && *n > (uint64_t)(len - 8))
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "not a safetensors model file (header length %llu, file %zu bytes)",
-                     (unsigned long long)n, len);
-  if (n > JEM_MAX_HEADER_BYTES)
+                     (unsigned long long)*n, len);
+  if (*n > JEM_MAX_HEADER_BYTES)
     return jem__errf(err, errlen, JEM_ETOOBIG,
                      "header length %llu exceeds the limit of %u bytes",
-                     (unsigned long long)n, (unsigned)JEM_MAX_HEADER_BYTES);
-  if (n > (uint64_t)(len - 8))
+                     (unsigned long long)*n, (unsigned)JEM_MAX_HEADER_BYTES);
+  if (*n > (uint64_t)(len - 8))
     return jem__errf(err, errlen, JEM_EFORMAT,
                      "header length %llu runs past the end of the file (%zu bytes)",
-                     (unsigned long long)n, len);
-  if (n < 2)
+                     (unsigned long long)*n, len);
+  if (*n < 2)
     return jem__errf(err, errlen, JEM_EFORMAT, "header length %llu is too small for a JSON object",
-                     (unsigned long long)n);
+                     (unsigned long long)*n);
   /* JSON text never holds a raw NUL, and jansson 2.14 takes '{"a": 1\0 }'
    * for {"a": 1}: refuse rather than read what other parsers would not. */
-  if (memchr(b + 8, 0, (size_t)n))
+  if (memchr(b + 8, 0, (size_t)*n))
     return jem__errf(err, errlen, JEM_EFORMAT, "header contains a NUL byte");
+  return 0;
+}
 
-  const unsigned char *data = b + 8 + n;
-  const uint64_t data_len = (uint64_t)(len - 8 - n);
-  char nb[96], sb[200], sb2[200];
-  int rc = 0;
-  json_t *hdr = NULL, *meta = NULL, *index = NULL;
-  st_tensor *ts = NULL;
-  jem_param *params = NULL;
-  jem_model *m = NULL;
-
-  json_error_t je;
-  hdr = json_loadb((const char *)b + 8, (size_t)n, JSON_REJECT_DUPLICATES, &je);
-  if (!hdr) {
-    rc = jem__errf(err, errlen, JEM_EFORMAT, "header is not valid JSON: %s (byte %d)", je.text,
-                   je.position);
-    goto done;
-  }
-  if (!json_is_object(hdr)) {
-    rc = jem__errf(err, errlen, JEM_EFORMAT, "header JSON must be an object");
-    goto done;
-  }
-
-  /* --- tensor entries and the layout of the data section --- */
-  const json_t *md = json_object_get(hdr, "__metadata__");
-  size_t nt = json_object_size(hdr) - (md ? 1 : 0);
-  ts = calloc(nt ? nt : 1, sizeof *ts);
-  if (!ts) {
-    rc = jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
-    goto done;
-  }
-  size_t k = 0;
-  const char *key;
-  size_t klen;
-  json_t *val;
-  json_object_keylen_foreach(hdr, key, klen, val) {
-    /* jansson allows "\u0000" in keys; a name that C sees cut short could
-     * shadow another tensor, so refuse it */
-    if (strlen(key) != klen) {
-      rc = jem__errf(err, errlen, JEM_EFORMAT, "tensor name '%s...' contains a NUL byte",
-                     pn(key, nb));
-      goto done;
-    }
-    if (strcmp(key, "__metadata__") == 0) continue;
-    if ((rc = parse_entry(key, val, data_len, &ts[k], err, errlen))) goto done;
-    k++;
-  }
-  qsort(ts, nt, sizeof *ts, cmp_tensor);
+/* The data section holds the tensors back to back: no gap, no overlap,
+ * nothing after the last (L->ts sorted by offset). */
+static int check_layout(const st_load *L) {
+  const st_tensor *ts = L->ts;
+  char nb[96], sb[200];
   uint64_t pos = 0;
-  for (size_t i = 0; i < nt; i++) {
+  for (size_t i = 0; i < L->nt; i++) {
     if (ts[i].begin > pos) {
       if (i == 0)
-        rc = jem__errf(err, errlen, JEM_EFORMAT,
-                       "tensor '%s' begins at byte %llu: gap at the start of the data",
-                       pn(ts[i].name, nb), (unsigned long long)ts[i].begin);
-      else
-        rc = jem__errf(err, errlen, JEM_EFORMAT,
+        return jem__errf(L->err, L->errlen, JEM_EFORMAT,
+                         "tensor '%s' begins at byte %llu: gap at the start of the data",
+                         pn(ts[i].name, nb), (unsigned long long)ts[i].begin);
+      return jem__errf(L->err, L->errlen, JEM_EFORMAT,
                        "gap of %llu bytes between tensor '%s' (ends at %llu) and tensor '%s' "
                        "(begins at %llu)",
                        (unsigned long long)(ts[i].begin - pos), pn(ts[i - 1].name, nb),
                        (unsigned long long)pos, pn(ts[i].name, sb),
                        (unsigned long long)ts[i].begin);
-      goto done;
     }
-    if (ts[i].begin < pos) {
-      rc = jem__errf(err, errlen, JEM_EFORMAT,
-                     "tensor '%s' (bytes %llu..%llu) overlaps tensor '%s' (ends at %llu)",
-                     pn(ts[i].name, nb), (unsigned long long)ts[i].begin,
-                     (unsigned long long)ts[i].end, pn(ts[i - 1].name, sb),
-                     (unsigned long long)pos);
-      goto done;
-    }
+    if (ts[i].begin < pos)
+      return jem__errf(L->err, L->errlen, JEM_EFORMAT,
+                       "tensor '%s' (bytes %llu..%llu) overlaps tensor '%s' (ends at %llu)",
+                       pn(ts[i].name, nb), (unsigned long long)ts[i].begin,
+                       (unsigned long long)ts[i].end, pn(ts[i - 1].name, sb),
+                       (unsigned long long)pos);
     pos = ts[i].end;
   }
-  if (pos != data_len) {
-    rc = jem__errf(err, errlen, JEM_EFORMAT,
-                   "%llu trailing bytes after the last tensor (data section is %llu bytes)",
-                   (unsigned long long)(data_len - pos), (unsigned long long)data_len);
-    goto done;
-  }
+  if (pos != L->data_len)
+    return jem__errf(L->err, L->errlen, JEM_EFORMAT,
+                     "%llu trailing bytes after the last tensor (data section is %llu bytes)",
+                     (unsigned long long)(L->data_len - pos), (unsigned long long)L->data_len);
+  return 0;
+}
 
-  /* --- metadata and architecture --- */
-  if (!(meta = parse_metadata(md, err, errlen, &rc))) goto done;
-  const json_t *aj = json_object_get(meta, "arch");
-  if (!aj) {
-    rc = jem__errf(err, errlen, JEM_EFORMAT, "metadata: \"arch\" is missing (required)");
-    goto done;
+/* The header JSON (n bytes at h) and its tensor entries, sorted by offset. */
+static int read_tensors(st_load *L, const char *h, size_t n) {
+  char nb[96];
+  json_error_t je;
+  L->hdr = json_loadb(h, n, JSON_REJECT_DUPLICATES, &je);
+  if (!L->hdr)
+    return jem__errf(L->err, L->errlen, JEM_EFORMAT, "header is not valid JSON: %s (byte %d)",
+                     je.text, je.position);
+  if (!json_is_object(L->hdr))
+    return jem__errf(L->err, L->errlen, JEM_EFORMAT, "header JSON must be an object");
+  const json_t *md = json_object_get(L->hdr, "__metadata__");
+  L->nt = json_object_size(L->hdr) - (md ? 1 : 0);
+  L->ts = calloc(L->nt ? L->nt : 1, sizeof *L->ts);
+  if (!L->ts) return jem__errf(L->err, L->errlen, JEM_ENOMEM, "out of memory");
+  size_t k = 0;
+  const char *key;
+  size_t klen;
+  json_t *val;
+  int rc;
+  json_object_keylen_foreach(L->hdr, key, klen, val) {
+    /* jansson allows "\u0000" in keys; a name that C sees cut short could
+     * shadow another tensor, so refuse it */
+    if (strlen(key) != klen)
+      return jem__errf(L->err, L->errlen, JEM_EFORMAT, "tensor name '%s...' contains a NUL byte",
+                       pn(key, nb));
+    if (strcmp(key, "__metadata__") == 0) continue;
+    if ((rc = parse_entry(key, val, L->data_len, &L->ts[k], L->err, L->errlen))) return rc;
+    k++;
   }
-  jem_arch arch;
+  qsort(L->ts, L->nt, sizeof *L->ts, cmp_tensor);
+  return check_layout(L);
+}
+
+/* The "jem" metadata and its architecture. */
+static int read_arch(st_load *L) {
+  int rc;
+  L->meta = parse_metadata(json_object_get(L->hdr, "__metadata__"), L->err, L->errlen, &rc);
+  if (!L->meta) return rc;
+  const json_t *aj = json_object_get(L->meta, "arch");
+  if (!aj) return jem__errf(L->err, L->errlen, JEM_EFORMAT, "metadata: \"arch\" is missing (required)");
   char why[200];
-  if ((rc = jem_arch_from_json(aj, &arch, why, sizeof why))) {
-    rc = jem__errf(err, errlen, JEM_EFORMAT, "metadata: %s", why);
-    goto done;
-  }
+  if (jem_arch_from_json(aj, &L->arch, why, sizeof why))
+    return jem__errf(L->err, L->errlen, JEM_EFORMAT, "metadata: %s", why);
+  return 0;
+}
 
-  /* --- names and shapes against the architecture --- */
-  index = json_object();
-  if (!index) {
-    rc = jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
-    goto done;
-  }
-  for (size_t i = 0; i < nt; i++)
-    if (json_object_set_new(index, ts[i].name, json_integer((json_int_t)i))) {
-      rc = jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
-      goto done;
+/* Every tensor of the file that is not one of the architecture's n params
+ * must be ignored, the replay buffer or the feature Gaussian, each with
+ * its shape. */
+static int check_extra(st_load *L, const jem_param *params, int n) {
+  const jem_arch *arch = &L->arch;
+  char nb[96], sb[200];
+  int rc = 0;
+  json_t *expected = json_object();
+  if (!expected) return jem__errf(L->err, L->errlen, JEM_ENOMEM, "out of memory");
+  for (int i = 0; i < n; i++) json_object_set_new(expected, params[i].name, json_true());
+  const uint64_t K = (uint64_t)arch->num_classes, F = (uint64_t)64 * arch->widen;
+  for (size_t i = 0; i < L->nt && !rc; i++) {
+    const st_tensor *t = &L->ts[i];
+    const char *name = t->name;
+    if (json_object_get(expected, name) || is_ignored(name)) continue;
+    if (strcmp(name, "replay_buffer") == 0) {
+      if (t->ndim != 4 || t->shape[1] != (uint64_t)arch->in_channels ||
+          t->shape[2] != (uint64_t)arch->image_size || t->shape[3] != (uint64_t)arch->image_size ||
+          t->shape[0] > (uint64_t)INT32_MAX) {
+        shape_str(t->shape, t->ndim, sb, sizeof sb);
+        rc = jem__errf(L->err, L->errlen, JEM_ESHAPE,
+                       "tensor 'replay_buffer': shape [N,%d,%d,%d] expected, file has %s",
+                       arch->in_channels, arch->image_size, arch->image_size, sb);
+      }
+      L->replay = t;
+      continue;
     }
-  int np = jem_arch_params(&arch, NULL, 0);
+    const int is_mean = strcmp(name, "ood.feature_mean") == 0;
+    if (is_mean || strcmp(name, "ood.feature_whitener") == 0) {
+      const uint64_t rows = is_mean ? K : F;
+      if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != F) {
+        shape_str(t->shape, t->ndim, sb, sizeof sb);
+        rc = jem__errf(L->err, L->errlen, JEM_ESHAPE, "tensor '%s': shape [%llu,%llu] expected, "
+                       "file has %s", name, (unsigned long long)rows, (unsigned long long)F, sb);
+      }
+      *(is_mean ? &L->fmean : &L->fwhite) = t;
+      continue;
+    }
+    rc = jem__errf(L->err, L->errlen, JEM_EFORMAT,
+                   "tensor '%s' is not part of a JEM WRN-%d-%d model (unknown name)",
+                   pn(name, nb), arch->depth, arch->widen);
+  }
+  json_decref(expected);
+  if (!rc && !L->fmean != !L->fwhite)
+    rc = jem__errf(L->err, L->errlen, JEM_EFORMAT, "tensors 'ood.feature_mean' and "
+                   "'ood.feature_whitener' come together; the file has only '%s'",
+                   L->fmean ? "ood.feature_mean" : "ood.feature_whitener");
+  return rc;
+}
+
+/* The architecture's parameters are all in the file, with their shapes;
+ * then the other tensors (check_extra). */
+static int check_params(st_load *L) {
+  char sb[200], sb2[200];
+  L->index = json_object();
+  if (!L->index) return jem__errf(L->err, L->errlen, JEM_ENOMEM, "out of memory");
+  for (size_t i = 0; i < L->nt; i++)
+    if (json_object_set_new(L->index, L->ts[i].name, json_integer((json_int_t)i)))
+      return jem__errf(L->err, L->errlen, JEM_ENOMEM, "out of memory");
+  int np = jem_arch_params(&L->arch, NULL, 0);
   /* At most nt expected names can be present, so among the first nt+1 one
    * is missing: never build a table larger than the file justifies. */
-  int cap = (size_t)np > nt ? (int)nt + 1 : np;
-  params = calloc((size_t)(cap > 0 ? cap : 1), sizeof *params);
-  if (!params || np <= 0) {
-    rc = jem__errf(err, errlen, np <= 0 ? JEM_EINTERNAL : JEM_ENOMEM,
+  int cap = (size_t)np > L->nt ? (int)L->nt + 1 : np;
+  jem_param *params = calloc((size_t)(cap > 0 ? cap : 1), sizeof *params);
+  int rc = 0;
+  if (!params || np <= 0)
+    rc = jem__errf(L->err, L->errlen, np <= 0 ? JEM_EINTERNAL : JEM_ENOMEM,
                    np <= 0 ? "architecture has no parameters" : "out of memory");
-    goto done;
-  }
-  jem_arch_params(&arch, params, cap);
-  for (int i = 0; i < cap; i++) {
-    json_t *ix = json_object_get(index, params[i].name);
+  else
+    jem_arch_params(&L->arch, params, cap);
+  for (int i = 0; !rc && i < cap; i++) {
+    json_t *ix = json_object_get(L->index, params[i].name);
     if (!ix) {
-      rc = jem__errf(err, errlen, JEM_EFORMAT, "tensor '%s' is missing", params[i].name);
-      goto done;
+      rc = jem__errf(L->err, L->errlen, JEM_EFORMAT, "tensor '%s' is missing", params[i].name);
+      break;
     }
-    const st_tensor *t = &ts[json_integer_value(ix)];
+    const st_tensor *t = &L->ts[json_integer_value(ix)];
     if (!shape_eq(t, &params[i])) {
       uint64_t es[4];
       for (int d = 0; d < params[i].ndim; d++) es[d] = (uint64_t)params[i].shape[d];
       shape_str(es, params[i].ndim, sb, sizeof sb);
       shape_str(t->shape, t->ndim, sb2, sizeof sb2);
-      rc = jem__errf(err, errlen, JEM_ESHAPE, "tensor '%s': shape %s expected, file has %s",
+      rc = jem__errf(L->err, L->errlen, JEM_ESHAPE, "tensor '%s': shape %s expected, file has %s",
                      params[i].name, sb, sb2);
-      goto done;
     }
   }
-  /* every file tensor must be expected, ignored or the replay buffer */
-  json_t *expected = json_object();
-  if (!expected) {
-    rc = jem__errf(err, errlen, JEM_ENOMEM, "out of memory");
-    goto done;
-  }
-  for (int i = 0; i < cap; i++) json_object_set_new(expected, params[i].name, json_true());
-  const st_tensor *replay = NULL, *fmean = NULL, *fwhite = NULL;
-  const uint64_t K = (uint64_t)arch.num_classes, F = (uint64_t)64 * arch.widen;
-  for (size_t i = 0; i < nt && !rc; i++) {
-    const char *name = ts[i].name;
-    if (json_object_get(expected, name) || is_ignored(name)) continue;
-    if (strcmp(name, "replay_buffer") == 0) {
-      const st_tensor *t = &ts[i];
-      if (t->ndim != 4 || t->shape[1] != (uint64_t)arch.in_channels ||
-          t->shape[2] != (uint64_t)arch.image_size || t->shape[3] != (uint64_t)arch.image_size ||
-          t->shape[0] > (uint64_t)INT32_MAX) {
-        shape_str(t->shape, t->ndim, sb, sizeof sb);
-        rc = jem__errf(err, errlen, JEM_ESHAPE,
-                       "tensor 'replay_buffer': shape [N,%d,%d,%d] expected, file has %s",
-                       arch.in_channels, arch.image_size, arch.image_size, sb);
-      }
-      replay = t;
-      continue;
-    }
-    const int is_mean = strcmp(name, "ood.feature_mean") == 0;
-    if (is_mean || strcmp(name, "ood.feature_whitener") == 0) {
-      const st_tensor *t = &ts[i];
-      const uint64_t rows = is_mean ? K : F;
-      if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != F) {
-        shape_str(t->shape, t->ndim, sb, sizeof sb);
-        rc = jem__errf(err, errlen, JEM_ESHAPE, "tensor '%s': shape [%llu,%llu] expected, "
-                       "file has %s", name, (unsigned long long)rows, (unsigned long long)F, sb);
-      }
-      *(is_mean ? &fmean : &fwhite) = t;
-      continue;
-    }
-    rc = jem__errf(err, errlen, JEM_EFORMAT,
-                   "tensor '%s' is not part of a JEM WRN-%d-%d model (unknown name)",
-                   pn(name, nb), arch.depth, arch.widen);
-  }
-  json_decref(expected);
-  if (!rc && !fmean != !fwhite)
-    rc = jem__errf(err, errlen, JEM_EFORMAT, "tensors 'ood.feature_mean' and "
-                   "'ood.feature_whitener' come together; the file has only '%s'",
-                   fmean ? "ood.feature_mean" : "ood.feature_whitener");
-  if (rc) goto done;
+  if (!rc) rc = check_extra(L, params, cap);
+  free(params);
+  return rc;
+}
 
-  /* --- build the model and copy the weights --- */
-  if ((rc = jem_model_create(&m, &arch, err, errlen))) goto done;
+/* The weights, the replay buffer and the feature Gaussian into m, every
+ * value finite. */
+static int copy_tensors(const st_load *L, jem_model *m) {
+  const unsigned char *data = L->data;
+  char *err = L->err;
+  const size_t errlen = L->errlen;
   for (int i = 0; i < m->n_params; i++) {
     const jem_param *p = &m->params[i];
-    const st_tensor *t = &ts[json_integer_value(json_object_get(index, p->name))];
+    const st_tensor *t = &L->ts[json_integer_value(json_object_get(L->index, p->name))];
     size_t bad = convert(m->weights + p->offset, data + t->begin, p->numel, t->dtype);
-    if (bad != p->numel) {
-      rc = jem__errf(err, errlen, JEM_EFORMAT, "tensor '%s': element %zu is not finite",
-                     p->name, bad);
-      goto done;
-    }
+    if (bad != p->numel)
+      return jem__errf(err, errlen, JEM_EFORMAT, "tensor '%s': element %zu is not finite",
+                       p->name, bad);
   }
+  const st_tensor *replay = L->replay, *fmean = L->fmean, *fwhite = L->fwhite;
   if (replay && replay->numel > 0) {
     m->replay = jem__falloc((size_t)replay->numel);
-    if (!m->replay) {
-      rc = jem__errf(err, errlen, JEM_ENOMEM, "out of memory for the replay buffer");
-      goto done;
-    }
+    if (!m->replay)
+      return jem__errf(err, errlen, JEM_ENOMEM, "out of memory for the replay buffer");
     size_t bad = convert(m->replay, data + replay->begin, (size_t)replay->numel, replay->dtype);
-    if (bad != replay->numel) {
-      rc = jem__errf(err, errlen, JEM_EFORMAT, "tensor 'replay_buffer': element %zu is not finite",
-                     bad);
-      goto done;
-    }
+    if (bad != replay->numel)
+      return jem__errf(err, errlen, JEM_EFORMAT, "tensor 'replay_buffer': element %zu is not finite",
+                       bad);
     m->replay_n = (int)replay->shape[0];
   }
+  int rc = 0;
   if (fmean) {
     float *mean = jem__falloc((size_t)fmean->numel), *white = jem__falloc((size_t)fwhite->numel);
     if (!mean || !white)
@@ -522,26 +533,42 @@ int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char 
       rc = jem_model_set_feature_gauss(m, mean, white, err, errlen);
     free(mean);
     free(white);
-    if (rc) goto done;
   }
+  return rc;
+}
 
-  /* --- metadata with defaults --- */
-  const char *dn = default_name ? default_name : "model";
-  sanitize_name(dn, strlen(dn), m->name, sizeof m->name);
-  json_decref(m->meta);
-  m->meta = meta;
-  meta = NULL;
-  if ((rc = jem_model_apply_meta(m, err, errlen))) goto done;
-
-  *out = m;
-  m = NULL;
-done:
+int jem_model_load_mem(jem_model **out, const void *buf, size_t len, const char *default_name,
+                       char *err, size_t errlen) {
+  if (!out) return jem__errf(err, errlen, JEM_EINVAL, "jem_model_load_mem: NULL output");
+  *out = NULL;
+  if (!buf && len) return jem__errf(err, errlen, JEM_EINVAL, "jem_model_load_mem: NULL buffer");
+  const unsigned char *b = buf;
+  uint64_t n = 0;
+  int rc = read_header_len(b, len, &n, err, errlen);
+  if (rc) return rc;
+  st_load L = {.data = b + 8 + n, .data_len = (uint64_t)(len - 8 - n), .err = err,
+               .errlen = errlen};
+  jem_model *m = NULL;
+  if (!(rc = read_tensors(&L, (const char *)b + 8, (size_t)n)) && !(rc = read_arch(&L)) &&
+      !(rc = check_params(&L)) && !(rc = jem_model_create(&m, &L.arch, err, errlen)) &&
+      !(rc = copy_tensors(&L, m))) {
+    /* the metadata, with defaults */
+    const char *dn = default_name ? default_name : "model";
+    sanitize_name(dn, strlen(dn), m->name, sizeof m->name);
+    json_decref(m->meta);
+    m->meta = L.meta;
+    L.meta = NULL;
+    rc = jem_model_apply_meta(m, err, errlen);
+  }
+  if (!rc) {
+    *out = m;
+    m = NULL;
+  }
   jem_model_free(m);
-  free(params);
-  free(ts);
-  json_decref(index);
-  json_decref(meta);
-  json_decref(hdr);
+  free(L.ts);
+  json_decref(L.index);
+  json_decref(L.meta);
+  json_decref(L.hdr);
   return rc;
 }
 

@@ -1,5 +1,5 @@
 /* torchload.h - reads the tensors out of a PyTorch torch.save file, never
- * executing anything in it (core/torchload.c).
+ * executing anything in it (core/torchload.c, core/torch_pickle.c).
  *
  * Both formats torch.save writes are read from memory:
  * - zip (PyTorch >= 1.6): `<dir>/data.pkl` plus one `<dir>/data/<key>` entry

@@ -20,8 +20,8 @@
  * kept in ascending index order.  The split depends only on (N, n_valid,
  * seed), never on the platform or thread count.
  *
- * Trainer (core/train.c, its files in core/train_ckpt.c): see the second
- * half of this header.
+ * Trainer (core/train.c, core/train_run.c, its files in core/train_ckpt.c):
+ * see the second half of this header.
  */
 #ifndef JEM_TRAIN_H
 #define JEM_TRAIN_H
@@ -152,7 +152,7 @@ extern const char *const jem_fmnist_classes[10];
 uint64_t jem_splitmix64(uint64_t *state);
 
 /* ------------------------------------------------------------------------ */
-/* Trainer (core/train.c)                                                   */
+/* Trainer (core/train.c, core/train_run.c)                                 */
 
 enum { JEM_LR_CONST = 0, JEM_LR_STEP, JEM_LR_COSINE };
 enum { JEM_BUFFER_UNIFORM = 0, JEM_BUFFER_DATA, JEM_BUFFER_GAUSSIAN };

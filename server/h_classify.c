@@ -261,11 +261,123 @@ static int parse_int(const char *s, long *out) {
   return 0;
 }
 
+/* What the query string asks for. */
+typedef struct classify_query {
+  long top_k;     /* 0 = not asked */
+  int want_grad;
+  float tpr;
+} classify_query;
+
+/* ?top_k, ?grad and ?tpr for model m: 0, or 1 after answering 400. */
+static int parse_query(srv_req *r, const jem_model *m, classify_query *q, enum MHD_Result *res) {
+  const char *v;
+  q->top_k = 0;
+  q->want_grad = 1;
+  q->tpr = m->ood.present ? m->ood.default_tpr : 0.95f;
+  if ((v = srv_req_query(r, "top_k"))) {
+    if (parse_int(v, &q->top_k) || q->top_k < 1 || q->top_k > m->arch.num_classes) {
+      *res = srv_respond_error(r, 400, "invalid_parameter",
+                               "top_k must be an integer from 1 to %d", m->arch.num_classes);
+      return 1;
+    }
+  }
+  if ((v = srv_req_query(r, "grad"))) {
+    /* the spellings clients send: JSON's, Python's str(bool), 1/0 */
+    if (!strcasecmp(v, "true") || !strcmp(v, "1")) {
+      q->want_grad = 1;
+    } else if (!strcasecmp(v, "false") || !strcmp(v, "0")) {
+      q->want_grad = 0;
+    } else {
+      *res = srv_respond_error(r, 400, "invalid_parameter",
+                               "grad must be true or false (any letter case) or 1 or 0");
+      return 1;
+    }
+  }
+  if ((v = srv_req_query(r, "tpr"))) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    q->tpr = (float)x; /* judged as the float it is used as: 1e-300 is 0, 0.999999999 is 1 */
+    if (errno || end == v || *end || !(q->tpr > 0.0f && q->tpr < 1.0f)) {
+      *res = srv_respond_error(r, 400, "invalid_parameter",
+                               "tpr must be a number strictly between 0 and 1 "
+                               "(from about 1e-38 to 0.99999994)");
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* What body_images found: images, or an answer given (a bad request the
+ * caller counts, or an unsupported type counted here), or no memory. */
+enum { BODY_OK, BODY_BAD, BODY_UNSUPPORTED, BODY_OOM };
+
+/* The images of the body, by its Content-Type: one raw image (*single), a
+ * multipart form or {"images": [...]}. */
+static int body_images(srv_req *r, srv_blob **imgs, int *n, int *single, enum MHD_Result *res) {
+  char err[512];
+  const char *ct = srv_req_header(r, "Content-Type");
+  if (!ct) {
+    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+    *res = srv_respond_error(r, 415, "unsupported_media_type",
+                             "missing Content-Type; send image/png, image/jpeg, "
+                             "multipart/form-data or application/json");
+    return BODY_UNSUPPORTED;
+  }
+  char mt[64];
+  media_type(ct, mt, sizeof mt);
+  if (r->body_len == 0) {
+    *res = srv_respond_error(r, 400, "empty_body", "the request body is empty");
+    return BODY_BAD;
+  }
+  if (!strcmp(mt, "image/png") || !strcmp(mt, "image/jpeg") || !strcmp(mt, "image/jpg")) {
+    *imgs = calloc(1, sizeof **imgs);
+    if (!*imgs) return BODY_OOM;
+    (*imgs)[0].p = (const unsigned char *)r->body;
+    (*imgs)[0].len = r->body_len;
+    *n = 1;
+    *single = 1;
+  } else if (!strcmp(mt, "multipart/form-data")) {
+    char boundary[80];
+    int st = srv_multipart_boundary(ct, boundary, sizeof boundary, err, sizeof err);
+    if (!st)
+      st = srv_multipart_parse(r->body, r->body_len, boundary, srv_cfg.max_images, imgs, n,
+                               err, sizeof err);
+    if (st) {
+      *res = srv_respond_error(r, st, st == 413 ? "too_many_images" : "invalid_multipart", "%s",
+                               err);
+      return BODY_BAD;
+    }
+  } else if (!strcmp(mt, "application/json")) {
+    const char *code = NULL;
+    int st = srv_classify_parse_json(r->body, r->body_len, srv_cfg.max_images, imgs, n, &code,
+                                     err, sizeof err);
+    if (st) {
+      *res = srv_respond_error(r, st, code, "%s", err);
+      return BODY_BAD;
+    }
+  } else {
+    /* `curl -d @image.png` sends form data, and drops the file's CR and LF
+     * bytes on the way: name the fix, not just the type. */
+    const char *hint = !strcmp(mt, "application/x-www-form-urlencoded")
+                           ? " (curl -d sends that and strips CR/LF bytes from the file: use "
+                             "--data-binary @FILE -H 'Content-Type: image/png')"
+                           : "";
+    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
+    *res = srv_respond_error(r, 415, "unsupported_media_type",
+                             "Content-Type '%.64s' is not accepted%s; send image/png, image/jpeg, "
+                             "multipart/form-data or application/json",
+                             mt, hint);
+    return BODY_UNSUPPORTED;
+  }
+  return BODY_OK;
+}
+
 enum MHD_Result srv_h_classify(srv_req *r) {
   static const char *const allowed[] = {"top_k", "grad", "tpr", "model", NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
   /* POST /v1/models/{name}/classify, or ?model=NAME, else the default */
-  const char *v, *name = srv_req_query(r, "model");
+  const char *name = srv_req_query(r, "model");
   enum MHD_Result res;
   if (r->n_params == 1) {
     if (name) {
@@ -279,97 +391,16 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   if (!sm) return res;
   const jem_model *m = sm->m;
   char err[512];
-  long top_k = 0;
-  int want_grad = 1;
-  float tpr = m->ood.present ? m->ood.default_tpr : 0.95f;
+  classify_query q;
   score_ctx *c = NULL;
   srv_blob *imgs = NULL;
-  int n = 0;
-  if ((v = srv_req_query(r, "top_k"))) {
-    if (parse_int(v, &top_k) || top_k < 1 || top_k > m->arch.num_classes) {
-      res = srv_respond_error(r, 400, "invalid_parameter",
-                              "top_k must be an integer from 1 to %d", m->arch.num_classes);
-      goto reject;
-    }
-  }
-  if ((v = srv_req_query(r, "grad"))) {
-    /* the spellings clients send: JSON's, Python's str(bool), 1/0 */
-    if (!strcasecmp(v, "true") || !strcmp(v, "1")) {
-      want_grad = 1;
-    } else if (!strcasecmp(v, "false") || !strcmp(v, "0")) {
-      want_grad = 0;
-    } else {
-      res = srv_respond_error(r, 400, "invalid_parameter",
-                              "grad must be true or false (any letter case) or 1 or 0");
-      goto reject;
-    }
-  }
-  if ((v = srv_req_query(r, "tpr"))) {
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    tpr = (float)x; /* judged as the float it is used as: 1e-300 is 0, 0.999999999 is 1 */
-    if (errno || end == v || *end || !(tpr > 0.0f && tpr < 1.0f)) {
-      res = srv_respond_error(r, 400, "invalid_parameter",
-                              "tpr must be a number strictly between 0 and 1 "
-                              "(from about 1e-38 to 0.99999994)");
-      goto reject;
-    }
-  }
-  const char *ct = srv_req_header(r, "Content-Type");
-  if (!ct) {
-    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
-    res = srv_respond_error(r, 415, "unsupported_media_type",
-                            "missing Content-Type; send image/png, image/jpeg, "
-                            "multipart/form-data or application/json");
-    goto out;
-  }
-  char mt[64];
-  media_type(ct, mt, sizeof mt);
-  if (r->body_len == 0) {
-    res = srv_respond_error(r, 400, "empty_body", "the request body is empty");
-    goto reject;
-  }
-  int single = 0;
-  if (!strcmp(mt, "image/png") || !strcmp(mt, "image/jpeg") || !strcmp(mt, "image/jpg")) {
-    imgs = calloc(1, sizeof *imgs);
-    if (!imgs) goto oom;
-    imgs[0].p = (const unsigned char *)r->body;
-    imgs[0].len = r->body_len;
-    n = 1;
-    single = 1;
-  } else if (!strcmp(mt, "multipart/form-data")) {
-    char boundary[80];
-    int st = srv_multipart_boundary(ct, boundary, sizeof boundary, err, sizeof err);
-    if (!st)
-      st = srv_multipart_parse(r->body, r->body_len, boundary, srv_cfg.max_images, &imgs, &n,
-                               err, sizeof err);
-    if (st) {
-      res = srv_respond_error(r, st, st == 413 ? "too_many_images" : "invalid_multipart", "%s",
-                              err);
-      goto reject;
-    }
-  } else if (!strcmp(mt, "application/json")) {
-    const char *code = NULL;
-    int st = srv_classify_parse_json(r->body, r->body_len, srv_cfg.max_images, &imgs, &n, &code,
-                                     err, sizeof err);
-    if (st) {
-      res = srv_respond_error(r, st, code, "%s", err);
-      goto reject;
-    }
-  } else {
-    /* `curl -d @image.png` sends form data, and drops the file's CR and LF
-     * bytes on the way: name the fix, not just the type. */
-    const char *hint = !strcmp(mt, "application/x-www-form-urlencoded")
-                           ? " (curl -d sends that and strips CR/LF bytes from the file: use "
-                             "--data-binary @FILE -H 'Content-Type: image/png')"
-                           : "";
-    srv_metrics_reject(SRV_REJ_UNSUPPORTED);
-    res = srv_respond_error(r, 415, "unsupported_media_type",
-                            "Content-Type '%.64s' is not accepted%s; send image/png, image/jpeg, "
-                            "multipart/form-data or application/json",
-                            mt, hint);
-    goto out;
+  int n = 0, single = 0;
+  if (parse_query(r, m, &q, &res)) goto reject;
+  switch (body_images(r, &imgs, &n, &single, &res)) {
+    case BODY_BAD: goto reject;
+    case BODY_UNSUPPORTED: goto out;
+    case BODY_OOM: goto oom;
+    default: break;
   }
   c = calloc(1, sizeof *c);
   if (!c) goto oom;
@@ -377,10 +408,10 @@ enum MHD_Result srv_h_classify(srv_req *r) {
   if (!c->t || srv_task_alloc(c->t, m, n)) goto oom;
   c->t->model = sm; /* the task owns the reference now */
   sm = NULL;
-  c->t->want_grad = want_grad;
+  c->t->want_grad = q.want_grad;
   c->single = single;
-  c->top_k = (int)top_k;
-  c->tpr = tpr;
+  c->top_k = (int)q.top_k;
+  c->tpr = q.tpr;
   c->dec.imgs = imgs; /* the context owns them from here */
   c->dec.n_imgs = n;
   imgs = NULL;

@@ -143,6 +143,122 @@ static void unknown_class(const jem_model *m, const char *s, char *err, size_t e
   }
 }
 
+/* 'class': an index or a name of m's classes into *y (null: none). */
+static int class_field(const json_t *v, const jem_model *m, int *y, const char **code, char *err,
+                       size_t errlen) {
+  int K = m->arch.num_classes;
+  if (json_is_integer(v)) {
+    long long c = json_integer_value(v);
+    if (c < 0 || c >= K) {
+      snprintf(err, errlen, "'class' %lld is not a class index of this model (0 to %d)", c,
+               K - 1);
+      return fail(code, "unknown_class", 422);
+    }
+    *y = (int)c;
+    return 0;
+  }
+  if (json_is_string(v)) {
+    const char *s = json_string_value(v);
+    for (int k = 0; k < K && *y < 0; k++)
+      if (strlen(m->classes[k]) == json_string_length(v) && !strcmp(m->classes[k], s)) *y = k;
+    if (*y < 0) {
+      unknown_class(m, s, err, errlen);
+      return fail(code, "unknown_class", 422);
+    }
+    return 0;
+  }
+  snprintf(err, errlen, "'class' must be null, a class index or a class name, not %s",
+           json_type_name(v));
+  return fail(code, "invalid_type", 400);
+}
+
+/* 'seed': a non-negative integer. */
+static int seed_field(const json_t *v, srv_samples_req *out, const char **code, char *err,
+                      size_t errlen) {
+  if (!json_is_integer(v)) {
+    snprintf(err, errlen, "'seed' must be a non-negative integer, not %s", json_type_name(v));
+    return fail(code, "invalid_type", 400);
+  }
+  if (json_integer_value(v) < 0) {
+    snprintf(err, errlen, "'seed' must be a non-negative integer, got %lld",
+             (long long)json_integer_value(v));
+    return fail(code, "out_of_range", 422);
+  }
+  out->seed = (uint64_t)json_integer_value(v);
+  out->has_seed = 1;
+  return 0;
+}
+
+/* init.images: 1 to max_n base64 strings (*imgs), as many as 'n' when it
+ * was given. */
+static int init_images(json_t *v, int max_n, int n_given, srv_samples_req *out, json_t **imgs,
+                       const char **code, char *err, size_t errlen) {
+  const char *key;
+  json_t *e;
+  json_object_foreach(v, key, e) {
+    if (strcmp(key, "images") != 0) {
+      char q[80];
+      srv_log_quote(q, sizeof q, key);
+      snprintf(err, errlen, "unknown field init.%s (only \"images\" is accepted)", q);
+      return fail(code, "unknown_field", 400);
+    }
+  }
+  *imgs = json_object_get(v, "images");
+  if (!json_is_array(*imgs)) {
+    snprintf(err, errlen, "'init' must hold \"images\": an array of base64 PNG or JPEG "
+             "strings");
+    return fail(code, "invalid_type", 400);
+  }
+  size_t cnt = json_array_size(*imgs);
+  for (size_t k = 0; k < cnt; k++)
+    if (!json_is_string(json_array_get(*imgs, k))) {
+      snprintf(err, errlen, "init.images[%zu] must be a base64 string, not %s", k,
+               json_type_name(json_array_get(*imgs, k)));
+      return fail(code, "invalid_type", 400);
+    }
+  if (cnt < 1 || cnt > (size_t)max_n) {
+    snprintf(err, errlen, "init.images must hold from 1 to %d images, got %zu", max_n, cnt);
+    return fail(code, "out_of_range", 422);
+  }
+  if (n_given && (size_t)out->n != cnt) {
+    snprintf(err, errlen, "'n' is %d but init.images holds %zu images; give n equal to "
+             "their count or leave it out", out->n, cnt);
+    return fail(code, "out_of_range", 422);
+  }
+  out->n = (int)cnt;
+  out->init = JEM_SAMPLE_INIT_GIVEN;
+  return 0;
+}
+
+/* 'init': "noise", "buffer" (when m has a replay buffer) or
+ * {"images": [...]} (init_images). */
+static int init_field(json_t *v, const jem_model *m, int max_n, int n_given, srv_samples_req *out,
+                      json_t **imgs, const char **code, char *err, size_t errlen) {
+  if (json_is_object(v)) return init_images(v, max_n, n_given, out, imgs, code, err, errlen);
+  if (!json_is_string(v)) {
+    snprintf(err, errlen, "'init' must be \"noise\", \"buffer\" or {\"images\": [...]}, not "
+             "%s", json_type_name(v));
+    return fail(code, "invalid_type", 400);
+  }
+  const char *s = json_string_value(v);
+  if (!strcmp(s, "noise")) {
+    out->init = JEM_SAMPLE_INIT_NOISE;
+  } else if (!strcmp(s, "buffer")) {
+    if (!(m->replay && m->replay_n > 0)) {
+      snprintf(err, errlen, "'init' \"buffer\": this model has no replay buffer; use "
+               "\"noise\" or {\"images\": [...]}");
+      return fail(code, "out_of_range", 422);
+    }
+    out->init = JEM_SAMPLE_INIT_BUFFER;
+  } else {
+    char q[96];
+    srv_log_quote(q, sizeof q, s);
+    snprintf(err, errlen, "'init' %s is not \"noise\", \"buffer\" or {\"images\": [...]}", q);
+    return fail(code, "out_of_range", 422);
+  }
+  return 0;
+}
+
 int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_n,
                       int max_steps, const jem_image_limits *lim, srv_samples_req *out,
                       const char **code, char *err, size_t errlen) {
@@ -198,34 +314,9 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
   if ((v = json_object_get(j, "steps")) &&
       (st = int_field(v, "steps", 1, max_steps, &out->steps, code, err, errlen)))
     goto out;
-  if ((v = json_object_get(j, "class")) && !json_is_null(v)) {
-    int K = m->arch.num_classes;
-    if (json_is_integer(v)) {
-      long long y = json_integer_value(v);
-      if (y < 0 || y >= K) {
-        snprintf(err, errlen, "'class' %lld is not a class index of this model (0 to %d)", y,
-                 K - 1);
-        st = fail(code, "unknown_class", 422);
-        goto out;
-      }
-      out->y = (int)y;
-    } else if (json_is_string(v)) {
-      const char *s = json_string_value(v);
-      for (int k = 0; k < K && out->y < 0; k++)
-        if (strlen(m->classes[k]) == json_string_length(v) && !strcmp(m->classes[k], s))
-          out->y = k;
-      if (out->y < 0) {
-        unknown_class(m, s, err, errlen);
-        st = fail(code, "unknown_class", 422);
-        goto out;
-      }
-    } else {
-      snprintf(err, errlen, "'class' must be null, a class index or a class name, not %s",
-               json_type_name(v));
-      st = fail(code, "invalid_type", 400);
-      goto out;
-    }
-  }
+  if ((v = json_object_get(j, "class")) && !json_is_null(v) &&
+      (st = class_field(v, m, &out->y, code, err, errlen)))
+    goto out;
   if ((v = json_object_get(j, "step_size")) &&
       (st = num_field(v, "step_size", 0.0, 1e6, &out->step_size, code, err, errlen)))
     goto out;
@@ -240,86 +331,11 @@ int srv_samples_parse(const char *body, size_t len, const jem_model *m, int max_
     }
     out->clamp = json_is_true(v);
   }
-  if ((v = json_object_get(j, "seed"))) {
-    if (!json_is_integer(v)) {
-      snprintf(err, errlen, "'seed' must be a non-negative integer, not %s", json_type_name(v));
-      st = fail(code, "invalid_type", 400);
-      goto out;
-    }
-    if (json_integer_value(v) < 0) {
-      snprintf(err, errlen, "'seed' must be a non-negative integer, got %lld",
-               (long long)json_integer_value(v));
-      st = fail(code, "out_of_range", 422);
-      goto out;
-    }
-    out->seed = (uint64_t)json_integer_value(v);
-    out->has_seed = 1;
-  }
-  if ((v = json_object_get(j, "init"))) {
-    if (json_is_string(v)) {
-      const char *s = json_string_value(v);
-      if (!strcmp(s, "noise")) {
-        out->init = JEM_SAMPLE_INIT_NOISE;
-      } else if (!strcmp(s, "buffer")) {
-        if (!(m->replay && m->replay_n > 0)) {
-          snprintf(err, errlen, "'init' \"buffer\": this model has no replay buffer; use "
-                   "\"noise\" or {\"images\": [...]}");
-          st = fail(code, "out_of_range", 422);
-          goto out;
-        }
-        out->init = JEM_SAMPLE_INIT_BUFFER;
-      } else {
-        char q[96];
-        srv_log_quote(q, sizeof q, s);
-        snprintf(err, errlen, "'init' %s is not \"noise\", \"buffer\" or {\"images\": [...]}", q);
-        st = fail(code, "out_of_range", 422);
-        goto out;
-      }
-    } else if (json_is_object(v)) {
-      json_object_foreach(v, key, imgs) {
-        if (strcmp(key, "images") != 0) {
-          char q[80];
-          srv_log_quote(q, sizeof q, key);
-          snprintf(err, errlen, "unknown field init.%s (only \"images\" is accepted)", q);
-          st = fail(code, "unknown_field", 400);
-          goto out;
-        }
-      }
-      imgs = json_object_get(v, "images");
-      if (!json_is_array(imgs)) {
-        snprintf(err, errlen, "'init' must hold \"images\": an array of base64 PNG or JPEG "
-                 "strings");
-        st = fail(code, "invalid_type", 400);
-        goto out;
-      }
-      size_t cnt = json_array_size(imgs);
-      for (size_t k = 0; k < cnt; k++)
-        if (!json_is_string(json_array_get(imgs, k))) {
-          snprintf(err, errlen, "init.images[%zu] must be a base64 string, not %s", k,
-                   json_type_name(json_array_get(imgs, k)));
-          st = fail(code, "invalid_type", 400);
-          goto out;
-        }
-      if (cnt < 1 || cnt > (size_t)max_n) {
-        snprintf(err, errlen, "init.images must hold from 1 to %d images, got %zu", max_n, cnt);
-        st = fail(code, "out_of_range", 422);
-        goto out;
-      }
-      if (n_given && (size_t)out->n != cnt) {
-        snprintf(err, errlen, "'n' is %d but init.images holds %zu images; give n equal to "
-                 "their count or leave it out", out->n, cnt);
-        st = fail(code, "out_of_range", 422);
-        goto out;
-      }
-      out->n = (int)cnt;
-      out->init = JEM_SAMPLE_INIT_GIVEN;
-    } else {
-      snprintf(err, errlen, "'init' must be \"noise\", \"buffer\" or {\"images\": [...]}, not "
-               "%s", json_type_name(v));
-      st = fail(code, "invalid_type", 400);
-      goto out;
-    }
-  }
+  if ((v = json_object_get(j, "seed")) && (st = seed_field(v, out, code, err, errlen)))
+    goto out;
+  if ((v = json_object_get(j, "init")) &&
+      (st = init_field(v, m, max_n, n_given, out, &imgs, code, err, errlen)))
+    goto out;
   if (out->init == JEM_SAMPLE_INIT_GIVEN &&
       (st = parse_images(imgs, lim, out->n, out, code, err, errlen)))
     goto out;

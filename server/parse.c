@@ -325,6 +325,175 @@ static int get_bool_param(const json_t *params, const char *name) {
   return json_is_true(v);
 }
 
+/* inputs[0]'s fields, name and datatype, and its shape into sh: [N, c, s, s]
+ * with N <= max_n. */
+static int v2_input_head(const json_t *in, int c, int s, int max_n, int sh[4], char *err,
+                         size_t errlen) {
+  if (!json_is_object(in)) {
+    snprintf(err, errlen, "inputs[0] must be an object");
+    return 400;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)in, key, v) {
+    if (strcmp(key, "name") && strcmp(key, "shape") && strcmp(key, "datatype") &&
+        strcmp(key, "data") && strcmp(key, "parameters")) {
+      snprintf(err, errlen, "unknown field '%.64s' in inputs[0]", key);
+      return 400;
+    }
+  }
+  json_t *name = json_object_get(in, "name");
+  if (!json_is_string(name) || strcmp(json_string_value(name), "input") != 0) {
+    snprintf(err, errlen, "the model takes one input named \"input\"");
+    return 400;
+  }
+  json_t *dt = json_object_get(in, "datatype");
+  if (!json_is_string(dt) || strcmp(json_string_value(dt), "FP32") != 0) {
+    snprintf(err, errlen, "\"datatype\" must be \"FP32\"");
+    return 400;
+  }
+  json_t *shape = json_object_get(in, "shape");
+  if (!json_is_array(shape) || json_array_size(shape) != 4) {
+    snprintf(err, errlen, "\"shape\" must be [N, %d, %d, %d]", c, s, s);
+    return 400;
+  }
+  for (int i = 0; i < 4; i++) {
+    json_t *d = json_array_get(shape, (size_t)i);
+    if (!json_is_integer(d) || json_integer_value(d) < 1 || json_integer_value(d) > 1 << 20) {
+      snprintf(err, errlen, "\"shape\" must hold positive integers");
+      return 400;
+    }
+    sh[i] = (int)json_integer_value(d);
+  }
+  if (sh[1] != c || sh[2] != s || sh[3] != s) {
+    snprintf(err, errlen, "shape [%d, %d, %d, %d] does not match the model input [N, %d, %d, %d]",
+             sh[0], sh[1], sh[2], sh[3], c, s, s);
+    return 422;
+  }
+  if (sh[0] > max_n) {
+    snprintf(err, errlen, "batch of %d exceeds the limit of %d", sh[0], max_n);
+    return 413;
+  }
+  return 0;
+}
+
+/* out->x: room for the input's total floats. */
+static int v2_alloc(srv_v2_req *out, size_t total, char *err, size_t errlen) {
+  out->x = malloc(sizeof(float) * total);
+  if (out->x) return 0;
+  snprintf(err, errlen, "out of memory");
+  return 503;
+}
+
+/* The binary tensor extension: the input as bin_len raw little-endian FP32
+ * bytes after the JSON header, binary_data_size (bsz) of them. */
+static int v2_binary_data(const json_t *bsz, const json_t *data, const unsigned char *bin,
+                          size_t bin_len, const int sh[4], size_t total, srv_v2_req *out,
+                          char *err, size_t errlen) {
+  if (!bsz || !json_is_integer(bsz) || data) {
+    snprintf(err, errlen, "binary input needs inputs[0].parameters.binary_data_size and no "
+             "\"data\"; or send no bytes after the JSON header");
+    return 400;
+  }
+  if ((json_int_t)(total * sizeof(float)) != json_integer_value(bsz) ||
+      bin_len != total * sizeof(float)) {
+    snprintf(err, errlen, "binary input holds %zu bytes (binary_data_size %lld); shape "
+             "[%d, %d, %d, %d] in FP32 needs %zu", bin_len,
+             (long long)json_integer_value(bsz), sh[0], sh[1], sh[2], sh[3],
+             total * sizeof(float));
+    return 422;
+  }
+  int st = v2_alloc(out, total, err, errlen);
+  if (st) return st;
+  for (size_t i = 0; i < total; i++) {
+    const unsigned char *p = bin + 4 * i;
+    uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                 (uint32_t)p[3] << 24;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    if (!isfinite(f) || fabsf(f) > V2_MAX_ABS) {
+      snprintf(err, errlen, "binary input element %zu (%.9g) is not a finite FP32 value "
+               "within [-1e6, 1e6]; the model's inputs lie in [-1, 1]", i, (double)f);
+      return 422;
+    }
+    out->x[i] = f;
+  }
+  return 0;
+}
+
+/* "data": the input as JSON numbers, flat or nested to the shape. */
+static int v2_json_data(const json_t *data, const int sh[4], size_t total, srv_v2_req *out,
+                        char *err, size_t errlen) {
+  if (!json_is_array(data)) {
+    snprintf(err, errlen, "\"data\" must be an array of numbers (flat or nested)");
+    return 400;
+  }
+  int st = v2_alloc(out, total, err, errlen);
+  if (st) return st;
+  size_t nd = json_array_size(data);
+  /* flat when it has the shape's element count and no nested arrays; then
+   * each element must be a number (put_num names the first that is not) */
+  int flat = nd == total && nd > 0 && !json_is_array(json_array_get(data, 0));
+  if (flat) {
+    for (size_t i = 0; i < nd; i++)
+      if ((st = put_num(json_array_get(data, i), out->x + i, err, errlen, i))) return st;
+    return 0;
+  }
+  if (nd != (size_t)sh[0]) {
+    snprintf(err, errlen, "\"data\" holds %zu values; shape [%d, %d, %d, %d] needs %zu "
+             "(flat) or nested arrays", nd, sh[0], sh[1], sh[2], sh[3], total);
+    return 422;
+  }
+  size_t pos = 0;
+  return walk(data, 0, sh, out->x, &pos, err, errlen);
+}
+
+/* inputs[0]'s values into out->x, from the binary tail or from "data". */
+static int v2_input_data(const json_t *in, const int sh[4], const unsigned char *bin,
+                         size_t bin_len, srv_v2_req *out, char *err, size_t errlen) {
+  const size_t total = (size_t)sh[0] * (size_t)sh[1] * (size_t)sh[2] * (size_t)sh[3];
+  json_t *data = json_object_get(in, "data");
+  json_t *ip = json_object_get(in, "parameters");
+  json_t *bsz = json_is_object(ip) ? json_object_get(ip, "binary_data_size") : NULL;
+  if (ip && !json_is_object(ip)) {
+    snprintf(err, errlen, "inputs[0].parameters must be an object");
+    return 400;
+  }
+  int st = bsz || bin_len ? v2_binary_data(bsz, data, bin, bin_len, sh, total, out, err, errlen)
+                          : v2_json_data(data, sh, total, out, err, errlen);
+  if (!st) out->n = sh[0];
+  return st;
+}
+
+/* "outputs": which of logits, probs, energy, grad_norm to send, and which
+ * as binary data (all of them, as binary with all_binary, when absent). */
+static int v2_parse_outputs(const json_t *outs, int all_binary, srv_v2_req *out, char *err,
+                            size_t errlen) {
+  if (!outs) {
+    for (int i = 0; i < 4; i++) out->want[i] = 1, out->binary[i] = all_binary;
+    return 0;
+  }
+  if (!json_is_array(outs) || json_array_size(outs) == 0) {
+    snprintf(err, errlen, "\"outputs\" must be a non-empty array of {\"name\": ...}");
+    return 400;
+  }
+  for (size_t i = 0; i < json_array_size(outs); i++) {
+    json_t *o = json_array_get(outs, i);
+    json_t *on = json_is_object(o) ? json_object_get(o, "name") : NULL;
+    int found = -1;
+    for (int k = 0; on && json_is_string(on) && k < 4; k++)
+      if (!strcmp(json_string_value(on), v2_outputs[k])) found = k;
+    if (found < 0) {
+      snprintf(err, errlen, "outputs[%zu] must name one of logits, probs, energy, grad_norm", i);
+      return 400;
+    }
+    out->want[found] = 1;
+    json_t *op = json_object_get(o, "parameters");
+    out->binary[found] = all_binary || get_bool_param(op, "binary_data");
+  }
+  return 0;
+}
+
 int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int s, int max_n,
                        srv_v2_req *out, char *err, size_t errlen) {
   memset(out, 0, sizeof *out);
@@ -379,166 +548,11 @@ int srv_v2_parse_infer(const char *body, size_t len, size_t json_len, int c, int
     st = 400;
     goto out;
   }
-  json_t *in = json_array_get(inputs, 0);
-  if (!json_is_object(in)) {
-    snprintf(err, errlen, "inputs[0] must be an object");
-    st = 400;
-    goto out;
-  }
-  json_object_foreach(in, key, v) {
-    if (strcmp(key, "name") && strcmp(key, "shape") && strcmp(key, "datatype") &&
-        strcmp(key, "data") && strcmp(key, "parameters")) {
-      snprintf(err, errlen, "unknown field '%.64s' in inputs[0]", key);
-      st = 400;
-      goto out;
-    }
-  }
-  json_t *name = json_object_get(in, "name");
-  if (!json_is_string(name) || strcmp(json_string_value(name), "input") != 0) {
-    snprintf(err, errlen, "the model takes one input named \"input\"");
-    st = 400;
-    goto out;
-  }
-  json_t *dt = json_object_get(in, "datatype");
-  if (!json_is_string(dt) || strcmp(json_string_value(dt), "FP32") != 0) {
-    snprintf(err, errlen, "\"datatype\" must be \"FP32\"");
-    st = 400;
-    goto out;
-  }
-  json_t *shape = json_object_get(in, "shape");
+  const json_t *in = json_array_get(inputs, 0);
   int sh[4];
-  if (!json_is_array(shape) || json_array_size(shape) != 4) {
-    snprintf(err, errlen, "\"shape\" must be [N, %d, %d, %d]", c, s, s);
-    st = 400;
-    goto out;
-  }
-  for (int i = 0; i < 4; i++) {
-    json_t *d = json_array_get(shape, (size_t)i);
-    if (!json_is_integer(d) || json_integer_value(d) < 1 || json_integer_value(d) > 1 << 20) {
-      snprintf(err, errlen, "\"shape\" must hold positive integers");
-      st = 400;
-      goto out;
-    }
-    sh[i] = (int)json_integer_value(d);
-  }
-  if (sh[1] != c || sh[2] != s || sh[3] != s) {
-    snprintf(err, errlen, "shape [%d, %d, %d, %d] does not match the model input [N, %d, %d, %d]",
-             sh[0], sh[1], sh[2], sh[3], c, s, s);
-    st = 422;
-    goto out;
-  }
-  if (sh[0] > max_n) {
-    snprintf(err, errlen, "batch of %d exceeds the limit of %d", sh[0], max_n);
-    st = 413;
-    goto out;
-  }
-  size_t total = (size_t)sh[0] * (size_t)c * (size_t)s * (size_t)s;
-  json_t *data = json_object_get(in, "data");
-  json_t *ip = json_object_get(in, "parameters");
-  json_t *bsz = json_is_object(ip) ? json_object_get(ip, "binary_data_size") : NULL;
-  if (ip && !json_is_object(ip)) {
-    snprintf(err, errlen, "inputs[0].parameters must be an object");
-    st = 400;
-    goto out;
-  }
-  if (bsz || bin_len) {
-    if (!bsz || !json_is_integer(bsz) || data) {
-      snprintf(err, errlen, "binary input needs inputs[0].parameters.binary_data_size and no "
-               "\"data\"; or send no bytes after the JSON header");
-      st = 400;
-      goto out;
-    }
-    if ((json_int_t)(total * sizeof(float)) != json_integer_value(bsz) ||
-        bin_len != total * sizeof(float)) {
-      snprintf(err, errlen, "binary input holds %zu bytes (binary_data_size %lld); shape "
-               "[%d, %d, %d, %d] in FP32 needs %zu", bin_len,
-               (long long)json_integer_value(bsz), sh[0], sh[1], sh[2], sh[3],
-               total * sizeof(float));
-      st = 422;
-      goto out;
-    }
-    out->x = malloc(sizeof(float) * total);
-    if (!out->x) {
-      snprintf(err, errlen, "out of memory");
-      st = 503;
-      goto out;
-    }
-    for (size_t i = 0; i < total; i++) {
-      const unsigned char *p = bin + 4 * i;
-      uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                   (uint32_t)p[3] << 24;
-      float f;
-      memcpy(&f, &u, sizeof f);
-      if (!isfinite(f) || fabsf(f) > V2_MAX_ABS) {
-        snprintf(err, errlen, "binary input element %zu (%.9g) is not a finite FP32 value "
-                 "within [-1e6, 1e6]; the model's inputs lie in [-1, 1]", i, (double)f);
-        st = 422;
-        goto out;
-      }
-      out->x[i] = f;
-    }
-    out->n = sh[0];
-    goto outputs;
-  }
-  if (!json_is_array(data)) {
-    snprintf(err, errlen, "\"data\" must be an array of numbers (flat or nested)");
-    st = 400;
-    goto out;
-  }
-  out->x = malloc(sizeof(float) * total);
-  if (!out->x) {
-    snprintf(err, errlen, "out of memory");
-    st = 503;
-    goto out;
-  }
-  size_t nd = json_array_size(data);
-  /* flat when it has the shape's element count and no nested arrays; then
-   * each element must be a number (put_num names the first that is not) */
-  int flat = nd == total && nd > 0 && !json_is_array(json_array_get(data, 0));
-  if (flat) {
-    for (size_t i = 0; i < nd; i++) {
-      st = put_num(json_array_get(data, i), out->x + i, err, errlen, i);
-      if (st) goto out;
-    }
-  } else {
-    if (nd != (size_t)sh[0]) {
-      snprintf(err, errlen, "\"data\" holds %zu values; shape [%d, %d, %d, %d] needs %zu "
-               "(flat) or nested arrays", nd, sh[0], sh[1], sh[2], sh[3], total);
-      st = 422;
-      goto out;
-    }
-    size_t pos = 0;
-    st = walk(data, 0, sh, out->x, &pos, err, errlen);
-    if (st) goto out;
-  }
-  out->n = sh[0];
-outputs:;
-  json_t *outs = json_object_get(j, "outputs");
-  if (!outs) {
-    for (int i = 0; i < 4; i++) out->want[i] = 1, out->binary[i] = all_binary;
-  } else {
-    if (!json_is_array(outs) || json_array_size(outs) == 0) {
-      snprintf(err, errlen, "\"outputs\" must be a non-empty array of {\"name\": ...}");
-      st = 400;
-      goto out;
-    }
-    for (size_t i = 0; i < json_array_size(outs); i++) {
-      json_t *o = json_array_get(outs, i);
-      json_t *on = json_is_object(o) ? json_object_get(o, "name") : NULL;
-      int found = -1;
-      for (int k = 0; on && json_is_string(on) && k < 4; k++)
-        if (!strcmp(json_string_value(on), v2_outputs[k])) found = k;
-      if (found < 0) {
-        snprintf(err, errlen, "outputs[%zu] must name one of logits, probs, energy, grad_norm",
-                 i);
-        st = 400;
-        goto out;
-      }
-      out->want[found] = 1;
-      json_t *op = json_object_get(o, "parameters");
-      out->binary[found] = all_binary || get_bool_param(op, "binary_data");
-    }
-  }
+  if (!(st = v2_input_head(in, c, s, max_n, sh, err, errlen)) &&
+      !(st = v2_input_data(in, sh, bin, bin_len, out, err, errlen)))
+    st = v2_parse_outputs(json_object_get(j, "outputs"), all_binary, out, err, errlen);
 out:
   json_decref(j);
   if (st) srv_v2_req_free(out);

@@ -126,7 +126,7 @@ void jem__linear_forward(float *y, const float *x, const float *w,
 void jem__linear_backward(const float *dy, const float *x, const float *w,
                           int n, int f, int k, float *dw, float *db, float *dx);
 
-/* Threads lent to one layer (model.c): while a batch too small to keep the
+/* Threads lent to one layer (workspace.c): while a batch too small to keep the
  * workspace's threads busy runs on the calling thread, jem__par(fn, arg,
  * parts) runs fn(arg, i, parts) for every i < parts spread over the idle
  * threads, and returns when all are done; otherwise (and outside a

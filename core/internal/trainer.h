@@ -1,5 +1,6 @@
-/* trainer.h - the trainer's state, shared by the training step and run
- * (core/train.c) and its files (core/train_ckpt.c).  Internal to the core;
+/* trainer.h - the trainer's state, shared by the training step
+ * (core/train.c), the run (core/train_run.c) and its files
+ * (core/train_ckpt.c).  Internal to the core;
  * the API is jem_train_run in train.h.
  *
  * A run directory holds ckpt-NNNNNNNN.{safetensors,state} pairs (the model
@@ -48,10 +49,25 @@ typedef struct jem__trainer {
   int resumes;
 } jem__trainer;
 
-/* core/train.c: the epoch's order of the training set for loader `which`,
- * a pure function of (seed_eff, which, epoch), so resume only needs
- * (epoch, pos). */
+/* One iteration's statistics, for the progress lines and log.csv. */
+typedef struct jem__step_stats {
+  double loss, ce, px, l2, acc, e_data, e_sample, lr;
+  double oe, e_out; /* outlier-exposure term and mean outlier energy */
+} jem__step_stats;
+
+/* core/train.c */
+/* One iteration into ss.  Returns 0, or 1 when it diverged (nothing was
+ * updated). */
+int jem__train_step(jem__trainer *t, jem__step_stats *ss);
+/* The epoch's order of the training set for loader `which`, a pure
+ * function of (seed_eff, which, epoch), so resume only needs (epoch, pos). */
 void jem__train_make_perm(jem__trainer *t, int which);
+/* Seeds the augmentation, buffer and chain streams from seed_eff. */
+void jem__train_reseed(jem__trainer *t);
+/* A class for a restarted chain: uniform over the classes. */
+int jem__train_random_class(const jem__trainer *t, jem_rng *r);
+/* A seed derived from a and b. */
+uint64_t jem__train_mix(uint64_t a, uint64_t b);
 
 /* core/train_ckpt.c */
 /* out = run_dir/name. */
