@@ -104,7 +104,7 @@ static const opt opts[] = {
   {"drain-delay", "JEMD_DRAIN_DELAY", OPT_INT, F(drain_delay), "0", 0, 3600, "S",
    "on SIGTERM, first keep serving this long (readiness and new jobs 503)"},
   {"api-key-file", "JEMD_API_KEY_FILE", OPT_STR, F(api_key_file), "", 0, 0, "PATH",
-   "file of bearer tokens (one per line) for job routes"},
+   "file of bearer tokens (one per line) for job routes and model load/unload"},
   {"protect-scoring", "JEMD_PROTECT_SCORING", OPT_BOOL, F(protect_scoring), "false", 0, 1,
    NULL, "require the API key on scoring routes too"},
   {"max-samples", "JEMD_MAX_SAMPLES", OPT_INT, F(max_samples), "64", 1, 4096, "N",

@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """test_models.py - several models in one daemon: --model-dir, repeated
 --model, --default-model, the per-model routes, the OIP v2 repository
-extension, SIGHUP rescans (added, removed, changed and broken files, and a
-request in flight finishing on the old model), the `model` metric label and
-404 model_not_found.  Each model's answers are compared with `jem score` on
+extension (load and unload behind the API key, as the job routes), SIGHUP
+rescans (added, removed, changed and broken files, and a request in flight
+finishing on the old model), the `model` metric label and 404
+model_not_found.  Each model's answers are compared with `jem score` on
 its own file.
 
 usage: /usr/bin/python3 tests/integration/test_models.py --build build
@@ -240,6 +241,38 @@ def queued(d):
     return int(m.group(1)) if m else 0
 
 
+def test_repository_auth(jemd, files, tmp):
+    """Load and unload change what the daemon serves: with --api-key-file they
+    need the key as the job routes do (without --protect-scoring too), while
+    the index, like scoring, stays open."""
+    keyf = os.path.join(tmp, "keys")
+    with open(keyf, "w") as f:
+        f.write("key-one\n")
+    d = jemtest.Daemon(jemd, files["alpha"], "--model", files["beta"], "--api-key-file", keyf)
+    good = {"Authorization": "Bearer key-one"}
+    try:
+        st, _, _ = d.json("POST", "/v1/samples", json.dumps({"n": 1, "steps": 1}), J)
+        check(st == 401, f"reference: POST /v1/samples without the key is 401 ({st})")
+        st, _, js = d.json("POST", "/v2/repository/index")
+        check(st == 200 and len(js) == 2, f"the index needs no key without --protect-scoring ({st})")
+        for act in ("unload", "load"):
+            path = f"/v2/repository/models/beta/{act}"
+            for hdr, what in ((None, "no key"), ({"Authorization": "Bearer key-two"}, "a wrong key"),
+                              ({"Authorization": "key-one"}, "no Bearer scheme")):
+                st, h, js = d.json("POST", path, headers=hdr)
+                check(st == 401 and isinstance(js.get("error"), str) and
+                      h.get("www-authenticate", "").startswith("Bearer"),
+                      f"{act} with {what}: 401, v2 error, WWW-Authenticate ({st}, {js})")
+            want = "UNAVAILABLE" if act == "load" else "READY"
+            check(index(d)["beta"]["state"] == want, f"a refused {act} changes nothing ({want})")
+            st, _, js = d.json("POST", path, headers={"Authorization": "bEaReR key-one"})
+            check(st == 200 and js == {}, f"{act} with the key: 200 ({st}, {js})")
+            want = "READY" if act == "load" else "UNAVAILABLE"
+            check(index(d)["beta"]["state"] == want, f"after {act}: beta {want}")
+    finally:
+        d.kill()
+
+
 def test_flags(jemd, files, tmp):
     def start(*args):
         return subprocess.run([jemd, "--port", "0", *args], capture_output=True, text=True,
@@ -283,6 +316,7 @@ def main():
         with open(img, "wb") as f:
             f.write(jemtest.test_images(1, seed=13)[0])
         test_flags(jemd, {k: v for k, v in files.items()}, mdir)
+        test_repository_auth(jemd, files, tmp)
         d = jemtest.Daemon(jemd, None, "--model-dir", mdir, "--workers", "1")
         try:
             test_routes(d, jem, files, img)
