@@ -282,6 +282,25 @@ class Checks:
         return 1 if self.failed else 0
 
 
+def metric_value(text, name, labels=None):
+    """The sum of metric name's samples in /metrics text whose labels include
+    labels (a dict); None when there is none."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        # greedy: route templates put braces inside label values
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+            continue
+        total += float(m.group(3))
+        found = True
+    return total if found else None
+
+
 def jemd_binary(root, argv=None):
     """build/jemd (or --build DIR's) from a test script's command line."""
     import argparse

@@ -110,8 +110,32 @@ def test_routes(d, jem, files, img):
     for n in ("alpha", "beta"):
         check(re.search(r'jem_model_info\{model="%s",' % n, t) and
               re.search(r'jem_model_loaded\{model="%s"\} 1' % n, t), f"metrics: {n}'s series")
-    m = re.search(r'jem_model_scored_images_total\{model="beta"\} (\d+)', t)
-    check(m and int(m.group(1)) == 3, f"beta's images counted: {m and m.group(1)}")
+    mv = jemtest.metric_value
+    check(mv(t, "jem_scored_images_total", {"model": "beta"}) == 3 and
+          mv(t, "jem_scored_images_total", {"model": "alpha"}) == 4,
+          "images counted by model: beta 3, alpha 4")
+    check(mv(t, "jem_energy_count", {"model": "beta"}) == 3 and
+          mv(t, "jem_ood_score_count", {"model": "beta", "score": "energy"}) == 2,
+          "energy (3 images) and OOD percentiles (2, not v2 infer) by model")
+    for route, n in (("/v1/classify", "beta"), ("/v1/models/{name}/classify", "beta"),
+                     ("/v2/models/{name}/versions/{version}/infer", "beta"),
+                     ("/v1/models/{name}", "alpha"), ("/v1/samples", "beta")):
+        check((mv(t, "jem_http_requests_total", {"route": route, "model": n}) or 0) >= 1 and
+              (mv(t, "jem_request_duration_seconds_count", {"route": route, "model": n}) or 0)
+              >= 1,
+              f"requests and latency of {route} by model ({n})")
+    check(mv(t, "jem_http_requests_total", {"route": "/v1/classify", "code": "200"}) == 3 and
+          mv(t, "jem_http_requests_total", {"route": "/v1/classify", "model": "alpha"}) == 2,
+          "/v1/classify: 3 answered, 2 of them by alpha")
+    check('model="gamma"' not in t and
+          mv(t, "jem_http_requests_total", {"route": "/v1/classify", "code": "404"}) == 1,
+          "an unknown model's 404 is counted without a model label (no client-made series)")
+    check(mv(t, "jem_jobs_created_total", {"model": "beta"}) == 1 and
+          mv(t, "jem_jobs_finished_total", {"model": "beta", "status": "succeeded"}) == 1 and
+          mv(t, "jem_sgld_chain_steps_total", {"model": "beta"}) == 4,
+          "beta's job: created, succeeded, 2 chains x 2 steps")
+    p = subprocess.run(["promtool", "check", "metrics"], input=t, capture_output=True, text=True)
+    check(p.returncode == 0, f"promtool check metrics: {(p.stdout + p.stderr)[:300]}")
     st, _, js = d.json("GET", "/v2")
     check("model_repository" in js["extensions"], "/v2 lists the repository extension")
 
@@ -161,6 +185,12 @@ def test_repository(d):
     check(d.json("GET", "/v1/models/beta")[2]["generation"] > gen0, "a new generation")
     st, _, js = d.json("POST", "/v2/repository/models/nosuch/unload")
     check(st == 404 and isinstance(js["error"], str), "unload of an unknown model: 404")
+    t = d.request("GET", "/metrics")[2].decode()
+    check(all(jemtest.metric_value(t, "jem_http_requests_total",
+                                   {"route": f"/v2/repository/models/{{name}}/{a}",
+                                    "model": "beta", "code": "200"}) == 1
+              for a in ("load", "unload")) and 'model="nosuch"' not in t,
+          "load and unload counted with the model's label; an unknown name gets none")
     st, _, js = d.json("POST", "/v2/repository/index", b"[1]", J)
     check(st == 400, "index with a body other than {ready}: 400")
 
