@@ -159,17 +159,27 @@ void srv_model_count_reload(int ok);
 /* ------------------------------------------------------------------------ */
 /* Scheduler (server/sched.c).  See the comment at the top of sched.c. */
 
+/* Workspaces a worker keeps, one per model generation, so that batches
+ * alternating between models reuse theirs instead of rebuilding. */
+#define SRV_WORKER_WS 4
 typedef struct srv_worker {
   int index;                    /* 0 .. workers-1 (slot, not thread) */
-  jem_ws *ws;                   /* for ws_gen's model, max_batch images */
-  uint64_t ws_gen;
+  struct {
+    jem_ws *ws;                 /* for model generation gen, max_batch images */
+    uint64_t gen, used;         /* used: the worker's tick of its last use */
+  } ws[SRV_WORKER_WS];          /* ws NULL: free */
+  uint64_t tick;
   float *xbuf;                  /* gather buffer, max_batch * C*S*S */
   size_t xbuf_len;
 } srv_worker;
 
-/* The workspace of this worker for model sm (re)created when the model
- * changed since the last call.  NULL on out of memory. */
+/* The workspace of this worker for model sm: the one it keeps for sm's
+ * generation, else a new one, after dropping the least recently used
+ * until the kept ones and the new one fit --workspace-bytes together (a
+ * lone workspace may take all of it).  NULL on out of memory. */
 jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm);
+/* Frees every workspace the worker keeps. */
+void srv_worker_free_ws(srv_worker *wk);
 
 enum { SRV_WORK_SCORE = 0, SRV_WORK_JOB = 1, SRV_WORK_KINDS };
 

@@ -3,8 +3,8 @@
 --model, --default-model, the per-model routes, the OIP v2 repository
 extension (load and unload behind the API key, as the job routes), SIGHUP
 rescans (added, removed, changed and broken files, and a request in flight
-finishing on the old model), the `model` metric label and 404
-model_not_found.  Each model's answers are compared with `jem score` on
+finishing on the old model), the `model` metric label, a workspace per model
+on each worker and 404 model_not_found.  Each model's answers are compared with `jem score` on
 its own file.
 
 usage: /usr/bin/python3 tests/integration/test_models.py --build build
@@ -303,6 +303,36 @@ def test_repository_auth(jemd, files, tmp):
         d.kill()
 
 
+def test_workspaces(jemd, files, img):
+    """One worker, batches alternating between two models: with room for both
+    workspaces each is made once; with room for one, each switch makes one
+    anew; the answers are the same bytes either way."""
+    png = open(img, "rb").read()
+    order = ["alpha", "beta"] * 4
+
+    def run(*args):
+        d = jemtest.Daemon(jemd, files["alpha"], "--model", files["beta"], "--workers", "1",
+                           "--log-level", "debug", *args)
+        try:
+            got = [d.request("POST", f"/v1/models/{n}/classify", png, PNG)[2] for n in order]
+            made = re.findall(r'msg="workspace created" worker=0 model="(\w+)" generation=\d+ '
+                              r'images=(\d+) bytes=(\d+)', d.log())
+        finally:
+            d.kill()
+        return got, made
+
+    both, made = run()
+    check([m[0] for m in made] == ["alpha", "beta"] and all(m[1] == "64" for m in made),
+          f"room for both: one workspace per model, made once ({[m[0] for m in made]})")
+    one = max(int(m[2]) for m in made) * 3 // 2
+    single, made = run("--workspace-bytes", str(one))
+    check([m[0] for m in made] == order,
+          f"--workspace-bytes {one} (room for one): a workspace at every switch ({len(made)})")
+    check(all(json.loads(a)["logits"] for a in both) and both == single and
+          all(both[i] == both[i % 2] for i in range(len(order))),
+          "the same bytes for each model's image, first or later, one workspace or two")
+
+
 def test_flags(jemd, files, tmp):
     def start(*args):
         return subprocess.run([jemd, "--port", "0", *args], capture_output=True, text=True,
@@ -347,6 +377,7 @@ def main():
             f.write(jemtest.test_images(1, seed=13)[0])
         test_flags(jemd, {k: v for k, v in files.items()}, mdir)
         test_repository_auth(jemd, files, tmp)
+        test_workspaces(jemd, files, img)
         d = jemtest.Daemon(jemd, None, "--model-dir", mdir, "--workers", "1")
         try:
             test_routes(d, jem, files, img)
