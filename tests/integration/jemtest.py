@@ -180,7 +180,9 @@ class Daemon:
         self._ready = threading.Event()
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
-        if not self._ready.wait(30):
+        # an ASan build loading the shipped model (its replay buffer is
+        # labelled at load) can take over 30 s on a loaded machine
+        if not self._ready.wait(120 if "/asan/" in binary else 30):
             self.kill()
             raise RuntimeError("jemd did not start:\n" + "".join(self.lines[-30:]))
         if self.port is None:
