@@ -64,16 +64,25 @@ $(B)/libjemsrv.a: $(SRV_OBJ) $(B)/obj/gen/assets.o
 	@rm -f $@
 	$(AR) rcs $@ $^
 
-# Files jemd serves, built into it: the page at / (web/) and the spec.
-# scripts/embed.c turns them into a C file of byte arrays (no runtime paths).
+# Files jemd serves, built into it: the page at / (web/), the spec and its
+# reference at /docs, generated from the spec by scripts/apidocs.py (python3
+# and python3-yaml of DEPS_BUILD; no node).  scripts/embed.c turns them into a
+# C file of byte arrays (no runtime paths).
+ASSET_FILES := web/index.html web/app.js web/app.css web/docs.css openapi.yaml \
+               $(B)/gen/docs.html
 ASSETS := web/index.html / 'text/html; charset=utf-8' \
           web/app.js /ui/app.js 'text/javascript; charset=utf-8' \
           web/app.css /ui/app.css 'text/css; charset=utf-8' \
-          openapi.yaml /openapi.yaml 'application/yaml; charset=utf-8'
+          web/docs.css /ui/docs.css 'text/css; charset=utf-8' \
+          openapi.yaml /openapi.yaml 'application/yaml; charset=utf-8' \
+          $(B)/gen/docs.html /docs 'text/html; charset=utf-8'
 $(B)/embed: scripts/embed.c
 	@mkdir -p $(@D)
 	$(CC) -std=c11 -O1 -Wall -Wextra -Werror $< -o $@
-$(B)/gen/assets.c: $(B)/embed web/index.html web/app.js web/app.css openapi.yaml
+$(B)/gen/docs.html: scripts/apidocs.py openapi.yaml
+	@mkdir -p $(@D)
+	$(PYTHON) scripts/apidocs.py openapi.yaml $@
+$(B)/gen/assets.c: $(B)/embed $(ASSET_FILES)
 	@mkdir -p $(@D)
 	$(B)/embed $@ $(ASSETS)
 $(B)/obj/gen/assets.o: $(B)/gen/assets.c

@@ -371,6 +371,9 @@ size_t jem_ws_bytes(const jem_ws *ws);
  * big model can run large batches in chunks (jem_score_batch, jem_sgld_run
  * take any n) in a fraction of the memory. */
 int jem_ws_batch_within(const jem_model *m, int max_batch, int flags, size_t bytes);
+/* What jem_ws_create(m, max_batch, flags) would take (its jem_ws_bytes), at
+ * the current thread count, without allocating. */
+size_t jem_ws_plan_bytes(const jem_model *m, int max_batch, int flags);
 
 /* Forward pass: logits [n,K].  Keeps the activations in ws for a following
  * jem_backward.  n <= max_batch. */

@@ -203,12 +203,17 @@ static size_t ws_floats(const jem_model *m, int max_batch, int flags, int nthr,
   return total;
 }
 
+size_t jem_ws_plan_bytes(const jem_model *m, int max_batch, int flags) {
+  JEM_ASSERT(m && m->net && max_batch >= 1);
+  size_t head, total = ws_floats(m, max_batch, flags, ws_threads(max_batch), &head);
+  return total * sizeof(float) + head;
+}
+
 int jem_ws_batch_within(const jem_model *m, int max_batch, int flags, size_t bytes) {
   JEM_ASSERT(m && m->net && max_batch >= 1);
   int b = max_batch;
   for (;;) {
-    size_t head, total = ws_floats(m, b, flags, ws_threads(b), &head);
-    if (b == 1 || total * sizeof(float) + head <= bytes) return b;
+    if (b == 1 || jem_ws_plan_bytes(m, b, flags) <= bytes) return b;
     /* whole slices while there are several, then image by image */
     b = b > SLICE_IMAGES ? (b - 1) / SLICE_IMAGES * SLICE_IMAGES : b - 1;
   }

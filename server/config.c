@@ -56,9 +56,10 @@ static const opt opts[] = {
   {"max-batch", "JEMD_MAX_BATCH", OPT_INT, F(max_batch), "64", 1, 1024, "N",
    "most images in one dynamic batch"},
   {"workspace-bytes", "JEMD_WORKSPACE_BYTES", OPT_LL, F(workspace_bytes), "268435456",
-   16777216, 1ll << 40, "BYTES", "scratch memory of each compute worker; a model that needs "
-   "more for --max-batch images runs each batch in chunks that fit (no slower while a "
-   "chunk holds 8 images per BLAS thread)"},
+   16777216, 1ll << 40, "BYTES", "scratch memory of each compute worker, which keeps a "
+   "workspace for each of up to 4 recent models within it; a model that needs more for "
+   "--max-batch images runs each batch in chunks that fit (no slower while a chunk holds 8 "
+   "images per BLAS thread)"},
   {"max-delay-us", "JEMD_MAX_DELAY_US", OPT_INT, F(max_delay_us), "2000", 0, 10000000, "US",
    "while a batch runs, how long the next partial batch may wait to fill up "
    "(an idle pool starts at once; 1 ms timer resolution)"},
@@ -104,7 +105,7 @@ static const opt opts[] = {
   {"drain-delay", "JEMD_DRAIN_DELAY", OPT_INT, F(drain_delay), "0", 0, 3600, "S",
    "on SIGTERM, first keep serving this long (readiness and new jobs 503)"},
   {"api-key-file", "JEMD_API_KEY_FILE", OPT_STR, F(api_key_file), "", 0, 0, "PATH",
-   "file of bearer tokens (one per line) for job routes"},
+   "file of bearer tokens (one per line) for job routes and model load/unload"},
   {"protect-scoring", "JEMD_PROTECT_SCORING", OPT_BOOL, F(protect_scoring), "false", 0, 1,
    NULL, "require the API key on scoring routes too"},
   {"max-samples", "JEMD_MAX_SAMPLES", OPT_INT, F(max_samples), "64", 1, 4096, "N",

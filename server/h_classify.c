@@ -144,37 +144,57 @@ static json_t *result_json(const jem_model *m, const srv_task *t, int i, int top
 
 static const double energy_le[] = {-100, -50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100};
 static const double pct_le[] = {0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1};
-static srv_hist energy_hist, pct_hist[JEM_NUM_SCORES];
-static atomic_ullong scored_images;
+/* per model label (srv_metrics_model) */
+static srv_hist energy_hist[SRV_METRIC_MODELS], pct_hist[SRV_METRIC_MODELS][JEM_NUM_SCORES];
+static atomic_ullong scored_images[SRV_METRIC_MODELS];
 
 static void render_metrics(srv_mbuf *b) {
-  srv_mhead(b, "jem_scored_images_total", "counter", "Images scored and returned to clients.");
-  srv_mprintf(b, "jem_scored_images_total %llu\n",
-              (unsigned long long)atomic_load(&scored_images));
-  srv_mhead(b, "jem_energy", "histogram", "Energy (-logsumexp of the logits) of scored images.");
-  srv_mhist(b, "jem_energy", "", &energy_hist);
-  srv_mhead(b, "jem_ood_score", "histogram",
-            "In-distribution percentile of each OOD score of scored images (models with "
-            "statistics).");
-  for (int s = 0; s < JEM_NUM_SCORES; s++) {
-    char lab[64];
-    snprintf(lab, sizeof lab, "score=\"%s\"", jem_score_names[s]);
-    srv_mhist(b, "jem_ood_score", lab, &pct_hist[s]);
+  int nm = srv_metrics_models();
+  char lab[400];
+  srv_mhead(b, "jem_scored_images_total", "counter",
+            "Images scored and returned to clients, by model.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(lab, sizeof lab, "", mi);
+    srv_mprintf(b, "jem_scored_images_total{%s} %llu\n", lab,
+                (unsigned long long)atomic_load(&scored_images[mi]));
   }
+  srv_mhead(b, "jem_energy", "histogram",
+            "Energy (-logsumexp of the logits) of scored images, by model.");
+  for (int mi = 1; mi < nm; mi++) {
+    if (srv_hist_empty(&energy_hist[mi])) continue;
+    srv_mlabel_model(lab, sizeof lab, "", mi);
+    srv_mhist(b, "jem_energy", lab, &energy_hist[mi]);
+  }
+  srv_mhead(b, "jem_ood_score", "histogram",
+            "In-distribution percentile of each OOD score of scored images, by model (models "
+            "with statistics).");
+  for (int mi = 1; mi < nm; mi++)
+    for (int s = 0; s < JEM_NUM_SCORES; s++) {
+      if (srv_hist_empty(&pct_hist[mi][s])) continue;
+      srv_mlabel_model(lab, sizeof lab, "", mi);
+      size_t n = strlen(lab);
+      snprintf(lab + n, sizeof lab - n, ",score=\"%s\"", jem_score_names[s]);
+      srv_mhist(b, "jem_ood_score", lab, &pct_hist[mi][s]);
+    }
 }
 
 void srv_classify_start(void) {
-  srv_hist_init(&energy_hist, energy_le, SRV_NB(energy_le));
-  for (int s = 0; s < JEM_NUM_SCORES; s++) srv_hist_init(&pct_hist[s], pct_le, SRV_NB(pct_le));
+  for (int mi = 0; mi < SRV_METRIC_MODELS; mi++) {
+    srv_hist_init(&energy_hist[mi], energy_le, SRV_NB(energy_le));
+    for (int s = 0; s < JEM_NUM_SCORES; s++)
+      srv_hist_init(&pct_hist[mi][s], pct_le, SRV_NB(pct_le));
+  }
   srv_metrics_register(render_metrics);
 }
 
 void srv_score_observe(const srv_task *t, const jem_ood_result *ood) {
-  atomic_fetch_add(&scored_images, (unsigned long long)t->n);
+  int mi = t->model->label;
+  atomic_fetch_add(&scored_images[mi], (unsigned long long)t->n);
   for (int i = 0; i < t->n; i++) {
-    srv_hist_obs(&energy_hist, t->score[JEM_SCORE_ENERGY][i]);
+    srv_hist_obs(&energy_hist[mi], t->score[JEM_SCORE_ENERGY][i]);
     if (ood) /* no statistics: NaN percentiles, left out */
-      for (int s = 0; s < JEM_NUM_SCORES; s++) srv_hist_obs(&pct_hist[s], ood[i].percentile[s]);
+      for (int s = 0; s < JEM_NUM_SCORES; s++)
+        srv_hist_obs(&pct_hist[mi][s], ood[i].percentile[s]);
   }
 }
 
@@ -216,7 +236,6 @@ static enum MHD_Result classify_respond(srv_req *r) {
   enum MHD_Result res;
   if (c->dec.status) return decode_error(r, &c->dec);
   if (srv_score_unfinished(r, t, &res)) return res;
-  srv_model_count_images(t->model, t->n);
   const jem_model *m = t->model->m;
   /* the verdicts and the metrics, once; then the answer is a pure function */
   jem_ood_result *ood = calloc((size_t)t->n, sizeof *ood);

@@ -1,5 +1,6 @@
 /* h_static.c - the files built into jemd: the page at /, its script and
- * style under /ui/, and the OpenAPI document at /openapi.yaml. */
+ * style under /ui/, the OpenAPI document at /openapi.yaml and its reference
+ * at /docs (HTML generated from it at build time). */
 #include "srv.h"
 
 #include <string.h>

@@ -115,7 +115,6 @@ static enum MHD_Result infer_respond(srv_req *r) {
   srv_task *t = c->t;
   enum MHD_Result res;
   if (srv_score_unfinished(r, t, &res)) return res;
-  srv_model_count_images(t->model, t->n);
   const jem_model *m = t->model->m;
   int k = m->arch.num_classes;
   json_t *outs = json_array();
@@ -255,6 +254,7 @@ enum MHD_Result srv_h_v2_repo_load(srv_req *r) {
   if (srv_req_check_query(r, allowed)) return MHD_YES;
   char err[512];
   int rc = srv_model_repo_load(r->params[0], err, sizeof err);
+  if (rc == 0 || rc == -1) r->model_label = srv_metrics_model(r->params[0]); /* a known name */
   if (rc > 0) return srv_respond_error(r, 404, "model_not_found", "%s", err);
   if (rc == -2) {
     const char *h[] = {"Retry-After", "5", NULL};
@@ -270,6 +270,7 @@ enum MHD_Result srv_h_v2_repo_unload(srv_req *r) {
   static const char *const allowed[] = {NULL};
   if (srv_req_check_query(r, allowed)) return MHD_YES;
   int rc = srv_model_repo_unload(r->params[0]);
+  if (rc == 0) r->model_label = srv_metrics_model(r->params[0]);
   if (rc == -2) {
     const char *h[] = {"Retry-After", "5", NULL};
     return srv_respond_error_h(r, 503, "busy", h, "another load has not ended within "

@@ -69,30 +69,55 @@ static void body_free(srv_req *r) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Metrics: requests by route and status, their latency, and the gauges of
- * this file */
+/* Metrics: requests by route, model and status, their latency, and the
+ * gauges of this file */
 
 #define MAX_CODE 600
-static atomic_ullong *req_count;  /* [(n_routes+1) * MAX_CODE], row 0 = no route */
-static srv_hist *req_dur;         /* n_routes+1 */
+/* One route row's requests for one model label: counts by status, latency. */
+typedef struct req_series {
+  atomic_ullong count[MAX_CODE];
+  srv_hist dur;
+} req_series;
+/* [(n_routes+1) * SRV_METRIC_MODELS], row 0 = no route; each made on first
+ * use, since most routes never name a model. */
+static _Atomic(req_series *) *series;
+static pthread_mutex_t series_mu = PTHREAD_MUTEX_INITIALIZER;
 static const double lat_le[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 
-static void count_request(int route_idx, int status, double seconds) {
-  if (!req_count || !req_dur) return;
+static req_series *series_at(int row, int label) {
+  _Atomic(req_series *) *slot = &series[(size_t)row * SRV_METRIC_MODELS + (size_t)label];
+  req_series *s = atomic_load(slot);
+  if (s) return s;
+  pthread_mutex_lock(&series_mu);
+  s = atomic_load(slot);
+  if (!s && (s = calloc(1, sizeof *s))) {
+    srv_hist_init(&s->dur, lat_le, SRV_NB(lat_le));
+    atomic_store(slot, s);
+  }
+  pthread_mutex_unlock(&series_mu);
+  return s;
+}
+
+static void count_request(int route_idx, int label, int status, double seconds) {
+  if (!series) return;
   int row = route_idx < 0 || route_idx >= n_routes ? 0 : route_idx + 1;
+  if (label < 0 || label >= SRV_METRIC_MODELS) label = 0;
   if (status < 100 || status >= MAX_CODE) status = 500;
-  atomic_fetch_add(&req_count[(size_t)row * MAX_CODE + (size_t)status], 1);
-  srv_hist_obs(&req_dur[row], seconds);
+  req_series *s = series_at(row, label);
+  if (!s) return;
+  atomic_fetch_add(&s->count[status], 1);
+  srv_hist_obs(&s->dur, seconds);
 }
 
 /* One template can serve several methods (GET and DELETE /v1/jobs/{id}), so
  * the method is part of every series' identity. */
-static void row_labels(int row, char *out, size_t cap) {
-  char route[512];
+static void row_labels(int row, int label, char *out, size_t cap) {
+  char route[512], model[300];
   srv_mlabel(route, sizeof route, row == 0 ? "unmatched" : routes[row - 1].pattern);
-  snprintf(out, cap, "method=\"%s\",route=\"%s\"", row == 0 ? "other" : routes[row - 1].method,
-           route);
+  srv_mlabel_model(model, sizeof model, ",", label);
+  snprintf(out, cap, "method=\"%s\",route=\"%s\"%s", row == 0 ? "other" : routes[row - 1].method,
+           route, model);
 }
 
 static void render_metrics(srv_mbuf *b) {
@@ -103,24 +128,31 @@ static void render_metrics(srv_mbuf *b) {
   srv_mhead(b, "jem_request_body_bytes", "gauge",
             "Request body bytes buffered by all connections (limit: --max-buffered-bytes).");
   srv_mprintf(b, "jem_request_body_bytes %lld\n", (long long)atomic_load(&body_bytes));
-  if (!req_count || !req_dur) return;
-  char lab[640];
+  if (!series) return;
+  int nm = srv_metrics_models();
+  char lab[1024];
   srv_mhead(b, "jem_http_requests_total", "counter",
-            "HTTP requests by method, route template and status code.");
-  for (int row = 0; row <= n_routes; row++) {
-    row_labels(row, lab, sizeof lab);
-    for (int c = 0; c < MAX_CODE; c++) {
-      unsigned long long v = atomic_load(&req_count[(size_t)row * MAX_CODE + (size_t)c]);
-      if (v) srv_mprintf(b, "jem_http_requests_total{%s,code=\"%d\"} %llu\n", lab, c, v);
+            "HTTP requests by method, route template, model (where one answered) and status "
+            "code.");
+  for (int row = 0; row <= n_routes; row++)
+    for (int mi = 0; mi < nm; mi++) {
+      req_series *s = atomic_load(&series[(size_t)row * SRV_METRIC_MODELS + (size_t)mi]);
+      if (!s) continue;
+      row_labels(row, mi, lab, sizeof lab);
+      for (int c = 0; c < MAX_CODE; c++) {
+        unsigned long long v = atomic_load(&s->count[c]);
+        if (v) srv_mprintf(b, "jem_http_requests_total{%s,code=\"%d\"} %llu\n", lab, c, v);
+      }
     }
-  }
   srv_mhead(b, "jem_request_duration_seconds", "histogram",
-            "Time from request headers to response, by method and route template.");
-  for (int row = 0; row <= n_routes; row++) {
-    if (srv_hist_empty(&req_dur[row])) continue;
-    row_labels(row, lab, sizeof lab);
-    srv_mhist(b, "jem_request_duration_seconds", lab, &req_dur[row]);
-  }
+            "Time from request headers to response, by method, route template and model.");
+  for (int row = 0; row <= n_routes; row++)
+    for (int mi = 0; mi < nm; mi++) {
+      req_series *s = atomic_load(&series[(size_t)row * SRV_METRIC_MODELS + (size_t)mi]);
+      if (!s || srv_hist_empty(&s->dur)) continue;
+      row_labels(row, mi, lab, sizeof lab);
+      srv_mhist(b, "jem_request_duration_seconds", lab, &s->dur);
+    }
 }
 
 int srv_http_inflight(void) { return atomic_load(&inflight); }
@@ -662,7 +694,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         toe == MHD_REQUEST_TERMINATED_READ_ERROR)
       status = 499;
   }
-  count_request(r->route_idx, status, lat);
+  count_request(r->route_idx, r->model_label, status, lat);
   atomic_fetch_sub(&inflight, 1);
   if (SRV_LOG_INFO <= srv_cfg.log_level) {
     char path[300], client[64] = "-";
@@ -745,10 +777,7 @@ static int bound_port(struct MHD_Daemon *d, int asked) {
 int srv_http_start(const srv_route *table, int n_table, int *port, int *probe_port) {
   routes = table;
   n_routes = n_table;
-  req_count = calloc((size_t)(n_routes + 1) * MAX_CODE, sizeof *req_count);
-  req_dur = calloc((size_t)n_routes + 1, sizeof *req_dur);
-  if (req_dur)
-    for (int i = 0; i <= n_routes; i++) srv_hist_init(&req_dur[i], lat_le, SRV_NB(lat_le));
+  series = calloc((size_t)(n_routes + 1) * SRV_METRIC_MODELS, sizeof *series);
   srv_metrics_register(render_metrics);
   struct addrinfo hints, *ai = NULL;
   memset(&hints, 0, sizeof hints);

@@ -122,6 +122,7 @@ typedef struct job {
   int removed;                  /* no longer in the store */
   size_t bytes;                 /* charged to the store */
   uint64_t created_ns, finished_ns; /* monotonic: TTL and durations */
+  int label;                    /* its model's metric label */
 } job;
 
 static const double dur_le[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600};
@@ -132,8 +133,10 @@ static struct {
   int count, active;
   int decoding;                 /* admitted requests whose init images decode on a worker */
   size_t bytes;
-  unsigned long long created, finished[SRV_JOB_NSTATES], chain_steps;
-  srv_hist dur[SRV_JOB_NSTATES]; /* creation to end, by final state */
+  /* by model label (srv_metrics_model), then final state */
+  unsigned long long created[SRV_METRIC_MODELS], finished[SRV_METRIC_MODELS][SRV_JOB_NSTATES],
+      chain_steps[SRV_METRIC_MODELS];
+  srv_hist dur[SRV_METRIC_MODELS][SRV_JOB_NSTATES]; /* creation to end */
 } J = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static size_t result_bytes(const job *j) { return sizeof(job) + srv_job_result_bytes(&j->e.res); }
@@ -160,9 +163,9 @@ static void finish_locked(job *j, int state, const char *reason, const char *mes
   if (reason) snprintf(j->rec.reason, sizeof j->rec.reason, "%s", reason);
   if (message) snprintf(j->rec.message, sizeof j->rec.message, "%s", message);
   J.active--;
-  J.finished[state]++;
+  J.finished[j->label][state]++;
   double d = (double)(j->finished_ns - j->created_ns) * 1e-9;
-  srv_hist_obs(&J.dur[state], d);
+  srv_hist_obs(&J.dur[j->label][state], d);
   srv_log(SRV_LOG_INFO, "msg=\"job finished\" job=%s status=%s step=%d steps=%d seconds=%.3f%s%s",
           j->rec.id, srv_job_state_names[state], j->rec.step, j->rec.p.steps, d, reason ? " reason=" : "",
           reason ? reason : "");
@@ -269,7 +272,7 @@ static void job_done(srv_work *w, int canceled) {
   free_list fl = {.n = 0};
   srv_model *put = NULL;
   pthread_mutex_lock(&J.mu);
-  J.chain_steps += j->e.chain_steps;
+  J.chain_steps[j->label] += j->e.chain_steps;
   j->e.chain_steps = 0;
   j->in_sched = 0;
   int resubmit = 0;
@@ -353,6 +356,7 @@ static void mem_create(srv_model *sm, srv_samples_req *q, int admitted, srv_job_
   memcpy(j->rec.id, id, sizeof id);
   j->rec.p = p;
   snprintf(j->rec.model_name, sizeof j->rec.model_name, "%s", sm->name);
+  j->label = sm->label;
   if (p.y >= 0 && !(j->rec.class_name = strdup(m->classes[p.y]))) oom = 1;
   if (oom) {
     if (admitted) mem_unadmit();
@@ -413,7 +417,7 @@ static void mem_create(srv_model *sm, srv_samples_req *q, int admitted, srv_job_
   J.tail = j;
   J.count++;
   J.active++;
-  J.created++;
+  J.created[j->label]++;
   json_t *o = srv_job_json(&j->rec, NULL);
   pthread_mutex_unlock(&J.mu);
   run_frees(&fl);
@@ -532,7 +536,8 @@ static void mem_result(const char *id, int what, long k, srv_job_ans *a) {
 /* Lifecycle and metrics */
 
 static int mem_start(void) {
-  for (int s = 0; s < SRV_JOB_NSTATES; s++) srv_hist_init(&J.dur[s], dur_le, SRV_NB(dur_le));
+  for (int mi = 0; mi < SRV_METRIC_MODELS; mi++)
+    for (int s = 0; s < SRV_JOB_NSTATES; s++) srv_hist_init(&J.dur[mi][s], dur_le, SRV_NB(dur_le));
   return 0;
 }
 
@@ -582,23 +587,36 @@ static void mem_metrics(srv_mbuf *b) {
     srv_mprintf(b, "jem_jobs{state=\"%s\"} %d\n", srv_job_state_names[s], by_state[s]);
   srv_mprintf(b, "# HELP jem_job_store_bytes Memory charged to stored jobs (chains and results).\n"
              "# TYPE jem_job_store_bytes gauge\njem_job_store_bytes %zu\n", J.bytes);
-  srv_mprintf(b, "# HELP jem_jobs_created_total SGLD jobs accepted.\n"
-             "# TYPE jem_jobs_created_total counter\njem_jobs_created_total %llu\n", J.created);
-  srv_mprintf(b, "# HELP jem_jobs_finished_total SGLD jobs that ended, by final status.\n"
-             "# TYPE jem_jobs_finished_total counter\n");
-  for (int s = SRV_JOB_SUCCEEDED; s < SRV_JOB_NSTATES; s++)
-    srv_mprintf(b, "jem_jobs_finished_total{status=\"%s\"} %llu\n", srv_job_state_names[s],
-            J.finished[s]);
-  srv_mprintf(b, "# HELP jem_sgld_chain_steps_total SGLD steps run, summed over chains.\n"
-             "# TYPE jem_sgld_chain_steps_total counter\njem_sgld_chain_steps_total %llu\n",
-          J.chain_steps);
-  srv_mprintf(b, "# HELP jem_job_duration_seconds Time from creation to the end of a job, by "
-             "final status.\n# TYPE jem_job_duration_seconds histogram\n");
-  for (int s = SRV_JOB_SUCCEEDED; s < SRV_JOB_NSTATES; s++) {
-    char lab[32];
-    snprintf(lab, sizeof lab, "status=\"%s\"", srv_job_state_names[s]);
-    srv_mhist(b, "jem_job_duration_seconds", lab, &J.dur[s]);
+  int nm = srv_metrics_models();
+  char ml[300], lab[400];
+  srv_mhead(b, "jem_jobs_created_total", "counter", "SGLD jobs accepted, by model.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(ml, sizeof ml, "", mi);
+    srv_mprintf(b, "jem_jobs_created_total{%s} %llu\n", ml, J.created[mi]);
   }
+  srv_mhead(b, "jem_jobs_finished_total", "counter",
+            "SGLD jobs that ended, by model and final status.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(ml, sizeof ml, "", mi);
+    for (int s = SRV_JOB_SUCCEEDED; s < SRV_JOB_NSTATES; s++)
+      srv_mprintf(b, "jem_jobs_finished_total{%s,status=\"%s\"} %llu\n", ml,
+                  srv_job_state_names[s], J.finished[mi][s]);
+  }
+  srv_mhead(b, "jem_sgld_chain_steps_total", "counter",
+            "SGLD steps run, summed over chains, by model.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(ml, sizeof ml, "", mi);
+    srv_mprintf(b, "jem_sgld_chain_steps_total{%s} %llu\n", ml, J.chain_steps[mi]);
+  }
+  srv_mhead(b, "jem_job_duration_seconds", "histogram",
+            "Time from creation to the end of a job, by model and final status.");
+  for (int mi = 1; mi < nm; mi++)
+    for (int s = SRV_JOB_SUCCEEDED; s < SRV_JOB_NSTATES; s++) {
+      if (srv_hist_empty(&J.dur[mi][s])) continue;
+      srv_mlabel_model(ml, sizeof ml, "", mi);
+      snprintf(lab, sizeof lab, "%s,status=\"%s\"", ml, srv_job_state_names[s]);
+      srv_mhist(b, "jem_job_duration_seconds", lab, &J.dur[mi][s]);
+    }
   pthread_mutex_unlock(&J.mu);
 }
 

@@ -60,6 +60,7 @@ typedef struct rjob {
   atomic_int step;              /* progress published by done() */
   int lost;                     /* the job ended elsewhere or the lease went: drop */
   uint64_t created_ns;
+  int label;                    /* its model's metric label */
 } rjob;
 
 static struct {
@@ -71,7 +72,10 @@ static struct {
   atomic_int stop;
   rjob *local;                  /* store thread only (and srv_jobs_free) */
   atomic_int n_local;           /* local jobs not yet ended */
-  atomic_ullong created, takeovers, chain_steps, finished[SRV_JOB_NSTATES];
+  atomic_ullong takeovers;
+  /* by model label (srv_metrics_model), then final state */
+  atomic_ullong created[SRV_METRIC_MODELS], chain_steps[SRV_METRIC_MODELS],
+      finished[SRV_METRIC_MODELS][SRV_JOB_NSTATES];
 } R = {.http = {.mu = PTHREAD_MUTEX_INITIALIZER, .to = &R.to},
        .bg = {.mu = PTHREAD_MUTEX_INITIALIZER, .to = &R.to}};
 
@@ -321,7 +325,7 @@ static void r_create(srv_model *sm, srv_samples_req *q, int admitted, srv_job_an
                              "%lld jobs are queued or running (the limit, --max-queued-jobs); "
                              "retry later", active);
   }
-  atomic_fetch_add(&R.created, 1);
+  atomic_fetch_add(&R.created[sm->label], 1);
   srv_log(SRV_LOG_INFO, "msg=\"job created\" job=%s n=%d steps=%d class=%d init=%s seed=%llu "
           "store=redis", id, p.n, p.steps, p.y, srv_job_init_name(p.init),
           (unsigned long long)p.seed);
@@ -477,7 +481,7 @@ static void r_result(const char *id, int what, long k, srv_job_ans *a) {
 
 static void rjob_done(srv_work *w, int canceled) {
   rjob *j = (rjob *)w;
-  atomic_fetch_add(&R.chain_steps, j->e.chain_steps);
+  atomic_fetch_add(&R.chain_steps[j->label], j->e.chain_steps);
   j->e.chain_steps = 0;
   atomic_store(&j->step, j->e.step);
   if (!canceled && !j->e.final && !j->e.failed && !atomic_load(&j->e.cancel) &&
@@ -533,7 +537,7 @@ static int publish(rjob *j) {
     return -1;
   }
   if (r->type == REDIS_REPLY_INTEGER && r->integer == 1) {
-    atomic_fetch_add(&R.finished[state], 1);
+    atomic_fetch_add(&R.finished[j->label][state], 1);
     srv_log(SRV_LOG_INFO, "msg=\"job finished\" job=%s status=%s step=%d steps=%d seconds=%.3f "
             "store=redis", j->e.id, srv_job_state_names[state], j->e.step, j->e.p.steps,
             (double)(srv_now_ns() - j->created_ns) * 1e-9);
@@ -646,6 +650,7 @@ static int claim(void) {
   /* monotonic start for the duration in the log: now minus the job's age */
   double age = created > 0 ? srv_wall_s() - created : 0;
   j->created_ns = srv_now_ns() - (uint64_t)(age > 0 ? age * 1e9 : 0);
+  j->label = sm->label;
   j->e.work.done = rjob_done;
   atomic_fetch_add(&R.n_local, 1);
   if (over) atomic_fetch_add(&R.takeovers, 1);
@@ -717,19 +722,32 @@ static void r_metrics(srv_mbuf *b) {
               (unsigned long long)atomic_load(&R.to.errors));
   srv_mhead(b, "jem_jobs_local", "gauge", "Jobs this replica runs now.");
   srv_mprintf(b, "jem_jobs_local %d\n", atomic_load(&R.n_local));
-  srv_mhead(b, "jem_jobs_created_total", "counter", "SGLD jobs accepted by this replica.");
-  srv_mprintf(b, "jem_jobs_created_total %llu\n", (unsigned long long)atomic_load(&R.created));
+  int nm = srv_metrics_models();
+  char ml[300];
+  srv_mhead(b, "jem_jobs_created_total", "counter", "SGLD jobs accepted by this replica, by model.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(ml, sizeof ml, "", mi);
+    srv_mprintf(b, "jem_jobs_created_total{%s} %llu\n", ml,
+                (unsigned long long)atomic_load(&R.created[mi]));
+  }
   srv_mhead(b, "jem_jobs_finished_total", "counter",
-            "SGLD jobs this replica ran to their end, by final status.");
-  for (int s = SRV_JOB_SUCCEEDED; s <= SRV_JOB_FAILED; s++)
-    srv_mprintf(b, "jem_jobs_finished_total{status=\"%s\"} %llu\n", srv_job_state_names[s],
-                (unsigned long long)atomic_load(&R.finished[s]));
+            "SGLD jobs this replica ran to their end, by model and final status.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(ml, sizeof ml, "", mi);
+    for (int s = SRV_JOB_SUCCEEDED; s <= SRV_JOB_FAILED; s++)
+      srv_mprintf(b, "jem_jobs_finished_total{%s,status=\"%s\"} %llu\n", ml,
+                  srv_job_state_names[s], (unsigned long long)atomic_load(&R.finished[mi][s]));
+  }
   srv_mhead(b, "jem_job_takeovers_total", "counter",
             "Jobs this replica took over after their replica's lease lapsed.");
   srv_mprintf(b, "jem_job_takeovers_total %llu\n", (unsigned long long)atomic_load(&R.takeovers));
-  srv_mhead(b, "jem_sgld_chain_steps_total", "counter", "SGLD steps run, summed over chains.");
-  srv_mprintf(b, "jem_sgld_chain_steps_total %llu\n",
-              (unsigned long long)atomic_load(&R.chain_steps));
+  srv_mhead(b, "jem_sgld_chain_steps_total", "counter",
+            "SGLD steps run, summed over chains, by model.");
+  for (int mi = 1; mi < nm; mi++) {
+    srv_mlabel_model(ml, sizeof ml, "", mi);
+    srv_mprintf(b, "jem_sgld_chain_steps_total{%s} %llu\n", ml,
+                (unsigned long long)atomic_load(&R.chain_steps[mi]));
+  }
 }
 
 static int r_start(void) {

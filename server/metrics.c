@@ -116,6 +116,47 @@ void srv_mhist(srv_mbuf *b, const char *name, const char *labels, srv_hist *h) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* Model labels.  A name is written once, before n counts it, and never
+ * changes: readers below n need no lock. */
+
+#define OTHER "(other)"
+static struct {
+  char name[SRV_METRIC_MODELS][SRV_MODEL_NAME_MAX];
+  atomic_int n;
+  pthread_mutex_t mu;
+} L = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER};
+
+int srv_metrics_model(const char *name) {
+  if (!name || !name[0]) return 0;
+  pthread_mutex_lock(&L.mu);
+  int n = atomic_load(&L.n), i = 1;
+  while (i < n && strcmp(L.name[i], name) != 0) i++;
+  if (i == n && n == SRV_METRIC_MODELS) {
+    i = n - 1; /* full: the last is "(other)" */
+  } else if (i == n) {
+    snprintf(L.name[i], sizeof L.name[i], "%s", n == SRV_METRIC_MODELS - 1 ? OTHER : name);
+    atomic_store(&L.n, n + 1);
+  }
+  pthread_mutex_unlock(&L.mu);
+  return i;
+}
+
+int srv_metrics_models(void) { return atomic_load(&L.n); }
+
+const char *srv_metrics_model_name(int index) {
+  return index > 0 && index < atomic_load(&L.n) ? L.name[index] : "";
+}
+
+void srv_mlabel_model(char *out, size_t cap, const char *sep, int index) {
+  char v[2 * SRV_MODEL_NAME_MAX];
+  srv_mlabel(v, sizeof v, srv_metrics_model_name(index));
+  if (v[0])
+    snprintf(out, cap, "%smodel=\"%s\"", sep, v);
+  else if (cap)
+    out[0] = '\0';
+}
+
+/* ------------------------------------------------------------------------ */
 /* The registry */
 
 #define MAX_SECTIONS 16

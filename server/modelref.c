@@ -26,7 +26,6 @@ typedef struct entry {
   srv_model *cur;               /* NULL: unloaded or never loaded */
   char reason[256];             /* why cur is NULL, or the last failed reload */
   struct stat st;               /* of the file cur was loaded from */
-  atomic_ullong images;         /* scored images, for /metrics */
 } entry;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -108,13 +107,6 @@ int srv_model_ready(void) {
   return r;
 }
 
-void srv_model_count_images(const srv_model *sm, int n) {
-  pthread_mutex_lock(&mu);
-  entry *e = find_locked(sm->name);
-  if (e) atomic_fetch_add(&e->images, (unsigned long long)n);
-  pthread_mutex_unlock(&mu);
-}
-
 int srv_models_index(srv_model_status *out, int cap) {
   pthread_mutex_lock(&mu);
   int n = 0;
@@ -124,7 +116,6 @@ int srv_models_index(srv_model_status *out, int cap) {
     snprintf(s->reason, sizeof s->reason, "%s", E[i]->cur ? "" : E[i]->reason);
     s->ready = E[i]->cur != NULL;
     s->is_default = !strcmp(E[i]->name, def_name);
-    s->images = atomic_load(&E[i]->images);
     s->gen = E[i]->cur ? E[i]->cur->gen : 0;
     s->loaded_at = E[i]->cur ? E[i]->cur->loaded_at : 0;
   }
@@ -166,12 +157,6 @@ static void render_metrics(srv_mbuf *b) {
       srv_mprintf(b, "jem_model_load_timestamp_seconds{model=\"%s\"} %.3f\n", l,
                   ms[i].loaded_at);
   }
-  srv_mhead(b, "jem_model_scored_images_total", "counter",
-            "Images scored by each model (across reloads).");
-  for (int i = 0; i < nm; i++) {
-    srv_mlabel(l, sizeof l, ms[i].name);
-    srv_mprintf(b, "jem_model_scored_images_total{model=\"%s\"} %llu\n", l, ms[i].images);
-  }
   free(ms);
   srv_mhead(b, "jem_model_reloads_total", "counter", "Model reloads (SIGHUP) by result.");
   srv_mprintf(b, "jem_model_reloads_total{result=\"ok\"} %llu\n",
@@ -210,6 +195,7 @@ static srv_model *load_file(const char *name, const char *path, char *err, size_
   snprintf(sm->name, sizeof sm->name, "%s", name ? name : m->name);
   snprintf(sm->path, sizeof sm->path, "%s", path);
   sm->loaded_at = srv_wall_s();
+  sm->label = srv_metrics_model(sm->name);
   return sm;
 }
 

@@ -11,6 +11,7 @@ const srv_route srv_routes[] = {
   {"GET", "/", 0, srv_h_asset},
   {"GET", "/ui/{file}", 0, srv_h_asset},
   {"GET", "/openapi.yaml", 0, srv_h_asset},
+  {"GET", "/docs", 0, srv_h_asset},
   {"GET", "/healthz", SRV_R_PROBE, srv_h_healthz},
   {"GET", "/readyz", SRV_R_PROBE, srv_h_readyz},
   {"GET", "/metrics", SRV_R_PROBE, srv_h_metrics},

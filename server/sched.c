@@ -4,7 +4,7 @@
  * all scheduling decisions; compute runs on libuv's thread pool through
  * uv_queue_work, sized to --workers (UV_THREADPOOL_SIZE is set before the
  * pool starts).  Each in-flight work item holds one worker slot (srv_worker:
- * a jem_ws for the current model plus gather/scatter buffers), so at most
+ * a jem_ws per recent model plus gather/scatter buffers), so at most
  * --workers items run at once and a slot is never shared.
  *
  * Scoring.  HTTP threads decode a request's images into an srv_task,
@@ -49,9 +49,12 @@
  * 10-50 ms.
  *
  * Models.  Tasks carry a srv_model reference (background items should hold
- * their own, from srv_model_get()); srv_worker_ws() rebuilds a slot's
- * workspace when it meets a newer model generation (after SIGHUP), and the
- * old model is freed when its last reference goes.
+ * their own, from srv_model_get()); srv_worker_ws() keeps a workspace per
+ * model generation in each slot (up to SRV_WORKER_WS, within
+ * --workspace-bytes together), so batches alternating between two models
+ * rebuild nothing, and a new generation (after SIGHUP) gets a new one while
+ * the old one ages out.  The old model is freed when its last reference
+ * goes.
  *
  * Threads and BLAS.  OpenBLAS threading is process-wide: main() sets
  * workers * blas_threads <= CPUs (default one BLAS thread per worker and one
@@ -179,17 +182,50 @@ void srv_task_free(srv_task *t) {
 /* Worker slots */
 
 jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm) {
-  if (wk->ws && wk->ws_gen == sm->gen) return wk->ws;
-  jem_ws_free(wk->ws);
+  wk->tick++;
+  for (int i = 0; i < SRV_WORKER_WS; i++)
+    if (wk->ws[i].ws && wk->ws[i].gen == sm->gen) {
+      wk->ws[i].used = wk->tick;
+      return wk->ws[i].ws;
+    }
   /* a big model runs the batch in chunks rather than outgrow the memory */
-  const int b = jem_ws_batch_within(sm->m, srv_cfg.max_batch, JEM_WS_FIXED_WEIGHTS,
-                                    (size_t)srv_cfg.workspace_bytes);
-  wk->ws = jem_ws_create(sm->m, b, JEM_WS_FIXED_WEIGHTS);
-  if (wk->ws && b < srv_cfg.max_batch)
+  const size_t cap = (size_t)srv_cfg.workspace_bytes;
+  const int b = jem_ws_batch_within(sm->m, srv_cfg.max_batch, JEM_WS_FIXED_WEIGHTS, cap);
+  const size_t need = jem_ws_plan_bytes(sm->m, b, JEM_WS_FIXED_WEIGHTS);
+  /* make room first (a free entry, and the bytes), oldest use first; the
+   * entries of models reloaded or gone are never used again and go first */
+  for (;;) {
+    size_t kept = 0;
+    int n = 0, lru = -1;
+    for (int i = 0; i < SRV_WORKER_WS; i++) {
+      if (!wk->ws[i].ws) continue;
+      kept += jem_ws_bytes(wk->ws[i].ws);
+      n++;
+      if (lru < 0 || wk->ws[i].used < wk->ws[lru].used) lru = i;
+    }
+    if (n == 0 || (n < SRV_WORKER_WS && kept + need <= cap)) break;
+    jem_ws_free(wk->ws[lru].ws);
+    wk->ws[lru].ws = NULL;
+  }
+  int e = 0;
+  while (wk->ws[e].ws) e++;
+  jem_ws *ws = jem_ws_create(sm->m, b, JEM_WS_FIXED_WEIGHTS);
+  srv_log(SRV_LOG_DEBUG, "msg=\"workspace created\" worker=%d model=\"%s\" generation=%llu "
+          "images=%d bytes=%zu", wk->index, sm->name, (unsigned long long)sm->gen, b, need);
+  if (ws && b < srv_cfg.max_batch)
     srv_log(SRV_LOG_INFO, "msg=\"workspace capped\" images=%d max_batch=%d bytes=%zu", b,
-            srv_cfg.max_batch, jem_ws_bytes(wk->ws));
-  wk->ws_gen = wk->ws ? sm->gen : 0;
-  return wk->ws;
+            srv_cfg.max_batch, jem_ws_bytes(ws));
+  wk->ws[e].ws = ws;
+  wk->ws[e].gen = sm->gen;
+  wk->ws[e].used = wk->tick;
+  return ws;
+}
+
+void srv_worker_free_ws(srv_worker *wk) {
+  for (int i = 0; i < SRV_WORKER_WS; i++) {
+    jem_ws_free(wk->ws[i].ws);
+    wk->ws[i].ws = NULL;
+  }
 }
 
 /* Makes the slot's gather/scatter buffers fit model m. */
@@ -661,7 +697,7 @@ void srv_sched_stop(void) {
   uv_loop_close(&S.loop);
   for (int i = 0; i < S.n_slots; i++) {
     slot *s = &S.slots[i];
-    jem_ws_free(s->wk.ws);
+    srv_worker_free_ws(&s->wk);
     free(s->wk.xbuf);
     free(s->segs);
     free(s->logits);

@@ -116,6 +116,7 @@ typedef struct srv_model {
                                     single --model its metadata name */
   char path[4096];
   double loaded_at;             /* wall clock */
+  int label;                    /* srv_metrics_model(name) */
 } srv_model;
 
 /* Loads the models of --model / --model-dir (every one must load) and
@@ -143,7 +144,6 @@ int srv_models_list(srv_model **out, int cap);
 void srv_model_shutdown(void);        /* drops every model (never waits for a load) */
 int srv_model_ready(void);            /* 1 when any model is loaded */
 int srv_model_name_ok(const char *s); /* letters, digits, . _ - (not first .) */
-void srv_model_count_images(const srv_model *sm, int n);
 
 typedef struct srv_model_status {     /* one row of the repository index */
   char name[SRV_MODEL_NAME_MAX];
@@ -151,7 +151,6 @@ typedef struct srv_model_status {     /* one row of the repository index */
   int ready, is_default;
   uint64_t gen;
   double loaded_at;
-  unsigned long long images;          /* scored, across reloads */
 } srv_model_status;
 int srv_models_index(srv_model_status *out, int cap);
 /* Counts a SIGHUP reload's result (jem_model_reloads_total). */
@@ -160,17 +159,27 @@ void srv_model_count_reload(int ok);
 /* ------------------------------------------------------------------------ */
 /* Scheduler (server/sched.c).  See the comment at the top of sched.c. */
 
+/* Workspaces a worker keeps, one per model generation, so that batches
+ * alternating between models reuse theirs instead of rebuilding. */
+#define SRV_WORKER_WS 4
 typedef struct srv_worker {
   int index;                    /* 0 .. workers-1 (slot, not thread) */
-  jem_ws *ws;                   /* for ws_gen's model, max_batch images */
-  uint64_t ws_gen;
+  struct {
+    jem_ws *ws;                 /* for model generation gen, max_batch images */
+    uint64_t gen, used;         /* used: the worker's tick of its last use */
+  } ws[SRV_WORKER_WS];          /* ws NULL: free */
+  uint64_t tick;
   float *xbuf;                  /* gather buffer, max_batch * C*S*S */
   size_t xbuf_len;
 } srv_worker;
 
-/* The workspace of this worker for model sm (re)created when the model
- * changed since the last call.  NULL on out of memory. */
+/* The workspace of this worker for model sm: the one it keeps for sm's
+ * generation, else a new one, after dropping the least recently used
+ * until the kept ones and the new one fit --workspace-bytes together (a
+ * lone workspace may take all of it).  NULL on out of memory. */
 jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm);
+/* Frees every workspace the worker keeps. */
+void srv_worker_free_ws(srv_worker *wk);
 
 enum { SRV_WORK_SCORE = 0, SRV_WORK_JOB = 1, SRV_WORK_KINDS };
 
@@ -270,6 +279,18 @@ int srv_hist_empty(srv_hist *h);
 void srv_mhist(srv_mbuf *b, const char *name, const char *labels, srv_hist *h);
 #define SRV_NB(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
+/* Model names as the `model` label.  Families that carry it keep one
+ * counter or histogram per label index: 0 is no model (label left out),
+ * then every name the repository has loaded, in order of first use, and
+ * past SRV_METRIC_MODELS - 2 names one shared "(other)" (a name no model
+ * can have), so series stay bounded.  Indexes never change. */
+#define SRV_METRIC_MODELS (SRV_MAX_MODELS + 2)
+int srv_metrics_model(const char *name);       /* the index of name; 0 for NULL or "" */
+int srv_metrics_models(void);                  /* indexes in use: 1 + names (+ other) */
+const char *srv_metrics_model_name(int index); /* "" for 0 */
+/* `model="NAME"` for index (label-escaped), with sep before it; "" for 0. */
+void srv_mlabel_model(char *out, size_t cap, const char *sep, int index);
+
 /* Adds a subsystem's families to /metrics, rendered in registration order
  * (a function registered twice renders once; up to 16). */
 void srv_metrics_register(void (*render)(srv_mbuf *b));
@@ -310,6 +331,7 @@ struct srv_req {
   struct MHD_Connection *conn;
   const srv_route *route;
   int route_idx;                /* index in srv_routes, -1 = none */
+  int model_label;              /* the model that answered, for metrics (0 = none) */
   const char *method;
   const char *url;
   char id[48];
@@ -444,7 +466,10 @@ json_t *srv_jreal(double v);  /* null for NaN/inf */
  * calls the HTTP layer: the handlers do (no call circle, test_layout). */
 static inline srv_model *srv_model_for(srv_req *r, const char *name, enum MHD_Result *res) {
   srv_model *sm = srv_model_find(name);
-  if (sm) return sm;
+  if (sm) {
+    r->model_label = sm->label;
+    return sm;
+  }
   char msg[512];
   int status = srv_model_missing(name, msg, sizeof msg);
   const char *h[] = {"Retry-After", "5", NULL};

@@ -636,7 +636,7 @@ static void test_lent_threads(void **state) {
 }
 
 /* jem_ws_batch_within: the whole batch when it fits, else whole slices of 8
- * (then single images) that fit; a capped workspace scores any n in chunks
+ * (then single images) that fit (jem_ws_plan_bytes: create's size); a capped workspace scores any n in chunks
  * with the results of an uncapped one. */
 static void test_batch_within(void **state) {
   (void)state;
@@ -654,6 +654,9 @@ static void test_batch_within(void **state) {
   assert_int_equal(jem_ws_batch_within(m, 64, JEM_WS_FIXED_WEIGHTS, 0), 1);
   assert_int_equal(jem_ws_batch_within(m, 5, JEM_WS_FIXED_WEIGHTS, jem_ws_bytes(full)), 5);
   assert_true(jem_ws_bytes(one) < jem_ws_bytes(eight) && jem_ws_bytes(eight) < jem_ws_bytes(full));
+  /* the plan is what create allocates */
+  assert_int_equal(jem_ws_plan_bytes(m, 64, JEM_WS_FIXED_WEIGHTS), jem_ws_bytes(full));
+  assert_int_equal(jem_ws_plan_bytes(m, 1, JEM_WS_FIXED_WEIGHTS), jem_ws_bytes(one));
   float *x = malloc(sizeof(float) * css * n);
   unsigned st = 11;
   ref_fill(x, css * n, &st, -1, 1);

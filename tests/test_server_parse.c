@@ -1,6 +1,7 @@
 /* test_server_parse.c - jemd's request parsing without sockets: route
  * matching (404/405 + Allow), JSON depth cap, base64, the classify JSON
- * body, multipart/form-data and the Open Inference Protocol infer body. */
+ * body, multipart/form-data and the Open Inference Protocol infer body;
+ * the model labels of /metrics. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -207,6 +208,34 @@ static void test_v2(void **state) {
   }
 }
 
+/* Model labels of /metrics: stable indexes, none for no model, and past
+ * the table's room one shared "(other)" instead of new series. */
+static void test_model_labels(void **state) {
+  (void)state;
+  assert_int_equal(srv_metrics_model(NULL), 0);
+  assert_int_equal(srv_metrics_model(""), 0);
+  int a = srv_metrics_model("alpha"), b = srv_metrics_model("beta");
+  assert_true(a > 0 && b > a);
+  assert_int_equal(srv_metrics_model("alpha"), a);
+  assert_string_equal(srv_metrics_model_name(b), "beta");
+  char l[64];
+  srv_mlabel_model(l, sizeof l, ",", a);
+  assert_string_equal(l, ",model=\"alpha\"");
+  srv_mlabel_model(l, sizeof l, ",", 0);
+  assert_string_equal(l, "");
+  char name[32];
+  int last = 0;
+  for (int i = 0; i < 2 * SRV_METRIC_MODELS; i++) {
+    snprintf(name, sizeof name, "m%d", i);
+    last = srv_metrics_model(name);
+    assert_true(last > 0 && last < SRV_METRIC_MODELS);
+  }
+  assert_int_equal(last, SRV_METRIC_MODELS - 1);
+  assert_string_equal(srv_metrics_model_name(last), "(other)");
+  assert_int_equal(srv_metrics_models(), SRV_METRIC_MODELS);
+  assert_int_equal(srv_metrics_model("alpha"), a);
+}
+
 int main(void) {
   json_object_seed(1);
   const struct CMUnitTest tests[] = {
@@ -214,6 +243,7 @@ int main(void) {
       cmocka_unit_test(test_json_elements),
       cmocka_unit_test(test_b64),        cmocka_unit_test(test_classify_json),
       cmocka_unit_test(test_multipart),  cmocka_unit_test(test_v2),
+      cmocka_unit_test(test_model_labels),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

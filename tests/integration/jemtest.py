@@ -180,7 +180,9 @@ class Daemon:
         self._ready = threading.Event()
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
-        if not self._ready.wait(30):
+        # an ASan build loading the shipped model (its replay buffer is
+        # labelled at load) can take over 30 s on a loaded machine
+        if not self._ready.wait(120 if "/asan/" in binary else 30):
             self.kill()
             raise RuntimeError("jemd did not start:\n" + "".join(self.lines[-30:]))
         if self.port is None:
@@ -280,6 +282,25 @@ class Checks:
         print(f"{self.name}: {self.passed} checks passed, {len(self.failed)} failed, "
               f"{time.time() - self.t0:.1f} s")
         return 1 if self.failed else 0
+
+
+def metric_value(text, name, labels=None):
+    """The sum of metric name's samples in /metrics text whose labels include
+    labels (a dict); None when there is none."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        # greedy: route templates put braces inside label values
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+            continue
+        total += float(m.group(3))
+        found = True
+    return total if found else None
 
 
 def jemd_binary(root, argv=None):

@@ -657,8 +657,7 @@ def test_bad_params(ctx):
 
 def chain_steps(d):
     st, _, text = d.request("GET", "/metrics")
-    m = re.search(rb"^jem_sgld_chain_steps_total (\S+)$", text, re.M)
-    return float(m.group(1)) if m else None
+    return jemtest.metric_value(text.decode(), "jem_sgld_chain_steps_total")
 
 
 def test_cancel_and_queue(ctx):
@@ -816,14 +815,17 @@ def test_metrics(ctx):
     st, _, text = ctx.main.request("GET", "/metrics")
     text = text.decode()
     for name in ('jem_jobs{state="succeeded"}', 'jem_jobs{state="running"}',
-                 "jem_jobs_created_total", 'jem_jobs_finished_total{status="canceled"}',
-                 'jem_jobs_rejected_total{reason="queue_full"}', "jem_sgld_chain_steps_total",
-                 'jem_job_duration_seconds_bucket{status="succeeded",le="+Inf"}',
-                 "jem_job_store_bytes"):
+                 'jem_jobs_created_total{model="', 'jem_jobs_finished_total{model="',
+                 'jem_jobs_rejected_total{reason="queue_full"}',
+                 'jem_sgld_chain_steps_total{model="', "jem_job_store_bytes"):
         check(name in text, "/metrics has %s" % name)
+    mv = jemtest.metric_value
+    check(mv(text, "jem_jobs_finished_total", {"status": "canceled"}) is not None and
+          mv(text, "jem_job_duration_seconds_bucket", {"status": "succeeded", "le": "+Inf"}) >= 1,
+          "finished jobs and their durations counted by status (and model)")
     val = {l.split()[0]: float(l.split()[1]) for l in text.splitlines()
            if l and not l.startswith("#")}
-    check(val.get("jem_sgld_chain_steps_total", 0) > 0, "chain steps counted")
+    check(mv(text, "jem_sgld_chain_steps_total") > 0, "chain steps counted")
     check(val.get('jem_jobs_rejected_total{reason="queue_full"}', 0) >= 1, "429 counted")
     check('route="/v1/jobs/{id}"' in text, "request metrics use the route template")
     # GET and DELETE share /v1/jobs/{id}: the method label keeps their series apart

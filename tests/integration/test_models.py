@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """test_models.py - several models in one daemon: --model-dir, repeated
 --model, --default-model, the per-model routes, the OIP v2 repository
-extension, SIGHUP rescans (added, removed, changed and broken files, and a
-request in flight finishing on the old model), the `model` metric label and
-404 model_not_found.  Each model's answers are compared with `jem score` on
+extension (load and unload behind the API key, as the job routes), SIGHUP
+rescans (added, removed, changed and broken files, and a request in flight
+finishing on the old model), the `model` metric label, a workspace per model
+on each worker and 404 model_not_found.  Each model's answers are compared with `jem score` on
 its own file.
 
 usage: /usr/bin/python3 tests/integration/test_models.py --build build
@@ -109,8 +110,32 @@ def test_routes(d, jem, files, img):
     for n in ("alpha", "beta"):
         check(re.search(r'jem_model_info\{model="%s",' % n, t) and
               re.search(r'jem_model_loaded\{model="%s"\} 1' % n, t), f"metrics: {n}'s series")
-    m = re.search(r'jem_model_scored_images_total\{model="beta"\} (\d+)', t)
-    check(m and int(m.group(1)) == 3, f"beta's images counted: {m and m.group(1)}")
+    mv = jemtest.metric_value
+    check(mv(t, "jem_scored_images_total", {"model": "beta"}) == 3 and
+          mv(t, "jem_scored_images_total", {"model": "alpha"}) == 4,
+          "images counted by model: beta 3, alpha 4")
+    check(mv(t, "jem_energy_count", {"model": "beta"}) == 3 and
+          mv(t, "jem_ood_score_count", {"model": "beta", "score": "energy"}) == 2,
+          "energy (3 images) and OOD percentiles (2, not v2 infer) by model")
+    for route, n in (("/v1/classify", "beta"), ("/v1/models/{name}/classify", "beta"),
+                     ("/v2/models/{name}/versions/{version}/infer", "beta"),
+                     ("/v1/models/{name}", "alpha"), ("/v1/samples", "beta")):
+        check((mv(t, "jem_http_requests_total", {"route": route, "model": n}) or 0) >= 1 and
+              (mv(t, "jem_request_duration_seconds_count", {"route": route, "model": n}) or 0)
+              >= 1,
+              f"requests and latency of {route} by model ({n})")
+    check(mv(t, "jem_http_requests_total", {"route": "/v1/classify", "code": "200"}) == 3 and
+          mv(t, "jem_http_requests_total", {"route": "/v1/classify", "model": "alpha"}) == 2,
+          "/v1/classify: 3 answered, 2 of them by alpha")
+    check('model="gamma"' not in t and
+          mv(t, "jem_http_requests_total", {"route": "/v1/classify", "code": "404"}) == 1,
+          "an unknown model's 404 is counted without a model label (no client-made series)")
+    check(mv(t, "jem_jobs_created_total", {"model": "beta"}) == 1 and
+          mv(t, "jem_jobs_finished_total", {"model": "beta", "status": "succeeded"}) == 1 and
+          mv(t, "jem_sgld_chain_steps_total", {"model": "beta"}) == 4,
+          "beta's job: created, succeeded, 2 chains x 2 steps")
+    p = subprocess.run(["promtool", "check", "metrics"], input=t, capture_output=True, text=True)
+    check(p.returncode == 0, f"promtool check metrics: {(p.stdout + p.stderr)[:300]}")
     st, _, js = d.json("GET", "/v2")
     check("model_repository" in js["extensions"], "/v2 lists the repository extension")
 
@@ -160,6 +185,12 @@ def test_repository(d):
     check(d.json("GET", "/v1/models/beta")[2]["generation"] > gen0, "a new generation")
     st, _, js = d.json("POST", "/v2/repository/models/nosuch/unload")
     check(st == 404 and isinstance(js["error"], str), "unload of an unknown model: 404")
+    t = d.request("GET", "/metrics")[2].decode()
+    check(all(jemtest.metric_value(t, "jem_http_requests_total",
+                                   {"route": f"/v2/repository/models/{{name}}/{a}",
+                                    "model": "beta", "code": "200"}) == 1
+              for a in ("load", "unload")) and 'model="nosuch"' not in t,
+          "load and unload counted with the model's label; an unknown name gets none")
     st, _, js = d.json("POST", "/v2/repository/index", b"[1]", J)
     check(st == 400, "index with a body other than {ready}: 400")
 
@@ -240,6 +271,68 @@ def queued(d):
     return int(m.group(1)) if m else 0
 
 
+def test_repository_auth(jemd, files, tmp):
+    """Load and unload change what the daemon serves: with --api-key-file they
+    need the key as the job routes do (without --protect-scoring too), while
+    the index, like scoring, stays open."""
+    keyf = os.path.join(tmp, "keys")
+    with open(keyf, "w") as f:
+        f.write("key-one\n")
+    d = jemtest.Daemon(jemd, files["alpha"], "--model", files["beta"], "--api-key-file", keyf)
+    good = {"Authorization": "Bearer key-one"}
+    try:
+        st, _, _ = d.json("POST", "/v1/samples", json.dumps({"n": 1, "steps": 1}), J)
+        check(st == 401, f"reference: POST /v1/samples without the key is 401 ({st})")
+        st, _, js = d.json("POST", "/v2/repository/index")
+        check(st == 200 and len(js) == 2, f"the index needs no key without --protect-scoring ({st})")
+        for act in ("unload", "load"):
+            path = f"/v2/repository/models/beta/{act}"
+            for hdr, what in ((None, "no key"), ({"Authorization": "Bearer key-two"}, "a wrong key"),
+                              ({"Authorization": "key-one"}, "no Bearer scheme")):
+                st, h, js = d.json("POST", path, headers=hdr)
+                check(st == 401 and isinstance(js.get("error"), str) and
+                      h.get("www-authenticate", "").startswith("Bearer"),
+                      f"{act} with {what}: 401, v2 error, WWW-Authenticate ({st}, {js})")
+            want = "UNAVAILABLE" if act == "load" else "READY"
+            check(index(d)["beta"]["state"] == want, f"a refused {act} changes nothing ({want})")
+            st, _, js = d.json("POST", path, headers={"Authorization": "bEaReR key-one"})
+            check(st == 200 and js == {}, f"{act} with the key: 200 ({st}, {js})")
+            want = "READY" if act == "load" else "UNAVAILABLE"
+            check(index(d)["beta"]["state"] == want, f"after {act}: beta {want}")
+    finally:
+        d.kill()
+
+
+def test_workspaces(jemd, files, img):
+    """One worker, batches alternating between two models: with room for both
+    workspaces each is made once; with room for one, each switch makes one
+    anew; the answers are the same bytes either way."""
+    png = open(img, "rb").read()
+    order = ["alpha", "beta"] * 4
+
+    def run(*args):
+        d = jemtest.Daemon(jemd, files["alpha"], "--model", files["beta"], "--workers", "1",
+                           "--log-level", "debug", *args)
+        try:
+            got = [d.request("POST", f"/v1/models/{n}/classify", png, PNG)[2] for n in order]
+            made = re.findall(r'msg="workspace created" worker=0 model="(\w+)" generation=\d+ '
+                              r'images=(\d+) bytes=(\d+)', d.log())
+        finally:
+            d.kill()
+        return got, made
+
+    both, made = run()
+    check([m[0] for m in made] == ["alpha", "beta"] and all(m[1] == "64" for m in made),
+          f"room for both: one workspace per model, made once ({[m[0] for m in made]})")
+    one = max(int(m[2]) for m in made) * 3 // 2
+    single, made = run("--workspace-bytes", str(one))
+    check([m[0] for m in made] == order,
+          f"--workspace-bytes {one} (room for one): a workspace at every switch ({len(made)})")
+    check(all(json.loads(a)["logits"] for a in both) and both == single and
+          all(both[i] == both[i % 2] for i in range(len(order))),
+          "the same bytes for each model's image, first or later, one workspace or two")
+
+
 def test_flags(jemd, files, tmp):
     def start(*args):
         return subprocess.run([jemd, "--port", "0", *args], capture_output=True, text=True,
@@ -283,6 +376,8 @@ def main():
         with open(img, "wb") as f:
             f.write(jemtest.test_images(1, seed=13)[0])
         test_flags(jemd, {k: v for k, v in files.items()}, mdir)
+        test_repository_auth(jemd, files, tmp)
+        test_workspaces(jemd, files, img)
         d = jemtest.Daemon(jemd, None, "--model-dir", mdir, "--workers", "1")
         try:
             test_routes(d, jem, files, img)

@@ -208,20 +208,7 @@ def multipart(parts, boundary="jemdtestboundary"):
     return out, f"multipart/form-data; boundary={boundary}"
 
 
-def metric_value(text, name, labels=None):
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        if labels and not all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
-            continue
-        total += float(m.group(3))
-        found = True
-    return total if found else None
+metric_value = jemtest.metric_value
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +218,7 @@ def test_routes(c, imgs, model_name):
     st, h, js = c.call("GET", "/healthz", expect=200)
     check(js == {"status": "ok"}, "healthz body")
     # the files built into jemd (test_web.py checks them in depth)
-    for path in ("/", "/ui/app.js", "/openapi.yaml"):
+    for path in ("/", "/ui/app.js", "/openapi.yaml", "/docs"):
         c.call("GET", path, expect=200)
     c.call("GET", "/readyz", expect=200)
     st, h, text = c.call("GET", "/metrics", expect=200)

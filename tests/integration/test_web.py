@@ -1,16 +1,21 @@
 #!/usr/bin/python3
 """test_web.py - what a browser and a spec-reading tool see of jemd: the spec
-served at /openapi.yaml, CORS (--cors-origin), the query spellings clients
-send, and the page at / driven in headless Chromium (tests/node/page.mjs).
+served at /openapi.yaml and its reference at /docs, CORS (--cors-origin), the
+query spellings clients send, and the page at / (then /docs) driven in headless
+Chromium (tests/node/page.mjs).
 
 usage: /usr/bin/python3 tests/integration/test_web.py --build build
 """
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+
+import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -42,6 +47,56 @@ def test_spec(d):
     check(st == 404 and js["error"]["code"] == "not_found", "GET /ui/nope.js: 404 not_found")
     st, h, js = d.json("POST", "/openapi.yaml", b"")
     check(st == 405 and h.get("allow") == "GET, HEAD", f"POST /openapi.yaml: 405 Allow ({st})")
+
+
+def test_docs(d):
+    """/docs: the reference generated from openapi.yaml at build time lists
+    every operation, parameter, response and schema of the spec it is built
+    from, and loads nothing from another origin."""
+    spec = yaml.safe_load(open(os.path.join(ROOT, "openapi.yaml")))
+    st, h, body = d.request("GET", "/docs")
+    check(st == 200 and h.get("content-type", "").startswith("text/html") and
+          "script-src 'self'" in h.get("content-security-policy", ""),
+          f"GET /docs: 200 text/html with a Content-Security-Policy ({st})")
+    text = body.decode()
+    page = html.unescape(text)
+    missing = []
+    for path, item in spec["paths"].items():
+        if f"<code>{path}</code>" not in page:
+            missing.append(path)
+        for method, op in item.items():
+            if method not in ("get", "post", "delete", "options"):
+                continue
+            if f'id="op-{op["operationId"]}"' not in text:
+                missing.append(f"{method} {path}")
+            for code in op["responses"]:
+                if f'<span class="code">{code}</span>' not in text.split(
+                        f'id="op-{op["operationId"]}"', 1)[-1].split("</section>", 1)[0]:
+                    missing.append(f"{method} {path} {code}")
+            for p in op.get("parameters", []) + item.get("parameters", []):
+                if "$ref" in p:
+                    p = spec["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]]
+                if f'<code class="prop">{p["name"]}</code>' not in page:
+                    missing.append(f"{method} {path} parameter {p['name']}")
+    for name in spec["components"]["schemas"]:
+        if f'id="schema-{name}"' not in text:
+            missing.append(f"schema {name}")
+    check(not missing and text.count('<section class="op"') == sum(
+        m in ("get", "post", "delete", "options") for i in spec["paths"].values() for m in i),
+        f"/docs has every path, operation, response, parameter and schema of openapi.yaml "
+        f"(missing: {missing[:8]})")
+    check(spec["info"]["version"] in page and 'lang="en"' in text and "<main" in text and
+          "<nav" in text, "/docs: titled with the version, landmarks for screen readers")
+    external = re.findall(r'(?:src|href)="(?!#|/|data:)([^"]*)"', text)
+    check("<script" not in text and all(u.startswith("https://opensource.org/") or
+                                        u.startswith("http://127.0.0.1") for u in external),
+          f"/docs: no script and nothing loaded from another origin ({external})")
+    st, h, body = d.request("GET", "/ui/docs.css")
+    check(st == 200 and h.get("content-type", "").startswith("text/css") and
+          body == open(os.path.join(ROOT, "web", "docs.css"), "rb").read(),
+          "GET /ui/docs.css serves web/docs.css")
+    st, _, body = d.request("GET", "/")
+    check(b'href="/docs"' in body, "the page at / links to /docs")
 
 
 def test_grad_spellings(d, png):
@@ -196,6 +251,16 @@ def test_page(jemd):
         check(a.get("unlabeled") == [] and a.get("noAlt") == [] and a.get("lang") == "en" and
               a.get("live", 0) >= 2, f"every control labelled, every image described: {a}")
         check(a.get("overflow", 1) <= 0, "no horizontal scrolling at 390 CSS pixels")
+        spec = yaml.safe_load(open(os.path.join(ROOT, "openapi.yaml")))
+        n_ops = sum(m in ("get", "post", "delete", "options")
+                    for i in spec["paths"].values() for m in i)
+        dc = got.get("docs", {})
+        check(dc.get("url") == "/docs" and dc.get("operations") == n_ops and
+              dc.get("title", "").startswith("jemd " + spec["info"]["version"]) and
+              dc.get("lang") == "en" and dc.get("landmarks") == ["nav", "main"] and
+              dc.get("styled"),
+              f"the page's link opens /docs, styled, with all {n_ops} operations: {dc}")
+        check(dc.get("overflow", 1) <= 0, "/docs: no horizontal scrolling at 390 CSS pixels")
     finally:
         d.kill()
 
@@ -210,6 +275,7 @@ def main():
         d = jemtest.Daemon(jemd, model)
         try:
             test_spec(d)
+            test_docs(d)
             test_grad_spellings(d, png)
         finally:
             d.kill()

@@ -1,6 +1,7 @@
 // page.mjs - drives jemd's page at / in headless Chromium (puppeteer-core and
 // Debian's chromium) the way a person on a phone would: pick an image, read
-// the label, run a sample job to the end.  Prints what the page showed as one
+// the label, run a sample job to the end, then follow the link to the API
+// reference at /docs.  Prints what the page showed as one
 // JSON object; tests/integration/test_web.py compares it with the API.
 //
 // usage: [PAGE_MODEL=NAME] node page.mjs URL IMAGE CLASS STEPS SEED [SCREENSHOT.png]
@@ -84,6 +85,22 @@ try {
       overflow: document.documentElement.scrollWidth - window.innerWidth };
   });
   if (shot) await page.screenshot({ path: shot, fullPage: true });
+
+  // the API reference the page links to, followed as a person would
+  if (!shot) {
+    await Promise.all([page.waitForNavigation({ waitUntil: 'load' }),
+      page.$eval('a[href="/docs"]', (a) => a.click())]);
+    out.docs = await page.evaluate(() => ({
+      url: location.pathname,
+      title: document.title,
+      lang: document.documentElement.lang,
+      landmarks: ['nav', 'main'].filter((t) => document.querySelector(t)),
+      operations: document.querySelectorAll('section.op h3').length,
+      styled: getComputedStyle(document.querySelector('.method')).color === 'rgb(255, 255, 255)',
+      overflow: document.documentElement.scrollWidth - window.innerWidth,
+    }));
+    if (process.env.DOCS_SHOT) await page.screenshot({ path: process.env.DOCS_SHOT });
+  }
 } catch (e) {
   out.errors.push('driver: ' + e.message);
 } finally {
