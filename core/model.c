@@ -412,6 +412,7 @@ typedef struct jem_helper {
 
 struct jem_ws {
   int max_batch, flags;
+  int invariant;         /* jem_ws_set_batch_invariant */
   int n;                 /* batch of the last forward, 0 = none */
   const jem_model *m;    /* model of the last forward */
   /* plan signature, checked against the model at every call */
@@ -753,6 +754,11 @@ void jem_ws_free(jem_ws *ws) {
 }
 
 int jem_ws_max_batch(const jem_ws *ws) { return ws ? ws->max_batch : 0; }
+int jem_ws_set_batch_invariant(jem_ws *ws, int on) {
+  const int was = ws->invariant;
+  ws->invariant = on != 0;
+  return was;
+}
 size_t jem_ws_bytes(const jem_ws *ws) { return ws ? ws->bytes : 0; }
 const float *jem_ws_features(const jem_ws *ws) { return ws ? ws->feat : NULL; }
 
@@ -996,6 +1002,7 @@ static void sub_backward(jem_ws *ws, jem_sub *s, int tid) {
 }
 
 static void run_sub(jem_ws *ws, int si, int tid) {
+  jem__set_batch_invariant(ws->invariant); /* for the kernels on this thread */
   if (ws->job == JOB_FORWARD)
     sub_forward(ws, &ws->sub[si]);
   else if (ws->job == JOB_BACKWARD)
@@ -1102,8 +1109,8 @@ void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
   for (int i = 0; i < n; i++) {
     const float *z = ws->logits + (size_t)i * k;
     float *d = ws->dlogits + (size_t)i * k;
-    if (y) {
-      JEM_ASSERT(y[i] >= 0 && y[i] < k);
+    if (y && y[i] >= 0) {
+      JEM_ASSERT(y[i] < k);
       memset(d, 0, sizeof(float) * (size_t)k);
       d[y[i]] = 1.0f;
     } else {
