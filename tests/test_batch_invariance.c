@@ -105,6 +105,36 @@ static diff run_batches(jem_ws *ws, const jem_model *m, const ref *r) {
   return d;
 }
 
+/* jem_score_batch of the whole pool against each image alone: every score
+ * (Mahalanobis too, where the model has its statistics), logits, tempered
+ * probabilities. */
+static diff score_check(jem_ws *ws, const jem_model *m, const ref *r) {
+  const size_t css = chw(m);
+  const int K = m->arch.num_classes;
+  float all[JEM_NUM_SCORES][POOL], one[JEM_NUM_SCORES];
+  float *lg = malloc(sizeof(float) * K * POOL), *pr = malloc(sizeof(float) * K * POOL);
+  float *lg1 = malloc(sizeof(float) * K), *pr1 = malloc(sizeof(float) * K);
+  assert_true(lg && pr && lg1 && pr1);
+  jem_scores s = {.logits = lg, .probs = pr}, s1 = {.logits = lg1, .probs = pr1};
+  for (int k = 0; k < JEM_NUM_SCORES; k++) {
+    s.score[k] = all[k];
+    s1.score[k] = &one[k];
+  }
+  diff d = {0, 0.0};
+  jem_score_batch(ws, m, r->x, POOL, 1, &s);
+  for (int i = 0; i < POOL; i++) {
+    jem_score_batch(ws, m, r->x + i * css, 1, 1, &s1);
+    for (int k = 0; k < JEM_NUM_SCORES; k++) cmp(&d, &one[k], &all[k][i], 1);
+    cmp(&d, lg1, lg + (size_t)i * K, (size_t)K);
+    cmp(&d, pr1, pr + (size_t)i * K, (size_t)K);
+  }
+  free(lg);
+  free(pr);
+  free(lg1);
+  free(pr1);
+  return d;
+}
+
 static void check_model(const jem_model *m, const char *what) {
   const size_t css = chw(m);
   const int K = m->arch.num_classes;
@@ -125,10 +155,13 @@ static void check_model(const jem_model *m, const char *what) {
     assert_non_null(ws);
     jem_ws_set_batch_invariant(ws, 1);
     make_ref(ws, m, &r);
-    diff d = run_batches(ws, m, &r);
+    diff d = run_batches(ws, m, &r), ds = score_check(ws, m, &r);
     if (d.bad)
       fail_msg("%s, %d thread(s): %ld values differ from the image scored alone (worst %.3g)",
                what, thr, d.bad, d.worst);
+    if (ds.bad)
+      fail_msg("%s, %d thread(s): %ld scores differ from the image scored alone (worst %.3g)",
+               what, thr, ds.bad, ds.worst);
     jem_ws_free(ws);
   }
   free(r.x);
