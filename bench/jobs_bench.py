@@ -12,12 +12,17 @@
    thread count, timed with steps=K minus steps=0 (model load and start-up
    excluded); alternated, best of 2 each.  Job slices run at --job-nice, so
    other busy processes on the machine slow the job more than the CLI.
+3. Step-level batching: chain-steps/s (from jem_sgld_chain_steps_total over
+   --seconds) of one job against four concurrent ones (n=--chains each), then
+   classify p99 at 4 connections while the four run, with the mean number of
+   jobs per slice (jem_job_group_size).  Jobs share a slice when they wait for
+   the same worker: with one job slot (workers <= 2) the four always do.
 
 Uses models/fmnist-jem.safetensors, else a random WRN-10-1.  A running
 `jem train` is paused (SIGSTOP) for the duration and always resumed.
 
 usage: /usr/bin/python3 bench/jobs_bench.py --build build [--seconds 5] [--rounds 3]
-       [--jemd-args '--job-slice-ms 50']
+       [--lone-steps 300] [--chains 4] [--jemd-args '--job-slice-ms 50']
 """
 import argparse
 import datetime
@@ -90,6 +95,33 @@ def wait(d, jid, timeout=900):
     raise RuntimeError("job %s did not finish" % jid)
 
 
+def metric(d, name):
+    text = d.request("GET", "/metrics")[2].decode()
+    m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def chain_rate(d, seconds):
+    """Chain-steps/s over `seconds`, and the mean jobs per slice meanwhile."""
+    c0, g0, n0 = (metric(d, k) for k in ("jem_sgld_chain_steps_total",
+                                          "jem_job_group_size_sum", "jem_job_group_size_count"))
+    t0 = time.time()
+    time.sleep(seconds)
+    c1, g1, n1 = (metric(d, k) for k in ("jem_sgld_chain_steps_total",
+                                          "jem_job_group_size_sum", "jem_job_group_size_count"))
+    return (c1 - c0) / (time.time() - t0), (g1 - g0) / max(1.0, n1 - n0)
+
+
+def running_jobs(d, count, chains, seed0):
+    """Starts `count` long jobs of `chains` chains; returns their ids once all step."""
+    ids = [job(d, {"n": chains, "steps": 2000, "seed": seed0 + i, "init": "noise"})
+           for i in range(count)]
+    end = time.time() + 60
+    while time.time() < end and any(get(d, j)["progress"]["step"] == 0 for j in ids):
+        time.sleep(0.05)
+    return ids
+
+
 def ts(s):
     return datetime.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
@@ -111,6 +143,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="idle/busy rounds (median)")
     ap.add_argument("--lone-steps", type=int, default=300)
+    ap.add_argument("--chains", type=int, default=4, help="chains per job in part 3")
     ap.add_argument("--jemd-args", default="", help="extra jemd flags, e.g. '--workers 3'")
     args = ap.parse_args()
     b = args.build if os.path.isabs(args.build) else os.path.join(ROOT, args.build)
@@ -198,11 +231,37 @@ def main():
         print("SGLD throughput, n=%d steps=%d: lone job %.0f chain-steps/s (%.2f s), core in "
               "process (jem sample --threads %d) %.0f chain-steps/s (%.2f s): ratio %.2f"
               % (n, k, srv, run_s, blas, core, cli_s, srv / core))
+        # 3. one job against four concurrent ones, then classify while the four run
+        nc = args.chains
+        ids = running_jobs(d, 1, nc, 100)
+        one, _ = chain_rate(d, args.seconds)
+        for j in ids:
+            d.json("DELETE", "/v1/jobs/" + j)
+        ids = running_jobs(d, 4, nc, 200)
+        four, group = chain_rate(d, args.seconds)
+        t0, c0 = time.time(), metric(d, "jem_sgld_chain_steps_total")
+        during = wrk_run(d.port, png, args.seconds, lua)
+        four_busy = (metric(d, "jem_sgld_chain_steps_total") - c0) / (time.time() - t0)
+        for j in ids:
+            d.json("DELETE", "/v1/jobs/" + j)
+        print("step-level batching, n=%d per job: one job %.0f chain-steps/s, four concurrent "
+              "%.0f chain-steps/s (%.2fx; %.1f jobs per slice); classify p99 at 4 connections "
+              "while the four run %.2f ms (p50 %.2f, %.0f req/s; idle p99 %.2f ms), jobs meanwhile "
+              "%.0f chain-steps/s"
+              % (nc, one, four, four / max(one, 1e-9), group, during["p99_ms"], during["p50_ms"],
+                 during["rps"], idle["p99_ms"], four_busy))
         print("JSON " + json.dumps({"idle": idle, "jobs": busy, "p99_ratio": round(ratio, 3),
                                     "job_steps_per_s": [round(r, 2) for r in rates],
                                     "lone_job_chain_steps_per_s": round(srv, 1),
                                     "core_chain_steps_per_s": round(core, 1),
-                                    "throughput_ratio": round(srv / core, 3)}))
+                                    "throughput_ratio": round(srv / core, 3),
+                                    "batching": {"chains_per_job": nc,
+                                                 "one_job_chain_steps_per_s": round(one, 1),
+                                                 "four_jobs_chain_steps_per_s": round(four, 1),
+                                                 "jobs_per_slice": round(group, 2),
+                                                 "classify_with_four": during,
+                                                 "four_jobs_chain_steps_per_s_while_scoring":
+                                                     round(four_busy, 1)}}))
         return 0
     finally:
         if d:

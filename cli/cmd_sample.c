@@ -43,6 +43,8 @@ static void sample_help(FILE *f) {
           "  --npy FILE      write the samples as a float32 [N,C,H,W] .npy array\n"
           "  --batch B       chains per forward/backward batch (default min(N, 64))\n"
           "  --threads N     BLAS threads\n"
+          "  (the samples are the same bytes whatever --batch and --threads, and the\n"
+          "  same as a jemd job's with the same parameters and seed)\n"
           "  -h, --help      this text\n");
 }
 
@@ -294,6 +296,8 @@ int cmd_sample(int argc, char **argv) {
   if (ys)
     for (int i = 0; i < n; i++) ys[i] = y;
   uint64_t seed = o.seed;
+  /* the same bytes whatever --batch and --threads, and as jemd's jobs */
+  jem_ws_set_batch_invariant(ws, 1);
   if (!o.have_seed) {
     seed = random_seed();
     fprintf(stderr, "jem sample: seed %llu\n", (unsigned long long)seed);

@@ -24,6 +24,10 @@ static inline void add_to(float *d, const float *src, size_t n) {
 #define FAST_MAX_WEIGHTS (96 * 1024) /* floats: keep the weights in L2 */
 
 static atomic_int g_fast = 1;
+static _Thread_local int tl_invariant;
+
+void jem__set_batch_invariant(int on) { tl_invariant = on != 0; }
+int jem__batch_invariant(void) { return tl_invariant; }
 
 void jem__conv_set_fast(int on) {
   atomic_store(&g_fast, on >= 0 && on <= 3 ? on : 1);
@@ -86,7 +90,8 @@ static void conv3x3_direct(float *out, const float *in, const float *gate,
    * but keeps the map size */
   const int Ho = c->hout, Wo = c->wout;
   const size_t hwo = (size_t)Ho * Wo, ocs = (size_t)n * hwo;
-  if (c->stride == 1 && jem__wino_use(cin, cout, Ho, Wo, n)) {
+  const int decide_n = tl_invariant ? JEM__INVARIANT_N : n;
+  if (c->stride == 1 && jem__wino_use(cin, cout, Ho, Wo, decide_n)) {
     JEM_ASSERT(jem__wino_scratch(cin, cout, Ho, Wo, n) <= cap);
     jem__conv3x3_wino(out, in, gate, w, wu, b, cin, cout, Ho, Wo, n, mode,
                       leak, accumulate, pad);
@@ -128,8 +133,10 @@ int jem__conv_direct(const jem__conv *c, int act) {
   return c->k == 1 && c->stride == 1 && c->pad == 0 && !act;
 }
 
-/* Images per chunk: as many as fit in cap floats of im2col, at least one. */
+/* Images per chunk: as many as fit in cap floats of im2col, at least one;
+ * one in batch-invariant mode. */
 static int chunk_images(const jem__conv *c, int n, size_t cap) {
+  if (tl_invariant) return 1;
   size_t per = (size_t)jem__conv_rows(c) * (size_t)jem__conv_hwo(c);
   size_t nc = per ? cap / per : (size_t)n;
   if (nc < 1) nc = 1;
@@ -307,6 +314,7 @@ typedef struct conv_job {
   const float *w, *b;
   float *col;
   int n, n0, m, act, accumulate, bias;
+  int per_image;            /* 1x1 read in place: one product per image */
   float leak;
 } conv_job;
 
@@ -344,10 +352,12 @@ static void fwd_gemm_part(void *arg, int part, int parts) {
   int lo, hi;
   part_range(c->cout, part, parts, &lo, &hi);
   if (hi == lo) return;
-  if (!j->col) { /* 1x1, in place */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, (int)ldo,
-                c->cin, 1.0f, j->w + (size_t)lo * c->cin, c->cin, j->in,
-                (int)ldo, 1.0f, j->out + (size_t)lo * ldo, (int)ldo);
+  if (!j->col) { /* 1x1, in place: the whole batch, or image by image */
+    const int step = j->per_image ? hwo : (int)ldo;
+    for (size_t c0 = 0; c0 < ldo; c0 += (size_t)step)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, step, c->cin, 1.0f,
+                  j->w + (size_t)lo * c->cin, c->cin, j->in + c0, (int)ldo, 1.0f,
+                  j->out + (size_t)lo * ldo + c0, (int)ldo);
     return;
   }
   const int rows = jem__conv_rows(c), cols = j->m * hwo;
@@ -367,9 +377,11 @@ static void din_part(void *arg, int part, int parts) {
   part_range(c->cin, part, parts, &lo, &hi);
   if (hi == lo) return;
   if (!j->col) {
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, (int)ldo,
-                c->cout, 1.0f, j->w + lo, c->cin, j->in, (int)ldo, 1.0f,
-                j->out + (size_t)lo * ldo, (int)ldo);
+    const int step = j->per_image ? hwo : (int)ldo;
+    for (size_t c0 = 0; c0 < ldo; c0 += (size_t)step)
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, step, c->cout, 1.0f,
+                  j->w + lo, c->cin, j->in + c0, (int)ldo, 1.0f,
+                  j->out + (size_t)lo * ldo + c0, (int)ldo);
     return;
   }
   const int kk = c->k * c->k, rows = jem__conv_rows(c), cols = j->m * hwo;
@@ -394,9 +406,10 @@ void jem__conv_forward(float *out, const float *in, const float *w,
     return;
   }
   conv_job j = {.c = c, .out = out, .in = in, .w = w, .b = b, .n = n,
-                .act = act, .accumulate = accumulate, .bias = 1, .leak = leak};
+                .act = act, .accumulate = accumulate, .bias = 1,
+                .per_image = tl_invariant, .leak = leak};
   if (jem__conv_direct(c, act)) { /* 1x1 read in place: one product */
-    const int parts = row_parts(c->cout, (double)c->cout * c->cin * ldo);
+    const int parts = row_parts(c->cout, (double)c->cout * c->cin * (tl_invariant ? (size_t)hwo : ldo));
     jem__par(fwd_prep_part, &j, parts);
     jem__par(fwd_gemm_part, &j, parts);
     return;
@@ -461,8 +474,9 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
                   (int)ldo, 1.0f, dout, (int)ldo, in, (int)ldo, 1.0f, dw,
                   c->cin);
     if (din) {
-      conv_job j = {.c = c, .out = din, .in = dout, .w = w, .n = n};
-      jem__par(din_part, &j, row_parts(c->cin, (double)c->cin * c->cout * ldo));
+      conv_job j = {.c = c, .out = din, .in = dout, .w = w, .n = n, .per_image = tl_invariant};
+      jem__par(din_part, &j, row_parts(c->cin, (double)c->cin * c->cout *
+                                                   (tl_invariant ? (size_t)hwo : ldo)));
     }
     return;
   }
@@ -542,8 +556,23 @@ void jem__pool_backward(float *da, const float *dfeat, const float *a, int c,
   }
 }
 
+/* y[j] = b[j] + sum_f x[f] w[j, f] for one row, summed in index order. */
+static void linear_row(float *y, const float *x, const float *w, const float *b, int f,
+                       int k) {
+  for (int j = 0; j < k; j++) {
+    const float *wj = w + (size_t)j * f;
+    float s = 0.0f;
+    for (int i = 0; i < f; i++) s += x[i] * wj[i];
+    y[j] = (b ? b[j] : 0.0f) + s;
+  }
+}
+
 void jem__linear_forward(float *y, const float *x, const float *w,
                          const float *b, int n, int f, int k) {
+  if (tl_invariant) {
+    for (int i = 0; i < n; i++) linear_row(y + (size_t)i * k, x + (size_t)i * f, w, b, f, k);
+    return;
+  }
   for (int i = 0; i < n; i++)
     for (int j = 0; j < k; j++) y[(size_t)i * k + j] = b ? b[j] : 0.0f;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, k, f, 1.0f, x, f, w,
@@ -558,9 +587,18 @@ void jem__linear_backward(const float *dy, const float *x, const float *w,
   if (dw)
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, k, f, n, 1.0f, dy, k,
                 x, f, 1.0f, dw, f);
-  if (dx)
+  if (dx && tl_invariant) {
+    /* dx[i, :] += sum_j dy[i, j] w[j, :], classes in index order */
+    for (int i = 0; i < n; i++)
+      for (int j = 0; j < k; j++) {
+        const float g = dy[(size_t)i * k + j], *wj = w + (size_t)j * f;
+        float *d = dx + (size_t)i * f;
+        for (int q = 0; q < f; q++) d[q] += g * wj[q];
+      }
+  } else if (dx) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, f, k, 1.0f, dy,
                 k, w, f, 1.0f, dx, f);
+  }
 }
 
 void jem__to_cnhw(float *dst, const float *src, int n, int c, int hw) {

@@ -288,8 +288,8 @@ void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
   for (int i = 0; i < n; i++) {
     const float *z = ws->logits + (size_t)i * k;
     float *d = ws->dlogits + (size_t)i * k;
-    if (y) {
-      JEM_ASSERT(y[i] >= 0 && y[i] < k);
+    if (y && y[i] >= 0) {
+      JEM_ASSERT(y[i] < k);
       memset(d, 0, sizeof(float) * (size_t)k);
       d[y[i]] = 1.0f;
     } else {

@@ -364,6 +364,13 @@ jem_ws *jem_ws_create(const jem_model *m, int max_batch, int flags);
 void jem_ws_free(jem_ws *ws);                   /* NULL ok */
 int jem_ws_max_batch(const jem_ws *ws);
 size_t jem_ws_bytes(const jem_ws *ws);
+/* Batch-invariant mode (off at creation): while on, every per-image result
+ * of this workspace's calls (logits, features, input gradients, and so the
+ * scores and SGLD steps) is bit for bit the same whatever batch the image is
+ * in -- its size, its other images, the image's place -- at some cost in
+ * speed (sgemm runs image by image).  SGLD sampling (`jem sample`, jemd's
+ * jobs, whose chains share batches) runs with it on. */
+int jem_ws_set_batch_invariant(jem_ws *ws, int on); /* returns the previous setting */
 /* The largest batch, at most max_batch and at least 1, whose workspace
  * (jem_ws_create with these flags, at the current thread count) takes at
  * most `bytes` (jem_ws_bytes).  Whole slices of 8 images cost nothing in
@@ -386,8 +393,8 @@ void jem_forward(jem_ws *ws, const jem_model *m, const float *x, int n,
 void jem_backward(jem_ws *ws, const jem_model *m, const float *dlogits,
                   float *dweights, float *dx);
 
-/* dx[i] = d f~(x_i) / d x_i with f~ = logsumexp f (y == NULL) or f[y_i].
- * Overwrites dx ([n,C,S,S]); writes logits when non-NULL.  n <= max_batch. */
+/* dx[i] = d f~(x_i) / d x_i with f~ = logsumexp f (y == NULL, or y[i] < 0:
+ * that image's energy) or f[y_i].  Overwrites dx ([n,C,S,S]); writes logits when non-NULL.  n <= max_batch. */
 void jem_input_grad(jem_ws *ws, const jem_model *m, const float *x, int n,
                     const int *y, float *logits, float *dx);
 
@@ -454,6 +461,12 @@ int jem_replay_label(jem_model *m, jem_ws *ws);
  *   x <- x + step_size * d f~(x)/dx + noise * N(0,1)   [then clamp]
  * with f~ = logsumexp f (y == NULL) or f[y_i].  n may exceed max_batch.
  * Deterministic for given inputs and rng states. */
+/* One Langevin step of one chain given its gradient g = d f~/dx (chw
+ * floats): x += step_size g + noise N(0,1) (from rng), clamped when asked.
+ * jem_sgld_run is jem_input_grad then this per chain; a caller that batches
+ * chains its own way (jemd's jobs) gets the same numbers. */
+void jem_sgld_update(float *x, const float *g, size_t chw, const jem_sgld_params *p,
+                     jem_rng *rng);
 void jem_sgld_run(jem_ws *ws, const jem_model *m, float *x, int n,
                   const int *y, int steps, const jem_sgld_params *p,
                   jem_rng *rngs);

@@ -52,8 +52,12 @@ static void mahalanobis(jem_ws *ws, const jem_model *m, int c, float *out) {
     for (int i = 0; i < c; i++) out[i] = NAN;
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, F, F, 1.0f, ws->feat, F,
-              m->feat_whiten, F, 0.0f, ws->fwhite, F);
+  /* batch-invariant: the same product for every row, whatever c */
+  const int rows = ws->invariant ? 1 : c;
+  for (int r0 = 0; r0 < c; r0 += rows)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, F, F, 1.0f,
+                ws->feat + (size_t)r0 * F, F, m->feat_whiten, F, 0.0f,
+                ws->fwhite + (size_t)r0 * F, F);
   for (int i = 0; i < c; i++) {
     const float *u = ws->fwhite + (size_t)i * F;
     double best = INFINITY;

@@ -70,6 +70,8 @@ int jem_replay_label(jem_model *m, jem_ws *ws) {
   float *logits = malloc(sizeof(float) * (size_t)bmax * (size_t)K);
   int rc = JEM_ENOMEM;
   if (!label || !order || !first || !next || !logits) goto done;
+  /* labels by argmax: the same whatever batch size labels them */
+  const int was = jem_ws_set_batch_invariant(ws, 1);
   for (int i0 = 0; i0 < n; i0 += bmax) {
     const int b = n - i0 < bmax ? n - i0 : bmax;
     jem_forward(ws, m, m->replay + (size_t)i0 * chw, b, logits);
@@ -81,6 +83,7 @@ int jem_replay_label(jem_model *m, jem_ws *ws) {
       label[i0 + i] = best;
     }
   }
+  jem_ws_set_batch_invariant(ws, was);
   /* counting sort, stable: class c's images in buffer order from first[c] */
   for (int i = 0; i < n; i++) first[label[i] + 1]++;
   for (int c = 0; c < K; c++) first[c + 1] += first[c];
@@ -98,25 +101,26 @@ done:
   return rc;
 }
 
+void jem_sgld_update(float *x, const float *g, size_t chw, const jem_sgld_params *p,
+                     jem_rng *rng) {
+  const float alpha = p->step_size, sigma = p->noise;
+  for (size_t j = 0; j < chw; j++) {
+    /* The normal is drawn even when sigma is 0 so that a stream's
+     * position after a run depends only on the number of steps. */
+    float v = x[j] + alpha * g[j] + sigma * jem_rng_normal(rng);
+    if (p->clamp) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    x[j] = v;
+  }
+}
+
 /* steps SGLD steps on chains [0, b) of xc, whose rngs are r[0..b). */
 static void run_chunk(jem_ws *ws, const jem_model *m, float *xc, int b,
                       const int *y, int steps, const jem_sgld_params *p,
                       jem_rng *r, float *g, size_t chw) {
-  const float alpha = p->step_size, sigma = p->noise;
   for (int s = 0; s < steps; s++) {
     jem_input_grad(ws, m, xc, b, y, NULL, g);
-    for (int i = 0; i < b; i++) {
-      float *xi = xc + (size_t)i * chw;
-      const float *gi = g + (size_t)i * chw;
-      jem_rng *ri = &r[i];
-      for (size_t j = 0; j < chw; j++) {
-        /* The normal is drawn even when sigma is 0 so that a stream's
-         * position after a run depends only on the number of steps. */
-        float v = xi[j] + alpha * gi[j] + sigma * jem_rng_normal(ri);
-        if (p->clamp) v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-        xi[j] = v;
-      }
-    }
+    for (int i = 0; i < b; i++)
+      jem_sgld_update(xc + (size_t)i * chw, g + (size_t)i * chw, chw, p, &r[i]);
   }
 }
 

@@ -79,6 +79,7 @@ static void run_work(jem_ws *ws, int tid) {
       ws->par_fn(ws->par_arg, i, ws->par_parts);
     } else {
       if (i >= ws->nsub) return;
+      jem__set_batch_invariant(ws->invariant); /* for the kernels on this thread */
       ws->slice_fn(ws, i, tid);
     }
   }
@@ -149,6 +150,7 @@ void jem__ws_run(jem_ws *ws, jem__slice_fn fn, int threads, int used) {
   if (active <= 1) {
     ws->job = JOB_SLICES;
     if (used == 1 && threads > 1 && ws->nhelpers > 0) tl_lender = ws;
+    jem__set_batch_invariant(ws->invariant);
     for (int si = 0; si < ws->nsub; si++) fn(ws, si, 0);
     tl_lender = NULL;
     return;
@@ -324,6 +326,11 @@ void jem_ws_free(jem_ws *ws) {
 }
 
 int jem_ws_max_batch(const jem_ws *ws) { return ws ? ws->max_batch : 0; }
+int jem_ws_set_batch_invariant(jem_ws *ws, int on) {
+  const int was = ws->invariant;
+  ws->invariant = on != 0;
+  return was;
+}
 size_t jem_ws_bytes(const jem_ws *ws) { return ws ? ws->bytes : 0; }
 const float *jem_ws_features(const jem_ws *ws) { return ws ? ws->feat : NULL; }
 

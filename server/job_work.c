@@ -61,6 +61,7 @@ void srv_job_result_free(srv_job_result *r) {
 }
 
 static void exec_run(srv_work *w, srv_worker *wk);
+static void exec_group(srv_work **items, int count, srv_worker *wk);
 
 int srv_job_exec_init(srv_job_exec *e, const char *id, const srv_job_params *p, srv_model *sm,
                       float *x) {
@@ -71,6 +72,10 @@ int srv_job_exec_init(srv_job_exec *e, const char *id, const srv_job_params *p, 
   atomic_init(&e->cancel, 0);
   e->work.kind = SRV_WORK_JOB;
   e->work.run = exec_run;
+  /* jobs on the same model share their batches, step by step */
+  e->work.batch_key = sm;
+  e->work.batch_size = p->n;
+  e->work.run_group = exec_group;
   e->x = x ? x : malloc(sizeof(float) * chw_of(m) * (size_t)p->n);
   e->rngs = malloc(sizeof(jem_rng) * (size_t)p->n);
   if (p->y >= 0) {
@@ -193,37 +198,153 @@ oom:
   snprintf(e->msg, sizeof e->msg, "out of memory while encoding the samples");
 }
 
-static void exec_run(srv_work *w, srv_worker *wk) {
-  srv_job_exec *e = (srv_job_exec *)w;
-  e->chain_steps = 0;
-  if (e->begin && !e->begin(e)) return;
-  const jem_model *m = e->sm->m;
-  /* The slot's own workspace: the core's results depend only on the batch
-   * size, so this gives the same bytes as `jem sample` with the same seed. */
-  jem_ws *ws = srv_worker_ws(wk, e->sm);
-  if (!ws) {
-    e->failed = 1;
-    snprintf(e->msg, sizeof e->msg, "out of memory for the worker's workspace");
-    return;
+/* Chain k of a step's batch is chain i of job j of the group. */
+typedef struct chain_ref {
+  int j, i;
+} chain_ref;
+
+/* A slice's scratch for a group of jobs: the gradient and the references of
+ * one batch, and each job's sampler settings. */
+typedef struct group_buf {
+  float *g;
+  int *ys;
+  chain_ref *refs;
+  jem_sgld_params *par;
+} group_buf;
+
+/* One SGLD step for every chain of the n jobs in live, in batches of the
+ * workspace's size gathered into wk's buffer; each chain then takes its step
+ * with its job's settings and its own stream.  The workspace is
+ * batch-invariant, so every chain gets the numbers it gets in a lone job. */
+static void group_step(srv_job_exec **live, int n, const group_buf *gb, jem_ws *ws,
+                       const jem_model *m, srv_worker *wk) {
+  const size_t chw = chw_of(m);
+  const int bmax = jem_ws_max_batch(ws);
+  int b = 0;
+  for (int j = 0; j < n; j++) {
+    const srv_job_exec *e = live[j];
+    for (int i = 0; i < e->p.n; i++) {
+      memcpy(wk->xbuf + (size_t)b * chw, e->x + (size_t)i * chw, sizeof(float) * chw);
+      gb->ys[b] = e->ys ? e->ys[i] : -1;
+      gb->refs[b++] = (chain_ref){j, i};
+      if (b < bmax && !(j == n - 1 && i == e->p.n - 1)) continue;
+      jem_input_grad(ws, m, wk->xbuf, b, gb->ys, NULL, gb->g);
+      for (int k = 0; k < b; k++) {
+        const chain_ref r = gb->refs[k];
+        srv_job_exec *ek = live[r.j];
+        jem_sgld_update(ek->x + (size_t)r.i * chw, gb->g + (size_t)k * chw, chw, &gb->par[r.j],
+                        &ek->rngs[r.i]);
+      }
+      b = 0;
+    }
   }
-  if (!e->initialized) {
-    /* seeds chain i with (seed, i); GIVEN keeps the decoded images */
-    jem_sample_init(m, e->x, e->p.n, e->p.init, e->ys, e->p.seed, e->rngs);
-    e->initialized = 1;
+}
+
+static void group_buf_free(group_buf *gb) {
+  free(gb->g);
+  free(gb->ys);
+  free(gb->refs);
+  free(gb->par);
+}
+
+/* Marks the n jobs failed with msg. */
+static void group_fail(srv_job_exec **es, int n, const char *msg) {
+  for (int j = 0; j < n; j++) {
+    es[j]->failed = 1;
+    snprintf(es[j]->msg, sizeof es[j]->msg, "%s", msg);
   }
+}
+
+static jem_sgld_params sgld_params(const srv_job_exec *e) {
   jem_sgld_params p;
   jem_sgld_defaults(&p);
   p.step_size = (float)e->p.step_size;
   p.noise = (float)e->p.noise;
   p.clamp = e->p.clamp;
-  int nice_base = nice_enter();
-  uint64_t end = srv_now_ns() + (uint64_t)srv_cfg.job_slice_ms * 1000000ull;
-  while (e->step < e->p.steps) {
-    jem_sgld_run(ws, m, e->x, e->p.n, e->ys, 1, &p, e->rngs);
-    e->step++;
-    e->chain_steps += (uint64_t)e->p.n;
-    if (atomic_load(&e->cancel) || srv_now_ns() >= end) break;
-  }
-  if (e->step == e->p.steps && !atomic_load(&e->cancel)) finalize(e, ws, m);
-  nice_leave(nice_base);
+  return p;
 }
+
+/* The steps of one slice for the n live jobs (initialised) on ws: single
+ * SGLD steps for all their chains together until --job-slice-ms has passed
+ * (at least one step).  A job leaves the batch when it has done its steps or
+ * is canceled; the slice that does a job's last step also makes its
+ * results.  run: room for n pointers. */
+static void group_slice(srv_job_exec **live, int n, srv_job_exec **run, const group_buf *gb,
+                        jem_ws *ws, const jem_model *m, srv_worker *wk) {
+  uint64_t end = srv_now_ns() + (uint64_t)srv_cfg.job_slice_ms * 1000000ull;
+  for (;;) {
+    int nr = 0; /* the jobs still stepping, in group order, with their settings */
+    for (int j = 0; j < n; j++)
+      if (live[j]->step < live[j]->p.steps && !atomic_load(&live[j]->cancel)) {
+        gb->par[nr] = sgld_params(live[j]);
+        run[nr++] = live[j];
+      }
+    if (nr == 0) break;
+    group_step(run, nr, gb, ws, m, wk);
+    for (int j = 0; j < nr; j++) {
+      run[j]->step++;
+      run[j]->chain_steps += (uint64_t)run[j]->p.n;
+    }
+    if (srv_now_ns() >= end) break;
+  }
+  for (int j = 0; j < n; j++)
+    if (live[j]->step == live[j]->p.steps && !atomic_load(&live[j]->cancel)) finalize(live[j], ws, m);
+}
+
+/* One slice of a group of jobs on the same model (one job alone is a group
+ * of one); see group_slice. */
+static void exec_group(srv_work **items, int count, srv_worker *wk) {
+  srv_job_exec **live = malloc(sizeof *live * 2 * (size_t)count);
+  group_buf gb = {0};
+  int n = 0;
+  for (int j = 0; j < count; j++) {
+    srv_job_exec *e = (srv_job_exec *)items[j]; /* work is its first member */
+    e->chain_steps = 0;
+    if (e->begin && !e->begin(e)) continue; /* it ended meanwhile */
+    if (!live) {
+      group_fail(&e, 1, "out of memory for the job's slice");
+      continue;
+    }
+    live[n++] = e;
+  }
+  if (n == 0) goto out;
+  const jem_model *m = live[0]->sm->m;
+  jem_ws *ws = srv_worker_ws(wk, live[0]->sm);
+  if (!ws) {
+    group_fail(live, n, "out of memory for the worker's workspace");
+    goto out;
+  }
+  const size_t chw = chw_of(m), bmax = (size_t)jem_ws_max_batch(ws);
+  gb.g = malloc(sizeof(float) * bmax * chw);
+  gb.ys = malloc(sizeof(int) * bmax);
+  gb.refs = malloc(sizeof(chain_ref) * bmax);
+  gb.par = malloc(sizeof(jem_sgld_params) * (size_t)n);
+  if (wk->xbuf_len < bmax * chw) { /* the scheduler's gather buffer, shared */
+    free(wk->xbuf);
+    wk->xbuf = malloc(sizeof(float) * bmax * chw);
+    wk->xbuf_len = wk->xbuf ? bmax * chw : 0;
+  }
+  if (!gb.g || !gb.ys || !gb.refs || !gb.par || !wk->xbuf) {
+    group_fail(live, n, "out of memory for the job's slice");
+    goto out;
+  }
+  for (int j = 0; j < n; j++) {
+    srv_job_exec *e = live[j];
+    if (!e->initialized) {
+      /* seeds chain i with (seed, i); GIVEN keeps the decoded images */
+      jem_sample_init(m, e->x, e->p.n, e->p.init, e->ys, e->p.seed, e->rngs);
+      e->initialized = 1;
+    }
+  }
+  /* scoring batches on this workspace keep the faster plain mode */
+  const int was = jem_ws_set_batch_invariant(ws, 1);
+  int nice_base = nice_enter();
+  group_slice(live, n, live + count, &gb, ws, m, wk);
+  nice_leave(nice_base);
+  jem_ws_set_batch_invariant(ws, was);
+out:
+  group_buf_free(&gb);
+  free(live);
+}
+
+static void exec_run(srv_work *w, srv_worker *wk) { exec_group(&w, 1, wk); }

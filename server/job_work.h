@@ -35,12 +35,19 @@ size_t srv_job_estimate(const jem_model *m, int n);
  * only copy bytes.  work.done is the store's: it publishes progress and
  * resubmits the work until final or failed.
  *
+ * Step-level batching.  Jobs on the same model that wait for a slot at the
+ * same time start together (work.batch_key, up to --max-batch chains; see
+ * sched.c): their slice advances all their chains with one forward and
+ * backward per step (in batches of the workspace's size), each job leaving
+ * the batch when it has done its steps or is canceled.
+ *
  * Determinism.  Chain i draws from the stream (seed, i) (jem_sample_init),
  * so a job's samples depend only on its parameters.  Running a chain k steps
- * in several jem_sgld_run calls gives the same numbers as one call, and the
- * worker's workspace gives the same bytes as `jem sample --seed S --threads
- * T` with T the daemon's BLAS threads (the core's batch split and OpenBLAS's
- * sums depend on the thread count).  Jobs are not batched with each other. */
+ * in several slices gives the same numbers as one run, and the slices run
+ * the workspace batch-invariant (jem_ws_set_batch_invariant): a chain's
+ * numbers do not depend on the chains beside it, its own job's or others',
+ * nor on the thread count, so a job gives the same bytes alone, batched
+ * with others, on any replica, after a take-over and in `jem sample --seed S`. */
 typedef struct srv_job_exec srv_job_exec;
 struct srv_job_exec {
   srv_work work;                /* first member; work.done is set by the store */

@@ -39,7 +39,12 @@
  * a worker slot, and a done() executed back on the loop thread (or with
  * canceled=1 at shutdown).  Long jobs must cut themselves into slices: run()
  * does one slice (e.g. a few SGLD steps), done() records progress and
- * resubmits with srv_sched_submit() until finished.  Fairness: scoring goes
+ * resubmits with srv_sched_submit() until finished.  Items that can share
+ * batches (SGLD jobs on one model: the same batch_key) start together in
+ * one slot, up to --max-batch by batch_size, and one run_group() runs them;
+ * after a group's slice every item's done() runs before the next pump, so a
+ * resubmitted group meets the items that queued meanwhile and they all start
+ * together (step-level batching, job_work.h).  Fairness: scoring goes
  * first, background items may occupy at most max(1, workers - 1) slots (so
  * with two or more workers a slot is always left for scoring), and when both
  * are ready a background item is still started after every 4 score batches,
@@ -83,7 +88,9 @@ typedef struct slot {
   uv_work_t req;
   int busy;
   int kind;
-  srv_work *job;
+  srv_work *job;                /* background item, or the first of a group */
+  srv_work **group;             /* max_batch entries: the items of a job group */
+  int ngroup;
   /* score batch */
   srv_model *model;
   int want_grad;
@@ -124,7 +131,7 @@ static struct {
 static const double lat_le[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 static const double batch_le[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
-static srv_hist queue_dur, compute_dur, batch_hist;
+static srv_hist queue_dur, compute_dur, batch_hist, group_hist;
 
 static void render_metrics(srv_mbuf *b) {
   srv_mhead(b, "jem_workers", "gauge", "Compute workers.");
@@ -137,6 +144,9 @@ static void render_metrics(srv_mbuf *b) {
   srv_mhist(b, "jem_compute_duration_seconds", "", &compute_dur);
   srv_mhead(b, "jem_batch_size", "histogram", "Images per dynamic batch.");
   srv_mhist(b, "jem_batch_size", "", &batch_hist);
+  srv_mhead(b, "jem_job_group_size", "histogram",
+            "Jobs whose SGLD chains advanced together in one slice (step-level batching).");
+  srv_mhist(b, "jem_job_group_size", "", &group_hist);
   srv_mhead(b, "jem_queue_depth", "gauge",
             "Images admitted and not yet in a batch (being decoded or queued).");
   srv_mprintf(b, "jem_queue_depth %d\n", srv_sched_queued_images());
@@ -299,7 +309,10 @@ static void score_work(uv_work_t *req) {
 
 static void job_work(uv_work_t *req) {
   slot *s = req->data;
-  s->job->run(s->job, &s->wk);
+  if (s->job->batch_key)
+    s->job->run_group(s->group, s->ngroup, &s->wk);
+  else
+    s->job->run(s->job, &s->wk);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -399,16 +412,23 @@ static void after_job(uv_work_t *req, int status) {
   (void)status;
   slot *s = req->data;
   srv_work *w = s->job;
+  const int grouped = w->batch_key != NULL, count = grouped ? s->ngroup : 1;
   done_list dl = {0, 0};
   pthread_mutex_lock(&S.mu);
+  if (grouped) srv_hist_obs(&group_hist, count);
   s->job = NULL;
   s->busy = 0;
   S.n_free++;
   S.running_jobs--;
-  pump(&dl);
   pthread_mutex_unlock(&S.mu);
-  w->done(w, 0);
-  finish_lists(&dl);
+  /* done() may resubmit the item: the pump waits for every item of the
+   * group, so that they start again together with whatever queued meanwhile
+   * (instead of the waiting ones taking the slot alone, and the two groups
+   * alternating for ever) */
+  for (int i = 0; i < count; i++) {
+    srv_work *wi = grouped ? s->group[i] : w;
+    wi->done(wi, 0);
+  }
   /* done() may have submitted more work */
   pthread_mutex_lock(&S.mu);
   pump(&dl);
@@ -469,12 +489,41 @@ static void start_score(uint64_t now) {
   uv_queue_work(&S.loop, &s->req, score_work, after_score);
 }
 
+/* Unlinks w, whose predecessor in the background queue is prev (mu held). */
+static void jq_unlink(srv_work *prev, srv_work *w) {
+  if (prev)
+    prev->next_ = w->next_;
+  else
+    S.jq_head = w->next_;
+  if (S.jq_tail == w) S.jq_tail = prev;
+  w->next_ = NULL;
+}
+
+/* Starts the head of the background queue; a batchable head takes along the
+ * queued items that can share its batches, in queue order, while their
+ * sizes fit in --max-batch (mu held). */
 static void start_job(void) {
   slot *s = take_slot();
   srv_work *w = S.jq_head;
-  S.jq_head = w->next_;
-  if (!S.jq_head) S.jq_tail = NULL;
-  w->next_ = NULL;
+  jq_unlink(NULL, w);
+  s->ngroup = 0;
+  if (w->batch_key) {
+    int size = w->batch_size;
+    s->group[s->ngroup++] = w;
+    srv_work *prev = NULL, *q = S.jq_head;
+    while (q && s->ngroup < srv_cfg.max_batch) {
+      srv_work *nx = q->next_;
+      if (q->batch_key == w->batch_key && q->run_group == w->run_group &&
+          size + q->batch_size <= srv_cfg.max_batch) {
+        jq_unlink(prev, q);
+        s->group[s->ngroup++] = q;
+        size += q->batch_size;
+      } else {
+        prev = q;
+      }
+      q = nx;
+    }
+  }
   s->kind = SRV_WORK_JOB;
   s->job = w;
   S.running_jobs++;
@@ -601,6 +650,7 @@ int srv_sched_start(void) {
   srv_hist_init(&queue_dur, lat_le, SRV_NB(lat_le));
   srv_hist_init(&compute_dur, lat_le, SRV_NB(lat_le));
   srv_hist_init(&batch_hist, batch_le, SRV_NB(batch_le));
+  srv_hist_init(&group_hist, batch_le, SRV_NB(batch_le));
   srv_metrics_register(render_metrics);
   atomic_init(&S.reserved, 0);
   S.n_slots = S.n_free = srv_cfg.workers;
@@ -609,7 +659,8 @@ int srv_sched_start(void) {
   for (int i = 0; i < S.n_slots; i++) {
     S.slots[i].wk.index = i;
     S.slots[i].segs = calloc((size_t)srv_cfg.max_batch, sizeof(seg));
-    if (!S.slots[i].segs) return -1;
+    S.slots[i].group = calloc((size_t)srv_cfg.max_batch, sizeof(srv_work *));
+    if (!S.slots[i].segs || !S.slots[i].group) return -1;
   }
   if (uv_loop_init(&S.loop) || uv_async_init(&S.loop, &S.wake, on_wake) ||
       uv_timer_init(&S.loop, &S.delay_timer) || uv_timer_init(&S.loop, &S.sweep_timer))
@@ -700,6 +751,7 @@ void srv_sched_stop(void) {
     srv_worker_free_ws(&s->wk);
     free(s->wk.xbuf);
     free(s->segs);
+    free(s->group);
     free(s->logits);
     free(s->probs);
     for (int j = 0; j < JEM_NUM_SCORES; j++) free(s->score[j]);

@@ -193,6 +193,14 @@ struct srv_work {
    * instead of run() when the scheduler stops.  May call srv_sched_submit
    * again (next slice).  Owns w from then on. */
   void (*done)(srv_work *w, int canceled);
+  /* Step-level batching (SGLD jobs): items with the same non-NULL
+   * batch_key and run_group start together in one slot, as many as fit
+   * in --max-batch by batch_size (at least one), and run_group(items,
+   * count, wk) runs them all instead of run(); done() is still called for
+   * each.  NULL batch_key: never grouped. */
+  const void *batch_key;
+  int batch_size;
+  void (*run_group)(srv_work **items, int count, srv_worker *wk);
   /* scheduler-owned */
   srv_work *next_;
   uint64_t enq_ns_;

@@ -47,6 +47,17 @@ int jem__conv_fast_shape(const jem__conv *c);
  * whichever measured faster for the shape), 2 the direct kernel only (no
  * Winograd), 3 Winograd wherever the shape allows it. */
 void jem__conv_set_fast(int on);
+/* Batch-invariant mode, per thread (the model sets it for the slices it
+ * runs from its workspace's setting): while on, an image's results do not
+ * depend, bit for bit, on the batch it is in.  Every choice that otherwise
+ * follows the batch size is made for a fixed one: Winograd or the direct
+ * kernel as for a full slice (JEM__INVARIANT_N images), sgemm on one image
+ * at a time (OpenBLAS picks kernels, and so summation orders, by the matrix
+ * sizes), and the linear head row by row in a fixed order. */
+#define JEM__INVARIANT_N 8
+void jem__set_batch_invariant(int on);
+int jem__batch_invariant(void);
+
 /* Weights of the transposed convolution (cin*cout*9 floats): for stride 1
  * wf[ci, co, ky, kx] = w[co, ci, 2-ky, 2-kx], for stride 2 the taps are not
  * flipped: wf[ci, co, ky, kx] = w[co, ci, ky, kx]. */

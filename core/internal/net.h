@@ -79,6 +79,7 @@ typedef struct jem_helper {
 
 struct jem_ws {
   int max_batch, flags;
+  int invariant;         /* jem_ws_set_batch_invariant */
   int n;                 /* batch of the last forward, 0 = none */
   const jem_model *m;    /* model of the last forward */
   /* plan signature, checked against the model at every call */

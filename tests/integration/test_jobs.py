@@ -6,7 +6,8 @@ Usage: /usr/bin/python3 tests/integration/test_jobs.py --build build [--only NAM
 Starts build/jemd on free ports with small caps and checks: a job's whole
 life (202 + Location, polling, results, PNG decoding, energies falling from
 the starting points), refining given images, determinism across jobs and
-against `jem sample`, class-conditional jobs (the rate is printed), every
+against `jem sample`, four concurrent jobs batched step by step with the bytes
+each gives alone, class-conditional jobs (the rate is printed), every
 bad parameter and id (4xx with the error shape, then /readyz 200), a full
 queue (429 + Retry-After), cancel (running and queued), SIGHUP during a job,
 TTL expiry, API-key protection and listing, metrics (promtool when installed),
@@ -428,6 +429,57 @@ def test_determinism(ctx):
                 "--seed", "77", "--init", "noise", "--npy", out_npy, "--threads", "1", *flags)
         with open(out_npy, "rb") as f:
             check(f.read() == npy, "n=%d %s: job .npy == `jem sample` .npy" % (n, extra))
+
+
+def hist_counts(d, name):
+    """{le: cumulative count} of histogram `name` in /metrics."""
+    st, _, text = d.request("GET", "/metrics")
+    return {m.group(1).decode(): float(m.group(2)) for m in
+            re.finditer(rb'^%s_bucket\{le="([^"]+)"\} (\S+)$' % name.encode(), text, re.M)}
+
+
+def test_batched(ctx):
+    print("== step-level batching: four concurrent jobs share batches, same bytes as alone")
+    # one worker: the jobs would otherwise take turns; mixed settings, chain
+    # counts, conditional and not, and different lengths (they leave the batch
+    # at different steps)
+    d = start(ctx, ctx.model_a, "--workers", "1", "--max-queued-jobs", "8", "--max-batch", "16")
+    s = ctx.steps
+    bodies = [{"n": 3, "steps": 4 * s, "seed": 11, "init": "noise"},
+              {"n": 5, "steps": 3 * s, "seed": 12, "class": 2, "init": "noise"},
+              {"n": 2, "steps": 4 * s, "seed": 13, "clamp": False, "noise": 0.05, "init": "noise"},
+              {"n": 6, "steps": 2 * s, "seed": 14, "step_size": 0.5, "init": "noise"}]
+    files = ("samples.npy", "grid.png", "samples/1.png")
+
+    def results(jid):
+        st, _, o = wait_job(d, jid, timeout=300)
+        check(o["status"] == "succeeded", "job %s succeeded (%s)" % (jid[:8], o["status"]))
+        return [d.request("GET", "/v1/jobs/%s/%s" % (jid, f))[2] for f in files]
+
+    ids = [post_job(d, b)[2]["id"] for b in bodies]
+    together = [results(jid) for jid in ids]
+    h = hist_counts(d, "jem_job_group_size")
+    grouped = h.get("+Inf", 0) - h.get("2", 0)
+    check(grouped > 0, "slices advanced 3 or 4 jobs together (%d of %d slices)"
+          % (grouped, h.get("+Inf", 0)))
+    for b, got in zip(bodies, together):
+        alone = results(post_job(d, b)[2]["id"])  # one job at a time
+        check(got == alone, "n=%d steps=%d: batched job's files == the lone job's" %
+              (b["n"], b["steps"]))
+    # and == `jem sample`, which never batches with anything
+    out_npy = os.path.join(ctx.tmp, "batched.npy")
+    run_cli(ctx, "sample", ctx.model_a, "--n", "5", "--steps", str(3 * s), "--seed", "12",
+            "--class", "2", "--init", "noise", "--npy", out_npy, "--batch", "2")
+    with open(out_npy, "rb") as f:
+        check(f.read() == together[1][0], "batched class-conditional job .npy == `jem sample`")
+    # a canceled job leaves the batch; the others finish with their lone bytes
+    ids = [post_job(d, b)[2]["id"] for b in bodies[:3]]
+    wait_job(d, ids[0], until=("running",), timeout=60)
+    st, _, o = d.json("DELETE", "/v1/jobs/" + ids[0])
+    check(st == 200 and o["status"] in ("canceled", "succeeded"), "DELETE one of the group")
+    for i in (1, 2):
+        check(results(ids[i]) == together[i], "job %d unchanged by its neighbour's cancel" % i)
+    stop(ctx, d)
 
 
 def class_rate(d, cls, n, steps, seed=99, extra=None):
@@ -930,7 +982,8 @@ def main():
         ctx.main = start(ctx, ctx.model_a, *caps)
         ctx.dbuf = start(ctx, ctx.model_b, *caps)
         tests = [("life", test_life), ("given", test_given_images),
-                 ("determinism", test_determinism), ("buffer", test_buffer_default),
+                 ("determinism", test_determinism), ("batched", test_batched),
+                 ("buffer", test_buffer_default),
                  ("class", test_class_conditional), ("sampler", test_sampler),
                  ("bad", test_bad_params),
                  ("cancel", test_cancel_and_queue), ("reload", test_reload),
