@@ -96,9 +96,10 @@ def wait(d, jid, timeout=900):
 
 
 def metric(d, name):
+    """The sum of a metric's samples over its labels (e.g. every `model`)."""
     text = d.request("GET", "/metrics")[2].decode()
-    m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return sum(float(v) for v in
+               re.findall(r"^%s(?:\{[^}]*\})? (\S+)$" % re.escape(name), text, re.M))
 
 
 def chain_rate(d, seconds):
