@@ -297,35 +297,31 @@ warm_copy() {
   fi
 }
 
-# The cross-entropy tail (TAIL_*), then buffer, calibration and publication
-# as after a JEM cycle.
-tail_cycle() {
-  local dir=runs/$TAIL_RUN-jem jem
-  jem=$(stage_bin jem "$TAIL_RUN")
-  log "cross-entropy tail $TAIL_RUN: $TAIL_ITERS iterations, lr $TAIL_LR"
-  [ -f "$dir/calibrated-$TAIL_ITERS.safetensors" ] && return 0 # done in an earlier call
+# ce_cycle STAGE ITERS LR WARMUP SEED CKPT_EVERY EVAL_EVERY [TRAIN_ARGS...]: a
+# cross-entropy fine-tune of runs/STAGE-jem-warmstart.safetensors (the tail,
+# and the outlier exposure with its --outliers arguments), then buffer,
+# calibration and publication as after a JEM cycle.
+ce_cycle() {
+  local stage=$1 iters=$2 dir=runs/$1-jem jem
+  jem=$(stage_bin jem "$stage")
+  [ -f "$dir/calibrated-$iters.safetensors" ] && return 0 # done in an earlier call
   "$jem" train --run-dir "$dir" --resume --baseline \
-    --warm-start "runs/$TAIL_RUN-jem-warmstart.safetensors" --name fmnist-jem \
-    --iterations "$TAIL_ITERS" --lr "$TAIL_LR" --warmup "$TAIL_WARMUP" --schedule cosine \
-    --sigma "$SIGMA" --seed "$TAIL_SEED" --threads "$JEM_THREADS" \
-    --ckpt-every 200 --log-every 50 --eval-every 1000
-  ship "$jem" "$dir" "$dir/model.safetensors" "$TAIL_ITERS"
+    --warm-start "runs/$stage-jem-warmstart.safetensors" --name fmnist-jem \
+    --iterations "$iters" --lr "$3" --warmup "$4" --schedule cosine \
+    --sigma "$SIGMA" --seed "$5" --threads "$JEM_THREADS" \
+    --ckpt-every "$6" --log-every 50 --eval-every "$7" "${@:8}"
+  ship "$jem" "$dir" "$dir/model.safetensors" "$iters"
 }
 
-# The outlier-exposure fine-tune (OE_*), then buffer, calibration and
-# publication as after a JEM cycle.
+tail_cycle() {
+  log "cross-entropy tail $TAIL_RUN: $TAIL_ITERS iterations, lr $TAIL_LR"
+  ce_cycle "$TAIL_RUN" "$TAIL_ITERS" "$TAIL_LR" "$TAIL_WARMUP" "$TAIL_SEED" 200 1000
+}
+
 oe_cycle() {
-  local dir=runs/$OE_RUN-jem jem
-  jem=$(stage_bin jem "$OE_RUN")
   log "outlier exposure $OE_RUN: $OE_ITERS iterations, lr $OE_LR, sets $OE_SETS"
-  [ -f "$dir/calibrated-$OE_ITERS.safetensors" ] && return 0 # done in an earlier call
-  "$jem" train --run-dir "$dir" --resume --baseline \
-    --warm-start "runs/$OE_RUN-jem-warmstart.safetensors" --name fmnist-jem \
-    --iterations "$OE_ITERS" --lr "$OE_LR" --warmup "$OE_WARMUP" --schedule cosine \
-    --sigma "$SIGMA" --seed "$OE_SEED" --threads "$JEM_THREADS" \
-    --ckpt-every 100 --log-every 50 --eval-every 500 \
+  ce_cycle "$OE_RUN" "$OE_ITERS" "$OE_LR" "$OE_WARMUP" "$OE_SEED" 100 500 \
     --outliers "$OE_SETS" --oe-weight "$OE_WEIGHT" --oe-margins "$OE_MARGINS"
-  ship "$jem" "$dir" "$dir/model.safetensors" "$OE_ITERS"
 }
 
 # wise_average LAST STAGE WEIGHTS: LAST's final model interpolated with the
