@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* d[i] += s[i] for i < n. */
@@ -61,6 +62,45 @@ int jem__conv_fast_shape(const jem__conv *c) {
 }
 
 int jem__conv_mode(void) { return atomic_load_explicit(&g_fast, memory_order_relaxed); }
+
+int jem__conv_wide_shape(const jem__conv *c) {
+  if (c->k != 3 || c->pad != 1 || c->stride != 1) return 0;
+  if (c->hin != c->hout || c->win != c->wout || c->cin < 8 || c->cout < 8) return 0;
+  if ((size_t)c->cin * c->cout * 9 <= FAST_MAX_WEIGHTS) return 0;
+  return jem__wino_shape_ok(c->hout, c->wout) && jem__cpu_avx2_fma();
+}
+
+int jem__conv_wide(const jem__conv *c) {
+  const int mode = jem__conv_mode();
+  return (mode == 1 || mode == 3) && jem__conv_wide_shape(c);
+}
+
+size_t jem__conv_wide_grad_off(const jem__conv *c) {
+  return jem__conv_wide_shape(c) ? jem__wide_packed_floats(c->cin, c->cout) : 0;
+}
+
+size_t jem__conv_wide_floats(const jem__conv *c) {
+  if (!jem__conv_wide_shape(c)) return 0;
+  return jem__wide_packed_floats(c->cin, c->cout) + jem__wide_packed_floats(c->cout, c->cin);
+}
+
+void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c) {
+  const size_t pairs = (size_t)c->cin * c->cout;
+  float *wt = malloc(sizeof(float) * 9 * pairs), *u = jem__falloc(16 * pairs);
+  JEM_ASSERT(wt && u);
+  /* forward: U^T, the transform of the weights as pairs (ci, co) */
+  for (int co = 0; co < c->cout; co++)
+    for (int ci = 0; ci < c->cin; ci++)
+      memcpy(wt + ((size_t)ci * c->cout + co) * 9, w + ((size_t)co * c->cin + ci) * 9,
+             sizeof(float) * 9);
+  jem__conv_wino_weights(u, wt, c->cout, c->cin);
+  jem__wide_pack(dst, u, c->cin, c->cout);
+  /* input gradient: U as it comes, pairs (co, ci) */
+  jem__conv_wino_weights(u, w, c->cin, c->cout);
+  jem__wide_pack(dst + jem__conv_wide_grad_off(c), u, c->cout, c->cin);
+  free(wt);
+  free(u);
+}
 
 int jem__conv_fast(const jem__conv *c) {
   return jem__conv_mode() && jem__conv_fast_shape(c);
@@ -161,6 +201,13 @@ size_t jem__conv_col_need(const jem__conv *c, int n, size_t cap) {
       if (wb > p) p = wb;
     }
     if (p > need) need = p;
+  }
+  if (jem__conv_wide_shape(c)) {
+    /* whatever the mode, as for Winograd above */
+    size_t wf = jem__wide_scratch(c->cin, c->cout, c->hout, c->wout, n);
+    size_t wb = jem__wide_scratch(c->cout, c->cin, c->hout, c->wout, n);
+    if (wf > need) need = wf;
+    if (wb > need) need = wb;
   }
   return need;
 }
@@ -399,6 +446,12 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)n * hwo;
   JEM_ASSERT(n >= 1);
+  if (wu && jem__conv_wide(c)) {
+    JEM_ASSERT(jem__wide_scratch(c->cin, c->cout, c->hout, c->wout, n) <= col_cap);
+    jem__conv3x3_wide(out, in, NULL, wu, b, c->cin, c->cout, c->hout, c->wout, n,
+                      act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, 0, col);
+    return;
+  }
   if (jem__conv_fast(c)) {
     JEM_ASSERT(jem__pad_size(c, c->cin) <= col_cap);
     conv3x3_direct(out, in, NULL, w, wu, b, c->cin, c->cout, c, n,
@@ -501,8 +554,15 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
 void jem__conv_input_grad(float *din, const float *dout, const float *gate,
                           float leak, const float *wf, const float *wuf,
                           const jem__conv *c, int n, float *col, size_t col_cap) {
-  JEM_ASSERT(jem__conv_fast(c) && wf && n >= 1);
   const int mode = gate ? PAD_GATE : PAD_PLAIN;
+  if (jem__conv_wide(c)) {
+    JEM_ASSERT(wuf && n >= 1);
+    JEM_ASSERT(jem__wide_scratch(c->cout, c->cin, c->hout, c->wout, n) <= col_cap);
+    jem__conv3x3_wide(din, dout, gate, wuf, NULL, c->cout, c->cin, c->hout, c->wout, n,
+                      mode, leak, 0, 1, col);
+    return;
+  }
+  JEM_ASSERT(jem__conv_fast(c) && wf && n >= 1);
   if (c->stride == 1) {
     JEM_ASSERT(jem__pad_size(c, c->cout) <= col_cap);
     conv3x3_direct(din, dout, gate, wf, wuf, NULL, c->cout, c->cin, c, n, mode,

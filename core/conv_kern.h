@@ -102,4 +102,38 @@ void jem__conv3x3_wino(float *out, const float *in, const float *gate,
                        int cin, int cout, int H, int W, int n, int mode,
                        float leak, int accumulate, float *scratch);
 
+/* The parts of the Winograd pass that conv_wide.c shares.  Shapes Winograd
+ * tiles (8 tiles per vector); the distance between the 16 planes of V or M
+ * for a plane of `plane` floats (the transforms touch all 16 at once, and a
+ * power-of-two distance would put them all in one L1 set: one extra cache
+ * line spreads them). */
+int jem__wino_shape_ok(int H, int W);
+static inline size_t jem__wino_ld(size_t plane) {
+  return ((plane + 15) & ~(size_t)15) + 16;
+}
+/* V[e][ci][tbase + ...] (e stride ve, channel stride tb) = input transform
+ * of tile rows [ty0, ty0 + rows) of one padded image (jem__pad_image_s2's
+ * layout) with cin channels. */
+void jem__wino_input(float *V, size_t ve, size_t tb, size_t tbase, const float *pad,
+                     int cin, int H, int W, int ty0, int rows);
+/* out[cout, n, H, W] (+)= b + output transform of M[e][co][t] (e stride me,
+ * channel stride tb) for global tile rows [ty0, ty0 + rows) of the block
+ * starting at image img. */
+void jem__wino_output(float *out, const float *M, size_t me, const float *b, int cout,
+                      int n, int H, int W, size_t tb, int img, int ty0, int rows,
+                      int accumulate);
+
+/* Winograd for wide layers (conv_wide.c): weights too big for L2, on packed
+ * GEMM micro-kernels.  u: the packed transform of the call (forward, or with
+ * transposed != 0 the layer's input gradient: cin and cout are then the
+ * layer's cout and cin), from jem__conv_wide_weights.  Scratch: jem__wide_scratch(cin, cout, H, W, n) floats. */
+size_t jem__wide_scratch(int cin, int cout, int H, int W, int n);
+/* The packed transform of a call from k channels to r: floats, and the
+ * packing of u[e][k][r] (16 products, k-major) into it. */
+size_t jem__wide_packed_floats(int k, int r);
+void jem__wide_pack(float *dst, const float *u, int k, int r);
+void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
+                       const float *b, int cin, int cout, int H, int W, int n, int mode,
+                       float leak, int accumulate, int transposed, float *scratch);
+
 #endif

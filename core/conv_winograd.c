@@ -38,17 +38,13 @@ typedef struct wino_plan {
 #define WINO_BLOCK_FLOATS (32 * 1024)
 #endif
 
-static int wino_shape_ok(int H, int W) {
+int jem__wino_shape_ok(int H, int W) {
   /* 8 tiles per vector: W/2 a multiple of 8, or two rows of 4 tiles */
   if (H < 2 || H % 2 || W < 8 || W % 2 || W > 64) return 0;
   if (W == 8) return H % 4 == 0;
   return (W / 2) % 8 == 0;
 }
 
-/* Distance between the 16 planes of V or M: the transforms touch all 16 at
- * once, and a power-of-two distance (8 KB, say) would put them all in one L1
- * set; one extra cache line spreads them. */
-static size_t wino_ld(size_t plane) { return ((plane + 15) & ~(size_t)15) + 16; }
 
 static wino_plan wino_make_plan(int cin, int cout, int H, int W, int n) {
   wino_plan p;
@@ -74,13 +70,13 @@ static wino_plan wino_make_plan(int cin, int cout, int H, int W, int n) {
   const size_t tb = (size_t)p.rb * p.tw;
   p.pad = (size_t)p.ipb * cin * (H + 2) * (W + 2);
   p.u = (size_t)16 * cin * cout;
-  p.v = 16 * wino_ld((size_t)cin * tb);
-  p.m = 16 * wino_ld((size_t)cout * tb);
+  p.v = 16 * jem__wino_ld((size_t)cin * tb);
+  p.m = 16 * jem__wino_ld((size_t)cout * tb);
   return p;
 }
 
 size_t jem__wino_scratch(int cin, int cout, int H, int W, int n) {
-  if (!wino_shape_ok(H, W)) return 0;
+  if (!jem__wino_shape_ok(H, W)) return 0;
   wino_plan p = wino_make_plan(cin, cout, H, W, n);
   return p.pad + p.u + p.v + p.m + 4 * 16; /* + 64-byte alignment of each */
 }
@@ -91,7 +87,7 @@ size_t jem__wino_scratch(int cin, int cout, int H, int W, int n) {
 static int wino_pays(int cin, int cout, int H, int W, int n);
 int jem__wino_use(int cin, int cout, int H, int W, int n) {
   int mode = jem__conv_mode();
-  if (mode == 0 || mode == 2 || !wino_shape_ok(H, W) || !jem__cpu_avx2_fma())
+  if (mode == 0 || mode == 2 || !jem__wino_shape_ok(H, W) || !jem__cpu_avx2_fma())
     return 0;
   return mode == 3 || wino_pays(cin, cout, H, W, n);
 }
@@ -176,8 +172,8 @@ wino_in_store(float *V, size_t ve, __m256 d[4][4]) {
  * of jem__pad_image_s2: each padded row as its even then its odd columns, so
  * patch column j of tile tx is E[tx], O[tx], E[tx+1], O[tx+1]: plain loads)
  * into V (e stride ve, channel stride tb) from local tile tbase on. */
-__attribute__((target("avx2,fma"))) static void
-wino_input(float *V, size_t ve, size_t tb, size_t tbase, const float *pad,
+__attribute__((target("avx2,fma"))) void
+jem__wino_input(float *V, size_t ve, size_t tb, size_t tbase, const float *pad,
            int cin, int H, int W, int ty0, int rows) {
   const int wp = W + 2, half = W / 2 + 1, tw = W / 2;
   const size_t plane = (size_t)(H + 2) * wp;
@@ -260,7 +256,7 @@ WINO_GEMM_TILE(1, 1)
 __attribute__((target("avx2,fma"))) static void
 wino_gemm(float *M, const float *U, const float *V, int cin, int cout,
           size_t tb, int nt) {
-  const size_t me = wino_ld((size_t)cout * tb), ve = wino_ld((size_t)cin * tb);
+  const size_t me = jem__wino_ld((size_t)cout * tb), ve = jem__wino_ld((size_t)cin * tb);
   const size_t ue = (size_t)cout * cin;
   for (int e = 0; e < 16; e++) {
     const float *ue_ = U + e * ue, *ve_ = V + e * ve;
@@ -288,11 +284,11 @@ wino_gemm(float *M, const float *U, const float *V, int cin, int cout,
 
 /* Output transform: for every channel and 8 tiles, Y = A^T M A (2x2 per
  * tile) + bias, written (or added) to out [cout][n][H][W]. */
-__attribute__((target("avx2,fma"))) static void
-wino_output(float *out, const float *M, const float *b, int cout, int n,
-            int H, int W, size_t tb, int img, int ty0, int rows,
-            int accumulate) {
-  const size_t me = wino_ld((size_t)cout * tb), hw = (size_t)H * W;
+__attribute__((target("avx2,fma"))) void
+jem__wino_output(float *out, const float *M, size_t me, const float *b, int cout, int n,
+                 int H, int W, size_t tb, int img, int ty0, int rows,
+                 int accumulate) {
+  const size_t hw = (size_t)H * W;
   const int tw = W / 2, step = W == 8 ? 2 : 1, gw = W == 8 ? 4 : 8;
   for (int co = 0; co < cout; co++) {
     const __m256 bias = _mm256_set1_ps(b ? b[co] : 0.0f);
@@ -369,12 +365,12 @@ jem__conv3x3_wino(float *out, const float *in, const float *gate, const float *w
     for (int i = 0; i < nimg; i++) {
       const int ta = i == 0 ? ty0 : 0;
       const int tr = nimg > 1 ? p.tr : rows;
-      wino_input(V, wino_ld((size_t)cin * tb), tb, (size_t)i * p.tr * p.tw,
+      jem__wino_input(V, jem__wino_ld((size_t)cin * tb), tb, (size_t)i * p.tr * p.tw,
                  pad + i * plane, cin, H, W, ta, tr);
     }
     (void)hw;
     wino_gemm(M, U, V, cin, cout, tb, rows * p.tw);
-    wino_output(out, M, b, cout, n, H, W, tb, img, ty0, rows, accumulate);
+    jem__wino_output(out, M, jem__wino_ld((size_t)cout * tb), b, cout, n, H, W, tb, img, ty0, rows, accumulate);
   }
 }
 
@@ -405,7 +401,7 @@ static int wino_pays(int cin, int cout, int H, int W, int n) {
 size_t jem__conv_wino_floats(const jem__conv *c) {
   /* by shape alone, not jem__conv_set_fast's mode: workspaces are planned
    * with it */
-  if (c->stride != 1 || !jem__conv_fast_shape(c) || !wino_shape_ok(c->hout, c->wout)) return 0;
+  if (c->stride != 1 || !jem__conv_fast_shape(c) || !jem__wino_shape_ok(c->hout, c->wout)) return 0;
   return (size_t)16 * c->cin * c->cout;
 }
 

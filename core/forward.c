@@ -5,10 +5,19 @@
 #include <string.h>
 
 /* A layer's cached Winograd transform (of its weights, or with flipped != 0
- * of its input gradient's flipped weights), or NULL: none kept. */
+ * of its input gradient's flipped weights), or NULL: none kept.  A wide
+ * layer's come from the model (jem__net_wide). */
 static const float *wino_of(const jem_ws *ws, const jem__conv *c, int flipped) {
+  const size_t nw = ws->wide ? jem__conv_wide_floats(c) : 0;
+  if (nw) return ws->wide + c->wide_off + (flipped ? jem__conv_wide_grad_off(c) : 0);
   const size_t nu = ws->wino ? jem__conv_wino_floats(c) : 0;
   return nu ? ws->wino + c->wu_off + (flipped ? nu : 0) : NULL;
+}
+
+/* Whether a layer's input gradient alone runs on the direct kernel or, for
+ * a wide layer with its transforms, on Winograd (jem__conv_input_grad). */
+static int ig_fast(const jem_ws *ws, const jem__conv *c) {
+  return jem__conv_fast(c) || (ws->wide && jem__conv_wide(c));
 }
 
 /* Weights derived from m's for the direct kernel: the flipped, transposed 3x3
@@ -35,7 +44,10 @@ static void derive_weights(jem_ws *ws, const jem_model *m) {
       }
     }
   }
-  if (fixed) ws->derived_uid = m->uid;
+  if (fixed) {
+    ws->wide = jem__net_wide(m);
+    ws->derived_uid = m->uid;
+  }
 }
 
 static void sub_forward(jem_ws *ws, int si, int tid) {
@@ -94,12 +106,13 @@ static void sub_forward(jem_ws *ws, int si, int tid) {
  * size) gets dL/dt on the way; the conv's and the norm's parameter
  * gradients accumulate into dW when it is not NULL.  wf, wuf: the flipped
  * weights and their Winograd transform (or NULL), for the direct kernel. */
-static void conv_norm_backward(float *din, float *tmp, const float *dout, const float *in,
-                               const float *t, const jem__conv *c, const jem__norm *nm,
-                               const float *W, const float *wf, const float *wuf, float *dW,
-                               float leak, int n, float *col, size_t col_cap) {
+static void conv_norm_backward(const jem_ws *ws, float *din, float *tmp, const float *dout,
+                               const float *in, const float *t, const jem__conv *c,
+                               const jem__norm *nm, const float *W, const float *wf,
+                               const float *wuf, float *dW, float leak, int n, float *col,
+                               size_t col_cap) {
   const size_t len = (size_t)c->cin * c->hin * c->win * n;
-  if (!dW && jem__conv_fast(c)) { /* input gradient only: the direct kernel */
+  if (!dW && ig_fast(ws, c)) { /* input gradient only: the direct kernel */
     jem__conv_input_grad(tmp, dout, NULL, leak, wf, wuf, c, n, col, col_cap);
   } else {
     memset(tmp, 0, sizeof(float) * len);
@@ -164,9 +177,9 @@ static void sub_backward(jem_ws *ws, int si, int tid) {
     const size_t alen = (size_t)B->c1.cin * B->c1.hin * B->c1.win * n;
     if (net->norm) {
       /* back through conv2 to u, then conv1 to a; plus the shortcut's share */
-      conv_norm_backward(ga, gv, gcur, s->u[b], s->t2[b], &B->c2, &B->n2, W, WF(&B->c2),
+      conv_norm_backward(ws, ga, gv, gcur, s->u[b], s->t2[b], &B->c2, &B->n2, W, WF(&B->c2),
                          wino_of(ws, &B->c2, 1), dW, leak, n, s->col, s->col_cap);
-      conv_norm_backward(ga, gv, ga, s->a[b], s->t1[b], &B->c1, &B->n1, W, WF(&B->c1),
+      conv_norm_backward(ws, ga, gv, ga, s->a[b], s->t1[b], &B->c1, &B->n1, W, WF(&B->c1),
                          wino_of(ws, &B->c1, 1), dW, leak, n, s->col, s->col_cap);
       if (B->has_sc)
         jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0, leak,
@@ -176,13 +189,21 @@ static void sub_backward(jem_ws *ws, int si, int tid) {
       gcur = ga;
       continue;
     }
-    if (!dW && jem__conv_fast(&B->c2) && jem__conv_fast(&B->c1)) {
+    if (!dW && ig_fast(ws, &B->c2)) {
       /* input gradient only, on the direct kernel: the LeakyReLU'(u) gate
-       * rides along with conv1's padded copy and nothing is zeroed */
+       * rides along with conv1's padded copy and nothing is zeroed (a
+       * strided conv1 of a wide network: gated here, then im2col) */
       jem__conv_input_grad(gv, gcur, NULL, leak, WF(&B->c2), wino_of(ws, &B->c2, 1),
                            &B->c2, n, s->col, s->col_cap);
-      jem__conv_input_grad(ga, gv, s->u[b], leak, WF(&B->c1), wino_of(ws, &B->c1, 1),
-                           &B->c1, n, s->col, s->col_cap);
+      if (ig_fast(ws, &B->c1)) {
+        jem__conv_input_grad(ga, gv, s->u[b], leak, WF(&B->c1), wino_of(ws, &B->c1, 1),
+                             &B->c1, n, s->col, s->col_cap);
+      } else {
+        jem__lrelu_backward(gv, s->u[b], ulen, leak);
+        memset(ga, 0, sizeof(float) * alen);
+        jem__conv_backward(gv, s->a[b], W + B->c1.w_off, WF(&B->c1), &B->c1, n, 1, leak,
+                           NULL, NULL, ga, s->col, s->col_cap);
+      }
       if (B->has_sc) {
         jem__lrelu_backward(ga, s->a[b], alen, leak);
         jem__conv_backward(gcur, s->a[b], W + B->sc.w_off, NULL, &B->sc, n, 0,

@@ -193,8 +193,30 @@ static jem__conv make_conv(int cin, int cout, int k, int stride, int hin) {
 
 void jem__net_free(jem_net *net) {
   if (!net) return;
+  free(atomic_load(&net->wide));
   free(net->blocks);
   free(net);
+}
+
+const float *jem__net_wide(const jem_model *m) {
+  jem_net *net = m->net;
+  if (!net->wide_total) return NULL;
+  float *have = atomic_load(&net->wide);
+  if (have) return have;
+  float *buf = jem__falloc(net->wide_total);
+  if (!buf) return NULL;
+  for (int i = 0; i < net->nblocks; i++) {
+    const jem__conv *cs[2] = {&net->blocks[i].c1, &net->blocks[i].c2};
+    for (int j = 0; j < 2; j++)
+      if (jem__conv_wide_floats(cs[j]))
+        jem__conv_wide_weights(buf + cs[j]->wide_off, m->weights + cs[j]->w_off, cs[j]);
+  }
+  /* two threads may build it at once: the first to publish wins */
+  if (!atomic_compare_exchange_strong(&net->wide, &have, buf)) {
+    free(buf);
+    return have;
+  }
+  return buf;
 }
 
 int jem__net_build(jem_model *m, char *err, size_t errlen) {
@@ -274,6 +296,8 @@ int jem__net_build(jem_model *m, char *err, size_t errlen) {
         /* the Winograd transforms of w, then of the flipped weights */
         c->wu_off = net->wu_total;
         net->wu_total += 2 * jem__conv_wino_floats(c);
+        c->wide_off = net->wide_total;
+        net->wide_total += jem__conv_wide_floats(c);
       }
     }
     net->wf_total = wf;

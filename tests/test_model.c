@@ -568,6 +568,56 @@ static void test_fixed_weights(void **state) {
   jem_model_free(ms[0]); jem_model_free(ms[1]);
 }
 
+/* Wide layers (WRN-10-3's 192-channel 3x3 convolutions): a
+ * JEM_WS_FIXED_WEIGHTS workspace runs them on Winograd from the model's
+ * shared transforms, a plain one on im2col; logits and input gradients
+ * agree closely, one image with lent threads gives the bits of one thread,
+ * and the AVX2 micro-kernels the bits of the AVX-512 ones. */
+static void test_wide_layers(void **state) {
+  (void)state;
+  const jem_arch a = {10, 3, 3, 32, 7, 0.2f, JEM_NORM_NONE};
+  jem_model *m = make_model(&a, 97);
+  const int n = 9, K = a.num_classes;
+  const size_t css = input_size(m);
+  float *x = malloc(sizeof(float) * css * n);
+  unsigned st = 12;
+  ref_fill(x, css * n, &st, -1, 1);
+  float *dx[4], lg[4][63];
+  for (int r = 0; r < 4; r++) {
+    /* 0: plain (im2col); 1: fixed, 1 thread; 2: fixed, 2 threads; 3: AVX2 */
+    jem_blas_set_threads(r == 2 ? 2 : 1);
+    jem__wide_force_avx2(r == 3);
+    jem_ws *ws = jem_ws_create(m, n, r ? JEM_WS_FIXED_WEIGHTS : 0);
+    jem_ws *ws2 = r == 1 ? jem_ws_create(m, 1, JEM_WS_FIXED_WEIGHTS) : NULL;
+    dx[r] = malloc(sizeof(float) * css * n);
+    /* image by image: a lone slice lends its threads */
+    for (int i = 0; i < n; i++)
+      jem_input_grad(ws, m, x + css * i, 1, NULL, lg[r] + K * i, dx[r] + css * i);
+    if (ws2) { /* a second workspace shares the model's transforms */
+      float l2[7];
+      jem_input_grad(ws2, m, x, 1, NULL, l2, dx[r]);
+      for (int k = 0; k < K; k++) assert_true(l2[k] == lg[r][k]);
+      jem_ws_free(ws2);
+    }
+    jem_ws_free(ws);
+  }
+  jem__wide_force_avx2(0);
+  jem_blas_set_threads(1);
+  for (int r = 2; r < 4; r++) {
+    assert_memory_equal(lg[1], lg[r], sizeof(float) * K * n);
+    assert_memory_equal(dx[1], dx[r], sizeof(float) * css * n);
+  }
+  double gmax = 0;
+  for (size_t i = 0; i < css * n; i++) gmax = fmax(gmax, fabs(dx[0][i]));
+  for (int i = 0; i < n * K; i++)
+    assert_true(fabs(lg[0][i] - lg[1][i]) <= 1e-4 * fmax(1, fabs(lg[0][i])));
+  for (size_t i = 0; i < css * n; i++)
+    assert_true(fabs(dx[0][i] - dx[1][i]) <= 1e-3 * fabs(dx[0][i]) + 1e-5 * gmax);
+  for (int r = 0; r < 4; r++) free(dx[r]);
+  free(x);
+  jem_model_free(m);
+}
+
 /* The general im2col + sgemm path (CPUs without AVX2+FMA) on the whole
  * model: forward against the reference, gradients by finite differences,
  * and agreement with the direct kernel. */
@@ -700,6 +750,7 @@ int main(void) {
       cmocka_unit_test(test_lent_threads),
       cmocka_unit_test(test_batch_within),
       cmocka_unit_test(test_fixed_weights),
+      cmocka_unit_test(test_wide_layers),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -24,6 +24,8 @@ typedef struct jem__conv {
   size_t wf_off;        /* into the transposed-weight scratch (3x3 only) */
   size_t wu_off;        /* into a workspace's Winograd transforms (see
                          * jem__conv_wino_floats) */
+  size_t wide_off;      /* into the model's wide-layer transforms (see
+                         * jem__conv_wide_floats) */
 } jem__conv;
 
 /* Rows of the im2col matrix (Cin*k*k) and output pixels per image. */
@@ -97,7 +99,9 @@ void jem__conv_backward(const float *dout, const float *in, const float *w,
                         float *col, size_t col_cap);
 
 /* Input gradient on the direct kernel (requires jem__conv_fast(c) and wf
- * from jem__conv_flip; wuf: wf's Winograd transform, or NULL): din [Cin, n,
+ * from jem__conv_flip; wuf: wf's Winograd transform, or NULL), or for a wide
+ * layer (jem__conv_wide) on Winograd (wf unused; wuf: the U half of
+ * jem__conv_wide_weights' output, required): din [Cin, n,
  * Hi, Wi] = (OVERWRITTEN) gradient with respect to act(in) given dout [Cout,
  * n, Ho, Wo] multiplied by LeakyReLU'(gate) when gate (laid out like dout) is
  * not NULL.  Fuses the activation's backward and skips zeroing din on the
@@ -115,6 +119,26 @@ size_t jem__conv_wino_floats(const jem__conv *c);
  * w[cout][cin][3][3]; for the input gradient, pass the flipped weights with
  * cin and cout swapped.  Only where jem__conv_wino_floats > 0. */
 void jem__conv_wino_weights(float *wu, const float *w, int cin, int cout);
+
+/* Wide layers: 3x3 stride-1 layers whose weights are too big for the direct
+ * kernel (over 96K floats: 160 to 640 channels) on maps Winograd tiles, on
+ * AVX2+FMA CPUs.  They run on Winograd F(2x2,3x3) with packed GEMM
+ * micro-kernels (conv_wide.c) given their transforms, forward and as input
+ * gradient, and on im2col without them.  jem__conv_wide: whether they do
+ * under jem__conv_set_fast's mode (1 and 3; 0 and 2 keep im2col);
+ * jem__conv_wide_shape: by shape alone. */
+int jem__conv_wide_shape(const jem__conv *c);
+int jem__conv_wide(const jem__conv *c);
+/* Floats of a wide layer's transforms (0 for other layers): the forward
+ * pass's, then from jem__conv_wide_grad_off on the input gradient's, each
+ * packed for the micro-kernels; jem__conv_wide_weights fills them from
+ * w[cout][cin][3][3]. */
+size_t jem__conv_wide_floats(const jem__conv *c);
+size_t jem__conv_wide_grad_off(const jem__conv *c);
+void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c);
+/* Tests: 1 runs the wide layers on the AVX2 micro-kernels even where the
+ * CPU has AVX-512 (the same bits), 0 restores the choice by CPU. */
+void jem__wide_force_avx2(int on);
 
 /* g[i] *= (a[i] > 0 ? 1 : leak) for i < len (PyTorch's LeakyReLU backward). */
 void jem__lrelu_backward(float *g, const float *a, size_t len, float leak);

@@ -32,8 +32,18 @@ struct jem_net {
   int last_hw;             /* pixels of the last map (64) */
   size_t wf_total;         /* transposed-weight floats of the 3x3 convs */
   size_t wu_total;         /* Winograd-transform floats (forward + input grad) */
+  size_t wide_total;       /* floats of the wide layers' transforms */
+  _Atomic(float *) wide;   /* those transforms, built by the first
+                            * JEM_WS_FIXED_WEIGHTS workspace that runs the
+                            * model (jem__net_wide), shared by all */
   size_t max_act;          /* largest activation per image, floats */
 };
+
+/* The wide layers' transforms of m (jem__conv_wide_weights for every layer
+ * with jem__conv_wide_floats > 0), built on the first call: NULL when the
+ * model has no wide layer or memory runs out.  Thread-safe; the weights must
+ * not change afterwards. */
+const float *jem__net_wide(const jem_model *m);
 
 static inline size_t jem__umax(size_t a, size_t b) { return a > b ? a : b; }
 
@@ -95,6 +105,7 @@ struct jem_ws {
   /* JEM_WS_FIXED_WEIGHTS: wflip and the Winograd transforms (wino) derived
    * once per model, the one whose uid is derived_uid (0: none yet) */
   float *wino;
+  const float *wide;       /* the model's jem__net_wide, or NULL */
   uint64_t derived_uid;
   int nsub;
   jem_sub *sub;
