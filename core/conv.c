@@ -64,10 +64,12 @@ int jem__conv_fast_shape(const jem__conv *c) {
 int jem__conv_mode(void) { return atomic_load_explicit(&g_fast, memory_order_relaxed); }
 
 int jem__conv_wide_shape(const jem__conv *c) {
-  if (c->k != 3 || c->pad != 1 || c->stride != 1) return 0;
-  if (c->hin != c->hout || c->win != c->wout || c->cin < 8 || c->cout < 8) return 0;
-  if ((size_t)c->cin * c->cout * 9 <= FAST_MAX_WEIGHTS) return 0;
-  return jem__wino_shape_ok(c->hout, c->wout) && jem__cpu_avx2_fma();
+  if (c->k != 3 || c->pad != 1 || c->cin < 8 || c->cout < 8) return 0;
+  if ((size_t)c->cin * c->cout * 9 <= FAST_MAX_WEIGHTS || !jem__cpu_avx2_fma()) return 0;
+  if (c->stride == 2) /* im2col, the product on the micro-kernels (8 columns a vector) */
+    return (c->hout * c->wout) % 8 == 0;
+  if (c->stride != 1 || c->hin != c->hout || c->win != c->wout) return 0;
+  return jem__wino_shape_ok(c->hout, c->wout);
 }
 
 int jem__conv_wide(const jem__conv *c) {
@@ -76,15 +78,27 @@ int jem__conv_wide(const jem__conv *c) {
 }
 
 size_t jem__conv_wide_grad_off(const jem__conv *c) {
-  return jem__conv_wide_shape(c) ? jem__wide_packed_floats(c->cin, c->cout) : 0;
+  if (!jem__conv_wide_shape(c)) return 0;
+  if (c->stride == 2) return jem__wide_mat_floats(jem__conv_rows(c), c->cout);
+  return jem__wide_packed_floats(c->cin, c->cout);
 }
 
 size_t jem__conv_wide_floats(const jem__conv *c) {
   if (!jem__conv_wide_shape(c)) return 0;
+  if (c->stride == 2)
+    return jem__wide_mat_floats(jem__conv_rows(c), c->cout) +
+           jem__wide_mat_floats(c->cout, jem__conv_rows(c));
   return jem__wide_packed_floats(c->cin, c->cout) + jem__wide_packed_floats(c->cout, c->cin);
 }
 
 void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c) {
+  if (c->stride == 2) {
+    /* forward: W (cout x rows); input gradient: W^T (rows x cout) */
+    const size_t rows = (size_t)jem__conv_rows(c);
+    jem__wide_pack_mat(dst, w, (int)rows, c->cout, 1, rows);
+    jem__wide_pack_mat(dst + jem__conv_wide_grad_off(c), w, c->cout, (int)rows, rows, 1);
+    return;
+  }
   const size_t pairs = (size_t)c->cin * c->cout;
   float *wt = malloc(sizeof(float) * 9 * pairs), *u = jem__falloc(16 * pairs);
   JEM_ASSERT(wt && u);
@@ -202,7 +216,7 @@ size_t jem__conv_col_need(const jem__conv *c, int n, size_t cap) {
     }
     if (p > need) need = p;
   }
-  if (jem__conv_wide_shape(c)) {
+  if (c->stride == 1 && jem__conv_wide_shape(c)) {
     /* whatever the mode, as for Winograd above */
     size_t wf = jem__wide_scratch(c->cin, c->cout, c->hout, c->wout, n);
     size_t wb = jem__wide_scratch(c->cout, c->cin, c->hout, c->wout, n);
@@ -363,6 +377,7 @@ typedef struct conv_job {
   int n, n0, m, act, accumulate, bias;
   int per_image;            /* 1x1 read in place: one product per image */
   float leak;
+  const float *wu;          /* a strided wide layer's packed W (or W^T) */
 } conv_job;
 
 /* Forward, part i: for its output channels the bias (on the first chunk),
@@ -408,9 +423,47 @@ static void fwd_gemm_part(void *arg, int part, int parts) {
     return;
   }
   const int rows = jem__conv_rows(c), cols = j->m * hwo;
+  if (j->wu) { /* a strided wide layer: panels of 12 channels, not [lo, hi) */
+    jem__wide_gemm(j->out + (size_t)j->n0 * hwo, ldo, j->wu, j->col, (size_t)cols, rows,
+                   c->cout, cols, 1, part, parts);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, cols, rows,
               1.0f, j->w + (size_t)lo * rows, rows, j->col, cols, 1.0f,
               j->out + (size_t)lo * ldo + (size_t)j->n0 * hwo, (int)ldo);
+}
+
+/* Strided wide layer, input gradient part i: col = W^T x dout on panels of
+ * 12 rows of col; then (wide_col2im_part) col2im by input channels. */
+static void wide_din_gemm_part(void *arg, int part, int parts) {
+  const conv_job *j = arg;
+  const jem__conv *c = j->c;
+  const int hwo = jem__conv_hwo(c), cols = j->m * hwo;
+  jem__wide_gemm(j->col, (size_t)cols, j->wu, j->in + (size_t)j->n0 * hwo,
+                 (size_t)j->n * hwo, c->cout, jem__conv_rows(c), cols, 0, part, parts);
+}
+
+static void wide_col2im_part(void *arg, int part, int parts) {
+  const conv_job *j = arg;
+  int lo, hi;
+  part_range(j->c->cin, part, parts, &lo, &hi);
+  if (hi > lo) col2im_rows(j->out, j->col, j->c, j->n, j->n0, j->m, lo, hi);
+}
+
+void jem__conv_wide_input_grad_add(float *din, const float *dout, const float *wug,
+                                   const jem__conv *c, int n, float *col, size_t col_cap) {
+  JEM_ASSERT(c->stride == 2 && jem__conv_wide(c) && wug && n >= 1);
+  const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
+  const int nc = chunk_images(c, n, col_cap);
+  JEM_ASSERT((size_t)nc * rows * hwo <= col_cap);
+  conv_job j = {.c = c, .out = din, .in = dout, .col = col, .n = n, .wu = wug};
+  for (int n0 = 0; n0 < n; n0 += nc) {
+    j.n0 = n0;
+    j.m = n - n0 < nc ? n - n0 : nc;
+    const int parts = row_parts(c->cin, (double)rows * c->cout * j.m * hwo);
+    jem__par(wide_din_gemm_part, &j, parts);
+    jem__par(wide_col2im_part, &j, parts);
+  }
 }
 
 /* Input gradient, part i: for its input channels, col rows = W^T x dout and
@@ -446,7 +499,7 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   const int rows = jem__conv_rows(c), hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)n * hwo;
   JEM_ASSERT(n >= 1);
-  if (wu && jem__conv_wide(c)) {
+  if (wu && c->stride == 1 && jem__conv_wide(c)) {
     JEM_ASSERT(jem__wide_scratch(c->cin, c->cout, c->hout, c->wout, n) <= col_cap);
     jem__conv3x3_wide(out, in, NULL, wu, b, c->cin, c->cout, c->hout, c->wout, n,
                       act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, 0, col);
@@ -460,7 +513,8 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   }
   conv_job j = {.c = c, .out = out, .in = in, .w = w, .b = b, .n = n,
                 .act = act, .accumulate = accumulate, .bias = 1,
-                .per_image = tl_invariant, .leak = leak};
+                .per_image = tl_invariant, .leak = leak,
+                .wu = wu && c->stride == 2 && jem__conv_wide(c) ? wu : NULL};
   if (jem__conv_direct(c, act)) { /* 1x1 read in place: one product */
     const int parts = row_parts(c->cout, (double)c->cout * c->cin * (tl_invariant ? (size_t)hwo : ldo));
     jem__par(fwd_prep_part, &j, parts);
@@ -555,7 +609,7 @@ void jem__conv_input_grad(float *din, const float *dout, const float *gate,
                           float leak, const float *wf, const float *wuf,
                           const jem__conv *c, int n, float *col, size_t col_cap) {
   const int mode = gate ? PAD_GATE : PAD_PLAIN;
-  if (jem__conv_wide(c)) {
+  if (c->stride == 1 && jem__conv_wide(c)) {
     JEM_ASSERT(wuf && n >= 1);
     JEM_ASSERT(jem__wide_scratch(c->cout, c->cin, c->hout, c->wout, n) <= col_cap);
     jem__conv3x3_wide(din, dout, gate, wuf, NULL, c->cout, c->cin, c->hout, c->wout, n,

@@ -132,6 +132,14 @@ size_t jem__wide_scratch(int cin, int cout, int H, int W, int n);
  * packing of u[e][k][r] (16 products, k-major) into it. */
 size_t jem__wide_packed_floats(int k, int r);
 void jem__wide_pack(float *dst, const float *u, int k, int r);
+/* One matrix A (r x k, A(i, kk) = src[kk*sk + i*sr]) packed for the
+ * micro-kernels (jem__wide_mat_floats), and M[i][0..nt) (+ with add)= sum_k
+ * A(i, kk) V[kk][0..nt) for the panels of 12 rows in part `part` of `parts`
+ * (nt a multiple of 8): the product of the strided wide layers. */
+size_t jem__wide_mat_floats(int k, int r);
+void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, size_t sr);
+void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
+                    int K, int R, int nt, int add, int part, int parts);
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
                        const float *b, int cin, int cout, int H, int W, int n, int mode,
                        float leak, int accumulate, int transposed, float *scratch);

@@ -100,23 +100,26 @@ static int wide_avx512(void) {
 #endif
 }
 
-size_t jem__wide_packed_floats(int k, int r) {
-  const size_t rp = (size_t)(r + WIDE_MR - 1) / WIDE_MR * WIDE_MR;
-  return (size_t)16 * k * rp;
+size_t jem__wide_mat_floats(int k, int r) {
+  return (size_t)k * ((size_t)(r + WIDE_MR - 1) / WIDE_MR * WIDE_MR);
+}
+
+size_t jem__wide_packed_floats(int k, int r) { return 16 * jem__wide_mat_floats(k, r); }
+
+void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, size_t sr) {
+  const size_t rp = jem__wide_mat_floats(k, r) / (size_t)k;
+  for (size_t p0 = 0; p0 < rp; p0 += WIDE_MR) {
+    float *dp = dst + p0 * k;
+    for (int kk = 0; kk < k; kk++)
+      for (size_t i = 0; i < WIDE_MR; i++) /* rows past r: zeros, never stored */
+        dp[(size_t)kk * WIDE_MR + i] = p0 + i < (size_t)r ? src[kk * sk + (p0 + i) * sr] : 0.0f;
+  }
 }
 
 void jem__wide_pack(float *dst, const float *u, int k, int r) {
-  const size_t rp = (size_t)(r + WIDE_MR - 1) / WIDE_MR * WIDE_MR;
-  for (int e = 0; e < 16; e++) {
-    const float *ue = u + (size_t)e * k * r;
-    float *de = dst + (size_t)e * k * rp;
-    for (size_t p0 = 0; p0 < rp; p0 += WIDE_MR) {
-      float *dp = de + p0 * k;
-      for (int kk = 0; kk < k; kk++)
-        for (int i = 0; i < WIDE_MR; i++) /* rows past r: zeros, never stored */
-          dp[(size_t)kk * WIDE_MR + i] = p0 + i < (size_t)r ? ue[(size_t)kk * r + p0 + i] : 0.0f;
-    }
-  }
+  for (int e = 0; e < 16; e++)
+    jem__wide_pack_mat(dst + e * jem__wide_mat_floats(k, r), u + (size_t)e * k * r, k, r,
+                       (size_t)r, 1);
 }
 
 static inline float *align16f(float *p) {
@@ -129,7 +132,7 @@ static inline float *align16f(float *p) {
  * 24 accumulators, two input vectors and one broadcast in registers. */
 __attribute__((target("avx512f"))) static void
 wide_k512_32(float *m, size_t ldm, const float *a, size_t lda, const float *v,
-             size_t ldv, int K, int rows) {
+             size_t ldv, int K, int rows, int add) {
   __m512 acc[WIDE_MR][2];
   _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++) {
     acc[r][0] = _mm512_setzero_ps();
@@ -145,15 +148,20 @@ wide_k512_32(float *m, size_t ldm, const float *a, size_t lda, const float *v,
     }
   }
   for (int r = 0; r < rows; r++) {
-    _mm512_storeu_ps(m + (size_t)r * ldm, acc[r][0]);
-    _mm512_storeu_ps(m + (size_t)r * ldm + 16, acc[r][1]);
+    float *mr = m + (size_t)r * ldm;
+    if (add) {
+      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_loadu_ps(mr));
+      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_loadu_ps(mr + 16));
+    }
+    _mm512_storeu_ps(mr, acc[r][0]);
+    _mm512_storeu_ps(mr + 16, acc[r][1]);
   }
 }
 
 /* The same for 16 tiles, or 8 (mask 0xff). */
 __attribute__((target("avx512f"))) static void
 wide_k512_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
-             size_t ldv, int K, int rows, __mmask16 mask) {
+             size_t ldv, int K, int rows, int add, __mmask16 mask) {
   __m512 acc[WIDE_MR];
   _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++) acc[r] = _mm512_setzero_ps();
   for (int k = 0; k < K; k++) {
@@ -162,14 +170,18 @@ wide_k512_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
     _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++)
       acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ak[r]), x, acc[r]);
   }
-  for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(m + (size_t)r * ldm, mask, acc[r]);
+  for (int r = 0; r < rows; r++) {
+    float *mr = m + (size_t)r * ldm;
+    if (add) acc[r] = _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, mr));
+    _mm512_mask_storeu_ps(mr, mask, acc[r]);
+  }
 }
 
 /* AVX2: 6 channels x 16 tiles (12 accumulators), or 6 x 8; a 12-channel
  * panel is two calls. */
 __attribute__((target("avx2,fma"))) static void
 wide_k256_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
-             size_t ldv, int K, int rows) {
+             size_t ldv, int K, int rows, int add) {
   __m256 acc[6][2];
   _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) {
     acc[r][0] = _mm256_setzero_ps();
@@ -185,14 +197,19 @@ wide_k256_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
     }
   }
   for (int r = 0; r < rows; r++) {
-    _mm256_storeu_ps(m + (size_t)r * ldm, acc[r][0]);
-    _mm256_storeu_ps(m + (size_t)r * ldm + 8, acc[r][1]);
+    float *mr = m + (size_t)r * ldm;
+    if (add) {
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(mr));
+      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(mr + 8));
+    }
+    _mm256_storeu_ps(mr, acc[r][0]);
+    _mm256_storeu_ps(mr + 8, acc[r][1]);
   }
 }
 
 __attribute__((target("avx2,fma"))) static void
 wide_k256_8(float *m, size_t ldm, const float *a, size_t lda, const float *v,
-            size_t ldv, int K, int rows) {
+            size_t ldv, int K, int rows, int add) {
   __m256 acc[6];
   _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) acc[r] = _mm256_setzero_ps();
   for (int k = 0; k < K; k++) {
@@ -201,27 +218,45 @@ wide_k256_8(float *m, size_t ldm, const float *a, size_t lda, const float *v,
     _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++)
       acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + r), x, acc[r]);
   }
-  for (int r = 0; r < rows; r++) _mm256_storeu_ps(m + (size_t)r * ldm, acc[r]);
+  for (int r = 0; r < rows; r++) {
+    float *mr = m + (size_t)r * ldm;
+    if (add) acc[r] = _mm256_add_ps(acc[r], _mm256_loadu_ps(mr));
+    _mm256_storeu_ps(mr, acc[r]);
+  }
 }
 
-/* M (ldm = tb) = A (rows x K, k-major with lda) x V (K x nt, ldv = tb) for
- * one panel of at most 12 rows, nt a multiple of 8. */
-static void wide_panel(float *M, const float *A, size_t lda, const float *V, size_t tb,
-                       int K, int rows, int nt, int avx512) {
+/* M (+)= A (rows x K, a packed panel) x V (K x nt) for one panel of at most
+ * 12 rows, nt a multiple of 8. */
+static void wide_panel(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
+                       int K, int rows, int nt, int add, int avx512) {
+  const size_t lda = WIDE_MR;
   int t = 0;
   if (avx512) {
-    for (; t + 32 <= nt; t += 32) wide_k512_32(M + t, tb, A, lda, V + t, tb, K, rows);
+    for (; t + 32 <= nt; t += 32) wide_k512_32(M + t, ldm, A, lda, V + t, ldv, K, rows, add);
     for (; t < nt; t += 16)
-      wide_k512_16(M + t, tb, A, lda, V + t, tb, K, rows,
+      wide_k512_16(M + t, ldm, A, lda, V + t, ldv, K, rows, add,
                    nt - t >= 16 ? (__mmask16)0xffff : (__mmask16)0x00ff);
     return;
   }
   for (int h = 0; h < rows; h += 6) {
     const int hr = rows - h < 6 ? rows - h : 6;
-    float *Mh = M + (size_t)h * tb;
+    float *Mh = M + (size_t)h * ldm;
     const float *Ah = A + h;
-    for (t = 0; t + 16 <= nt; t += 16) wide_k256_16(Mh + t, tb, Ah, lda, V + t, tb, K, hr);
-    if (t < nt) wide_k256_8(Mh + t, tb, Ah, lda, V + t, tb, K, hr);
+    for (t = 0; t + 16 <= nt; t += 16)
+      wide_k256_16(Mh + t, ldm, Ah, lda, V + t, ldv, K, hr, add);
+    if (t < nt) wide_k256_8(Mh + t, ldm, Ah, lda, V + t, ldv, K, hr, add);
+  }
+}
+
+void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
+                    int K, int R, int nt, int add, int part, int parts) {
+  const int panels = (R + WIDE_MR - 1) / WIDE_MR, avx512 = wide_avx512();
+  const int p0 = (int)((long long)panels * part / parts);
+  const int p1 = (int)((long long)panels * (part + 1) / parts);
+  for (int p = p0; p < p1; p++) {
+    const int r0 = p * WIDE_MR, rows = R - r0 < WIDE_MR ? R - r0 : WIDE_MR;
+    wide_panel(M + (size_t)r0 * ldm, ldm, A + (size_t)r0 * K, V, ldv, K, rows, nt, add,
+               avx512);
   }
 }
 
@@ -280,8 +315,8 @@ static void wide_gemm_part(void *arg, int part, int parts) {
     const float *A = j->u + (size_t)(j->transposed ? wide_perm(e) : e) * ue;
     for (int r0 = 0; r0 < j->cout; r0 += WIDE_MR) {
       const int rows = j->cout - r0 < WIDE_MR ? j->cout - r0 : WIDE_MR;
-      wide_panel(j->M + e * me + (size_t)r0 * p->tb, A + (size_t)r0 * j->cin, WIDE_MR,
-                 j->V + e * ve, p->tb, j->cin, rows, nt, avx512);
+      wide_panel(j->M + e * me + (size_t)r0 * p->tb, p->tb, A + (size_t)r0 * j->cin,
+                 j->V + e * ve, p->tb, j->cin, rows, nt, 0, avx512);
     }
   }
 }

@@ -15,9 +15,23 @@ static const float *wino_of(const jem_ws *ws, const jem__conv *c, int flipped) {
 }
 
 /* Whether a layer's input gradient alone runs on the direct kernel or, for
- * a wide layer with its transforms, on Winograd (jem__conv_input_grad). */
+ * a wide stride-1 layer with its transforms, on Winograd
+ * (jem__conv_input_grad). */
 static int ig_fast(const jem_ws *ws, const jem__conv *c) {
-  return jem__conv_fast(c) || (ws->wide && jem__conv_wide(c));
+  return jem__conv_fast(c) || (ws->wide && c->stride == 1 && jem__conv_wide(c));
+}
+
+/* din += the input gradient of c with respect to its (activated) input,
+ * without parameter gradients: a strided wide layer's packed product, else
+ * im2col + sgemm. */
+static void conv_din_add(const jem_ws *ws, float *din, const float *dout, const float *W,
+                         const float *wf, const jem__conv *c, int n, float *col,
+                         size_t col_cap) {
+  if (ws->wide && jem__conv_wide(c) && c->stride == 2)
+    jem__conv_wide_input_grad_add(din, dout, wino_of(ws, c, 1), c, n, col, col_cap);
+  else
+    jem__conv_backward(dout, NULL, W + c->w_off, wf, c, n, 1, 0.0f, NULL, NULL, din, col,
+                       col_cap);
 }
 
 /* Weights derived from m's for the direct kernel: the flipped, transposed 3x3
@@ -114,6 +128,9 @@ static void conv_norm_backward(const jem_ws *ws, float *din, float *tmp, const f
   const size_t len = (size_t)c->cin * c->hin * c->win * n;
   if (!dW && ig_fast(ws, c)) { /* input gradient only: the direct kernel */
     jem__conv_input_grad(tmp, dout, NULL, leak, wf, wuf, c, n, col, col_cap);
+  } else if (!dW) {
+    memset(tmp, 0, sizeof(float) * len);
+    conv_din_add(ws, tmp, dout, W, wf, c, n, col, col_cap);
   } else {
     memset(tmp, 0, sizeof(float) * len);
     jem__conv_backward(dout, t, W + c->w_off, wf, c, n, 1, leak, dW ? dW + c->w_off : NULL,
@@ -189,20 +206,24 @@ static void sub_backward(jem_ws *ws, int si, int tid) {
       gcur = ga;
       continue;
     }
-    if (!dW && ig_fast(ws, &B->c2)) {
-      /* input gradient only, on the direct kernel: the LeakyReLU'(u) gate
-       * rides along with conv1's padded copy and nothing is zeroed (a
-       * strided conv1 of a wide network: gated here, then im2col) */
-      jem__conv_input_grad(gv, gcur, NULL, leak, WF(&B->c2), wino_of(ws, &B->c2, 1),
-                           &B->c2, n, s->col, s->col_cap);
+    if (!dW) {
+      /* input gradient only, on the direct kernel or Winograd where they
+       * run: the LeakyReLU'(u) gate rides along with conv1's padded copy and
+       * nothing is zeroed; a strided wide conv2 adds into a zeroed gv */
+      if (ig_fast(ws, &B->c2)) {
+        jem__conv_input_grad(gv, gcur, NULL, leak, WF(&B->c2), wino_of(ws, &B->c2, 1),
+                             &B->c2, n, s->col, s->col_cap);
+      } else {
+        memset(gv, 0, sizeof(float) * ulen);
+        conv_din_add(ws, gv, gcur, W, WF(&B->c2), &B->c2, n, s->col, s->col_cap);
+      }
       if (ig_fast(ws, &B->c1)) {
         jem__conv_input_grad(ga, gv, s->u[b], leak, WF(&B->c1), wino_of(ws, &B->c1, 1),
                              &B->c1, n, s->col, s->col_cap);
       } else {
         jem__lrelu_backward(gv, s->u[b], ulen, leak);
         memset(ga, 0, sizeof(float) * alen);
-        jem__conv_backward(gv, s->a[b], W + B->c1.w_off, WF(&B->c1), &B->c1, n, 1, leak,
-                           NULL, NULL, ga, s->col, s->col_cap);
+        conv_din_add(ws, ga, gv, W, WF(&B->c1), &B->c1, n, s->col, s->col_cap);
       }
       if (B->has_sc) {
         jem__lrelu_backward(ga, s->a[b], alen, leak);

@@ -687,6 +687,64 @@ static void test_wide_vs_naive(void **state) {
                 "%.3g\n", worst_f, worst_b);
 }
 
+/* Strided wide layers: im2col with the product on the micro-kernels, forward
+ * against the naive reference (bias, accumulate), the input gradient against
+ * im2col + sgemm, AVX2 against AVX-512 bit for bit. */
+static void test_wide_strided(void **state) {
+  (void)state;
+  static const int shapes[][3] = {{112, 100, 16}, {100, 124, 32}};
+  unsigned st = 41;
+  for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+    const int cin = shapes[k][0], cout = shapes[k][1], h = shapes[k][2], n = 2 + (int)k;
+    cfg c = {cin, cout, 3, 2, 1, h, n};
+    jem__conv cv = to_conv(&c);
+    if (!jem__conv_wide_shape(&cv)) skip();
+    const size_t hwi = (size_t)h * h, hwo = hwi / 4, xin = (size_t)n * cin * hwi;
+    const size_t xo = (size_t)n * cout * hwo, nw = (size_t)cout * cin * 9;
+    float *x = malloc(sizeof(float) * xin), *xc = malloc(sizeof(float) * xin);
+    float *w = malloc(sizeof(float) * nw), *b = malloc(sizeof(float) * cout);
+    float *out = malloc(sizeof(float) * xo), *back = malloc(sizeof(float) * xo);
+    float *g = malloc(sizeof(float) * xo), *d[3];
+    double *ref = malloc(sizeof(double) * xo);
+    ref_fill(x, xin, &st, -1, 1);
+    ref_fill(w, nw, &st, -0.1f, 0.1f);
+    ref_fill(b, (size_t)cout, &st, -0.5f, 0.5f);
+    ref_fill(g, xo, &st, -1, 1);
+    jem__to_cnhw(xc, x, n, cin, (int)hwi);
+    float *u = jem__falloc(jem__conv_wide_floats(&cv));
+    jem__conv_wide_weights(u, w, &cv);
+    const size_t need = jem__conv_col_need(&cv, n, (size_t)1 << 20);
+    float *col = malloc(sizeof(float) * need);
+    double *xd = to_double(x, xin), *wd = to_double(w, nw), *bd = to_double(b, (size_t)cout);
+    ref_conv_act(ref, xd, wd, bd, &c, 1, 0.2);
+    ref_fill(out, xo, &st, 5, 6);
+    jem__conv_forward(out, xc, w, u, b, &cv, n, 1, 0.2f, 0, col, need);
+    jem__conv_forward(out, xc, w, u, b, &cv, n, 1, 0.2f, 1, col, need);
+    memset(back, 0, sizeof(float) * xo);
+    jem__from_cnhw_acc(back, out, n, cout, (int)hwo);
+    for (size_t i = 0; i < xo; i++)
+      if (fabs(back[i] - 2.0 * ref[i]) > 1e-5 * (1.0 + fabs(2.0 * ref[i])))
+        fail_msg("strided wide forward %d->%d: %g against %g", cin, cout, back[i], 2 * ref[i]);
+    for (int r = 0; r < 3; r++) { /* AVX-512 (or AVX2), AVX2, im2col + sgemm */
+      d[r] = malloc(sizeof(float) * xin);
+      memcpy(d[r], xc, sizeof(float) * xin); /* accumulates */
+      jem__wide_force_avx2(r == 1);
+      if (r < 2)
+        jem__conv_wide_input_grad_add(d[r], g, u + jem__conv_wide_grad_off(&cv), &cv, n, col,
+                                      need);
+      else
+        jem__conv_backward(g, NULL, w, NULL, &cv, n, 0, 0.2f, NULL, NULL, d[r], col, need);
+    }
+    jem__wide_force_avx2(0);
+    assert_memory_equal(d[0], d[1], sizeof(float) * xin);
+    for (size_t i = 0; i < xin; i++)
+      assert_true(fabsf(d[0][i] - d[2][i]) <= 1e-5f * (1.0f + fabsf(d[2][i])));
+    free(x); free(xc); free(w); free(b); free(out); free(back); free(g); free(ref);
+    free(u); free(col); free(xd); free(wd); free(bd);
+    for (int r = 0; r < 3; r++) free(d[r]);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_conv_forward_vs_direct),
@@ -696,6 +754,7 @@ int main(void) {
       cmocka_unit_test(test_input_grad_fused),
       cmocka_unit_test(test_winograd_vs_naive),
       cmocka_unit_test(test_wide_vs_naive),
+      cmocka_unit_test(test_wide_strided),
       cmocka_unit_test(test_lrelu_grad),
       cmocka_unit_test(test_pool_grad),
       cmocka_unit_test(test_linear_grad),

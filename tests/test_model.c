@@ -539,7 +539,10 @@ static void test_threads(void **state) {
  * second model, then the first again, runs on it. */
 static void test_fixed_weights(void **state) {
   (void)state;
-  jem_model *ms[2] = {make_model(&ARCH_10_2, 95), make_model(&ARCH_10_2, 96)};
+  /* WRN-10-1 on 3 channels: no wide layer (those differ by design: see
+   * test_wide_layers) */
+  const jem_arch a = {10, 1, 3, 32, 5, 0.2f, JEM_NORM_NONE};
+  jem_model *ms[2] = {make_model(&a, 95), make_model(&a, 96)};
   const int n = 12, K = ms[0]->arch.num_classes; /* slices of 6: Winograd on 32x32, 16x16 */
   const size_t css = input_size(ms[0]);
   float *x = malloc(sizeof(float) * css * n);

@@ -120,11 +120,13 @@ size_t jem__conv_wino_floats(const jem__conv *c);
  * cin and cout swapped.  Only where jem__conv_wino_floats > 0. */
 void jem__conv_wino_weights(float *wu, const float *w, int cin, int cout);
 
-/* Wide layers: 3x3 stride-1 layers whose weights are too big for the direct
- * kernel (over 96K floats: 160 to 640 channels) on maps Winograd tiles, on
- * AVX2+FMA CPUs.  They run on Winograd F(2x2,3x3) with packed GEMM
- * micro-kernels (conv_wide.c) given their transforms, forward and as input
- * gradient, and on im2col without them.  jem__conv_wide: whether they do
+/* Wide layers: 3x3 layers whose weights are too big for the direct kernel
+ * (over 96K floats: 160 to 640 channels), on AVX2+FMA CPUs.  Given their
+ * packed weights, stride-1 ones on maps Winograd tiles run on Winograd
+ * F(2x2,3x3) with packed GEMM micro-kernels (conv_wide.c), forward and as
+ * input gradient; stride-2 ones on im2col with the product on the same
+ * micro-kernels (forward, and jem__conv_wide_input_grad_add).  Without
+ * their packed weights both run on im2col + sgemm.  jem__conv_wide: whether they do
  * under jem__conv_set_fast's mode (1 and 3; 0 and 2 keep im2col);
  * jem__conv_wide_shape: by shape alone. */
 int jem__conv_wide_shape(const jem__conv *c);
@@ -136,6 +138,11 @@ int jem__conv_wide(const jem__conv *c);
 size_t jem__conv_wide_floats(const jem__conv *c);
 size_t jem__conv_wide_grad_off(const jem__conv *c);
 void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c);
+/* din [Cin, n, Hi, Wi] += the input gradient of a strided wide layer given
+ * dout (not through any activation), from wug = its packed weights from
+ * jem__conv_wide_grad_off on; col as for jem__conv_backward. */
+void jem__conv_wide_input_grad_add(float *din, const float *dout, const float *wug,
+                                   const jem__conv *c, int n, float *col, size_t col_cap);
 /* Tests: 1 runs the wide layers on the AVX2 micro-kernels even where the
  * CPU has AVX-512 (the same bits), 0 restores the choice by CPU. */
 void jem__wide_force_avx2(int on);
