@@ -1,7 +1,8 @@
 /* conv.c - layer kernels on C,N,H,W activations: which 3x3 convolutions run
- * on the direct kernel (conv_direct.c) or on Winograd (conv_winograd.c),
- * im2col + sgemm as the general path, LeakyReLU, 8x8 average pool and the
- * linear head, forward and backward. */
+ * on the direct kernel (conv_direct.c), on Winograd (conv_winograd.c) or,
+ * for wide layers, on the packed micro-kernels (conv_wide.c), im2col +
+ * sgemm as the general path, LeakyReLU, 8x8 average pool and the linear
+ * head, forward and backward. */
 #include "conv_kern.h"
 #include "internal.h"
 

@@ -173,11 +173,12 @@ static void stop_helpers(jem_ws *ws) {
 /* ------------------------------------------------------------------------ */
 /* Creation                                                                 */
 
-/* Threads a workspace for max_batch images runs with. */
+/* Threads a workspace for max_batch images runs with: all of them even for
+ * one image, whose slice lends the others to its layers (jem__par). */
 static int ws_threads(int max_batch) {
+  (void)max_batch;
   int nthr = jem__threads();
   if (nthr > 64) nthr = 64;
-  if (nthr > max_batch) nthr = max_batch;
   return nthr < 1 ? 1 : nthr;
 }
 

@@ -2,8 +2,10 @@
  * average pool, linear head) on activations stored channel-major: C,N,H,W.
  *
  * 3x3 convolutions with padding 1 and stride 1 or 2 run on a direct AVX2+FMA
- * kernel where the CPU has one (forward, input gradient and weight gradient);
- * everything else, and every CPU, has the general path: im2col + sgemm.
+ * kernel where the CPU has one (forward, input gradient and weight gradient),
+ * wide ones (weights past L2) on Winograd or im2col with packed micro-kernels
+ * when the caller keeps their packed weights (jem__conv_wide); everything
+ * else, and every CPU, has the general path: im2col + sgemm.
  * Keeping activations as [C][N][H][W] ("CNHW") makes one convolution layer a
  * single matrix product over the whole batch:
  *   out[Cout, N*Ho*Wo] = W[Cout, Cin*k*k] x col[Cin*k*k, N*Ho*Wo]
