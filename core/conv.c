@@ -81,7 +81,7 @@ int jem__conv_wide(const jem__conv *c) {
 size_t jem__conv_wide_grad_off(const jem__conv *c) {
   if (!jem__conv_wide_shape(c)) return 0;
   if (c->stride == 2) return jem__wide_mat_floats(jem__conv_rows(c), c->cout);
-  return jem__wide_packed_floats(c->cin, c->cout);
+  return jem__wide_packed_floats(c->cin, c->cout, c->hout, c->wout);
 }
 
 size_t jem__conv_wide_floats(const jem__conv *c) {
@@ -89,7 +89,8 @@ size_t jem__conv_wide_floats(const jem__conv *c) {
   if (c->stride == 2)
     return jem__wide_mat_floats(jem__conv_rows(c), c->cout) +
            jem__wide_mat_floats(c->cout, jem__conv_rows(c));
-  return jem__wide_packed_floats(c->cin, c->cout) + jem__wide_packed_floats(c->cout, c->cin);
+  return jem__wide_packed_floats(c->cin, c->cout, c->hout, c->wout) +
+         jem__wide_packed_floats(c->cout, c->cin, c->hout, c->wout);
 }
 
 void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c) {
@@ -100,21 +101,7 @@ void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c) {
     jem__wide_pack_mat(dst + jem__conv_wide_grad_off(c), w, c->cout, (int)rows, rows, 1);
     return;
   }
-  const size_t pairs = (size_t)c->cin * c->cout;
-  float *wt = malloc(sizeof(float) * 9 * pairs), *u = jem__falloc(16 * pairs);
-  JEM_ASSERT(wt && u);
-  /* forward: U^T, the transform of the weights as pairs (ci, co) */
-  for (int co = 0; co < c->cout; co++)
-    for (int ci = 0; ci < c->cin; ci++)
-      memcpy(wt + ((size_t)ci * c->cout + co) * 9, w + ((size_t)co * c->cin + ci) * 9,
-             sizeof(float) * 9);
-  jem__conv_wino_weights(u, wt, c->cout, c->cin);
-  jem__wide_pack(dst, u, c->cin, c->cout);
-  /* input gradient: U as it comes, pairs (co, ci) */
-  jem__conv_wino_weights(u, w, c->cin, c->cout);
-  jem__wide_pack(dst + jem__conv_wide_grad_off(c), u, c->cout, c->cin);
-  free(wt);
-  free(u);
+  jem__wide_weights(dst, w, c->cin, c->cout, c->hout, c->wout);
 }
 
 int jem__conv_fast(const jem__conv *c) {

@@ -128,10 +128,12 @@ void jem__wino_output(float *out, const float *M, size_t me, const float *b, int
  * transposed != 0 the layer's input gradient: cin and cout are then the
  * layer's cout and cin), from jem__conv_wide_weights.  Scratch: jem__wide_scratch(cin, cout, H, W, n) floats. */
 size_t jem__wide_scratch(int cin, int cout, int H, int W, int n);
-/* The packed transform of a call from k channels to r: floats, and the
- * packing of u[e][k][r] (16 products, k-major) into it. */
-size_t jem__wide_packed_floats(int k, int r);
-void jem__wide_pack(float *dst, const float *u, int k, int r);
+/* The packed transform of a call from k channels to r on H x W maps (16
+ * products of F(2x2,3x3) or 36 of F(4x4,3x3), by the map), in floats; and
+ * both of a stride-1 layer's (forward, then the input gradient's from
+ * jem__wide_packed_floats(cin, cout, H, W) on) from w[cout][cin][3][3]. */
+size_t jem__wide_packed_floats(int k, int r, int H, int W);
+void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W);
 /* One matrix A (r x k, A(i, kk) = src[kk*sk + i*sr]) packed for the
  * micro-kernels (jem__wide_mat_floats), and M[i][0..nt) (+ with add)= sum_k
  * A(i, kk) V[kk][0..nt) for the panels of 12 rows in part `part` of `parts`

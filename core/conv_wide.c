@@ -23,6 +23,8 @@
 
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -35,19 +37,38 @@
 #define WIDE_V_FLOATS (80 * 1024)
 #endif
 
+/* F(4x4, 3x3) where the map allows it (4x4 output tiles, 8 a vector: maps
+ * 16 wide, or a multiple of 32): 36 products per 16 outputs instead of 64
+ * for F(2x2, 3x3), for transforms 2.25 times the size.  The 8x8 maps keep
+ * F(2x2, 3x3): with 4 tiles an image their transforms would be read for
+ * almost nothing. */
+static int wide_f4(int H, int W) {
+  if (H % 4 || W > 64) return 0;
+  return W == 16 ? H % 8 == 0 : W % 32 == 0;
+}
+
+/* Floats of a row of jem__wide pad4's layout: the padded row's columns by
+ * their index mod 4, each phase q = W/4 + 2 long. */
+static int pad4_row(int W) { return 4 * (W / 4 + 2); }
+
 typedef struct wide_plan {
+  int f4, ne, t;       /* F(4x4,3x3)?, products (16 or 36), tile side (2 or 4) */
   int tr, tw;          /* tile rows and tiles per row of one image */
   int rb, ipb;         /* tile rows per block, images padded per block */
   size_t tb;           /* tiles per block */
+  size_t plane;        /* floats of one channel's padded copy */
   size_t pad, v, m;    /* scratch floats: padded images, V and M */
 } wide_plan;
 
 static wide_plan wide_make_plan(int cin, int cout, int H, int W, int n) {
   wide_plan p;
-  p.tr = H / 2;
-  p.tw = W / 2;
+  p.f4 = wide_f4(H, W);
+  p.ne = p.f4 ? 36 : 16;
+  p.t = p.f4 ? 4 : 2;
+  p.tr = H / p.t;
+  p.tw = W / p.t;
   size_t want = WIDE_V_FLOATS / (size_t)cin / (size_t)p.tw; /* tile rows */
-  const int step = W == 8 ? 2 : 1; /* tile rows per 8-tile group */
+  const int step = p.tw == 4 ? 2 : 1; /* tile rows per 8-tile group */
   if (want < (size_t)step) want = (size_t)step;
   if (want >= (size_t)p.tr) {
     p.ipb = (int)(want / (size_t)p.tr);
@@ -61,9 +82,10 @@ static wide_plan wide_make_plan(int cin, int cout, int H, int W, int n) {
     p.ipb = 1;
   }
   p.tb = (size_t)p.rb * p.tw;
-  p.pad = (size_t)p.ipb * cin * (H + 2) * (W + 2);
-  p.v = 16 * jem__wino_ld((size_t)cin * p.tb);
-  p.m = 16 * jem__wino_ld((size_t)cout * p.tb);
+  p.plane = (size_t)(H + 2) * (p.f4 ? (size_t)pad4_row(W) : (size_t)(W + 2));
+  p.pad = (size_t)p.ipb * cin * p.plane;
+  p.v = (size_t)p.ne * jem__wino_ld((size_t)cin * p.tb);
+  p.m = (size_t)p.ne * jem__wino_ld((size_t)cout * p.tb);
   return p;
 }
 
@@ -104,7 +126,9 @@ size_t jem__wide_mat_floats(int k, int r) {
   return (size_t)k * ((size_t)(r + WIDE_MR - 1) / WIDE_MR * WIDE_MR);
 }
 
-size_t jem__wide_packed_floats(int k, int r) { return 16 * jem__wide_mat_floats(k, r); }
+size_t jem__wide_packed_floats(int k, int r, int H, int W) {
+  return (wide_f4(H, W) ? 36 : 16) * jem__wide_mat_floats(k, r);
+}
 
 void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, size_t sr) {
   const size_t rp = jem__wide_mat_floats(k, r) / (size_t)k;
@@ -116,10 +140,70 @@ void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, s
   }
 }
 
-void jem__wide_pack(float *dst, const float *u, int k, int r) {
-  for (int e = 0; e < 16; e++)
+/* u[e][k][r] (ne products, k-major) packed product by product. */
+static void wide_pack(float *dst, const float *u, int ne, int k, int r) {
+  for (int e = 0; e < ne; e++)
     jem__wide_pack_mat(dst + e * jem__wide_mat_floats(k, r), u + (size_t)e * k * r, k, r,
                        (size_t)r, 1);
+}
+
+/* u[e][p] = (G g G^T)[e] of F(4x4, 3x3) for the 3x3 kernels g = w + 9p
+ * (Lavin and Gray 2016, interpolation points 0, +-1, +-2). */
+static void wino4_weights(float *u, const float *w, size_t np) {
+  for (size_t p = 0; p < np; p++) {
+    const float *g = w + 9 * p;
+    float r[6][3], o[6][6];
+    for (int x = 0; x < 3; x++) { /* G g, column by column */
+      const float a = g[x], b = g[3 + x], c = g[6 + x];
+      r[0][x] = a / 4.0f;
+      r[1][x] = -(a + b + c) / 6.0f;
+      r[2][x] = -(a - b + c) / 6.0f;
+      r[3][x] = a / 24.0f + b / 12.0f + c / 6.0f;
+      r[4][x] = a / 24.0f - b / 12.0f + c / 6.0f;
+      r[5][x] = c;
+    }
+    for (int y = 0; y < 6; y++) { /* (G g) G^T, row by row */
+      const float a = r[y][0], b = r[y][1], c = r[y][2];
+      o[y][0] = a / 4.0f;
+      o[y][1] = -(a + b + c) / 6.0f;
+      o[y][2] = -(a - b + c) / 6.0f;
+      o[y][3] = a / 24.0f + b / 12.0f + c / 6.0f;
+      o[y][4] = a / 24.0f - b / 12.0f + c / 6.0f;
+      o[y][5] = c;
+    }
+    for (int e = 0; e < 36; e++) u[(size_t)e * np + p] = o[e / 6][e % 6];
+  }
+}
+
+void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W) {
+  const size_t pairs = (size_t)cin * cout;
+  const int f4 = wide_f4(H, W), ne = f4 ? 36 : 16;
+  float *wt = malloc(sizeof(float) * 9 * pairs), *u = malloc(sizeof(float) * ne * pairs);
+  JEM_ASSERT(wt && u);
+  /* forward: U^T, the transform of the weights as pairs (ci, co) */
+  for (int co = 0; co < cout; co++)
+    for (int ci = 0; ci < cin; ci++)
+      memcpy(wt + ((size_t)ci * cout + co) * 9, w + ((size_t)co * cin + ci) * 9,
+             sizeof(float) * 9);
+  if (f4)
+    wino4_weights(u, wt, pairs);
+  else
+    jem__conv_wino_weights(u, wt, cout, cin);
+  wide_pack(dst, u, ne, cin, cout);
+  float *dg = dst + jem__wide_packed_floats(cin, cout, H, W);
+  if (f4) {
+    /* input gradient: the flipped kernels as pairs (co, ci) (F(4x4,3x3)'s
+     * G has no row symmetry to reuse the forward transform) */
+    for (size_t p = 0; p < pairs; p++)
+      for (int k = 0; k < 9; k++) wt[9 * p + k] = w[9 * p + 8 - k];
+    wino4_weights(u, wt, pairs);
+  } else {
+    /* input gradient: U as it comes, pairs (co, ci), products permuted at use */
+    jem__conv_wino_weights(u, w, cin, cout);
+  }
+  wide_pack(dg, u, ne, cout, cin);
+  free(wt);
+  free(u);
 }
 
 static inline float *align16f(float *p) {
@@ -260,6 +344,163 @@ void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t
   }
 }
 
+/* pad[ch][H+2][pad4_row(W)] = the zero-bordered f(src[ch][img]) (f as in
+ * jem__pad_image_s2) with each padded row stored by column index mod 4, so
+ * that column j of F(4x4,3x3) patch tx is one plain load over 8 tiles. */
+static void pad4(float *pad, const float *src, const float *gate, int ch, int n, int img,
+                 int H, int W, int mode, float leak) {
+  const int q = W / 4 + 2, rs = 4 * q;
+  const size_t plane = (size_t)(H + 2) * rs, hw = (size_t)H * W;
+  float row[66]; /* W <= 64 */
+  for (int ci = 0; ci < ch; ci++) {
+    float *p = pad + ci * plane;
+    const size_t off = ((size_t)ci * n + img) * hw;
+    memset(p, 0, sizeof(float) * rs);
+    memset(p + (size_t)(H + 1) * rs, 0, sizeof(float) * rs);
+    for (int y = 0; y < H; y++) {
+      const float *s = src + off + (size_t)y * W;
+      row[0] = row[W + 1] = 0.0f;
+      if (mode == PAD_LRELU)
+        lrelu_copy(row + 1, s, W, leak);
+      else if (mode == PAD_GATE)
+        gate_copy(row + 1, s, gate + off + (size_t)y * W, (size_t)W, leak);
+      else
+        memcpy(row + 1, s, sizeof(float) * W);
+      float *d = p + (size_t)(y + 1) * rs;
+      memset(d, 0, sizeof(float) * rs);
+      for (int c = 0; c < W + 2; c++) d[(c & 3) * q + (c >> 2)] = row[c];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+/* B^T x of F(4x4, 3x3) for six vectors (one patch row or column). */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+bt6(__m256 r[6], const __m256 x[6]) {
+  const __m256 four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  const __m256 t0 = _mm256_sub_ps(x[4], x[2]);           /* d4 - d2 */
+  const __m256 t1 = _mm256_sub_ps(x[3], x[1]);           /* d3 - d1 */
+  const __m256 t2 = _mm256_fnmadd_ps(four, x[2], x[4]);  /* d4 - 4 d2 */
+  const __m256 t3 = _mm256_fnmadd_ps(four, x[1], x[3]);  /* d3 - 4 d1 */
+  r[0] = _mm256_fmadd_ps(four, x[0], _mm256_fnmadd_ps(five, x[2], x[4]));
+  r[1] = _mm256_add_ps(t2, t3);
+  r[2] = _mm256_sub_ps(t2, t3);
+  r[3] = _mm256_fmadd_ps(two, t1, t0);
+  r[4] = _mm256_fnmadd_ps(two, t1, t0);
+  r[5] = _mm256_fmadd_ps(four, x[1], _mm256_fnmadd_ps(five, x[3], x[5]));
+}
+
+/* V[e][ci][tbase + ...] = B^T d B of F(4x4, 3x3) for tile rows [ty0, ty0 +
+ * rows) of one image padded by pad4 (cin channels). */
+__attribute__((target("avx2,fma"))) static void
+w4_input(float *V, size_t ve, size_t tb, size_t tbase, const float *pad, int cin, int H,
+         int W, int ty0, int rows) {
+  const int q = W / 4 + 2, rs = 4 * q, tw = W / 4;
+  const size_t plane = (size_t)(H + 2) * rs;
+  for (int ci = 0; ci < cin; ci++) {
+    const float *pc = pad + ci * plane;
+    float *vc = V + ci * tb + tbase;
+    for (int r = 0; r < rows; r += tw == 4 ? 2 : 1) {
+      for (int tx = 0; tx < tw; tx += 8) {
+        __m256 c[6][6];
+        for (int i = 0; i < 6; i++) {
+          const float *e0 = pc + (size_t)(4 * (ty0 + r) + i) * rs + tx;
+          __m256 d[6];
+          if (tw == 4) { /* two tile rows of 4: the second 4 rows down */
+            const float *e1 = e0 + 4 * rs;
+            for (int j = 0; j < 4; j++)
+              d[j] = _mm256_set_m128(_mm_loadu_ps(e1 + j * q), _mm_loadu_ps(e0 + j * q));
+            d[4] = _mm256_set_m128(_mm_loadu_ps(e1 + 1), _mm_loadu_ps(e0 + 1));
+            d[5] = _mm256_set_m128(_mm_loadu_ps(e1 + q + 1), _mm_loadu_ps(e0 + q + 1));
+          } else {
+            for (int j = 0; j < 4; j++) d[j] = _mm256_loadu_ps(e0 + j * q);
+            d[4] = _mm256_loadu_ps(e0 + 1);
+            d[5] = _mm256_loadu_ps(e0 + q + 1);
+          }
+          bt6(c[i], d); /* d B, row i */
+        }
+        float *vt = vc + (size_t)r * tw + tx;
+        for (int j = 0; j < 6; j++) { /* B^T (d B), column j */
+          __m256 col[6], o[6];
+          for (int i = 0; i < 6; i++) col[i] = c[i][j];
+          bt6(o, col);
+          for (int i = 0; i < 6; i++) _mm256_storeu_ps(vt + (size_t)(6 * i + j) * ve, o[i]);
+        }
+      }
+    }
+  }
+}
+
+/* A^T m of F(4x4, 3x3): six vectors to four. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+at6(__m256 y[4], const __m256 m[6]) {
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
+  const __m256 c = _mm256_add_ps(m[3], m[4]), d = _mm256_sub_ps(m[3], m[4]);
+  y[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);
+  y[1] = _mm256_fmadd_ps(two, d, b);
+  y[2] = _mm256_fmadd_ps(four, c, a);
+  y[3] = _mm256_add_ps(_mm256_fmadd_ps(eight, d, b), m[5]);
+}
+
+/* out[cout, n, H, W] (+)= b + A^T M A of F(4x4, 3x3) for global tile rows
+ * [ty0, ty0 + rows) of the block starting at image img. */
+__attribute__((target("avx2,fma"))) static void
+w4_output(float *out, const float *M, size_t me, const float *b, int cout, int n, int H,
+          int W, size_t tb, int img, int ty0, int rows, int accumulate) {
+  const size_t hw = (size_t)H * W;
+  const int tw = W / 4, tr = H / 4, step = tw == 4 ? 2 : 1;
+  for (int co = 0; co < cout; co++) {
+    const __m256 bias = _mm256_set1_ps(b ? b[co] : 0.0f);
+    const float *mc = M + co * tb;
+    for (int r = 0; r < rows; r += step) {
+      const int gy = ty0 + r, im = img + gy / tr, ty = gy % tr;
+      float *o = out + ((size_t)co * n + im) * hw + (size_t)(4 * ty) * W;
+      for (int tx = 0; tx < tw; tx += 8) {
+        const float *mt = mc + (size_t)r * tw + tx;
+        __m256 s[6][4];
+        for (int i = 0; i < 6; i++) { /* M A, row i */
+          __m256 m[6];
+          for (int j = 0; j < 6; j++) m[j] = _mm256_loadu_ps(mt + (size_t)(6 * i + j) * me);
+          at6(s[i], m);
+        }
+        for (int x = 0; x < 4; x++) { /* A^T (M A), column x */
+          __m256 col[6], y[4];
+          for (int i = 0; i < 6; i++) col[i] = s[i][x];
+          at6(y, col);
+          for (int yy = 0; yy < 4; yy++) s[yy][x] = _mm256_add_ps(y[yy], bias);
+        }
+        for (int yy = 0; yy < 4; yy++) {
+          /* 4 columns x 8 tiles -> each tile's 4 pixels, tiles in order */
+          const __m256 t0 = _mm256_unpacklo_ps(s[yy][0], s[yy][1]);
+          const __m256 t1 = _mm256_unpackhi_ps(s[yy][0], s[yy][1]);
+          const __m256 t2 = _mm256_unpacklo_ps(s[yy][2], s[yy][3]);
+          const __m256 t3 = _mm256_unpackhi_ps(s[yy][2], s[yy][3]);
+          const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44); /* tiles 0 | 4 */
+          const __m256 u1 = _mm256_shuffle_ps(t0, t2, 0xee); /* tiles 1 | 5 */
+          const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44); /* tiles 2 | 6 */
+          const __m256 u3 = _mm256_shuffle_ps(t1, t3, 0xee); /* tiles 3 | 7 */
+          __m256 p[4] = {_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u2, u3, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31), _mm256_permute2f128_ps(u2, u3, 0x31)};
+          float *q0 = o + (size_t)yy * W + 4 * tx;
+          /* tw == 4: tiles 4-7 are the next tile row, 4 rows down */
+          float *dst[4] = {q0, q0 + 8, tw == 4 ? q0 + 4 * W : q0 + 16,
+                           tw == 4 ? q0 + 4 * W + 8 : q0 + 24};
+          for (int k = 0; k < 4; k++) {
+            if (accumulate) p[k] = _mm256_add_ps(p[k], _mm256_loadu_ps(dst[k]));
+            _mm256_storeu_ps(dst[k], p[k]);
+          }
+        }
+      }
+    }
+  }
+}
+
+#endif
+
 /* One block of a wide convolution, run in parts (jem__par). */
 typedef struct wide_job {
   const wide_plan *p;
@@ -287,32 +528,41 @@ static void wide_prep_part(void *arg, int part, int parts) {
   int lo, hi;
   part_range(j->cin, part, parts, &lo, &hi);
   if (hi == lo) return;
-  const size_t cplane = (size_t)(j->H + 2) * (j->W + 2), plane = (size_t)j->cin * cplane;
+  const size_t cplane = p->plane, plane = (size_t)j->cin * cplane;
   const size_t hw = (size_t)j->H * j->W, coff = (size_t)lo * j->n * hw;
   const size_t ve = jem__wino_ld((size_t)j->cin * p->tb);
+  const float *gate = j->gate ? j->gate + coff : NULL;
   for (int i = 0; i < j->nimg; i++) {
     float *pad = j->pad + i * plane + (size_t)lo * cplane;
-    if (j->pad_new)
-      jem__pad_image_s2(pad, j->in + coff, j->gate ? j->gate + coff : NULL, hi - lo, j->n,
-                        j->img + i, j->H, j->W, j->mode, j->leak);
+    if (j->pad_new && p->f4)
+      pad4(pad, j->in + coff, gate, hi - lo, j->n, j->img + i, j->H, j->W, j->mode, j->leak);
+    else if (j->pad_new)
+      jem__pad_image_s2(pad, j->in + coff, gate, hi - lo, j->n, j->img + i, j->H, j->W,
+                        j->mode, j->leak);
     const int ta = i == 0 ? j->ty0 : 0, tr = j->nimg > 1 ? p->tr : j->rows;
-    jem__wino_input(j->V + (size_t)lo * p->tb, ve, p->tb, (size_t)i * p->tr * p->tw, pad,
-                    hi - lo, j->H, j->W, ta, tr);
+    float *V = j->V + (size_t)lo * p->tb;
+    const size_t tbase = (size_t)i * p->tr * p->tw;
+    if (p->f4)
+      w4_input(V, ve, p->tb, tbase, pad, hi - lo, j->H, j->W, ta, tr);
+    else
+      jem__wino_input(V, ve, p->tb, tbase, pad, hi - lo, j->H, j->W, ta, tr);
   }
 }
 
-/* Products [lo, hi) of the 16. */
+/* Products [lo, hi) of the 16 or 36. */
 static void wide_gemm_part(void *arg, int part, int parts) {
   const wide_job *j = arg;
   const wide_plan *p = j->p;
   int lo, hi;
-  part_range(16, part, parts, &lo, &hi);
+  part_range(p->ne, part, parts, &lo, &hi);
   const size_t ve = jem__wino_ld((size_t)j->cin * p->tb);
   const size_t me = jem__wino_ld((size_t)j->cout * p->tb);
-  const size_t ue = jem__wide_packed_floats(j->cin, j->cout) / 16;
+  const size_t ue = jem__wide_mat_floats(j->cin, j->cout);
   const int nt = j->rows * p->tw, avx512 = wide_avx512();
   for (int e = lo; e < hi; e++) {
-    const float *A = j->u + (size_t)(j->transposed ? wide_perm(e) : e) * ue;
+    /* F(2x2,3x3)'s input gradient reads the forward transform permuted */
+    const int ep = j->transposed && !p->f4 ? wide_perm(e) : e;
+    const float *A = j->u + (size_t)ep * ue;
     for (int r0 = 0; r0 < j->cout; r0 += WIDE_MR) {
       const int rows = j->cout - r0 < WIDE_MR ? j->cout - r0 : WIDE_MR;
       wide_panel(j->M + e * me + (size_t)r0 * p->tb, p->tb, A + (size_t)r0 * j->cin,
@@ -328,10 +578,15 @@ static void wide_out_part(void *arg, int part, int parts) {
   int lo, hi;
   part_range(j->cout, part, parts, &lo, &hi);
   if (hi == lo) return;
-  const size_t hw = (size_t)j->H * j->W;
-  jem__wino_output(j->out + (size_t)lo * j->n * hw, j->M + (size_t)lo * p->tb,
-                   jem__wino_ld((size_t)j->cout * p->tb), j->b ? j->b + lo : NULL, hi - lo,
-                   j->n, j->H, j->W, p->tb, j->img, j->ty0, j->rows, j->accumulate);
+  const size_t hw = (size_t)j->H * j->W, me = jem__wino_ld((size_t)j->cout * p->tb);
+  float *out = j->out + (size_t)lo * j->n * hw;
+  const float *M = j->M + (size_t)lo * p->tb, *b = j->b ? j->b + lo : NULL;
+  if (p->f4)
+    w4_output(out, M, me, b, hi - lo, j->n, j->H, j->W, p->tb, j->img, j->ty0, j->rows,
+              j->accumulate);
+  else
+    jem__wino_output(out, M, me, b, hi - lo, j->n, j->H, j->W, p->tb, j->img, j->ty0,
+                     j->rows, j->accumulate);
 }
 
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
