@@ -81,7 +81,7 @@ int jem__conv_wide(const jem__conv *c) {
 size_t jem__conv_wide_grad_off(const jem__conv *c) {
   if (!jem__conv_wide_shape(c)) return 0;
   if (c->stride == 2) return jem__wide_mat_floats(jem__conv_rows(c), c->cout);
-  return jem__wide_packed_floats(c->cin, c->cout, c->hout, c->wout);
+  return 0; /* one block: jem__conv3x3_wide picks the part it reads */
 }
 
 size_t jem__conv_wide_floats(const jem__conv *c) {
@@ -89,8 +89,7 @@ size_t jem__conv_wide_floats(const jem__conv *c) {
   if (c->stride == 2)
     return jem__wide_mat_floats(jem__conv_rows(c), c->cout) +
            jem__wide_mat_floats(c->cout, jem__conv_rows(c));
-  return jem__wide_packed_floats(c->cin, c->cout, c->hout, c->wout) +
-         jem__wide_packed_floats(c->cout, c->cin, c->hout, c->wout);
+  return jem__wide_weights_floats(c->cin, c->cout, c->hout, c->wout);
 }
 
 void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c) {
@@ -490,7 +489,8 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   if (wu && c->stride == 1 && jem__conv_wide(c)) {
     JEM_ASSERT(jem__wide_scratch(c->cin, c->cout, c->hout, c->wout, n) <= col_cap);
     jem__conv3x3_wide(out, in, NULL, wu, b, c->cin, c->cout, c->hout, c->wout, n,
-                      act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, 0, col);
+                      tl_invariant ? JEM__INVARIANT_N : n, act ? PAD_LRELU : PAD_PLAIN, leak,
+                      accumulate, 0, col);
     return;
   }
   if (jem__conv_fast(c)) {
@@ -601,7 +601,7 @@ void jem__conv_input_grad(float *din, const float *dout, const float *gate,
     JEM_ASSERT(wuf && n >= 1);
     JEM_ASSERT(jem__wide_scratch(c->cout, c->cin, c->hout, c->wout, n) <= col_cap);
     jem__conv3x3_wide(din, dout, gate, wuf, NULL, c->cout, c->cin, c->hout, c->wout, n,
-                      mode, leak, 0, 1, col);
+                      tl_invariant ? JEM__INVARIANT_N : n, mode, leak, 0, 1, col);
     return;
   }
   JEM_ASSERT(jem__conv_fast(c) && wf && n >= 1);

@@ -124,15 +124,15 @@ void jem__wino_output(float *out, const float *M, size_t me, const float *b, int
                       int accumulate);
 
 /* Winograd for wide layers (conv_wide.c): weights too big for L2, on packed
- * GEMM micro-kernels.  u: the packed transform of the call (forward, or with
- * transposed != 0 the layer's input gradient: cin and cout are then the
- * layer's cout and cin), from jem__conv_wide_weights.  Scratch: jem__wide_scratch(cin, cout, H, W, n) floats. */
+ * GEMM micro-kernels.  u: the layer's packed transforms (jem__wide_weights);
+ * with transposed != 0 the call is the layer's input gradient (cin and cout
+ * are then the layer's cout and cin).  decide_n: the image count that picks
+ * the algorithm (n, or a fixed one for batch invariance).  Scratch: jem__wide_scratch(cin, cout, H, W, n) floats. */
 size_t jem__wide_scratch(int cin, int cout, int H, int W, int n);
-/* The packed transform of a call from k channels to r on H x W maps (16
- * products of F(2x2,3x3) or 36 of F(4x4,3x3), by the map), in floats; and
- * both of a stride-1 layer's (forward, then the input gradient's from
- * jem__wide_packed_floats(cin, cout, H, W) on) from w[cout][cin][3][3]. */
-size_t jem__wide_packed_floats(int k, int r, int H, int W);
+/* A stride-1 layer's packed transforms (forward and input gradient, of
+ * F(4x4,3x3) and/or F(2x2,3x3) as its map needs), in floats, and filled
+ * from w[cout][cin][3][3]. */
+size_t jem__wide_weights_floats(int cin, int cout, int H, int W);
 void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W);
 /* One matrix A (r x k, A(i, kk) = src[kk*sk + i*sr]) packed for the
  * micro-kernels (jem__wide_mat_floats), and M[i][0..nt) (+ with add)= sum_k
@@ -143,7 +143,7 @@ void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, s
 void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
                     int K, int R, int nt, int add, int part, int parts);
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
-                       const float *b, int cin, int cout, int H, int W, int n, int mode,
-                       float leak, int accumulate, int transposed, float *scratch);
+                       const float *b, int cin, int cout, int H, int W, int n, int decide_n,
+                       int mode, float leak, int accumulate, int transposed, float *scratch);
 
 #endif

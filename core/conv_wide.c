@@ -39,12 +39,21 @@
 
 /* F(4x4, 3x3) where the map allows it (4x4 output tiles, 8 a vector: maps
  * 16 wide, or a multiple of 32): 36 products per 16 outputs instead of 64
- * for F(2x2, 3x3), for transforms 2.25 times the size.  The 8x8 maps keep
- * F(2x2, 3x3): with 4 tiles an image their transforms would be read for
- * almost nothing. */
+ * for F(2x2, 3x3), for transforms 2.25 times the size, which the products
+ * read once per block.  With fewer than 64 tiles in a block they cost more
+ * memory traffic than they save (measured on WRN-28-10's 16x16 layers at
+ * batch 1: 8% slower; at batch 64, 10% faster), so 16x16 maps keep both
+ * and choose by the slice's image count; 8x8 maps (4 tiles an image) keep
+ * F(2x2, 3x3) only, maps 32 or 64 wide F(4x4, 3x3) only. */
 static int wide_f4(int H, int W) {
   if (H % 4 || W > 64) return 0;
   return W == 16 ? H % 8 == 0 : W % 32 == 0;
+}
+static int wide_f2(int H, int W) {
+  return jem__wino_shape_ok(H, W) && !(wide_f4(H, W) && W >= 32);
+}
+static int wide_use_f4(int H, int W, int n) {
+  return wide_f4(H, W) && (!wide_f2(H, W) || (size_t)n * (H / 4) * (W / 4) >= 64);
 }
 
 /* Floats of a row of jem__wide pad4's layout: the padded row's columns by
@@ -60,9 +69,9 @@ typedef struct wide_plan {
   size_t pad, v, m;    /* scratch floats: padded images, V and M */
 } wide_plan;
 
-static wide_plan wide_make_plan(int cin, int cout, int H, int W, int n) {
+static wide_plan wide_make_plan(int cin, int cout, int H, int W, int n, int f4) {
   wide_plan p;
-  p.f4 = wide_f4(H, W);
+  p.f4 = f4;
   p.ne = p.f4 ? 36 : 16;
   p.t = p.f4 ? 4 : 2;
   p.tr = H / p.t;
@@ -91,8 +100,13 @@ static wide_plan wide_make_plan(int cin, int cout, int H, int W, int n) {
 
 size_t jem__wide_scratch(int cin, int cout, int H, int W, int n) {
   if (!jem__wino_shape_ok(H, W)) return 0;
-  wide_plan p = wide_make_plan(cin, cout, H, W, n);
-  return p.pad + p.v + p.m + 3 * 16; /* + 64-byte alignment of each */
+  size_t most = 0;
+  for (int f4 = 0; f4 < 2; f4++) { /* either, whatever the image count says */
+    if (f4 ? !wide_f4(H, W) : !wide_f2(H, W)) continue;
+    wide_plan p = wide_make_plan(cin, cout, H, W, n, f4);
+    if (p.pad + p.v + p.m > most) most = p.pad + p.v + p.m;
+  }
+  return most + 3 * 16; /* + 64-byte alignment of each */
 }
 
 /* The product whose transform serves product e of the input gradient: the
@@ -126,8 +140,21 @@ size_t jem__wide_mat_floats(int k, int r) {
   return (size_t)k * ((size_t)(r + WIDE_MR - 1) / WIDE_MR * WIDE_MR);
 }
 
-size_t jem__wide_packed_floats(int k, int r, int H, int W) {
-  return (wide_f4(H, W) ? 36 : 16) * jem__wide_mat_floats(k, r);
+size_t jem__wide_weights_floats(int cin, int cout, int H, int W) {
+  const size_t both = jem__wide_mat_floats(cin, cout) + jem__wide_mat_floats(cout, cin);
+  return (wide_f4(H, W) ? 36 * both : 0) + (wide_f2(H, W) ? 16 * both : 0);
+}
+
+/* The packed transform a call of the given algorithm reads in the block of
+ * jem__wide_weights: F(4x4,3x3)'s forward and input gradient, then
+ * F(2x2,3x3)'s, those the map has.  cin, cout: the call's. */
+static const float *wide_u(const float *u, int f4, int transposed, int cin, int cout, int H,
+                           int W) {
+  const int lin = transposed ? cout : cin, lout = transposed ? cin : cout;
+  const size_t both = jem__wide_mat_floats(lin, lout) + jem__wide_mat_floats(lout, lin);
+  size_t off = !f4 && wide_f4(H, W) ? 36 * both : 0;
+  if (transposed) off += (size_t)(f4 ? 36 : 16) * jem__wide_mat_floats(lin, lout);
+  return u + off;
 }
 
 void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, size_t sr) {
@@ -175,9 +202,10 @@ static void wino4_weights(float *u, const float *w, size_t np) {
   }
 }
 
-void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W) {
+/* One algorithm's pair of packed transforms (forward, input gradient). */
+static void wide_weights_one(float *dst, const float *w, int cin, int cout, int f4) {
   const size_t pairs = (size_t)cin * cout;
-  const int f4 = wide_f4(H, W), ne = f4 ? 36 : 16;
+  const int ne = f4 ? 36 : 16;
   float *wt = malloc(sizeof(float) * 9 * pairs), *u = malloc(sizeof(float) * ne * pairs);
   JEM_ASSERT(wt && u);
   /* forward: U^T, the transform of the weights as pairs (ci, co) */
@@ -190,7 +218,7 @@ void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int
   else
     jem__conv_wino_weights(u, wt, cout, cin);
   wide_pack(dst, u, ne, cin, cout);
-  float *dg = dst + jem__wide_packed_floats(cin, cout, H, W);
+  float *dg = dst + (size_t)ne * jem__wide_mat_floats(cin, cout);
   if (f4) {
     /* input gradient: the flipped kernels as pairs (co, ci) (F(4x4,3x3)'s
      * G has no row symmetry to reuse the forward transform) */
@@ -204,6 +232,14 @@ void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int
   wide_pack(dg, u, ne, cout, cin);
   free(wt);
   free(u);
+}
+
+void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W) {
+  if (wide_f4(H, W)) {
+    wide_weights_one(dst, w, cin, cout, 1);
+    dst += 36 * (jem__wide_mat_floats(cin, cout) + jem__wide_mat_floats(cout, cin));
+  }
+  if (wide_f2(H, W)) wide_weights_one(dst, w, cin, cout, 0);
 }
 
 static inline float *align16f(float *p) {
@@ -590,12 +626,12 @@ static void wide_out_part(void *arg, int part, int parts) {
 }
 
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
-                       const float *b, int cin, int cout, int H, int W, int n, int mode,
-                       float leak, int accumulate, int transposed, float *scratch) {
-  const wide_plan p = wide_make_plan(cin, cout, H, W, n);
+                       const float *b, int cin, int cout, int H, int W, int n, int decide_n,
+                       int mode, float leak, int accumulate, int transposed, float *scratch) {
+  const wide_plan p = wide_make_plan(cin, cout, H, W, n, wide_use_f4(H, W, decide_n));
   wide_job j = {.p = &p, .out = out, .in = in, .gate = mode == PAD_GATE ? gate : NULL,
-                .u = u, .b = b, .cin = cin, .cout = cout, .H = H, .W = W, .n = n,
-                .mode = mode, .transposed = transposed, .accumulate = accumulate,
+                .u = wide_u(u, p.f4, transposed, cin, cout, H, W), .b = b, .cin = cin,
+                .cout = cout, .H = H, .W = W, .n = n, .mode = mode, .transposed = transposed, .accumulate = accumulate,
                 .leak = leak};
   j.pad = align16f(scratch);
   j.V = align16f(j.pad + p.pad);
@@ -615,10 +651,10 @@ void jem__conv3x3_wide(float *out, const float *in, const float *gate, const flo
 
 #else
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
-                       const float *b, int cin, int cout, int H, int W, int n, int mode,
-                       float leak, int accumulate, int transposed, float *scratch) {
+                       const float *b, int cin, int cout, int H, int W, int n, int decide_n,
+                       int mode, float leak, int accumulate, int transposed, float *scratch) {
   (void)out; (void)in; (void)gate; (void)u; (void)b; (void)cin; (void)cout; (void)H;
-  (void)W; (void)n; (void)mode; (void)leak; (void)accumulate; (void)transposed;
+  (void)W; (void)n; (void)decide_n; (void)mode; (void)leak; (void)accumulate; (void)transposed;
   (void)scratch;
   JEM_ASSERT(!"Winograd kernel not built for this CPU");
 }

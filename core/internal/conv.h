@@ -133,10 +133,12 @@ void jem__conv_wino_weights(float *wu, const float *w, int cin, int cout);
  * jem__conv_wide_shape: by shape alone. */
 int jem__conv_wide_shape(const jem__conv *c);
 int jem__conv_wide(const jem__conv *c);
-/* Floats of a wide layer's transforms (0 for other layers): the forward
- * pass's, then from jem__conv_wide_grad_off on the input gradient's, each
- * packed for the micro-kernels; jem__conv_wide_weights fills them from
- * w[cout][cin][3][3]. */
+/* Floats of a wide layer's packed weights (0 for other layers), which
+ * jem__conv_wide_weights fills from w[cout][cin][3][3]: the forward pass
+ * reads them from the start, the input gradient from
+ * jem__conv_wide_grad_off on (a strided layer's W^T; 0 for a stride-1
+ * layer, whose block holds the transforms of both directions and of the
+ * Winograd variants its map uses). */
 size_t jem__conv_wide_floats(const jem__conv *c);
 size_t jem__conv_wide_grad_off(const jem__conv *c);
 void jem__conv_wide_weights(float *dst, const float *w, const jem__conv *c);
