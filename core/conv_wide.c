@@ -368,15 +368,23 @@ static void wide_panel(float *M, size_t ldm, const float *A, const float *V, siz
   }
 }
 
+/* Input channels per pass of jem__wide_gemm: the V rows a pass reads (up
+ * to 256 x 256 floats) stay in L2 while every panel runs over them; an
+ * im2col matrix (2,880 or 5,760 rows in WRN-28-10) would not. */
+#define WIDE_KC 256
+
 void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
                     int K, int R, int nt, int add, int part, int parts) {
   const int panels = (R + WIDE_MR - 1) / WIDE_MR, avx512 = wide_avx512();
   const int p0 = (int)((long long)panels * part / parts);
   const int p1 = (int)((long long)panels * (part + 1) / parts);
-  for (int p = p0; p < p1; p++) {
-    const int r0 = p * WIDE_MR, rows = R - r0 < WIDE_MR ? R - r0 : WIDE_MR;
-    wide_panel(M + (size_t)r0 * ldm, ldm, A + (size_t)r0 * K, V, ldv, K, rows, nt, add,
-               avx512);
+  for (int k0 = 0; k0 < K; k0 += WIDE_KC) {
+    const int kn = K - k0 < WIDE_KC ? K - k0 : WIDE_KC;
+    for (int p = p0; p < p1; p++) {
+      const int r0 = p * WIDE_MR, rows = R - r0 < WIDE_MR ? R - r0 : WIDE_MR;
+      wide_panel(M + (size_t)r0 * ldm, ldm, A + (size_t)r0 * K + (size_t)k0 * WIDE_MR,
+                 V + (size_t)k0 * ldv, ldv, kn, rows, nt, add || k0 > 0, avx512);
+    }
   }
 }
 
