@@ -56,7 +56,7 @@ static int wide_use_f4(int H, int W, int n) {
   return wide_f4(H, W) && (!wide_f2(H, W) || (size_t)n * (H / 4) * (W / 4) >= 64);
 }
 
-/* Floats of a row of jem__wide pad4's layout: the padded row's columns by
+/* Floats of a row of pad4's layout: the padded row's columns by
  * their index mod 4, each phase q = W/4 + 2 long. */
 static int pad4_row(int W) { return 4 * (W / 4 + 2); }
 
