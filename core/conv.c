@@ -79,9 +79,10 @@ int jem__conv_wide(const jem__conv *c) {
 }
 
 size_t jem__conv_wide_grad_off(const jem__conv *c) {
-  if (!jem__conv_wide_shape(c)) return 0;
-  if (c->stride == 2) return jem__wide_mat_floats(jem__conv_rows(c), c->cout);
-  return 0; /* one block: jem__conv3x3_wide picks the part it reads */
+  /* a stride-1 layer's block is read from its start: jem__conv3x3_wide picks
+   * the part it needs */
+  if (c->stride != 2 || !jem__conv_wide_shape(c)) return 0;
+  return jem__wide_mat_floats(jem__conv_rows(c), c->cout);
 }
 
 size_t jem__conv_wide_floats(const jem__conv *c) {
@@ -349,11 +350,6 @@ static int row_parts(int rows, double flops) {
   return rows >= 128 ? 4 : rows >= 64 ? 2 : 1;
 }
 
-/* [lo, hi) of part `part` of `parts` over total. */
-static void part_range(int total, int part, int parts, int *lo, int *hi) {
-  *lo = (int)((long long)total * part / parts);
-  *hi = (int)((long long)total * (part + 1) / parts);
-}
 
 typedef struct conv_job {
   const jem__conv *c;
@@ -375,7 +371,7 @@ static void fwd_prep_part(void *arg, int part, int parts) {
   const size_t ldo = (size_t)j->n * jem__conv_hwo(c);
   int lo, hi;
   if (j->bias) {
-    part_range(c->cout, part, parts, &lo, &hi);
+    jem__part_range(c->cout, part, parts, &lo, &hi);
     for (int co = lo; co < hi; co++) {
       float *o = j->out + (size_t)co * ldo, bv = j->b ? j->b[co] : 0.0f;
       if (j->accumulate) {
@@ -386,7 +382,7 @@ static void fwd_prep_part(void *arg, int part, int parts) {
     }
   }
   if (j->col) {
-    part_range(c->cin, part, parts, &lo, &hi);
+    jem__part_range(c->cin, part, parts, &lo, &hi);
     im2col_rows(j->col, j->in, c, j->n, j->n0, j->m, j->act, j->leak, lo, hi);
   }
 }
@@ -399,7 +395,7 @@ static void fwd_gemm_part(void *arg, int part, int parts) {
   const int hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)j->n * hwo;
   int lo, hi;
-  part_range(c->cout, part, parts, &lo, &hi);
+  jem__part_range(c->cout, part, parts, &lo, &hi);
   if (hi == lo) return;
   if (!j->col) { /* 1x1, in place: the whole batch, or image by image */
     const int step = j->per_image ? hwo : (int)ldo;
@@ -433,7 +429,7 @@ static void wide_din_gemm_part(void *arg, int part, int parts) {
 static void wide_col2im_part(void *arg, int part, int parts) {
   const conv_job *j = arg;
   int lo, hi;
-  part_range(j->c->cin, part, parts, &lo, &hi);
+  jem__part_range(j->c->cin, part, parts, &lo, &hi);
   if (hi > lo) col2im_rows(j->out, j->col, j->c, j->n, j->n0, j->m, lo, hi);
 }
 
@@ -461,7 +457,7 @@ static void din_part(void *arg, int part, int parts) {
   const int hwo = jem__conv_hwo(c);
   const size_t ldo = (size_t)j->n * hwo;
   int lo, hi;
-  part_range(c->cin, part, parts, &lo, &hi);
+  jem__part_range(c->cin, part, parts, &lo, &hi);
   if (hi == lo) return;
   if (!j->col) {
     const int step = j->per_image ? hwo : (int)ldo;

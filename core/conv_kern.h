@@ -48,6 +48,12 @@ static inline void gate_copy(float *d, const float *src, const float *g, size_t 
   for (; i < n; i++) d[i] = src[i] * (g[i] > 0.0f ? 1.0f : leak);
 }
 
+/* [lo, hi) of part `part` of `parts` over total (jem__par's parts). */
+static inline void jem__part_range(int total, int part, int parts, int *lo, int *hi) {
+  *lo = (int)((long long)total * part / parts);
+  *hi = (int)((long long)total * (part + 1) / parts);
+}
+
 /* jem__conv_set_fast's mode (0..3), and whether the CPU (and OS) run AVX2
  * and FMA. */
 int jem__conv_mode(void);

@@ -1,23 +1,26 @@
-/* conv_wide.c - Winograd F(2x2, 3x3) for wide 3x3 stride-1 layers, whose
- * weights do not fit in L2 (160 to 640 channels in the paper's WRN-28-10):
- * conv_winograd.c's transforms with the 16 products on register-blocked
- * GEMM micro-kernels (AVX-512 where the CPU has it, else AVX2), split over
- * the threads a lone slice lends (jem__par).
+/* conv_wide.c - Winograd for wide 3x3 layers, whose weights do not fit in
+ * L2 (160 to 640 channels in the paper's WRN-28-10): F(4x4, 3x3) or
+ * F(2x2, 3x3) (conv_winograd.c's transforms) by map size and batch (see
+ * wide_f4), with the products on register-blocked GEMM micro-kernels
+ * (AVX-512 where the CPU has it, else AVX2), split over the threads a lone
+ * slice lends (jem__par); the same micro-kernels serve the strided wide
+ * layers' im2col products (jem__wide_gemm).
  *
- * The 16 products of a block of tiles are M[e] (cout x nt) = A[e] (cout x
- * cin) V[e] (cin x nt).  A micro-kernel keeps 12 output channels x 32 tiles
- * in registers and reads A as a packed panel: the 12 values of input
- * channel k at a[12*k + 0..11], one sequential stream.  The model keeps each
- * wide layer's transform packed for both directions (jem__net_wide):
- * forward from U^T[e][ci][co]; for the input gradient the flipped,
- * transposed weights' transform is U[e'][co][ci] (e' = e with rows and
- * columns 0 and 3 swapped, see wide_perm).  Nothing is packed per call: at
- * batch 1 the 8x8 layers read each 26 MB transform once for 16 tiles, and
- * only sequential reads keep that near the memory's speed.
+ * The ne (16 or 36) products of a block of tiles are M[e] (cout x nt) =
+ * A[e] (cout x cin) V[e] (cin x nt).  A micro-kernel keeps 12 output
+ * channels x 32 tiles in registers and reads A as a packed panel: the 12
+ * values of input channel k at a[12*k + 0..11], one sequential stream.  The
+ * model keeps each wide layer's transforms packed for both directions
+ * (jem__net_wide): forward from U^T[e][ci][co]; for the input gradient from
+ * the transform of the flipped kernels as pairs (co, ci).  Nothing is packed
+ * per call: at batch 1 the 8x8 layers read each 26 MB transform once for 16
+ * tiles, and only sequential reads keep that near the memory's speed.
  *
  * Every output value is a sum over the input channels in index order, one
- * FMA per channel, whatever the kernel width, ISA, block or thread: results
- * do not depend on the batch, the threads or AVX-512 vs AVX2. */
+ * FMA per channel (in passes of WIDE_KC channels for jem__wide_gemm),
+ * whatever the kernel width, ISA, block or thread: results do not depend on
+ * the batch (beyond the algorithm it picks), the threads or AVX-512 vs
+ * AVX2. */
 #include "conv_kern.h"
 #include "internal.h"
 
@@ -109,14 +112,6 @@ size_t jem__wide_scratch(int cin, int cout, int H, int W, int n) {
   return most + 3 * 16; /* + 64-byte alignment of each */
 }
 
-/* The product whose transform serves product e of the input gradient: the
- * flipped kernel's transform is the forward one with its rows and columns
- * 0 and 3 swapped (G J = P G for the column reversal J). */
-static int wide_perm(int e) {
-  static const int p[4] = {3, 1, 2, 0};
-  return 4 * p[e / 4] + p[e % 4];
-}
-
 /* Tests: 0 picks the kernels by CPU, 1 forces the AVX2 ones. */
 static atomic_int g_force_avx2;
 void jem__wide_force_avx2(int on) { atomic_store(&g_force_avx2, on != 0); }
@@ -174,30 +169,24 @@ static void wide_pack(float *dst, const float *u, int ne, int k, int r) {
                        (size_t)r, 1);
 }
 
-/* u[e][p] = (G g G^T)[e] of F(4x4, 3x3) for the 3x3 kernels g = w + 9p
- * (Lavin and Gray 2016, interpolation points 0, +-1, +-2). */
+/* o[0..5] (stride so) = G (a, b, c) of F(4x4, 3x3) (Lavin and Gray 2016,
+ * interpolation points 0, +-1, +-2). */
+static void g6(float *o, size_t so, float a, float b, float c) {
+  o[0] = a / 4.0f;
+  o[so] = -(a + b + c) / 6.0f;
+  o[2 * so] = -(a - b + c) / 6.0f;
+  o[3 * so] = a / 24.0f + b / 12.0f + c / 6.0f;
+  o[4 * so] = a / 24.0f - b / 12.0f + c / 6.0f;
+  o[5 * so] = c;
+}
+
+/* u[e][p] = (G g G^T)[e] of F(4x4, 3x3) for the 3x3 kernels g = w + 9p. */
 static void wino4_weights(float *u, const float *w, size_t np) {
   for (size_t p = 0; p < np; p++) {
     const float *g = w + 9 * p;
     float r[6][3], o[6][6];
-    for (int x = 0; x < 3; x++) { /* G g, column by column */
-      const float a = g[x], b = g[3 + x], c = g[6 + x];
-      r[0][x] = a / 4.0f;
-      r[1][x] = -(a + b + c) / 6.0f;
-      r[2][x] = -(a - b + c) / 6.0f;
-      r[3][x] = a / 24.0f + b / 12.0f + c / 6.0f;
-      r[4][x] = a / 24.0f - b / 12.0f + c / 6.0f;
-      r[5][x] = c;
-    }
-    for (int y = 0; y < 6; y++) { /* (G g) G^T, row by row */
-      const float a = r[y][0], b = r[y][1], c = r[y][2];
-      o[y][0] = a / 4.0f;
-      o[y][1] = -(a + b + c) / 6.0f;
-      o[y][2] = -(a - b + c) / 6.0f;
-      o[y][3] = a / 24.0f + b / 12.0f + c / 6.0f;
-      o[y][4] = a / 24.0f - b / 12.0f + c / 6.0f;
-      o[y][5] = c;
-    }
+    for (int x = 0; x < 3; x++) g6(&r[0][x], 3, g[x], g[3 + x], g[6 + x]); /* G g */
+    for (int y = 0; y < 6; y++) g6(o[y], 1, r[y][0], r[y][1], r[y][2]);    /* (G g) G^T */
     for (int e = 0; e < 36; e++) u[(size_t)e * np + p] = o[e / 6][e % 6];
   }
 }
@@ -218,18 +207,14 @@ static void wide_weights_one(float *dst, const float *w, int cin, int cout, int 
   else
     jem__conv_wino_weights(u, wt, cout, cin);
   wide_pack(dst, u, ne, cin, cout);
-  float *dg = dst + (size_t)ne * jem__wide_mat_floats(cin, cout);
-  if (f4) {
-    /* input gradient: the flipped kernels as pairs (co, ci) (F(4x4,3x3)'s
-     * G has no row symmetry to reuse the forward transform) */
-    for (size_t p = 0; p < pairs; p++)
-      for (int k = 0; k < 9; k++) wt[9 * p + k] = w[9 * p + 8 - k];
+  /* input gradient: the flipped kernels as pairs (co, ci) */
+  for (size_t p = 0; p < pairs; p++)
+    for (int k = 0; k < 9; k++) wt[9 * p + k] = w[9 * p + 8 - k];
+  if (f4)
     wino4_weights(u, wt, pairs);
-  } else {
-    /* input gradient: U as it comes, pairs (co, ci), products permuted at use */
-    jem__conv_wino_weights(u, w, cin, cout);
-  }
-  wide_pack(dg, u, ne, cout, cin);
+  else
+    jem__conv_wino_weights(u, wt, cin, cout);
+  wide_pack(dst + (size_t)ne * jem__wide_mat_floats(cin, cout), u, ne, cout, cin);
   free(wt);
   free(u);
 }
@@ -375,9 +360,9 @@ static void wide_panel(float *M, size_t ldm, const float *A, const float *V, siz
 
 void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
                     int K, int R, int nt, int add, int part, int parts) {
-  const int panels = (R + WIDE_MR - 1) / WIDE_MR, avx512 = wide_avx512();
-  const int p0 = (int)((long long)panels * part / parts);
-  const int p1 = (int)((long long)panels * (part + 1) / parts);
+  const int avx512 = wide_avx512();
+  int p0, p1;
+  jem__part_range((R + WIDE_MR - 1) / WIDE_MR, part, parts, &p0, &p1);
   for (int k0 = 0; k0 < K; k0 += WIDE_KC) {
     const int kn = K - k0 < WIDE_KC ? K - k0 : WIDE_KC;
     for (int p = p0; p < p1; p++) {
@@ -550,19 +535,14 @@ typedef struct wide_job {
   const wide_plan *p;
   float *out, *pad, *V, *M;
   const float *in, *gate, *u, *b;
-  int cin, cout, H, W, n, mode, transposed, accumulate;
+  int cin, cout, H, W, n, mode, accumulate;
   float leak;
   int img, ty0, rows, nimg, pad_new; /* the block */
 } wide_job;
 
-/* Parts split the channels (prep, output) or the 16 products (GEMM) by
- * shape alone. */
+/* Parts split the channels (prep, output) or the products (GEMM) by shape
+ * alone. */
 #define WIDE_PARTS 4
-
-static void part_range(int total, int part, int parts, int *lo, int *hi) {
-  *lo = (int)((long long)total * part / parts);
-  *hi = (int)((long long)total * (part + 1) / parts);
-}
 
 /* Input channels [lo, hi): padded copies of the block's images (when the
  * block starts them), then their input transform. */
@@ -570,7 +550,7 @@ static void wide_prep_part(void *arg, int part, int parts) {
   const wide_job *j = arg;
   const wide_plan *p = j->p;
   int lo, hi;
-  part_range(j->cin, part, parts, &lo, &hi);
+  jem__part_range(j->cin, part, parts, &lo, &hi);
   if (hi == lo) return;
   const size_t cplane = p->plane, plane = (size_t)j->cin * cplane;
   const size_t hw = (size_t)j->H * j->W, coff = (size_t)lo * j->n * hw;
@@ -598,15 +578,13 @@ static void wide_gemm_part(void *arg, int part, int parts) {
   const wide_job *j = arg;
   const wide_plan *p = j->p;
   int lo, hi;
-  part_range(p->ne, part, parts, &lo, &hi);
+  jem__part_range(p->ne, part, parts, &lo, &hi);
   const size_t ve = jem__wino_ld((size_t)j->cin * p->tb);
   const size_t me = jem__wino_ld((size_t)j->cout * p->tb);
   const size_t ue = jem__wide_mat_floats(j->cin, j->cout);
   const int nt = j->rows * p->tw, avx512 = wide_avx512();
   for (int e = lo; e < hi; e++) {
-    /* F(2x2,3x3)'s input gradient reads the forward transform permuted */
-    const int ep = j->transposed && !p->f4 ? wide_perm(e) : e;
-    const float *A = j->u + (size_t)ep * ue;
+    const float *A = j->u + (size_t)e * ue;
     for (int r0 = 0; r0 < j->cout; r0 += WIDE_MR) {
       const int rows = j->cout - r0 < WIDE_MR ? j->cout - r0 : WIDE_MR;
       wide_panel(j->M + e * me + (size_t)r0 * p->tb, p->tb, A + (size_t)r0 * j->cin,
@@ -620,7 +598,7 @@ static void wide_out_part(void *arg, int part, int parts) {
   const wide_job *j = arg;
   const wide_plan *p = j->p;
   int lo, hi;
-  part_range(j->cout, part, parts, &lo, &hi);
+  jem__part_range(j->cout, part, parts, &lo, &hi);
   if (hi == lo) return;
   const size_t hw = (size_t)j->H * j->W, me = jem__wino_ld((size_t)j->cout * p->tb);
   float *out = j->out + (size_t)lo * j->n * hw;
@@ -639,8 +617,8 @@ void jem__conv3x3_wide(float *out, const float *in, const float *gate, const flo
   const wide_plan p = wide_make_plan(cin, cout, H, W, n, wide_use_f4(H, W, decide_n));
   wide_job j = {.p = &p, .out = out, .in = in, .gate = mode == PAD_GATE ? gate : NULL,
                 .u = wide_u(u, p.f4, transposed, cin, cout, H, W), .b = b, .cin = cin,
-                .cout = cout, .H = H, .W = W, .n = n, .mode = mode, .transposed = transposed, .accumulate = accumulate,
-                .leak = leak};
+                .cout = cout, .H = H, .W = W, .n = n, .mode = mode,
+                .accumulate = accumulate, .leak = leak};
   j.pad = align16f(scratch);
   j.V = align16f(j.pad + p.pad);
   j.M = align16f(j.V + p.v);
