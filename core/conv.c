@@ -485,8 +485,7 @@ void jem__conv_forward(float *out, const float *in, const float *w,
   if (wu && c->stride == 1 && jem__conv_wide(c)) {
     JEM_ASSERT(jem__wide_scratch(c->cin, c->cout, c->hout, c->wout, n) <= col_cap);
     jem__conv3x3_wide(out, in, NULL, wu, b, c->cin, c->cout, c->hout, c->wout, n,
-                      tl_invariant ? JEM__INVARIANT_N : n, act ? PAD_LRELU : PAD_PLAIN, leak,
-                      accumulate, 0, col);
+                      act ? PAD_LRELU : PAD_PLAIN, leak, accumulate, 0, col);
     return;
   }
   if (jem__conv_fast(c)) {
@@ -597,7 +596,7 @@ void jem__conv_input_grad(float *din, const float *dout, const float *gate,
     JEM_ASSERT(wuf && n >= 1);
     JEM_ASSERT(jem__wide_scratch(c->cout, c->cin, c->hout, c->wout, n) <= col_cap);
     jem__conv3x3_wide(din, dout, gate, wuf, NULL, c->cout, c->cin, c->hout, c->wout, n,
-                      tl_invariant ? JEM__INVARIANT_N : n, mode, leak, 0, 1, col);
+                      mode, leak, 0, 1, col);
     return;
   }
   JEM_ASSERT(jem__conv_fast(c) && wf && n >= 1);

@@ -132,11 +132,12 @@ void jem__wino_output(float *out, const float *M, size_t me, const float *b, int
 /* Winograd for wide layers (conv_wide.c): weights too big for L2, on packed
  * GEMM micro-kernels.  u: the layer's packed transforms (jem__wide_weights);
  * with transposed != 0 the call is the layer's input gradient (cin and cout
- * are then the layer's cout and cin).  decide_n: the image count that picks
- * the algorithm (n, or a fixed one for batch invariance).  Scratch: jem__wide_scratch(cin, cout, H, W, n) floats. */
+ * are then the layer's cout and cin).  The map alone picks the algorithm,
+ * so results do not depend on the batch.  Scratch:
+ * jem__wide_scratch(cin, cout, H, W, n) floats. */
 size_t jem__wide_scratch(int cin, int cout, int H, int W, int n);
 /* A stride-1 layer's packed transforms (forward and input gradient, of
- * F(4x4,3x3) and/or F(2x2,3x3) as its map needs), in floats, and filled
+ * F(4x4,3x3) or F(2x2,3x3) as its map needs), in floats, and filled
  * from w[cout][cin][3][3]. */
 size_t jem__wide_weights_floats(int cin, int cout, int H, int W);
 void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W);
@@ -149,7 +150,7 @@ void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, s
 void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
                     int K, int R, int nt, int add, int part, int parts);
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
-                       const float *b, int cin, int cout, int H, int W, int n, int decide_n,
-                       int mode, float leak, int accumulate, int transposed, float *scratch);
+                       const float *b, int cin, int cout, int H, int W, int n, int mode,
+                       float leak, int accumulate, int transposed, float *scratch);
 
 #endif

@@ -1,7 +1,6 @@
 /* conv_wide.c - Winograd for wide 3x3 layers, whose weights do not fit in
  * L2 (160 to 640 channels in the paper's WRN-28-10): F(4x4, 3x3) or
- * F(2x2, 3x3) (conv_winograd.c's transforms) by map size and batch (see
- * wide_f4), with the products on register-blocked GEMM micro-kernels
+ * F(2x2, 3x3) (conv_winograd.c's transforms) by map size (see wide_f4), with the products on register-blocked GEMM micro-kernels
  * (AVX-512 where the CPU has it, else AVX2), split over the threads a lone
  * slice lends (jem__par); the same micro-kernels serve the strided wide
  * layers' im2col products (jem__wide_gemm).
@@ -14,13 +13,13 @@
  * (jem__net_wide): forward from U^T[e][ci][co]; for the input gradient from
  * the transform of the flipped kernels as pairs (co, ci).  Nothing is packed
  * per call: at batch 1 the 8x8 layers read each 26 MB transform once for 16
- * tiles, and only sequential reads keep that near the memory's speed.
+ * tiles, and only sequential reads, prefetched (WIDE_PF), keep that near
+ * the memory's speed.
  *
  * Every output value is a sum over the input channels in index order, one
  * FMA per channel (in passes of WIDE_KC channels for jem__wide_gemm),
  * whatever the kernel width, ISA, block or thread: results do not depend on
- * the batch (beyond the algorithm it picks), the threads or AVX-512 vs
- * AVX2. */
+ * the batch, the threads or AVX-512 vs AVX2. */
 #include "conv_kern.h"
 #include "internal.h"
 
@@ -34,6 +33,14 @@
 
 #define WIDE_MR 12 /* output channels per micro-kernel */
 
+/* How far ahead (floats) the micro-kernels prefetch their A panel: 8 KB.
+ * The panels of a product, and the products of a layer, lie one after
+ * another, so this runs on into the next.  At batch 1 A streams from
+ * memory and the hardware prefetcher alone left the kernels waiting on it
+ * (measured: 101 against 180 GFLOP/s for a 640-channel 8x8 layer's
+ * products on one core). */
+#define WIDE_PF 2048
+
 /* Floats of V per product aimed for in a block: 320 KB, so that V[e] stays
  * in L2 while every 12-channel panel of A[e] runs over it. */
 #ifndef WIDE_V_FLOATS
@@ -41,22 +48,14 @@
 #endif
 
 /* F(4x4, 3x3) where the map allows it (4x4 output tiles, 8 a vector: maps
- * 16 wide, or a multiple of 32): 36 products per 16 outputs instead of 64
- * for F(2x2, 3x3), for transforms 2.25 times the size, which the products
- * read once per block.  With fewer than 64 tiles in a block they cost more
- * memory traffic than they save (measured on WRN-28-10's 16x16 layers at
- * batch 1: 8% slower; at batch 64, 10% faster), so 16x16 maps keep both
- * and choose by the slice's image count; 8x8 maps (4 tiles an image) keep
- * F(2x2, 3x3) only, maps 32 or 64 wide F(4x4, 3x3) only. */
+ * 16 wide, or a multiple of 32), else F(2x2, 3x3): 36 products per 16
+ * outputs instead of 64, for transforms 2.25 times the size.  Measured on
+ * WRN-28-10's 16x16 layers, F(4x4, 3x3) is the faster at every batch (20%
+ * at batch 1 on one core), so each map has one algorithm, whatever the
+ * batch.  8x8 maps (4 tiles an image) keep F(2x2, 3x3). */
 static int wide_f4(int H, int W) {
   if (H % 4 || W > 64) return 0;
   return W == 16 ? H % 8 == 0 : W % 32 == 0;
-}
-static int wide_f2(int H, int W) {
-  return jem__wino_shape_ok(H, W) && !(wide_f4(H, W) && W >= 32);
-}
-static int wide_use_f4(int H, int W, int n) {
-  return wide_f4(H, W) && (!wide_f2(H, W) || (size_t)n * (H / 4) * (W / 4) >= 64);
 }
 
 /* Floats of a row of pad4's layout: the padded row's columns by
@@ -103,13 +102,8 @@ static wide_plan wide_make_plan(int cin, int cout, int H, int W, int n, int f4) 
 
 size_t jem__wide_scratch(int cin, int cout, int H, int W, int n) {
   if (!jem__wino_shape_ok(H, W)) return 0;
-  size_t most = 0;
-  for (int f4 = 0; f4 < 2; f4++) { /* either, whatever the image count says */
-    if (f4 ? !wide_f4(H, W) : !wide_f2(H, W)) continue;
-    wide_plan p = wide_make_plan(cin, cout, H, W, n, f4);
-    if (p.pad + p.v + p.m > most) most = p.pad + p.v + p.m;
-  }
-  return most + 3 * 16; /* + 64-byte alignment of each */
+  const wide_plan p = wide_make_plan(cin, cout, H, W, n, wide_f4(H, W));
+  return p.pad + p.v + p.m + 3 * 16; /* + 64-byte alignment of each */
 }
 
 /* Tests: 0 picks the kernels by CPU, 1 forces the AVX2 ones. */
@@ -137,19 +131,13 @@ size_t jem__wide_mat_floats(int k, int r) {
 
 size_t jem__wide_weights_floats(int cin, int cout, int H, int W) {
   const size_t both = jem__wide_mat_floats(cin, cout) + jem__wide_mat_floats(cout, cin);
-  return (wide_f4(H, W) ? 36 * both : 0) + (wide_f2(H, W) ? 16 * both : 0);
+  return (wide_f4(H, W) ? 36 : 16) * both;
 }
 
-/* The packed transform a call of the given algorithm reads in the block of
- * jem__wide_weights: F(4x4,3x3)'s forward and input gradient, then
- * F(2x2,3x3)'s, those the map has.  cin, cout: the call's. */
-static const float *wide_u(const float *u, int f4, int transposed, int cin, int cout, int H,
-                           int W) {
-  const int lin = transposed ? cout : cin, lout = transposed ? cin : cout;
-  const size_t both = jem__wide_mat_floats(lin, lout) + jem__wide_mat_floats(lout, lin);
-  size_t off = !f4 && wide_f4(H, W) ? 36 * both : 0;
-  if (transposed) off += (size_t)(f4 ? 36 : 16) * jem__wide_mat_floats(lin, lout);
-  return u + off;
+/* The packed transform a call reads in the block of jem__wide_weights: the
+ * forward one, then the input gradient's.  cin, cout: the call's. */
+static const float *wide_u(const float *u, int ne, int transposed, int cin, int cout) {
+  return transposed ? u + (size_t)ne * jem__wide_mat_floats(cout, cin) : u;
 }
 
 void jem__wide_pack_mat(float *dst, const float *src, int k, int r, size_t sk, size_t sr) {
@@ -191,7 +179,7 @@ static void wino4_weights(float *u, const float *w, size_t np) {
   }
 }
 
-/* One algorithm's pair of packed transforms (forward, input gradient). */
+/* The pair of packed transforms (forward, input gradient). */
 static void wide_weights_one(float *dst, const float *w, int cin, int cout, int f4) {
   const size_t pairs = (size_t)cin * cout;
   const int ne = f4 ? 36 : 16;
@@ -220,11 +208,7 @@ static void wide_weights_one(float *dst, const float *w, int cin, int cout, int 
 }
 
 void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W) {
-  if (wide_f4(H, W)) {
-    wide_weights_one(dst, w, cin, cout, 1);
-    dst += 36 * (jem__wide_mat_floats(cin, cout) + jem__wide_mat_floats(cout, cin));
-  }
-  if (wide_f2(H, W)) wide_weights_one(dst, w, cin, cout, 0);
+  wide_weights_one(dst, w, cin, cout, wide_f4(H, W));
 }
 
 static inline float *align16f(float *p) {
@@ -245,6 +229,7 @@ wide_k512_32(float *m, size_t ldm, const float *a, size_t lda, const float *v,
   }
   for (int k = 0; k < K; k++) {
     const float *vk = v + (size_t)k * ldv, *ak = a + (size_t)k * lda;
+    _mm_prefetch((const char *)(ak + WIDE_PF), _MM_HINT_T0);
     const __m512 x0 = _mm512_loadu_ps(vk), x1 = _mm512_loadu_ps(vk + 16);
     _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++) {
       const __m512 s = _mm512_set1_ps(ak[r]);
@@ -252,7 +237,10 @@ wide_k512_32(float *m, size_t ldm, const float *a, size_t lda, const float *v,
       acc[r][1] = _mm512_fmadd_ps(s, x1, acc[r][1]);
     }
   }
-  for (int r = 0; r < rows; r++) {
+  /* Unrolled with constant indices: a loop to `rows` would make GCC keep
+   * acc in memory, storing all of it every k (measured: 3x slower). */
+  _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++) {
+    if (r >= rows) break;
     float *mr = m + (size_t)r * ldm;
     if (add) {
       acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_loadu_ps(mr));
@@ -271,11 +259,13 @@ wide_k512_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
   _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++) acc[r] = _mm512_setzero_ps();
   for (int k = 0; k < K; k++) {
     const float *ak = a + (size_t)k * lda;
+    _mm_prefetch((const char *)(ak + WIDE_PF), _MM_HINT_T0);
     const __m512 x = _mm512_maskz_loadu_ps(mask, v + (size_t)k * ldv);
     _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++)
       acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(ak[r]), x, acc[r]);
   }
-  for (int r = 0; r < rows; r++) {
+  _Pragma("GCC unroll 12") for (int r = 0; r < WIDE_MR; r++) { /* as above */
+    if (r >= rows) break;
     float *mr = m + (size_t)r * ldm;
     if (add) acc[r] = _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, mr));
     _mm512_mask_storeu_ps(mr, mask, acc[r]);
@@ -294,6 +284,7 @@ wide_k256_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
   }
   for (int k = 0; k < K; k++) {
     const float *vk = v + (size_t)k * ldv, *ak = a + (size_t)k * lda;
+    _mm_prefetch((const char *)(ak + WIDE_PF), _MM_HINT_T0);
     const __m256 x0 = _mm256_loadu_ps(vk), x1 = _mm256_loadu_ps(vk + 8);
     _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) {
       const __m256 s = _mm256_broadcast_ss(ak + r);
@@ -301,7 +292,8 @@ wide_k256_16(float *m, size_t ldm, const float *a, size_t lda, const float *v,
       acc[r][1] = _mm256_fmadd_ps(s, x1, acc[r][1]);
     }
   }
-  for (int r = 0; r < rows; r++) {
+  _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) { /* as in wide_k512_32 */
+    if (r >= rows) break;
     float *mr = m + (size_t)r * ldm;
     if (add) {
       acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(mr));
@@ -319,11 +311,13 @@ wide_k256_8(float *m, size_t ldm, const float *a, size_t lda, const float *v,
   _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) acc[r] = _mm256_setzero_ps();
   for (int k = 0; k < K; k++) {
     const float *ak = a + (size_t)k * lda;
+    _mm_prefetch((const char *)(ak + WIDE_PF), _MM_HINT_T0);
     const __m256 x = _mm256_loadu_ps(v + (size_t)k * ldv);
     _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++)
       acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + r), x, acc[r]);
   }
-  for (int r = 0; r < rows; r++) {
+  _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) {
+    if (r >= rows) break;
     float *mr = m + (size_t)r * ldm;
     if (add) acc[r] = _mm256_add_ps(acc[r], _mm256_loadu_ps(mr));
     _mm256_storeu_ps(mr, acc[r]);
@@ -612,11 +606,11 @@ static void wide_out_part(void *arg, int part, int parts) {
 }
 
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
-                       const float *b, int cin, int cout, int H, int W, int n, int decide_n,
-                       int mode, float leak, int accumulate, int transposed, float *scratch) {
-  const wide_plan p = wide_make_plan(cin, cout, H, W, n, wide_use_f4(H, W, decide_n));
+                       const float *b, int cin, int cout, int H, int W, int n, int mode,
+                       float leak, int accumulate, int transposed, float *scratch) {
+  const wide_plan p = wide_make_plan(cin, cout, H, W, n, wide_f4(H, W));
   wide_job j = {.p = &p, .out = out, .in = in, .gate = mode == PAD_GATE ? gate : NULL,
-                .u = wide_u(u, p.f4, transposed, cin, cout, H, W), .b = b, .cin = cin,
+                .u = wide_u(u, p.ne, transposed, cin, cout), .b = b, .cin = cin,
                 .cout = cout, .H = H, .W = W, .n = n, .mode = mode,
                 .accumulate = accumulate, .leak = leak};
   j.pad = align16f(scratch);
@@ -637,10 +631,10 @@ void jem__conv3x3_wide(float *out, const float *in, const float *gate, const flo
 
 #else
 void jem__conv3x3_wide(float *out, const float *in, const float *gate, const float *u,
-                       const float *b, int cin, int cout, int H, int W, int n, int decide_n,
-                       int mode, float leak, int accumulate, int transposed, float *scratch) {
+                       const float *b, int cin, int cout, int H, int W, int n, int mode,
+                       float leak, int accumulate, int transposed, float *scratch) {
   (void)out; (void)in; (void)gate; (void)u; (void)b; (void)cin; (void)cout; (void)H;
-  (void)W; (void)n; (void)decide_n; (void)mode; (void)leak; (void)accumulate; (void)transposed;
+  (void)W; (void)n; (void)mode; (void)leak; (void)accumulate; (void)transposed;
   (void)scratch;
   JEM_ASSERT(!"Winograd kernel not built for this CPU");
 }

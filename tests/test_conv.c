@@ -581,8 +581,8 @@ static void test_winograd_vs_naive(void **state) {
 
 /* Wide layers (weights past the direct kernel's L2 budget) on Winograd with
  * the packed micro-kernels, against naive double references: each map size
- * and algorithm (F(4x4,3x3) on 32x32 maps and on 16x16 from 4 images,
- * F(2x2,3x3) on 8x8 and on 16x16 below 4 images), channel counts that leave
+ * and algorithm (F(4x4,3x3) on 32x32 and 16x16 maps, F(2x2,3x3) on 8x8),
+ * channel counts that leave
  * panel remainders (100 = 8*12+4, 112 = 9*12+4, 124 = 10*12+4) and
  * tile-strip remainders (1 to 4 images), forward plain
  * and through LeakyReLU, overwrite and accumulate, and the input gradient
