@@ -129,6 +129,24 @@ void jem__wino_output(float *out, const float *M, size_t me, const float *b, int
                       int n, int H, int W, size_t tb, int img, int ty0, int rows,
                       int accumulate);
 
+/* Output channels per panel of the packed GEMM micro-kernels (conv_wide.c),
+ * which run the products of both Winograd passes: A (R x K) packed panel by
+ * panel, the JEM__WIDE_MR values of row block p and column k at
+ * A[(p * K + k) * JEM__WIDE_MR + 0..JEM__WIDE_MR), rows past R zero. */
+#define JEM__WIDE_MR 12
+/* M[i][0..nt) = sum_k A(i, k) V[k][0..nt) for i < R in one pass over k
+ * (each value one FMA per k, in order), nt a multiple of 8. */
+void jem__wide_product(float *M, size_t ldm, const float *A, const float *V, size_t ldv, int K,
+                       int R, int nt);
+/* Whether the micro-kernels run on AVX-512 (the CPU has it and tests have
+ * not forced AVX2). */
+int jem__wide_avx512(void);
+/* U[e] (16 products) = the F(2x2, 3x3) transform of the 3x3 weights
+ * w[cout][cin][3][3]: row-major U[e][co][ci] (e stride cin * cout), or
+ * with packed != 0 in the micro-kernels' panels over co
+ * (e stride jem__wide_mat_floats(cin, cout)). */
+void jem__wino_weights(float *U, const float *w, int cin, int cout, int packed);
+
 /* Winograd for wide layers (conv_wide.c): weights too big for L2, on packed
  * GEMM micro-kernels.  u: the layer's packed transforms (jem__wide_weights);
  * with transposed != 0 the call is the layer's input gradient (cin and cout

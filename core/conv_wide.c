@@ -31,7 +31,7 @@
 #include <immintrin.h>
 #endif
 
-#define WIDE_MR 12 /* output channels per micro-kernel */
+#define WIDE_MR JEM__WIDE_MR
 
 /* How far ahead (floats) the micro-kernels prefetch their A panel: 8 KB.
  * The panels of a product, and the products of a layer, lie one after
@@ -110,7 +110,7 @@ size_t jem__wide_scratch(int cin, int cout, int H, int W, int n) {
 static atomic_int g_force_avx2;
 void jem__wide_force_avx2(int on) { atomic_store(&g_force_avx2, on != 0); }
 
-static int wide_avx512(void) {
+int jem__wide_avx512(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static atomic_int cached = -1;
   int v = atomic_load_explicit(&cached, memory_order_relaxed);
@@ -193,7 +193,7 @@ static void wide_weights_one(float *dst, const float *w, int cin, int cout, int 
   if (f4)
     wino4_weights(u, wt, pairs);
   else
-    jem__conv_wino_weights(u, wt, cout, cin);
+    jem__wino_weights(u, wt, cout, cin, 0);
   wide_pack(dst, u, ne, cin, cout);
   /* input gradient: the flipped kernels as pairs (co, ci) */
   for (size_t p = 0; p < pairs; p++)
@@ -201,7 +201,7 @@ static void wide_weights_one(float *dst, const float *w, int cin, int cout, int 
   if (f4)
     wino4_weights(u, wt, pairs);
   else
-    jem__conv_wino_weights(u, wt, cin, cout);
+    jem__wino_weights(u, wt, cin, cout, 0);
   wide_pack(dst + (size_t)ne * jem__wide_mat_floats(cin, cout), u, ne, cout, cin);
   free(wt);
   free(u);
@@ -347,6 +347,15 @@ static void wide_panel(float *M, size_t ldm, const float *A, const float *V, siz
   }
 }
 
+void jem__wide_product(float *M, size_t ldm, const float *A, const float *V, size_t ldv, int K,
+                       int R, int nt) {
+  const int avx512 = jem__wide_avx512();
+  for (int r0 = 0; r0 < R; r0 += WIDE_MR) {
+    const int rows = R - r0 < WIDE_MR ? R - r0 : WIDE_MR;
+    wide_panel(M + (size_t)r0 * ldm, ldm, A + (size_t)r0 * K, V, ldv, K, rows, nt, 0, avx512);
+  }
+}
+
 /* Input channels per pass of jem__wide_gemm: the V rows a pass reads (up
  * to 256 x 256 floats) stay in L2 while every panel runs over them; an
  * im2col matrix (2,880 or 5,760 rows in WRN-28-10) would not. */
@@ -354,7 +363,7 @@ static void wide_panel(float *M, size_t ldm, const float *A, const float *V, siz
 
 void jem__wide_gemm(float *M, size_t ldm, const float *A, const float *V, size_t ldv,
                     int K, int R, int nt, int add, int part, int parts) {
-  const int avx512 = wide_avx512();
+  const int avx512 = jem__wide_avx512();
   int p0, p1;
   jem__part_range((R + WIDE_MR - 1) / WIDE_MR, part, parts, &p0, &p1);
   for (int k0 = 0; k0 < K; k0 += WIDE_KC) {
@@ -576,15 +585,9 @@ static void wide_gemm_part(void *arg, int part, int parts) {
   const size_t ve = jem__wino_ld((size_t)j->cin * p->tb);
   const size_t me = jem__wino_ld((size_t)j->cout * p->tb);
   const size_t ue = jem__wide_mat_floats(j->cin, j->cout);
-  const int nt = j->rows * p->tw, avx512 = wide_avx512();
-  for (int e = lo; e < hi; e++) {
-    const float *A = j->u + (size_t)e * ue;
-    for (int r0 = 0; r0 < j->cout; r0 += WIDE_MR) {
-      const int rows = j->cout - r0 < WIDE_MR ? j->cout - r0 : WIDE_MR;
-      wide_panel(j->M + e * me + (size_t)r0 * p->tb, p->tb, A + (size_t)r0 * j->cin,
-                 j->V + e * ve, p->tb, j->cin, rows, nt, 0, avx512);
-    }
-  }
+  for (int e = lo; e < hi; e++)
+    jem__wide_product(j->M + e * me, p->tb, j->u + (size_t)e * ue, j->V + e * ve, p->tb, j->cin,
+                      j->cout, j->rows * p->tw);
 }
 
 /* Output channels [lo, hi): the output transform into out. */

@@ -483,7 +483,8 @@ static void ref_input_grad(double *din, const float *dout, const float *gate,
  * counts (the GEMM's channel remainders), 1 to 3 images (one 8x8 image is a
  * lone 16-tile block), forward plain and through LeakyReLU, overwrite and
  * accumulate, and the input gradient plain (accumulating, through
- * jem__conv_backward) and gated (overwriting, jem__conv_input_grad). */
+ * jem__conv_backward) and gated (overwriting, jem__conv_input_grad); the
+ * precomputed transforms and the AVX2 kernels give the same bits. */
 static void test_winograd_vs_naive(void **state) {
   (void)state;
   static const int chans[][2] = {{16, 16}, {3, 17}, {17, 3}, {8, 8}, {32, 24}, {64, 64}};
@@ -539,6 +540,32 @@ static void test_winograd_vs_naive(void **state) {
                      cin, cout, h, h, n, act, acc, err, mag);
           worst_f = fmax(worst_f, err / (1.0 + mag));
         }
+      }
+      /* The model's precomputed transforms (packed for the micro-kernels)
+       * give the bits of the per-call ones, and the AVX2 kernels those of
+       * the AVX-512 ones. */
+      const size_t nu = jem__conv_wino_floats(&cv);
+      if (nu && jem__conv_fast(&cv)) {
+        float *wu = malloc(sizeof(float) * 2 * nu), *o[3], *d[3];
+        jem__conv_wino_weights(wu, w, cin, cout);
+        jem__conv_wino_weights(wu + nu, wf, cout, cin);
+        for (int r = 0; r < 3; r++) {
+          o[r] = malloc(sizeof(float) * xo);
+          d[r] = malloc(sizeof(float) * xin);
+          jem__wide_force_avx2(r == 2);
+          jem__conv_forward(o[r], xc, w, r ? wu : NULL, b, &cv, n, 1, 0.2f, 0, col, need);
+          jem__conv_input_grad(d[r], gc, gatec, 0.2f, wf, r ? wu + nu : NULL, &cv, n, col, need);
+        }
+        jem__wide_force_avx2(0);
+        for (int r = 1; r < 3; r++) {
+          assert_memory_equal(o[0], o[r], sizeof(float) * xo);
+          assert_memory_equal(d[0], d[r], sizeof(float) * xin);
+        }
+        for (int r = 0; r < 3; r++) {
+          free(o[r]);
+          free(d[r]);
+        }
+        free(wu);
       }
       if (jem__conv_fast(&cv)) {
         for (int gated = 0; gated < 2; gated++) {

@@ -117,9 +117,10 @@ void jem__conv_input_grad(float *din, const float *dout, const float *gate,
  * or as its input gradient; else 0.  Whether a call does depends on its
  * image count. */
 size_t jem__conv_wino_floats(const jem__conv *c);
-/* wu (16*cin*cout floats) = the Winograd transform of 3x3 weights
- * w[cout][cin][3][3]; for the input gradient, pass the flipped weights with
- * cin and cout swapped.  Only where jem__conv_wino_floats > 0. */
+/* wu (at most jem__conv_wino_floats) = the Winograd transform of 3x3
+ * weights w[cout][cin][3][3], packed for the micro-kernels; for the input
+ * gradient, pass the flipped weights with cin and cout swapped.  Only where
+ * jem__conv_wino_floats > 0. */
 void jem__conv_wino_weights(float *wu, const float *w, int cin, int cout);
 
 /* Wide layers: 3x3 layers whose weights are too big for the direct kernel
