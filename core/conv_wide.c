@@ -1,9 +1,11 @@
 /* conv_wide.c - Winograd for wide 3x3 layers, whose weights do not fit in
  * L2 (160 to 640 channels in the paper's WRN-28-10): F(4x4, 3x3) or
- * F(2x2, 3x3) (conv_winograd.c's transforms) by map size (see wide_f4), with the products on register-blocked GEMM micro-kernels
- * (AVX-512 where the CPU has it, else AVX2), split over the threads a lone
- * slice lends (jem__par); the same micro-kernels serve the strided wide
- * layers' im2col products (jem__wide_gemm).
+ * F(2x2, 3x3) (conv_winograd.c's transforms) by map size (see wide_f4),
+ * with the products on register-blocked GEMM micro-kernels (AVX-512 where
+ * the CPU has it, else AVX2), split over the threads a lone slice lends
+ * (jem__par).  The same micro-kernels serve the strided wide layers'
+ * im2col products (jem__wide_gemm) and, with AVX-512, the narrow layers'
+ * Winograd products (jem__wide_product).
  *
  * The ne (16 or 36) products of a block of tiles are M[e] (cout x nt) =
  * A[e] (cout x cin) V[e] (cin x nt).  A micro-kernel keeps 12 output
@@ -179,10 +181,9 @@ static void wino4_weights(float *u, const float *w, size_t np) {
   }
 }
 
-/* The pair of packed transforms (forward, input gradient). */
-static void wide_weights_one(float *dst, const float *w, int cin, int cout, int f4) {
+void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W) {
   const size_t pairs = (size_t)cin * cout;
-  const int ne = f4 ? 36 : 16;
+  const int f4 = wide_f4(H, W), ne = f4 ? 36 : 16;
   float *wt = malloc(sizeof(float) * 9 * pairs), *u = malloc(sizeof(float) * ne * pairs);
   JEM_ASSERT(wt && u);
   /* forward: U^T, the transform of the weights as pairs (ci, co) */
@@ -205,10 +206,6 @@ static void wide_weights_one(float *dst, const float *w, int cin, int cout, int 
   wide_pack(dst + (size_t)ne * jem__wide_mat_floats(cin, cout), u, ne, cout, cin);
   free(wt);
   free(u);
-}
-
-void jem__wide_weights(float *dst, const float *w, int cin, int cout, int H, int W) {
-  wide_weights_one(dst, w, cin, cout, wide_f4(H, W));
 }
 
 static inline float *align16f(float *p) {
