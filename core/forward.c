@@ -59,7 +59,7 @@ static void derive_weights(jem_ws *ws, const jem_model *m) {
     }
   }
   if (fixed) {
-    ws->wide = jem__net_wide(m);
+    if (!(ws->flags & JEM_WS_NO_WIDE_TRANSFORMS)) ws->wide = jem__net_wide(m);
     ws->derived_uid = m->uid;
   }
 }

@@ -356,7 +356,13 @@ enum {
    * used with this workspace (serving, sampling, evaluation; not training).
    * The workspace then derives the transposed and Winograd-transformed
    * weights once per model (by jem_model.uid) instead of in every call. */
-  JEM_WS_FIXED_WEIGHTS = 2
+  JEM_WS_FIXED_WEIGHTS = 2,
+  /* With JEM_WS_FIXED_WEIGHTS: leave the wide 3x3 layers (weights over 96K
+   * floats: 160 channels and up) on im2col instead of the model's packed
+   * Winograd transforms, which such a workspace otherwise builds on first
+   * use and every one shares (WRN-28-10: 664 MB, about 4.5 times the
+   * weights, for about 3 times the batch-1 speed). */
+  JEM_WS_NO_WIDE_TRANSFORMS = 4
 };
 
 /* Plans and allocates all scratch for batches up to max_batch. */

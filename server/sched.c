@@ -200,8 +200,10 @@ jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm) {
     }
   /* a big model runs the batch in chunks rather than outgrow the memory */
   const size_t cap = (size_t)srv_cfg.workspace_bytes;
-  const int b = jem_ws_batch_within(sm->m, srv_cfg.max_batch, JEM_WS_FIXED_WEIGHTS, cap);
-  const size_t need = jem_ws_plan_bytes(sm->m, b, JEM_WS_FIXED_WEIGHTS);
+  const int flags =
+      JEM_WS_FIXED_WEIGHTS | (srv_cfg.wide_transforms ? 0 : JEM_WS_NO_WIDE_TRANSFORMS);
+  const int b = jem_ws_batch_within(sm->m, srv_cfg.max_batch, flags, cap);
+  const size_t need = jem_ws_plan_bytes(sm->m, b, flags);
   /* make room first (a free entry, and the bytes), oldest use first; the
    * entries of models reloaded or gone are never used again and go first */
   for (;;) {
@@ -219,7 +221,7 @@ jem_ws *srv_worker_ws(srv_worker *wk, const srv_model *sm) {
   }
   int e = 0;
   while (wk->ws[e].ws) e++;
-  jem_ws *ws = jem_ws_create(sm->m, b, JEM_WS_FIXED_WEIGHTS);
+  jem_ws *ws = jem_ws_create(sm->m, b, flags);
   srv_log(SRV_LOG_DEBUG, "msg=\"workspace created\" worker=%d model=\"%s\" generation=%llu "
           "images=%d bytes=%zu", wk->index, sm->name, (unsigned long long)sm->gen, b, need);
   if (ws && b < srv_cfg.max_batch)

@@ -31,6 +31,7 @@ typedef struct srv_config {
   int http_threads;             /* MHD epoll thread-pool size */
   int max_batch;                /* images per jem_score_batch call */
   long long workspace_bytes;    /* scratch per worker: caps the workspace's batch */
+  int wide_transforms;          /* wide layers on the model's packed transforms */
   int max_delay_us;             /* how long a partial batch may wait */
   int queue_size;               /* queued images before 503 */
   long long max_body_bytes;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "conv.h"
+#include "net.h"
 #include "internal.h"
 #include "ref_kernels.h"
 
@@ -575,7 +576,8 @@ static void test_fixed_weights(void **state) {
  * JEM_WS_FIXED_WEIGHTS workspace runs them on Winograd from the model's
  * shared transforms, a plain one on im2col; logits and input gradients
  * agree closely, one image with lent threads gives the bits of one thread,
- * and the AVX2 micro-kernels the bits of the AVX-512 ones. */
+ * and the AVX2 micro-kernels the bits of the AVX-512 ones.  A fixed
+ * workspace with JEM_WS_NO_WIDE_TRANSFORMS keeps im2col and builds none. */
 static void test_wide_layers(void **state) {
   (void)state;
   const jem_arch a = {10, 3, 3, 32, 7, 0.2f, JEM_NORM_NONE};
@@ -618,6 +620,19 @@ static void test_wide_layers(void **state) {
     assert_true(fabs(lg[0][i] - lg[1][i]) <= 1e-4 * fmax(1, fabs(lg[0][i])));
   for (size_t i = 0; i < css * n; i++)
     assert_true(fabs(dx[0][i] - dx[1][i]) <= 1e-3 * fabs(dx[0][i]) + 1e-5 * gmax);
+  /* JEM_WS_NO_WIDE_TRANSFORMS: im2col as in a plain workspace, bit for bit,
+   * and the model never builds its transforms */
+  jem_model *m2 = make_model(&a, 97);
+  jem_ws *lean = jem_ws_create(m2, n, JEM_WS_FIXED_WEIGHTS | JEM_WS_NO_WIDE_TRANSFORMS);
+  float *dx2 = malloc(sizeof(float) * css * n), lg2[63];
+  for (int i = 0; i < n; i++)
+    jem_input_grad(lean, m2, x + css * i, 1, NULL, lg2 + K * i, dx2 + css * i);
+  assert_memory_equal(lg[0], lg2, sizeof(float) * K * n);
+  assert_memory_equal(dx[0], dx2, sizeof(float) * css * n);
+  assert_null(atomic_load(&m2->net->wide));
+  jem_ws_free(lean);
+  jem_model_free(m2);
+  free(dx2);
   for (int r = 0; r < 4; r++) free(dx[r]);
   free(x);
   jem_model_free(m);

@@ -4,7 +4,7 @@
 extension (load and unload behind the API key, as the job routes), SIGHUP
 rescans (added, removed, changed and broken files, and a request in flight
 finishing on the old model), the `model` metric label, a workspace per model
-on each worker and 404 model_not_found.  Each model's answers are compared with `jem score` on
+on each worker, --wide-transforms and 404 model_not_found.  Each model's answers are compared with `jem score` on
 its own file.
 
 usage: /usr/bin/python3 tests/integration/test_models.py --build build
@@ -367,6 +367,27 @@ def test_flags(jemd, files, tmp):
         d.kill()
 
 
+def test_wide_transforms(jemd, jem, tmp, img):
+    """A model with wide layers (WRN-10-3: 192 channels) answers as `jem score`
+    does with the packed transforms (the default) and without them
+    (--wide-transforms=false, im2col)."""
+    path = os.path.join(tmp, "wide.safetensors")
+    p = subprocess.run([jem, "init", path, "--depth", "10", "--widen", "3", "--in-channels", "3",
+                        "--classes", "10"], capture_output=True, text=True, timeout=60)
+    check(p.returncode == 0, f"jem init WRN-10-3 ({p.stderr.strip()})")
+    want = jem_logits(jem, path, img)
+    png = open(img, "rb").read()
+    for flag in ([], ["--wide-transforms=false"]):
+        d = jemtest.Daemon(jemd, path, "--workers", "1", *flag)
+        try:
+            st, _, got = d.json("POST", "/v1/classify", png, PNG)
+            check(st == 200 and want and close(got.get("logits", []), want) and
+                  got.get("grad_norm", 0) > 0,
+                  f"WRN-10-3 {' '.join(flag) or 'default'}: logits as jem score's ({st})")
+        finally:
+            d.kill()
+
+
 def main():
     jemd = jemtest.jemd_binary(ROOT)
     jem = os.path.join(os.path.dirname(jemd), "jem")
@@ -386,6 +407,7 @@ def main():
         test_flags(jemd, {k: v for k, v in files.items()}, mdir)
         test_repository_auth(jemd, files, tmp)
         test_workspaces(jemd, files, img)
+        test_wide_transforms(jemd, jem, tmp, img)
         d = jemtest.Daemon(jemd, None, "--model-dir", mdir, "--workers", "1")
         try:
             test_routes(d, jem, files, img)
