@@ -1,6 +1,7 @@
 /* conv_winograd.c - Winograd F(2x2, 3x3) for the 3x3 stride-1 convolutions
- * with AVX2+FMA: weight, input and output transforms and the 16 products.
- * conv.c decides when it runs (jem__wino_use). */
+ * with AVX2+FMA: weight, input and output transforms and the 16 products
+ * (with AVX-512, on conv_wide.c's micro-kernels).  conv.c decides when it
+ * runs (jem__wino_use). */
 #include "conv_kern.h"
 #include "internal.h"
 
