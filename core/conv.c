@@ -227,11 +227,40 @@ static void valid_range(int wo, int wi, int s, int p, int kx, int *lo, int *hi) 
   *hi = h;
 }
 
+/* im2col_rows for 3x3 stride-2 layers on even maps up to 64 wide: each
+ * input plane is padded once, f applied, in jem__pad_image_s2's layout (a
+ * row's even columns, then its odd ones), from which every tap's output row
+ * is one contiguous copy (taps kx = 0, 1, 2 read E[x], O[x], E[x + 1]).
+ * The column-by-column loop spent most of its time on 8-wide rows. */
+static void im2col_rows_s2(float *col, const float *in, const jem__conv *c, int n, int n0,
+                           int nc, int act, float leak, int ci0, int ci1) {
+  const int hi = c->hin, wi = c->win, ho = c->hout, wo = c->wout;
+  const int wp = wi + 2, half = wi / 2 + 1;
+  const size_t hwo = (size_t)ho * wo, ld = (size_t)nc * hwo;
+  float pad[66 * 66];
+  for (int ci = ci0; ci < ci1; ci++)
+    for (int j = 0; j < nc; j++) {
+      jem__pad_image_s2(pad, in + (size_t)ci * n * hi * wi, NULL, 1, n, n0 + j, hi, wi,
+                        act ? PAD_LRELU : PAD_PLAIN, leak);
+      for (int ky = 0; ky < 3; ky++)
+        for (int kx = 0; kx < 3; kx++) {
+          float *dst = col + ((size_t)(ci * 3 + ky) * 3 + kx) * ld + (size_t)j * hwo;
+          const float *src = pad + (size_t)ky * wp + (kx == 1 ? half : kx / 2);
+          for (int oy = 0; oy < ho; oy++)
+            memcpy(dst + (size_t)oy * wo, src + (size_t)(2 * oy) * wp, sizeof(float) * wo);
+        }
+    }
+}
+
 /* jem__im2col for the rows of input channels [ci0, ci1) only. */
 static void im2col_rows(float *col, const float *in, const jem__conv *c, int n,
                         int n0, int nc, int act, float leak, int ci0, int ci1) {
   const int k = c->k, s = c->stride, p = c->pad;
   const int hi = c->hin, wi = c->win, ho = c->hout, wo = c->wout;
+  if (k == 3 && s == 2 && p == 1 && hi == 2 * ho && wi == 2 * wo && hi <= 64 && wi <= 64) {
+    im2col_rows_s2(col, in, c, n, n0, nc, act, leak, ci0, ci1);
+    return;
+  }
   const size_t hwi = (size_t)hi * wi, hwo = (size_t)ho * wo;
   const size_t ld = (size_t)nc * hwo;
   for (int ci = ci0; ci < ci1; ci++) {
