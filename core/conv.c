@@ -379,7 +379,6 @@ static int row_parts(int rows, double flops) {
   return rows >= 128 ? 4 : rows >= 64 ? 2 : 1;
 }
 
-
 typedef struct conv_job {
   const jem__conv *c;
   float *out;               /* forward: out; input gradient: din */

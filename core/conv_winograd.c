@@ -101,7 +101,7 @@ static inline float *align16f(float *p) {
 
 /* Where pair p = co * cin + ci of a product goes in its block of U:
  * row-major, or in the micro-kernels' panels (JEM__WIDE_MR channels of co,
- * column ci). */
+ * column ci; co may lie past cout, in the last panel's zero rows). */
 static inline size_t u_at(size_t p, int cin, int packed) {
   if (!packed) return p;
   const size_t co = p / (size_t)cin, ci = p % (size_t)cin;
@@ -173,12 +173,8 @@ jem__wino_weights(float *U, const float *w, int cin, int cout, int packed) {
   }
   if (!packed) return;
   /* the last panel's rows past cout: zeros, which the kernels multiply */
-  const size_t rp = ue / (size_t)cin;
   for (int e = 0; e < 16; e++)
-    for (size_t co = (size_t)cout; co < rp; co++)
-      for (int ci = 0; ci < cin; ci++)
-        U[(size_t)e * ue + (co / JEM__WIDE_MR * (size_t)cin + (size_t)ci) * JEM__WIDE_MR +
-          co % JEM__WIDE_MR] = 0.0f;
+    for (size_t p0 = np; p0 < ue; p0++) U[(size_t)e * ue + u_at(p0, cin, 1)] = 0.0f;
 }
 
 /* V[e][ci][t0 + 0..7] = (B^T d B)[e] for 8 tiles, given the 16 patch values
@@ -303,7 +299,7 @@ wino_gemm(float *M, const float *U, const float *V, int cin, int cout, size_t tb
     float *me_ = M + e * me;
     int t = 0;
     /* row co of the panels: 3 rows never straddle two (12 = 4 x 3) */
-#define UROW(co) (ue_ + (size_t)(co) / JEM__WIDE_MR * JEM__WIDE_MR * cin + (co) % JEM__WIDE_MR)
+#define UROW(co) (ue_ + u_at((size_t)(co) * cin, cin, 1))
 #define STRIP(NV)                                                                        \
   for (; t + 8 * (NV) <= nt; t += 8 * (NV)) {                                            \
     int co = 0;                                                                          \
